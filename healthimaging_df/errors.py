@@ -1,0 +1,97 @@
+"""Every exception the library raises, under one base class.
+
+Messages name the field, the rule and a value's position, never the value itself: DICOM values are
+PHI (patient IDs, names, UIDs), and exception messages end up in logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class HealthImagingDFError(Exception):
+    """Base class of every error raised by ``healthimaging_df``."""
+
+
+class QueryValidationError(HealthImagingDFError, ValueError):
+    """A query breaks a rule; raised before any request is sent.
+
+    Parameters
+    ----------
+    field
+        The column or argument at fault (``"PatientID"``, ``"limit"``).
+    rule
+        The rule that was broken, in words.
+    position
+        Which value broke it (0-based index in a list of values), when there are several.
+    """
+
+    def __init__(self, field: str, rule: str, position: int | None = None) -> None:
+        self.field = field
+        self.rule = rule
+        self.position = position
+        where = f" (value #{position})" if position is not None else ""
+        super().__init__(f"{field}{where}: {rule}")
+
+
+class SearchError(HealthImagingDFError):
+    """A request to the service failed and could not be recovered by retrying.
+
+    The service's own message is kept in ``server_message`` but left out of ``str(error)``, because a
+    service may echo request values (PHI) in it.
+
+    Parameters
+    ----------
+    operation
+        The API operation, e.g. ``"SearchImageSets"``.
+    request_index
+        The index of the request chain (in ``Query.plan()`` order) or of the image set that failed.
+    code
+        The service's error code (``ValidationException``, ``ThrottlingException``...).
+    status
+        The HTTP status code, when there was a response.
+    server_message
+        The service's message, withheld from ``str()``.
+    detail
+        Extra words of ours (never request values).
+    """
+
+    def __init__(
+        self,
+        operation: str,
+        request_index: int | None,
+        code: str,
+        status: int | None = None,
+        server_message: str | None = None,
+        detail: str = "",
+    ) -> None:
+        self.operation = operation
+        self.request_index = request_index
+        self.code = code
+        self.status = status
+        self.server_message = server_message
+        at = f" request #{request_index}" if request_index is not None else ""
+        http = f" (HTTP {status})" if status is not None else ""
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"{operation}{at} failed with {code}{http}{extra}")
+
+
+class ThrottledError(SearchError):
+    """The service kept throttling after every retry; lower ``max_tps`` or ask for a higher quota."""
+
+
+class PaginationError(SearchError):
+    """The service broke the pagination contract (e.g. handed back a nextToken it already gave)."""
+
+
+class SnapshotError(HealthImagingDFError):
+    """A Parquet snapshot could not be written, read or refreshed."""
+
+
+class MetadataFetchError(HealthImagingDFError):
+    """GetImageSetMetadata failed for some image sets; ``failures`` maps imageSetId to error code."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = dict(failures)
+        codes = sorted(set(self.failures.values()))
+        super().__init__(
+            f"GetImageSetMetadata failed for {len(self.failures)} image set(s): {', '.join(codes)}"
+        )

@@ -1,0 +1,283 @@
+"""The one declared schema of an image-set frame; dtypes, Parquet schema and docs derive from it.
+
+Column names are the vocabulary of ``Query.where``/``between``/``sort_by`` and of the DataFrame alike:
+AWS field names for image-set fields, standard DICOM keywords for DICOM tags, so frames join with
+pydicom, idc-index and other DICOM tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+Kind = Literal["string", "int", "bool", "timestamp", "wallclock"]
+DtypeBackend = Literal["numpy_nullable", "pyarrow"]
+DTYPE_BACKENDS: tuple[DtypeBackend, ...] = ("numpy_nullable", "pyarrow")
+
+_ARROW_TYPES: dict[Kind, pa.DataType] = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+    "wallclock": pa.timestamp("us"),
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the frame.
+
+    Attributes
+    ----------
+    name
+        Column name (AWS field name or DICOM keyword).
+    source
+        Where it comes from in an ``ImageSetsMetadataSummary``: ``("version",)`` or
+        ``("DICOMTags", "DICOMPatientId")``; empty for derived columns.
+    kind
+        ``string``, ``int``, ``bool``, ``timestamp`` (UTC instant) or ``wallclock`` (DICOM local
+        date-time with no zone).
+    description
+        One line for the docs table.
+    phi
+        The value identifies or describes a patient; never log it.
+    search_key
+        The ``SearchByAttributeValue`` key when the API can filter on this column, else ``None``.
+    search_operator
+        ``EQUAL`` or ``BETWEEN``: how the API can filter on it.
+    sort_field
+        The API's ``sortField`` for this column, when it can sort by it.
+    max_length
+        The API's length limit for a string filter value.
+    uid
+        Values must be DICOM UIDs (digits and dots).
+    """
+
+    name: str
+    source: tuple[str, ...]
+    kind: Kind
+    description: str
+    phi: bool = False
+    search_key: str | None = None
+    search_operator: Literal["EQUAL", "BETWEEN"] | None = None
+    sort_field: str | None = None
+    max_length: int | None = None
+    uid: bool = False
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        """Arrow type of the column."""
+        return _ARROW_TYPES[self.kind]
+
+
+def _tag(name: str, key: str, kind: Kind, description: str, **extra: object) -> Column:
+    return Column(name, ("DICOMTags", key), kind, description, phi=True, **extra)  # type: ignore[arg-type]
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("imageSetId", ("imageSetId",), "string", "Image set identifier (32 hex characters)."),
+    Column("version", ("version",), "int", "Latest version of the image set."),
+    Column(
+        "createdAt",
+        ("createdAt",),
+        "timestamp",
+        "When the image set was created (UTC); never changes.",
+        search_key="createdAt",
+        search_operator="BETWEEN",
+        sort_field="createdAt",
+    ),
+    Column(
+        "updatedAt",
+        ("updatedAt",),
+        "timestamp",
+        "When the image set was last updated (UTC).",
+        search_key="updatedAt",
+        search_operator="BETWEEN",
+        sort_field="updatedAt",
+    ),
+    Column("lastAccessedAt", ("lastAccessedAt",), "timestamp", "When it was last accessed (UTC)."),
+    Column(
+        "storageTier",
+        ("storageTier",),
+        "string",
+        "FREQUENT_ACCESS or ARCHIVE_INSTANT_ACCESS.",
+    ),
+    Column(
+        "isPrimary",
+        ("isPrimary",),
+        "bool",
+        "False for image sets holding conflicting (non-primary) copies.",
+        search_key="isPrimary",
+        search_operator="EQUAL",
+    ),
+    _tag(
+        "PatientID",
+        "DICOMPatientId",
+        "string",
+        "Patient ID (0010,0020).",
+        search_key="DICOMPatientId",
+        search_operator="EQUAL",
+        max_length=512,
+    ),
+    _tag("PatientName", "DICOMPatientName", "string", "Patient's name (0010,0010)."),
+    _tag(
+        "PatientBirthDate",
+        "DICOMPatientBirthDate",
+        "string",
+        "Patient's birth date (0010,0030), raw DICOM DA (YYYYMMDD).",
+    ),
+    _tag("PatientSex", "DICOMPatientSex", "string", "Patient's sex (0010,0040): M, F, O."),
+    _tag(
+        "StudyInstanceUID",
+        "DICOMStudyInstanceUID",
+        "string",
+        "Study Instance UID (0020,000D).",
+        search_key="DICOMStudyInstanceUID",
+        search_operator="EQUAL",
+        max_length=512,
+        uid=True,
+    ),
+    _tag(
+        "StudyID",
+        "DICOMStudyId",
+        "string",
+        "Study ID (0020,0010).",
+        search_key="DICOMStudyId",
+        search_operator="EQUAL",
+        max_length=512,
+    ),
+    _tag("StudyDescription", "DICOMStudyDescription", "string", "Study description (0008,1030)."),
+    _tag(
+        "NumberOfStudyRelatedSeries",
+        "DICOMNumberOfStudyRelatedSeries",
+        "int",
+        "Number of series in the study (0020,1206).",
+    ),
+    _tag(
+        "NumberOfStudyRelatedInstances",
+        "DICOMNumberOfStudyRelatedInstances",
+        "int",
+        "Number of instances in the study (0020,1208).",
+    ),
+    _tag(
+        "AccessionNumber",
+        "DICOMAccessionNumber",
+        "string",
+        "Accession number (0008,0050).",
+        search_key="DICOMAccessionNumber",
+        search_operator="EQUAL",
+        max_length=512,
+    ),
+    _tag(
+        "SeriesInstanceUID",
+        "DICOMSeriesInstanceUID",
+        "string",
+        "Series Instance UID (0020,000E).",
+        search_key="DICOMSeriesInstanceUID",
+        search_operator="EQUAL",
+        max_length=512,
+        uid=True,
+    ),
+    _tag("Modality", "DICOMSeriesModality", "string", "Series modality (0008,0060): CT, MR..."),
+    _tag("BodyPartExamined", "DICOMSeriesBodyPart", "string", "Body part examined (0018,0015)."),
+    _tag("SeriesNumber", "DICOMSeriesNumber", "int", "Series number (0020,0011)."),
+    _tag("StudyDate", "DICOMStudyDate", "string", "Study date (0008,0020), raw DICOM DA."),
+    _tag("StudyTime", "DICOMStudyTime", "string", "Study time (0008,0030), raw DICOM TM."),
+    Column(
+        "StudyDateTime",
+        (),
+        "wallclock",
+        "StudyDate + StudyTime as a local date-time with no zone; a date without a time is that "
+        "day's midnight; unparseable is NaT.",
+        phi=True,
+        search_key="DICOMStudyDateAndTime",
+        search_operator="BETWEEN",
+        sort_field="DICOMStudyDateAndTime",
+    ),
+)
+
+BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
+COLUMN_NAMES: tuple[str, ...] = tuple(BY_NAME)
+KEY_COLUMNS: tuple[str, ...] = ("imageSetId", "version", "PatientID", "StudyInstanceUID")
+PHI_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.phi)
+
+
+def column(name: str) -> Column:
+    """Return the column called *name*; raise ``KeyError`` listing the valid names otherwise."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown column {name!r}; valid columns: {', '.join(COLUMN_NAMES)}") from None
+
+
+def arrow_schema() -> pa.Schema:
+    """Arrow schema of the frame, in column order (also the Parquet schema of snapshots)."""
+    return pa.schema([pa.field(c.name, c.arrow_type) for c in COLUMNS])
+
+
+def pandas_dtypes(dtype_backend: DtypeBackend = "numpy_nullable") -> dict[str, object]:
+    """Map each column to its pandas dtype under *dtype_backend* (as in ``pandas.read_parquet``)."""
+    if dtype_backend == "pyarrow":
+        return {c.name: pd.ArrowDtype(c.arrow_type) for c in COLUMNS}
+    if dtype_backend != "numpy_nullable":
+        raise ValueError(f"dtype_backend must be one of {DTYPE_BACKENDS}, not {dtype_backend!r}")
+    nullable: dict[Kind, object] = {
+        "string": pd.StringDtype("pyarrow"),
+        "int": pd.Int64Dtype(),
+        "bool": pd.BooleanDtype(),
+        "timestamp": pd.DatetimeTZDtype("us", "UTC"),
+        "wallclock": "datetime64[us]",
+    }
+    return {c.name: nullable[c.kind] for c in COLUMNS}
+
+
+def arrow_to_pandas(table: pa.Table, dtype_backend: DtypeBackend = "numpy_nullable") -> pd.DataFrame:
+    """Convert a table of (at least) the schema's columns to a frame with the schema's dtypes.
+
+    Schema columns come first in schema order; extra columns follow with pyarrow's default mapping.
+    """
+    dtypes = pandas_dtypes(dtype_backend)
+    if dtype_backend == "pyarrow":
+        frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+    else:
+        frame = table.to_pandas(types_mapper=_nullable_mapper)
+    ordered = [n for n in COLUMN_NAMES if n in frame.columns]
+    rest = [n for n in frame.columns if n not in BY_NAME]
+    frame = frame[ordered + rest]
+    return frame.astype({n: dtypes[n] for n in ordered})
+
+
+def _nullable_mapper(arrow_type: pa.DataType) -> object | None:
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype("pyarrow")
+    if pa.types.is_integer(arrow_type):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
+    return None
+
+
+def empty_frame(dtype_backend: DtypeBackend = "numpy_nullable") -> pd.DataFrame:
+    """A frame with no rows and every column, typed: what an empty result looks like."""
+    return arrow_to_pandas(arrow_schema().empty_table(), dtype_backend)
+
+
+def markdown_table() -> str:
+    """The schema as a Markdown table (``docs/schema.md`` is generated from this)."""
+    rows = [
+        "| column | source | type | API filter | description |",
+        "|---|---|---|---|---|",
+    ]
+    numpy_types = pandas_dtypes("numpy_nullable")
+    for c in COLUMNS:
+        source = ".".join(c.source) if c.source else "derived"
+        api = f"{c.search_operator} `{c.search_key}`" if c.search_key else "client-side"
+        rows.append(
+            f"| `{c.name}` | `{source}` | `{numpy_types[c.name]}` | {api} | {c.description} |"
+        )
+    return "\n".join(rows) + "\n"
