@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from healthimaging_df import errors, schema
-
 try:
     __version__ = version("healthimaging-df")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "errors", "schema"]
+from healthimaging_df import errors, schema  # noqa: E402
+from healthimaging_df.logs import redact_botocore_logs  # noqa: E402
+from healthimaging_df.query import Query, search  # noqa: E402
+
+redact_botocore_logs()
+
+__all__ = ["Query", "__version__", "errors", "redact_botocore_logs", "schema", "search"]

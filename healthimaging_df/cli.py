@@ -11,6 +11,7 @@ from healthimaging_df import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every command."""
+    from healthimaging_df import demo
     from healthimaging_df.local import cli as local_cli
 
     parser = argparse.ArgumentParser(
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo.register(commands)
     local_cli.register(commands)
     return parser
 

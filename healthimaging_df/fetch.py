@@ -1,0 +1,535 @@
+"""The executor: pages from a boto3 client, concurrently, under one client-side rate limit.
+
+Request chains (one per fanned-out value, or createdAt windows that split while they still have more
+pages) run on a pool of threads sharing one client. A token bucket paces every call below ``max_tps``
+so we do not cause the throttling we would then retry. botocore's standard retry mode retries
+throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch stops: a fault
+we cannot recover from raises, it never returns half a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from healthimaging_df import dates
+from healthimaging_df.errors import PaginationError, SearchError, ThrottledError
+from healthimaging_df.plan import Chain, Plan
+
+if TYPE_CHECKING:
+    from healthimaging_df.query import Query
+
+log = logging.getLogger(__name__)
+
+Progress = bool | Callable[[int, int], None] | None
+Window = tuple[datetime, datetime]
+
+THROTTLING_CODES = frozenset(
+    {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded"}
+)
+_SECOND = timedelta(seconds=1)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How pages are fetched.
+
+    Attributes
+    ----------
+    max_concurrency
+        Request chains in flight at once.
+    max_tps
+        Requests per second across all threads; None for no client-side limit.
+    burst
+        Requests the limiter lets through at once after idling (default: one second's worth).
+    page_size
+        ``maxResults`` per request (the API allows 1-50).
+    """
+
+    max_concurrency: int = 8
+    max_tps: float | None = 25.0
+    burst: int | None = None
+    page_size: int = 50
+
+    def __post_init__(self) -> None:
+        from healthimaging_df.errors import QueryValidationError
+
+        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int):
+            raise QueryValidationError("max_concurrency", "must be a positive integer")
+        if self.max_concurrency < 1:
+            raise QueryValidationError("max_concurrency", "must be a positive integer")
+        if self.max_tps is not None and not self.max_tps > 0:
+            raise QueryValidationError("max_tps", "must be a positive number or None")
+        if not 1 <= self.page_size <= 50:
+            raise QueryValidationError("page_size", "the API allows 1 to 50")
+
+
+class RateLimiter:
+    """A thread-safe token bucket: at most *rate* acquisitions per second, *burst* at once."""
+
+    def __init__(self, rate: float, burst: int | None = None) -> None:
+        self.rate = float(rate)
+        self.capacity = float(burst if burst is not None else max(1, int(rate)))
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Block until a request may go out."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                wait = (1 - self._tokens) / self.rate
+            time.sleep(wait)
+
+
+def make_client(client: Any, boto3_session: Any, max_concurrency: int = 8) -> Any:
+    """Return *client*, or a ``medical-imaging`` client from *boto3_session* (default session).
+
+    The client made here retries in botocore's standard mode (throttling and 5xx, 10 attempts),
+    has a connection pool large enough for *max_concurrency*, and names us in its user agent.
+    """
+    if client is not None:
+        return client
+    import boto3
+    from botocore.config import Config
+
+    from healthimaging_df import __version__
+
+    session = boto3_session if boto3_session is not None else boto3.Session()
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 10},
+        max_pool_connections=max(10, max_concurrency + 2),
+        user_agent_extra=f"healthimaging-df/{__version__}",
+    )
+    return session.client("medical-imaging", config=config)
+
+
+def provenance(query: Query, plan: Plan, client: Any) -> dict[str, Any]:
+    """Where a frame came from: stored in ``df.attrs["healthimaging_df"]`` and snapshot metadata.
+
+    ``query`` and ``plan`` are JSON strings (cheap for pandas to copy along with ``attrs``); they
+    hold the query's values, so they are PHI like the frame itself.
+    """
+    import json
+
+    from healthimaging_df import __version__, schema
+
+    meta = getattr(client, "meta", None)
+    return {
+        "datastore_id": plan.datastore_id,
+        "query": json.dumps(query.to_dict(), sort_keys=True),
+        "endpoint_url": getattr(meta, "endpoint_url", None),
+        "region": getattr(meta, "region_name", None),
+        "plan": json.dumps(plan.requests(), default=_json_default, sort_keys=True),
+        "fetched_at": datetime.now(timezone.utc).isoformat(),
+        "library_version": __version__,
+        "schema_version": schema.SCHEMA_VERSION,
+    }
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat()
+    raise TypeError(type(value).__name__)
+
+
+@dataclass
+class Page:
+    """One response's image-set summaries, tagged with the chain and task they belong to.
+
+    A task (a chain, or one createdAt window of it) ends with a page whose ``done`` is True and whose
+    ``covered`` says which createdAt range (inclusive, to the microsecond) the task has delivered
+    completely; None for a whole non-windowed chain. Checkpoints are built from these.
+    """
+
+    chain: int
+    items: list[dict[str, Any]]
+    task: int = 0
+    done: bool = False
+    covered: Window | None = None
+
+
+@dataclass
+class Coverage:
+    """What an interrupted fetch had completed: whole chains, and createdAt ranges of windows."""
+
+    chains: set[int] = field(default_factory=set)
+    windows: dict[int, list[Window]] = field(default_factory=dict)
+
+    def add(self, page: Page) -> None:
+        """Record a ``done`` page."""
+        if page.covered is None:
+            self.chains.add(page.chain)
+        else:
+            self.windows.setdefault(page.chain, []).append(page.covered)
+
+    def remaining(self, chain: Chain) -> list[Window]:
+        """The parts of a windowed chain not yet covered, widened to whole seconds."""
+        assert chain.window is not None
+        low, high = chain.window
+        gaps: list[Window] = []
+        cursor = low
+        for a, b in sorted(self.windows.get(chain.index, [])):
+            if a > cursor:
+                gaps.append((cursor, a))
+            cursor = max(cursor, b + _MICROSECOND)
+        if cursor <= high:
+            gaps.append((cursor, high))
+        return [(dates.floor_second(a), dates.ceil_second(b)) for a, b in gaps]
+
+
+@dataclass
+class _Task:
+    chain: Chain
+    window: Window | None = None
+    id: int = 0
+
+
+@dataclass
+class _Counters:
+    pages: int = 0
+    image_sets: int = 0
+    requests: int = 0
+    splits: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def stream(
+    plan: Plan,
+    client: Any,
+    options: FetchOptions,
+    progress: Progress = None,
+    resume: Coverage | None = None,
+) -> PageStream:
+    """Start fetching *plan* (skipping what *resume* covers); iterate it for pages."""
+    return PageStream(plan, client, options, progress, resume)
+
+
+class PageStream:
+    """Pages of a plan as they arrive from worker threads.
+
+    Use as a context manager: leaving it (also by an exception) stops the workers.
+    ``stop_chain(i)`` tells chain *i* to fetch no more pages (a limit has been reached).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        client: Any,
+        options: FetchOptions,
+        progress: Progress = None,
+        resume: Coverage | None = None,
+    ) -> None:
+        self.plan = plan
+        self.resume = resume
+        self.client = client
+        self.options = options
+        self.counters = _Counters()
+        self._limiter = RateLimiter(options.max_tps, options.burst) if options.max_tps else None
+        self._tasks: queue.Queue[_Task | None] = queue.Queue()
+        self._results: queue.Queue[tuple[str, Any]] = queue.Queue(
+            maxsize=8 * options.max_concurrency
+        )
+        self._cancel = threading.Event()
+        self._stopped: set[int] = set()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._task_ids = 0
+        self._workers: list[threading.Thread] = []
+        self._progress = _make_progress(progress)
+        self._started = False
+
+    # -- consumer side ------------------------------------------------------------------------
+
+    def __enter__(self) -> PageStream:
+        self._start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Page]:
+        self._start()
+        if not self.plan.chains:
+            return
+        while True:
+            kind, payload = self._results.get()
+            if kind == "page":
+                if not payload.done:
+                    self.counters.pages += 1
+                    self.counters.image_sets += len(payload.items)
+                    self._progress(self.counters.pages, self.counters.image_sets)
+                yield payload
+            elif kind == "error":
+                self.close()
+                raise payload
+            else:
+                return
+
+    def stop_chain(self, index: int) -> None:
+        """Fetch no further pages for chain *index*."""
+        with self._lock:
+            self._stopped.add(index)
+
+    def close(self) -> None:
+        """Stop the workers and wait for them (draining so none blocks on a full queue)."""
+        self._cancel.set()
+        for _ in self._workers:
+            self._tasks.put(None)
+        while any(w.is_alive() for w in self._workers):
+            self._drain()
+            for w in self._workers:
+                w.join(timeout=0.01)
+        self._workers.clear()
+        self._progress(-1, -1)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._results.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        tasks = []
+        for chain in self.plan.chains:
+            if self.resume is None:
+                tasks.append(_Task(chain, chain.window))
+            elif chain.index in self.resume.chains:
+                continue
+            elif chain.window is None:
+                tasks.append(_Task(chain))
+            else:
+                tasks += [_Task(chain, w) for w in self.resume.remaining(chain)]
+        if not tasks:
+            self._results.put(("done", None))
+            return
+        for task in tasks:
+            self._submit(task)
+        count = min(self.options.max_concurrency, max(1, len(self.plan.chains)))
+        if self.plan.windowed:
+            count = self.options.max_concurrency
+        for n in range(count if self.plan.chains else 0):
+            worker = threading.Thread(target=self._work, name=f"ahi-fetch-{n}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    # -- worker side --------------------------------------------------------------------------
+
+    def _submit(self, task: _Task) -> None:
+        with self._lock:
+            self._outstanding += 1
+            self._task_ids += 1
+            task.id = self._task_ids
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None or self._cancel.is_set():
+                return
+            try:
+                self._run(task)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                self._cancel.set()
+                self._put(("error", exc))
+                return
+            with self._lock:
+                self._outstanding -= 1
+                finished = self._outstanding == 0
+            if finished:
+                self._put(("done", None))
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        while True:
+            try:
+                self._results.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                if self._cancel.is_set() and item[0] == "page":
+                    return
+
+    def _emit(self, task: _Task, items: list[dict[str, Any]]) -> None:
+        self._put(("page", Page(task.chain.index, items, task.id)))
+
+    def _finish(self, task: _Task, covered: Window | None) -> None:
+        if not self._cancel.is_set():
+            self._put(("page", Page(task.chain.index, [], task.id, True, covered)))
+
+    def _halted(self, chain: int) -> bool:
+        return self._cancel.is_set() or chain in self._stopped
+
+    def _run(self, task: _Task) -> None:
+        chain = task.chain
+        kwargs = chain.request(self.plan.datastore_id, task.window)
+        kwargs["maxResults"] = self.options.page_size
+        seen: set[str] = set()
+        emit_below: datetime | None = None
+        page_number = 0
+        while not self._halted(chain.index):
+            response = self._call(kwargs, chain.index)
+            page_number += 1
+            items = response.get("imageSetsMetadataSummaries") or []
+            token = response.get("nextToken")
+            log.debug(
+                "chain %d page %d: %d image sets%s",
+                chain.index,
+                page_number,
+                len(items),
+                ", more" if token else "",
+            )
+            if token is not None:
+                if token in seen:
+                    raise PaginationError(
+                        "SearchImageSets",
+                        chain.index,
+                        "RepeatedNextToken",
+                        detail="the service returned a nextToken it had already given",
+                    )
+                seen.add(token)
+            if task.window is None:
+                self._emit(task, items)
+                if token is None:
+                    self._finish(task, None)
+            else:
+                emit_below, covered = self._window_page(task, items, token, emit_below)
+                if covered is not None:
+                    self._finish(task, covered)
+                    return
+            if token is None:
+                return
+            kwargs["nextToken"] = token
+
+    def _window_page(
+        self,
+        task: _Task,
+        items: list[dict[str, Any]],
+        token: str | None,
+        emit_below: datetime | None,
+    ) -> tuple[datetime | None, Window | None]:
+        """Emit a window's page; split off the rest of the window while it still has pages.
+
+        Items arrive sorted by createdAt ascending, so once a page ends in second ``c`` every image
+        set created before ``c`` has been seen, and ``[c, high]`` can be handed to new windows.
+        Windows share their boundary second; the frame deduplicates by imageSetId.
+        Returns the new emit bound, and the covered range once this window is finished.
+        """
+        assert task.window is not None
+        low, high = task.window
+        if emit_below is not None:
+            keep = [x for x in items if _created(x) < emit_below]
+            self._emit(task, keep)
+            finished = len(keep) < len(items) or token is None
+            return emit_below, (low, emit_below - _MICROSECOND) if finished else None
+        if token is None or not items:
+            self._emit(task, items)
+            return None, (low, high) if token is None else None
+        cut = dates.floor_second(_created(items[-1]))
+        if cut > low and high - cut >= 2 * _SECOND:
+            self._emit(task, [x for x in items if _created(x) < cut])
+            self._split(task, cut, high)
+            return None, (low, cut - _MICROSECOND)
+        if cut == low and high - low >= 2 * _SECOND:
+            self._emit(task, items)
+            self._split(task, low + _SECOND, high)
+            return low + _SECOND, None
+        self._emit(task, items)
+        return None, None
+
+    def _split(self, task: _Task, low: datetime, high: datetime) -> None:
+        seconds = int((high - low).total_seconds())
+        with self._lock:
+            busy = self._outstanding
+        parts = max(2, min(seconds, self.options.max_concurrency - busy + 1))
+        edges = sorted({low + timedelta(seconds=seconds * k // parts) for k in range(parts + 1)})
+        self.counters.splits += 1
+        for a, b in zip(edges, edges[1:]):
+            self._submit(_Task(task.chain, (a, b)))
+
+    def _call(self, kwargs: dict[str, Any], chain: int) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._limiter is not None:
+            self._limiter.acquire()
+        self.counters.requests += 1
+        try:
+            response: dict[str, Any] = self.client.search_image_sets(**kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            cls = ThrottledError if code in THROTTLING_CODES else SearchError
+            raise cls(
+                "SearchImageSets", chain, code, status, server_message=error.get("Message")
+            ) from None
+        except BotoCoreError as exc:
+            # botocore's messages can quote request values (PHI): keep only the error's kind.
+            raise SearchError("SearchImageSets", chain, type(exc).__name__) from None
+        return response
+
+
+def _created(item: dict[str, Any]) -> datetime:
+    value = item.get("createdAt")
+    if not isinstance(value, datetime):
+        raise PaginationError(
+            "SearchImageSets", None, "MissingCreatedAt", detail="an image set had no createdAt"
+        )
+    return value
+
+
+def _make_progress(progress: Progress) -> Callable[[int, int], None]:
+    """A progress callback ``(pages, image_sets)``; ``(-1, -1)`` means finished."""
+    if callable(progress):
+        user = progress
+
+        def call_user(pages: int, image_sets: int) -> None:
+            if pages >= 0:
+                user(pages, image_sets)
+
+        return call_user
+    enabled = progress if progress is not None else _interactive()
+    if not enabled:
+        return lambda pages, image_sets: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="SearchImageSets", unit=" pages", leave=False)
+
+    def update(pages: int, image_sets: int) -> None:
+        if pages < 0:
+            bar.close()
+            return
+        bar.n = pages
+        bar.set_postfix_str(f"{image_sets} image sets", refresh=False)
+        bar.refresh()
+
+    return update
+
+
+def _interactive() -> bool:
+    if os.environ.get("CI"):
+        return False
+    return "ipykernel" in sys.modules or sys.stderr.isatty()

@@ -1,0 +1,213 @@
+"""The frame stage: flatten summaries into Arrow columns, filter exactly, dedupe, sort, convert once.
+
+Pages are flattened column by column (one list comprehension per column, no per-row pandas work),
+buffered as Arrow tables against the declared schema, joined once and converted to pandas once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthimaging_df import schema
+from healthimaging_df.fetch import Page
+from healthimaging_df.plan import Plan
+from healthimaging_df.predicates import Predicate
+
+_BUFFER_ROWS = 20_000
+_TIME = r"^(?P<h>[0-9]{2})(?P<m>[0-9]{2})?(?P<s>[0-9]{2})?(?:\.(?P<f>[0-9]{1,6}))?$"
+_TAG_COLUMNS = [c for c in schema.COLUMNS if c.source[:1] == ("DICOMTags",)]
+_TOP_COLUMNS = [c for c in schema.COLUMNS if len(c.source) == 1]
+
+
+def summaries_to_table(items: list[dict[str, Any]]) -> pa.Table:
+    """Flatten ``ImageSetsMetadataSummary`` dicts into a table of the declared schema.
+
+    Fields an older botocore does not return come out as null columns, not missing ones.
+    """
+    tags = [item.get("DICOMTags") or {} for item in items]
+    arrays: dict[str, pa.Array] = {}
+    for col in _TOP_COLUMNS:
+        key = col.source[0]
+        arrays[col.name] = pa.array([item.get(key) for item in items], type=col.arrow_type)
+    for col in _TAG_COLUMNS:
+        key = col.source[1]
+        arrays[col.name] = pa.array([t.get(key) for t in tags], type=col.arrow_type)
+    arrays["StudyDateTime"] = study_datetime(arrays["StudyDate"], arrays["StudyTime"])
+    return pa.Table.from_arrays([arrays[n] for n in schema.COLUMN_NAMES], schema=schema.arrow_schema())
+
+
+def study_datetime(study_date: pa.Array, study_time: pa.Array) -> pa.Array:
+    """Combine DICOM DA (YYYYMMDD) and TM (HH[MM[SS[.ffffff]]], colons tolerated) wall-clock time.
+
+    A valid date with no time is that day's midnight (as the service treats a missing
+    DICOMStudyTime); an invalid date, or a time that is present but unreadable, gives null.
+    """
+    day_text = pc.utf8_trim_whitespace(study_date)
+    well_formed = pc.match_substring_regex(day_text, r"^[0-9]{8}$")
+    day = pc.strptime(day_text, format="%Y%m%d", unit="us", error_is_null=True)
+    # strptime rolls 20190230 over to March 2nd: a real date must print back as it was written.
+    real = pc.equal(pc.strftime(day, format="%Y%m%d"), day_text)
+    day = pc.if_else(pc.and_(well_formed, real), day, pa.scalar(None, pa.timestamp("us")))
+
+    clock = pc.replace_substring(pc.utf8_trim_whitespace(study_time), ":", "")
+    absent = pc.fill_null(pc.equal(pc.utf8_length(clock), 0), True)
+    parts = pc.extract_regex(clock, _TIME)
+    hours, minutes, seconds = (_digits(pc.struct_field(parts, [i]), 2) for i in range(3))
+    fraction = _digits(pc.struct_field(parts, [3]), 6)
+    valid_clock = pc.and_(
+        pc.and_(pc.less(hours, 24), pc.less(minutes, 60)), pc.less(seconds, 60)
+    )
+    micros = pc.add(
+        pc.multiply(
+            pc.add(pc.add(pc.multiply(hours, 3600), pc.multiply(minutes, 60)), seconds),
+            1_000_000,
+        ),
+        fraction,
+    )
+    micros = pc.if_else(pc.fill_null(valid_clock, False), micros, pa.scalar(None, pa.int64()))
+    offset = pc.if_else(absent, pa.scalar(0, pa.int64()), micros)
+    return pc.add(day, pc.cast(offset, pa.duration("us")))
+
+
+def _digits(text: pa.Array, width: int) -> pa.Array:
+    """Right-pad a digit string to *width* with zeros and read it as an integer ("" -> 0)."""
+    padded = pc.utf8_rpad(pc.fill_null(text, ""), width=width, padding="0")
+    return pc.cast(padded, pa.int64())
+
+
+def apply_predicates(table: pa.Table, predicates: tuple[Predicate, ...]) -> pa.Table:
+    """Rows of *table* that satisfy every predicate."""
+    if not predicates or table.num_rows == 0:
+        return table
+    mask = predicates[0].mask(table)
+    for p in predicates[1:]:
+        mask = pc.and_(mask, p.mask(table))
+    return table.filter(mask)
+
+
+def dedupe_and_sort(frame: pd.DataFrame, plan: Plan) -> pd.DataFrame:
+    """One row per imageSetId (highest version, then latest update), in the plan's order, limited."""
+    if frame["imageSetId"].duplicated().any():
+        frame = frame.sort_values(
+            ["imageSetId", "version", "updatedAt"], kind="stable", na_position="first"
+        ).drop_duplicates("imageSetId", keep="last")
+    frame = frame.sort_values(
+        [plan.sort_column, "imageSetId"],
+        ascending=[plan.ascending, True],
+        kind="stable",
+        na_position="last",
+    )
+    if plan.limit is not None:
+        frame = frame.head(plan.limit)
+    return frame.reset_index(drop=True)
+
+
+class Collector:
+    """Gathers a plan's pages into one frame; tells the fetcher when a chain can stop."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._raw: list[dict[str, Any]] = []
+        self._tables: list[pa.Table] = []
+        self._keys: dict[int, list[Any]] = {}
+
+    def add(self, page: Page) -> bool:
+        """Take one page; return True when its chain needs no more pages (limit reached)."""
+        if page.done:
+            return False
+        if not self.plan.stops_early:
+            self._raw.extend(page.items)
+            if len(self._raw) >= _BUFFER_ROWS:
+                self._flush()
+            return False
+        table = summaries_to_table(page.items)
+        matched = apply_predicates(table, self.plan.predicates)
+        self._tables.append(matched)
+        return self._limit_reached(page.chain, table, matched)
+
+    def _limit_reached(self, chain: int, page: pa.Table, matched: pa.Table) -> bool:
+        """A chain arrives in sort order: once it holds ``limit`` matches and the page ends past
+        the limit-th match's sort key (no tie can follow), later pages cannot enter the result."""
+        assert self.plan.limit is not None
+        keys = self._keys.setdefault(chain, [])
+        keys.extend(matched.column(self.plan.sort_column).to_pylist())
+        if len(keys) < self.plan.limit or page.num_rows == 0:
+            return False
+        boundary = keys[self.plan.limit - 1]
+        last = page.column(self.plan.sort_column)[-1].as_py()
+        return boundary is not None and last is not None and last != boundary
+
+    def _flush(self) -> None:
+        if self._raw:
+            table = summaries_to_table(self._raw)
+            self._tables.append(apply_predicates(table, self.plan.predicates))
+            self._raw = []
+
+    def finish(
+        self,
+        dtype_backend: schema.DtypeBackend = "numpy_nullable",
+        provenance: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """The result: typed, deduplicated, sorted, limited, with provenance in ``attrs``."""
+        self._flush()
+        table = pa.concat_tables(self._tables) if self._tables else schema.arrow_schema().empty_table()
+        frame = dedupe_and_sort(schema.arrow_to_pandas(table, dtype_backend), self.plan)
+        if provenance is not None:
+            frame.attrs["healthimaging_df"] = provenance
+        return frame
+
+
+class Chunker:
+    """Turns pages into frames of about ``chunk_rows`` rows, each image set yielded once."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        chunk_rows: int,
+        dtype_backend: schema.DtypeBackend,
+        provenance: dict[str, Any],
+    ) -> None:
+        self.plan = plan
+        self.chunk_rows = chunk_rows
+        self.dtype_backend = dtype_backend
+        self.provenance = provenance
+        self._raw: list[dict[str, Any]] = []
+        self._seen: set[str] = set()
+        self._yielded = False
+
+    def add(self, page: Page) -> Iterator[pd.DataFrame]:
+        """Take one page; yield a chunk when enough rows are buffered."""
+        self._raw.extend(page.items)
+        if len(self._raw) >= self.chunk_rows:
+            yield from self._emit()
+
+    def flush(self) -> Iterator[pd.DataFrame]:
+        """Yield what is left; an empty result still yields one empty, typed frame."""
+        yield from self._emit()
+        if not self._yielded:
+            self._yielded = True
+            empty = schema.empty_frame(self.dtype_backend)
+            empty.attrs["healthimaging_df"] = self.provenance
+            yield empty
+
+    def _emit(self) -> Iterator[pd.DataFrame]:
+        if not self._raw:
+            return
+        table = apply_predicates(summaries_to_table(self._raw), self.plan.predicates)
+        self._raw = []
+        frame = schema.arrow_to_pandas(table, self.dtype_backend)
+        if frame["imageSetId"].duplicated().any():
+            frame = frame.sort_values(["imageSetId", "version"], kind="stable").drop_duplicates(
+                "imageSetId", keep="last"
+            )
+        frame = frame[~frame["imageSetId"].isin(self._seen)].reset_index(drop=True)
+        self._seen.update(frame["imageSetId"].tolist())
+        if len(frame):
+            self._yielded = True
+            frame.attrs["healthimaging_df"] = self.provenance
+            yield frame

@@ -1,0 +1,41 @@
+"""A local stand-in for AWS HealthImaging (``medical-imaging``), served over HTTP to boto3.
+
+Self-contained on purpose: nothing here imports the rest of ``healthimaging_df``.
+
+Examples
+--------
+>>> from healthimaging_df.local import LocalService
+>>> with LocalService.seeded(image_sets=100, seed=0) as svc:
+...     client = svc.client()
+...     pages = client.get_paginator("search_image_sets").paginate(datastoreId=svc.datastore_id)
+...     total = sum(len(page["imageSetsMetadataSummaries"]) for page in pages)
+>>> total
+100
+"""
+
+from __future__ import annotations
+
+from healthimaging_df.local.backend import (
+    Backend,
+    BackendError,
+    ConflictError,
+    ResourceNotFound,
+    ValidationError,
+)
+from healthimaging_df.local.faults import Faults, Stats
+from healthimaging_df.local.generate import dump_jsonl, generate_image_sets, load_jsonl
+from healthimaging_df.local.server import LocalService
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "ConflictError",
+    "Faults",
+    "LocalService",
+    "ResourceNotFound",
+    "Stats",
+    "ValidationError",
+    "dump_jsonl",
+    "generate_image_sets",
+    "load_jsonl",
+]

@@ -1,0 +1,272 @@
+"""``LocalService``: the local HealthImaging endpoint on 127.0.0.1, reachable by plain boto3.
+
+A threaded werkzeug server runs in a daemon thread, so concurrent clients overlap (added
+latency is slept per request, in parallel) and peak concurrency is measurable.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import fields, replace
+from types import TracebackType
+from typing import Any
+
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+
+from healthimaging_df.local.backend import REGION, Backend
+from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
+from healthimaging_df.local.generate import generate_image_sets
+from healthimaging_df.local.wire import BODY_CONSUMED_KEY, WireApp
+
+__all__ = ["DUMMY_ACCESS_KEY", "DUMMY_SECRET_KEY", "LocalService"]
+
+DUMMY_ACCESS_KEY = "AKIALOCALHEALTHIMAGING"
+DUMMY_SECRET_KEY = "local-healthimaging-secret"  # noqa: S105 - a dummy, the server ignores it
+_FAULT_FIELDS = frozenset(f.name for f in fields(Faults))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Request handler that keeps connections alive and does not log every request.
+
+    werkzeug always answers ``Connection: close`` because it cannot know whether the
+    application drained the request body. Ours always does (and flags it in the environ), so
+    the connection may be reused, as boto3's connection pool expects of AWS.
+    """
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if (
+            keyword.lower() == "connection"
+            and value.lower() == "close"
+            and getattr(self, "environ", {}).get(BODY_CONSUMED_KEY)
+        ):
+            value = "keep-alive"
+        super().send_header(keyword, value)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+class _Server(ThreadedWSGIServer):
+    """Threaded WSGI server that can close its keep-alive connections on shutdown."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, app: WireApp) -> None:
+        self.open_sockets: set[socket.socket] = set()
+        self._sockets_lock = threading.Lock()
+        super().__init__(host, port, app, handler=_QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._sockets_lock:
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._sockets_lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut down every connection still open (idle keep-alive ones included)."""
+        with self._sockets_lock:
+            sockets = list(self.open_sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class LocalService:
+    """A local stand-in for the ``medical-imaging`` API over HTTP on 127.0.0.1.
+
+    Parameters
+    ----------
+    backend
+        The state to serve; a new empty :class:`Backend` when None.
+    host
+        Interface to bind; loopback by default (the service has no authentication).
+    port
+        TCP port; 0 picks a free one (see :attr:`endpoint_url` after :meth:`start`).
+    faults
+        Initial fault settings; none by default.
+
+    Examples
+    --------
+    >>> with LocalService.seeded(image_sets=60, seed=1) as svc:
+    ...     page = svc.client().search_image_sets(datastoreId=svc.datastore_id, maxResults=5)
+    >>> len(page["imageSetsMetadataSummaries"])
+    5
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: Faults | None = None,
+    ) -> None:
+        self.backend = backend if backend is not None else Backend()
+        self.host = host
+        self.port = port
+        self.datastore_id: str | None = None
+        self._recorder = StatsRecorder(faults if faults is not None else Faults())
+        self._app = WireApp(self.backend, self._recorder)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def seeded(
+        cls,
+        image_sets: int = 1000,
+        seed: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        **fault_kwargs: Any,
+    ) -> LocalService:
+        """A service with one datastore named ``seeded`` holding generated image sets.
+
+        ``fault_kwargs`` are :class:`Faults` fields (``latency_ms``, ``tps``, ``burst``,
+        ``error_rate``, ``seed`` is taken by the data, so use ``fault_seed`` for the errors).
+        The service is not started.
+        """
+        fault_seed = fault_kwargs.pop("fault_seed", 0)
+        faults = Faults(seed=fault_seed, **fault_kwargs)
+        backend = Backend()
+        datastore_id = backend.create_datastore("seeded")
+        backend.add_image_sets(datastore_id, generate_image_sets(image_sets, seed))
+        service = cls(backend, host=host, port=port, faults=faults)
+        service.datastore_id = datastore_id
+        return service
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> LocalService:
+        """Bind and serve in a daemon thread; return self. Idempotent."""
+        if self._server is not None:
+            return self
+        server = _Server(self.host, self.port, self._app)
+        self.port = server.server_address[1]
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"healthimaging-local:{self.port}",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close open connections and release the port. Idempotent."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._server = self._thread = None
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is accepting requests."""
+        return self._server is not None
+
+    def __enter__(self) -> LocalService:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = self.endpoint_url if self.running else "stopped"
+        return f"<LocalService {state} datastore_id={self.datastore_id!r}>"
+
+    @property
+    def endpoint_url(self) -> str:
+        """``http://127.0.0.1:PORT`` (the bound port once started)."""
+        return f"http://{self.host}:{self.port}"
+
+    # -- faults and counters ------------------------------------------------------------------
+
+    @property
+    def faults(self) -> Faults:
+        """The live fault settings; assigning their fields takes effect on the next request."""
+        return self._recorder.faults
+
+    def set_faults(self, **changes: Any) -> Faults:
+        """Replace fault fields (unnamed ones keep their value) and reset the token bucket."""
+        unknown = set(changes) - _FAULT_FIELDS
+        if unknown:
+            raise TypeError(f"unknown fault setting(s): {', '.join(sorted(unknown))}")
+        faults = replace(self._recorder.faults, **changes)
+        self._recorder.replace_faults(faults)
+        return faults
+
+    def reset_faults(self) -> None:
+        """Back to no faults at all."""
+        self._recorder.replace_faults(Faults())
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the request counters."""
+        return self._recorder.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the request counters."""
+        self._recorder.reset()
+
+    # -- clients --------------------------------------------------------------------------------
+
+    def client(self, **config_kwargs: Any) -> Any:
+        """A real boto3 ``medical-imaging`` client pointed at this service.
+
+        Credentials and region are passed explicitly (nothing read from ``~/.aws`` or the
+        environment); host-prefix injection is off (the model's ``runtime-`` prefix would
+        break a loopback endpoint); standard retries with 10 attempts. ``config_kwargs``
+        override :class:`botocore.config.Config` fields.
+        """
+        import boto3
+        from botocore.config import Config
+
+        settings: dict[str, Any] = {
+            "inject_host_prefix": False,
+            "retries": {"mode": "standard", "max_attempts": 10},
+            "max_pool_connections": 32,
+        }
+        settings.update(config_kwargs)
+        session = boto3.session.Session(
+            aws_access_key_id=DUMMY_ACCESS_KEY,
+            aws_secret_access_key=DUMMY_SECRET_KEY,
+            aws_session_token=None,
+            region_name=REGION,
+        )
+        return session.client(
+            "medical-imaging",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=DUMMY_ACCESS_KEY,
+            aws_secret_access_key=DUMMY_SECRET_KEY,
+            config=Config(**settings),
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point an unmodified ``boto3.client("medical-imaging")``
+        (e.g. in a subprocess) at this service."""
+        return {
+            "AWS_ENDPOINT_URL_MEDICAL_IMAGING": self.endpoint_url,
+            "AWS_DISABLE_HOST_PREFIX_INJECTION": "true",
+            "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }

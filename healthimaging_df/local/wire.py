@@ -1,0 +1,279 @@
+"""The REST-JSON wire layer of the local service: routing, request parsing, error encoding.
+
+Routes and status codes follow the botocore service model ``medical-imaging/2023-07-19``
+(``http.requestUri`` / ``http.method`` of each operation). Errors carry the code in the
+``x-amzn-ErrorType`` header and ``{"message": ...}`` in the body, which is what botocore reads
+to raise ``ClientError`` with that code. Fault injection (latency, throttling, random 500s)
+happens here, before the backend is called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from healthimaging_df.local.backend import (
+    MAX_RESULTS,
+    MAX_TOKEN,
+    Backend,
+    BackendError,
+    ValidationError,
+    gzip_document,
+)
+from healthimaging_df.local.faults import StatsRecorder
+
+__all__ = ["BODY_CONSUMED_KEY", "UNKNOWN_OPERATION", "WireApp", "encode_json"]
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_OPERATION = "Unknown"
+BODY_CONSUMED_KEY = "healthimaging_df.local.body_consumed"
+_ID_RE = re.compile(r"[0-9a-z]{32}")
+_STATUSES = ("CREATING", "CREATE_FAILED", "ACTIVE", "DELETING", "DELETED")
+
+_URL_MAP = Map(
+    [
+        Rule("/datastore", methods=["GET"], endpoint="ListDatastores"),
+        Rule("/datastore/<datastore_id>", methods=["GET"], endpoint="GetDatastore"),
+        Rule(
+            "/datastore/<datastore_id>/searchImageSets",
+            methods=["POST"],
+            endpoint="SearchImageSets",
+        ),
+        Rule(
+            "/datastore/<datastore_id>/imageSet/<image_set_id>/getImageSetMetadata",
+            methods=["POST"],
+            endpoint="GetImageSetMetadata",
+        ),
+        Rule(
+            "/datastore/<datastore_id>/imageSet/<image_set_id>/getImageSet",
+            methods=["POST"],
+            endpoint="GetImageSet",
+        ),
+        Rule(
+            "/datastore/<datastore_id>/imageSet/<image_set_id>/listImageSetVersions",
+            methods=["POST"],
+            endpoint="ListImageSetVersions",
+        ),
+    ],
+    strict_slashes=False,
+    merge_slashes=False,
+)
+
+
+def _timestamp(value: Any) -> float:
+    """JSON default hook: datetimes become epoch seconds with microseconds (REST-JSON style)."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def encode_json(document: Any) -> bytes:
+    """Encode a response document; datetimes as epoch seconds, as the service does."""
+    return json.dumps(document, default=_timestamp, ensure_ascii=False).encode("utf-8")
+
+
+def _json_response(document: Any, status: int = 200) -> Response:
+    return Response(encode_json(document), status=status, content_type="application/json")
+
+
+def error_response(code: str, message: str, status: int) -> Response:
+    """An AWS REST-JSON error: ``x-amzn-ErrorType`` header plus ``{"message": ...}``."""
+    response = _json_response({"message": message}, status)
+    response.headers["x-amzn-ErrorType"] = code
+    return response
+
+
+def _path_id(value: str, name: str) -> str:
+    if _ID_RE.fullmatch(value) is None:
+        raise ValidationError(f"{name} must match [0-9a-z]{{32}}")
+    return value
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_RESULTS:
+        raise ValidationError(f"{name} must be an integer from 1 to {MAX_RESULTS}")
+    return int(raw)
+
+
+def _token_param(request: Request) -> str | None:
+    token = request.args.get("nextToken")
+    if token is not None and not (1 <= len(token) <= MAX_TOKEN and token.isascii()):
+        raise ValidationError(f"nextToken must be 1 to {MAX_TOKEN} ASCII characters")
+    return token
+
+
+def _version_param(request: Request) -> str | None:
+    version = request.args.get("version")
+    if version is not None and not (version.isascii() and version.isdigit()):
+        raise ValidationError("version must match \\d+")
+    return version
+
+
+class WireApp:
+    """A WSGI application serving one :class:`Backend` with fault injection.
+
+    Parameters
+    ----------
+    backend
+        The state to serve.
+    recorder
+        Counters and fault decisions; its ``faults`` are read on every request.
+    sleep
+        Called with seconds of injected latency (replaceable in tests).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        recorder: StatsRecorder,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.backend = backend
+        self.recorder = recorder
+        self._sleep = sleep
+        self._handlers: dict[str, Callable[..., Response]] = {
+            "SearchImageSets": self._search_image_sets,
+            "GetImageSetMetadata": self._get_image_set_metadata,
+            "GetImageSet": self._get_image_set,
+            "ListImageSetVersions": self._list_image_set_versions,
+            "GetDatastore": self._get_datastore,
+            "ListDatastores": self._list_datastores,
+        }
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        request = Request(environ)
+        response = self.dispatch(request)
+        return response(environ, start_response)
+
+    def dispatch(self, request: Request) -> Response:
+        """Route, inject faults, call the backend and encode the outcome."""
+        # Read the whole body first so keep-alive connections stay in sync whatever we answer.
+        body = request.get_data(cache=True)
+        request.environ[BODY_CONSUMED_KEY] = True
+        adapter = _URL_MAP.bind_to_environ(request.environ)
+        operation = UNKNOWN_OPERATION
+        arguments: dict[str, Any] = {}
+        try:
+            endpoint, arguments = adapter.match()
+            operation = str(endpoint)
+        except HTTPException:
+            pass
+        recorder = self.recorder
+        recorder.begin(operation)
+        try:
+            if recorder.should_throttle():
+                response = error_response("ThrottlingException", "Rate exceeded", 429)
+            else:
+                latency = recorder.faults.latency_ms
+                if latency > 0:
+                    self._sleep(latency / 1000.0)
+                if recorder.should_fail():
+                    response = error_response(
+                        "InternalServerException",
+                        "Injected fault: the local service failed this request on purpose",
+                        500,
+                    )
+                elif operation == UNKNOWN_OPERATION:
+                    response = error_response(
+                        "UnknownOperationException",
+                        f"No medical-imaging operation for {request.method} {request.path}",
+                        404,
+                    )
+                else:
+                    response = self._call(operation, request, body, arguments)
+        finally:
+            recorder.end()
+        response.headers["x-amzn-RequestId"] = str(uuid.uuid4())
+        return response
+
+    def _call(
+        self, operation: str, request: Request, body: bytes, arguments: dict[str, Any]
+    ) -> Response:
+        try:
+            return self._handlers[operation](request, body, **arguments)
+        except BackendError as error:
+            return error_response(error.code, error.message, error.status)
+        except Exception:
+            logger.exception("local service failed on %s", operation)
+            return error_response(
+                "InternalServerException", "The local service failed unexpectedly", 500
+            )
+
+    # -- operations -------------------------------------------------------------------------
+
+    def _search_image_sets(self, request: Request, body: bytes, datastore_id: str) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        max_results = _int_param(request, "maxResults", MAX_RESULTS)
+        token = _token_param(request)
+        criteria: Any = None
+        if body.strip():
+            try:
+                criteria = json.loads(body)
+            except ValueError:
+                raise ValidationError("the request body is not valid JSON") from None
+            if not isinstance(criteria, dict):
+                raise ValidationError("searchCriteria must be an object")
+        result = self.backend.search(datastore_id, criteria, max_results, token)
+        return _json_response(result)
+
+    def _get_image_set_metadata(
+        self, request: Request, body: bytes, datastore_id: str, image_set_id: str
+    ) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        image_set_id = _path_id(image_set_id, "imageSetId")
+        document = self.backend.get_image_set_metadata(
+            datastore_id, image_set_id, _version_param(request)
+        )
+        response = Response(gzip_document(document), status=200, content_type="application/json")
+        response.headers["Content-Encoding"] = "gzip"
+        return response
+
+    def _get_image_set(
+        self, request: Request, body: bytes, datastore_id: str, image_set_id: str
+    ) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        image_set_id = _path_id(image_set_id, "imageSetId")
+        result = self.backend.get_image_set(datastore_id, image_set_id, _version_param(request))
+        return _json_response(result)
+
+    def _list_image_set_versions(
+        self, request: Request, body: bytes, datastore_id: str, image_set_id: str
+    ) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        image_set_id = _path_id(image_set_id, "imageSetId")
+        result = self.backend.list_image_set_versions(
+            datastore_id,
+            image_set_id,
+            _int_param(request, "maxResults", MAX_RESULTS),
+            _token_param(request),
+        )
+        return _json_response(result)
+
+    def _get_datastore(self, request: Request, body: bytes, datastore_id: str) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        return _json_response({"datastoreProperties": self.backend.get_datastore(datastore_id)})
+
+    def _list_datastores(self, request: Request, body: bytes) -> Response:
+        status = request.args.get("datastoreStatus")
+        if status is not None and status not in _STATUSES:
+            raise ValidationError(f"datastoreStatus must be one of {', '.join(_STATUSES)}")
+        result = self.backend.list_datastores(
+            status, _int_param(request, "maxResults", MAX_RESULTS), _token_param(request)
+        )
+        return _json_response(result)

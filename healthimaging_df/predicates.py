@@ -1,0 +1,190 @@
+"""Predicates on schema columns: validated when built, evaluated exactly on Arrow tables.
+
+A predicate's repr names its column, operator and value count, never its values (PHI).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthimaging_df import dates, schema
+from healthimaging_df.errors import QueryValidationError
+
+Op = Literal["eq", "in", "ne", "not_in", "between", "contains", "regex", "is_null", "not_null"]
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_SYMBOL = {
+    "eq": "==",
+    "in": "in",
+    "ne": "!=",
+    "not_in": "not in",
+    "between": "between",
+    "contains": "contains",
+    "regex": "matches",
+    "is_null": "is null",
+    "not_null": "is not null",
+}
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """One condition on one column; ``values`` are already typed for the column."""
+
+    column: str
+    op: Op
+    values: tuple[Any, ...] = ()
+    case: bool = True
+    _pattern: re.Pattern[str] | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        if self.op in ("is_null", "not_null"):
+            return f"{self.column} {_SYMBOL[self.op]}"
+        count = len(self.values)
+        what = "1 value" if count == 1 else f"{count} values"
+        flag = "" if self.case else " (ignoring case)"
+        return f"{self.column} {_SYMBOL[self.op]} <{what}>{flag}"
+
+    def describe(self, show_values: bool = False) -> str:
+        """Readable form; values only when asked (they may be PHI)."""
+        if not show_values or self.op in ("is_null", "not_null"):
+            return repr(self)
+        shown = ", ".join(_show(v) for v in self.values)
+        return f"{self.column} {_SYMBOL[self.op]} ({shown})"
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        """Boolean mask of the rows of *table* that satisfy the predicate (nulls are False).
+
+        ``!=`` and ``not in`` keep rows whose value is null: a missing modality is "not CT".
+        """
+        col = schema.column(self.column)
+        values = table.column(self.column)
+        if self.op == "is_null":
+            return pc.is_null(values)
+        if self.op == "not_null":
+            return pc.is_valid(values)
+        if self.op in ("eq", "in", "ne", "not_in"):
+            value_set = pa.array(list(self.values), type=col.arrow_type)
+            hit = pc.is_in(values, value_set=value_set)
+            if self.op in ("ne", "not_in"):
+                return pc.or_kleene(pc.invert(hit), pc.is_null(values)).combine_chunks()
+            return pc.fill_null(hit, False)
+        if self.op == "between":
+            low, high = (pa.scalar(v, type=col.arrow_type) for v in self.values)
+            inside = pc.and_kleene(pc.greater_equal(values, low), pc.less_equal(values, high))
+            return pc.fill_null(inside, False)
+        if self.op == "contains":
+            found = pc.match_substring(values, self.values[0], ignore_case=not self.case)
+            return pc.fill_null(found, False)
+        assert self._pattern is not None
+        search = self._pattern.search
+        return pa.array(
+            [v is not None and search(v) is not None for v in values.to_pylist()], pa.bool_()
+        )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
+
+
+def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True) -> Predicate:
+    """Validate and type *values* for *column*; raise ``QueryValidationError`` on any fault."""
+    if column not in schema.BY_NAME:
+        raise QueryValidationError(
+            column, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
+        )
+    col = schema.BY_NAME[column]
+    items = tuple(values)
+    if op in ("is_null", "not_null"):
+        return Predicate(column, op)
+    if op in ("in", "not_in") and not items:
+        raise QueryValidationError(column, "the list of values is empty")
+    if op in ("contains", "regex"):
+        if col.kind != "string":
+            raise QueryValidationError(column, f"'{op}' needs a text column")
+        if len(items) != 1 or not isinstance(items[0], str):
+            raise QueryValidationError(column, f"'{op}' takes one string")
+        if op == "regex":
+            try:
+                pattern = re.compile(items[0], 0 if case else re.IGNORECASE)
+            except re.error:
+                raise QueryValidationError(column, "not a valid regular expression") from None
+            return Predicate(column, op, items, case, pattern)
+        return Predicate(column, op, items, case)
+    if op == "between":
+        return _between(col, items)
+    typed = tuple(_typed(col, v, i) for i, v in enumerate(items))
+    if op in ("eq", "in"):
+        for i, v in enumerate(typed):
+            _check_searchable(col, v, i if len(typed) > 1 else None)
+    return Predicate(column, op, tuple(dict.fromkeys(typed)))
+
+
+def _between(col: schema.Column, items: tuple[Any, ...]) -> Predicate:
+    if len(items) != 2:
+        raise QueryValidationError(col.name, "between takes a lower and an upper bound")
+    if col.kind == "bool":
+        raise QueryValidationError(col.name, "between needs an ordered column, not a flag")
+    if col.kind in ("timestamp", "wallclock"):
+        wall = col.kind == "wallclock"
+        bounds = []
+        for i, (value, upper) in enumerate(zip(items, (False, True))):
+            try:
+                bounds.append(dates.parse_bound(value, upper=upper, wallclock=wall))
+            except dates.BoundError as exc:
+                raise QueryValidationError(col.name, str(exc), position=i) from None
+        low, high = bounds
+    else:
+        low, high = (_typed(col, v, i) for i, v in enumerate(items))
+    if low > high:
+        raise QueryValidationError(col.name, "the lower bound is after the upper bound")
+    return Predicate(col.name, "between", (low, high))
+
+
+def _typed(col: schema.Column, value: Any, position: int) -> Any:
+    if value is None:
+        raise QueryValidationError(
+            col.name, "None is not a value; use is_null() for missing values", position
+        )
+    if col.kind == "string":
+        if not isinstance(value, str):
+            raise QueryValidationError(
+                col.name, f"expects text, not {type(value).__name__}", position
+            )
+        return value
+    if col.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QueryValidationError(
+                col.name, f"expects an integer, not {type(value).__name__}", position
+            )
+        return value
+    if col.kind == "bool":
+        if not isinstance(value, bool):
+            raise QueryValidationError(
+                col.name, f"expects True or False, not {type(value).__name__}", position
+            )
+        return value
+    try:
+        return dates.parse_instant(value, wallclock=col.kind == "wallclock")
+    except dates.BoundError as exc:
+        raise QueryValidationError(col.name, str(exc), position) from None
+
+
+def _check_searchable(col: schema.Column, value: Any, position: int | None) -> None:
+    """Values the API would reject are rejected here, before any request."""
+    if col.max_length is not None and len(value) > col.max_length:
+        raise QueryValidationError(
+            col.name, f"longer than the API's limit of {col.max_length} characters", position
+        )
+    if col.uid and not _UID.fullmatch(value):
+        raise QueryValidationError(
+            col.name, "must be a DICOM UID: digits separated by single dots", position
+        )
