@@ -14,9 +14,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0+unknown"
 
-from healthimaging_df import errors, schema  # noqa: E402
-from healthimaging_df.logs import redact_botocore_logs  # noqa: E402
-from healthimaging_df.query import Query, search  # noqa: E402
+from healthimaging_df import errors, schema
+from healthimaging_df.logs import redact_botocore_logs
+from healthimaging_df.query import Query, search
 
 redact_botocore_logs()
 

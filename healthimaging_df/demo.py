@@ -17,9 +17,11 @@ def run_demo(image_sets: int = 5_000, seed: int = 42, latency_ms: float = 20.0) 
 
     print(f"Starting the local HealthImaging service with {image_sets} synthetic image sets...")
     with LocalService.seeded(image_sets=image_sets, seed=seed, latency_ms=latency_ms) as service:
-        print(f"  endpoint {service.endpoint_url}, datastore {service.datastore_id}\n")
+        datastore_id = service.datastore_id
+        assert datastore_id is not None
+        print(f"  endpoint {service.endpoint_url}, datastore {datastore_id}\n")
         query = (
-            Query(service.datastore_id)
+            Query(datastore_id)
             .where(Modality=["CT", "MR"], isPrimary=True)
             .between("StudyDateTime", "2021-01-01", "2023-12-31")
             .sort_by("StudyDateTime", ascending=True)

@@ -9,6 +9,7 @@ we cannot recover from raises, it never returns half a result.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -51,7 +52,8 @@ class FetchOptions:
     max_tps
         Requests per second across all threads; None for no client-side limit.
     burst
-        Requests the limiter lets through at once after idling (default: one second's worth).
+        Requests the limiter lets through at once after idling (default 1: evenly paced, so a
+        service with a smaller burst allowance is not overrun).
     page_size
         ``maxResults`` per request (the API allows 1-50).
     """
@@ -79,7 +81,7 @@ class RateLimiter:
 
     def __init__(self, rate: float, burst: int | None = None) -> None:
         self.rate = float(rate)
-        self.capacity = float(burst if burst is not None else max(1, int(rate)))
+        self.capacity = float(burst if burst is not None else 1)
         self._tokens = self.capacity
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
@@ -163,6 +165,7 @@ class Page:
     task: int = 0
     done: bool = False
     covered: Window | None = None
+    seen: threading.Event | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -281,6 +284,8 @@ class PageStream:
                     self.counters.image_sets += len(payload.items)
                     self._progress(self.counters.pages, self.counters.image_sets)
                 yield payload
+                if payload.seen is not None:
+                    payload.seen.set()  # the consumer has had its say (stop_chain) on this page
             elif kind == "error":
                 self.close()
                 raise payload
@@ -374,7 +379,16 @@ class PageStream:
                     return
 
     def _emit(self, task: _Task, items: list[dict[str, Any]]) -> None:
-        self._put(("page", Page(task.chain.index, items, task.id)))
+        """Hand a page to the consumer; when chains stop early, wait for its verdict first.
+
+        Without that wait a chain would fetch its next page while the consumer is still deciding
+        that it already has enough: one wasted request per chain.
+        """
+        seen = threading.Event() if self.plan.stops_early else None
+        self._put(("page", Page(task.chain.index, items, task.id, seen=seen)))
+        while seen is not None and not seen.wait(0.05):
+            if self._cancel.is_set():
+                return
 
     def _finish(self, task: _Task, covered: Window | None) -> None:
         if not self._cancel.is_set():
@@ -467,7 +481,7 @@ class PageStream:
         parts = max(2, min(seconds, self.options.max_concurrency - busy + 1))
         edges = sorted({low + timedelta(seconds=seconds * k // parts) for k in range(parts + 1)})
         self.counters.splits += 1
-        for a, b in zip(edges, edges[1:]):
+        for a, b in itertools.pairwise(edges):
             self._submit(_Task(task.chain, (a, b)))
 
     def _call(self, kwargs: dict[str, Any], chain: int) -> dict[str, Any]:

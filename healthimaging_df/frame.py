@@ -22,23 +22,48 @@ _BUFFER_ROWS = 20_000
 _TIME = r"^(?P<h>[0-9]{2})(?P<m>[0-9]{2})?(?P<s>[0-9]{2})?(?:\.(?P<f>[0-9]{1,6}))?$"
 _TAG_COLUMNS = [c for c in schema.COLUMNS if c.source[:1] == ("DICOMTags",)]
 _TOP_COLUMNS = [c for c in schema.COLUMNS if len(c.source) == 1]
+# The summary's own nested shape: pyarrow converts a list of such dicts in C++, no Python loop.
+_SUMMARY_TYPE = pa.struct(
+    [pa.field(c.source[0], c.arrow_type) for c in _TOP_COLUMNS]
+    + [
+        pa.field(
+            "DICOMTags", pa.struct([pa.field(c.source[1], c.arrow_type) for c in _TAG_COLUMNS])
+        )
+    ]
+)
 
 
 def summaries_to_table(items: list[dict[str, Any]]) -> pa.Table:
     """Flatten ``ImageSetsMetadataSummary`` dicts into a table of the declared schema.
 
-    Fields an older botocore does not return come out as null columns, not missing ones.
+    Fields an older botocore does not return come out as null columns, not missing ones; fields a
+    newer one adds are ignored until the schema declares them.
     """
-    tags = [item.get("DICOMTags") or {} for item in items]
-    arrays: dict[str, pa.Array] = {}
-    for col in _TOP_COLUMNS:
-        key = col.source[0]
-        arrays[col.name] = pa.array([item.get(key) for item in items], type=col.arrow_type)
+    summaries = pa.array(items, type=_SUMMARY_TYPE)
+    arrays: dict[str, pa.Array] = {c.name: summaries.field(c.source[0]) for c in _TOP_COLUMNS}
+    tags = summaries.field("DICOMTags")
     for col in _TAG_COLUMNS:
-        key = col.source[1]
-        arrays[col.name] = pa.array([t.get(key) for t in tags], type=col.arrow_type)
-    arrays["StudyDateTime"] = study_datetime(arrays["StudyDate"], arrays["StudyTime"])
-    return pa.Table.from_arrays([arrays[n] for n in schema.COLUMN_NAMES], schema=schema.arrow_schema())
+        arrays[col.name] = pc.if_else(tags.is_valid(), tags.field(col.source[1]), None)
+    arrays["StudyDateTime"] = _study_datetime_once_per_pair(
+        arrays["StudyDate"], arrays["StudyTime"]
+    )
+    return pa.Table.from_arrays(
+        [arrays[n] for n in schema.COLUMN_NAMES], schema=schema.arrow_schema()
+    )
+
+
+def _study_datetime_once_per_pair(study_date: pa.Array, study_time: pa.Array) -> pa.Array:
+    """``study_datetime`` computed once per distinct (date, time): image sets of a study share it.
+
+    Null and empty parse alike (no date: null; no time: midnight), so both become "" in the key.
+    """
+    key = pc.binary_join_element_wise(
+        pc.fill_null(study_date, ""), pc.fill_null(study_time, ""), "|"
+    )
+    encoded = pc.dictionary_encode(key)
+    parts = pc.split_pattern(encoded.dictionary, "|", max_splits=1)
+    unique = study_datetime(pc.list_element(parts, 0), pc.list_element(parts, 1))
+    return unique.take(encoded.indices)
 
 
 def study_datetime(study_date: pa.Array, study_time: pa.Array) -> pa.Array:
@@ -59,9 +84,7 @@ def study_datetime(study_date: pa.Array, study_time: pa.Array) -> pa.Array:
     parts = pc.extract_regex(clock, _TIME)
     hours, minutes, seconds = (_digits(pc.struct_field(parts, [i]), 2) for i in range(3))
     fraction = _digits(pc.struct_field(parts, [3]), 6)
-    valid_clock = pc.and_(
-        pc.and_(pc.less(hours, 24), pc.less(minutes, 60)), pc.less(seconds, 60)
-    )
+    valid_clock = pc.and_(pc.and_(pc.less(hours, 24), pc.less(minutes, 60)), pc.less(seconds, 60))
     micros = pc.add(
         pc.multiply(
             pc.add(pc.add(pc.multiply(hours, 3600), pc.multiply(minutes, 60)), seconds),
@@ -69,7 +92,8 @@ def study_datetime(study_date: pa.Array, study_time: pa.Array) -> pa.Array:
         ),
         fraction,
     )
-    micros = pc.if_else(pc.fill_null(valid_clock, False), micros, pa.scalar(None, pa.int64()))
+    readable = pc.and_(pc.is_valid(parts), pc.fill_null(valid_clock, False))
+    micros = pc.if_else(readable, micros, pa.scalar(None, pa.int64()))
     offset = pc.if_else(absent, pa.scalar(0, pa.int64()), micros)
     return pc.add(day, pc.cast(offset, pa.duration("us")))
 
@@ -104,7 +128,8 @@ def dedupe_and_sort(frame: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     )
     if plan.limit is not None:
         frame = frame.head(plan.limit)
-    return frame.reset_index(drop=True)
+    result: pd.DataFrame = frame.reset_index(drop=True)
+    return result
 
 
 class Collector:
@@ -131,8 +156,11 @@ class Collector:
         return self._limit_reached(page.chain, table, matched)
 
     def _limit_reached(self, chain: int, page: pa.Table, matched: pa.Table) -> bool:
-        """A chain arrives in sort order: once it holds ``limit`` matches and the page ends past
-        the limit-th match's sort key (no tie can follow), later pages cannot enter the result."""
+        """Tell whether a chain, which arrives in sort order, can stop.
+
+        Once it holds ``limit`` matches and the page ends past the limit-th match's sort key (so
+        no tie can follow), its later pages cannot enter the result.
+        """
         assert self.plan.limit is not None
         keys = self._keys.setdefault(chain, [])
         keys.extend(matched.column(self.plan.sort_column).to_pylist())
@@ -155,7 +183,9 @@ class Collector:
     ) -> pd.DataFrame:
         """The result: typed, deduplicated, sorted, limited, with provenance in ``attrs``."""
         self._flush()
-        table = pa.concat_tables(self._tables) if self._tables else schema.arrow_schema().empty_table()
+        table = (
+            pa.concat_tables(self._tables) if self._tables else schema.arrow_schema().empty_table()
+        )
         frame = dedupe_and_sort(schema.arrow_to_pandas(table, dtype_backend), self.plan)
         if provenance is not None:
             frame.attrs["healthimaging_df"] = provenance

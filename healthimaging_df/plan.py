@@ -110,7 +110,7 @@ class Plan:
             lines.append(f"  {self.note}")
         count = len(self.chains)
         lines.append(f"  SearchImageSets request chains: {count}")
-        sent = [p for p in self.pushed]
+        sent = list(self.pushed)
         if sent:
             lines.append("  pushed down to the API:")
             lines += [f"    {p.describe(show_values)}" for p in sent]
@@ -171,7 +171,9 @@ def compile_query(query: Query, now: datetime | None = None) -> Plan:
         "sort_pushed": sort_field is not None,
         "limit": query.row_limit,
     }
-    empty = [c for c, v in allowed.items() if not v] + [c for c, (lo, hi) in ranges.items() if lo > hi]
+    empty = [c for c, v in allowed.items() if not v] + [
+        c for c, (lo, hi) in ranges.items() if lo > hi
+    ]
     if empty:
         return Plan(
             chains=(),
@@ -202,7 +204,9 @@ def compile_query(query: Query, now: datetime | None = None) -> Plan:
     if query.row_limit is not None and sort_field is not None:
         windowed = False  # a sorted chain that stops early beats reading every window
     key = schema.BY_NAME[equal_column].search_key if equal_column else None
-    base = [{"operator": "EQUAL", "values": [{key: v}]} for v in equal_values] or [None]
+    base: list[Filter | None] = [
+        {"operator": "EQUAL", "values": [{key: v}]} for v in equal_values
+    ] or [None]
     chains = []
     for index, equal in enumerate(base):
         filters = tuple(f for f in (equal, None if windowed else range_filter) if f is not None)
@@ -243,6 +247,7 @@ def _ranges(preds: tuple[Predicate, ...]) -> dict[str, tuple[Any, Any]]:
 def _between_filter(column: str, low: datetime, high: datetime) -> Filter:
     key = schema.BY_NAME[column].search_key
     assert key is not None
+    values: list[dict[str, Any]]
     if column == "StudyDateTime":
         values = [{key: dates.study_date_and_time(low)}, {key: dates.study_date_and_time(high)}]
     else:

@@ -136,7 +136,7 @@ def _between(col: schema.Column, items: tuple[Any, ...]) -> Predicate:
     if col.kind in ("timestamp", "wallclock"):
         wall = col.kind == "wallclock"
         bounds = []
-        for i, (value, upper) in enumerate(zip(items, (False, True))):
+        for i, (value, upper) in enumerate(zip(items, (False, True), strict=False)):
             try:
                 bounds.append(dates.parse_bound(value, upper=upper, wallclock=wall))
             except dates.BoundError as exc:

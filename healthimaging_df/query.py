@@ -44,9 +44,7 @@ class Query:
     row_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.datastore_id, str) or not _DATASTORE_ID.fullmatch(
-            self.datastore_id
-        ):
+        if not isinstance(self.datastore_id, str) or not _DATASTORE_ID.fullmatch(self.datastore_id):
             raise QueryValidationError("datastore_id", "must be 32 characters of [0-9a-z]")
 
     def __repr__(self) -> str:
@@ -227,7 +225,9 @@ class Query:
         plan = self.compile()
         options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
         client = fetch.make_client(client, boto3_session, max_concurrency)
-        chunker = frame.Chunker(plan, chunk_rows, dtype_backend, fetch.provenance(self, plan, client))
+        chunker = frame.Chunker(
+            plan, chunk_rows, dtype_backend, fetch.provenance(self, plan, client)
+        )
         with fetch.stream(plan, client, options, progress) as pages:
             for page in pages:
                 yield from chunker.add(page)

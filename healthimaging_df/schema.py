@@ -212,7 +212,9 @@ def column(name: str) -> Column:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise KeyError(f"unknown column {name!r}; valid columns: {', '.join(COLUMN_NAMES)}") from None
+        raise KeyError(
+            f"unknown column {name!r}; valid columns: {', '.join(COLUMN_NAMES)}"
+        ) from None
 
 
 def arrow_schema() -> pa.Schema:
@@ -236,7 +238,9 @@ def pandas_dtypes(dtype_backend: DtypeBackend = "numpy_nullable") -> dict[str, o
     return {c.name: nullable[c.kind] for c in COLUMNS}
 
 
-def arrow_to_pandas(table: pa.Table, dtype_backend: DtypeBackend = "numpy_nullable") -> pd.DataFrame:
+def arrow_to_pandas(
+    table: pa.Table, dtype_backend: DtypeBackend = "numpy_nullable"
+) -> pd.DataFrame:
     """Convert a table of (at least) the schema's columns to a frame with the schema's dtypes.
 
     Schema columns come first in schema order; extra columns follow with pyarrow's default mapping.
@@ -249,7 +253,8 @@ def arrow_to_pandas(table: pa.Table, dtype_backend: DtypeBackend = "numpy_nullab
     ordered = [n for n in COLUMN_NAMES if n in frame.columns]
     rest = [n for n in frame.columns if n not in BY_NAME]
     frame = frame[ordered + rest]
-    return frame.astype({n: dtypes[n] for n in ordered})
+    typed: pd.DataFrame = frame.astype({n: dtypes[n] for n in ordered})
+    return typed
 
 
 def _nullable_mapper(arrow_type: pa.DataType) -> object | None:
@@ -281,3 +286,21 @@ def markdown_table() -> str:
             f"| `{c.name}` | `{source}` | `{numpy_types[c.name]}` | {api} | {c.description} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def render_docs() -> str:
+    """The whole of ``docs/schema.md``."""
+    return (
+        "# Schema\n\n"
+        "Every frame, chunk and snapshot has these columns, in this order, with these dtypes "
+        '(shown for `dtype_backend="numpy_nullable"`; `"pyarrow"` gives `pd.ArrowDtype` of the same '
+        "Arrow types). DICOM columns are named by their standard keyword, so frames join with "
+        "pydicom and idc-index. Columns marked with an API filter can be pushed down to "
+        "SearchImageSets; every other condition runs on the client, exactly.\n\n"
+        f"Schema version: {SCHEMA_VERSION}. Generated from `healthimaging_df/schema.py` "
+        "(`schema.render_docs()`); a test keeps this file in step.\n\n"
+        + markdown_table()
+        + "\nPHI columns (never logged, hashed or dropped by redaction policies): "
+        + ", ".join(f"`{c}`" for c in PHI_COLUMNS)
+        + ".\n"
+    )

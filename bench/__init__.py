@@ -1,0 +1,1 @@
+"""Benchmarks: each ``*_bench.py`` measures a ratio against the obvious alternative in one run."""
