@@ -10,7 +10,9 @@ import bench
 
 
 def main() -> int:
-    names = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if m.name.endswith("_bench"))
+    names = sorted(
+        m.name for m in pkgutil.iter_modules(bench.__path__) if m.name.endswith("_bench")
+    )
     chosen = sys.argv[1:] or names
     for name in chosen:
         print(f"== {name}", flush=True)

@@ -77,13 +77,28 @@ def bench_flatten() -> dict[str, dict[str, float]]:
     out = {}
     for which in ("ours", "obvious"):
         proc = subprocess.run(
-            [sys.executable, "-c", f"from bench.query_bench import _flatten_child; _flatten_child({which!r})"],
+            [
+                sys.executable,
+                "-c",
+                f"from bench.query_bench import _flatten_child; _flatten_child({which!r})",
+            ],
             check=True,
             capture_output=True,
             text=True,
         )
         out[which] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
+
+
+def _scan_figures(service: Any, seconds: float, rows: int) -> dict[str, float]:
+    stats = service.stats
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "requests": stats.by_operation.get("SearchImageSets", 0),
+        "throttled": stats.throttled,
+        "peak_concurrency": stats.peak_concurrency,
+    }
 
 
 def bench_scan() -> dict[str, dict[str, float]]:
@@ -99,16 +114,11 @@ def bench_scan() -> dict[str, dict[str, float]]:
 
         service.reset_stats()
         t0 = time.perf_counter()
-        frame = Query(ds).to_dataframe(client=client, progress=False, max_concurrency=8, max_tps=25.0)
+        frame = Query(ds).to_dataframe(
+            client=client, progress=False, max_concurrency=8, max_tps=25.0
+        )
         seconds = time.perf_counter() - t0
-        stats = service.stats
-        results["ours"] = {
-            "seconds": seconds,
-            "rows": len(frame),
-            "requests": stats.by_operation.get("SearchImageSets", 0),
-            "throttled": stats.throttled,
-            "peak_concurrency": stats.peak_concurrency,
-        }
+        results["ours"] = _scan_figures(service, seconds, len(frame))
 
         service.set_faults(latency_ms=100.0, tps=25.0, burst=50)
         service.reset_stats()
@@ -117,14 +127,7 @@ def bench_scan() -> dict[str, dict[str, float]]:
         for page in client.get_paginator("search_image_sets").paginate(datastoreId=ds):
             ids.update(s["imageSetId"] for s in page["imageSetsMetadataSummaries"])
         seconds = time.perf_counter() - t0
-        stats = service.stats
-        results["paginator"] = {
-            "seconds": seconds,
-            "rows": len(ids),
-            "requests": stats.by_operation.get("SearchImageSets", 0),
-            "throttled": stats.throttled,
-            "peak_concurrency": stats.peak_concurrency,
-        }
+        results["paginator"] = _scan_figures(service, seconds, len(ids))
     return results
 
 
@@ -147,9 +150,9 @@ Each side runs in its own subprocess: peak memory is the resident-set growth of 
 
 | | seconds | peak memory | rows |
 |---|---|---|---|
-| `frame.summaries_to_table` + `arrow_to_pandas` | {ours['seconds']:.2f} | {ours['peak_bytes'] / 2**20:.0f} MiB | {ours['rows']:,} |
-| `json_normalize` + `astype` | {obvious['seconds']:.2f} | {obvious['peak_bytes'] / 2**20:.0f} MiB | {obvious['rows']:,} |
-| **ratio** | **{obvious['seconds'] / ours['seconds']:.1f}x faster** | **{ours['peak_bytes'] / max(obvious['peak_bytes'], 1):.2f}x the memory** | |
+| `frame.summaries_to_table` + `arrow_to_pandas` | {ours["seconds"]:.2f} | {ours["peak_bytes"] / 2**20:.0f} MiB | {ours["rows"]:,} |
+| `json_normalize` + `astype` | {obvious["seconds"]:.2f} | {obvious["peak_bytes"] / 2**20:.0f} MiB | {obvious["rows"]:,} |
+| **ratio** | **{obvious["seconds"] / ours["seconds"]:.1f}x faster** | **{ours["peak_bytes"] / max(obvious["peak_bytes"], 1):.2f}x the memory** | |
 
 Target: at least 5x faster with peak memory no higher.
 
@@ -157,13 +160,13 @@ Target: at least 5x faster with peak memory no higher.
 
 | | seconds | requests | requests/s | image sets/s | throttled | peak concurrency |
 |---|---|---|---|---|---|---|
-| `Query(ds).to_dataframe(max_tps=25)` | {o['seconds']:.1f} | {o['requests']} | {o['requests'] / o['seconds']:.1f} | {o['rows'] / o['seconds']:.0f} | {o['throttled']} | {o['peak_concurrency']} |
-| botocore paginator, serial | {p['seconds']:.1f} | {p['requests']} | {p['requests'] / p['seconds']:.1f} | {p['rows'] / p['seconds']:.0f} | {p['throttled']} | {p['peak_concurrency']} |
-| **ratio** | **{p['seconds'] / o['seconds']:.1f}x faster** | | | | | |
+| `Query(ds).to_dataframe(max_tps=25)` | {o["seconds"]:.1f} | {o["requests"]} | {o["requests"] / o["seconds"]:.1f} | {o["rows"] / o["seconds"]:.0f} | {o["throttled"]} | {o["peak_concurrency"]} |
+| botocore paginator, serial | {p["seconds"]:.1f} | {p["requests"]} | {p["requests"] / p["seconds"]:.1f} | {p["rows"] / p["seconds"]:.0f} | {p["throttled"]} | {p["peak_concurrency"]} |
+| **ratio** | **{p["seconds"] / o["seconds"]:.1f}x faster** | | | | | |
 
-Both returned {o['rows']:,} / {p['rows']:,} distinct image sets. The limit allows 25 requests/s; the
+Both returned {o["rows"]:,} / {p["rows"]:,} distinct image sets. The limit allows 25 requests/s; the
 fewest pages a scan can take is {N_SCAN // 50}, so {ideal:.0f} s is the floor at the limit: the scan
-ran at {ideal / o['seconds'] * 100:.0f}% of that ideal (target: within 20%, i.e. at least 80%). The
+ran at {ideal / o["seconds"] * 100:.0f}% of that ideal (target: within 20%, i.e. at least 80%). The
 extra requests are the windows' first pages, which overlap the page that split them.
 """
     print(body)

@@ -20,7 +20,7 @@ from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.predicates import Predicate
 
 if TYPE_CHECKING:
-    from healthimaging_df.fetch import Progress
+    from healthimaging_df.fetch import FetchOptions, Progress
     from healthimaging_df.plan import Plan
 
 _DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
@@ -183,17 +183,8 @@ class Query:
         dtype_backend
             ``"numpy_nullable"`` or ``"pyarrow"``, as in pandas.
         """
-        from healthimaging_df import fetch, frame
-
-        plan = self.compile()
-        options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-        client = fetch.make_client(client, boto3_session, max_concurrency)
-        collector = frame.Collector(plan)
-        with fetch.stream(plan, client, options, progress) as pages:
-            for page in pages:
-                if collector.add(page):
-                    pages.stop_chain(page.chain)
-        return collector.finish(dtype_backend, provenance=fetch.provenance(self, plan, client))
+        plan, options, client = self._prepare(client, boto3_session, max_concurrency, max_tps)
+        return self._collect(plan, options, client, progress, dtype_backend)
 
     def iter_dataframes(
         self,
@@ -208,23 +199,56 @@ class Query:
         """Yield typed frames of about *chunk_rows* rows as pages arrive, for results beyond memory.
 
         Chunks come in arrival order, each image set once; with ``limit`` set the whole (small)
-        sorted result is computed first and then yielded in chunks.
+        sorted result is computed first and then yielded in chunks. Arguments are checked here,
+        before the first chunk is asked for.
         """
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
             raise QueryValidationError("chunk_rows", "must be a positive integer")
+        plan, options, client = self._prepare(client, boto3_session, max_concurrency, max_tps)
+        return self._chunks(plan, options, client, progress, dtype_backend, chunk_rows)
 
-        if self.row_limit is not None:
-            whole = self.to_dataframe(
-                client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
-            )
-            for start in range(0, max(len(whole), 1), chunk_rows):
-                yield whole.iloc[start : start + chunk_rows]
-            return
-        from healthimaging_df import fetch, frame
+    def _prepare(
+        self, client: Any, boto3_session: Any, max_concurrency: int, max_tps: float | None
+    ) -> tuple[Plan, FetchOptions, Any]:
+        from healthimaging_df import fetch
 
         plan = self.compile()
         options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-        client = fetch.make_client(client, boto3_session, max_concurrency)
+        return plan, options, fetch.make_client(client, boto3_session, max_concurrency)
+
+    def _collect(
+        self,
+        plan: Plan,
+        options: FetchOptions,
+        client: Any,
+        progress: Progress,
+        dtype_backend: schema.DtypeBackend,
+    ) -> pd.DataFrame:
+        from healthimaging_df import fetch, frame
+
+        collector = frame.Collector(plan)
+        with fetch.stream(plan, client, options, progress) as pages:
+            for page in pages:
+                if collector.add(page):
+                    pages.stop_chain(page.chain)
+        return collector.finish(dtype_backend, provenance=fetch.provenance(self, plan, client))
+
+    def _chunks(
+        self,
+        plan: Plan,
+        options: FetchOptions,
+        client: Any,
+        progress: Progress,
+        dtype_backend: schema.DtypeBackend,
+        chunk_rows: int,
+    ) -> Iterator[pd.DataFrame]:
+        from healthimaging_df import fetch, frame
+
+        if plan.limit is not None:
+            whole = self._collect(plan, options, client, progress, dtype_backend)
+            for start in range(0, max(len(whole), 1), chunk_rows):
+                yield whole.iloc[start : start + chunk_rows]
+            return
         chunker = frame.Chunker(
             plan, chunk_rows, dtype_backend, fetch.provenance(self, plan, client)
         )

@@ -257,3 +257,41 @@ def test_any_query_equals_brute_force(cohort_service: LocalService, faults: dict
         check()
     finally:
         cohort_service.set_faults(latency_ms=0.0, tps=None, burst=None, error_rate=0.0)
+
+
+def test_progress_callback_counts_pages_and_image_sets(
+    service: LocalService, records: list
+) -> None:
+    calls: list[tuple[int, int]] = []
+    Query(service.datastore_id).to_dataframe(
+        client=service.client(), progress=lambda pages, sets: calls.append((pages, sets))
+    )
+    assert calls
+    assert [p for p, _ in calls] == list(range(1, len(calls) + 1))
+    assert calls[-1][1] >= len(records)  # windows may deliver a boundary image set twice
+
+
+def test_progress_bar_runs(service: LocalService, capsys: pytest.CaptureFixture[str]) -> None:
+    frame = (
+        Query(service.datastore_id)
+        .where(Modality="CT")
+        .to_dataframe(client=service.client(), progress=True)
+    )
+    assert len(frame) > 0
+    assert "SearchImageSets" in capsys.readouterr().err
+
+
+def test_client_made_from_a_boto3_session(
+    service: LocalService, records: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No client given: the library makes one from the session, reaching the endpoint from env."""
+    import boto3
+
+    for name, value in service.env().items():
+        monkeypatch.setenv(name, value)
+    session = boto3.Session()
+    patient = next(flat_row(r)["PatientID"] for r in records if flat_row(r)["PatientID"])
+    query = Query(service.datastore_id).where(PatientID=patient)
+    frame = query.to_dataframe(boto3_session=session, progress=False)
+    assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
+    assert frame.attrs["healthimaging_df"]["endpoint_url"] == service.endpoint_url
