@@ -454,6 +454,14 @@ class PageStream:
         """
         assert task.window is not None
         low, high = task.window
+        stamps = [_created(x) for x in items]
+        if any(b < a for a, b in itertools.pairwise(stamps)):
+            raise PaginationError(
+                "SearchImageSets",
+                task.chain.index,
+                "UnsortedPage",
+                detail="a createdAt window came back out of createdAt order; splitting it would lose rows",
+            )
         if emit_below is not None:
             keep = [x for x in items if _created(x) < emit_below]
             self._emit(task, keep)

@@ -21,13 +21,11 @@ from healthimaging_df.local import LocalService
 from .conftest import flat_row
 
 
-@pytest.fixture
-def looping_endpoint() -> Iterator[str]:
-    """A real HTTP server on loopback that always answers with the same nextToken."""
+def serve(body: dict[str, Any]) -> Iterator[str]:
+    """A real HTTP server on loopback that answers every request with *body*."""
 
     @Request.application
     def app(request: Request) -> Response:
-        body = {"imageSetsMetadataSummaries": [], "nextToken": "same-token-every-time"}
         return Response(json.dumps(body), content_type="application/json")
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -38,17 +36,43 @@ def looping_endpoint() -> Iterator[str]:
     thread.join()
 
 
-def test_repeated_next_token_is_an_error_not_a_loop(looping_endpoint: str) -> None:
-    client = boto3.client(
+def client_for(endpoint: str) -> Any:
+    return boto3.client(
         "medical-imaging",
-        endpoint_url=looping_endpoint,
+        endpoint_url=endpoint,
         region_name="us-east-1",
         aws_access_key_id="test",
         aws_secret_access_key="test",
         config=Config(inject_host_prefix=False),
     )
+
+
+@pytest.fixture
+def looping_endpoint() -> Iterator[str]:
+    """Always the same nextToken."""
+    yield from serve({"imageSetsMetadataSummaries": [], "nextToken": "same-token-every-time"})
+
+
+@pytest.fixture
+def unsorted_endpoint() -> Iterator[str]:
+    """A page out of createdAt order, with more to follow."""
+    items = [
+        {"imageSetId": "b" * 32, "createdAt": 1_700_000_100.5},
+        {"imageSetId": "a" * 32, "createdAt": 1_700_000_000.5},
+    ]
+    yield from serve({"imageSetsMetadataSummaries": items, "nextToken": "t"})
+
+
+def test_repeated_next_token_is_an_error_not_a_loop(looping_endpoint: str) -> None:
     with pytest.raises(PaginationError, match="already given"):
-        Query("a" * 32).where(PatientID="P").to_dataframe(client=client, progress=False)
+        Query("a" * 32).where(PatientID="P").to_dataframe(
+            client=client_for(looping_endpoint), progress=False
+        )
+
+
+def test_a_window_out_of_order_is_an_error_not_lost_rows(unsorted_endpoint: str) -> None:
+    with pytest.raises(PaginationError, match="out of createdAt order"):
+        Query("a" * 32).to_dataframe(client=client_for(unsorted_endpoint), progress=False)
 
 
 def phi_values(records: list[dict[str, Any]]) -> set[str]:
