@@ -85,19 +85,36 @@ class RateLimiter:
         self._tokens = self.capacity
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
+        self.waiting = 0
+
+    @property
+    def saturated(self) -> bool:
+        """Some thread is waiting for a token: more concurrency would not send more requests."""
+        return self.waiting > 0
 
     def acquire(self) -> None:
         """Block until a request may go out."""
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                wait = (1 - self._tokens) / self.rate
-            time.sleep(wait)
+        waited = False
+        try:
+            while True:
+                with self._lock:
+                    now = time.monotonic()
+                    self._tokens = min(
+                        self.capacity, self._tokens + (now - self._stamp) * self.rate
+                    )
+                    self._stamp = now
+                    if self._tokens >= 1:
+                        self._tokens -= 1
+                        return
+                    wait = (1 - self._tokens) / self.rate
+                    if not waited:
+                        waited = True
+                        self.waiting += 1
+                time.sleep(wait)
+        finally:
+            if waited:
+                with self._lock:
+                    self.waiting -= 1
 
 
 def make_client(client: Any, boto3_session: Any, max_concurrency: int = 8) -> Any:
@@ -470,7 +487,10 @@ class PageStream:
         if token is None or not items:
             self._emit(task, items)
             return None, (low, high) if token is None else None
-        cut = dates.floor_second(_created(items[-1]))
+        cut = dates.floor_second(stamps[-1])
+        if not self._may_split():
+            self._emit(task, items)
+            return None, None
         if cut > low and high - cut >= 2 * _SECOND:
             self._emit(task, [x for x in items if _created(x) < cut])
             self._split(task, cut, high)
@@ -481,6 +501,16 @@ class PageStream:
             return low + _SECOND, None
         self._emit(task, items)
         return None, None
+
+    def _may_split(self) -> bool:
+        """Split a window only while it adds throughput: idle workers, and a limiter with room.
+
+        Every extra window costs at least one more request (its last page is part-empty), so once
+        the rate limit is the bottleneck a window keeps paging instead of splitting.
+        """
+        with self._lock:
+            idle = self.options.max_concurrency - self._outstanding
+        return idle > 0 and not (self._limiter is not None and self._limiter.saturated)
 
     def _split(self, task: _Task, low: datetime, high: datetime) -> None:
         seconds = int((high - low).total_seconds())
