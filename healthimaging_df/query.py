@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -227,11 +227,14 @@ class Query:
         from healthimaging_df import fetch, frame
 
         collector = frame.Collector(plan)
+        started = datetime.now(timezone.utc)
         with fetch.stream(plan, client, options, progress) as pages:
             for page in pages:
                 if collector.add(page):
                     pages.stop_chain(page.chain)
-        return collector.finish(dtype_backend, provenance=fetch.provenance(self, plan, client))
+        info = fetch.provenance(self, plan, client)
+        info["fetch_started_at"] = started.isoformat()  # refresh looks back from here
+        return collector.finish(dtype_backend, provenance=info)
 
     def _chunks(
         self,

@@ -1,0 +1,147 @@
+"""Query.to_parquet against the local service: equality with to_dataframe, provenance, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from healthimaging_df import Query
+from healthimaging_df.errors import SnapshotError
+from healthimaging_df.local import LocalService
+from healthimaging_df.snapshot import export_query, read_snapshot, refresh_snapshot
+
+FAST = {"progress": False, "max_tps": None}
+
+
+def _without_attrs(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    out.attrs = {}
+    return out
+
+
+@pytest.mark.parametrize("partition_cols", [None, ["Modality"]])
+def test_export_equals_to_dataframe(
+    ahi_local: LocalService, ahi_client: Any, tmp_path: Path, partition_cols: list[str] | None
+) -> None:
+    query = Query(ahi_local.datastore_id).where(isPrimary=True).where_not(Modality="SR")
+    path = tmp_path / ("snap" if partition_cols else "snap.parquet")
+    info = query.to_parquet(str(path), client=ahi_client, partition_cols=partition_cols, **FAST)
+    want = query.to_dataframe(client=ahi_client, **FAST)
+    got = read_snapshot(path)
+    pd.testing.assert_frame_equal(_without_attrs(got), _without_attrs(want))
+    assert info.rows == len(want) > 1000
+    assert not path.with_name(path.name + ".ahi-checkpoint").exists()
+
+    prov = got.attrs["healthimaging_df"]
+    assert prov["datastore_id"] == ahi_local.datastore_id
+    assert prov["endpoint_url"] == ahi_local.endpoint_url
+    assert prov["region"] == "us-east-1"
+    assert Query.from_dict(json.loads(prov["query"])) == query
+    assert json.loads(prov["plan"])[0]["datastoreId"] == ahi_local.datastore_id
+    assert prov["watermark"] == want["updatedAt"].max().isoformat()
+    assert prov["fetch_started_at"] <= prov["fetched_at"]
+    assert prov["schema_version"] == "1"
+    assert prov["row_count"] == len(want)
+
+
+def test_limited_export_and_no_incremental_refresh(
+    ahi_local: LocalService, ahi_client: Any, tmp_path: Path
+) -> None:
+    query = Query(ahi_local.datastore_id).where(Modality="CT").sort_by("createdAt").limit(7)
+    query.to_parquet(str(tmp_path / "top.parquet"), client=ahi_client, **FAST)
+    got = read_snapshot(tmp_path / "top.parquet")
+    want = query.to_dataframe(client=ahi_client, **FAST)
+    pd.testing.assert_frame_equal(_without_attrs(got), _without_attrs(want))
+    with pytest.raises(SnapshotError, match="limit"):
+        refresh_snapshot(tmp_path / "top.parquet", client=ahi_client, **FAST)
+
+
+def test_checkpoint_of_another_query_is_ignored(
+    ahi_local: LocalService, ahi_client: Any, tmp_path: Path
+) -> None:
+    stale = tmp_path / "snap.parquet.ahi-checkpoint"
+    stale.mkdir()
+    (stale / "state.json").write_text(json.dumps({"fingerprint": "other"}))
+    query = Query(ahi_local.datastore_id).where(Modality="MR")
+    info = export_query(query, tmp_path / "snap.parquet", client=ahi_client, **FAST)
+    assert info.resumed_tasks == 0
+    assert not stale.exists()
+    assert info.rows == len(query.to_dataframe(client=ahi_client, **FAST))
+
+
+_CHILD = """
+import json, sys
+from healthimaging_df import Query
+query = Query.from_dict(json.loads(sys.argv[1]))
+query.to_parquet(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
+                 checkpoint_interval=0, partition_cols=["Modality"])
+"""
+
+
+def _wait_for_tasks(state: Path, tasks: int, child: subprocess.Popen[bytes]) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert child.poll() is None, "the export finished before it could be interrupted"
+        try:
+            done = int(json.loads(state.read_text())["tasks"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            done = 0
+        if done >= tasks:
+            return done
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_killed_export_resumes_to_the_same_result(
+    ahi_service_factory: Callable[..., LocalService], tmp_path: Path
+) -> None:
+    service = ahi_service_factory(image_sets=2000, seed=21, latency_ms=100)
+    query = Query(service.datastore_id).where_not(Modality="SR")
+    target = tmp_path / "snap"
+    env = {**os.environ, **service.env(), "CI": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps(query.to_dict()), str(target)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        checkpointed = _wait_for_tasks(
+            target.with_name("snap.ahi-checkpoint") / "state.json", 4, child
+        )
+    finally:
+        child.send_signal(signal.SIGKILL)
+        _, stderr = child.communicate()
+    assert child.returncode == -signal.SIGKILL, stderr.decode()
+    assert not (target / "_healthimaging_df.json").exists()
+
+    service.set_faults(latency_ms=0)
+    service.reset_stats()
+    client = service.client()
+    resumed = query.to_parquet(str(target), client=client, partition_cols=["Modality"], **FAST)
+    resumed_requests = service.stats.requests
+    assert resumed.resumed_tasks >= checkpointed
+
+    service.reset_stats()
+    fresh = query.to_parquet(str(tmp_path / "fresh"), client=client, **FAST)
+    assert resumed_requests < service.stats.requests  # checkpointed windows were not fetched again
+    got = read_snapshot(target)
+    want = read_snapshot(tmp_path / "fresh")
+    assert got["imageSetId"].is_unique
+    pd.testing.assert_frame_equal(_without_attrs(got), _without_attrs(want))
+    assert fresh.rows == resumed.rows == len(got)
+    assert (
+        got.attrs["healthimaging_df"]["fetch_started_at"]
+        < want.attrs["healthimaging_df"]["fetch_started_at"]
+    )
+    assert not target.with_name("snap.ahi-checkpoint").exists()

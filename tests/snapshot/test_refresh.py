@@ -1,0 +1,147 @@
+"""Incremental refresh: after the datastore changes, a refreshed snapshot equals a fresh export."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from healthimaging_df import Query
+from healthimaging_df.errors import SnapshotError
+from healthimaging_df.local import LocalService, generate_image_sets
+from healthimaging_df.redact import RedactionPolicy, apply_redaction
+from healthimaging_df.snapshot import read_snapshot, refresh_frame, refresh_snapshot
+
+FAST = {"progress": False, "max_tps": None}
+KEY = b"refresh-test-key-0123456789"
+
+
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    out.attrs = {}
+    return out
+
+
+def _mutate(service: LocalService) -> dict[str, set[str]]:
+    """New image sets, new versions, isPrimary flips both ways, a tag change out of the cohort."""
+    ds = service.datastore_id
+    backend = service.backend
+    records = backend.image_sets(ds)
+    primary = [
+        r for r in records if r["isPrimary"] and r["DICOMTags"].get("DICOMSeriesModality") != "SR"
+    ]
+    secondary = [
+        r
+        for r in records
+        if not r["isPrimary"] and r["DICOMTags"].get("DICOMSeriesModality") != "SR"
+    ]
+    flipped_out = primary[0]["imageSetId"]
+    moved_out = primary[1]["imageSetId"]
+    retagged = primary[2]["imageSetId"]
+    flipped_in = secondary[0]["imageSetId"]
+    backend.update_image_set(ds, flipped_out, is_primary=False)
+    backend.update_image_set(ds, moved_out, tags={"DICOMSeriesModality": "SR"})
+    backend.update_image_set(ds, retagged, tags={"DICOMStudyDescription": "Révision ✓"})
+    backend.update_image_set(ds, retagged, tags={"DICOMPatientName": None})
+    backend.update_image_set(ds, flipped_in, is_primary=True)
+    now = datetime.now(timezone.utc)
+    new = generate_image_sets(25, seed=4242)
+    for record in new:
+        record.update(createdAt=now, updatedAt=now, lastAccessedAt=now, version=1)
+    backend.add_image_sets(ds, new)
+    new_in = {
+        r["imageSetId"]
+        for r in new
+        if r["isPrimary"] and r["DICOMTags"].get("DICOMSeriesModality") != "SR"
+    }
+    return {
+        "added": new_in | {flipped_in},
+        "removed": {flipped_out, moved_out},
+        "updated": {retagged},
+    }
+
+
+@pytest.mark.parametrize("partition_cols", [None, ["Modality"]])
+def test_refreshed_snapshot_equals_a_fresh_export(
+    ahi_service_factory: Callable[..., LocalService],
+    tmp_path: Path,
+    partition_cols: list[str] | None,
+) -> None:
+    service = ahi_service_factory(image_sets=600, seed=5)
+    client = service.client()
+    query = Query(service.datastore_id).where(isPrimary=True).where_not(Modality="SR")
+    path = tmp_path / ("snap" if partition_cols else "snap.parquet")
+    query.to_parquet(str(path), client=client, partition_cols=partition_cols, **FAST)
+
+    quiet = refresh_snapshot(path, client=client, **FAST)
+    assert not quiet.changed
+
+    expected = _mutate(service)
+    service.reset_stats()
+    report = refresh_snapshot(path, client=client, **FAST)
+    assert service.stats.requests == 1  # one page of recent changes, not a scan
+    assert set(report.added) == expected["added"]
+    assert set(report.removed) == expected["removed"]
+    assert set(report.updated) == expected["updated"]
+    assert report.fetched == 4 + 25  # distinct image sets changed
+
+    got = read_snapshot(path)
+    fresh = query.to_dataframe(client=client, **FAST)
+    pd.testing.assert_frame_equal(_plain(got), _plain(fresh))
+    prov = got.attrs["healthimaging_df"]
+    assert prov["row_count"] == len(fresh) == report.rows
+    assert prov["watermark"] == fresh["updatedAt"].max().isoformat()
+    if partition_cols:
+        files = sorted(p.name for p in path.rglob("*.parquet"))
+        assert len({name.rsplit("-", 1)[0] for name in files}) == 1  # one version on disk
+
+
+def test_refresh_frame_in_memory(ahi_service_factory: Callable[..., LocalService]) -> None:
+    service = ahi_service_factory(image_sets=400, seed=8)
+    client = service.client()
+    query = Query(service.datastore_id).where(isPrimary=True).where_not(Modality="SR")
+    before = query.to_dataframe(client=client, dtype_backend="pyarrow", **FAST)
+    expected = _mutate(service)
+    after, report = refresh_frame(before, client=client, **FAST)
+    fresh = query.to_dataframe(client=client, dtype_backend="pyarrow", **FAST)
+    pd.testing.assert_frame_equal(_plain(after), _plain(fresh))
+    assert set(report.added) == expected["added"]
+    assert "3 removed" not in str(report)
+    assert "2 removed" in str(report)
+    assert len(before) == len(fresh) - len(expected["added"]) + len(expected["removed"])
+
+
+def test_redacted_snapshot_refresh_needs_query_and_key(
+    ahi_service_factory: Callable[..., LocalService], tmp_path: Path
+) -> None:
+    service = ahi_service_factory(image_sets=300, seed=9)
+    client = service.client()
+    policy = RedactionPolicy(key=KEY)
+    query = Query(service.datastore_id).where(isPrimary=True).where_not(Modality="SR")
+    path = tmp_path / "red.parquet"
+    query.to_parquet(str(path), client=client, redact=policy, **FAST)
+    _mutate(service)
+
+    with pytest.raises(SnapshotError, match="original query"):
+        refresh_snapshot(path, client=client, **FAST)
+    with pytest.raises(SnapshotError, match="different key"):
+        refresh_snapshot(
+            path, client=client, query=query, redact=RedactionPolicy(key=b"x" * 20), **FAST
+        )
+    report = refresh_snapshot(path, client=client, query=query, redact=policy, **FAST)
+    assert report.changed
+
+    got = read_snapshot(path)
+    fresh = apply_redaction(query.to_dataframe(client=client, **FAST), policy)
+    pd.testing.assert_frame_equal(_plain(got), _plain(fresh))
+    assert '"redacted": true' in got.attrs["healthimaging_df"]["query"]
+
+
+def test_refresh_refuses_frames_without_provenance(ahi_client: Any) -> None:
+    frame = pd.DataFrame({"imageSetId": pd.array(["a"], dtype="string")})
+    with pytest.raises(SnapshotError):
+        refresh_frame(frame, client=ahi_client, **FAST)

@@ -1,0 +1,260 @@
+"""Write and read back: identical frames, provenance, layouts, readers other than ours, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from healthimaging_df import frame, schema, snapshot
+from healthimaging_df.errors import SnapshotError
+from healthimaging_df.local import generate_image_sets
+from healthimaging_df.snapshot import read_snapshot, write_snapshot
+
+from .conftest import typed_frame
+
+LAYOUTS = {
+    "file": ("snap.parquet", None),
+    "directory": ("snap", None),
+    "by-modality": ("snap", ["Modality"]),
+    "by-year-and-flag": ("snap", ["StudyYear", "isPrimary"]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype_backend", schema.DTYPE_BACKENDS)
+def test_round_trip_is_identical(
+    tmp_path: Path, layout: str, dtype_backend: schema.DtypeBackend
+) -> None:
+    df = typed_frame(dtype_backend=dtype_backend)
+    name, parts = LAYOUTS[layout]
+    info = write_snapshot(df, tmp_path / name, partition_cols=parts)
+    back = read_snapshot(tmp_path / name, dtype_backend=dtype_backend)
+
+    pd.testing.assert_frame_equal(back, df, check_exact=True)
+    assert list(back.dtypes) == list(df.dtypes)
+    assert info.rows == len(df)
+    prov = back.attrs["healthimaging_df"]
+    for key, value in df.attrs["healthimaging_df"].items():
+        assert prov[key] == value
+    assert prov["row_count"] == len(df)
+    assert prov["watermark"] == df["updatedAt"].max().isoformat()
+    assert prov["redaction"] is None
+
+
+def test_every_file_carries_provenance_and_the_declared_schema(
+    tmp_path: Path, sample_frame: pd.DataFrame
+) -> None:
+    info = write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
+    assert len(info.files) == sample_frame["Modality"].nunique(dropna=False)
+    declared = schema.arrow_schema()
+    for path in info.files:
+        file_schema = pq.read_schema(path)
+        meta = json.loads(file_schema.metadata[b"healthimaging_df"])
+        assert meta["provenance"]["datastore_id"] == "f" * 32
+        assert meta["provenance"]["row_count"] == len(sample_frame)
+        assert meta["partition_cols"] == ["Modality"]
+        expected = [f for f in declared if f.name != "Modality"]
+        assert [(f.name, f.type) for f in file_schema] == [(f.name, f.type) for f in expected]
+
+
+def test_other_readers_see_the_same_rows(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+    write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
+    write_snapshot(sample_frame, tmp_path / "one.parquet")
+
+    dataset = pads.dataset(tmp_path / "snap", format="parquet", partitioning="hive")
+    assert dataset.count_rows() == len(sample_frame)
+    plain = pd.read_parquet(tmp_path / "one.parquet")
+    assert sorted(plain["imageSetId"]) == sorted(sample_frame["imageSetId"])
+    counts = duckdb.sql(
+        f"SELECT Modality, count(*) AS n FROM read_parquet('{tmp_path}/snap/*/*.parquet', "
+        "hive_partitioning = true) GROUP BY Modality"
+    ).df()
+    counts["Modality"] = counts["Modality"].fillna("<null>")
+    expected = sample_frame["Modality"].fillna("<null>").value_counts()
+    assert dict(zip(counts["Modality"], counts["n"], strict=True)) == expected.to_dict()
+    assert expected["<null>"] == 1  # DuckDB read the null partition as a null
+
+
+def test_duckdb_group_by_on_100k_partitioned_matches_pandas(tmp_path: Path) -> None:
+    table = frame.summaries_to_table(generate_image_sets(100_000, seed=5))
+    df = schema.arrow_to_pandas(table)
+    write_snapshot(df, tmp_path / "big", partition_cols=["Modality"])
+    got = duckdb.sql(
+        f"SELECT Modality, count(*) AS n, sum(NumberOfStudyRelatedInstances) AS instances, "
+        f"count(DISTINCT PatientID) AS patients, sum(CASE WHEN isPrimary THEN 0 ELSE 1 END) AS "
+        f"conflicts FROM read_parquet('{tmp_path}/big/*/*.parquet', hive_partitioning = true) "
+        "GROUP BY Modality ORDER BY Modality"
+    ).df()
+    want = (
+        df.groupby("Modality")
+        .agg(
+            n=("imageSetId", "size"),
+            instances=("NumberOfStudyRelatedInstances", "sum"),
+            patients=("PatientID", "nunique"),
+            conflicts=("isPrimary", lambda s: int((~s).sum())),
+        )
+        .reset_index()
+        .sort_values("Modality")
+    )
+    assert len(got) == 9
+    assert got["Modality"].tolist() == want["Modality"].tolist()
+    for column in ("n", "instances", "patients", "conflicts"):
+        assert got[column].astype("int64").tolist() == want[column].astype("int64").tolist()
+
+
+def test_columns_and_filters(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+    write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["StudyYear"])
+    subset = read_snapshot(tmp_path / "snap", columns=["PatientID", "imageSetId", "StudyYear"])
+    assert list(subset.columns) == ["PatientID", "imageSetId", "StudyYear"]
+    assert str(subset["StudyYear"].dtype) == "Int64"
+    years = sample_frame["StudyDateTime"].dt.year
+    assert subset["StudyYear"].value_counts().to_dict() == years.value_counts().to_dict()
+
+    ct = read_snapshot(
+        tmp_path / "snap", filters=[("Modality", "==", "CT"), ("StudyYear", ">=", 2020)]
+    )
+    want = sample_frame[(sample_frame["Modality"] == "CT") & (years >= 2020)].reset_index(drop=True)
+    assert len(ct) == len(want) > 0
+    assert sorted(ct["imageSetId"]) == sorted(want["imageSetId"])
+    assert "StudyYear" not in ct.columns
+
+    with pytest.raises(SnapshotError, match="not in the snapshot"):
+        read_snapshot(tmp_path / "snap", columns=["Nope"])
+
+
+def test_empty_frames_round_trip(tmp_path: Path) -> None:
+    empty = schema.empty_frame()
+    for name, parts in LAYOUTS.values():
+        target = tmp_path / (name + "-" + "-".join(parts or []))
+        if name.endswith(".parquet"):
+            target = tmp_path / name
+        write_snapshot(empty, target, partition_cols=parts)
+        back = read_snapshot(target)
+        pd.testing.assert_frame_equal(back, empty)
+        assert back.attrs["healthimaging_df"]["watermark"] is None
+
+
+def test_overwrite_replaces_the_previous_version(
+    tmp_path: Path, sample_frame: pd.DataFrame
+) -> None:
+    target = tmp_path / "snap"
+    write_snapshot(sample_frame, target, partition_cols=["Modality"])
+    smaller = sample_frame[sample_frame["Modality"] == "CT"].reset_index(drop=True)
+    smaller.attrs = sample_frame.attrs
+    info = write_snapshot(smaller, target, partition_cols=["Modality"])
+    files = sorted(str(p) for p in target.rglob("*.parquet"))
+    assert files == sorted(info.files)  # old version's files are gone
+    pd.testing.assert_frame_equal(read_snapshot(target), smaller)
+
+
+def test_a_crashed_write_leaves_the_previous_snapshot(
+    tmp_path: Path, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "snap"
+    write_snapshot(sample_frame, target, partition_cols=["Modality"])
+    single = tmp_path / "one.parquet"
+    write_snapshot(sample_frame, single)
+    other = typed_frame(300, seed=3)
+    real_put = snapshot._LocalStore.put
+    calls = {"n": 0}
+
+    def flaky_put(self: snapshot._LocalStore, rel: str, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3 or (rel.endswith(".parquet") and "/" not in rel):
+            raise OSError("disk full")
+        real_put(self, rel, data)
+
+    monkeypatch.setattr(snapshot._LocalStore, "put", flaky_put)
+    with pytest.raises(OSError, match="disk full"):
+        write_snapshot(other, target, partition_cols=["Modality"])
+    with pytest.raises(OSError, match="disk full"):
+        write_snapshot(other, single)
+    monkeypatch.setattr(snapshot._LocalStore, "put", real_put)
+
+    pd.testing.assert_frame_equal(read_snapshot(target), sample_frame)
+    pd.testing.assert_frame_equal(read_snapshot(single), sample_frame)
+    assert len(list(target.rglob("part-*.parquet"))) > sample_frame["Modality"].nunique(
+        dropna=False
+    )
+    info = write_snapshot(other, target, partition_cols=["Modality"])  # cleans up the debris
+    assert sorted(str(p) for p in target.rglob("*.parquet")) == sorted(info.files)
+
+
+def test_a_temporary_file_is_never_visible(
+    tmp_path: Path, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    single = tmp_path / "one.parquet"
+    write_snapshot(sample_frame, single)
+
+    def failing_replace(src: str, dst: str) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="power cut"):
+        write_snapshot(typed_frame(50, seed=2), single)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["one.parquet"]
+    pd.testing.assert_frame_equal(read_snapshot(single), sample_frame)
+
+
+def test_readers_during_rewrites_see_whole_versions(tmp_path: Path) -> None:
+    versions = [typed_frame(400, seed=s) for s in (1, 2)]
+    target = tmp_path / "snap"
+    write_snapshot(versions[0], target, partition_cols=["Modality"])
+    ids = [frozenset(v["imageSetId"]) for v in versions]
+    seen: list[frozenset[str]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                seen.append(frozenset(read_snapshot(target)["imageSetId"]))
+            except BaseException as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for round_ in range(12):
+            write_snapshot(versions[round_ % 2], target, partition_cols=["Modality"])
+    finally:
+        done.set()
+        thread.join()
+    assert not errors
+    assert seen
+    assert all(s in ids for s in seen)
+
+
+def test_refuses_bad_layouts(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+    with pytest.raises(SnapshotError, match="directory path"):
+        write_snapshot(sample_frame, tmp_path / "x.parquet", partition_cols=["Modality"])
+    with pytest.raises(SnapshotError, match="not in the frame"):
+        write_snapshot(sample_frame, tmp_path / "x", partition_cols=["Nope"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SnapshotError, match="not a snapshot"):
+        write_snapshot(sample_frame, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        read_snapshot(tmp_path / "missing")
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        read_snapshot(tmp_path / "missing.parquet")
+
+
+def test_extra_columns_round_trip(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+    df = sample_frame.copy()
+    df["score"] = pd.array(range(len(df)), dtype="Float64")
+    write_snapshot(df, tmp_path / "x.parquet")
+    back = read_snapshot(tmp_path / "x.parquet")
+    assert list(back.columns) == list(df.columns)
+    assert back["score"].astype("float64").tolist() == df["score"].astype("float64").tolist()
