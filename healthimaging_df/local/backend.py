@@ -150,7 +150,9 @@ def parse_timestamp(value: Any, where: str) -> datetime:
         try:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            raise ValidationError(f"{where} must be an ISO-8601 timestamp or epoch seconds") from None
+            raise ValidationError(
+                f"{where} must be an ISO-8601 timestamp or epoch seconds"
+            ) from None
         return parse_timestamp(parsed, where)
     raise ValidationError(f"{where} must be an ISO-8601 timestamp or epoch seconds")
 
@@ -190,7 +192,13 @@ def study_datetime(tags: dict[str, Any]) -> datetime | None:
         return None
     try:
         return datetime(
-            int(match.group(1)), int(match.group(2)), int(match.group(3)), hour, minute, second, micro
+            int(match.group(1)),
+            int(match.group(2)),
+            int(match.group(3)),
+            hour,
+            minute,
+            second,
+            micro,
         )
     except ValueError:
         return None
@@ -327,7 +335,9 @@ def parse_criteria(criteria: Any, datastore_id: str) -> _Query:
                 attributes.append(attribute)
             attribute = attributes[0]
             if any(a != attribute for a in attributes):
-                raise ValidationError(f"{where}: every value of a filter must use the same attribute")
+                raise ValidationError(
+                    f"{where}: every value of a filter must use the same attribute"
+                )
             if attribute in equal or attribute in ranges:
                 raise ValidationError(f"{where}: {attribute} is already filtered by another filter")
             if operator == "EQUAL":
@@ -843,7 +853,11 @@ class Backend:
                 size = len(store.equal_index["isPrimary"].get(query.equal["isPrimary"], ()))
                 if best is None or size < best[0]:
                     best = (size, "isPrimary")
-            if best is not None and best[0] <= _MATERIALIZE_LIMIT:
+            sort_low, sort_high = self._index(store, sort_name).span(query.ranges.get(sort_name))
+            walk = sort_high - sort_low + len(store.sort_index[sort_name].unkeyed)
+            # Walking the sort index costs about limit * walk / matches steps per page;
+            # materializing costs the candidate count (and a sort) on every page.
+            if best is not None and best[0] <= _MATERIALIZE_LIMIT and best[0] ** 2 <= limit * walk:
                 if best[1] == "isPrimary":
                     candidates = store.equal_index["isPrimary"].get(query.equal["isPrimary"], set())
                 else:
@@ -920,9 +934,9 @@ class Backend:
     # -- tokens ------------------------------------------------------------------------------
 
     def _sign(self, payload: dict[str, Any]) -> str:
-        body = base64.urlsafe_b64encode(
-            json.dumps(payload, separators=(",", ":")).encode()
-        ).rstrip(b"=")
+        body = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).rstrip(
+            b"="
+        )
         mac = hmac.new(self._secret, body, hashlib.sha256).digest()[:18]
         return (body + b"." + base64.urlsafe_b64encode(mac)).decode("ascii")
 

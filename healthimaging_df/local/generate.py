@@ -170,7 +170,9 @@ def generate_image_sets(n: int, seed: int = 0) -> list[dict[str, Any]]:
             study: dict[str, Any] = dict(patient)
             study["DICOMStudyInstanceUID"] = _uid(rng)
             _put(study, "DICOMStudyId", str(rng.randrange(1, 99999)), rng, 0.1)
-            _put(study, "DICOMStudyDescription", _DESCRIPTIONS[modality].format(part=part), rng, 0.05)
+            _put(
+                study, "DICOMStudyDescription", _DESCRIPTIONS[modality].format(part=part), rng, 0.05
+            )
             _put(study, "DICOMAccessionNumber", f"A{rng.randrange(10**7, 10**8)}", rng, 0.05)
             _put(study, "DICOMStudyDate", _study_date(rng, imported), rng, 0.0)
             _put(study, "DICOMStudyTime", _study_time(rng), rng, 0.0)
@@ -217,8 +219,10 @@ def _summary(
         updated = created + timedelta(microseconds=rng.randrange(1, 200 * 86_400_000_000))
     accessed = updated + timedelta(microseconds=rng.randrange(0, 90 * 86_400_000_000))
     idle = _REFERENCE_NOW - accessed
-    tier = "ARCHIVE_INSTANT_ACCESS" if idle > timedelta(days=30) and rng.random() < 0.6 else (
-        "FREQUENT_ACCESS"
+    tier = (
+        "ARCHIVE_INSTANT_ACCESS"
+        if idle > timedelta(days=30) and rng.random() < 0.6
+        else ("FREQUENT_ACCESS")
     )
     return {
         "imageSetId": image_set_id,

@@ -6,6 +6,9 @@ latency is slept per request, in parallel) and peak concurrency is measurable.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import socket
 import threading
 from dataclasses import fields, replace
@@ -21,27 +24,70 @@ from healthimaging_df.local.wire import BODY_CONSUMED_KEY, WireApp
 
 __all__ = ["DUMMY_ACCESS_KEY", "DUMMY_SECRET_KEY", "LocalService"]
 
+logger = logging.getLogger(__name__)
+
 DUMMY_ACCESS_KEY = "AKIALOCALHEALTHIMAGING"
-DUMMY_SECRET_KEY = "local-healthimaging-secret"  # noqa: S105 - a dummy, the server ignores it
+DUMMY_SECRET_KEY = "local-healthimaging-secret"
 _FAULT_FIELDS = frozenset(f.name for f in fields(Faults))
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """Request handler that keeps connections alive and does not log every request.
+class _KeepAliveHandler(WSGIRequestHandler):
+    """Request handler with HTTP/1.1 keep-alive and no per-request log line.
 
-    werkzeug always answers ``Connection: close`` because it cannot know whether the
-    application drained the request body. Ours always does (and flags it in the environ), so
-    the connection may be reused, as boto3's connection pool expects of AWS.
+    werkzeug's own ``run_wsgi`` always answers ``Connection: close`` and then drains the
+    socket, which would swallow the next request of a kept-alive connection. boto3 pools
+    connections as it does with AWS, so paging over a fresh TCP connection per request would
+    understate throughput. Our application always reads the whole request body (it flags
+    that in the environ) and returns a complete byte string, so the response can be written
+    with a Content-Length and the connection kept.
     """
 
-    def send_header(self, keyword: str, value: str) -> None:
-        if (
-            keyword.lower() == "connection"
-            and value.lower() == "close"
-            and getattr(self, "environ", {}).get(BODY_CONSUMED_KEY)
-        ):
-            value = "keep-alive"
-        super().send_header(keyword, value)
+    disable_nagle_algorithm = True  # status line, headers and body go out in separate writes
+    timeout = 30  # idle keep-alive connections are closed after this many seconds
+
+    def run_wsgi(self) -> None:
+        if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.environ = environ = self.make_environ()
+        started: list[Any] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            started[:] = [status, headers]
+            return None
+
+        try:
+            chunks = self.server.app(environ, start_response)
+            try:
+                body = b"".join(chunks)
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+            status, headers = started
+        except Exception:
+            logger.exception("local service handler failed")
+            body = b'{"message": "The local service failed unexpectedly"}'
+            status = "500 INTERNAL SERVER ERROR"
+            headers = [
+                ("Content-Type", "application/json"),
+                ("x-amzn-ErrorType", "InternalServerException"),
+            ]
+        code, _, reason = status.partition(" ")
+        self.send_response(int(code), reason)
+        for key, value in headers:
+            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        if not environ.get(BODY_CONSUMED_KEY):
+            self.send_header("Connection", "close")
+        elif not self.close_connection:
+            self.send_header("Connection", "keep-alive")
+        self.end_headers()
+        if environ["REQUEST_METHOD"] != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
@@ -55,7 +101,7 @@ class _Server(ThreadedWSGIServer):
     def __init__(self, host: str, port: int, app: WireApp) -> None:
         self.open_sockets: set[socket.socket] = set()
         self._sockets_lock = threading.Lock()
-        super().__init__(host, port, app, handler=_QuietHandler)
+        super().__init__(host, port, app, handler=_KeepAliveHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._sockets_lock:
@@ -72,10 +118,8 @@ class _Server(ThreadedWSGIServer):
         with self._sockets_lock:
             sockets = list(self.open_sockets)
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class LocalService:
@@ -237,6 +281,7 @@ class LocalService:
         override :class:`botocore.config.Config` fields.
         """
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         settings: dict[str, Any] = {
@@ -245,11 +290,21 @@ class LocalService:
             "max_pool_connections": 32,
         }
         settings.update(config_kwargs)
+        # Ignore AWS_PROFILE and the shared config file: a user's profile settings (or a
+        # missing profile) must not leak into a client for a loopback test service.
+        isolated = botocore.session.Session(
+            session_vars={
+                "profile": (None, None, None, None),
+                "config_file": (None, None, os.devnull, None),
+                "credentials_file": (None, None, os.devnull, None),
+            }
+        )
         session = boto3.session.Session(
             aws_access_key_id=DUMMY_ACCESS_KEY,
             aws_secret_access_key=DUMMY_SECRET_KEY,
             aws_session_token=None,
             region_name=REGION,
+            botocore_session=isolated,
         )
         return session.client(
             "medical-imaging",
@@ -261,8 +316,10 @@ class LocalService:
         )
 
     def env(self) -> dict[str, str]:
-        """Environment variables that point an unmodified ``boto3.client("medical-imaging")``
-        (e.g. in a subprocess) at this service."""
+        """Environment variables pointing an unmodified boto3 client at this service.
+
+        For ``boto3.client("medical-imaging")`` in a subprocess, e.g. a CLI under test.
+        """
         return {
             "AWS_ENDPOINT_URL_MEDICAL_IMAGING": self.endpoint_url,
             "AWS_DISABLE_HOST_PREFIX_INJECTION": "true",

@@ -104,7 +104,7 @@ def _int_param(request: Request, name: str, default: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_RESULTS:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_RESULTS:
         raise ValidationError(f"{name} must be an integer from 1 to {MAX_RESULTS}")
     return int(raw)
 
@@ -157,6 +157,7 @@ class WireApp:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
+        """Serve one WSGI request."""
         request = Request(environ)
         response = self.dispatch(request)
         return response(environ, start_response)
@@ -170,8 +171,8 @@ class WireApp:
         operation = UNKNOWN_OPERATION
         arguments: dict[str, Any] = {}
         try:
-            endpoint, arguments = adapter.match()
-            operation = str(endpoint)
+            endpoint, matched = adapter.match()
+            operation, arguments = str(endpoint), dict(matched)
         except HTTPException:
             pass
         recorder = self.recorder
