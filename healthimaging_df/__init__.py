@@ -14,10 +14,22 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0+unknown"
 
+from healthimaging_df import accessor as _accessor  # noqa: F401  (registers df.ahi)
 from healthimaging_df import errors, schema
 from healthimaging_df.logs import redact_botocore_logs
 from healthimaging_df.query import Query, search
+from healthimaging_df.snapshot import read_snapshot, refresh_snapshot, write_snapshot
 
 redact_botocore_logs()
 
-__all__ = ["Query", "__version__", "errors", "redact_botocore_logs", "schema", "search"]
+__all__ = [
+    "Query",
+    "__version__",
+    "errors",
+    "read_snapshot",
+    "redact_botocore_logs",
+    "refresh_snapshot",
+    "schema",
+    "search",
+    "write_snapshot",
+]

@@ -108,10 +108,16 @@ def records(service: LocalService) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """botocore's standard-mode retry delays set to zero so fault tests run fast."""
+    """botocore's standard-mode backoff shortened (10 ms doubling, at most 0.2 s) for fast tests.
+
+    Zero would not do: retries would fire faster than a throttled bucket refills.
+    """
     from botocore.retries import standard
 
-    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, context: 0)
+    def short(self: object, context: standard.RetryContext) -> float:
+        return min(0.01 * 2 ** (context.attempt_number - 1), 0.2)
+
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", short)
 
 
 def utc(*parts: int) -> datetime:

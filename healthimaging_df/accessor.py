@@ -1,0 +1,229 @@
+"""``df.ahi``: cohort work on an image-set frame, registered when ``healthimaging_df`` is imported.
+
+pandas builds a new accessor object on every ``df.ahi`` access, so it keeps nothing but the frame:
+each method reads the frame and returns something new (never mutating it), and provenance lives
+in ``df.attrs``, which every returned frame carries on.
+
+>>> import pandas as pd
+>>> import healthimaging_df
+>>> pd.DataFrame({"imageSetId": []}).ahi
+Traceback (most recent call last):
+...
+AttributeError: df.ahi needs an image-set frame; missing column(s): version, PatientID, StudyInstanceUID
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import pandas as pd
+
+from healthimaging_df import cohort, metadata
+from healthimaging_df.schema import KEY_COLUMNS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from healthimaging_df.redact import RedactionPolicy
+    from healthimaging_df.snapshot import RefreshReport, SnapshotInfo
+
+__all__ = ["AHIAccessor"]
+
+_ROLLUPS = ("studies", "patients")
+
+
+def _missing_extra(package: str, extra: str, what: str) -> ImportError:
+    return ImportError(
+        f'{what} needs {package}, an optional extra: pip install "healthimaging-df[{extra}]"'
+    )
+
+
+@pd.api.extensions.register_dataframe_accessor("ahi")
+class AHIAccessor:
+    """Cohort methods on a frame from ``Query.to_dataframe`` (or a snapshot).
+
+    Parameters
+    ----------
+    frame
+        Must have the schema's key columns (imageSetId, version, PatientID, StudyInstanceUID);
+        ``AttributeError`` names those missing.
+    """
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        missing = [c for c in KEY_COLUMNS if c not in frame.columns]
+        if missing:
+            raise AttributeError(
+                f"df.ahi needs an image-set frame; missing column(s): {', '.join(missing)}"
+            )
+        self._frame = frame
+
+    # -- rollups -------------------------------------------------------------------------------
+
+    def studies(self) -> pd.DataFrame:
+        """One row per study; see :func:`healthimaging_df.cohort.studies`."""
+        return cohort.studies(self._frame)
+
+    def patients(self) -> pd.DataFrame:
+        """One row per patient; see :func:`healthimaging_df.cohort.patients`."""
+        return cohort.patients(self._frame)
+
+    def primary(self) -> pd.DataFrame:
+        """The primary image sets (isPrimary not False)."""
+        return cohort.primary(self._frame)
+
+    def latest(self) -> pd.DataFrame:
+        """One row per imageSetId: the highest version."""
+        return cohort.latest(self._frame)
+
+    def age_at_study(self) -> pd.Series:
+        """Age in whole years at StudyDate (``Int64``, NA when the dates cannot fix it)."""
+        return cohort.age_at_study(self._frame)
+
+    def summary(self) -> cohort.CohortSummary:
+        """Counts by Modality, BodyPartExamined, PatientSex, study year and age band."""
+        return cohort.summary(self._frame)
+
+    def plot(self, **options: Any) -> Figure:
+        """Draw :meth:`summary` with matplotlib (the ``plot`` extra); returns the Figure."""
+        from healthimaging_df.plot import plot_summary
+
+        return plot_summary(self.summary(), **options)
+
+    # -- SQL -----------------------------------------------------------------------------------
+
+    def sql(self, query: str, **frames: pd.DataFrame) -> pd.DataFrame:
+        """Run DuckDB SQL over the frame (``image_sets``), its rollups and *frames*.
+
+        ``studies`` and ``patients`` are the :meth:`studies` and :meth:`patients` rollups,
+        computed only when the query names them; keyword *frames* add (or replace) tables.
+        Needs the ``duckdb`` extra. The result has nullable dtypes and the frame's ``attrs``;
+        e.g. ``df.ahi.sql("SELECT Modality, count(*) AS n FROM image_sets GROUP BY 1")``.
+        """
+        try:
+            import duckdb
+        except ImportError:
+            raise _missing_extra("duckdb", "duckdb", "df.ahi.sql()") from None
+        import pyarrow as pa
+
+        tables: dict[str, pd.DataFrame] = {"image_sets": self._frame}
+        for name in _ROLLUPS:
+            if name not in frames and re.search(rf"\b{name}\b", query, re.IGNORECASE):
+                tables[name] = getattr(self, name)()
+        tables.update(frames)
+        connection = duckdb.connect(":memory:")
+        try:
+            connection.execute("SET TimeZone = 'UTC'")
+            for name, table in tables.items():
+                connection.register(name, pa.Table.from_pandas(table, preserve_index=False))
+            relation = connection.sql(query)
+            if relation is None:
+                raise ValueError("sql() needs a query that returns rows (SELECT, WITH...)")
+            to_table = getattr(relation, "to_arrow_table", None) or relation.arrow
+            result = to_table()
+        finally:
+            connection.close()
+        frame = result.to_pandas(types_mapper=metadata._nullable)
+        return cohort.with_attrs(frame, self._frame)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    @overload
+    def fetch_metadata(
+        self,
+        *,
+        client: Any = ...,
+        boto3_session: Any = ...,
+        level: metadata.Level = ...,
+        max_tps: float | None = ...,
+        max_concurrency: int = ...,
+        progress: metadata.MetadataProgress = ...,
+        dry_run: Literal[False] = ...,
+        on_error: metadata.OnError = ...,
+        datastore_id: str | None = ...,
+    ) -> pd.DataFrame: ...
+
+    @overload
+    def fetch_metadata(
+        self,
+        *,
+        client: Any = ...,
+        boto3_session: Any = ...,
+        level: metadata.Level = ...,
+        max_tps: float | None = ...,
+        max_concurrency: int = ...,
+        progress: metadata.MetadataProgress = ...,
+        dry_run: Literal[True],
+        on_error: metadata.OnError = ...,
+        datastore_id: str | None = ...,
+    ) -> metadata.MetadataPlan: ...
+
+    def fetch_metadata(
+        self,
+        *,
+        client: Any = None,
+        boto3_session: Any = None,
+        level: metadata.Level = "series",
+        max_tps: float | None = 50.0,
+        max_concurrency: int = 8,
+        progress: metadata.MetadataProgress = None,
+        dry_run: bool = False,
+        on_error: metadata.OnError = "raise",
+        datastore_id: str | None = None,
+    ) -> pd.DataFrame | metadata.MetadataPlan:
+        """GetImageSetMetadata per image set; see :func:`healthimaging_df.metadata.fetch_metadata`.
+
+        Returns a long frame keyed by imageSetId, version, SeriesInstanceUID (and
+        SOPInstanceUID at ``level="instance"``), ready to merge on ``imageSetId``; or, with
+        ``dry_run=True``, a :class:`~healthimaging_df.metadata.MetadataPlan` (nothing sent).
+        Warns once (``ArchiveAccessWarning``) when archived image sets would be accessed.
+        """
+        if dry_run:
+            return metadata.fetch_metadata(self._frame, level=level, max_tps=max_tps, dry_run=True)
+        return metadata.fetch_metadata(
+            self._frame,
+            client=client,
+            boto3_session=boto3_session,
+            level=level,
+            max_tps=max_tps,
+            max_concurrency=max_concurrency,
+            progress=progress,
+            on_error=on_error,
+            datastore_id=datastore_id,
+        )
+
+    # -- snapshots (shared with healthimaging_df.snapshot) ------------------------------------
+
+    def to_parquet(self, path: str | os.PathLike[str], **options: Any) -> SnapshotInfo:
+        """Write a Parquet snapshot with provenance; ``snapshot.write_snapshot`` takes *options*.
+
+        Read it back with ``healthimaging_df.snapshot.read_snapshot(path)``.
+        """
+        from healthimaging_df.snapshot import write_snapshot
+
+        return write_snapshot(self._frame, path, **options)
+
+    def refresh(self, *, client: Any = None, **options: Any) -> tuple[pd.DataFrame, RefreshReport]:
+        """Bring the frame up to date (only image sets updated since it was fetched).
+
+        Returns ``(frame, RefreshReport)``; ``snapshot.refresh_frame`` takes *options*.
+        """
+        from healthimaging_df.snapshot import refresh_frame
+
+        return refresh_frame(self._frame, client=client, **options)
+
+    def redact(self, policy: RedactionPolicy) -> pd.DataFrame:
+        """A redacted copy under *policy* (``healthimaging_df.redact.RedactionPolicy``).
+
+        The provenance in ``attrs`` is redacted too: the query's values (PHI) are replaced by
+        counts and the policy (without its key) is recorded, as in a redacted snapshot.
+        """
+        from healthimaging_df.redact import apply_redaction
+        from healthimaging_df.snapshot import METADATA_KEY, _redacted_provenance
+
+        result = cohort.with_attrs(apply_redaction(self._frame, policy), self._frame)
+        provenance = result.attrs.get(METADATA_KEY)
+        if isinstance(provenance, dict):
+            result.attrs[METADATA_KEY] = _redacted_provenance(provenance, policy)
+        return result

@@ -1,0 +1,328 @@
+"""Cohort rollups of an image-set frame: studies, patients, ages, counts.
+
+Every function is pure: it reads the frame, returns a new one, and copies the frame's ``attrs``
+(provenance) onto the result. Naming follows the frame's: DICOM values keep their DICOM keyword
+(``PatientSex``, ``NumberOfStudyRelatedInstances``), values we derive are camelCase like the AWS
+fields (``imageSetCount``, ``modalities``, ``ageAtStudy``).
+
+A study's or patient's attributes (name, sex, description...) are taken from the most recently
+updated image set that has a value, so a correction made by a later update wins.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "AGE_BAND_WIDTH",
+    "CohortSummary",
+    "age_at_study",
+    "latest",
+    "patients",
+    "primary",
+    "studies",
+    "summary",
+]
+
+AGE_BAND_WIDTH = 10
+_OLDEST_BAND = 90
+_STUDY_ATTRIBUTES = (
+    "PatientID",
+    "PatientName",
+    "PatientSex",
+    "PatientBirthDate",
+    "StudyDateTime",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+)
+_PATIENT_ATTRIBUTES = ("PatientName", "PatientSex", "PatientBirthDate")
+_MODALITIES = pa.list_(pa.string())
+
+
+def with_attrs(result: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
+    """Give *result* a deep copy of *source*'s ``attrs`` (provenance) and return it."""
+    result.attrs = copy.deepcopy(source.attrs)
+    return result
+
+
+def require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    """Raise ``KeyError`` naming the columns *what* needs and *frame* lacks."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise KeyError(f"{what} needs column(s) the frame lacks: {', '.join(missing)}")
+
+
+def _latest_values(frame: pd.DataFrame, key: str, columns: Iterable[str]) -> pd.DataFrame:
+    """Per *key*: each column's value from the most recently updated row that has one."""
+    present = [c for c in columns if c in frame.columns and c != key]
+    if "updatedAt" in frame.columns:
+        frame = frame.sort_values("updatedAt", kind="stable", na_position="first")
+    # GroupBy.last skips missing values: the latest non-null value of each column.
+    return frame.groupby(key, sort=True)[present].last()
+
+
+def _modalities(frame: pd.DataFrame, key: str, index: pd.Index) -> pd.Series:
+    """Per *key* (in *index* order): the sorted distinct modalities, as a list column."""
+    if "Modality" not in frame.columns:
+        lists: list[list[str]] = [[] for _ in range(len(index))]
+    else:
+        pairs = frame[[key, "Modality"]].dropna().drop_duplicates()
+        grouped = pairs.sort_values([key, "Modality"]).groupby(key, sort=True)["Modality"]
+        found = {k: [str(m) for m in v] for k, v in grouped.agg(list).items()}
+        lists = [found.get(k, []) for k in index]
+    values = pd.array(pa.array(lists, type=_MODALITIES), dtype=pd.ArrowDtype(_MODALITIES))
+    result: pd.Series = pd.Series(values, index=index, name="modalities")
+    return result
+
+
+def _int(series: pd.Series) -> pd.Series:
+    return series.astype("Int64")
+
+
+def studies(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per StudyInstanceUID (rows without one are left out).
+
+    Columns: StudyInstanceUID; the patient and study attributes (PatientID, PatientName,
+    PatientSex, PatientBirthDate, StudyDateTime, StudyDate, StudyTime, StudyID, AccessionNumber,
+    StudyDescription, those the frame has); ``modalities`` (sorted, distinct); ``imageSetCount``
+    and ``seriesCount`` (distinct image sets and series in the frame); NumberOfStudyRelatedSeries
+    and NumberOfStudyRelatedInstances as the study declares them (its instance total);
+    ``firstUpdatedAt`` and ``lastUpdatedAt``. Sorted by PatientID, StudyDateTime, then UID.
+    """
+    key = "StudyInstanceUID"
+    require(frame, (key, "imageSetId", "updatedAt"), "studies()")
+    rows = frame[frame[key].notna()]
+    result = _latest_values(rows, key, _STUDY_ATTRIBUTES)
+    grouped = rows.groupby(key, sort=True)
+    result["modalities"] = _modalities(rows, key, result.index)
+    result["imageSetCount"] = _int(grouped["imageSetId"].nunique())
+    if "SeriesInstanceUID" in rows.columns:
+        result["seriesCount"] = _int(grouped["SeriesInstanceUID"].nunique())
+    for declared in ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"):
+        if declared in rows.columns:
+            result[declared] = grouped[declared].max()
+    result["firstUpdatedAt"] = grouped["updatedAt"].min()
+    result["lastUpdatedAt"] = grouped["updatedAt"].max()
+    result = result.reset_index()
+    order = [c for c in ("PatientID", "StudyDateTime") if c in result.columns] + [key]
+    result = result.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
+    return with_attrs(result, frame)
+
+
+def patients(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per PatientID (rows without one are left out).
+
+    Columns: PatientID, PatientName, PatientSex, PatientBirthDate (each the latest known value),
+    ``studyCount`` (distinct StudyInstanceUIDs), ``imageSetCount``, ``firstStudyDateTime`` and
+    ``lastStudyDateTime`` (studies with an unreadable or partial date do not count),
+    ``modalities`` (sorted, distinct). Sorted by PatientID.
+    """
+    key = "PatientID"
+    require(frame, (key, "imageSetId", "StudyInstanceUID"), "patients()")
+    rows = frame[frame[key].notna()]
+    result = _latest_values(rows, key, _PATIENT_ATTRIBUTES)
+    grouped = rows.groupby(key, sort=True)
+    result["studyCount"] = _int(grouped["StudyInstanceUID"].nunique())
+    result["imageSetCount"] = _int(grouped["imageSetId"].nunique())
+    if "StudyDateTime" in rows.columns:
+        result["firstStudyDateTime"] = grouped["StudyDateTime"].min()
+        result["lastStudyDateTime"] = grouped["StudyDateTime"].max()
+    result["modalities"] = _modalities(rows, key, result.index)
+    return with_attrs(result.reset_index(), frame)
+
+
+def primary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose ``isPrimary`` is not False.
+
+    A missing isPrimary (botocore older than the 2025-06 field) counts as primary: before
+    non-primary image sets existed, every image set was primary.
+    """
+    require(frame, ("isPrimary",), "primary()")
+    keep = frame["isPrimary"].astype("boolean").fillna(True).to_numpy(dtype=bool)
+    return with_attrs(frame[keep].copy(), frame)
+
+
+def latest(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per imageSetId: its highest version (then latest updatedAt), in frame order."""
+    order = ["imageSetId", "version"] + (["updatedAt"] if "updatedAt" in frame.columns else [])
+    positions = pd.RangeIndex(len(frame))
+    ranked = frame[order].set_axis(positions).sort_values(order, kind="stable", na_position="first")
+    winners = ranked.drop_duplicates("imageSetId", keep="last").index.to_numpy()
+    keep = np.zeros(len(frame), dtype=bool)
+    keep[winners] = True
+    return with_attrs(frame[keep].copy(), frame)
+
+
+def _days_in_month(year: pd.Series, month: pd.Series) -> pd.Series:
+    """Days in each (year, month); NA when either is missing or the month is not 1-12."""
+    first = (year * 10000 + month * 100 + 1).astype("string")
+    stamps = pd.to_datetime(first, format="%Y%m%d", errors="coerce")
+    days: pd.Series = pd.Series(stamps.dt.days_in_month, index=year.index).astype("Int64")
+    return days
+
+
+def _date_bounds(raw: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Earliest and latest (year, month, day) a DICOM DA value can mean; NA when unreadable.
+
+    ``YYYYMMDD`` is exact, ``YYYYMM`` spans its month, ``YYYY`` its year; ACR-NEMA dots
+    (``YYYY.MM.DD``) are tolerated.
+    """
+    text = raw.astype("string").str.strip().str.replace(".", "", regex=False)
+    parts = text.str.extract(r"^(?P<y>[0-9]{4})(?P<m>[0-9]{2})?(?P<d>[0-9]{2})?$")
+    year, month, day = (pd.to_numeric(parts[c]).astype("Int64") for c in ("y", "m", "d"))
+    last_month = month.fillna(12)
+    last_day = _days_in_month(year, last_month)
+    valid = year.notna() & last_day.notna()
+    valid &= day.isna() | ((day >= 1) & (day <= last_day)).fillna(False)
+    first = pd.DataFrame({"year": year, "month": month.fillna(1), "day": day.fillna(1)})
+    last = pd.DataFrame({"year": year, "month": last_month, "day": day.fillna(last_day)})
+    keep = pd.Series(valid.to_numpy(dtype=bool), index=raw.index)
+    return first.where(keep, axis=0), last.where(keep, axis=0)
+
+
+def _age(born: pd.DataFrame, on: pd.DataFrame) -> pd.Series:
+    """Whole years from *born* to *on* (each a year/month/day frame)."""
+    before_birthday = (on["month"] < born["month"]) | (
+        (on["month"] == born["month"]) & (on["day"] < born["day"])
+    )
+    return on["year"] - born["year"] - before_birthday.astype("Int64")
+
+
+def age_at_study(frame: pd.DataFrame) -> pd.Series:
+    """Age in whole years at StudyDate, from PatientBirthDate, as a nullable ``Int64`` Series.
+
+    Partial dates are used when they still fix the age: born ``197305`` and studied on
+    ``20240606`` is 51 whatever the days; born ``1973`` that day is 50 or 51, so NA. Missing,
+    unreadable or impossible dates, and studies dated before the birth, give NA.
+    """
+    require(frame, ("PatientBirthDate", "StudyDate"), "age_at_study()")
+    born_first, born_last = _date_bounds(frame["PatientBirthDate"])
+    study_first, study_last = _date_bounds(frame["StudyDate"])
+    youngest = _age(born_last, study_first)
+    oldest = _age(born_first, study_last)
+    known = (youngest == oldest) & (youngest >= 0)
+    age = youngest.where(known.fillna(False)).astype("Int64")
+    result: pd.Series = pd.Series(
+        age.to_numpy(), index=frame.index, name="ageAtStudy", dtype="Int64"
+    )
+    return result
+
+
+def study_year(frame: pd.DataFrame) -> pd.Series:
+    """The year of StudyDate (partial dates included) as nullable ``Int64``; NA when unreadable."""
+    require(frame, ("StudyDate",), "study_year()")
+    first, _ = _date_bounds(frame["StudyDate"])
+    result: pd.Series = pd.Series(
+        first["year"].to_numpy(), index=frame.index, name="studyYear", dtype="Int64"
+    )
+    return result
+
+
+def age_band(age: pd.Series, width: int = AGE_BAND_WIDTH) -> pd.Series:
+    """Label ages with bands ``"0-9"``, ``"10-19"``, ..., ``"90+"`` (NA stays NA).
+
+    >>> age_band(pd.Series([4, 45, 97, None], dtype="Int64")).tolist()
+    ['0-9', '40-49', '90+', <NA>]
+    """
+    low = (age // width * width).clip(upper=_OLDEST_BAND)
+    labels = {b: f"{b}-{b + width - 1}" for b in range(0, _OLDEST_BAND, width)}
+    labels[_OLDEST_BAND] = f"{_OLDEST_BAND}+"
+    text = low.map(labels, na_action="ignore")
+    bands: pd.Series = text.astype("string").rename("ageBand")
+    return bands
+
+
+@dataclass(frozen=True)
+class CohortSummary:
+    """Counts of a cohort by category, one frame per category.
+
+    Each frame has the category column (missing values kept as their own row), then
+    ``imageSetCount``, ``studyCount`` and ``patientCount``: the distinct image sets, studies and
+    patients with that value. Modality and body part are ordered by image sets, most first;
+    sex by patients; study year and age band by their value.
+    """
+
+    modality: pd.DataFrame
+    body_part: pd.DataFrame
+    sex: pd.DataFrame
+    study_year: pd.DataFrame
+    age_band: pd.DataFrame
+    image_sets: int
+    studies: int
+    patients: int
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        """The count frames by name (``modality``, ``body_part``, ``sex``...)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), pd.DataFrame)
+        }
+
+    def plot(self, **options: object) -> Figure:
+        """Draw the counts; see :func:`healthimaging_df.plot.plot_summary`."""
+        from healthimaging_df.plot import plot_summary
+
+        return plot_summary(self, **options)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return (
+            f"CohortSummary({self.image_sets} image sets, {self.studies} studies, "
+            f"{self.patients} patients; frames: {', '.join(self.frames())})"
+        )
+
+
+_COUNTS = {
+    "imageSetCount": ("imageSetId", "nunique"),
+    "studyCount": ("StudyInstanceUID", "nunique"),
+    "patientCount": ("PatientID", "nunique"),
+}
+
+
+def _counts(
+    frame: pd.DataFrame, by: pd.Series, rank: str | None, source: pd.DataFrame
+) -> pd.DataFrame:
+    keyed = frame[["imageSetId", "StudyInstanceUID", "PatientID"]].assign(**{str(by.name): by})
+    counts = keyed.groupby(str(by.name), dropna=False, sort=True).agg(**_COUNTS)
+    counts = counts.astype("Int64").reset_index()
+    if rank is not None:
+        counts = counts.sort_values(
+            [rank, str(by.name)], ascending=[False, True], kind="stable", na_position="last"
+        ).reset_index(drop=True)
+    return with_attrs(counts, source)
+
+
+def summary(frame: pd.DataFrame) -> CohortSummary:
+    """Counts by Modality, BodyPartExamined, PatientSex, study year and age band."""
+    require(
+        frame,
+        ("Modality", "BodyPartExamined", "PatientSex", "StudyDate", "PatientBirthDate"),
+        "summary()",
+    )
+    bands = age_band(age_at_study(frame))
+    by_band = _counts(frame, bands, None, frame)
+    band_order = by_band["ageBand"].str.extract(r"^([0-9]+)")[0].astype("float64")
+    by_band = by_band.iloc[np.argsort(band_order.fillna(np.inf).to_numpy(), kind="stable")]
+    return CohortSummary(
+        modality=_counts(frame, frame["Modality"], "imageSetCount", frame),
+        body_part=_counts(frame, frame["BodyPartExamined"], "imageSetCount", frame),
+        sex=_counts(frame, frame["PatientSex"], "patientCount", frame),
+        study_year=_counts(frame, study_year(frame), None, frame),
+        age_band=by_band.reset_index(drop=True),
+        image_sets=int(frame["imageSetId"].nunique()),
+        studies=int(frame["StudyInstanceUID"].nunique()),
+        patients=int(frame["PatientID"].nunique()),
+    )

@@ -1,0 +1,519 @@
+"""Series- and instance-level DICOM attributes from GetImageSetMetadata, as a long frame.
+
+SearchImageSets summarizes an image set with a handful of tags; GetImageSetMetadata returns its whole
+DICOM header tree as gzip JSON (``Patient``, ``Study``, ``Study.Series[uid].Instances[uid]``, each
+with a ``DICOM`` object keyed by keyword). ``fetch_metadata`` calls it once per image set, from a
+pool of threads paced by the same token bucket the search uses, and flattens the series (or
+instances) into rows keyed by ``imageSetId``, ``version``, ``SeriesInstanceUID`` (and
+``SOPInstanceUID``), with one column per DICOM keyword found.
+
+Each call is an *access*: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent (more
+expensive) tier. ``fetch_metadata`` warns once when archived image sets are about to be read, and
+``dry_run=True`` counts the calls without sending any.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import pandas as pd
+import pyarrow as pa
+
+from healthimaging_df.cohort import with_attrs
+from healthimaging_df.errors import MetadataFetchError, SearchError, ThrottledError
+from healthimaging_df.fetch import THROTTLING_CODES, RateLimiter, make_client
+
+__all__ = [
+    "ARCHIVED",
+    "ERROR_COLUMN",
+    "ArchiveAccessWarning",
+    "MetadataPlan",
+    "fetch_metadata",
+    "flatten_document",
+]
+
+log = logging.getLogger(__name__)
+
+ARCHIVED = "ARCHIVE_INSTANT_ACCESS"
+ERROR_COLUMN = "metadataError"
+OPERATION = "GetImageSetMetadata"
+Level = Literal["series", "instance"]
+OnError = Literal["raise", "report"]
+MetadataProgress = bool | Callable[[int, int], None] | None
+
+# Codes that say nothing about one image set but about every call: stop at once.
+_FATAL_CODES = frozenset(
+    {
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "NoCredentialsError",
+        "NoRegionError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "PartialCredentialsError",
+    }
+    | THROTTLING_CODES
+)
+
+
+class ArchiveAccessWarning(UserWarning):
+    """Reading metadata of ARCHIVE_INSTANT_ACCESS image sets moves them to the frequent tier."""
+
+
+@dataclass(frozen=True)
+class MetadataPlan:
+    """What ``fetch_metadata`` would do: the answer of ``dry_run=True`` (nothing is sent).
+
+    Attributes
+    ----------
+    calls
+        GetImageSetMetadata calls (one per distinct imageSetId and version).
+    archived
+        How many of those image sets are ARCHIVE_INSTANT_ACCESS (each call moves one back to
+        the frequent tier).
+    max_tps
+        The client-side rate limit the calls would run under.
+    """
+
+    calls: int
+    archived: int
+    max_tps: float
+
+    @property
+    def estimated_seconds(self) -> float:
+        """Lower bound of the run time at ``max_tps``."""
+        return self.calls / self.max_tps
+
+    def __str__(self) -> str:
+        return (
+            f"fetch_metadata would make {self.calls} {OPERATION} call(s) at up to "
+            f"{self.max_tps:g}/s (at least {self.estimated_seconds:.1f} s); {self.archived} "
+            "archived image set(s) would move to FREQUENT_ACCESS"
+        )
+
+
+@dataclass(frozen=True)
+class _Target:
+    position: int
+    image_set_id: str
+    version: int | None
+
+
+def _targets(frame: pd.DataFrame) -> tuple[list[_Target], int]:
+    """The distinct (imageSetId, version) pairs in frame order, and how many are archived."""
+    columns = ["imageSetId"] + (["version"] if "version" in frame.columns else [])
+    rows = frame[frame["imageSetId"].notna()]
+    pairs = rows[columns].drop_duplicates()
+    versions = (
+        pairs["version"].astype("Int64").tolist() if "version" in pairs else [None] * len(pairs)
+    )
+    targets = [
+        _Target(i, str(image_set_id), None if v is None or v is pd.NA else int(v))
+        for i, (image_set_id, v) in enumerate(
+            zip(pairs["imageSetId"].tolist(), versions, strict=True)
+        )
+    ]
+    archived = 0
+    if "storageTier" in rows.columns:
+        tier = rows.loc[pairs.index, "storageTier"]
+        archived = int((tier == ARCHIVED).fillna(False).sum())
+    return targets, archived
+
+
+def _datastore_id(frame: pd.DataFrame, datastore_id: str | None) -> str:
+    if datastore_id is not None:
+        return datastore_id
+    provenance = frame.attrs.get("healthimaging_df")
+    found = provenance.get("datastore_id") if isinstance(provenance, dict) else None
+    if not found:
+        raise ValueError(
+            "the frame's attrs carry no datastore_id (it did not come from Query.to_dataframe or "
+            "a snapshot): pass datastore_id=..."
+        )
+    return str(found)
+
+
+# -- flattening --------------------------------------------------------------------------------
+
+
+def _scalar_attributes(instances: list[dict[str, Any]]) -> dict[str, Any]:
+    """Attributes every instance has, with the same value in each."""
+    if not instances:
+        return {}
+    common = dict(instances[0])
+    for dicom in instances[1:]:
+        for keyword in list(common):
+            if keyword not in dicom or dicom[keyword] != common[keyword]:
+                del common[keyword]
+    return common
+
+
+def flatten_document(document: dict[str, Any], level: Level = "series") -> Iterator[dict[str, Any]]:
+    """Rows of one GetImageSetMetadata document: one per series, or per instance.
+
+    A series row holds the series' ``DICOM`` attributes, every instance attribute that all its
+    instances share (SOPClassUID, SliceThickness, Rows...), and
+    ``NumberOfSeriesRelatedInstances``. An instance row holds the series attributes and the
+    instance's own, plus ``SeriesInstanceUID`` and ``SOPInstanceUID`` from the document's keys.
+
+    >>> doc = {"Study": {"Series": {"1.2": {"DICOM": {"Modality": "CT"}, "Instances": {
+    ...     "1.2.1": {"DICOM": {"Rows": 512, "InstanceNumber": 1}},
+    ...     "1.2.2": {"DICOM": {"Rows": 512, "InstanceNumber": 2}}}}}}}
+    >>> list(flatten_document(doc))
+    [{'SeriesInstanceUID': '1.2', 'Modality': 'CT', 'Rows': 512, 'NumberOfSeriesRelatedInstances': 2}]
+    >>> [row["InstanceNumber"] for row in flatten_document(doc, "instance")]
+    [1, 2]
+    """
+    series_map = (document.get("Study") or {}).get("Series") or {}
+    for series_uid, series in series_map.items():
+        series_dicom = dict(series.get("DICOM") or {})
+        instances = series.get("Instances") or {}
+        if level == "instance":
+            for sop_uid, instance in instances.items():
+                row: dict[str, Any] = {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
+                for keyword, value in series_dicom.items():
+                    row.setdefault(keyword, value)
+                for keyword, value in (instance.get("DICOM") or {}).items():
+                    row.setdefault(keyword, value)
+                yield row
+            continue
+        row = {"SeriesInstanceUID": series_uid}
+        for keyword, value in series_dicom.items():
+            row.setdefault(keyword, value)
+        shared = _scalar_attributes([i.get("DICOM") or {} for i in instances.values()])
+        shared.pop("SOPInstanceUID", None)
+        shared.pop("InstanceNumber", None)
+        for keyword, value in shared.items():
+            row.setdefault(keyword, value)
+        row["NumberOfSeriesRelatedInstances"] = len(instances)
+        yield row
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """An Arrow array of one attribute; values of mixed or unusual types become JSON text."""
+    try:
+        array = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        array = None
+    if array is None:
+        text = [None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values]
+        return pa.array(text, type=pa.string())
+    if pa.types.is_null(array.type):  # every value missing
+        return array.cast(pa.string())
+    return array
+
+
+def _nullable(arrow_type: pa.DataType) -> Any:
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return pd.StringDtype("pyarrow")
+    if pa.types.is_integer(arrow_type):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
+    if pa.types.is_floating(arrow_type):
+        return pd.Float64Dtype()
+    if pa.types.is_nested(arrow_type):
+        return pd.ArrowDtype(arrow_type)
+    return None
+
+
+def _rows_to_frame(rows: list[dict[str, Any]], keys: list[str]) -> pd.DataFrame:
+    columns: dict[str, None] = dict.fromkeys(keys)
+    for row in rows:
+        for keyword in row:
+            columns.setdefault(keyword, None)
+    arrays = [_column([row.get(name) for row in rows]) for name in columns]
+    table = pa.Table.from_arrays(arrays, names=list(columns))
+    frame: pd.DataFrame = table.to_pandas(types_mapper=_nullable)
+    if "version" in frame.columns:
+        frame["version"] = frame["version"].astype("Int64")
+    return frame
+
+
+# -- calling -------------------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    def __init__(self, code: str, fatal: bool = False) -> None:
+        super().__init__(code)
+        self.code = code
+        self.fatal = fatal
+
+
+def _get_document(
+    client: Any, datastore_id: str, target: _Target, limiter: RateLimiter | None
+) -> dict[str, Any]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    kwargs: dict[str, Any] = {"datastoreId": datastore_id, "imageSetId": target.image_set_id}
+    if target.version is not None:
+        kwargs["versionId"] = str(target.version)
+    if limiter is not None:
+        limiter.acquire()
+    try:
+        response = client.get_image_set_metadata(**kwargs)
+        blob = response["imageSetMetadataBlob"].read()
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+        raise _Failure(code, code in _FATAL_CODES) from None
+    except BotoCoreError as exc:
+        # botocore's messages can quote request values: keep only the kind of error.
+        code = type(exc).__name__
+        raise _Failure(code, code in _FATAL_CODES) from None
+    try:
+        if blob[:2] == b"\x1f\x8b" or response.get("contentEncoding") == "gzip":
+            blob = gzip.decompress(blob)
+        document = json.loads(blob)
+    except (OSError, EOFError, ValueError):
+        raise _Failure("InvalidMetadataDocument") from None
+    if not isinstance(document, dict):
+        raise _Failure("InvalidMetadataDocument")
+    return document
+
+
+def _progress_callback(progress: MetadataProgress, total: int) -> Callable[[int], None]:
+    """``update(done)``; ``update(-1)`` closes. A callable gets ``(done, total)``."""
+    if callable(progress):
+        user = progress
+
+        def call_user(done: int) -> None:
+            if done >= 0:
+                user(done, total)
+
+        return call_user
+    from healthimaging_df.fetch import _interactive
+
+    if not (progress if progress is not None else _interactive()):
+        return lambda done: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=OPERATION, total=total, unit=" image sets", leave=False)
+
+    def update(done: int) -> None:
+        if done < 0:
+            bar.close()
+            return
+        bar.n = done
+        bar.refresh()
+
+    return update
+
+
+@overload
+def fetch_metadata(
+    frame: pd.DataFrame,
+    *,
+    client: Any = ...,
+    boto3_session: Any = ...,
+    level: Level = ...,
+    max_tps: float | None = ...,
+    max_concurrency: int = ...,
+    progress: MetadataProgress = ...,
+    dry_run: Literal[False] = ...,
+    on_error: OnError = ...,
+    datastore_id: str | None = ...,
+) -> pd.DataFrame: ...
+
+
+@overload
+def fetch_metadata(
+    frame: pd.DataFrame,
+    *,
+    client: Any = ...,
+    boto3_session: Any = ...,
+    level: Level = ...,
+    max_tps: float | None = ...,
+    max_concurrency: int = ...,
+    progress: MetadataProgress = ...,
+    dry_run: Literal[True],
+    on_error: OnError = ...,
+    datastore_id: str | None = ...,
+) -> MetadataPlan: ...
+
+
+def fetch_metadata(
+    frame: pd.DataFrame,
+    *,
+    client: Any = None,
+    boto3_session: Any = None,
+    level: Level = "series",
+    max_tps: float | None = 50.0,
+    max_concurrency: int = 8,
+    progress: MetadataProgress = None,
+    dry_run: bool = False,
+    on_error: OnError = "raise",
+    datastore_id: str | None = None,
+) -> pd.DataFrame | MetadataPlan:
+    """Call GetImageSetMetadata for each image set of *frame* and return its DICOM attributes.
+
+    Parameters
+    ----------
+    frame
+        Image sets (``imageSetId``, and ``version`` to read that version; ``storageTier`` for
+        the archive warning). One call per distinct (imageSetId, version).
+    client, boto3_session
+        As in ``Query.to_dataframe``.
+    level
+        ``"series"``: one row per series (series attributes, the instance attributes all its
+        instances share, ``NumberOfSeriesRelatedInstances``); ``"instance"``: one row per
+        instance, keyed by ``SOPInstanceUID`` too.
+    max_tps
+        Calls per second across all threads (the service's default quota is 50); None for no
+        client-side limit.
+    max_concurrency
+        Calls in flight at once.
+    progress
+        True for a tqdm bar, False for none, a callable ``(done, total)``, or None for a bar
+        in a terminal or notebook outside CI.
+    dry_run
+        Send nothing; return a :class:`MetadataPlan` saying how many calls would be made.
+    on_error
+        ``"raise"``: after every call has finished, raise ``MetadataFetchError`` listing the
+        image sets that failed (imageSetId -> error code). ``"report"``: return them as rows
+        with the error code in a ``metadataError`` column (NA on rows that succeeded).
+    datastore_id
+        Defaults to the one in the frame's provenance (``attrs``).
+
+    Returns
+    -------
+    DataFrame
+        Keyed by ``imageSetId``, ``version``, ``SeriesInstanceUID`` (and ``SOPInstanceUID``),
+        one column per DICOM keyword present, in frame order; ``attrs`` copied from *frame*.
+
+    Raises
+    ------
+    MetadataFetchError
+        Some image sets failed and ``on_error="raise"``.
+    SearchError
+        A failure that concerns every call (access denied, no credentials, throttled after
+        every retry): the fetch stops at once.
+
+    Warns
+    -----
+    ArchiveAccessWarning
+        Once, when the frame holds ARCHIVE_INSTANT_ACCESS image sets (each call moves one to
+        the frequent tier).
+    """
+    if level not in ("series", "instance"):
+        raise ValueError(f"level must be 'series' or 'instance', not {level!r}")
+    if on_error not in ("raise", "report"):
+        raise ValueError(f"on_error must be 'raise' or 'report', not {on_error!r}")
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+        raise ValueError("max_concurrency must be a positive integer")
+    if max_concurrency < 1:
+        raise ValueError("max_concurrency must be a positive integer")
+    if max_tps is not None and not max_tps > 0:
+        raise ValueError("max_tps must be a positive number or None")
+    if "imageSetId" not in frame.columns:
+        raise KeyError("fetch_metadata() needs column(s) the frame lacks: imageSetId")
+    targets, archived = _targets(frame)
+    if dry_run:
+        return MetadataPlan(calls=len(targets), archived=archived, max_tps=max_tps or float("inf"))
+    store = _datastore_id(frame, datastore_id)
+    if archived:
+        warnings.warn(
+            f"{archived} of {len(targets)} image sets are ARCHIVE_INSTANT_ACCESS: each "
+            f"{OPERATION} call is an access that moves one back to FREQUENT_ACCESS (billed at "
+            "the frequent-access rate). dry_run=True counts the calls; filter on storageTier "
+            "to skip them.",
+            ArchiveAccessWarning,
+            stacklevel=3,
+        )
+    client = make_client(client, boto3_session, max_concurrency)
+    documents, failures = _fetch_all(
+        client, store, targets, max_tps, max_concurrency, _progress_callback(progress, len(targets))
+    )
+    if failures and on_error == "raise":
+        raise MetadataFetchError({targets[p].image_set_id: code for p, code in failures.items()})
+    keys = ["imageSetId", "version", "SeriesInstanceUID"]
+    keys += ["SOPInstanceUID"] if level == "instance" else []
+    keys += [ERROR_COLUMN] if on_error == "report" else []
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        head: dict[str, Any] = {"imageSetId": target.image_set_id, "version": target.version}
+        if target.position in failures:
+            rows.append(head | {ERROR_COLUMN: failures[target.position]})
+            continue
+        for row in flatten_document(documents[target.position], level):
+            rows.append(head | row)
+    return with_attrs(_rows_to_frame(rows, keys), frame)
+
+
+def _fetch_all(
+    client: Any,
+    datastore_id: str,
+    targets: list[_Target],
+    max_tps: float | None,
+    max_concurrency: int,
+    progress: Callable[[int], None],
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Documents by target position, and error codes by target position."""
+    limiter = RateLimiter(max_tps) if max_tps else None
+    documents: dict[int, dict[str, Any]] = {}
+    failures: dict[int, str] = {}
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def one(target: _Target) -> dict[str, Any] | None:
+        if stop.is_set():
+            return None
+        return _get_document(client, datastore_id, target, limiter)
+
+    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-metadata")
+    try:
+        pending: dict[Future[dict[str, Any] | None], _Target] = {
+            pool.submit(one, t): t for t in targets
+        }
+        done_count = 0
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                target = pending.pop(future)
+                try:
+                    document = future.result()
+                except _Failure as failure:
+                    if failure.fatal:
+                        stop.set()
+                        cls = ThrottledError if failure.code in THROTTLING_CODES else SearchError
+                        raise cls(
+                            OPERATION,
+                            target.position,
+                            failure.code,
+                            detail="stopped: this error concerns every call, not one image set",
+                        ) from None
+                    failures[target.position] = failure.code
+                    log.debug(
+                        "%s failed for image set %s: %s",
+                        OPERATION,
+                        target.image_set_id,
+                        failure.code,
+                    )
+                else:
+                    if document is not None:
+                        documents[target.position] = document
+                done_count += 1
+                progress(done_count)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress(-1)
+    log.info(
+        "%s: %d call(s), %d failed, %.1f s",
+        OPERATION,
+        len(targets),
+        len(failures),
+        time.monotonic() - started,
+    )
+    return documents, failures

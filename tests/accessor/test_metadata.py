@@ -1,0 +1,257 @@
+"""fetch_metadata against the local service: values, keys, tiers, dry runs, pacing and failures."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import time
+import warnings
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from healthimaging_df.errors import MetadataFetchError, ThrottledError
+from healthimaging_df.local import LocalService
+from healthimaging_df.metadata import ArchiveAccessWarning, MetadataPlan
+
+ARCHIVED = "ARCHIVE_INSTANT_ACCESS"
+
+
+def _document(client: Any, datastore_id: Any, image_set_id: str, version: int) -> dict[str, Any]:
+    """The metadata document as a user would read it with boto3 by hand."""
+    response = client.get_image_set_metadata(
+        datastoreId=datastore_id, imageSetId=image_set_id, versionId=str(version)
+    )
+    return json.loads(gzip.decompress(response["imageSetMetadataBlob"].read()))
+
+
+def _plain(value: Any) -> Any:
+    if value is None or value is pd.NA:
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _frequent(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["storageTier"] != ARCHIVED]
+
+
+def test_series_level_matches_the_documents(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    subset = _frequent(metadata_frame).head(25)
+    client = metadata_service.client()
+    got = subset.ahi.fetch_metadata(client=client, progress=False)
+    assert list(got.columns[:3]) == ["imageSetId", "version", "SeriesInstanceUID"]
+    assert got["imageSetId"].tolist() == subset["imageSetId"].tolist()  # one series each, in order
+    # Everything but the documents' series attributes and shared instance attributes is absent.
+    for row, (image_set_id, version) in zip(
+        got.astype(object).to_dict("records"),
+        zip(subset["imageSetId"], subset["version"], strict=True),
+        strict=True,
+    ):
+        document = _document(client, metadata_service.datastore_id, image_set_id, int(version))
+        ((series_uid, series),) = document["Study"]["Series"].items()
+        assert row["SeriesInstanceUID"] == series_uid
+        assert row["version"] == version
+        expected = dict(series["DICOM"])
+        instances = [i["DICOM"] for i in series["Instances"].values()]
+        for keyword in instances[0]:
+            values = [json.dumps(i.get(keyword), sort_keys=True) for i in instances]
+            if keyword not in ("SOPInstanceUID", "InstanceNumber") and len(set(values)) == 1:
+                expected[keyword] = instances[0][keyword]
+        expected["NumberOfSeriesRelatedInstances"] = len(instances)
+        present = {k: _plain(v) for k, v in row.items() if _plain(v) is not None}
+        present.pop("imageSetId")
+        present.pop("version")
+        assert present == expected
+    assert {"Manufacturer", "SeriesDescription", "SOPClassUID"} <= set(got.columns)
+    assert str(got["Rows"].dtype) == "Int64"
+    assert str(got["Manufacturer"].dtype) == "string"
+    # Ready to merge back onto the image-set frame.
+    merged = subset.merge(got, on=["imageSetId", "version", "SeriesInstanceUID"], how="left")
+    assert merged["Manufacturer"].notna().all()
+
+
+def test_instance_level_has_one_row_per_instance(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    subset = _frequent(metadata_frame).head(12)
+    client = metadata_service.client()
+    got = subset.ahi.fetch_metadata(client=client, level="instance", progress=False)
+    assert list(got.columns[:4]) == ["imageSetId", "version", "SeriesInstanceUID", "SOPInstanceUID"]
+    expected = []
+    for image_set_id, version in zip(subset["imageSetId"], subset["version"], strict=True):
+        document = _document(client, metadata_service.datastore_id, image_set_id, int(version))
+        for series in document["Study"]["Series"].values():
+            for sop_uid, instance in series["Instances"].items():
+                expected.append((image_set_id, sop_uid, instance["DICOM"]["InstanceNumber"]))
+    assert list(
+        zip(got["imageSetId"], got["SOPInstanceUID"], got["InstanceNumber"], strict=True)
+    ) == (expected)
+    assert got[["imageSetId", "SOPInstanceUID"]].duplicated().sum() == 0
+    ct = got[got["Modality"] == "CT"]
+    if len(ct):
+        assert ct["ImagePositionPatient"].map(len).eq(3).all()
+
+
+def test_archived_image_sets_warn_once_and_move_to_frequent(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(10)
+    frequent = _frequent(metadata_frame).head(5)
+    subset = pd.concat([archived, frequent])
+    assert len(archived) == 10
+    with pytest.warns(ArchiveAccessWarning) as caught:
+        subset.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+    assert len(caught) == 1
+    assert "10 of 15 image sets are ARCHIVE_INSTANT_ACCESS" in str(caught[0].message)
+    assert caught[0].filename == __file__  # points at the caller's line
+    tiers = {
+        r["imageSetId"]: r["storageTier"]
+        for r in metadata_service.backend.image_sets(metadata_service.datastore_id or "")
+    }
+    assert {tiers[i] for i in archived["imageSetId"]} == {"FREQUENT_ACCESS"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frequent.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+
+
+def test_dry_run_counts_calls_and_sends_nothing(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    metadata_service.reset_stats()
+    twice = pd.concat([metadata_frame, metadata_frame.head(7)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = twice.ahi.fetch_metadata(dry_run=True, max_tps=40)
+    assert isinstance(plan, MetadataPlan)
+    assert plan.calls == metadata_frame["imageSetId"].nunique() == len(metadata_frame)
+    assert plan.archived == int((metadata_frame["storageTier"] == ARCHIVED).sum()) > 0
+    assert plan.estimated_seconds == pytest.approx(plan.calls / 40)
+    assert f"{plan.calls} GetImageSetMetadata call(s)" in str(plan)
+    assert metadata_service.stats.requests == 0
+
+
+def test_calls_are_paced_by_max_tps_and_bounded_by_max_concurrency(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    metadata_service.set_faults(latency_ms=20)
+    metadata_service.reset_stats()
+    subset = _frequent(metadata_frame).head(30)
+    seen: list[tuple[int, int]] = []
+    started = time.perf_counter()
+    got = subset.ahi.fetch_metadata(
+        client=metadata_service.client(),
+        max_tps=20,
+        max_concurrency=3,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    elapsed = time.perf_counter() - started
+    # A bucket of 20 lets 20 go at once, then 20 per second: 10 more need at least 0.5 s.
+    assert elapsed >= 0.45
+    stats = metadata_service.stats
+    assert stats.by_operation.get("GetImageSetMetadata") == 30
+    assert stats.peak_concurrency <= 3
+    assert seen[-1] == (30, 30)
+    assert [d for d, _ in seen] == list(range(1, 31))
+    assert len(got) == 30
+
+
+def test_failures_raise_listing_every_failed_image_set(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    subset = _frequent(metadata_frame).head(8).copy()
+    missing = ["0" * 31 + "1", "0" * 31 + "2"]
+    subset.loc[subset.index[:2], "imageSetId"] = missing
+    subset.loc[subset.index[2], "version"] = 99  # no such version
+    with pytest.raises(MetadataFetchError) as raised:
+        subset.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+    failures = raised.value.failures
+    assert failures == {
+        missing[0]: "ResourceNotFoundException",
+        missing[1]: "ResourceNotFoundException",
+        subset["imageSetId"].iloc[2]: "ResourceNotFoundException",
+    }
+    message = str(raised.value)
+    assert "3 image set(s)" in message
+    for phi in subset[["PatientID", "PatientName", "StudyInstanceUID"]].stack().astype(str):
+        assert phi not in message
+
+
+def test_failures_reported_in_a_column(
+    metadata_service: LocalService,
+    metadata_frame: pd.DataFrame,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    subset = _frequent(metadata_frame).head(6).copy()
+    subset.loc[subset.index[1], "imageSetId"] = "f" * 32
+    with caplog.at_level(logging.DEBUG, logger="healthimaging_df"):
+        got = subset.ahi.fetch_metadata(
+            client=metadata_service.client(), on_error="report", progress=False
+        )
+    assert "metadataError" in got.columns
+    failed = got[got["metadataError"].notna()]
+    assert failed["imageSetId"].tolist() == ["f" * 32]
+    assert failed["metadataError"].tolist() == ["ResourceNotFoundException"]
+    assert failed["SeriesInstanceUID"].isna().all()
+    assert got["imageSetId"].tolist() == subset["imageSetId"].tolist()
+    assert got.loc[got["metadataError"].isna(), "Manufacturer"].notna().all()
+    logged = caplog.text
+    assert "ResourceNotFoundException" in logged
+    for phi in subset[["PatientID", "PatientName", "StudyInstanceUID"]].stack().astype(str):
+        assert phi not in logged
+
+
+def test_throttling_after_retries_stops_the_whole_fetch(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    metadata_service.set_faults(tps=1, burst=1)
+    metadata_service.reset_stats()
+    client = metadata_service.client(retries={"mode": "standard", "max_attempts": 1})
+    frame = _frequent(metadata_frame)
+    with pytest.raises(ThrottledError, match="GetImageSetMetadata"):
+        frame.ahi.fetch_metadata(client=client, max_tps=None, max_concurrency=2, progress=False)
+    assert metadata_service.stats.requests < len(frame) / 2
+
+
+def test_datastore_id_comes_from_provenance_or_the_argument(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    bare = _frequent(metadata_frame).head(3).copy()
+    bare.attrs = {}
+    with pytest.raises(ValueError, match="datastore_id"):
+        bare.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+    got = bare.ahi.fetch_metadata(
+        client=metadata_service.client(),
+        datastore_id=metadata_service.datastore_id,
+        progress=False,
+    )
+    assert len(got) == 3
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("level", "study"), ("on_error", "ignore"), ("max_concurrency", 0), ("max_tps", 0)],
+)
+def test_bad_options_fail_before_any_call(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame, option: str, value: Any
+) -> None:
+    metadata_service.reset_stats()
+    with pytest.raises(ValueError, match=option):
+        metadata_frame.ahi.fetch_metadata(
+            client=metadata_service.client(), progress=False, **{option: value}
+        )
+    assert metadata_service.stats.requests == 0
+
+
+def test_result_carries_the_frame_provenance(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    subset = _frequent(metadata_frame).head(2)
+    got = subset.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+    assert got.attrs == subset.attrs
+    assert got.attrs["healthimaging_df"]["datastore_id"]
