@@ -220,10 +220,10 @@ class AHIAccessor:
         counts and the policy (without its key) is recorded, as in a redacted snapshot.
         """
         from healthimaging_df.redact import apply_redaction
-        from healthimaging_df.snapshot import METADATA_KEY, _redacted_provenance
+        from healthimaging_df.snapshot import METADATA_KEY, redacted_provenance
 
         result = cohort.with_attrs(apply_redaction(self._frame, policy), self._frame)
         provenance = result.attrs.get(METADATA_KEY)
         if isinstance(provenance, dict):
-            result.attrs[METADATA_KEY] = _redacted_provenance(provenance, policy)
+            result.attrs[METADATA_KEY] = redacted_provenance(provenance, policy)
         return result

@@ -95,3 +95,11 @@ class MetadataFetchError(HealthImagingDFError):
         super().__init__(
             f"GetImageSetMetadata failed for {len(self.failures)} image set(s): {', '.join(codes)}"
         )
+
+
+class HealthImagingDFWarning(UserWarning):
+    """Base class of every warning ``healthimaging_df`` gives."""
+
+
+class ArchiveAccessWarning(HealthImagingDFWarning):
+    """Reading metadata of ARCHIVE_INSTANT_ACCESS image sets moves them to the frequent tier."""

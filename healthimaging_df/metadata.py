@@ -29,7 +29,12 @@ import pandas as pd
 import pyarrow as pa
 
 from healthimaging_df.cohort import with_attrs
-from healthimaging_df.errors import MetadataFetchError, SearchError, ThrottledError
+from healthimaging_df.errors import (
+    ArchiveAccessWarning,
+    MetadataFetchError,
+    SearchError,
+    ThrottledError,
+)
 from healthimaging_df.fetch import THROTTLING_CODES, RateLimiter, make_client
 
 __all__ = [
@@ -66,10 +71,6 @@ _FATAL_CODES = frozenset(
     }
     | THROTTLING_CODES
 )
-
-
-class ArchiveAccessWarning(UserWarning):
-    """Reading metadata of ARCHIVE_INSTANT_ACCESS image sets moves them to the frequent tier."""
 
 
 @dataclass(frozen=True)

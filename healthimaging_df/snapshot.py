@@ -495,7 +495,7 @@ def write_snapshot(
         if prov.get("redaction"):
             raise SnapshotError("the frame is already redacted; pass redact=None")
         df = apply_redaction(df, redact)
-        prov = _redacted_provenance(prov, redact)
+        prov = redacted_provenance(prov, redact)
     return _write(
         target,
         os.fspath(path),
@@ -507,7 +507,7 @@ def write_snapshot(
     )
 
 
-def _redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
+def redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
     """Provenance without PHI: the query's values and the plan's requests are replaced."""
     out = dict(prov)
     plan_text = None
@@ -1087,7 +1087,7 @@ def _finish_write(
 ) -> SnapshotInfo:
     if redact is not None:
         df = apply_redaction(df, redact)
-        prov = _redacted_provenance(prov, redact)
+        prov = redacted_provenance(prov, redact)
     return _write(target, display_path, frame_to_table(df), prov, partition_cols, compression)
 
 

@@ -1060,6 +1060,7 @@ def metadata_document(datastore_id: str, record: dict[str, Any]) -> dict[str, An
     series_uid = str(tags.get("DICOMSeriesInstanceUID", "1.2.826.0.1.3680043.8.498.1"))
     matrix = _MATRIX.get(modality, 512)
     instances: dict[str, Any] = {}
+    thickness = rng.choice([0.625, 1.0, 1.25, 2.5, 3.0, 5.0])  # one per series, as scanners write
     for number in range(1, rng.randint(2, 5) + 1):
         sop_uid = f"{series_uid}.{number}.{rng.randrange(10**8, 10**9)}"
         dicom: dict[str, Any] = {
@@ -1071,7 +1072,7 @@ def metadata_document(datastore_id: str, record: dict[str, Any]) -> dict[str, An
             dicom.update(Rows=matrix, Columns=matrix, BitsAllocated=16, BitsStored=12)
             dicom.update(PhotometricInterpretation="MONOCHROME2", SamplesPerPixel=1)
         if modality in ("CT", "MR"):
-            dicom["SliceThickness"] = rng.choice([0.625, 1.0, 1.25, 2.5, 3.0, 5.0])
+            dicom["SliceThickness"] = thickness
             dicom["ImagePositionPatient"] = [-250.0, -250.0, round(-number * 2.5, 2)]
         frames = []
         if modality != "SR":

@@ -92,6 +92,10 @@ class _KeepAliveHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
 
+    def log_error(self, format: str, *args: Any) -> None:
+        """Send http.server's complaints (idle keep-alive timeouts) to DEBUG, not stderr."""
+        logger.debug("local service connection: " + format, *args)
+
 
 class _Server(ThreadedWSGIServer):
     """Threaded WSGI server that can close its keep-alive connections on shutdown."""
