@@ -1,25 +1,57 @@
-"""The ``healthimaging-df`` command line; each command group registers its own subparser."""
+"""The ``healthimaging-df`` command line; each command group registers its own subparser.
+
+Exit codes: 0 success, 1 service error, 2 usage or configuration error. Errors are printed as one
+line that names the problem and never a DICOM value (PHI); ``--verbose`` adds log lines and, on a
+failure, the traceback with only our own (PHI-free) exception messages.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from healthimaging_df import __version__
+
+EXIT_OK, EXIT_SERVICE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+quick start:
+  healthimaging-df demo                                   # a query on the bundled local service
+  healthimaging-df search --local --where Modality=CT --out cohort.parquet
+  healthimaging-df search --datastore-id ID --profile p --region us-east-1 \\
+      --ids-from patients.txt --out cohort.parquet         # the same against AWS
+
+Every command has --help with examples. Exit status: 0 success, 1 service error, 2 usage or
+configuration error."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every command."""
     from healthimaging_df import demo
+    from healthimaging_df.commands import metadata, search, snapshot
     from healthimaging_df.local import cli as local_cli
 
     parser = argparse.ArgumentParser(
         prog="healthimaging-df",
         description="AWS HealthImaging image-set search as DataFrames and Parquet.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log on stderr (no PHI); -vv for more"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar or summary on stderr"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    search.register(commands)
+    snapshot.register(commands)
+    metadata.register(commands)
     demo.register(commands)
     local_cli.register(commands)
     return parser
@@ -29,8 +61,97 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 service error, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int = args.handler(args)
+    verbose = int(args.verbose)
+    _configure_logging(verbose)
+    try:
+        result: int = args.handler(args)
+    except KeyboardInterrupt:
+        print("healthimaging-df: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `| head`): stop quietly, as Python's docs advise.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_SERVICE
+    except Exception as exc:  # every failure becomes one PHI-free line and an exit code
+        code, message = describe(exc)
+        if verbose:
+            _print_traceback(exc)
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
+        return code
     return result
+
+
+def describe(exc: BaseException) -> tuple[int, str]:
+    """The exit code and a one-line, PHI-free message for *exc*.
+
+    Our own exceptions are written without values; any other exception is named by its type only,
+    since its message may quote a request or response (PHI).
+    """
+    from healthimaging_df.commands.common import UsageError
+    from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SearchError
+
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, QueryValidationError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, SearchError):
+        hint = _HINTS.get(exc.code, "")
+        return EXIT_SERVICE, f"{exc}{hint}"
+    if isinstance(exc, HealthImagingDFError):
+        return EXIT_SERVICE, str(exc)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        operation = getattr(exc, "operation_name", "request")
+        return EXIT_SERVICE, f"{operation} failed with {error.get('Code', 'an unknown error')}"
+    if isinstance(exc, BotoCoreError):
+        return EXIT_SERVICE, f"AWS SDK error: {type(exc).__name__}"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return EXIT_SERVICE, f"{exc.strerror or type(exc).__name__}{where}"
+    return EXIT_SERVICE, f"unexpected {type(exc).__name__} (run with --verbose for the traceback)"
+
+
+_HINTS = {
+    "ResourceNotFoundException": " (is --datastore-id right, in this region and account?)",
+    "AccessDeniedException": " (see docs/security.md for the IAM policy the CLI needs)",
+    "UnrecognizedClientException": " (are the credentials valid for this region?)",
+    "EndpointConnectionError": " (is the endpoint reachable? check --endpoint-url and --region)",
+    "ConnectionClosedError": " (is the endpoint reachable? check --endpoint-url and --region)",
+}
+
+
+def _print_traceback(exc: BaseException) -> None:
+    """Each exception of the chain: its stack, and its message only if it is one of ours."""
+    from healthimaging_df.commands.common import UsageError
+    from healthimaging_df.errors import HealthImagingDFError
+
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for item in reversed(chain):
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("".join(traceback.format_tb(item.__traceback__)), end="", file=sys.stderr)
+        safe = isinstance(item, (HealthImagingDFError, UsageError))
+        text = str(item) if safe else "<message withheld: it may contain PHI>"
+        print(f"{type(item).__module__}.{type(item).__qualname__}: {text}", file=sys.stderr)
+
+
+def _configure_logging(verbose: int) -> None:
+    """-v: our DEBUG log on stderr; -vv: botocore's too (its bodies redacted by our filter)."""
+    if not verbose:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = ["healthimaging_df"] + (["botocore", "urllib3"] if verbose > 1 else [])
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

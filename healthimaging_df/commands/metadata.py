@@ -1,0 +1,132 @@
+"""``healthimaging-df metadata``: series- or instance-level DICOM attributes of a cohort."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any
+
+from healthimaging_df.commands import common
+
+EXAMPLES = """\
+examples:
+  # series-level attributes (SeriesDescription, Manufacturer, SliceThickness...) of a cohort file
+  healthimaging-df search --datastore-id ID --ids-from patients.txt --out cohort.parquet
+  healthimaging-df metadata --from cohort.parquet --out series.parquet
+
+  # how many GetImageSetMetadata calls, and how many archived image sets they would touch
+  healthimaging-df metadata --from cohort.parquet --dry-run
+
+  # or straight from a query, one row per instance, failures as rows instead of an error
+  healthimaging-df metadata --datastore-id ID --where StudyInstanceUID=1.2.3 --level instance \\
+      --on-error report --out instances.csv
+
+Each call counts as an access: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent
+(more expensive) tier. The command warns on stderr when the cohort holds archived image sets.
+"""
+
+
+def register(commands: Any) -> None:
+    """Add the ``metadata`` command."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "metadata",
+        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        help="GetImageSetMetadata for a cohort: series or instance attributes",
+        description="Call GetImageSetMetadata for each image set of a cohort (a file written by "
+        "search or snapshot, or a query) and write one row per series or instance.",
+        epilog=f"{EXAMPLES}\n{common.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("metadata")
+    group.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="image sets to read: a .parquet, .csv or .jsonl file with an imageSetId column "
+        "(and version); the query options are not used then",
+    )
+    group.add_argument(
+        "--level",
+        choices=("series", "instance"),
+        default="series",
+        help="one row per series (default) or per instance",
+    )
+    group.add_argument(
+        "--on-error",
+        choices=("raise", "report"),
+        default="raise",
+        help="raise: exit 1 listing the error codes if any image set failed (default); report: "
+        "write failed image sets as rows with a metadataError column",
+    )
+    group.add_argument(
+        "--dry-run", action="store_true", help="say how many calls would be made; send nothing"
+    )
+    group.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
+    )
+    group.add_argument("--format", choices=common.FORMATS, help="override the --out extension")
+    # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
+    parser.set_defaults(handler=run, max_tps=50.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``metadata``; return the exit code."""
+    from healthimaging_df.metadata import fetch_metadata
+
+    fmt = common.output_format(args.out, args.format)
+    if args.source is not None:
+        if common.has_query_options(args):
+            raise common.UsageError("--from reads image sets from a file: leave out query options")
+        cohort = common.read_frame(args.source)
+        if "imageSetId" not in cohort.columns:
+            raise common.UsageError(f"--from {args.source} has no imageSetId column")
+        given = args.datastore_id or _provenance_datastore(cohort)
+        target = common.Target(args, given)
+    else:
+        target = common.Target(args)
+        query = common.build_query(args, target.datastore_id)
+        cohort = None
+    with target.connect() as connection:
+        if cohort is None:
+            cohort = query.to_dataframe(
+                client=connection.client,
+                progress=common.progress(args),
+                max_concurrency=args.max_concurrency,
+                max_tps=min(args.max_tps, common.SEARCH_TPS),
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fetch_metadata(
+                cohort,
+                client=connection.client,
+                level=args.level,
+                max_tps=args.max_tps,
+                max_concurrency=args.max_concurrency,
+                progress=common.progress(args),
+                dry_run=args.dry_run,
+                on_error=args.on_error,
+                datastore_id=target.datastore_id,
+            )
+        for warning in caught:
+            print(f"healthimaging-df metadata: warning: {warning.message}", file=sys.stderr)
+    if not hasattr(result, "columns"):  # a dry run's MetadataPlan
+        print(result)
+        return 0
+    common.write_frame(result, args.out, fmt)
+    where = args.out if args.out not in (None, "-") else "stdout"
+    common.status(args, f"{len(result)} {args.level} rows from {len(cohort)} image sets -> {where}")
+    if "metadataError" in result.columns:
+        failed = int(result["metadataError"].notna().sum())
+        if failed:
+            common.status(args, f"{failed} image set(s) failed: see the metadataError column")
+    return 0
+
+
+def _provenance_datastore(frame: Any) -> str | None:
+    provenance = frame.attrs.get("healthimaging_df")
+    if isinstance(provenance, dict) and provenance.get("datastore_id"):
+        return str(provenance["datastore_id"])
+    return None

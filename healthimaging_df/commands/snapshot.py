@@ -1,0 +1,221 @@
+"""``healthimaging-df snapshot`` and ``refresh``: Parquet snapshots, written and kept current."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from healthimaging_df.commands import common
+
+if TYPE_CHECKING:
+    from healthimaging_df.query import Query
+    from healthimaging_df.redact import RedactionPolicy
+
+KEY_ENV = "HEALTHIMAGING_DF_REDACTION_KEY"
+
+SNAPSHOT_EXAMPLES = """\
+examples:
+  # one Parquet file; resumes from a checkpoint if an earlier run was interrupted
+  healthimaging-df snapshot cohort.parquet --datastore-id ID --where Modality=CT \\
+      --between StudyDateTime 2020 2024
+
+  # a directory of Hive partitions (Modality=CT/...), for DuckDB, Spark or Athena
+  healthimaging-df snapshot cohort/ --datastore-id ID --partition-by Modality
+
+  # pseudonymized for export: names dropped, IDs and UIDs keyed-hashed, dates shifted per patient
+  export HEALTHIMAGING_DF_REDACTION_KEY=...   # from your secrets manager, 16+ bytes
+  healthimaging-df snapshot s3://bucket/cohort/ --datastore-id ID --redact --kms-key-id alias/k
+"""
+
+REFRESH_EXAMPLES = """\
+examples:
+  # fetch what changed since the snapshot was taken and rewrite it atomically
+  healthimaging-df refresh cohort.parquet
+
+  # a redacted snapshot keeps no query values: give the query and the same key again
+  healthimaging-df refresh cohort/ --datastore-id ID --where Modality=CT --redact
+
+The report (added, updated, removed image sets) goes to stdout.
+"""
+
+
+def register(commands: Any) -> None:
+    """Add the ``snapshot`` and ``refresh`` commands."""
+    snapshot: argparse.ArgumentParser = commands.add_parser(
+        "snapshot",
+        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        help="run a query into a Parquet snapshot (file or partitioned directory)",
+        description="Run a query and write its result as a snapshot: one .parquet file, or a "
+        "directory (local or s3://) of Hive partitions with a manifest. Writes are atomic and "
+        "checkpointed: rerun the same command after an interruption to resume.",
+        epilog=f"{SNAPSHOT_EXAMPLES}\n{common.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    snapshot.add_argument("path", metavar="PATH", help="FILE.parquet, a directory, or s3://...")
+    group = snapshot.add_argument_group("snapshot")
+    group.add_argument(
+        "--partition-by",
+        action="append",
+        metavar="COL",
+        help="Hive partition column (directories only); repeat for several; StudyYear is derived",
+    )
+    group.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore a checkpoint of an interrupted run and start afresh",
+    )
+    _storage_options(group)
+    _redaction_options(snapshot)
+    snapshot.set_defaults(handler=run_snapshot)
+
+    refresh: argparse.ArgumentParser = commands.add_parser(
+        "refresh",
+        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        help="bring a snapshot up to date with what changed since it was taken",
+        description="Fetch the image sets updated since a snapshot was taken, upsert them, drop "
+        "those that no longer match its query, and rewrite the snapshot atomically. The query "
+        "comes from the snapshot; query options are needed only for a redacted snapshot.",
+        epilog=f"{REFRESH_EXAMPLES}\n{common.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    refresh.add_argument("path", metavar="PATH", help="a snapshot: FILE.parquet, a directory...")
+    group = refresh.add_argument_group("refresh")
+    group.add_argument(
+        "--margin-minutes",
+        type=float,
+        default=5.0,
+        metavar="M",
+        help="also re-read updates from M minutes before the last fetch (clock skew; default 5)",
+    )
+    _storage_options(group)
+    _redaction_options(refresh)
+    refresh.set_defaults(handler=run_refresh)
+
+
+def _storage_options(group: Any) -> None:
+    group.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint")
+    group.add_argument(
+        "--kms-key-id", metavar="KEY", help="SSE-KMS key (ID, alias or ARN) for s3:// objects"
+    )
+
+
+def _redaction_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "redaction",
+        "--redact pseudonymizes before writing: by default PatientName dropped; PatientID,\n"
+        "AccessionNumber, StudyID and the UIDs replaced by keyed HMACs (joins across exports\n"
+        "still work); birth date cut to its year; study dates shifted per patient. The key is\n"
+        f"read from the environment (never the command line): ${KEY_ENV}\n"
+        "unless --key-env names another variable.",
+    )
+    group.add_argument("--redact", action="store_true", help="apply the redaction policy")
+    group.add_argument(
+        "--key-env", default=KEY_ENV, metavar="VAR", help="environment variable holding the key"
+    )
+    group.add_argument(
+        "--drop", action="append", metavar="COL", help="columns to drop (replaces the default)"
+    )
+    group.add_argument(
+        "--hash", action="append", metavar="COL", help="columns to hash (replaces the default)"
+    )
+    group.add_argument(
+        "--keep-birth-date", action="store_true", help="do not cut PatientBirthDate to its year"
+    )
+    group.add_argument("--no-date-shift", action="store_true", help="do not shift study dates")
+
+
+def _policy(args: argparse.Namespace) -> RedactionPolicy | None:
+    if not args.redact:
+        if args.drop or args.hash or args.keep_birth_date or args.no_date_shift:
+            raise common.UsageError("redaction options need --redact")
+        return None
+    from healthimaging_df.redact import DEFAULT_DROP, DEFAULT_HASH, RedactionPolicy
+
+    key = os.environ.get(args.key_env)
+    if not key:
+        raise common.UsageError(
+            f"--redact needs the key in the environment variable {args.key_env}"
+        )
+    try:
+        return RedactionPolicy(
+            key=key.encode("utf-8"),
+            drop=tuple(_names(args.drop) if args.drop else DEFAULT_DROP),
+            hash=tuple(_names(args.hash) if args.hash else DEFAULT_HASH),
+            birth_date_to_year=not args.keep_birth_date,
+            shift_dates=not args.no_date_shift,
+        )
+    except ValueError as exc:  # names columns or the key length, never the key
+        raise common.UsageError(f"redaction policy: {exc}") from None
+
+
+def _names(specs: list[str]) -> list[str]:
+    return [name.strip() for spec in specs for name in spec.split(",") if name.strip()]
+
+
+def _storage(args: argparse.Namespace) -> dict[str, Any]:
+    """S3 settings: the same profile and region as the service client (not with --local)."""
+    session = None
+    if str(args.path).startswith("s3://") and not args.local:
+        import boto3
+
+        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+    return {
+        "boto3_session": session,
+        "region": args.region,
+        "s3_endpoint_url": args.s3_endpoint_url,
+        "kms_key_id": args.kms_key_id,
+    }
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    """Run ``snapshot``; return the exit code."""
+    from healthimaging_df.snapshot import export_query
+
+    policy = _policy(args)
+    target = common.Target(args)
+    query = common.build_query(args, target.datastore_id)
+    with target.connect() as connection:
+        info = export_query(
+            query,
+            args.path,
+            client=connection.client,
+            progress=common.progress(args),
+            max_concurrency=args.max_concurrency,
+            max_tps=args.max_tps,
+            partition_cols=_names(args.partition_by) if args.partition_by else None,
+            redact=policy,
+            resume=not args.no_resume,
+            **_storage(args),
+        )
+    common.status(args, str(info))
+    return 0
+
+
+def run_refresh(args: argparse.Namespace) -> int:
+    """Run ``refresh``; print what changed on stdout; return the exit code."""
+    from healthimaging_df.snapshot import refresh_snapshot
+
+    policy = _policy(args)
+    query: Query | None = None
+    if common.has_query_options(args) or policy is not None:
+        # a redacted snapshot keeps no query values: the query comes from the command line
+        target = common.Target(args)
+        query = common.build_query(args, target.datastore_id)
+    else:
+        target = common.Target(args, required=False)  # the query is the snapshot's own
+    with target.connect() as connection:
+        report = refresh_snapshot(
+            args.path,
+            client=connection.client,
+            query=query,
+            redact=policy,
+            margin=timedelta(minutes=args.margin_minutes),
+            progress=common.progress(args),
+            max_concurrency=args.max_concurrency,
+            max_tps=args.max_tps,
+            **_storage(args),
+        )
+    print(report)
+    return 0

@@ -1,0 +1,123 @@
+"""``healthimaging-df snapshot`` and ``refresh`` against a local service that changes in between."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import healthimaging_df as ahi
+from healthimaging_df.local import LocalService
+from healthimaging_df.snapshot import read_snapshot
+
+from .conftest import Run, clean_env, ids, one_error_line, row, runner
+
+KEY = "a-test-key-of-more-than-16-bytes"
+
+
+@pytest.fixture
+def small() -> Iterator[LocalService]:
+    with LocalService.seeded(image_sets=250, seed=5) as svc:
+        yield svc
+
+
+@pytest.fixture
+def small_cli(small: LocalService, tmp_path: Path) -> Run:
+    return runner(small, tmp_path)
+
+
+def rows(service: LocalService) -> list[dict[str, Any]]:
+    assert service.datastore_id is not None
+    return [row(r) for r in service.backend.image_sets(service.datastore_id)]
+
+
+def primary_ct(service: LocalService) -> list[dict[str, Any]]:
+    return [r for r in rows(service) if r["Modality"] == "CT" and r["isPrimary"] is True]
+
+
+def test_snapshot_then_refresh_after_the_datastore_changed(
+    small_cli: Run, small: LocalService, tmp_path: Path
+) -> None:
+    datastore_id = str(small.datastore_id)
+    before = primary_ct(small)
+    result = small_cli(
+        "snapshot", "cohort.parquet", "--datastore-id", datastore_id,
+        "--where", "Modality=CT", "--where", "isPrimary=true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"snapshot cohort.parquet: {len(before)} rows" in result.stderr
+    assert set(read_snapshot(tmp_path / "cohort.parquet")["imageSetId"]) == ids(before)
+
+    leaving, changing = before[0]["imageSetId"], before[1]["imageSetId"]
+    joining = next(
+        r["imageSetId"] for r in rows(small) if r["Modality"] == "MR" and r["isPrimary"] is True
+    )
+    small.backend.update_image_set(datastore_id, leaving, is_primary=False)
+    small.backend.update_image_set(datastore_id, changing, tags={"DICOMSeriesNumber": 99})
+    small.backend.update_image_set(datastore_id, joining, tags={"DICOMSeriesModality": "CT"})
+
+    refreshed = small_cli("refresh", "cohort.parquet")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert refreshed.stdout.startswith("1 added, 1 updated, 1 removed")
+    frame = read_snapshot(tmp_path / "cohort.parquet")
+    assert set(frame["imageSetId"]) == ids(primary_ct(small))
+    assert frame.set_index("imageSetId").loc[changing, "SeriesNumber"] == 99
+
+
+def test_partitioned_directory_from_search_output_refreshes_too(
+    small_cli: Run, small: LocalService, tmp_path: Path
+) -> None:
+    datastore_id = str(small.datastore_id)
+    result = small_cli(
+        "snapshot", "by-modality", "--datastore-id", datastore_id,
+        "--where", "isPrimary=true", "--partition-by", "Modality",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = {r["imageSetId"] for r in rows(small) if r["isPrimary"] is True}
+    modalities = {r["Modality"] for r in rows(small) if r["isPrimary"] is True and r["Modality"]}
+    folders = {p.name for p in (tmp_path / "by-modality").iterdir() if p.is_dir()}
+    assert {f"Modality={m}" for m in modalities} <= folders
+    assert set(read_snapshot(tmp_path / "by-modality")["imageSetId"]) == expected
+    # a Parquet file from `search --out` is a snapshot as well
+    search = small_cli(
+        "search", "--datastore-id", datastore_id, "--where", "Modality=US", "--out", "us.parquet"
+    )
+    assert search.returncode == 0, search.stderr
+    refreshed = small_cli("refresh", "us.parquet", "-q")
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert refreshed.stdout.startswith("0 added, 0 updated, 0 removed")
+
+
+def test_redacted_snapshot_holds_no_identifiers_and_refreshes_with_the_key(
+    small_cli: Run, small: LocalService, tmp_path: Path
+) -> None:
+    datastore_id = str(small.datastore_id)
+    env = clean_env({**small.env(), "HEALTHIMAGING_DF_REDACTION_KEY": KEY})
+    no_key = small_cli("snapshot", "red.parquet", "--datastore-id", datastore_id, "--redact")
+    assert no_key.returncode == 2
+    assert "HEALTHIMAGING_DF_REDACTION_KEY" in one_error_line(no_key.stderr)
+
+    mr = [r for r in rows(small) if r["Modality"] == "MR"]
+    result = small_cli(
+        "snapshot", "red.parquet", "--datastore-id", datastore_id, "--where", "Modality=MR",
+        "--redact", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    frame = ahi.read_snapshot(tmp_path / "red.parquet")
+    assert "PatientName" not in frame.columns
+    assert set(frame["imageSetId"]) == ids(mr)
+    raw = (tmp_path / "red.parquet").read_bytes()
+    leaked = {r["PatientID"] for r in mr if r["PatientID"] and r["PatientID"].encode() in raw}
+    assert leaked == set()
+
+    without = small_cli("refresh", "red.parquet")
+    assert without.returncode == 1
+    assert "redacted snapshot" in one_error_line(without.stderr)
+    again = small_cli(
+        "refresh", "red.parquet", "--datastore-id", datastore_id, "--where", "Modality=MR",
+        "--redact", env=env,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("0 added, 0 updated, 0 removed")
