@@ -117,11 +117,14 @@ class RateLimiter:
                     self.waiting -= 1
 
 
-def make_client(client: Any, boto3_session: Any, max_concurrency: int = 8) -> Any:
+def make_client(
+    client: Any, boto3_session: Any, max_concurrency: int = 8, endpoint_url: str | None = None
+) -> Any:
     """Return *client*, or a ``medical-imaging`` client from *boto3_session* (default session).
 
     The client made here retries in botocore's standard mode (throttling and 5xx, 10 attempts),
     has a connection pool large enough for *max_concurrency*, and names us in its user agent.
+    An *endpoint_url* (a local service) also turns off the ``runtime-`` host prefix.
     """
     if client is not None:
         return client
@@ -131,12 +134,14 @@ def make_client(client: Any, boto3_session: Any, max_concurrency: int = 8) -> An
     from healthimaging_df import __version__
 
     session = boto3_session if boto3_session is not None else boto3.Session()
-    config = Config(
-        retries={"mode": "standard", "max_attempts": 10},
-        max_pool_connections=max(10, max_concurrency + 2),
-        user_agent_extra=f"healthimaging-df/{__version__}",
-    )
-    return session.client("medical-imaging", config=config)
+    settings: dict[str, Any] = {
+        "retries": {"mode": "standard", "max_attempts": 10},
+        "max_pool_connections": max(10, max_concurrency + 2),
+        "user_agent_extra": f"healthimaging-df/{__version__}",
+    }
+    if endpoint_url:
+        settings["inject_host_prefix"] = False
+    return session.client("medical-imaging", endpoint_url=endpoint_url, config=Config(**settings))
 
 
 def provenance(query: Query, plan: Plan, client: Any) -> dict[str, Any]:

@@ -639,12 +639,19 @@ def _parquet_bytes(
 ) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(
-        table.replace_schema_metadata(metadata),
+        table.replace_schema_metadata({**metadata, b"pandas": _pandas_metadata(table)}),
         sink,
         compression=compression,
         row_group_size=row_group_size,
     )
     return bytes(sink.getvalue().to_pybytes())
+
+
+def _pandas_metadata(table: pa.Table) -> bytes:
+    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean."""
+    empty = schema.arrow_to_pandas(table.slice(0, 0))
+    note: bytes = pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"]
+    return note
 
 
 def _split(table: pa.Table, parts: list[str]) -> Iterator[tuple[tuple[Any, ...], pa.Table]]:

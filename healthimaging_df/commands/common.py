@@ -414,26 +414,16 @@ class Target:
 def aws_client(args: argparse.Namespace) -> Any:
     """A ``medical-imaging`` client from --profile, --region and --endpoint-url (or the env)."""
     import boto3
-    from botocore.config import Config
     from botocore.exceptions import NoRegionError, ProfileNotFound
 
-    from healthimaging_df import __version__
+    from healthimaging_df.fetch import make_client
 
     try:
         session = boto3.Session(profile_name=args.profile, region_name=args.region)
     except ProfileNotFound:
         raise ConfigError("the profile given by --profile or AWS_PROFILE does not exist") from None
-    settings: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 10},
-        "max_pool_connections": max(10, args.max_concurrency + 2),
-        "user_agent_extra": f"healthimaging-df/{__version__}",
-    }
-    if args.endpoint_url:
-        settings["inject_host_prefix"] = False
     try:
-        client = session.client(
-            "medical-imaging", endpoint_url=args.endpoint_url, config=Config(**settings)
-        )
+        client = make_client(None, session, args.max_concurrency, endpoint_url=args.endpoint_url)
     except NoRegionError:
         raise ConfigError("no AWS region: pass --region or set AWS_REGION") from None
     except ValueError:
