@@ -95,13 +95,18 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def known_column(name: str) -> schema.Column:
+    """The schema's column called *name*; a ``QueryValidationError`` listing valid names if none."""
+    if name not in schema.BY_NAME:
+        raise QueryValidationError(
+            name, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
+        )
+    return schema.BY_NAME[name]
+
+
 def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True) -> Predicate:
     """Validate and type *values* for *column*; raise ``QueryValidationError`` on any fault."""
-    if column not in schema.BY_NAME:
-        raise QueryValidationError(
-            column, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
-        )
-    col = schema.BY_NAME[column]
+    col = known_column(column)
     items = tuple(values)
     if op in ("is_null", "not_null"):
         return Predicate(column, op)

@@ -90,10 +90,7 @@ class Query:
 
     def sort_by(self, column: str, ascending: bool = False) -> Query:
         """Order the result; the API sorts by updatedAt, createdAt and StudyDateTime itself."""
-        if column not in schema.BY_NAME:
-            raise QueryValidationError(
-                column, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
-            )
+        predicates.known_column(column)
         return replace(self, sort_column=column, ascending=bool(ascending))
 
     def limit(self, n: int) -> Query:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from healthimaging_df import schema
+from healthimaging_df import predicates, schema
 from healthimaging_df.errors import QueryValidationError
 
 if TYPE_CHECKING:
@@ -229,11 +229,7 @@ def _positive_float(text: str) -> float:
 
 def known_column(column: str) -> str:
     """Return *column* if the schema has it; raise ``QueryValidationError`` listing valid names."""
-    if column not in schema.BY_NAME:
-        raise QueryValidationError(
-            column, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
-        )
-    return column
+    return predicates.known_column(column).name
 
 
 def _typed_values(column: str, texts: list[str]) -> Any:
