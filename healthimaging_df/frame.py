@@ -19,7 +19,7 @@ from healthimaging_df.plan import Plan
 from healthimaging_df.predicates import Predicate
 
 _BUFFER_ROWS = 20_000
-_TIME = r"^(?P<h>[0-9]{2})(?P<m>[0-9]{2})?(?P<s>[0-9]{2})?(?:\.(?P<f>[0-9]{1,6}))?$"
+_TIME = r"^(?P<h>[0-9]{2})(?:(?P<m>[0-9]{2})(?:(?P<s>[0-9]{2})(?:\.(?P<f>[0-9]{1,6}))?)?)?$"
 _TAG_COLUMNS = [c for c in schema.COLUMNS if c.source[:1] == ("DICOMTags",)]
 _TOP_COLUMNS = [c for c in schema.COLUMNS if len(c.source) == 1]
 # The summary's own nested shape: pyarrow converts a list of such dicts in C++, no Python loop.
@@ -67,21 +67,22 @@ def _study_datetime_once_per_pair(study_date: pa.Array, study_time: pa.Array) ->
 
 
 def study_datetime(study_date: pa.Array, study_time: pa.Array) -> pa.Array:
-    """Combine DICOM DA (YYYYMMDD) and TM (HH[MM[SS[.ffffff]]], colons tolerated) wall-clock time.
+    """Combine DICOM DA (YYYYMMDD) and TM (HH, HHMM, HHMMSS or HHMMSS.f{1,6}) as wall-clock time.
 
-    A valid date with no time is that day's midnight (as the service treats a missing
-    DICOMStudyTime); an invalid date, or a time that is present but unreadable, gives null.
+    A valid date with no time (null or empty) is that day's midnight, as the service treats a
+    missing DICOMStudyTime; an invalid or partial date, or a time that is present but not DICOM
+    TM, gives null. The reading is strict on purpose, exactly as the local service reads records:
+    a client more lenient than the service would lose rows whenever a StudyDateTime range is
+    pushed down (the service would not return what the client would have kept).
     """
-    day_text = pc.utf8_trim_whitespace(study_date)
-    well_formed = pc.match_substring_regex(day_text, r"^[0-9]{8}$")
-    day = pc.strptime(day_text, format="%Y%m%d", unit="us", error_is_null=True)
+    well_formed = pc.match_substring_regex(study_date, r"^[0-9]{8}$")
+    day = pc.strptime(study_date, format="%Y%m%d", unit="us", error_is_null=True)
     # strptime rolls 20190230 over to March 2nd: a real date must print back as it was written.
-    real = pc.equal(pc.strftime(day, format="%Y%m%d"), day_text)
+    real = pc.equal(pc.strftime(day, format="%Y%m%d"), study_date)
     day = pc.if_else(pc.and_(well_formed, real), day, pa.scalar(None, pa.timestamp("us")))
 
-    clock = pc.replace_substring(pc.utf8_trim_whitespace(study_time), ":", "")
-    absent = pc.fill_null(pc.equal(pc.utf8_length(clock), 0), True)
-    parts = pc.extract_regex(clock, _TIME)
+    absent = pc.fill_null(pc.equal(pc.utf8_length(study_time), 0), True)
+    parts = pc.extract_regex(study_time, _TIME)
     hours, minutes, seconds = (_digits(pc.struct_field(parts, [i]), 2) for i in range(3))
     fraction = _digits(pc.struct_field(parts, [3]), 6)
     valid_clock = pc.and_(pc.and_(pc.less(hours, 24), pc.less(minutes, 60)), pc.less(seconds, 60))
@@ -114,6 +115,22 @@ def apply_predicates(table: pa.Table, predicates: tuple[Predicate, ...]) -> pa.T
     return table.filter(mask)
 
 
+def drop_superseded(matched: pa.Table, seen: pa.Table) -> pa.Table:
+    """Rows of *matched* that hold the highest version *seen* (unfiltered) of their image set.
+
+    Dedupe before filtering, in effect: a stale copy that matches must not outlive a newer copy
+    that no longer does (an image set read twice while it was being updated).
+    """
+    if matched.num_rows == 0 or pc.count_distinct(seen.column("imageSetId")).as_py() == len(seen):
+        return matched
+    latest = seen.group_by("imageSetId").aggregate([("version", "max")])
+    joined = matched.join(latest, "imageSetId")
+    current = pc.greater_equal(
+        pc.fill_null(joined.column("version"), -1), pc.fill_null(joined.column("version_max"), -1)
+    )
+    return joined.filter(current).drop_columns(["version_max"])
+
+
 def dedupe_and_sort(frame: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     """One row per imageSetId (highest version, then latest update), in the plan's order, limited."""
     if frame["imageSetId"].duplicated().any():
@@ -139,6 +156,7 @@ class Collector:
         self.plan = plan
         self._raw: list[dict[str, Any]] = []
         self._tables: list[pa.Table] = []
+        self._versions: list[pa.Table] = []  # every (imageSetId, version) read, matched or not
         self._keys: dict[int, list[Any]] = {}
 
     def add(self, page: Page) -> bool:
@@ -153,6 +171,7 @@ class Collector:
         table = summaries_to_table(page.items)
         matched = apply_predicates(table, self.plan.predicates)
         self._tables.append(matched)
+        self._versions.append(table.select(["imageSetId", "version"]))
         return self._limit_reached(page.chain, table, matched)
 
     def _limit_reached(self, chain: int, page: pa.Table, matched: pa.Table) -> bool:
@@ -174,6 +193,7 @@ class Collector:
         if self._raw:
             table = summaries_to_table(self._raw)
             self._tables.append(apply_predicates(table, self.plan.predicates))
+            self._versions.append(table.select(["imageSetId", "version"]))
             self._raw = []
 
     def finish(
@@ -186,6 +206,8 @@ class Collector:
         table = (
             pa.concat_tables(self._tables) if self._tables else schema.arrow_schema().empty_table()
         )
+        if self._versions:
+            table = drop_superseded(table, pa.concat_tables(self._versions))
         frame = dedupe_and_sort(schema.arrow_to_pandas(table, dtype_backend), self.plan)
         if provenance is not None:
             frame.attrs["healthimaging_df"] = provenance
@@ -193,7 +215,14 @@ class Collector:
 
 
 class Chunker:
-    """Turns pages into frames of about ``chunk_rows`` rows, each image set yielded once."""
+    """Turns pages into frames of about ``chunk_rows`` rows, each image set once per version.
+
+    A chunk holds the highest version read so far of each of its image sets. An image set updated
+    while the scan runs can be read twice (its new version sorts after the old one, or it sits on a
+    window's boundary second); if its newer version arrives after the older one was yielded, it is
+    yielded again in a later chunk, so nothing stale is kept silently: keep the highest
+    ``version`` per ``imageSetId`` when combining chunks of a datastore that is being written to.
+    """
 
     def __init__(
         self,
@@ -207,8 +236,9 @@ class Chunker:
         self.dtype_backend = dtype_backend
         self.provenance = provenance
         self._raw: list[dict[str, Any]] = []
-        self._seen: set[str] = set()
-        self._yielded = False
+        self._latest: dict[str, int] = {}  # highest version read of each image set
+        self._yielded: dict[str, int] = {}  # version yielded of each image set
+        self._any = False
 
     def add(self, page: Page) -> Iterator[pd.DataFrame]:
         """Take one page; yield a chunk when enough rows are buffered."""
@@ -219,8 +249,8 @@ class Chunker:
     def flush(self) -> Iterator[pd.DataFrame]:
         """Yield what is left; an empty result still yields one empty, typed frame."""
         yield from self._emit()
-        if not self._yielded:
-            self._yielded = True
+        if not self._any:
+            self._any = True
             empty = schema.empty_frame(self.dtype_backend)
             empty.attrs["healthimaging_df"] = self.provenance
             yield empty
@@ -228,16 +258,34 @@ class Chunker:
     def _emit(self) -> Iterator[pd.DataFrame]:
         if not self._raw:
             return
-        table = apply_predicates(summaries_to_table(self._raw), self.plan.predicates)
+        table = summaries_to_table(self._raw)
         self._raw = []
-        frame = schema.arrow_to_pandas(table, self.dtype_backend)
+        seen = table.select(["imageSetId", "version"])
+        for image_set, version in zip(
+            seen.column("imageSetId").to_pylist(), seen.column("version").to_pylist(), strict=True
+        ):
+            version = -1 if version is None else version
+            if version > self._latest.get(image_set, -2):
+                self._latest[image_set] = version
+        matched = drop_superseded(apply_predicates(table, self.plan.predicates), seen)
+        frame = schema.arrow_to_pandas(matched, self.dtype_backend)
         if frame["imageSetId"].duplicated().any():
             frame = frame.sort_values(["imageSetId", "version"], kind="stable").drop_duplicates(
                 "imageSetId", keep="last"
             )
-        frame = frame[~frame["imageSetId"].isin(self._seen)].reset_index(drop=True)
-        self._seen.update(frame["imageSetId"].tolist())
+        versions = _versions_of(frame)
+        fresh = [
+            self._latest[i] == v and self._yielded.get(i) != v
+            for i, v in zip(frame["imageSetId"].tolist(), versions, strict=True)
+        ]
+        frame = frame[fresh].reset_index(drop=True)
+        self._yielded.update(zip(frame["imageSetId"].tolist(), _versions_of(frame), strict=True))
         if len(frame):
-            self._yielded = True
+            self._any = True
             frame.attrs["healthimaging_df"] = self.provenance
             yield frame
+
+
+def _versions_of(frame: pd.DataFrame) -> list[int]:
+    """The ``version`` column as ints, a missing version as -1."""
+    return list(frame["version"].fillna(-1).astype("int64").tolist())

@@ -71,9 +71,10 @@ _MATERIALIZE_LIMIT = 5000
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _ID_RE = re.compile(r"[0-9a-z]{32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9._/#-]{1,256}")
-_REQ_DATE_RE = re.compile(r"(\d{4})(\d{2})(\d{2})")
-_REQ_TIME_RE = re.compile(r"(\d{2})(\d{2})(\d{2})(?:\.(\d{1,6}))?")
-_REC_TIME_RE = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
+# ASCII digits only: Python's \d also matches other scripts' digits, which DICOM never allows.
+_REQ_DATE_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})")
+_REQ_TIME_RE = re.compile(r"([0-9]{2})([0-9]{2})([0-9]{2})(?:\.([0-9]{1,6}))?")
+_REC_TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
 
 
 class BackendError(Exception):

@@ -8,10 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from healthimaging_df import schema
 from healthimaging_df.frame import study_datetime, summaries_to_table
 from healthimaging_df.local import generate_image_sets
+from healthimaging_df.local.backend import study_datetime as backend_study_datetime
 
 from .conftest import flat_row
 
@@ -26,7 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
         ("20200101", "", datetime(2020, 1, 1)),
         ("20200101", "1015", datetime(2020, 1, 1, 10, 15)),
         ("20200101", "10", datetime(2020, 1, 1, 10)),
-        ("20200101", "10:15:30", datetime(2020, 1, 1, 10, 15, 30)),
+        ("20200101", "10:15:30", None),  # ACR-NEMA colons are not DICOM TM: strict, as the service
+        ("20200101", "10.5", None),  # a fraction only follows seconds
+        ("20200101", "1030.25", None),
+        (" 20200101", "0930", None),  # no trimming either
+        ("2020010\uff11", None, None),  # a full-width digit is not a digit here
+        ("20200101", "101530.", None),
         ("20200229", "235959.999999", datetime(2020, 2, 29, 23, 59, 59, 999999)),
         ("20210229", "1000", None),  # no such day
         ("20190230", None, None),
@@ -42,6 +50,25 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_study_datetime(day: str | None, clock: str | None, expected: datetime | None) -> None:
     result = study_datetime(pa.array([day], pa.string()), pa.array([clock], pa.string()))
     assert result.to_pylist() == [expected]
+
+
+_TEXT = st.text(alphabet="0123456789.: |\uff11", max_size=16)
+_REALISTIC_DATE = st.sampled_from(["20200101", "20200229", "20210229", "2020", "", " 20200101"])
+_REALISTIC_TIME = st.sampled_from(["", "10", "1030", "103015", "103015.5", "103015.123456", "2400"])
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    day=st.none() | _TEXT | _REALISTIC_DATE,
+    clock=st.none() | _TEXT | _REALISTIC_TIME,
+)
+def test_client_and_local_service_read_study_date_times_alike(
+    day: str | None, clock: str | None
+) -> None:
+    """If the client read a value the service cannot, a pushed-down range would lose that row."""
+    tags = {k: v for k, v in (("DICOMStudyDate", day), ("DICOMStudyTime", clock)) if v is not None}
+    table = summaries_to_table([{"imageSetId": "a" * 32, "DICOMTags": tags}])
+    assert table.column("StudyDateTime").to_pylist() == [backend_study_datetime(tags)]
 
 
 def test_flattening_matches_an_independent_flattening() -> None:
@@ -109,3 +136,46 @@ def test_fields_an_older_botocore_omits_are_null_columns() -> None:
 def test_docs_schema_table_is_generated_from_the_schema() -> None:
     text = (ROOT / "docs" / "schema.md").read_text(encoding="utf-8")
     assert text == schema.render_docs(), "regenerate docs/schema.md from schema.render_docs()"
+
+
+def _two_versions() -> tuple[dict, dict]:
+    """An image set as read before and after an update that changed its modality."""
+    import copy
+
+    old = next(
+        r for r in generate_image_sets(n=50, seed=4) if r["DICOMTags"].get("DICOMSeriesModality")
+    )
+    new = copy.deepcopy(old)
+    new["version"] = old["version"] + 1
+    new["DICOMTags"]["DICOMSeriesModality"] = "ZZ"
+    return old, new
+
+
+@pytest.mark.parametrize("order", ["old_first", "new_first"])
+def test_a_stale_copy_never_outlives_a_newer_one_that_left_the_cohort(order: str) -> None:
+    from healthimaging_df import Query
+    from healthimaging_df.fetch import Page
+    from healthimaging_df.frame import Chunker, Collector
+
+    old, new = _two_versions()
+    pages = [old, new] if order == "old_first" else [new, old]
+    plan = Query("0" * 32).where(Modality=old["DICOMTags"]["DICOMSeriesModality"]).compile()
+    collector = Collector(plan)
+    for item in pages:
+        collector.add(Page(0, [item]))
+    assert old["imageSetId"] not in set(collector.finish()["imageSetId"])
+
+    everything = Query("0" * 32).compile()
+    collector = Collector(everything)
+    for item in pages:
+        collector.add(Page(0, [item]))
+    [kept] = collector.finish()["version"].tolist()
+    assert kept == new["version"]
+
+    chunker = Chunker(everything, 1, "numpy_nullable", {})
+    chunks = [c for item in pages for c in chunker.add(Page(0, [item]))] + list(chunker.flush())
+    yielded = [int(v) for c in chunks for v in c["version"]]
+    # a newer version arriving after the old one was yielded comes again; an older one never does
+    assert yielded == (
+        [old["version"], new["version"]] if order == "old_first" else [new["version"]]
+    )
