@@ -9,7 +9,6 @@ is DICOM wall-clock time with no zone, so its bounds must be naive.
 
 from __future__ import annotations
 
-import math
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
@@ -80,14 +79,11 @@ def ceil_second(moment: datetime) -> datetime:
     return floored if floored == moment else floored + timedelta(seconds=1)
 
 
-def epoch_seconds(moment: datetime) -> int:
-    """Whole epoch seconds of an aware datetime, rounded down."""
-    return math.floor(moment.timestamp())
-
-
 def study_date_and_time(moment: datetime) -> dict[str, str]:
     """The API's ``DICOMStudyDateAndTime`` for a naive wall-clock bound (YYYYMMDD, HHMMSS.ffffff)."""
-    clock = moment.strftime("%H%M%S")
+    clock = f"{moment.hour:02d}{moment.minute:02d}{moment.second:02d}"
     if moment.microsecond:
         clock += f".{moment.microsecond:06d}"
-    return {"DICOMStudyDate": moment.strftime("%Y%m%d"), "DICOMStudyTime": clock}
+    # Formatted by hand: strftime("%Y") does not pad years before 1000 to four digits.
+    day = f"{moment.year:04d}{moment.month:02d}{moment.day:02d}"
+    return {"DICOMStudyDate": day, "DICOMStudyTime": clock}

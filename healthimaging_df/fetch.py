@@ -126,6 +126,9 @@ def make_client(
     has a connection pool large enough for *max_concurrency*, and names us in its user agent.
     An *endpoint_url* (a local service) also turns off the ``runtime-`` host prefix.
     """
+    from healthimaging_df import logs
+
+    logs.refresh()  # loggers of botocore modules imported since then are covered too
     if client is not None:
         return client
     import boto3
@@ -183,7 +186,7 @@ class Page:
     """
 
     chain: int
-    items: list[dict[str, Any]]
+    items: list[dict[str, Any]] = field(repr=False)  # summaries are PHI
     task: int = 0
     done: bool = False
     covered: Window | None = None
@@ -228,11 +231,10 @@ class _Task:
 
 @dataclass
 class _Counters:
+    """What the consumer has received (only its thread touches these)."""
+
     pages: int = 0
     image_sets: int = 0
-    requests: int = 0
-    splits: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def stream(
@@ -523,7 +525,6 @@ class PageStream:
             busy = self._outstanding
         parts = max(2, min(seconds, self.options.max_concurrency - busy + 1))
         edges = sorted({low + timedelta(seconds=seconds * k // parts) for k in range(parts + 1)})
-        self.counters.splits += 1
         for a, b in itertools.pairwise(edges):
             self._submit(_Task(task.chain, (a, b)))
 
@@ -532,7 +533,6 @@ class PageStream:
 
         if self._limiter is not None:
             self._limiter.acquire()
-        self.counters.requests += 1
         try:
             response: dict[str, Any] = self.client.search_image_sets(**kwargs)
         except ClientError as exc:

@@ -44,6 +44,13 @@ class Chain:
     sort: dict[str, str] | None
     window: tuple[datetime, datetime] | None = None
 
+    def __repr__(self) -> str:
+        keys = [next(iter(f["values"][0]), "?") for f in self.filters]
+        where = (
+            f", window={self.window[0]:%Y-%m-%d}..{self.window[1]:%Y-%m-%d}" if self.window else ""
+        )
+        return f"Chain({self.index}, filters on {keys or 'nothing'}{where})"  # no values: PHI
+
     def criteria(self, window: tuple[datetime, datetime] | None = None) -> dict[str, Any]:
         """``searchCriteria`` for this chain, or for a sub-window of it."""
         filters = list(self.filters)
@@ -88,6 +95,12 @@ class Plan:
     sort_pushed: bool
     limit: int | None
     note: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(datastore_id={self.datastore_id!r}, chains={len(self.chains)}, "
+            f"predicates={list(self.predicates)!r}, limit={self.limit})"  # no values: PHI
+        )
 
     @property
     def windowed(self) -> bool:

@@ -112,6 +112,8 @@ def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True)
         return Predicate(column, op)
     if op in ("in", "not_in") and not items:
         raise QueryValidationError(column, "the list of values is empty")
+    if op in ("eq", "ne") and len(items) != 1:
+        raise QueryValidationError(column, f"'{op}' takes exactly one value")
     if op in ("contains", "regex"):
         if col.kind != "string":
             raise QueryValidationError(column, f"'{op}' needs a text column")

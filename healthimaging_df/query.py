@@ -119,6 +119,10 @@ class Query:
     def from_dict(cls, data: dict[str, Any]) -> Query:
         """Rebuild a query from ``to_dict()`` output, validating it again."""
         query = cls(data["datastore_id"])
+        if data.get("redacted") or any("values_redacted" in p for p in data.get("predicates", ())):
+            raise QueryValidationError(
+                "query", "its values were redacted; pass the original query instead"
+            )
         built = tuple(
             predicates.build(p["column"], p["op"], p.get("values", ()), case=p.get("case", True))
             for p in data.get("predicates", ())

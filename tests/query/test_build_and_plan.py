@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
@@ -302,3 +303,29 @@ def test_unbounded_window_upper_bound_moves_with_now() -> None:
     plan = compile_query(Query(DS), now=now)
     assert plan.chains[0].window is not None
     assert plan.chains[0].window[1] - now < timedelta(days=2)
+
+
+def test_study_dates_before_year_1000_keep_eight_digits() -> None:
+    q = Query(DS).between("StudyDateTime", datetime(999, 1, 2), datetime(999, 12, 31, 1, 2, 3))
+    [[between]] = filters(q)
+    assert [v["DICOMStudyDateAndTime"] for v in between["values"]] == [
+        {"DICOMStudyDate": "09990102", "DICOMStudyTime": "000000"},
+        {"DICOMStudyDate": "09991231", "DICOMStudyTime": "010203"},
+    ]
+
+
+def test_equality_takes_exactly_one_value() -> None:
+    from healthimaging_df import predicates
+
+    with pytest.raises(QueryValidationError, match="exactly one value"):
+        predicates.build("PatientID", "eq", ())
+    with pytest.raises(QueryValidationError, match="exactly one value"):
+        predicates.build("PatientID", "ne", ("a", "b"))
+
+
+def test_a_redacted_query_cannot_be_rebuilt_into_an_empty_one() -> None:
+    from healthimaging_df.redact import redact_query_json
+
+    data = json.loads(redact_query_json(json.dumps(Query(DS).where(PatientID="P").to_dict())))
+    with pytest.raises(QueryValidationError, match="redacted"):
+        Query.from_dict(data)

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Request, Response
 
 from healthimaging_df import Query, redact_botocore_logs
 from healthimaging_df.errors import PaginationError
+from healthimaging_df.fetch import Page
 from healthimaging_df.local import LocalService
 
 from .conftest import flat_row
@@ -126,5 +127,34 @@ def test_errors_and_reprs_hold_no_phi(service: LocalService, records: list) -> N
         .where(PatientID=row["PatientID"], SeriesInstanceUID=row["SeriesInstanceUID"])
         .contains("PatientName", row["PatientName"] or "x")
     )
-    shown = repr(query) + query.explain() + repr(query.predicates)
+    plan = query.compile()
+    shown = repr(query) + query.explain() + repr(query.predicates) + repr(plan)
+    shown += repr(plan.chains) + repr(Page(0, records[:3]))
     assert [v for v in phi_values(records[:1]) if v in shown] == []
+
+
+def test_unknown_botocore_templates_are_redacted_by_default() -> None:
+    from healthimaging_df import logs
+
+    def passed(name: str, template: str, *args: object) -> str:
+        record = logging.LogRecord(name, logging.DEBUG, __file__, 1, template, args, None)
+        assert logs.PHIRedactingFilter().filter(record)
+        return record.getMessage()
+
+    assert passed("botocore.hooks", "Event %s: calling handler %s", "e", "h") == (
+        "Event e: calling handler h"
+    )
+    shown = passed("botocore.endpoint", "Some new message with %s", "PAT-SECRET")
+    assert "PAT-SECRET" not in shown
+    assert shown.startswith("Some new message with: <redacted")
+
+
+def test_loggers_created_later_are_covered(service: LocalService) -> None:
+    from healthimaging_df import logs
+
+    late = logging.getLogger("botocore.module_imported_later")
+    assert logs._FILTER not in late.filters
+    Query(service.datastore_id).where(PatientID="P").to_dataframe(
+        client=service.client(), progress=False
+    )
+    assert logs._FILTER in late.filters
