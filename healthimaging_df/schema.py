@@ -192,8 +192,8 @@ COLUMNS: tuple[Column, ...] = (
         "StudyDateTime",
         (),
         "wallclock",
-        "StudyDate + StudyTime as a local date-time with no zone; a date without a time is that "
-        "day's midnight; unparseable is NaT.",
+        "StudyDate + StudyTime read as strict DICOM DA/TM, a local date-time with no zone; a date "
+        "without a time is that day's midnight; anything else (partial dates, colons) is NaT.",
         phi=True,
         search_key="DICOMStudyDateAndTime",
         search_operator="BETWEEN",
