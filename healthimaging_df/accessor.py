@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import pandas as pd
 
 from healthimaging_df import cohort, metadata
+from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.schema import KEY_COLUMNS
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from healthimaging_df.redact import RedactionPolicy
     from healthimaging_df.snapshot import RefreshReport, SnapshotInfo
 
-__all__ = ["AHIAccessor"]
+__all__ = ["AHIAccessor", "SQLQueryError"]
 
 _ROLLUPS = ("studies", "patients")
 
@@ -38,6 +39,23 @@ def _missing_extra(package: str, extra: str, what: str) -> ImportError:
     return ImportError(
         f'{what} needs {package}, an optional extra: pip install "healthimaging-df[{extra}]"'
     )
+
+
+class SQLQueryError(QueryValidationError):
+    """DuckDB could not run a ``df.ahi.sql()`` query.
+
+    DuckDB's message can quote the frame's values and the query's literals (PHI), so it is kept
+    in ``engine_message`` and left out of ``str(error)``, which names only DuckDB's error class.
+    """
+
+    def __init__(self, kind: str, engine_message: str) -> None:
+        super().__init__(
+            "query",
+            f"DuckDB raised {kind}; its message, which may quote values, is withheld from this "
+            "text: see the error's engine_message",
+        )
+        self.kind = kind
+        self.engine_message = engine_message
 
 
 @pd.api.extensions.register_dataframe_accessor("ahi")
@@ -100,6 +118,8 @@ class AHIAccessor:
         computed only when the query names them; keyword *frames* add (or replace) tables.
         Needs the ``duckdb`` extra. The result has nullable dtypes and the frame's ``attrs``;
         e.g. ``df.ahi.sql("SELECT Modality, count(*) AS n FROM image_sets GROUP BY 1")``.
+        A query DuckDB cannot run raises :class:`SQLQueryError`, whose text names only DuckDB's
+        error class (DuckDB's message, which can quote values, is in ``engine_message``).
         """
         try:
             import duckdb
@@ -117,11 +137,17 @@ class AHIAccessor:
             connection.execute("SET TimeZone = 'UTC'")
             for name, table in tables.items():
                 connection.register(name, pa.Table.from_pandas(table, preserve_index=False))
-            relation = connection.sql(query)
-            if relation is None:
-                raise ValueError("sql() needs a query that returns rows (SELECT, WITH...)")
-            to_table = getattr(relation, "to_arrow_table", None) or relation.arrow
-            result = to_table()
+            try:
+                relation = connection.sql(query)
+                if relation is None:
+                    raise QueryValidationError(
+                        "query", "sql() needs a query that returns rows (SELECT, WITH...)"
+                    )
+                to_table = getattr(relation, "to_arrow_table", None) or relation.arrow
+                result = to_table()
+            except duckdb.Error as exc:
+                # DuckDB quotes cells ("Could not convert string '<value>'") and query text.
+                raise SQLQueryError(type(exc).__name__, str(exc)) from None
         finally:
             connection.close()
         frame = result.to_pandas(types_mapper=metadata._nullable)
@@ -178,9 +204,17 @@ class AHIAccessor:
         SOPInstanceUID at ``level="instance"``), ready to merge on ``imageSetId``; or, with
         ``dry_run=True``, a :class:`~healthimaging_df.metadata.MetadataPlan` (nothing sent).
         Warns once (``ArchiveAccessWarning``) when archived image sets would be accessed.
+        Bad options raise ``QueryValidationError`` before any call, dry run or not.
         """
-        if dry_run:
-            return metadata.fetch_metadata(self._frame, level=level, max_tps=max_tps, dry_run=True)
+        if dry_run:  # the options are checked as for a real run
+            return metadata.fetch_metadata(
+                self._frame,
+                level=level,
+                max_tps=max_tps,
+                max_concurrency=max_concurrency,
+                on_error=on_error,
+                dry_run=True,
+            )
         return metadata.fetch_metadata(
             self._frame,
             client=client,

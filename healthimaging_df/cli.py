@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from healthimaging_df import __version__
 
@@ -60,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 service error, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would quote them, and a stray word is often a value (PHI)
+        parser.error(
+            f"{len(extras)} unrecognized argument(s), not shown as they may be values; quote a "
+            "value that holds spaces (--where 'StudyDescription=CT CHEST')"
+        )
     verbose = int(args.verbose)
     _configure_logging(verbose)
     try:
@@ -74,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_SERVICE
     except Exception as exc:  # every failure becomes one PHI-free line and an exit code
-        code, message = describe(exc)
+        code, message = describe(exc, _given_paths(args))
         if verbose:
             _print_traceback(exc)
         print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
@@ -82,11 +88,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def describe(exc: BaseException) -> tuple[int, str]:
+def _given_paths(args: argparse.Namespace) -> list[str]:
+    """The file and directory paths typed on the command line (not stdin/stdout's ``-``)."""
+    given = (getattr(args, name, None) for name in ("out", "path", "source", "ids_from"))
+    return [str(path) for path in given if path not in (None, "", "-")]
+
+
+def _file_named(filename: object, given: Sequence[str]) -> str:
+    """How an ``OSError``'s file is named: only paths typed on the command line are shown.
+
+    Paths the library builds can hold values (a Hive partition directory is
+    ``PatientID=<value>``), so a file under a given directory is not named, only the directory;
+    a temporary file next to a given path is named by that path.
+    """
+    text = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else ""
+    if not text:
+        return " (path withheld: it may hold values)"
+    path = Path(os.path.abspath(text))
+    for typed in given:
+        target = Path(os.path.abspath(typed))
+        if path == target or path in target.parents:  # the path, or a directory on its way
+            return f": {text}"
+        if path.parent == target.parent and path.name.startswith(f".{target.name}."):
+            return f": {typed}"
+        if target in path.parents:
+            return f": a file under {typed}"
+    return " (path withheld: it may hold values)"
+
+
+def describe(exc: BaseException, given_paths: Sequence[str] = ()) -> tuple[int, str]:
     """The exit code and a one-line, PHI-free message for *exc*.
 
     Our own exceptions are written without values; any other exception is named by its type only,
-    since its message may quote a request or response (PHI).
+    since its message may quote a request or response (PHI). An ``OSError``'s file is named only
+    when it is one of *given_paths* (typed on the command line), or lies under one.
     """
     from healthimaging_df.commands.common import UsageError
     from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SearchError
@@ -109,7 +144,7 @@ def describe(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, BotoCoreError):
         return EXIT_SERVICE, f"AWS SDK error: {type(exc).__name__}"
     if isinstance(exc, OSError):
-        where = f": {exc.filename}" if exc.filename else ""
+        where = _file_named(exc.filename, given_paths) if exc.filename else ""
         return EXIT_SERVICE, f"{exc.strerror or type(exc).__name__}{where}"
     return EXIT_SERVICE, f"unexpected {type(exc).__name__} (run with --verbose for the traceback)"
 

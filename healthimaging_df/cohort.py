@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from healthimaging_df.errors import QueryValidationError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -59,10 +61,15 @@ def with_attrs(result: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
 
 
 def require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
-    """Raise ``KeyError`` naming the columns *what* needs and *frame* lacks."""
+    """Raise ``QueryValidationError`` naming the columns *what* needs and *frame* lacks.
+
+    The names are *columns*' own (ours), never the frame's other column names or its values.
+    """
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise KeyError(f"{what} needs column(s) the frame lacks: {', '.join(missing)}")
+        raise QueryValidationError(
+            "frame", f"{what} needs column(s) the frame lacks: {', '.join(missing)}"
+        )
 
 
 def _latest_values(frame: pd.DataFrame, key: str, columns: Iterable[str]) -> pd.DataFrame:
@@ -237,6 +244,8 @@ def age_band(age: pd.Series, width: int = AGE_BAND_WIDTH) -> pd.Series:
     >>> age_band(pd.Series([4, 45, 97, None], dtype="Int64")).tolist()
     ['0-9', '40-49', '90+', <NA>]
     """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise QueryValidationError("width", "must be a positive integer")
     low = (age // width * width).clip(upper=_OLDEST_BAND)
     labels = {b: f"{b}-{b + width - 1}" for b in range(0, _OLDEST_BAND, width)}
     labels[_OLDEST_BAND] = f"{_OLDEST_BAND}+"

@@ -28,14 +28,15 @@ from typing import Any, Literal, overload
 import pandas as pd
 import pyarrow as pa
 
-from healthimaging_df.cohort import with_attrs
+from healthimaging_df.cohort import require, with_attrs
 from healthimaging_df.errors import (
     ArchiveAccessWarning,
     MetadataFetchError,
+    QueryValidationError,
     SearchError,
     ThrottledError,
 )
-from healthimaging_df.fetch import THROTTLING_CODES, RateLimiter, make_client
+from healthimaging_df.fetch import THROTTLING_CODES, FetchOptions, RateLimiter, make_client
 
 __all__ = [
     "ARCHIVED",
@@ -133,15 +134,24 @@ def _targets(frame: pd.DataFrame) -> tuple[list[_Target], int]:
     return targets, archived
 
 
+def _fetch_options(max_concurrency: int, max_tps: float | None) -> FetchOptions:
+    """Validate the pacing options as the search does (``QueryValidationError`` if bad)."""
+    try:
+        return FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
+    except TypeError:  # max_tps that is not a number cannot be compared with 0
+        raise QueryValidationError("max_tps", "must be a positive number or None") from None
+
+
 def _datastore_id(frame: pd.DataFrame, datastore_id: str | None) -> str:
     if datastore_id is not None:
         return datastore_id
     provenance = frame.attrs.get("healthimaging_df")
     found = provenance.get("datastore_id") if isinstance(provenance, dict) else None
     if not found:
-        raise ValueError(
-            "the frame's attrs carry no datastore_id (it did not come from Query.to_dataframe or "
-            "a snapshot): pass datastore_id=..."
+        raise QueryValidationError(
+            "datastore_id",
+            "the frame's attrs carry none (it did not come from Query.to_dataframe or a "
+            "snapshot): pass datastore_id=...",
         )
     return str(found)
 
@@ -395,6 +405,9 @@ def fetch_metadata(
 
     Raises
     ------
+    QueryValidationError
+        A bad option, a frame without ``imageSetId``, or no datastore_id to be found; raised
+        before any call (also with ``dry_run=True``).
     MetadataFetchError
         Some image sets failed and ``on_error="raise"``.
     SearchError
@@ -408,17 +421,11 @@ def fetch_metadata(
         the frequent tier).
     """
     if level not in ("series", "instance"):
-        raise ValueError(f"level must be 'series' or 'instance', not {level!r}")
+        raise QueryValidationError("level", "must be 'series' or 'instance'")
     if on_error not in ("raise", "report"):
-        raise ValueError(f"on_error must be 'raise' or 'report', not {on_error!r}")
-    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-        raise ValueError("max_concurrency must be a positive integer")
-    if max_concurrency < 1:
-        raise ValueError("max_concurrency must be a positive integer")
-    if max_tps is not None and not max_tps > 0:
-        raise ValueError("max_tps must be a positive number or None")
-    if "imageSetId" not in frame.columns:
-        raise KeyError("fetch_metadata() needs column(s) the frame lacks: imageSetId")
+        raise QueryValidationError("on_error", "must be 'raise' or 'report'")
+    _fetch_options(max_concurrency, max_tps)
+    require(frame, ("imageSetId",), "fetch_metadata()")
     targets, archived = _targets(frame)
     if dry_run:
         return MetadataPlan(calls=len(targets), archived=archived, max_tps=max_tps or float("inf"))
@@ -496,10 +503,7 @@ def _fetch_all(
                         ) from None
                     failures[target.position] = failure.code
                     log.debug(
-                        "%s failed for image set %s: %s",
-                        OPERATION,
-                        target.image_set_id,
-                        failure.code,
+                        "%s failed for image set #%d: %s", OPERATION, target.position, failure.code
                     )
                 else:
                     if document is not None:

@@ -313,7 +313,11 @@ def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
 def read_ids(source: str, column: str) -> list[str]:
     """Distinct IDs, in file order, from a CSV/TSV column or a text file (``-`` is stdin)."""
     if source == "-":
-        text = sys.stdin.read()
+        buffer = getattr(sys.stdin, "buffer", None)
+        try:  # UTF-8 strictly, as for a file (the text layer may be set to let bad bytes by)
+            text = buffer.read().decode("utf-8-sig") if buffer is not None else sys.stdin.read()
+        except UnicodeDecodeError:  # its message quotes the bytes it could not decode
+            raise UsageError("cannot read --ids-from -: stdin is not UTF-8 text") from None
         suffix = ""
     else:
         path = Path(source)
@@ -325,13 +329,13 @@ def read_ids(source: str, column: str) -> list[str]:
         suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
-        headers = reader.fieldnames or []
-        if column not in headers:
-            raise UsageError(
-                f"--ids-from {source} has no column {column!r} (its columns: "
-                f"{', '.join(headers) or 'none'}); name it with --csv-column"
-            )
-        values = [(row.get(column) or "").strip() for row in reader]
+        try:
+            headers = list(reader.fieldnames or [])
+            if column not in headers:
+                raise UsageError(_missing_column(source, column, headers))
+            values = [(row.get(column) or "").strip() for row in reader]
+        except csv.Error:  # its message can quote a cell
+            raise UsageError(f"--ids-from {source} is not a well-formed CSV file") from None
     else:
         lines = (line.strip() for line in text.splitlines())
         values = [line for line in lines if not line.startswith("#")]
@@ -339,6 +343,21 @@ def read_ids(source: str, column: str) -> list[str]:
     if not ids:
         raise UsageError(f"--ids-from {source} holds no IDs")
     return ids
+
+
+def _missing_column(source: str, column: str, headers: list[str]) -> str:
+    """Why *column* is not in a CSV file's *headers*, without quoting the file.
+
+    The first line may be data (a file without a header row) and its cells PHI, so only the
+    count of columns is given, and those header cells that are the schema's column names.
+    """
+    named = [h for h in dict.fromkeys(headers) if h in schema.BY_NAME]
+    known = f"; of the schema's column names it has: {', '.join(named)}" if named else ""
+    return (
+        f"--ids-from {source} has no column {column!r} in its first line ({len(headers)} "
+        f"column(s){known}); name the ID column with --csv-column, or give a text file with "
+        "one ID per line"
+    )
 
 
 def has_query_options(args: argparse.Namespace) -> bool:

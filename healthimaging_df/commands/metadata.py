@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                 datastore_id=target.datastore_id,
             )
         for warning in caught:
-            print(f"healthimaging-df metadata: warning: {warning.message}", file=sys.stderr)
+            print(f"healthimaging-df metadata: warning: {_warning_text(warning)}", file=sys.stderr)
     if not hasattr(result, "columns"):  # a dry run's MetadataPlan
         print(result)
         return 0
@@ -123,6 +123,15 @@ def run(args: argparse.Namespace) -> int:
         if failed:
             common.status(args, f"{failed} image set(s) failed: see the metadataError column")
     return 0
+
+
+def _warning_text(warning: warnings.WarningMessage) -> str:
+    """Our warnings' words (written without values); any other warning by its category only."""
+    from healthimaging_df.errors import HealthImagingDFWarning
+
+    if issubclass(warning.category, HealthImagingDFWarning):
+        return str(warning.message)
+    return f"{warning.category.__name__} (message withheld: it may quote values)"
 
 
 def _provenance_datastore(frame: Any) -> str | None:

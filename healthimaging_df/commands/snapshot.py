@@ -139,8 +139,12 @@ def _policy(args: argparse.Namespace) -> RedactionPolicy | None:
             f"--redact needs the key in the environment variable {args.key_env}"
         )
     try:
+        key_bytes = key.encode("utf-8")
+    except UnicodeError:  # its message quotes characters of the key
+        raise common.UsageError(f"the key in {args.key_env} is not valid text") from None
+    try:
         return RedactionPolicy(
-            key=key.encode("utf-8"),
+            key=key_bytes,
             drop=tuple(_names(args.drop) if args.drop else DEFAULT_DROP),
             hash=tuple(_names(args.hash) if args.hash else DEFAULT_HASH),
             birth_date_to_year=not args.keep_birth_date,

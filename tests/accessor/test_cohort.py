@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 
 import healthimaging_df
-from healthimaging_df.accessor import AHIAccessor
+from healthimaging_df import cohort
+from healthimaging_df.accessor import AHIAccessor, SQLQueryError
+from healthimaging_df.errors import HealthImagingDFError, QueryValidationError
 from healthimaging_df.local import LocalService
 
 
@@ -431,3 +433,56 @@ def test_sql_without_duckdb_names_the_extra(
     monkeypatch.setitem(__import__("sys").modules, "duckdb", None)
     with pytest.raises(ImportError, match=r'pip install "healthimaging-df\[duckdb\]"'):
         frame.ahi.sql("SELECT 1")
+
+
+def test_sql_errors_withhold_duckdb_message_and_its_values(frame: pd.DataFrame) -> None:
+    patient = str(frame["PatientID"].dropna().iloc[0])
+    assert not patient.isdigit()
+    # DuckDB's own message would read: Could not convert string '<PatientID>' to INT32.
+    query = "SELECT CAST(PatientID AS INTEGER) AS n FROM image_sets WHERE PatientID = ?"
+    with pytest.raises(SQLQueryError) as raised:
+        frame.ahi.sql(query.replace("?", f"'{patient}'"))
+    error = raised.value
+    assert isinstance(error, QueryValidationError)
+    assert isinstance(error, HealthImagingDFError)
+    assert error.kind == "ConversionException"
+    assert patient in error.engine_message  # kept for whoever handles it...
+    assert patient not in str(error)  # ...but never in the text that reaches a log
+    assert patient not in repr(error)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
+    assert str(error).startswith("query: DuckDB raised ConversionException")
+
+
+@pytest.mark.parametrize(
+    ("method", "dropped"),
+    [
+        ("studies", "updatedAt"),
+        ("patients", "StudyInstanceUID"),
+        ("primary", "isPrimary"),
+        ("age_at_study", "StudyDate"),
+        ("summary", "Modality"),
+    ],
+)
+def test_a_missing_column_is_a_validation_error_naming_only_columns(
+    frame: pd.DataFrame, method: str, dropped: str
+) -> None:
+    slim = frame.drop(columns=dropped)
+    if method == "patients":  # the accessor itself needs StudyInstanceUID: call the function
+        call: Any = lambda: cohort.patients(slim)  # noqa: E731
+    else:
+        call = getattr(slim.ahi, method)
+    with pytest.raises(QueryValidationError) as raised:
+        call()
+    assert raised.value.field == "frame"
+    assert str(raised.value) == f"frame: {method}() needs column(s) the frame lacks: {dropped}"
+    values = {str(v) for v in frame["PatientID"].dropna().head(50)}
+    assert not any(v in str(raised.value) for v in values)
+
+
+@pytest.mark.parametrize("width", [0, -10, 2.5, True])
+def test_age_band_rejects_a_width_that_is_not_a_positive_integer(width: Any) -> None:
+    ages = pd.Series([4, 45], dtype="Int64")
+    with pytest.raises(QueryValidationError, match=r"^width: must be a positive integer$"):
+        cohort.age_band(ages, width)
+    assert cohort.age_band(ages, 5).tolist() == ["0-4", "45-49"]

@@ -12,7 +12,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from healthimaging_df.errors import MetadataFetchError, ThrottledError
+from healthimaging_df.errors import (
+    HealthImagingDFError,
+    MetadataFetchError,
+    QueryValidationError,
+    ThrottledError,
+)
 from healthimaging_df.local import LocalService
 from healthimaging_df.metadata import ArchiveAccessWarning, MetadataPlan
 
@@ -223,8 +228,10 @@ def test_datastore_id_comes_from_provenance_or_the_argument(
 ) -> None:
     bare = _frequent(metadata_frame).head(3).copy()
     bare.attrs = {}
-    with pytest.raises(ValueError, match="datastore_id"):
+    with pytest.raises(QueryValidationError, match=r"^datastore_id: ") as raised:
         bare.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+    assert raised.value.field == "datastore_id"
+    assert isinstance(raised.value, HealthImagingDFError)
     got = bare.ahi.fetch_metadata(
         client=metadata_service.client(),
         datastore_id=metadata_service.datastore_id,
@@ -233,18 +240,54 @@ def test_datastore_id_comes_from_provenance_or_the_argument(
     assert len(got) == 3
 
 
+SECRET = "PAT-SECRET-77"
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("level", "study"), ("on_error", "ignore"), ("max_concurrency", 0), ("max_tps", 0)],
+    [
+        ("level", "study"),
+        ("level", SECRET),
+        ("on_error", SECRET),
+        ("max_concurrency", 0),
+        ("max_concurrency", 2.5),
+        ("max_concurrency", True),
+        ("max_tps", 0),
+        ("max_tps", -1.0),
+        ("max_tps", float("nan")),
+        ("max_tps", SECRET),
+    ],
 )
+@pytest.mark.parametrize("dry_run", [False, True])
 def test_bad_options_fail_before_any_call(
-    metadata_service: LocalService, metadata_frame: pd.DataFrame, option: str, value: Any
+    metadata_service: LocalService,
+    metadata_frame: pd.DataFrame,
+    option: str,
+    value: Any,
+    dry_run: bool,
 ) -> None:
     metadata_service.reset_stats()
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(QueryValidationError) as raised:
         metadata_frame.ahi.fetch_metadata(
-            client=metadata_service.client(), progress=False, **{option: value}
+            client=metadata_service.client(), progress=False, dry_run=dry_run, **{option: value}
         )
+    assert raised.value.field == option
+    assert str(raised.value).startswith(f"{option}: ")
+    assert SECRET not in str(raised.value)
+    assert isinstance(raised.value, (HealthImagingDFError, ValueError))
+    assert metadata_service.stats.requests == 0
+
+
+def test_a_frame_without_image_set_ids_is_a_validation_error(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    metadata_service.reset_stats()
+    with pytest.raises(
+        QueryValidationError, match=r"needs column\(s\) the frame lacks: imageSetId"
+    ):
+        fetch_metadata(metadata_frame.drop(columns="imageSetId"), client=metadata_service.client())
     assert metadata_service.stats.requests == 0
 
 

@@ -72,7 +72,7 @@ PHI = "PAT-SECRET-42"
             "GetDatastore failed with ValidationException",
         ),
         (NoCredentialsError(), 1, "AWS SDK error: NoCredentialsError"),
-        (FileNotFoundError(2, "No such file or directory", "out/x.csv"), 1, "out/x.csv"),
+        (FileNotFoundError(2, "No such file or directory", "out/x.csv"), 1, "path withheld"),
         (RuntimeError(PHI), 1, "unexpected RuntimeError (run with --verbose"),
     ],
 )
@@ -101,3 +101,38 @@ def test_verbose_traceback_withholds_foreign_messages(capsys: pytest.CaptureFixt
     assert "SearchImageSets request #1 failed with ValidationException" in err
     assert "builtins.RuntimeError: <message withheld" in err
     assert PHI not in err
+
+
+@pytest.mark.parametrize(
+    ("filename", "words"),
+    [
+        ("out/x.csv", "No such file or directory: out/x.csv"),  # the path typed
+        ("out", "No such file or directory: out"),  # a directory on its way
+        ("out/.x.csv.4242.tmp", "No such file or directory: out/x.csv"),  # its temporary file
+        (f"cohort/PatientID={PHI}/part-0.parquet", "a file under cohort"),  # a Hive partition
+        (f"/elsewhere/{PHI}.parquet", "(path withheld: it may hold values)"),
+    ],
+)
+def test_os_errors_name_only_paths_typed_on_the_command_line(filename: str, words: str) -> None:
+    error = FileNotFoundError(2, "No such file or directory", filename)
+    exit_code, message = cli.describe(error, ["out/x.csv", "cohort"])
+    assert exit_code == 1
+    assert words in message
+    assert PHI not in message
+
+
+def test_foreign_warnings_are_printed_without_their_message() -> None:
+    import warnings
+
+    from healthimaging_df.commands.metadata import _warning_text
+    from healthimaging_df.errors import ArchiveAccessWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn(f"cannot cast {PHI}", RuntimeWarning, stacklevel=1)
+        warnings.warn("3 of 9 image sets are archived", ArchiveAccessWarning, stacklevel=1)
+    texts = [_warning_text(w) for w in caught]
+    assert texts == [
+        "RuntimeWarning (message withheld: it may quote values)",
+        "3 of 9 image sets are archived",
+    ]

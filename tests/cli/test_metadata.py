@@ -54,7 +54,27 @@ def test_series_of_a_cohort_file(small_cli: Run, small: LocalService, tmp_path: 
     series = pd.read_parquet(tmp_path / "series.parquet")
     expected = {r["imageSetId"]: r["DICOMTags"]["DICOMSeriesInstanceUID"] for r in wanted}
     assert dict(zip(series["imageSetId"], series["SeriesInstanceUID"], strict=True)) == expected
-    assert "SeriesDescription" in series.columns or "Manufacturer" in series.columns
+    # Every series attribute of every image set, against the service's own documents.
+    compared = 0
+    by_id = series.set_index("imageSetId")
+    for r in wanted:
+        document = small.backend.get_image_set_metadata(str(small.datastore_id), r["imageSetId"])
+        [(uid, found)] = document["Study"]["Series"].items()
+        got = by_id.loc[r["imageSetId"]]
+        assert got["SeriesInstanceUID"] == uid
+        assert {"SeriesDescription", "Manufacturer"} <= set(found["DICOM"])
+        for keyword in ("SeriesDescription", "Manufacturer", "BodyPartExamined", "SeriesNumber"):
+            if keyword in found["DICOM"]:
+                assert got[keyword] == found["DICOM"][keyword], (r["imageSetId"], keyword)
+                compared += 1
+            else:
+                assert pd.isna(got[keyword]), (r["imageSetId"], keyword)
+        assert got["NumberOfSeriesRelatedInstances"] == len(found["Instances"])
+        thickness = {i["DICOM"]["SliceThickness"] for i in found["Instances"].values()}
+        if len(thickness) == 1:  # shared by every instance: lifted to the series row
+            assert got["SliceThickness"] == thickness.pop()
+    assert compared >= 2 * len(wanted)
+    assert series["SeriesDescription"].nunique() > 1  # real values, not one default
 
 
 def test_dry_run_counts_calls_and_archived_image_sets(small_cli: Run, small: LocalService) -> None:

@@ -267,3 +267,88 @@ def test_progress_goes_to_stderr_only_when_it_is_a_terminal(
     code, out, terminal = run("-q")
     assert code == 0
     assert terminal == b""
+
+
+SECRET_IDS = ["PAT-SECRET-001", "PAT-SECRET-002", "PAT-SECRET-003"]
+
+
+@pytest.mark.parametrize(("name", "sep"), [("ids.csv", ","), ("ids.tsv", "\t")])
+def test_headerless_id_file_is_a_usage_error_that_quotes_no_id(
+    cli: Run, service: LocalService, datastore_id: str, tmp_path: Path, name: str, sep: str
+) -> None:
+    # No header row: the reader takes the first line of IDs for the column names.
+    lines = [sep.join(SECRET_IDS[i:] + SECRET_IDS[:i]) for i in range(len(SECRET_IDS))]
+    (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    service.reset_stats()
+    result = cli(
+        "search", "--datastore-id", datastore_id, "--ids-from", name, "--column", "PatientID",
+        "-v",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # -v adds the traceback above it
+    assert line.startswith("healthimaging-df search: error: ")
+    assert f"--ids-from {name} has no column 'PatientID'" in line
+    assert "(3 column(s))" in line
+    assert "--csv-column" in line
+    assert [s for s in SECRET_IDS if s in result.stderr] == []
+    assert "PAT-SECRET" not in result.stderr + result.stdout
+    assert service.stats.by_operation.get("SearchImageSets", 0) == 0
+
+
+def test_missing_id_column_names_only_the_headers_that_are_schema_columns(
+    cli: Run, datastore_id: str, tmp_path: Path
+) -> None:
+    (tmp_path / "ids.csv").write_text(
+        "PAT-SECRET-001,StudyInstanceUID,Modality,mrn\nx,1.2.3,CT,PAT-SECRET-002\n",
+        encoding="utf-8",
+    )
+    result = cli("search", "--datastore-id", datastore_id, "--ids-from", "ids.csv")
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    assert "(4 column(s); of the schema's column names it has: StudyInstanceUID, Modality)" in line
+    assert "PAT-SECRET" not in line
+    assert "mrn" not in line  # not a schema column: could as well be a value
+
+
+def test_malformed_csv_is_a_usage_error_that_quotes_no_cell(
+    cli: Run, datastore_id: str, tmp_path: Path
+) -> None:
+    # A cell over the csv module's field size limit makes it raise csv.Error.
+    huge = "PAT-SECRET-001" + "9" * 200_000
+    (tmp_path / "ids.csv").write_text(f"PatientID\n{huge}\n", encoding="utf-8")
+    result = cli("search", "--datastore-id", datastore_id, "--ids-from", "ids.csv")
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    assert "--ids-from ids.csv is not a well-formed CSV file" in line
+    assert "PAT-SECRET" not in line
+
+
+def test_stdin_that_is_not_utf8_is_a_usage_error(service: LocalService, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(ENTRY_POINT), "search", "--datastore-id", "0" * 32, "--ids-from", "-"],
+        cwd=tmp_path,
+        env=clean_env(service.env()),
+        input=b"PAT-SECRET-\xff\xfe01\n",
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    stderr = result.stderr.decode("utf-8", errors="replace")
+    assert result.returncode == 2, stderr
+    assert "cannot read --ids-from -: stdin is not UTF-8 text" in one_error_line(stderr)
+    assert "PAT-SECRET" not in stderr
+
+
+def test_a_stray_word_is_not_echoed_by_argparse(
+    cli: Run, service: LocalService, datastore_id: str
+) -> None:
+    # An unquoted value with a space: "PAT-SECRET 001" splits, and "001" would be echoed.
+    service.reset_stats()
+    result = cli(
+        "search", "--datastore-id", datastore_id, "--where", "PatientName=SECRET", "DOE^JANE",
+    )  # fmt: skip
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "1 unrecognized argument(s), not shown" in last
+    assert "DOE^JANE" not in result.stderr
+    assert service.stats.by_operation.get("SearchImageSets", 0) == 0
