@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from healthimaging_df import schema
+from healthimaging_df.errors import QueryValidationError, SnapshotError
 
 MIN_KEY_BYTES = 16
 DEFAULT_DROP: tuple[str, ...] = ("PatientName",)
@@ -78,30 +79,48 @@ class RedactionPolicy:
     max_shift_days: int = 365
 
     def __post_init__(self) -> None:
-        key = self.key.encode() if isinstance(self.key, str) else self.key
-        if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
-            raise ValueError(f"the redaction key must be at least {MIN_KEY_BYTES} bytes")
+        # every fault is a QueryValidationError (a ValueError) naming the argument, never the key
+        key: object = self.key
+        if isinstance(key, str):
+            key = key.encode("utf-8")
+        elif isinstance(key, (bytearray, memoryview)):
+            key = bytes(key)
+        if not isinstance(key, bytes):
+            raise QueryValidationError("key", "must be bytes or str")
+        if len(key) < MIN_KEY_BYTES:
+            raise QueryValidationError("key", f"must be at least {MIN_KEY_BYTES} bytes")
         object.__setattr__(self, "key", key)
-        object.__setattr__(self, "drop", tuple(self.drop))
-        object.__setattr__(self, "hash", tuple(self.hash))
-        for name in (*self.drop, *self.hash):
-            if name not in schema.BY_NAME:
-                raise ValueError(f"unknown column {name!r} in the redaction policy")
-        for name in self.hash:
+        object.__setattr__(self, "drop", _column_names("drop", self.drop))
+        object.__setattr__(self, "hash", _column_names("hash", self.hash))
+        for argument in ("drop", "hash"):
+            for position, name in enumerate(getattr(self, argument)):
+                if name not in schema.BY_NAME:
+                    raise QueryValidationError(argument, f"unknown column {name!r}", position)
+        for position, name in enumerate(self.hash):
             if schema.BY_NAME[name].kind != "string":
-                raise ValueError(f"only text columns can be hashed, not {name!r}")
+                raise QueryValidationError(
+                    "hash", f"only text columns can be hashed, not {name!r}", position
+                )
         overlap = set(self.drop) & set(self.hash)
         if overlap:
-            raise ValueError(f"columns both dropped and hashed: {', '.join(sorted(overlap))}")
-        if isinstance(self.max_shift_days, bool) or not isinstance(self.max_shift_days, int):
-            raise ValueError("max_shift_days must be a positive integer")
-        if self.max_shift_days < 1:
-            raise ValueError("max_shift_days must be a positive integer")
+            raise QueryValidationError(
+                "hash", f"columns both dropped and hashed: {', '.join(sorted(overlap))}"
+            )
+        for flag in ("birth_date_to_year", "shift_dates"):
+            if not isinstance(getattr(self, flag), bool):
+                raise QueryValidationError(flag, "must be True or False")
+        days = self.max_shift_days
+        if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+            raise QueryValidationError("max_shift_days", "must be a positive integer")
 
     # -- primitives ------------------------------------------------------------------------------
 
     def hash_value(self, column: str, value: str) -> str:
         """The pseudonym of *value* in *column* (the same for every export made with this key)."""
+        if column not in schema.BY_NAME:
+            raise QueryValidationError("column", f"unknown column {column!r}")
+        if not isinstance(value, str):
+            raise QueryValidationError("value", "must be a string")
         digest = hmac.new(self.key, _HASH_DOMAIN + value.encode("utf-8"), hashlib.sha256).digest()
         if schema.BY_NAME[column].uid:
             return "2.25." + str(int.from_bytes(digest[:16], "big"))
@@ -109,6 +128,8 @@ class RedactionPolicy:
 
     def date_offset_days(self, patient_id: str | None) -> int:
         """Days (non-zero) by which a patient's study dates move; a missing ID counts as ``""``."""
+        if patient_id is not None and not isinstance(patient_id, str):
+            raise QueryValidationError("patient_id", "must be a string or None")
         text = "" if patient_id is None else patient_id
         digest = hmac.new(self.key, _SHIFT_DOMAIN + text.encode("utf-8"), hashlib.sha256).digest()
         number = int.from_bytes(digest[:8], "big")
@@ -141,6 +162,10 @@ def apply_redaction(df: pd.DataFrame, policy: RedactionPolicy) -> pd.DataFrame:
     >>> out["PatientBirthDate"].tolist(), out["PatientID"].isna().tolist()
     (['1970', '1980'], [False, True])
     """
+    if not isinstance(df, pd.DataFrame):
+        raise QueryValidationError("df", "must be a pandas DataFrame")
+    if not isinstance(policy, RedactionPolicy):
+        raise QueryValidationError("policy", "must be a RedactionPolicy")
     out: pd.DataFrame = df.drop(columns=[c for c in policy.drop if c in df.columns])
     if policy.shift_dates:
         out = _shift_dates(out, df, policy)
@@ -187,15 +212,44 @@ def _shift_dates(
 
 
 def redact_query_json(query_json: str | None) -> str | None:
-    """Replace every value in a ``Query.to_dict()`` JSON string by a count (values are PHI)."""
+    """Replace every value in a ``Query.to_dict()`` JSON string by a count (values are PHI).
+
+    Raises ``SnapshotError`` (without quoting the text) when it is not such a string: what cannot
+    be parsed cannot be redacted, and is not passed on either.
+    """
     import json
 
     if query_json is None:
         return None
-    data = json.loads(query_json)
-    data["predicates"] = [
-        {"column": p["column"], "op": p["op"], "values_redacted": len(p.get("values", ()))}
-        for p in data.get("predicates", ())
-    ]
+    try:
+        data = json.loads(query_json)
+        if not isinstance(data, dict):
+            raise TypeError
+        data["predicates"] = [
+            {
+                "column": str(p["column"]),
+                "op": str(p["op"]),
+                "values_redacted": len(p.get("values", ())),
+            }
+            for p in data.get("predicates", ())
+        ]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise SnapshotError(
+            "the provenance 'query' is not Query.to_dict() JSON, so it cannot be redacted; "
+            "pass provenance= without it"
+        ) from None
     data["redacted"] = True
     return json.dumps(data, sort_keys=True)
+
+
+def _column_names(argument: str, names: Any) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise QueryValidationError(argument, "must be a list of column names, not one string")
+    try:
+        out = tuple(names)
+    except TypeError:
+        raise QueryValidationError(argument, "must be a list of column names") from None
+    for position, name in enumerate(out):
+        if not isinstance(name, str):
+            raise QueryValidationError(argument, "column names must be strings", position)
+    return out

@@ -6,10 +6,12 @@ Layout (see ``docs/snapshots.md``):
   S3 makes visible all at once).
 - any other path: a directory (or S3 prefix) holding Hive-partitioned files
   ``Modality=CT/part-<version>-00000.parquet`` plus a manifest ``_healthimaging_df.json`` that lists
-  the files of the current version. Data files of a new version get new names and the manifest is
-  replaced last (atomically), so ``read_snapshot`` never sees a half-written snapshot on a local
-  disk or on S3, where nothing can be renamed atomically; the previous version's files are then
-  deleted.
+  the files of the current version. Data files of a new version get new names and are written
+  under ``_staging-<version>/`` (skipped by pyarrow.dataset, Spark and partition-depth globs), then
+  moved into place; the manifest is replaced last (atomically), so ``read_snapshot`` never sees a
+  half-written snapshot on a local disk or on S3, where nothing can be renamed atomically; the
+  previous version's files and the staging folder are then deleted. Readers that glob the folder
+  can see old and new files together only between the first move and the last delete.
 
 Every data file carries the provenance in its Parquet key-value metadata (key ``healthimaging_df``);
 ``read_snapshot`` puts it back in ``df.attrs["healthimaging_df"]``.
@@ -24,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -39,7 +42,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from healthimaging_df import schema
-from healthimaging_df.errors import SnapshotError
+from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.redact import RedactionPolicy, apply_redaction, redact_query_json
 
 if TYPE_CHECKING:
@@ -55,6 +58,9 @@ FORMAT_VERSION = 1
 DERIVED_COLUMNS: dict[str, str] = {"StudyYear": "year of StudyDateTime (derived for partitioning)"}
 DEFAULT_MARGIN = timedelta(minutes=5)
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+STAGING_PREFIX = "_staging-"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_OUR_PART = re.compile(r"part-[0-9]{8}T[0-9]{6}-[0-9a-f]{8}-[0-9]{5}\.parquet")
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -164,6 +170,17 @@ class _Store:
     def delete(self, rels: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        """Move each (source, destination) file; a destination appears whole or not at all.
+
+        Locally each move is one ``os.replace``; on S3 it is a server-side copy (with the same
+        encryption as a PUT), and the sources are deleted once every copy is done.
+        """
+        raise NotImplementedError
+
+    def prune(self, rel_dir: str, prefix: str) -> None:
+        """Remove the empty folders of *rel_dir* named ``<prefix>…`` (and below); S3 has none."""
+
     def list(self, rel_dir: str) -> list[str]:
         """Relative paths of every file below *rel_dir* (recursively)."""
         raise NotImplementedError
@@ -203,12 +220,7 @@ class _LocalStore(_Store):
             with contextlib.suppress(OSError):
                 os.remove(temp)
             raise
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            descriptor = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+        _fsync_directory(directory)  # make the rename itself durable
 
     def get(self, rel: str) -> bytes | None:
         try:
@@ -230,6 +242,26 @@ class _LocalStore(_Store):
                     break
                 parent = os.path.dirname(parent)
 
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        touched: set[str] = set()
+        for source, destination in moves:
+            target = self._full(destination)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(self._full(source), target)
+            touched.add(os.path.dirname(target))
+        for directory in sorted(touched):  # make the renames durable before the manifest names them
+            _fsync_directory(directory)
+
+    def prune(self, rel_dir: str, prefix: str) -> None:
+        root = self._full(rel_dir)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in os.listdir(root):
+                if not name.startswith(prefix):
+                    continue
+                for directory, _dirs, _files in os.walk(os.path.join(root, name), topdown=False):
+                    with contextlib.suppress(OSError):  # not empty: keep it
+                        os.rmdir(directory)
+
     def list(self, rel_dir: str) -> list[str]:
         root = self._full(rel_dir)
         found = []
@@ -241,6 +273,15 @@ class _LocalStore(_Store):
 
     def size(self, rel: str) -> int:
         return os.path.getsize(self._full(rel))
+
+
+def _fsync_directory(directory: str) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 class _S3Store(_Store):
@@ -286,10 +327,13 @@ class _S3Store(_Store):
     def uri(self, rel: str) -> str:
         return f"s3://{self.bucket}/{self._key(rel)}"
 
-    def put(self, rel: str, data: bytes) -> None:
-        extra: dict[str, str] = {}
+    def _encryption(self) -> dict[str, str]:
         if self.kms_key_id:
-            extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+        return {}
+
+    def put(self, rel: str, data: bytes) -> None:
+        extra = self._encryption()
         # upload_fileobj switches to a multipart upload for large bodies; S3 shows the object only
         # once it is complete, and boto3 aborts the upload if it fails.
         self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), ExtraArgs=extra)
@@ -308,6 +352,19 @@ class _S3Store(_Store):
             self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
             )
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        extra = self._encryption()
+        for source, destination in moves:
+            # a managed copy: one CopyObject, or a multipart copy for objects over its threshold;
+            # either way the destination appears only once complete
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": self._key(source)},
+                self.bucket,
+                self._key(destination),
+                ExtraArgs=extra,
+            )
+        self.delete([source for source, _ in moves])
 
     def list(self, rel_dir: str) -> list[str]:
         prefix = self._key(rel_dir).rstrip("/") + "/"
@@ -348,7 +405,11 @@ def _target(
     s3_endpoint_url: str | None = None,
     kms_key_id: str | None = None,
 ) -> _Target:
+    if not isinstance(path, (str, os.PathLike)):
+        raise QueryValidationError("path", "must be a str or os.PathLike")
     text = os.fspath(path)
+    if not isinstance(text, str):
+        raise QueryValidationError("path", "must be text, not bytes")
     single = text.rstrip("/").endswith(".parquet")
     if text.startswith("s3://"):
         parsed = urlparse(text)
@@ -433,7 +494,10 @@ def _iso(moment: datetime | None) -> str | None:
 def _parse_iso(text: Any) -> datetime | None:
     if not isinstance(text, str):
         return None
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SnapshotError("the provenance holds a timestamp that is not ISO 8601") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
@@ -483,6 +547,10 @@ def write_snapshot(
     -------
     SnapshotInfo
     """
+    if not isinstance(df, pd.DataFrame):
+        raise QueryValidationError("df", "must be a pandas DataFrame")
+    _check_redact(redact)
+    _check_parquet_options(compression, row_group_size)
     target = _target(
         path,
         boto3_session=boto3_session,
@@ -505,6 +573,44 @@ def write_snapshot(
         compression,
         row_group_size,
     )
+
+
+def _check_redact(redact: Any) -> None:
+    if redact is not None and not isinstance(redact, RedactionPolicy):
+        raise QueryValidationError("redact", "must be a RedactionPolicy or None")
+
+
+def _check_parquet_options(compression: Any, row_group_size: Any) -> None:
+    if not isinstance(compression, str) or (
+        compression.lower() != "none" and not _codec_available(compression)
+    ):
+        raise QueryValidationError("compression", "must be a Parquet codec pyarrow has (or none)")
+    if (
+        isinstance(row_group_size, bool)
+        or not isinstance(row_group_size, int)
+        or row_group_size < 1
+    ):
+        raise QueryValidationError("row_group_size", "must be a positive integer")
+
+
+def _codec_available(name: str) -> bool:
+    try:
+        return bool(pa.Codec.is_available(name))
+    except ValueError:
+        return False
+
+
+def _names_argument(argument: str, names: Sequence[str] | None) -> list[str] | None:
+    """*names* as a list, refusing one string (which would read as a list of letters)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        raise QueryValidationError(argument, "must be a list of column names, not one string")
+    out = list(names)
+    for position, name in enumerate(out):
+        if not isinstance(name, str):
+            raise QueryValidationError(argument, "column names must be strings", position)
+    return out
 
 
 def redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
@@ -535,7 +641,7 @@ def _write(
 ) -> SnapshotInfo:
     from healthimaging_df import __version__
 
-    parts = list(partition_cols or [])
+    parts = _names_argument("partition_cols", partition_cols) or []
     if len(set(parts)) != len(parts):
         raise SnapshotError("partition_cols has a repeated column")
     if target.single_file and parts:
@@ -585,21 +691,25 @@ def _write(
         )
 
     old = _load_manifest(target)
-    if old is None and store.list(target.name):
+    if old is None and not _only_our_debris(target):
         raise SnapshotError(
             f"{store.uri(target.name)} exists and is not a snapshot (no {MANIFEST_NAME}); "
             "refusing to write into it"
         )
     version = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    staging = f"{target.name}/{STAGING_PREFIX}{version}"
     files: list[dict[str, Any]] = []
     total = 0
+    # 1. every data file goes to a staging folder that readers globbing the snapshot skip
     for number, (values, part) in enumerate(_split(table, parts)):
         folder = "/".join(f"{c}={_hive_value(v)}" for c, v in zip(parts, values, strict=True))
         rel = "/".join(x for x in (folder, f"part-{version}-{number:05d}.parquet") if x)
         data = _parquet_bytes(part, file_meta, compression, row_group_size)
-        store.put(f"{target.name}/{rel}", data)
+        store.put(f"{staging}/{rel}", data)
         files.append({"path": rel, "rows": part.num_rows, "bytes": len(data)})
         total += len(data)
+    # 2. complete: move them into place (new names, so the previous version stays readable)
+    store.move([(f"{staging}/{f['path']}", f"{target.name}/{f['path']}") for f in files])
     manifest = {
         "format": "healthimaging_df.snapshot-manifest",
         "format_version": FORMAT_VERSION,
@@ -608,7 +718,9 @@ def _write(
         "arrow_schema": base64.b64encode(table.schema.remove_metadata().serialize()).decode(),
         **{k: v for k, v in meta.items() if k not in ("format", "format_version")},
     }
+    # 3. the commit point: one atomic replace of the manifest
     store.put(target.manifest, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    # 4. the previous version's files, and debris of crashed writes
     _collect_garbage(target, {f["path"] for f in files})
     return SnapshotInfo(
         display_path,
@@ -632,6 +744,22 @@ def _collect_garbage(target: _Target, keep: set[str]) -> None:
             stale.append(rel)
     if stale:
         target.store.delete(stale)
+    target.store.prune(target.name, STAGING_PREFIX)  # the (now empty) staging folders
+
+
+def _only_our_debris(target: _Target) -> bool:
+    """Whether a folder without a manifest holds nothing but what a crashed first write left.
+
+    Only this library's own names count (``part-<version>-NNNNN.parquet`` and temp files of a
+    PUT), so a folder of some other tool's Parquet files (Spark's ``part-00000-….parquet``) is
+    never written into or cleaned up.
+    """
+    prefix = f"{target.name}/"
+    for rel in target.store.list(target.name):
+        base = rel[len(prefix) :].rsplit("/", 1)[-1]
+        if not (_OUR_PART.fullmatch(base) or (base.startswith(".") and ".tmp-" in base)):
+            return False
+    return True
 
 
 def _parquet_bytes(
@@ -689,8 +817,13 @@ def _load_manifest(target: _Target) -> dict[str, Any] | None:
     data = target.store.get(target.manifest)
     if data is None:
         return None
-    manifest: dict[str, Any] = json.loads(data)
-    if manifest.get("format") != "healthimaging_df.snapshot-manifest":
+    try:
+        manifest: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise SnapshotError(f"{target.store.uri(target.manifest)} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != (
+        "healthimaging_df.snapshot-manifest"
+    ):
         raise SnapshotError(f"{target.store.uri(target.manifest)} is not a snapshot manifest")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
         raise SnapshotError("the snapshot was written by a newer healthimaging_df; upgrade")
@@ -733,7 +866,8 @@ def read_snapshot(
         query's result order (sort column, then imageSetId).
     """
     if dtype_backend not in schema.DTYPE_BACKENDS:
-        raise ValueError(f"dtype_backend must be one of {schema.DTYPE_BACKENDS}")
+        raise QueryValidationError("dtype_backend", f"must be one of {schema.DTYPE_BACKENDS}")
+    columns = _names_argument("columns", columns)
     target = _target(
         path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
     )
@@ -754,10 +888,11 @@ def _read_table(
     if target.single_file:
         location = store.arrow_path(target.name)
         try:
-            metadata = pq.read_schema(location, filesystem=store.arrow_fs).metadata
+            file_schema = pq.read_schema(location, filesystem=store.arrow_fs)
         except (FileNotFoundError, OSError) as exc:
             raise SnapshotError(f"no snapshot at {store.uri(target.name)}") from exc
-        meta = _file_meta(metadata, store.uri(target.name))
+        meta = _file_meta(file_schema.metadata, store.uri(target.name))
+        _check_filter(expression, file_schema.remove_metadata())
         table = pq.read_table(
             location,
             filesystem=store.arrow_fs,
@@ -771,6 +906,7 @@ def _read_table(
     if manifest is None:
         raise SnapshotError(f"no snapshot at {store.uri(target.name)} (no {MANIFEST_NAME})")
     full_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["arrow_schema"])))
+    _check_filter(expression, full_schema)
     parts = list(manifest["partition_cols"])
     partitioning = None
     if parts:
@@ -816,14 +952,36 @@ def _file_meta(metadata: dict[bytes, bytes] | None, where: str) -> dict[str, Any
     raw = (metadata or {}).get(METADATA_KEY.encode())
     if raw is None:
         raise SnapshotError(f"{where} has no healthimaging_df metadata; read it with pandas")
-    meta: dict[str, Any] = json.loads(raw)
+    try:
+        meta: dict[str, Any] = json.loads(raw)
+    except ValueError:
+        raise SnapshotError(f"{where} has damaged healthimaging_df metadata") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("provenance"), dict):
+        raise SnapshotError(f"{where} has damaged healthimaging_df metadata")
     return meta
 
 
 def _filter_expression(filters: Any) -> Any:
     if filters is None or isinstance(filters, pc.Expression):
         return filters
-    return pq.filters_to_expression(filters)
+    try:
+        return pq.filters_to_expression(filters)
+    except (TypeError, ValueError, KeyError, IndexError):  # pyarrow's text can quote a value
+        raise QueryValidationError(
+            "filters", "must be a pyarrow.compute expression or DNF tuples (column, op, value)"
+        ) from None
+
+
+def _check_filter(expression: Any, table_schema: pa.Schema) -> None:
+    """Apply *expression* to no rows of *table_schema*: a bad column or type fails here, typed."""
+    if expression is None:
+        return
+    try:
+        pads.dataset(table_schema.empty_table()).to_table(filter=expression)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
+        raise QueryValidationError(
+            "filters", "names a column the snapshot lacks or compares it with the wrong type"
+        ) from None
 
 
 def _sort_spec(provenance: dict[str, Any]) -> tuple[str, bool]:
@@ -1025,6 +1183,9 @@ def export_query(
     from healthimaging_df import fetch, frame
     from healthimaging_df.plan import compile_query
 
+    _check_redact(redact)
+    _check_parquet_options(compression, 128 * 1024)
+    partition_cols = _names_argument("partition_cols", partition_cols)
     target = _target(
         path,
         boto3_session=boto3_session,
@@ -1141,6 +1302,8 @@ def refresh_frame(
     -------
     tuple of (pandas.DataFrame, RefreshReport)
     """
+    if not isinstance(df, pd.DataFrame):
+        raise QueryValidationError("df", "must be a pandas DataFrame")
     prov = dict(df.attrs.get(METADATA_KEY) or {})
     table = frame_to_table(df)
     new_table, new_prov, report = _refresh_table(
@@ -1222,6 +1385,11 @@ def _refresh_table(
     from healthimaging_df.plan import compile_query
     from healthimaging_df.query import Query
 
+    _check_redact(redact)
+    if query is not None and not isinstance(query, Query):
+        raise QueryValidationError("query", "must be a Query or None")
+    if not isinstance(margin, timedelta) or margin < timedelta(0):
+        raise QueryValidationError("margin", "must be a timedelta of zero or more")
     redaction = prov.get("redaction")
     if redaction:
         if query is None or redact is None:
@@ -1229,7 +1397,12 @@ def _refresh_table(
                 "a redacted snapshot holds no query values: pass the original query= and the "
                 "redact= policy (same key) to refresh it"
             )
-        recorded = json.loads(redaction) if isinstance(redaction, str) else redaction
+        try:
+            recorded = json.loads(redaction) if isinstance(redaction, str) else redaction
+        except ValueError:
+            raise SnapshotError("the provenance 'redaction' is damaged") from None
+        if not isinstance(recorded, dict):
+            raise SnapshotError("the provenance 'redaction' is damaged")
         if recorded.get("key_fingerprint") != redact.key_fingerprint():
             raise SnapshotError("redact= uses a different key than the snapshot was made with")
         if recorded != redact.describe():
@@ -1239,7 +1412,12 @@ def _refresh_table(
     if query is None:
         if not isinstance(prov.get("query"), str):
             raise SnapshotError("no query in the provenance: pass query= to refresh")
-        query = Query.from_dict(json.loads(prov["query"]))
+        try:
+            query = Query.from_dict(json.loads(prov["query"]))
+        except HealthImagingDFError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise SnapshotError("the provenance query cannot be read: pass query=") from None
     if query.row_limit is not None:
         raise SnapshotError(
             "a query with a limit cannot be refreshed incrementally (the first N rows can change "
@@ -1268,13 +1446,15 @@ def _refresh_table(
     old_ids = table.column("imageSetId")
     old_versions = dict(zip(old_ids.to_pylist(), table.column("version").to_pylist(), strict=True))
     old_updated = dict(zip(old_ids.to_pylist(), table.column("updatedAt").to_pylist(), strict=True))
-    # an older version than the one held (a stale read) never replaces it
+    # an older state than the one held (a stale read) never replaces it; same order as
+    # _latest_versions: version, then updatedAt, nulls lowest
     newer = pa.array(
         [
-            old_versions.get(i) is None or (v or 0) >= (old_versions.get(i) or 0)
-            for i, v in zip(
+            i not in old_versions or _rank(v, u) >= _rank(old_versions[i], old_updated[i])
+            for i, v, u in zip(
                 fetched.column("imageSetId").to_pylist(),
                 fetched.column("version").to_pylist(),
+                fetched.column("updatedAt").to_pylist(),
                 strict=True,
             )
         ],
@@ -1361,14 +1541,29 @@ def _refresh_since(prov: dict[str, Any], table: pa.Table, margin: timedelta) -> 
     return watermark - margin
 
 
+def _rank(version: int | None, updated_at: datetime | None) -> tuple[bool, int, bool, int]:
+    """Order of two states of one image set: version, then updatedAt; a null is lowest."""
+    micros = 0
+    if updated_at is not None:
+        aware = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=timezone.utc)
+        micros = (aware - _EPOCH) // timedelta(microseconds=1)
+    return (version is not None, version or 0, updated_at is not None, micros)
+
+
 def _latest_versions(table: pa.Table) -> pa.Table:
-    """One row per imageSetId: the highest version (then the latest updatedAt)."""
+    """One row per imageSetId: the highest version, then the latest updatedAt (nulls lowest).
+
+    Rows without an imageSetId are dropped (they cannot be upserted).
+    """
+    table = table.filter(pc.is_valid(table.column("imageSetId")))
     if table.num_rows == 0:
         return table
+    # nulls sort last in either direction (pyarrow's default), so a null version or updatedAt
+    # never beats a known one; the sort is stable
     ordered = table.sort_by(
         [("imageSetId", "ascending"), ("version", "descending"), ("updatedAt", "descending")]
     )
     ids = ordered.column("imageSetId").combine_chunks()
     first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-    keep = pa.concat_arrays([pa.array([True]), first.fill_null(True)])
+    keep = pa.concat_arrays([pa.array([True]), first])
     return ordered.filter(keep)

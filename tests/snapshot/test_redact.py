@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from healthimaging_df import Query
+from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.local import LocalService
 from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
@@ -85,10 +86,16 @@ def test_policy_is_recorded_without_key_or_phi(
     ahi_local: LocalService, ahi_client: Any, tmp_path: Path
 ) -> None:
     records = ahi_local.backend.image_sets(ahi_local.datastore_id)
-    patient = next(
-        r["DICOMTags"]["DICOMPatientId"] for r in records if r["DICOMTags"].get("DICOMPatientId")
-    )
-    query = Query(ahi_local.datastore_id).where(PatientID=patient)
+    # IDs with letters: an all-digit ID could turn up by chance inside a hex datastore ID
+    patients = sorted(
+        {
+            r["DICOMTags"]["DICOMPatientId"]
+            for r in records
+            if re.fullmatch(r"(PAT|SUBJECT|MRN-)[0-9]+", r["DICOMTags"].get("DICOMPatientId", ""))
+        }
+    )[:2]
+    assert len(patients) == 2
+    query = Query(ahi_local.datastore_id).where(PatientID=patients)
     policy = RedactionPolicy(key=KEY)
     path = tmp_path / "red"
     query.to_parquet(
@@ -103,23 +110,73 @@ def test_policy_is_recorded_without_key_or_phi(
     assert recorded["key_fingerprint"] == policy.key_fingerprint()
     everything = b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file())
     assert KEY not in everything
-    assert patient.encode() not in everything
+    for patient in patients:
+        assert patient.encode() not in everything
     for name in ("PatientName",):
         assert name not in back.columns
-    assert "patient" not in prov["plan"].lower() or "<1 value>" in prov["plan"]
+
+    # every provenance string, the query and the plan above all, is free of the query's values
+    plan = prov["plan"]
+    assert isinstance(plan, str)
+    assert plan.startswith(f"Plan for datastore {ahi_local.datastore_id}")
+    assert "PatientID" in plan  # the plan is there, with its structure but without values
+    assert "SearchImageSets request chains: 2" in plan
+    texts = [v for v in prov.values() if isinstance(v, str)]
+    assert prov["query"] in texts
+    assert plan in texts
+    manifest = (path / "_healthimaging_df.json").read_text(encoding="utf-8")
+    for text in [*texts, json.dumps(prov), manifest]:
+        for patient in patients:
+            assert patient not in text
     assert json.loads(prov["query"])["predicates"] == [
-        {"column": "PatientID", "op": "eq", "values_redacted": 1}
+        {"column": "PatientID", "op": "in", "values_redacted": 2}
     ]
 
 
 def test_bad_policies_are_refused() -> None:
-    with pytest.raises(ValueError, match="at least 16 bytes"):
+    with pytest.raises(ValueError, match="at least 16 bytes"):  # still a ValueError for callers
         RedactionPolicy(key=b"short")
-    with pytest.raises(ValueError, match="unknown column"):
-        RedactionPolicy(key=KEY, drop=("Nope",))
-    with pytest.raises(ValueError, match="only text"):
-        RedactionPolicy(key=KEY, hash=("version",))
+    cases: list[tuple[dict[str, Any], str, int | None, str]] = [
+        ({"key": b"short"}, "key", None, "at least 16 bytes"),
+        ({"key": 1234567890123456789}, "key", None, "bytes or str"),
+        ({"key": KEY, "drop": ("PatientName", "Nope")}, "drop", 1, "unknown column"),
+        ({"key": KEY, "drop": "PatientName"}, "drop", None, "not one string"),
+        ({"key": KEY, "hash": ("version",)}, "hash", 0, "only text"),
+        ({"key": KEY, "drop": ("PatientID",)}, "hash", None, "both dropped and hashed"),
+        ({"key": KEY, "max_shift_days": 0}, "max_shift_days", None, "positive"),
+        ({"key": KEY, "max_shift_days": True}, "max_shift_days", None, "positive"),
+        ({"key": KEY, "shift_dates": "no"}, "shift_dates", None, "True or False"),
+    ]
+    for kwargs, field, position, rule in cases:
+        with pytest.raises(QueryValidationError, match=rule) as caught:
+            RedactionPolicy(**kwargs)
+        assert (caught.value.field, caught.value.position) == (field, position)
+        assert isinstance(caught.value, HealthImagingDFError)
+    secret = "a-secret-key-that-is-long-enough"
+    with pytest.raises(QueryValidationError) as caught:
+        RedactionPolicy(key=secret.encode(), drop=("Nope",))
+    assert secret not in str(caught.value)
     assert "unit-test" not in repr(RedactionPolicy(key=KEY))
+
+    policy = RedactionPolicy(key=KEY)
+    with pytest.raises(QueryValidationError, match="unknown column"):
+        policy.hash_value("Nope", "P1")
+    with pytest.raises(QueryValidationError, match="must be a string") as caught:
+        policy.hash_value("PatientID", 12345)  # type: ignore[arg-type]
+    assert "12345" not in str(caught.value)
+    with pytest.raises(QueryValidationError, match="DataFrame"):
+        apply_redaction({"PatientID": ["P1"]}, policy)  # type: ignore[arg-type]
+
+
+def test_an_unreadable_provenance_query_is_refused_not_leaked(
+    tmp_path: Path, sample_frame: pd.DataFrame
+) -> None:
+    df = sample_frame.iloc[:10].copy()
+    df.attrs = {"healthimaging_df": {**sample_frame.attrs["healthimaging_df"], "query": "P-42{"}}
+    with pytest.raises(SnapshotError, match="cannot be redacted") as caught:
+        write_snapshot(df, tmp_path / "x.parquet", redact=RedactionPolicy(key=KEY))
+    assert "P-42" not in str(caught.value)
+    assert not (tmp_path / "x.parquet").exists()
 
 
 def test_default_write_is_not_redacted(tmp_path: Path, sample_frame: pd.DataFrame) -> None:

@@ -145,3 +145,44 @@ def test_refresh_refuses_frames_without_provenance(ahi_client: Any) -> None:
     frame = pd.DataFrame({"imageSetId": pd.array(["a"], dtype="string")})
     with pytest.raises(SnapshotError):
         refresh_frame(frame, client=ahi_client, **FAST)
+
+
+def test_latest_versions_orders_by_version_then_updated_at_nulls_lowest() -> None:
+    import pyarrow as pa
+
+    from healthimaging_df.snapshot import _latest_versions, _rank
+
+    def at(hour: int) -> datetime:
+        return datetime(2025, 1, 1, hour, tzinfo=timezone.utc)
+
+    rows = [
+        ("a", 1, at(5), "a-v1"),
+        ("a", 2, at(1), "a-v2"),  # higher version wins over a later update
+        ("a", None, at(9), "a-null"),  # a null version is lowest
+        ("b", 3, at(1), "b-early"),
+        ("b", 3, at(2), "b-late"),  # same version: latest updatedAt wins
+        ("b", 3, None, "b-null-time"),  # a null updatedAt is lowest
+        ("c", None, None, "c-only"),  # nothing better: kept
+        ("d", None, at(1), "d-null-early"),
+        ("d", None, at(3), "d-null-late"),  # both versions null: latest updatedAt
+    ]
+    for order in (rows, rows[::-1]):
+        table = pa.table(
+            {
+                "imageSetId": [r[0] for r in order],
+                "version": pa.array([r[1] for r in order], pa.int64()),
+                "updatedAt": pa.array([r[2] for r in order], pa.timestamp("us", "UTC")),
+                "tag": [r[3] for r in order],
+            }
+        )
+        kept = _latest_versions(table)
+        assert sorted(kept.column("tag").to_pylist()) == [
+            "a-v2",
+            "b-late",
+            "c-only",
+            "d-null-late",
+        ]
+    # the refresh upsert compares a fetched state with the held one in the same order
+    assert _rank(2, at(1)) > _rank(1, at(5)) > _rank(None, at(9))
+    assert _rank(3, at(2)) > _rank(3, at(1)) > _rank(3, None)
+    assert _rank(3, at(2)) >= _rank(3, at(2))

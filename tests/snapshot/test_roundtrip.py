@@ -272,3 +272,114 @@ def test_plain_pandas_reads_the_declared_dtypes(tmp_path: Path, sample_frame: pd
     parts = pd.read_parquet(tmp_path / "parts")
     assert str(parts["version"].dtype) == "Int64"
     assert str(parts["isPrimary"].dtype) == "boolean"
+
+
+def _glob_counts(target: Path) -> tuple[int, int]:
+    """Rows as readers that skip the manifest count them: pyarrow.dataset and a DuckDB glob."""
+    dataset_rows = pads.dataset(target, format="parquet", partitioning="hive").count_rows()
+    relation = duckdb.sql(
+        f"SELECT count(*) FROM read_parquet('{target}/*/*.parquet', hive_partitioning = true)"
+    )
+    assert relation is not None
+    rows = relation.fetchall()
+    return dataset_rows, int(rows[0][0])
+
+
+def test_a_crash_after_staging_is_invisible_to_globbing_readers(
+    tmp_path: Path, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "snap"
+    write_snapshot(sample_frame, target, partition_cols=["Modality"])
+    other = typed_frame(300, seed=3)
+
+    def crash(self: snapshot._LocalStore, moves: list[tuple[str, str]]) -> None:
+        raise OSError("killed after the staging writes")
+
+    monkeypatch.setattr(snapshot._LocalStore, "move", crash)
+    with pytest.raises(OSError, match="killed"):
+        write_snapshot(other, target, partition_cols=["Modality"])
+    monkeypatch.undo()
+
+    staged = list(target.glob("_staging-*/*/part-*.parquet"))
+    assert len(staged) == other["Modality"].nunique(dropna=False)  # the new version is there...
+    assert _glob_counts(target) == (len(sample_frame), len(sample_frame))  # ...but not seen
+    pd.testing.assert_frame_equal(read_snapshot(target), sample_frame)
+
+    info = write_snapshot(other, target, partition_cols=["Modality"])  # cleans up the staging
+    assert not list(target.glob("_staging-*"))
+    assert sorted(str(p) for p in target.rglob("*.parquet")) == sorted(info.files)
+    assert _glob_counts(target) == (len(other), len(other))
+
+
+def test_a_write_leaves_no_staging_folder(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+    target = tmp_path / "snap"
+    for parts in (["Modality"], ["StudyYear", "isPrimary"], None):
+        info = write_snapshot(
+            sample_frame, target / "-".join(parts or ["flat"]), partition_cols=parts
+        )
+        folder = Path(info.files[0]).parent
+        while folder.parent != target:
+            folder = folder.parent
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith("_")) == [
+            "_healthimaging_df.json"
+        ]
+
+
+def test_a_crashed_first_write_does_not_block_the_next(
+    tmp_path: Path, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "snap"
+
+    def crash(self: snapshot._LocalStore, moves: list[tuple[str, str]]) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(snapshot._LocalStore, "move", crash)
+    with pytest.raises(OSError, match="killed"):
+        write_snapshot(sample_frame, target, partition_cols=["Modality"])
+    monkeypatch.undo()
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        read_snapshot(target)
+    assert pads.dataset(target, format="parquet", partitioning="hive").count_rows() == 0
+    info = write_snapshot(sample_frame, target, partition_cols=["Modality"])
+    assert sorted(str(p) for p in target.rglob("*.parquet")) == sorted(info.files)
+
+
+def test_bad_arguments_are_query_validation_errors(
+    tmp_path: Path, sample_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.errors import QueryValidationError
+    from healthimaging_df.snapshot import refresh_frame
+
+    write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
+    write_snapshot(sample_frame, tmp_path / "one.parquet")
+    for path in (tmp_path / "snap", tmp_path / "one.parquet"):
+        with pytest.raises(QueryValidationError, match="dtype_backend") as caught:
+            read_snapshot(path, dtype_backend="numpy")  # type: ignore[arg-type]
+        assert isinstance(caught.value, ValueError)  # `except ValueError` keeps working
+        with pytest.raises(QueryValidationError, match="not one string"):
+            read_snapshot(path, columns="PatientID")
+        with pytest.raises(QueryValidationError) as caught:
+            read_snapshot(path, filters=[("Nope", "==", "PAT-SECRET-1")])
+        assert caught.value.field == "filters"
+        assert "PAT-SECRET-1" not in str(caught.value)
+        with pytest.raises(QueryValidationError, match="filters"):
+            read_snapshot(path, filters=[("PatientID", "~", "PAT-SECRET-1")])
+    with pytest.raises(QueryValidationError, match="not one string"):
+        write_snapshot(sample_frame, tmp_path / "x", partition_cols="Modality")
+    with pytest.raises(QueryValidationError, match="compression"):
+        write_snapshot(sample_frame, tmp_path / "y.parquet", compression="zip")
+    with pytest.raises(QueryValidationError, match="RedactionPolicy"):
+        write_snapshot(sample_frame, tmp_path / "y.parquet", redact="yes")  # type: ignore[arg-type]
+    with pytest.raises(QueryValidationError, match="DataFrame"):
+        write_snapshot(sample_frame.to_dict(), tmp_path / "y.parquet")  # type: ignore[arg-type]
+    with pytest.raises(QueryValidationError, match="margin"):
+        refresh_frame(sample_frame, margin=5)  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "y.parquet").exists()
+
+
+def test_damaged_metadata_is_a_snapshot_error(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+    write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
+    (tmp_path / "snap" / "_healthimaging_df.json").write_text("{not json")
+    with pytest.raises(SnapshotError, match="not valid JSON"):
+        read_snapshot(tmp_path / "snap")

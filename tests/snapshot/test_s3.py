@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import pandas as pd
 import pyarrow.dataset as pads
+import pytest
 
-from healthimaging_df import Query
+from healthimaging_df import Query, snapshot
 from healthimaging_df.local import LocalService
 from healthimaging_df.snapshot import read_snapshot, refresh_snapshot, write_snapshot
 
@@ -84,3 +85,36 @@ def test_export_and_refresh_on_s3(
     pd.testing.assert_frame_equal(got, want)
     keys = [o["Key"] for o in moto_s3.client.list_objects_v2(Bucket=bucket)["Contents"]]
     assert not any("ahi-checkpoint" in k for k in keys)
+
+
+def test_staged_files_stay_out_of_sight_on_s3(
+    moto_s3: S3, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = moto_s3.bucket()
+    path = f"s3://{bucket}/cohort"
+    write_snapshot(sample_frame, path, partition_cols=["Modality"], **moto_s3.options())
+    other = sample_frame.iloc[:200].reset_index(drop=True)
+    other.attrs = sample_frame.attrs
+
+    def crash(self: snapshot._S3Store, moves: list[tuple[str, str]]) -> None:
+        raise OSError("killed after the staging writes")
+
+    monkeypatch.setattr(snapshot._S3Store, "move", crash)
+    with pytest.raises(OSError, match="killed"):
+        write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
+    monkeypatch.undo()
+
+    def keys() -> list[str]:
+        listed = moto_s3.client.list_objects_v2(Bucket=bucket, Prefix="cohort/")
+        return [o["Key"] for o in listed.get("Contents", [])]
+
+    assert any(k.startswith("cohort/_staging-") for k in keys())
+    dataset = pads.dataset(
+        f"{bucket}/cohort", filesystem=moto_s3.arrow_fs(), format="parquet", partitioning="hive"
+    )
+    assert dataset.count_rows() == len(sample_frame)
+
+    write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
+    assert not any("_staging-" in k for k in keys())
+    assert sum(k.endswith(".parquet") for k in keys()) == other["Modality"].nunique(dropna=False)
+    pd.testing.assert_frame_equal(read_snapshot(path, **moto_s3.options()), other)
