@@ -16,6 +16,7 @@ def main() -> int:
     chosen = sys.argv[1:] or names
     for name in chosen:
         print(f"== {name}", flush=True)
+        sys.argv = [f"bench/{name}.py"]  # each bench parses its own options, none given here
         importlib.import_module(f"bench.{name}").main()
     return 0
 

@@ -1,6 +1,7 @@
 """Snapshot write/read throughput and size per 100,000 image sets, against ``df.to_parquet``.
 
-Run: ``.venv/bin/python bench/snapshot_bench.py [--rows 100000] [--repeat 5] [--write-docs]``.
+Run: ``.venv/bin/python -m bench snapshot_bench`` (``--rows``, ``--repeat``, ``--no-docs`` when run as
+``python -c 'from bench.snapshot_bench import main; main([...])'``).
 The frame is built from ``generate_image_sets`` + ``frame.summaries_to_table`` (no HTTP), as
 ``Query.to_dataframe`` would return it. Every figure is the median of ``--repeat`` runs.
 """
@@ -10,9 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -115,26 +114,19 @@ def markdown(results: list[dict[str, object]], rows: int, repeat: int, command: 
     return "\n".join(lines) + "\n"
 
 
-def write_docs(section: str) -> None:
-    text = DOCS.read_text()
-    pattern = re.compile(r"(## Snapshots[^\n]*\n)(.*?)(?=\n## |\Z)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("no '## Snapshots' section in docs/benchmarks.md")
-    DOCS.write_text(pattern.sub(lambda m: m.group(1) + "\n" + section, text, count=1))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave the docs")
     args = parser.parse_args(argv)
     results = run(args.rows, args.repeat)
-    command = "python bench/snapshot_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    section = markdown(results, args.rows, args.repeat, command.strip())
+    section = markdown(results, args.rows, args.repeat, "python -m bench snapshot_bench")
     print(section)
-    if args.write_docs:
-        write_docs(section)
+    if not args.no_docs:
+        from bench._report import write_section
+
+        write_section("Snapshots (Parquet write, read, size)", section)
 
 
 if __name__ == "__main__":
