@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import queue
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -25,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 from healthimaging_df import dates
 from healthimaging_df.errors import PaginationError, SearchError, ThrottledError
 from healthimaging_df.plan import Chain, Plan
+from healthimaging_df.progress import Progress, ProgressReporter
 
 if TYPE_CHECKING:
     from healthimaging_df.query import Query
 
 log = logging.getLogger(__name__)
 
-Progress = bool | Callable[[int, int], None] | None
 Window = tuple[datetime, datetime]
 
 THROTTLING_CODES = frozenset(
@@ -279,7 +277,9 @@ class PageStream:
         self._outstanding = 0
         self._task_ids = 0
         self._workers: list[threading.Thread] = []
-        self._progress = _make_progress(progress)
+        self._progress = ProgressReporter(
+            progress, "SearchImageSets", " pages", postfix="{} image sets"
+        )
         self._started = False
 
     # -- consumer side ------------------------------------------------------------------------
@@ -306,7 +306,7 @@ class PageStream:
                 if not payload.done:
                     self.counters.pages += 1
                     self.counters.image_sets += len(payload.items)
-                    self._progress(self.counters.pages, self.counters.image_sets)
+                    self._progress.update(self.counters.pages, self.counters.image_sets)
                 yield payload
                 if payload.seen is not None:
                     payload.seen.set()  # the consumer has had its say (stop_chain) on this page
@@ -331,7 +331,7 @@ class PageStream:
             for w in self._workers:
                 w.join(timeout=0.01)
         self._workers.clear()
-        self._progress(-1, -1)
+        self._progress.close()
 
     def _drain(self) -> None:
         try:
@@ -556,37 +556,3 @@ def _created(item: dict[str, Any]) -> datetime:
             "SearchImageSets", None, "MissingCreatedAt", detail="an image set had no createdAt"
         )
     return value
-
-
-def _make_progress(progress: Progress) -> Callable[[int, int], None]:
-    """A progress callback ``(pages, image_sets)``; ``(-1, -1)`` means finished."""
-    if callable(progress):
-        user = progress
-
-        def call_user(pages: int, image_sets: int) -> None:
-            if pages >= 0:
-                user(pages, image_sets)
-
-        return call_user
-    enabled = progress if progress is not None else _interactive()
-    if not enabled:
-        return lambda pages, image_sets: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc="SearchImageSets", unit=" pages", leave=False)
-
-    def update(pages: int, image_sets: int) -> None:
-        if pages < 0:
-            bar.close()
-            return
-        bar.n = pages
-        bar.set_postfix_str(f"{image_sets} image sets", refresh=False)
-        bar.refresh()
-
-    return update
-
-
-def _interactive() -> bool:
-    if os.environ.get("CI"):
-        return False
-    return "ipykernel" in sys.modules or sys.stderr.isatty()

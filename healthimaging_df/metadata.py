@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -37,6 +37,7 @@ from healthimaging_df.errors import (
     ThrottledError,
 )
 from healthimaging_df.fetch import THROTTLING_CODES, FetchOptions, RateLimiter, make_client
+from healthimaging_df.progress import Progress, ProgressReporter
 
 __all__ = [
     "ARCHIVED",
@@ -54,7 +55,7 @@ ERROR_COLUMN = "metadataError"
 OPERATION = "GetImageSetMetadata"
 Level = Literal["series", "instance"]
 OnError = Literal["raise", "report"]
-MetadataProgress = bool | Callable[[int, int], None] | None
+MetadataProgress = Progress  # a callable gets (done, total)
 
 # Codes that say nothing about one image set but about every call: stop at once.
 _FATAL_CODES = frozenset(
@@ -294,34 +295,6 @@ def _get_document(
     return document
 
 
-def _progress_callback(progress: MetadataProgress, total: int) -> Callable[[int], None]:
-    """``update(done)``; ``update(-1)`` closes. A callable gets ``(done, total)``."""
-    if callable(progress):
-        user = progress
-
-        def call_user(done: int) -> None:
-            if done >= 0:
-                user(done, total)
-
-        return call_user
-    from healthimaging_df.fetch import _interactive
-
-    if not (progress if progress is not None else _interactive()):
-        return lambda done: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=OPERATION, total=total, unit=" image sets", leave=False)
-
-    def update(done: int) -> None:
-        if done < 0:
-            bar.close()
-            return
-        bar.n = done
-        bar.refresh()
-
-    return update
-
-
 @overload
 def fetch_metadata(
     frame: pd.DataFrame,
@@ -441,7 +414,12 @@ def fetch_metadata(
         )
     client = make_client(client, boto3_session, max_concurrency)
     documents, failures = _fetch_all(
-        client, store, targets, max_tps, max_concurrency, _progress_callback(progress, len(targets))
+        client,
+        store,
+        targets,
+        max_tps,
+        max_concurrency,
+        ProgressReporter(progress, OPERATION, " image sets", total=len(targets)),
     )
     if failures and on_error == "raise":
         raise MetadataFetchError({targets[p].image_set_id: code for p, code in failures.items()})
@@ -465,7 +443,7 @@ def _fetch_all(
     targets: list[_Target],
     max_tps: float | None,
     max_concurrency: int,
-    progress: Callable[[int], None],
+    progress: ProgressReporter,
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Documents by target position, and error codes by target position."""
     limiter = RateLimiter(max_tps) if max_tps else None
@@ -509,11 +487,11 @@ def _fetch_all(
                     if document is not None:
                         documents[target.position] = document
                 done_count += 1
-                progress(done_count)
+                progress.update(done_count, len(targets))
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
-        progress(-1)
+        progress.close()
     log.info(
         "%s: %d call(s), %d failed, %.1f s",
         OPERATION,

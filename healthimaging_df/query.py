@@ -20,8 +20,9 @@ from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.predicates import Predicate
 
 if TYPE_CHECKING:
-    from healthimaging_df.fetch import FetchOptions, Progress
+    from healthimaging_df.fetch import FetchOptions
     from healthimaging_df.plan import Plan
+    from healthimaging_df.progress import Progress
 
 _DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
 

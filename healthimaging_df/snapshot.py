@@ -46,7 +46,7 @@ from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, 
 from healthimaging_df.redact import RedactionPolicy, apply_redaction, redact_query_json
 
 if TYPE_CHECKING:
-    from healthimaging_df.fetch import Progress
+    from healthimaging_df.progress import Progress
     from healthimaging_df.query import Query
 
 log = logging.getLogger(__name__)
