@@ -150,7 +150,7 @@ def test_refresh_refuses_frames_without_provenance(ahi_client: Any) -> None:
 def test_latest_versions_orders_by_version_then_updated_at_nulls_lowest() -> None:
     import pyarrow as pa
 
-    from healthimaging_df.snapshot import _latest_versions, _rank
+    from healthimaging_df.refresh import _latest_versions, _rank
 
     def at(hour: int) -> datetime:
         return datetime(2025, 1, 1, hour, tzinfo=timezone.utc)

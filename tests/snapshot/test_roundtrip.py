@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from healthimaging_df import frame, schema, snapshot
+from healthimaging_df import frame, schema, storage
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
@@ -163,21 +163,21 @@ def test_a_crashed_write_leaves_the_previous_snapshot(
     single = tmp_path / "one.parquet"
     write_snapshot(sample_frame, single)
     other = typed_frame(300, seed=3)
-    real_put = snapshot._LocalStore.put
+    real_put = storage._LocalStore.put
     calls = {"n": 0}
 
-    def flaky_put(self: snapshot._LocalStore, rel: str, data: bytes) -> None:
+    def flaky_put(self: storage._LocalStore, rel: str, data: bytes) -> None:
         calls["n"] += 1
         if calls["n"] == 3 or (rel.endswith(".parquet") and "/" not in rel):
             raise OSError("disk full")
         real_put(self, rel, data)
 
-    monkeypatch.setattr(snapshot._LocalStore, "put", flaky_put)
+    monkeypatch.setattr(storage._LocalStore, "put", flaky_put)
     with pytest.raises(OSError, match="disk full"):
         write_snapshot(other, target, partition_cols=["Modality"])
     with pytest.raises(OSError, match="disk full"):
         write_snapshot(other, single)
-    monkeypatch.setattr(snapshot._LocalStore, "put", real_put)
+    monkeypatch.setattr(storage._LocalStore, "put", real_put)
 
     pd.testing.assert_frame_equal(read_snapshot(target), sample_frame)
     pd.testing.assert_frame_equal(read_snapshot(single), sample_frame)
@@ -292,10 +292,10 @@ def test_a_crash_after_staging_is_invisible_to_globbing_readers(
     write_snapshot(sample_frame, target, partition_cols=["Modality"])
     other = typed_frame(300, seed=3)
 
-    def crash(self: snapshot._LocalStore, moves: list[tuple[str, str]]) -> None:
+    def crash(self: storage._LocalStore, moves: list[tuple[str, str]]) -> None:
         raise OSError("killed after the staging writes")
 
-    monkeypatch.setattr(snapshot._LocalStore, "move", crash)
+    monkeypatch.setattr(storage._LocalStore, "move", crash)
     with pytest.raises(OSError, match="killed"):
         write_snapshot(other, target, partition_cols=["Modality"])
     monkeypatch.undo()
@@ -330,10 +330,10 @@ def test_a_crashed_first_write_does_not_block_the_next(
 ) -> None:
     target = tmp_path / "snap"
 
-    def crash(self: snapshot._LocalStore, moves: list[tuple[str, str]]) -> None:
+    def crash(self: storage._LocalStore, moves: list[tuple[str, str]]) -> None:
         raise OSError("killed")
 
-    monkeypatch.setattr(snapshot._LocalStore, "move", crash)
+    monkeypatch.setattr(storage._LocalStore, "move", crash)
     with pytest.raises(OSError, match="killed"):
         write_snapshot(sample_frame, target, partition_cols=["Modality"])
     monkeypatch.undo()

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from healthimaging_df import Query, snapshot
+from healthimaging_df import Query, storage
 from healthimaging_df.local import LocalService
 from healthimaging_df.snapshot import read_snapshot, refresh_snapshot, write_snapshot
 
@@ -96,10 +96,10 @@ def test_staged_files_stay_out_of_sight_on_s3(
     other = sample_frame.iloc[:200].reset_index(drop=True)
     other.attrs = sample_frame.attrs
 
-    def crash(self: snapshot._S3Store, moves: list[tuple[str, str]]) -> None:
+    def crash(self: storage._S3Store, moves: list[tuple[str, str]]) -> None:
         raise OSError("killed after the staging writes")
 
-    monkeypatch.setattr(snapshot._S3Store, "move", crash)
+    monkeypatch.setattr(storage._S3Store, "move", crash)
     with pytest.raises(OSError, match="killed"):
         write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
     monkeypatch.undo()

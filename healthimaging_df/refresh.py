@@ -1,0 +1,392 @@
+"""Incremental refresh: upsert the image sets updated since the last fetch, drop those that left.
+
+``healthimaging_df.snapshot`` re-exports :func:`refresh_frame`, :func:`refresh_snapshot`,
+:class:`RefreshReport` and ``DEFAULT_MARGIN``. It imports this module, so the snapshot read and
+write that a refresh builds on are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthimaging_df import schema
+from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
+from healthimaging_df.redact import RedactionPolicy, apply_redaction
+from healthimaging_df.storage import _target
+from healthimaging_df.tables import (
+    _dtype_backend_of,
+    _iso,
+    _parse_iso,
+    _table_to_frame,
+    _watermark,
+    frame_to_table,
+)
+
+if TYPE_CHECKING:
+    from healthimaging_df.progress import Progress
+    from healthimaging_df.query import Query
+
+DEFAULT_MARGIN = timedelta(minutes=5)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    """What a refresh changed.
+
+    Attributes
+    ----------
+    added
+        imageSetIds now in the result that were not before.
+    updated
+        imageSetIds still in the result whose version or updatedAt changed.
+    removed
+        imageSetIds that left the result (they no longer match the query).
+    fetched
+        Image sets the service returned for the updatedAt range.
+    since
+        Lower bound of the updatedAt range that was fetched.
+    rows
+        Rows in the refreshed result.
+    watermark
+        Highest updatedAt in the refreshed result.
+    """
+
+    added: tuple[str, ...]
+    updated: tuple[str, ...]
+    removed: tuple[str, ...]
+    fetched: int
+    since: datetime
+    rows: int
+    watermark: datetime | None
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was added, updated or removed."""
+        return bool(self.added or self.updated or self.removed)
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} removed "
+            f"({self.fetched} image sets updated since {self.since.isoformat()}; {self.rows} rows)"
+        )
+
+
+def refresh_frame(
+    df: pd.DataFrame,
+    *,
+    client: Any = None,
+    boto3_session: Any = None,
+    query: Query | None = None,
+    redact: RedactionPolicy | None = None,
+    margin: timedelta = DEFAULT_MARGIN,
+    progress: Progress = None,
+    max_concurrency: int = 8,
+    max_tps: float | None = 25.0,
+) -> tuple[pd.DataFrame, RefreshReport]:
+    """Bring a frame from this library up to date without re-reading the whole datastore.
+
+    Fetches every image set of the datastore updated since the last fetch started (minus
+    *margin*), upserts them by imageSetId keeping the highest version, and drops rows that no
+    longer match the query (an ``isPrimary`` flip or a tag change can move an image set out of the
+    cohort). The result equals a fresh run of the same query, except for ``lastAccessedAt`` and
+    ``storageTier``, which change without a new ``updatedAt``; image sets deleted from the
+    datastore are not detected either.
+
+    Parameters
+    ----------
+    df
+        A frame with provenance in ``attrs["healthimaging_df"]`` (from ``to_dataframe``, a
+        snapshot or an earlier refresh).
+    client, boto3_session, progress, max_concurrency, max_tps
+        As in ``Query.to_dataframe``.
+    query
+        The original query; read from the provenance when None (required for a redacted frame,
+        whose provenance no longer holds the query's values).
+    redact
+        The policy the frame was redacted with (same key); required for a redacted frame.
+    margin
+        Safety margin below the last fetch's start, for clock skew between client and service.
+
+    Returns
+    -------
+    tuple of (pandas.DataFrame, RefreshReport)
+    """
+    from healthimaging_df.snapshot import METADATA_KEY
+
+    if not isinstance(df, pd.DataFrame):
+        raise QueryValidationError("df", "must be a pandas DataFrame")
+    prov = dict(df.attrs.get(METADATA_KEY) or {})
+    table = frame_to_table(df)
+    new_table, new_prov, report = _refresh_table(
+        table,
+        prov,
+        client=client,
+        boto3_session=boto3_session,
+        query=query,
+        redact=redact,
+        margin=margin,
+        progress=progress,
+        max_concurrency=max_concurrency,
+        max_tps=max_tps,
+    )
+    out = _table_to_frame(new_table, _dtype_backend_of(df), list(df.columns))
+    out.attrs[METADATA_KEY] = new_prov
+    return out, report
+
+
+def refresh_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    client: Any = None,
+    boto3_session: Any = None,
+    query: Query | None = None,
+    redact: RedactionPolicy | None = None,
+    margin: timedelta = DEFAULT_MARGIN,
+    progress: Progress = None,
+    max_concurrency: int = 8,
+    max_tps: float | None = 25.0,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+    kms_key_id: str | None = None,
+) -> RefreshReport:
+    """Refresh the snapshot at *path* in place (atomically); see :func:`refresh_frame`.
+
+    The partitioning and redaction of the snapshot are kept. Returns what changed.
+    """
+    from healthimaging_df.snapshot import _read_table, _write
+
+    store_args: dict[str, Any] = {
+        "boto3_session": boto3_session,
+        "region": region,
+        "s3_endpoint_url": s3_endpoint_url,
+    }
+    target = _target(path, kms_key_id=kms_key_id, **store_args)
+    table, meta = _read_table(target, None, None)
+    if meta["derived_columns"]:
+        derived = [c for c in meta["derived_columns"] if c in table.column_names]
+        table = table.drop_columns(derived)
+    new_table, new_prov, report = _refresh_table(
+        table,
+        dict(meta["provenance"]),
+        client=client,
+        boto3_session=boto3_session,
+        query=query,
+        redact=redact,
+        margin=margin,
+        progress=progress,
+        max_concurrency=max_concurrency,
+        max_tps=max_tps,
+    )
+    _write(target, os.fspath(path), new_table, new_prov, meta["partition_cols"])
+    return report
+
+
+def _refresh_table(
+    table: pa.Table,
+    prov: dict[str, Any],
+    *,
+    client: Any,
+    boto3_session: Any,
+    query: Query | None,
+    redact: RedactionPolicy | None,
+    margin: timedelta,
+    progress: Progress,
+    max_concurrency: int,
+    max_tps: float | None,
+) -> tuple[pa.Table, dict[str, Any], RefreshReport]:
+    from healthimaging_df import fetch, frame
+    from healthimaging_df.plan import compile_query
+    from healthimaging_df.query import Query
+    from healthimaging_df.snapshot import _check_redact
+
+    _check_redact(redact)
+    if query is not None and not isinstance(query, Query):
+        raise QueryValidationError("query", "must be a Query or None")
+    if not isinstance(margin, timedelta) or margin < timedelta(0):
+        raise QueryValidationError("margin", "must be a timedelta of zero or more")
+    redaction = prov.get("redaction")
+    if redaction:
+        if query is None or redact is None:
+            raise SnapshotError(
+                "a redacted snapshot holds no query values: pass the original query= and the "
+                "redact= policy (same key) to refresh it"
+            )
+        try:
+            recorded = json.loads(redaction) if isinstance(redaction, str) else redaction
+        except ValueError:
+            raise SnapshotError("the provenance 'redaction' is damaged") from None
+        if not isinstance(recorded, dict):
+            raise SnapshotError("the provenance 'redaction' is damaged")
+        if recorded.get("key_fingerprint") != redact.key_fingerprint():
+            raise SnapshotError("redact= uses a different key than the snapshot was made with")
+        if recorded != redact.describe():
+            raise SnapshotError("redact= is not the policy the snapshot was made with")
+    elif redact is not None:
+        raise SnapshotError("the snapshot is not redacted; pass redact=None")
+    if query is None:
+        if not isinstance(prov.get("query"), str):
+            raise SnapshotError("no query in the provenance: pass query= to refresh")
+        try:
+            query = Query.from_dict(json.loads(prov["query"]))
+        except HealthImagingDFError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise SnapshotError("the provenance query cannot be read: pass query=") from None
+    if query.row_limit is not None:
+        raise SnapshotError(
+            "a query with a limit cannot be refreshed incrementally (the first N rows can change "
+            "in ways an update scan does not show); export it again"
+        )
+    if prov.get("datastore_id") not in (None, query.datastore_id):
+        raise SnapshotError("query= is for a different datastore than the snapshot")
+    for needed in ("imageSetId", "version", "updatedAt"):
+        if needed not in table.column_names:
+            raise SnapshotError(f"cannot refresh without the {needed} column")
+
+    since = _refresh_since(prov, table, margin)
+    started = datetime.now(timezone.utc)
+    upper = started + timedelta(days=2)
+    changes = Query(query.datastore_id).between("updatedAt", since, upper)
+    change_plan = compile_query(changes)
+    options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
+    client = fetch.make_client(client, boto3_session, max_concurrency)
+    items: list[dict[str, Any]] = []
+    with fetch.stream(change_plan, client, options, progress) as pages:
+        for page in pages:
+            items.extend(page.items)
+    fetched = _latest_versions(frame.summaries_to_table(items))
+    fetched_count = fetched.num_rows
+
+    old_ids = table.column("imageSetId")
+    old_versions = dict(zip(old_ids.to_pylist(), table.column("version").to_pylist(), strict=True))
+    old_updated = dict(zip(old_ids.to_pylist(), table.column("updatedAt").to_pylist(), strict=True))
+    # an older state than the one held (a stale read) never replaces it; same order as
+    # _latest_versions: version, then updatedAt, nulls lowest
+    newer = pa.array(
+        [
+            i not in old_versions or _rank(v, u) >= _rank(old_versions[i], old_updated[i])
+            for i, v, u in zip(
+                fetched.column("imageSetId").to_pylist(),
+                fetched.column("version").to_pylist(),
+                fetched.column("updatedAt").to_pylist(),
+                strict=True,
+            )
+        ],
+        pa.bool_(),
+    )
+    fetched = fetched.filter(newer)
+    matching = frame.apply_predicates(fetched, query.predicates)
+    replaced = pc.is_in(old_ids, value_set=fetched.column("imageSetId").combine_chunks())
+    kept = table.filter(pc.invert(pc.fill_null(replaced, False)))
+    incoming_df = schema.arrow_to_pandas(matching)
+    if redact is not None:
+        incoming_df = apply_redaction(incoming_df, redact)
+    incoming = frame_to_table(incoming_df[[c for c in table.column_names if c in incoming_df]])
+    missing = [c for c in table.column_names if c not in incoming.column_names]
+    if missing:
+        raise SnapshotError(f"cannot refresh columns not in the schema: {', '.join(missing)}")
+    merged = pa.concat_tables([kept, incoming.select(table.column_names).cast(table.schema)])
+    plan = compile_query(query)
+    result_df = frame.dedupe_and_sort(schema.arrow_to_pandas(merged, "pyarrow"), plan)
+    result = frame_to_table(result_df)
+
+    new_ids = set(result.column("imageSetId").to_pylist())
+    before = set(old_versions)
+    incoming_ids = incoming.column("imageSetId").to_pylist()
+    incoming_state = dict(
+        zip(
+            incoming_ids,
+            zip(
+                incoming.column("version").to_pylist(),
+                incoming.column("updatedAt").to_pylist(),
+                strict=True,
+            ),
+            strict=True,
+        )
+    )
+    added = sorted(new_ids - before)
+    removed = sorted(before - new_ids)
+    updated = sorted(
+        i
+        for i in new_ids & before
+        if i in incoming_state and incoming_state[i] != (old_versions[i], old_updated[i])
+    )
+    watermark = _watermark(result)
+    meta = getattr(client, "meta", None)
+    new_prov = dict(prov)
+    new_prov.update(
+        {
+            "fetched_at": datetime.now(timezone.utc).isoformat(),
+            "fetch_started_at": started.isoformat(),
+            "endpoint_url": getattr(meta, "endpoint_url", prov.get("endpoint_url")),
+            "region": getattr(meta, "region_name", prov.get("region")),
+            "row_count": result.num_rows,
+            "watermark": _iso(watermark),
+            "refreshed_since": since.isoformat(),
+        }
+    )
+    report = RefreshReport(
+        tuple(added),
+        tuple(updated),
+        tuple(removed),
+        fetched_count,
+        since,
+        result.num_rows,
+        watermark,
+    )
+    return result, new_prov, report
+
+
+def _refresh_since(prov: dict[str, Any], table: pa.Table, margin: timedelta) -> datetime:
+    """Lower updatedAt bound of a refresh: when the last fetch started, minus *margin*.
+
+    Any change the snapshot misses happened after its fetch started, so its updatedAt is later
+    (up to clock skew, which *margin* covers). The highest updatedAt seen (the watermark) is not
+    used on its own: a change made while a long export ran can carry an earlier updatedAt than
+    rows read later, and a small cohort's watermark can lag far behind the datastore's activity.
+    """
+    for key in ("fetch_started_at", "fetched_at"):
+        moment = _parse_iso(prov.get(key))
+        if moment is not None:
+            return moment - margin
+    watermark = _parse_iso(prov.get("watermark")) or _watermark(table)
+    if watermark is None:
+        raise SnapshotError("the frame has no fetch time or updatedAt to refresh from")
+    return watermark - margin
+
+
+def _rank(version: int | None, updated_at: datetime | None) -> tuple[bool, int, bool, int]:
+    """Order of two states of one image set: version, then updatedAt; a null is lowest."""
+    micros = 0
+    if updated_at is not None:
+        aware = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=timezone.utc)
+        micros = (aware - _EPOCH) // timedelta(microseconds=1)
+    return (version is not None, version or 0, updated_at is not None, micros)
+
+
+def _latest_versions(table: pa.Table) -> pa.Table:
+    """One row per imageSetId: the highest version, then the latest updatedAt (nulls lowest).
+
+    Rows without an imageSetId are dropped (they cannot be upserted).
+    """
+    table = table.filter(pc.is_valid(table.column("imageSetId")))
+    if table.num_rows == 0:
+        return table
+    # nulls sort last in either direction (pyarrow's default), so a null version or updatedAt
+    # never beats a known one; the sort is stable
+    ordered = table.sort_by(
+        [("imageSetId", "ascending"), ("version", "descending"), ("updatedAt", "descending")]
+    )
+    ids = ordered.column("imageSetId").combine_chunks()
+    first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    keep = pa.concat_arrays([pa.array([True]), first])
+    return ordered.filter(keep)

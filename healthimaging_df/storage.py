@@ -1,0 +1,328 @@
+"""Where snapshot files live: a local folder or an S3 prefix, behind one small store interface.
+
+A store addresses files by ``/`` paths relative to its base. Writes are atomic per file: locally a
+temp file, ``fsync`` and ``os.replace``; on S3 one PUT (or multipart upload), which S3 makes
+visible all at once. ``_target`` parses a snapshot path (``….parquet``, a folder, or
+``s3://bucket/prefix``) into a store at its parent and the snapshot's name; ``_load_manifest``
+reads a directory snapshot's manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from healthimaging_df.errors import QueryValidationError, SnapshotError
+
+MANIFEST_NAME = "_healthimaging_df.json"
+CHECKPOINT_SUFFIX = ".ahi-checkpoint"
+FORMAT_VERSION = 1
+
+
+class _Store:
+    """Files under one base location, addressed by relative ``/`` paths."""
+
+    arrow_fs: Any
+
+    def arrow_path(self, rel: str) -> str:
+        raise NotImplementedError
+
+    def uri(self, rel: str) -> str:
+        raise NotImplementedError
+
+    def put(self, rel: str, data: bytes) -> None:
+        """Write *data* to *rel* so that readers see the old content or the new, nothing between."""
+        raise NotImplementedError
+
+    def get(self, rel: str) -> bytes | None:
+        raise NotImplementedError
+
+    def delete(self, rels: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        """Move each (source, destination) file; a destination appears whole or not at all.
+
+        Locally each move is one ``os.replace``; on S3 it is a server-side copy (with the same
+        encryption as a PUT), and the sources are deleted once every copy is done.
+        """
+        raise NotImplementedError
+
+    def prune(self, rel_dir: str, prefix: str) -> None:
+        """Remove the empty folders of *rel_dir* named ``<prefix>…`` (and below); S3 has none."""
+
+    def list(self, rel_dir: str) -> list[str]:
+        """Relative paths of every file below *rel_dir* (recursively)."""
+        raise NotImplementedError
+
+    def size(self, rel: str) -> int:
+        raise NotImplementedError
+
+
+class _LocalStore(_Store):
+    def __init__(self, base: str) -> None:
+        from pyarrow import fs as pafs
+
+        self.base = os.path.abspath(base)
+        self.arrow_fs = pafs.LocalFileSystem()
+
+    def _full(self, rel: str) -> str:
+        return os.path.join(self.base, *rel.split("/"))
+
+    def arrow_path(self, rel: str) -> str:
+        return self._full(rel)
+
+    def uri(self, rel: str) -> str:
+        return self._full(rel)
+
+    def put(self, rel: str, data: bytes) -> None:
+        target = self._full(rel)
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        temp = os.path.join(directory, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+            raise
+        _fsync_directory(directory)  # make the rename itself durable
+
+    def get(self, rel: str) -> bytes | None:
+        try:
+            with open(self._full(rel), "rb") as handle:
+                return handle.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def delete(self, rels: Sequence[str]) -> None:
+        for rel in rels:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._full(rel))
+        for rel in rels:  # prune directories the deletions emptied (partition folders)
+            parent = os.path.dirname(self._full(rel))
+            while parent.startswith(self.base + os.sep):
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        touched: set[str] = set()
+        for source, destination in moves:
+            target = self._full(destination)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(self._full(source), target)
+            touched.add(os.path.dirname(target))
+        for directory in sorted(touched):  # make the renames durable before the manifest names them
+            _fsync_directory(directory)
+
+    def prune(self, rel_dir: str, prefix: str) -> None:
+        root = self._full(rel_dir)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in os.listdir(root):
+                if not name.startswith(prefix):
+                    continue
+                for directory, _dirs, _files in os.walk(os.path.join(root, name), topdown=False):
+                    with contextlib.suppress(OSError):  # not empty: keep it
+                        os.rmdir(directory)
+
+    def list(self, rel_dir: str) -> list[str]:
+        root = self._full(rel_dir)
+        found = []
+        for directory, _dirs, files in os.walk(root):
+            for name in files:
+                full = os.path.join(directory, name)
+                found.append(os.path.relpath(full, self.base).replace(os.sep, "/"))
+        return sorted(found)
+
+    def size(self, rel: str) -> int:
+        return os.path.getsize(self._full(rel))
+
+
+def _fsync_directory(directory: str) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+class _S3Store(_Store):
+    """S3 through boto3 (writes: SSE-KMS, atomic PUTs) and pyarrow's S3FileSystem (dataset reads)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        boto3_session: Any,
+        region: str | None,
+        endpoint_url: str | None,
+        kms_key_id: str | None,
+    ) -> None:
+        import boto3
+        from pyarrow import fs as pafs
+
+        session = boto3_session if boto3_session is not None else boto3.Session()
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.kms_key_id = kms_key_id
+        self.client = session.client("s3", region_name=region, endpoint_url=endpoint_url)
+        credentials = session.get_credentials()
+        frozen = credentials.get_frozen_credentials() if credentials is not None else None
+        endpoint = urlparse(self.client.meta.endpoint_url)
+        self.arrow_fs = pafs.S3FileSystem(
+            access_key=frozen.access_key if frozen else None,
+            secret_key=frozen.secret_key if frozen else None,
+            session_token=frozen.token if frozen else None,
+            anonymous=frozen is None,
+            region=self.client.meta.region_name,
+            endpoint_override=endpoint.netloc,
+            scheme=endpoint.scheme or "https",
+        )
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def arrow_path(self, rel: str) -> str:
+        return f"{self.bucket}/{self._key(rel)}"
+
+    def uri(self, rel: str) -> str:
+        return f"s3://{self.bucket}/{self._key(rel)}"
+
+    def _encryption(self) -> dict[str, str]:
+        if self.kms_key_id:
+            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
+        return {}
+
+    def put(self, rel: str, data: bytes) -> None:
+        extra = self._encryption()
+        # upload_fileobj switches to a multipart upload for large bodies; S3 shows the object only
+        # once it is complete, and boto3 aborts the upload if it fails.
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), ExtraArgs=extra)
+
+    def get(self, rel: str) -> bytes | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        body: bytes = response["Body"].read()
+        return body
+
+    def delete(self, rels: Sequence[str]) -> None:
+        keys = [{"Key": self._key(rel)} for rel in rels]
+        for start in range(0, len(keys), 1000):
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
+            )
+
+    def move(self, moves: Sequence[tuple[str, str]]) -> None:
+        extra = self._encryption()
+        for source, destination in moves:
+            # a managed copy: one CopyObject, or a multipart copy for objects over its threshold;
+            # either way the destination appears only once complete
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": self._key(source)},
+                self.bucket,
+                self._key(destination),
+                ExtraArgs=extra,
+            )
+        self.delete([source for source, _ in moves])
+
+    def list(self, rel_dir: str) -> list[str]:
+        prefix = self._key(rel_dir).rstrip("/") + "/"
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        found = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            found += [item["Key"][skip:] for item in page.get("Contents", [])]
+        return sorted(found)
+
+    def size(self, rel: str) -> int:
+        head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+        return int(head["ContentLength"])
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A snapshot location: a store at its parent plus the snapshot's relative name."""
+
+    store: _Store
+    name: str
+    single_file: bool
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.name}/{MANIFEST_NAME}"
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.name}{CHECKPOINT_SUFFIX}"
+
+
+def _target(
+    path: str | os.PathLike[str],
+    *,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+    kms_key_id: str | None = None,
+) -> _Target:
+    if not isinstance(path, (str, os.PathLike)):
+        raise QueryValidationError("path", "must be a str or os.PathLike")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise QueryValidationError("path", "must be text, not bytes")
+    single = text.rstrip("/").endswith(".parquet")
+    if text.startswith("s3://"):
+        parsed = urlparse(text)
+        key = parsed.path.strip("/")
+        if not parsed.netloc or not key:
+            raise SnapshotError("an S3 snapshot path needs a bucket and a key: s3://bucket/prefix")
+        parent, _, name = key.rpartition("/")
+        store: _Store = _S3Store(
+            parsed.netloc,
+            parent,
+            boto3_session=boto3_session,
+            region=region,
+            endpoint_url=s3_endpoint_url,
+            kms_key_id=kms_key_id,
+        )
+        return _Target(store, name, single)
+    if "://" in text:
+        raise SnapshotError("snapshot paths are local paths or s3://bucket/prefix URIs")
+    if kms_key_id:
+        raise SnapshotError("kms_key_id applies to s3:// paths only")
+    full = os.path.abspath(text.rstrip("/") or text)
+    return _Target(_LocalStore(os.path.dirname(full)), os.path.basename(full), single)
+
+
+def _load_manifest(target: _Target) -> dict[str, Any] | None:
+    data = target.store.get(target.manifest)
+    if data is None:
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise SnapshotError(f"{target.store.uri(target.manifest)} is not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != (
+        "healthimaging_df.snapshot-manifest"
+    ):
+        raise SnapshotError(f"{target.store.uri(target.manifest)} is not a snapshot manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise SnapshotError("the snapshot was written by a newer healthimaging_df; upgrade")
+    return manifest

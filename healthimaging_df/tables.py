@@ -1,0 +1,99 @@
+"""Arrow tables of snapshots: frames to and from Arrow, Parquet bytes, provenance timestamps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from healthimaging_df import schema
+from healthimaging_df.errors import SnapshotError
+
+
+def frame_to_table(df: pd.DataFrame) -> pa.Table:
+    """Convert a frame to Arrow: schema columns get the declared types, others pyarrow's guess."""
+    arrays = []
+    fields = []
+    for name in df.columns:
+        if not isinstance(name, str):
+            raise SnapshotError("column names must be strings")
+        series = df[name]
+        declared = schema.BY_NAME.get(name)
+        try:
+            if declared is not None:
+                array = pa.array(series, type=declared.arrow_type, from_pandas=True)
+            else:
+                array = pa.array(series, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            # the exception text can quote a value (PHI): keep only the column and the error kind
+            raise SnapshotError(
+                f"column {name!r} cannot be stored as {declared.kind if declared else 'Arrow'} "
+                f"({type(exc).__name__})"
+            ) from None
+        if isinstance(array, pa.ChunkedArray):
+            array = array.combine_chunks()
+        arrays.append(array)
+        fields.append(pa.field(name, declared.arrow_type if declared else array.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _dtype_backend_of(df: pd.DataFrame) -> schema.DtypeBackend:
+    if any(isinstance(df[c].dtype, pd.ArrowDtype) for c in df.columns if c in schema.BY_NAME):
+        return "pyarrow"
+    return "numpy_nullable"
+
+
+def _table_to_frame(
+    table: pa.Table, dtype_backend: schema.DtypeBackend, order: Sequence[str] | None = None
+) -> pd.DataFrame:
+    frame = schema.arrow_to_pandas(table, dtype_backend)
+    if order is not None:
+        frame = frame[[c for c in order if c in frame.columns]]
+    out: pd.DataFrame = frame.reset_index(drop=True)
+    return out
+
+
+def _watermark(table: pa.Table) -> datetime | None:
+    if "updatedAt" not in table.column_names or table.num_rows == 0:
+        return None
+    value = pc.max(table.column("updatedAt")).as_py()
+    return value if isinstance(value, datetime) else None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(timezone.utc).isoformat()
+
+
+def _parse_iso(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise SnapshotError("the provenance holds a timestamp that is not ISO 8601") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _parquet_bytes(
+    table: pa.Table, metadata: dict[bytes, bytes], compression: str, row_group_size: int
+) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table.replace_schema_metadata({**metadata, b"pandas": _pandas_metadata(table)}),
+        sink,
+        compression=compression,
+        row_group_size=row_group_size,
+    )
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _pandas_metadata(table: pa.Table) -> bytes:
+    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean."""
+    empty = schema.arrow_to_pandas(table.slice(0, 0))
+    note: bytes = pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"]
+    return note
