@@ -298,8 +298,6 @@ class PageStream:
 
     def __iter__(self) -> Iterator[Page]:
         self._start()
-        if not self.plan.chains:
-            return
         while True:
             kind, payload = self._results.get()
             if kind == "page":
@@ -359,10 +357,10 @@ class PageStream:
             return
         for task in tasks:
             self._submit(task)
-        count = min(self.options.max_concurrency, max(1, len(self.plan.chains)))
-        if self.plan.windowed:
-            count = self.options.max_concurrency
-        for n in range(count if self.plan.chains else 0):
+        # windows split into more tasks as they run; plain chains never outnumber their tasks
+        limit = self.options.max_concurrency
+        count = limit if self.plan.windowed else min(limit, len(tasks))
+        for n in range(count):
             worker = threading.Thread(target=self._work, name=f"ahi-fetch-{n}", daemon=True)
             worker.start()
             self._workers.append(worker)
@@ -487,7 +485,7 @@ class PageStream:
                 detail="a createdAt window came back out of createdAt order; splitting it would lose rows",
             )
         if emit_below is not None:
-            keep = [x for x in items if _created(x) < emit_below]
+            keep = [x for x, t in zip(items, stamps, strict=True) if t < emit_below]
             self._emit(task, keep)
             finished = len(keep) < len(items) or token is None
             return emit_below, (low, emit_below - _MICROSECOND) if finished else None
@@ -499,7 +497,7 @@ class PageStream:
             self._emit(task, items)
             return None, None
         if cut > low and high - cut >= 2 * _SECOND:
-            self._emit(task, [x for x in items if _created(x) < cut])
+            self._emit(task, [x for x, t in zip(items, stamps, strict=True) if t < cut])
             self._split(task, cut, high)
             return None, (low, cut - _MICROSECOND)
         if cut == low and high - low >= 2 * _SECOND:

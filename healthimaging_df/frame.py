@@ -1,7 +1,8 @@
 """The frame stage: flatten summaries into Arrow columns, filter exactly, dedupe, sort, convert once.
 
-Pages are flattened column by column (one list comprehension per column, no per-row pandas work),
-buffered as Arrow tables against the declared schema, joined once and converted to pandas once.
+Summaries are converted to Arrow in one C++ pass (as a nested struct of the declared types, no
+per-row Python or pandas work), filtered and deduplicated as Arrow tables, joined once and
+converted to pandas once.
 """
 
 from __future__ import annotations

@@ -123,17 +123,17 @@ class Plan:
             lines.append(f"  {self.note}")
         count = len(self.chains)
         lines.append(f"  SearchImageSets request chains: {count}")
-        sent = list(self.pushed)
-        if sent:
+        if self.pushed:
             lines.append("  pushed down to the API:")
-            lines += [f"    {p.describe(show_values)}" for p in sent]
-        if count and count > 1:
+            lines += [f"    {p.describe(show_values)}" for p in self.pushed]
+        if count > 1:
             lines.append(f"    (IN list fanned out: one chain per value, {count} chains)")
         if self.chains and self.chains[0].sort:
             sort = self.chains[0].sort
             lines.append(f"    sort: {sort['sortField']} {sort['sortOrder']}")
-        if self.windowed:
-            low, high = self.chains[0].window or (WINDOW_FLOOR, WINDOW_FLOOR)
+        window = self.chains[0].window if self.chains else None
+        if window is not None:
+            low, high = window
             lines.append(
                 f"  exhaustive scan: createdAt {low:%Y-%m-%dT%H:%M:%SZ} .. {high:%Y-%m-%dT%H:%M:%SZ}"
                 " split at run time into windows (sorted createdAt ASC) while a window has more"
