@@ -1,7 +1,7 @@
 """Query layer benchmarks, each against what a user would write by hand, in the same run.
 
 1. Flattening 100,000 summaries (as botocore returns them: nested dicts, tz-local datetimes) into a
-   typed frame: ``frame.summaries_to_table`` + one conversion, versus ``pd.json_normalize`` +
+   typed frame: ``flatten.summaries_to_table`` + one conversion, versus ``pd.json_normalize`` +
    ``pd.to_datetime`` + ``astype``. Each runs in a fresh subprocess so peak memory is its own.
 2. A full scan of 20,000 image sets on the local service with 100 ms latency and a 25 TPS / 50 burst
    limit: ``Query.to_dataframe`` versus botocore's paginator walked serially.
@@ -38,7 +38,7 @@ def _botocore_like(n: int) -> list[dict[str, Any]]:
 
 def flatten_ours(items: list[dict[str, Any]]) -> Any:
     from healthimaging_df import schema
-    from healthimaging_df.frame import summaries_to_table
+    from healthimaging_df.flatten import summaries_to_table
 
     return schema.arrow_to_pandas(summaries_to_table(items))
 
@@ -150,7 +150,7 @@ Each side runs in its own subprocess: peak memory is the resident-set growth of 
 
 | | seconds | peak memory | rows |
 |---|---|---|---|
-| `frame.summaries_to_table` + `arrow_to_pandas` | {ours["seconds"]:.2f} | {ours["peak_bytes"] / 2**20:.0f} MiB | {ours["rows"]:,} |
+| `flatten.summaries_to_table` + `arrow_to_pandas` | {ours["seconds"]:.2f} | {ours["peak_bytes"] / 2**20:.0f} MiB | {ours["rows"]:,} |
 | `json_normalize` + `astype` | {obvious["seconds"]:.2f} | {obvious["peak_bytes"] / 2**20:.0f} MiB | {obvious["rows"]:,} |
 | **ratio** | **{obvious["seconds"] / ours["seconds"]:.1f}x faster** | **{ours["peak_bytes"] / max(obvious["peak_bytes"], 1):.2f}x the memory** | |
 

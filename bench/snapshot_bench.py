@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m bench snapshot_bench`` (``--rows``, ``--repeat``, ``--no-docs`` when run as
 ``python -c 'from bench.snapshot_bench import main; main([...])'``).
-The frame is built from ``generate_image_sets`` + ``frame.summaries_to_table`` (no HTTP), as
+The frame is built from ``generate_image_sets`` + ``flatten.summaries_to_table`` (no HTTP), as
 ``Query.to_dataframe`` would return it. Every figure is the median of ``--repeat`` runs.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from healthimaging_df import frame, schema
+from healthimaging_df import flatten, schema
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
 
@@ -42,7 +42,7 @@ def _size(path: Path) -> int:
 
 
 def run(rows: int, repeat: int) -> list[dict[str, object]]:
-    table = frame.summaries_to_table(generate_image_sets(rows, seed=1))
+    table = flatten.summaries_to_table(generate_image_sets(rows, seed=1))
     df = schema.arrow_to_pandas(table)
     df = df.sort_values(["updatedAt", "imageSetId"], ascending=[False, True]).reset_index(drop=True)
     df.attrs["healthimaging_df"] = {"datastore_id": "0" * 32, "schema_version": "1"}

@@ -7,18 +7,13 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("healthimaging-df")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0+unknown"
-
 from healthimaging_df import accessor as _accessor  # noqa: F401  (registers df.ahi)
 from healthimaging_df import errors, schema
+from healthimaging_df._version import __version__
 from healthimaging_df.logs import redact_botocore_logs
 from healthimaging_df.query import Query, search
-from healthimaging_df.snapshot import read_snapshot, refresh_snapshot, write_snapshot
+from healthimaging_df.refresh import refresh_snapshot
+from healthimaging_df.snapshot import read_snapshot, write_snapshot
 
 redact_botocore_logs()
 

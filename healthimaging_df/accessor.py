@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from healthimaging_df.redact import RedactionPolicy
-    from healthimaging_df.snapshot import RefreshReport, SnapshotInfo
+    from healthimaging_df.refresh import RefreshReport
+    from healthimaging_df.snapshot import SnapshotInfo
 
 __all__ = ["AHIAccessor", "SQLQueryError"]
 
@@ -243,7 +244,7 @@ class AHIAccessor:
 
         Returns ``(frame, RefreshReport)``; ``snapshot.refresh_frame`` takes *options*.
         """
-        from healthimaging_df.snapshot import refresh_frame
+        from healthimaging_df.refresh import refresh_frame
 
         return refresh_frame(self._frame, client=client, **options)
 

@@ -1,8 +1,9 @@
-"""The export checkpoint: finished fetch tasks and their rows, saved next to the snapshot.
+"""The export checkpoint: finished fetch tasks, their matching rows and what they read.
 
-``export_query`` saves one after every few finished tasks (``<path>.ahi-checkpoint``); a rerun of
-the same query (same fingerprint) resumes from it. It holds unredacted rows (PHI) and is deleted
-once the snapshot is written.
+The engine's export saves one after every few finished tasks (``<path>.ahi-checkpoint``); a rerun
+of the same query (same fingerprint) resumes from it. Besides the matching rows it keeps the
+``(imageSetId, version, updatedAt)`` of every row read, so that a resumed export drops superseded
+copies exactly as an uninterrupted one. It is deleted once the snapshot is written.
 """
 
 from __future__ import annotations
@@ -13,65 +14,62 @@ import logging
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from healthimaging_df import schema
 from healthimaging_df.errors import SnapshotError
-from healthimaging_df.tables import _parquet_bytes
-
-if TYPE_CHECKING:
-    from healthimaging_df.query import Query
-    from healthimaging_df.storage import _Target
+from healthimaging_df.fetch import Coverage
+from healthimaging_df.storage import Target
+from healthimaging_df.tables import parquet_bytes
 
 log = logging.getLogger("healthimaging_df.snapshot")  # the logger these warnings always used
 
 
-def _fingerprint(query: Query) -> str:
-    text = json.dumps(query.to_dict(), sort_keys=True) + "|" + schema.SCHEMA_VERSION
-    return hashlib.sha256(text.encode()).hexdigest()
+def fingerprint(query_json: str) -> str:
+    """A digest of the query (``Query.to_dict()`` JSON) and the schema version."""
+    canonical = json.dumps(json.loads(query_json), sort_keys=True)
+    return hashlib.sha256(f"{canonical}|{schema.SCHEMA_VERSION}".encode()).hexdigest()
 
 
-class _Checkpoint:
-    """Completed fetch tasks and their (filtered) rows, stored next to the snapshot."""
+class Checkpoint:
+    """Completed fetch tasks, their matching rows and the ranks they read, next to the snapshot."""
 
-    def __init__(self, target: _Target, fingerprint: str) -> None:
+    def __init__(self, target: Target, fingerprint: str) -> None:
         self.target = target
         self.fingerprint = fingerprint
         self.parts: list[str] = []
+        self.seen_parts: list[str] = []
         self.now = datetime.now(timezone.utc)
         self.started_at = self.now
         self.resumed_tasks = 0
         self.tasks = 0
         self.rows = 0
         self._pending: list[pa.Table] = []
+        self._pending_seen: list[pa.Table] = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
 
     @property
     def state_rel(self) -> str:
+        """The state file's relative path (the commit point)."""
         return f"{self.target.checkpoint}/state.json"
 
-    def load(self) -> Any:
-        """Return the saved coverage (a ``fetch.Coverage``), or None to start afresh."""
-        from healthimaging_df.fetch import Coverage
-
+    def load(self) -> Coverage | None:
+        """Return the saved coverage, or None to start afresh."""
         raw = self.target.store.get(self.state_rel)
         if raw is None:
             return None
         state = json.loads(raw)
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning(
-                "ignoring the checkpoint at %s: it belongs to a different query",
-                self.target.store.uri(self.target.checkpoint),
-            )
+        if state.get("fingerprint") != self.fingerprint or "seen_parts" not in state:
+            log.warning("ignoring the export checkpoint beside the target: it is of another query")
             self.discard()
             return None
         self.now = datetime.fromisoformat(state["now"])
         self.started_at = datetime.fromisoformat(state["started_at"])
         self.parts = list(state["parts"])
+        self.seen_parts = list(state.get("seen_parts", ()))
         self.tasks = self.resumed_tasks = int(state["tasks"])
         self.rows = int(state["rows"])
         windows = {
@@ -80,23 +78,27 @@ class _Checkpoint:
         }
         return Coverage(chains=set(state["chains"]), windows=windows)
 
-    def add(self, table: pa.Table, coverage: Any, interval: float) -> None:
-        """Record one finished task; persist when *interval* seconds passed since the last save."""
+    def add(self, table: pa.Table, seen: pa.Table, coverage: Coverage, interval: float) -> None:
+        """Record one finished task; persist when *interval* seconds passed since the last save.
+
+        *table* holds the task's matching rows, *seen* the ranks of every row it read.
+        """
         self._pending.append(table)
+        self._pending_seen.append(seen)
         self._pending_tasks += 1
         if time.monotonic() - self._flushed >= interval:
             self.flush(coverage)
 
-    def flush(self, coverage: Any) -> None:
+    def flush(self, coverage: Coverage) -> None:
+        """Persist pending tasks; the state file written last is the commit point."""
         if not self._pending_tasks:
             return
         rows = pa.concat_tables(self._pending)
         if rows.num_rows:
-            name = f"part-{uuid.uuid4().hex}.parquet"
-            self.target.store.put(
-                f"{self.target.checkpoint}/{name}", _parquet_bytes(rows, {}, "zstd", 128 * 1024)
-            )
-            self.parts.append(name)
+            self.parts.append(self._put_part(rows))
+        seen = pa.concat_tables(self._pending_seen)
+        if seen.num_rows:
+            self.seen_parts.append(self._put_part(seen))
         self.tasks += self._pending_tasks
         self.rows += rows.num_rows
         state = {
@@ -110,24 +112,38 @@ class _Checkpoint:
                 for chain, spans in coverage.windows.items()
             },
             "parts": self.parts,
+            "seen_parts": self.seen_parts,
             "tasks": self.tasks,
             "rows": self.rows,
         }
         self.target.store.put(self.state_rel, json.dumps(state).encode())  # the commit point
         self._pending = []
+        self._pending_seen = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
 
-    def tables(self) -> list[pa.Table]:
-        """Rows of every saved and pending task."""
+    def _put_part(self, table: pa.Table) -> str:
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        data = parquet_bytes(table, {}, "zstd", 128 * 1024)
+        self.target.store.put(f"{self.target.checkpoint}/{name}", data)
+        return name
+
+    def _read_parts(self, names: list[str]) -> list[pa.Table]:
         saved = []
-        for name in self.parts:
+        for name in names:
             data = self.target.store.get(f"{self.target.checkpoint}/{name}")
             if data is None:
                 raise SnapshotError("a checkpoint part file is missing; rerun with resume=False")
             saved.append(pq.read_table(pa.BufferReader(data)))
-        return saved + self._pending
+        return saved
+
+    def tables(self) -> tuple[list[pa.Table], list[pa.Table]]:
+        """Matching rows, and ranks read, of every saved and pending task."""
+        rows = self._read_parts(self.parts) + self._pending
+        seen = self._read_parts(self.seen_parts) + self._pending_seen
+        return rows, seen
 
     def discard(self) -> None:
+        """Delete the checkpoint."""
         store = self.target.store
         store.delete(store.list(self.target.checkpoint))

@@ -82,6 +82,13 @@ class PaginationError(SearchError):
     """The service broke the pagination contract (e.g. handed back a nextToken it already gave)."""
 
 
+class MalformedResponseError(SearchError):
+    """A response broke the service model (a cut or foreign body, wrong types); retried, then raised.
+
+    ``detail`` names the rule that failed, never the value that broke it (responses are PHI).
+    """
+
+
 class SnapshotError(HealthImagingDFError):
     """A Parquet snapshot could not be written, read or refreshed."""
 

@@ -9,34 +9,44 @@ we cannot recover from raises, it never returns half a result.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from healthimaging_df import dates
-from healthimaging_df.errors import PaginationError, SearchError, ThrottledError
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthimaging_df import aws, dates, flatten, pagecheck
+from healthimaging_df.errors import (
+    MalformedResponseError,
+    PaginationError,
+    QueryValidationError,
+    SearchError,
+)
 from healthimaging_df.plan import Chain, Plan
 from healthimaging_df.progress import Progress, ProgressReporter
-
-if TYPE_CHECKING:
-    from healthimaging_df.query import Query
 
 log = logging.getLogger(__name__)
 
 Window = tuple[datetime, datetime]
 
-THROTTLING_CODES = frozenset(
-    {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded"}
-)
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
+OPERATION = "SearchImageSets"
+# A page cut in transit or not from the service is asked for again, like a 5xx, this many times.
+MALFORMED_ATTEMPTS = 4
+# Empty pages in a row (each with a fresh nextToken) before a chain is called stuck. A service that
+# filters while it scans can answer a few empty pages in a row; 50 is far beyond that (a healthy
+# chain has never been seen to need more than a handful) yet stops a runaway chain within about
+# two seconds at the default quota, instead of paging forever.
+EMPTY_PAGE_LIMIT = 50
 
 
 @dataclass(frozen=True)
@@ -62,121 +72,23 @@ class FetchOptions:
     page_size: int = 50
 
     def __post_init__(self) -> None:
-        from healthimaging_df.errors import QueryValidationError
-
         if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int):
             raise QueryValidationError("max_concurrency", "must be a positive integer")
         if self.max_concurrency < 1:
             raise QueryValidationError("max_concurrency", "must be a positive integer")
-        if self.max_tps is not None and not self.max_tps > 0:
+        if self.max_tps is not None and (
+            isinstance(self.max_tps, bool)
+            or not isinstance(self.max_tps, (int, float))
+            or not 0 < self.max_tps < float("inf")
+        ):
             raise QueryValidationError("max_tps", "must be a positive number or None")
         if not 1 <= self.page_size <= 50:
             raise QueryValidationError("page_size", "the API allows 1 to 50")
 
 
-class RateLimiter:
-    """A thread-safe token bucket: at most *rate* acquisitions per second, *burst* at once."""
-
-    def __init__(self, rate: float, burst: int | None = None) -> None:
-        self.rate = float(rate)
-        self.capacity = float(burst if burst is not None else 1)
-        self._tokens = self.capacity
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
-        self.waiting = 0
-
-    @property
-    def saturated(self) -> bool:
-        """Some thread is waiting for a token: more concurrency would not send more requests."""
-        return self.waiting > 0
-
-    def acquire(self) -> None:
-        """Block until a request may go out."""
-        waited = False
-        try:
-            while True:
-                with self._lock:
-                    now = time.monotonic()
-                    self._tokens = min(
-                        self.capacity, self._tokens + (now - self._stamp) * self.rate
-                    )
-                    self._stamp = now
-                    if self._tokens >= 1:
-                        self._tokens -= 1
-                        return
-                    wait = (1 - self._tokens) / self.rate
-                    if not waited:
-                        waited = True
-                        self.waiting += 1
-                time.sleep(wait)
-        finally:
-            if waited:
-                with self._lock:
-                    self.waiting -= 1
-
-
-def make_client(
-    client: Any, boto3_session: Any, max_concurrency: int = 8, endpoint_url: str | None = None
-) -> Any:
-    """Return *client*, or a ``medical-imaging`` client from *boto3_session* (default session).
-
-    The client made here retries in botocore's standard mode (throttling and 5xx, 10 attempts),
-    has a connection pool large enough for *max_concurrency*, and names us in its user agent.
-    An *endpoint_url* (a local service) also turns off the ``runtime-`` host prefix.
-    """
-    from healthimaging_df import logs
-
-    logs.refresh()  # loggers of botocore modules imported since then are covered too
-    if client is not None:
-        return client
-    import boto3
-    from botocore.config import Config
-
-    from healthimaging_df import __version__
-
-    session = boto3_session if boto3_session is not None else boto3.Session()
-    settings: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 10},
-        "max_pool_connections": max(10, max_concurrency + 2),
-        "user_agent_extra": f"healthimaging-df/{__version__}",
-    }
-    if endpoint_url:
-        settings["inject_host_prefix"] = False
-    return session.client("medical-imaging", endpoint_url=endpoint_url, config=Config(**settings))
-
-
-def provenance(query: Query, plan: Plan, client: Any) -> dict[str, Any]:
-    """Where a frame came from: stored in ``df.attrs["healthimaging_df"]`` and snapshot metadata.
-
-    ``query`` and ``plan`` are JSON strings (cheap for pandas to copy along with ``attrs``); they
-    hold the query's values, so they are PHI like the frame itself.
-    """
-    import json
-
-    from healthimaging_df import __version__, schema
-
-    meta = getattr(client, "meta", None)
-    return {
-        "datastore_id": plan.datastore_id,
-        "query": json.dumps(query.to_dict(), sort_keys=True),
-        "endpoint_url": getattr(meta, "endpoint_url", None),
-        "region": getattr(meta, "region_name", None),
-        "plan": json.dumps(plan.requests(), default=_json_default, sort_keys=True),
-        "fetched_at": datetime.now(timezone.utc).isoformat(),
-        "library_version": __version__,
-        "schema_version": schema.SCHEMA_VERSION,
-    }
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat()
-    raise TypeError(type(value).__name__)
-
-
 @dataclass
 class Page:
-    """One response's image-set summaries, tagged with the chain and task they belong to.
+    """One checked response as a table of the declared schema, tagged with its chain and task.
 
     A task (a chain, or one createdAt window of it) ends with a page whose ``done`` is True and whose
     ``covered`` says which createdAt range (inclusive, to the microsecond) the task has delivered
@@ -184,11 +96,16 @@ class Page:
     """
 
     chain: int
-    items: list[dict[str, Any]] = field(repr=False)  # summaries are PHI
+    table: pa.Table = field(repr=False)  # summaries are PHI
     task: int = 0
     done: bool = False
     covered: Window | None = None
     seen: threading.Event | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        """Image sets on this page."""
+        return int(self.table.num_rows)
 
 
 @dataclass
@@ -266,7 +183,7 @@ class PageStream:
         self.client = client
         self.options = options
         self.counters = _Counters()
-        self._limiter = RateLimiter(options.max_tps, options.burst) if options.max_tps else None
+        self._limiter = aws.RateLimiter(options.max_tps, options.burst) if options.max_tps else None
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._results: queue.Queue[tuple[str, Any]] = queue.Queue(
             maxsize=8 * options.max_concurrency
@@ -303,7 +220,7 @@ class PageStream:
             if kind == "page":
                 if not payload.done:
                     self.counters.pages += 1
-                    self.counters.image_sets += len(payload.items)
+                    self.counters.image_sets += payload.rows
                     self._progress.update(self.counters.pages, self.counters.image_sets)
                 yield payload
                 if payload.seen is not None:
@@ -400,21 +317,22 @@ class PageStream:
                 if self._cancel.is_set() and item[0] == "page":
                     return
 
-    def _emit(self, task: _Task, items: list[dict[str, Any]]) -> None:
+    def _emit(self, task: _Task, table: pa.Table) -> None:
         """Hand a page to the consumer; when chains stop early, wait for its verdict first.
 
         Without that wait a chain would fetch its next page while the consumer is still deciding
         that it already has enough: one wasted request per chain.
         """
         seen = threading.Event() if self.plan.stops_early else None
-        self._put(("page", Page(task.chain.index, items, task.id, seen=seen)))
+        self._put(("page", Page(task.chain.index, table, task.id, seen=seen)))
         while seen is not None and not seen.wait(0.05):
             if self._cancel.is_set():
                 return
 
     def _finish(self, task: _Task, covered: Window | None) -> None:
         if not self._cancel.is_set():
-            self._put(("page", Page(task.chain.index, [], task.id, True, covered)))
+            empty = flatten.EMPTY_TABLE
+            self._put(("page", Page(task.chain.index, empty, task.id, True, covered)))
 
     def _halted(self, chain: int) -> bool:
         return self._cancel.is_set() or chain in self._stopped
@@ -423,36 +341,44 @@ class PageStream:
         chain = task.chain
         kwargs = chain.request(self.plan.datastore_id, task.window)
         kwargs["maxResults"] = self.options.page_size
-        seen: set[str] = set()
+        tokens: set[bytes] = set()  # digests: a chain of 100,000 pages must not keep 8 KB each
+        empty_run = 0
         emit_below: datetime | None = None
         page_number = 0
         while not self._halted(chain.index):
-            response = self._call(kwargs, chain.index)
+            table, token = self._call(kwargs, chain.index)
             page_number += 1
-            items = response.get("imageSetsMetadataSummaries") or []
-            token = response.get("nextToken")
             log.debug(
                 "chain %d page %d: %d image sets%s",
                 chain.index,
                 page_number,
-                len(items),
+                table.num_rows,
                 ", more" if token else "",
             )
             if token is not None:
-                if token in seen:
+                digest = hashlib.blake2b(token.encode(), digest_size=16).digest()
+                if digest in tokens:
                     raise PaginationError(
-                        "SearchImageSets",
+                        OPERATION,
                         chain.index,
                         "RepeatedNextToken",
                         detail="the service returned a nextToken it had already given",
                     )
-                seen.add(token)
+                tokens.add(digest)
+                empty_run = empty_run + 1 if table.num_rows == 0 else 0
+                if empty_run >= EMPTY_PAGE_LIMIT:
+                    raise PaginationError(
+                        OPERATION,
+                        chain.index,
+                        "NoProgress",
+                        detail=f"{empty_run} empty pages in a row, each with a new nextToken",
+                    )
             if task.window is None:
-                self._emit(task, items)
+                self._emit(task, table)
                 if token is None:
                     self._finish(task, None)
             else:
-                emit_below, covered = self._window_page(task, items, token, emit_below)
+                emit_below, covered = self._window_page(task, table, token, emit_below)
                 if covered is not None:
                     self._finish(task, covered)
                     return
@@ -463,7 +389,7 @@ class PageStream:
     def _window_page(
         self,
         task: _Task,
-        items: list[dict[str, Any]],
+        table: pa.Table,
         token: str | None,
         emit_below: datetime | None,
     ) -> tuple[datetime | None, Window | None]:
@@ -476,35 +402,40 @@ class PageStream:
         """
         assert task.window is not None
         low, high = task.window
-        stamps = [_created(x) for x in items]
-        if any(b < a for a, b in itertools.pairwise(stamps)):
+        created = table.column("createdAt")
+        if (
+            table.num_rows > 1
+            and not pc.all(
+                pc.greater_equal(created.slice(1), created.slice(0, table.num_rows - 1))
+            ).as_py()
+        ):
             raise PaginationError(
-                "SearchImageSets",
+                OPERATION,
                 task.chain.index,
                 "UnsortedPage",
                 detail="a createdAt window came back out of createdAt order; splitting it would lose rows",
             )
         if emit_below is not None:
-            keep = [x for x, t in zip(items, stamps, strict=True) if t < emit_below]
+            keep = table.filter(pc.less(created, pa.scalar(emit_below, created.type)))
             self._emit(task, keep)
-            finished = len(keep) < len(items) or token is None
+            finished = keep.num_rows < table.num_rows or token is None
             return emit_below, (low, emit_below - _MICROSECOND) if finished else None
-        if token is None or not items:
-            self._emit(task, items)
+        if token is None or table.num_rows == 0:
+            self._emit(task, table)
             return None, (low, high) if token is None else None
-        cut = dates.floor_second(stamps[-1])
+        cut = dates.floor_second(created[-1].as_py())
         if not self._may_split():
-            self._emit(task, items)
+            self._emit(task, table)
             return None, None
         if cut > low and high - cut >= 2 * _SECOND:
-            self._emit(task, [x for x, t in zip(items, stamps, strict=True) if t < cut])
+            self._emit(task, table.filter(pc.less(created, pa.scalar(cut, created.type))))
             self._split(task, cut, high)
             return None, (low, cut - _MICROSECOND)
         if cut == low and high - low >= 2 * _SECOND:
-            self._emit(task, items)
+            self._emit(task, table)
             self._split(task, low + _SECOND, high)
             return low + _SECOND, None
-        self._emit(task, items)
+        self._emit(task, table)
         return None, None
 
     def _may_split(self) -> bool:
@@ -526,31 +457,36 @@ class PageStream:
         for a, b in itertools.pairwise(edges):
             self._submit(_Task(task.chain, (a, b)))
 
-    def _call(self, kwargs: dict[str, Any], chain: int) -> dict[str, Any]:
+    def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
+        """One page, checked against the service model; a malformed page is asked for again.
+
+        Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
+        limiter, so a retry never overruns the quota.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.parsers import ResponseParserError
 
-        if self._limiter is not None:
-            self._limiter.acquire()
-        try:
-            response: dict[str, Any] = self.client.search_image_sets(**kwargs)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            cls = ThrottledError if code in THROTTLING_CODES else SearchError
-            raise cls(
-                "SearchImageSets", chain, code, status, server_message=error.get("Message")
-            ) from None
-        except BotoCoreError as exc:
-            # botocore's messages can quote request values (PHI): keep only the error's kind.
-            raise SearchError("SearchImageSets", chain, type(exc).__name__) from None
-        return response
-
-
-def _created(item: dict[str, Any]) -> datetime:
-    value = item.get("createdAt")
-    if not isinstance(value, datetime):
-        raise PaginationError(
-            "SearchImageSets", None, "MissingCreatedAt", detail="an image set had no createdAt"
-        )
-    return value
+        for attempt in range(1, MALFORMED_ATTEMPTS + 1):
+            try:
+                with aws.paced(self.client, self._limiter):
+                    response = self.client.search_image_sets(**kwargs)
+                items, token = pagecheck.check_page(response, chain)
+                return flatten.summaries_to_table(items), token
+            except ClientError as exc:
+                raise aws.search_error(OPERATION, chain, exc) from None
+            except BotoCoreError as exc:
+                # botocore's messages can quote request values (PHI): keep only the error's kind.
+                raise SearchError(OPERATION, chain, type(exc).__name__) from None
+            except (MalformedResponseError, ResponseParserError, ValueError, TypeError) as exc:
+                # a body botocore could not read (a bad timestamp) or that broke the model
+                error = (
+                    exc
+                    if isinstance(exc, MalformedResponseError)
+                    else pagecheck.malformed(chain, "botocore could not parse the response")
+                )
+                log.debug("chain %d: malformed page (attempt %d): %s", chain, attempt, error.code)
+                if attempt == MALFORMED_ATTEMPTS:
+                    raise error from None
+                if self._cancel.wait(min(0.05 * 2**attempt, 1.0)):
+                    break
+        raise SearchError(OPERATION, chain, "Cancelled")

@@ -28,6 +28,7 @@ from typing import Any, Literal, overload
 import pandas as pd
 import pyarrow as pa
 
+from healthimaging_df.aws import THROTTLING_CODES, RateLimiter, make_client
 from healthimaging_df.cohort import require, with_attrs
 from healthimaging_df.errors import (
     ArchiveAccessWarning,
@@ -36,7 +37,7 @@ from healthimaging_df.errors import (
     SearchError,
     ThrottledError,
 )
-from healthimaging_df.fetch import THROTTLING_CODES, FetchOptions, RateLimiter, make_client
+from healthimaging_df.fetch import FetchOptions
 from healthimaging_df.progress import Progress, ProgressReporter
 
 __all__ = [

@@ -9,23 +9,26 @@ Rules (see ``docs/queries.md``):
   seconds; every predicate, pushed or not, is then applied exactly on the client.
 - A scan with no ID to pin is split into ``createdAt`` windows at run time (createdAt never changes,
   so windows are stable while the datastore is written to).
+- Every chain pages in an order no update can change: ``createdAt`` ascending. The service's default
+  (``updatedAt`` descending) would move an image set updated mid-query ahead of the cursor, where
+  it is never returned. Only a query with a ``limit`` pushes its own sort down, to stop early.
+
+The planner never sees a ``Query``: it takes the query's parts, so it sits below the builder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from healthimaging_df import dates, schema
 from healthimaging_df.predicates import Predicate
 
-if TYPE_CHECKING:
-    from healthimaging_df.query import Query
-
 ID_RANK = ("SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyID")
 RANGE_RANK = ("StudyDateTime", "createdAt", "updatedAt")
 DEFAULT_SORT = "updatedAt"
+STABLE_SORT = {"sortField": "createdAt", "sortOrder": "ASC"}  # no update moves a row in it
 WINDOW_FLOOR = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Filter = dict[str, Any]
@@ -145,10 +148,10 @@ class Plan:
         if self.pushed:
             lines.append("    + pushed predicates re-checked (timestamps to the microsecond)")
         order = "ascending" if self.ascending else "descending"
-        if self.windowed or count > 1:
-            where = "merged and sorted on the client"
+        if self.sort_pushed:
+            where = "sorted by the API" if count == 1 else "each chain sorted by the API, merged"
         else:
-            where = "sorted by the API" if self.sort_pushed else "sorted on the client"
+            where = "pages read by createdAt ascending, sorted on the client"
         lines.append(
             f"  result: one row per imageSetId (highest version), ordered by {self.sort_column} "
             f"{order} ({where}; ties by imageSetId)"
@@ -168,21 +171,34 @@ class Plan:
         return "\n".join(lines)
 
 
-def compile_query(query: Query, now: datetime | None = None) -> Plan:
-    """Plan *query*; pure and deterministic for a given *now* (which bounds unbounded scans)."""
-    preds = query.predicates
+def compile_plan(
+    datastore_id: str,
+    predicates: tuple[Predicate, ...] = (),
+    sort_column: str | None = None,
+    ascending: bool = True,
+    limit: int | None = None,
+    now: datetime | None = None,
+) -> Plan:
+    """Plan a query from its parts; pure and deterministic for a given *now* (bounds full scans).
+
+    Without a *sort_column* the result is ordered by ``updatedAt``, newest first (the API's own
+    default order) and *ascending* is ignored.
+    """
+    preds = predicates
     allowed = _allowed_values(preds)
     ranges = _ranges(preds)
-    sort_column = query.sort_column or DEFAULT_SORT
-    ascending = query.ascending if query.sort_column else False
+    sorted_by = sort_column
+    sort_column = sorted_by or DEFAULT_SORT
+    ascending = ascending if sorted_by else False
     sort_field = schema.BY_NAME[sort_column].sort_field
+    stops_early = limit is not None and sort_field is not None
     plan_args: dict[str, Any] = {
-        "datastore_id": query.datastore_id,
+        "datastore_id": datastore_id,
         "predicates": preds,
         "sort_column": sort_column,
         "ascending": ascending,
-        "sort_pushed": sort_field is not None,
-        "limit": query.row_limit,
+        "sort_pushed": stops_early,
+        "limit": limit,
     }
     empty = [c for c, v in allowed.items() if not v] + [
         c for c, (lo, hi) in ranges.items() if lo > hi
@@ -209,12 +225,12 @@ def compile_query(query: Query, now: datetime | None = None) -> Plan:
         pushed += [p for p in preds if p.column == range_column and p.op == "between"]
         range_filter = _between_filter(range_column, *ranges[range_column])
 
-    sort = None
-    if query.sort_column and sort_field:
+    sort = STABLE_SORT
+    if stops_early and sort_field is not None:
         sort = {"sortField": sort_field, "sortOrder": "ASC" if ascending else "DESC"}
 
     windowed = equal_column in (None, "isPrimary") and range_column in (None, "createdAt")
-    if query.row_limit is not None and sort_field is not None:
+    if stops_early:
         windowed = False  # a sorted chain that stops early beats reading every window
     key = schema.BY_NAME[equal_column].search_key if equal_column else None
     base: list[Filter | None] = [

@@ -2,27 +2,28 @@
 
 Every method returns a new ``Query``; building one validates every value, so a bad query fails at the
 line that made it, before any request. ``plan()`` and ``explain()`` show what will be sent;
-``to_dataframe()`` and ``iter_dataframes()`` run it.
+``to_dataframe()``, ``iter_dataframes()`` and ``to_parquet()`` hand the plan to the engine.
+
+The builder sits above what runs it (as polars' LazyFrame above its engine): it imports the planner,
+the engine and the snapshot writer; none of them imports it back.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
 import pandas as pd
 
-from healthimaging_df import predicates, schema
+from healthimaging_df import engine, predicates, schema, snapshot
 from healthimaging_df.errors import QueryValidationError
+from healthimaging_df.plan import Plan, compile_plan
 from healthimaging_df.predicates import Predicate
-
-if TYPE_CHECKING:
-    from healthimaging_df.fetch import FetchOptions
-    from healthimaging_df.plan import Plan
-    from healthimaging_df.progress import Progress
+from healthimaging_df.progress import Progress
 
 _DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
 
@@ -41,7 +42,7 @@ class Query:
     datastore_id: str
     predicates: tuple[Predicate, ...] = ()
     sort_column: str | None = None
-    ascending: bool = False
+    ascending: bool = True
     row_limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -89,8 +90,11 @@ class Query:
         """Keep rows where every named column is present."""
         return self._with(*(predicates.build(c, "not_null") for c in columns))
 
-    def sort_by(self, column: str, ascending: bool = False) -> Query:
-        """Order the result; the API sorts by updatedAt, createdAt and StudyDateTime itself."""
+    def sort_by(self, column: str, ascending: bool = True) -> Query:
+        """Order the result by *column*, ascending (oldest first) unless ``ascending=False``.
+
+        Without ``sort_by`` the result is ordered as the API orders it: updatedAt, newest first.
+        """
         predicates.known_column(column)
         return replace(self, sort_column=column, ascending=bool(ascending))
 
@@ -135,13 +139,26 @@ class Query:
             query = query.limit(int(data["limit"]))
         return query
 
+    def to_json(self) -> str:
+        """``to_dict()`` as canonical JSON: what provenance and checkpoints record."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     # -- planning ---------------------------------------------------------------------------
 
-    def compile(self) -> Plan:
-        """The plan: requests the API can answer plus the predicates applied on the client."""
-        from healthimaging_df.plan import compile_query
+    def compile(self, now: datetime | None = None) -> Plan:
+        """The plan: requests the API can answer plus the predicates applied on the client.
 
-        return compile_query(self)
+        *now* bounds an unbounded scan (default: the current time); the plan is deterministic for a
+        given *now*.
+        """
+        return compile_plan(
+            self.datastore_id,
+            self.predicates,
+            self.sort_column,
+            self.ascending,
+            self.row_limit,
+            now,
+        )
 
     def plan(self) -> list[dict[str, Any]]:
         """The exact keyword arguments of each ``search_image_sets`` call (no paging keys)."""
@@ -154,7 +171,7 @@ class Query:
         """
         return self.compile().explain(show_values=show_values)
 
-    # -- running ----------------------------------------------------------------------------
+    # -- running (the engine does the work) ---------------------------------------------------
 
     def to_dataframe(
         self,
@@ -185,8 +202,10 @@ class Query:
         dtype_backend
             ``"numpy_nullable"`` or ``"pyarrow"``, as in pandas.
         """
-        plan, options, client = self._prepare(client, boto3_session, max_concurrency, max_tps)
-        return self._collect(plan, options, client, progress, dtype_backend)
+        run = engine.prepare(
+            client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
+        )
+        return engine.collect(self.compile(), self.to_json(), run)
 
     def iter_dataframes(
         self,
@@ -200,72 +219,18 @@ class Query:
     ) -> Iterator[pd.DataFrame]:
         """Yield typed frames of about *chunk_rows* rows as pages arrive, for results beyond memory.
 
-        Chunks come in arrival order, each image set once; with ``limit`` set the whole (small)
-        sorted result is computed first and then yielded in chunks. Arguments are checked here,
-        before the first chunk is asked for.
+        Chunks come in arrival order, each image set once (see ``docs/queries.md``); with
+        ``limit`` set the whole (small) sorted result is computed first and then yielded in
+        chunks. Arguments are checked here, before the first chunk is asked for.
         """
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
-            raise QueryValidationError("chunk_rows", "must be a positive integer")
-        plan, options, client = self._prepare(client, boto3_session, max_concurrency, max_tps)
-        return self._chunks(plan, options, client, progress, dtype_backend, chunk_rows)
-
-    def _prepare(
-        self, client: Any, boto3_session: Any, max_concurrency: int, max_tps: float | None
-    ) -> tuple[Plan, FetchOptions, Any]:
-        from healthimaging_df import fetch
-
-        plan = self.compile()
-        options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-        return plan, options, fetch.make_client(client, boto3_session, max_concurrency)
-
-    def _collect(
-        self,
-        plan: Plan,
-        options: FetchOptions,
-        client: Any,
-        progress: Progress,
-        dtype_backend: schema.DtypeBackend,
-    ) -> pd.DataFrame:
-        from healthimaging_df import fetch, frame
-
-        collector = frame.Collector(plan)
-        started = datetime.now(timezone.utc)
-        with fetch.stream(plan, client, options, progress) as pages:
-            for page in pages:
-                if collector.add(page):
-                    pages.stop_chain(page.chain)
-        info = fetch.provenance(self, plan, client)
-        info["fetch_started_at"] = started.isoformat()  # refresh looks back from here
-        return collector.finish(dtype_backend, provenance=info)
-
-    def _chunks(
-        self,
-        plan: Plan,
-        options: FetchOptions,
-        client: Any,
-        progress: Progress,
-        dtype_backend: schema.DtypeBackend,
-        chunk_rows: int,
-    ) -> Iterator[pd.DataFrame]:
-        from healthimaging_df import fetch, frame
-
-        if plan.limit is not None:
-            whole = self._collect(plan, options, client, progress, dtype_backend)
-            for start in range(0, max(len(whole), 1), chunk_rows):
-                yield whole.iloc[start : start + chunk_rows]
-            return
-        chunker = frame.Chunker(
-            plan, chunk_rows, dtype_backend, fetch.provenance(self, plan, client)
+        engine.check_positive_int("chunk_rows", chunk_rows)
+        run = engine.prepare(
+            client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
         )
-        with fetch.stream(plan, client, options, progress) as pages:
-            for page in pages:
-                yield from chunker.add(page)
-        yield from chunker.flush()
+        return engine.chunks(self.compile(), self.to_json(), run, chunk_rows)
 
-    def to_parquet(self, path: str, **options: Any) -> Any:
+    def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
         """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""
-        from healthimaging_df import snapshot
-
         return snapshot.export_query(self, path, **options)
 
 

@@ -1,8 +1,7 @@
 """Incremental refresh: upsert the image sets updated since the last fetch, drop those that left.
 
-``healthimaging_df.snapshot`` re-exports :func:`refresh_frame`, :func:`refresh_snapshot`,
-:class:`RefreshReport` and ``DEFAULT_MARGIN``. It imports this module, so the snapshot read and
-write that a refresh builds on are imported inside the functions that use them.
+The delta comes from the engine (``engine.changes``: the same checked pipeline as any query); this
+module merges it into a frame or a snapshot read through ``healthimaging_df.snapshot``.
 """
 
 from __future__ import annotations
@@ -17,25 +16,26 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthimaging_df import schema
+from healthimaging_df import engine, frame, schema
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
+from healthimaging_df.provenance import KEY as METADATA_KEY
+from healthimaging_df.query import Query
 from healthimaging_df.redact import RedactionPolicy, apply_redaction
-from healthimaging_df.storage import _target
+from healthimaging_df.snapshot import check_redact, read_table, write_table
+from healthimaging_df.storage import open_target
 from healthimaging_df.tables import (
-    _dtype_backend_of,
-    _iso,
-    _parse_iso,
-    _table_to_frame,
-    _watermark,
+    dtype_backend_of,
     frame_to_table,
+    iso,
+    parse_iso,
+    table_to_frame,
+    table_watermark,
 )
 
 if TYPE_CHECKING:
     from healthimaging_df.progress import Progress
-    from healthimaging_df.query import Query
 
 DEFAULT_MARGIN = timedelta(minutes=5)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,6 @@ def refresh_frame(
     -------
     tuple of (pandas.DataFrame, RefreshReport)
     """
-    from healthimaging_df.snapshot import METADATA_KEY
-
     if not isinstance(df, pd.DataFrame):
         raise QueryValidationError("df", "must be a pandas DataFrame")
     prov = dict(df.attrs.get(METADATA_KEY) or {})
@@ -138,7 +136,7 @@ def refresh_frame(
         max_concurrency=max_concurrency,
         max_tps=max_tps,
     )
-    out = _table_to_frame(new_table, _dtype_backend_of(df), list(df.columns))
+    out = table_to_frame(new_table, dtype_backend_of(df), list(df.columns))
     out.attrs[METADATA_KEY] = new_prov
     return out, report
 
@@ -162,15 +160,13 @@ def refresh_snapshot(
 
     The partitioning and redaction of the snapshot are kept. Returns what changed.
     """
-    from healthimaging_df.snapshot import _read_table, _write
-
     store_args: dict[str, Any] = {
         "boto3_session": boto3_session,
         "region": region,
         "s3_endpoint_url": s3_endpoint_url,
     }
-    target = _target(path, kms_key_id=kms_key_id, **store_args)
-    table, meta = _read_table(target, None, None)
+    target = open_target(path, kms_key_id=kms_key_id, **store_args)
+    table, meta = read_table(target, None, None)
     if meta["derived_columns"]:
         derived = [c for c in meta["derived_columns"] if c in table.column_names]
         table = table.drop_columns(derived)
@@ -186,7 +182,7 @@ def refresh_snapshot(
         max_concurrency=max_concurrency,
         max_tps=max_tps,
     )
-    _write(target, os.fspath(path), new_table, new_prov, meta["partition_cols"])
+    write_table(target, os.fspath(path), new_table, new_prov, meta["partition_cols"])
     return report
 
 
@@ -203,12 +199,7 @@ def _refresh_table(
     max_concurrency: int,
     max_tps: float | None,
 ) -> tuple[pa.Table, dict[str, Any], RefreshReport]:
-    from healthimaging_df import fetch, frame
-    from healthimaging_df.plan import compile_query
-    from healthimaging_df.query import Query
-    from healthimaging_df.snapshot import _check_redact
-
-    _check_redact(redact)
+    check_redact(redact)
     if query is not None and not isinstance(query, Query):
         raise QueryValidationError("query", "must be a Query or None")
     if not isinstance(margin, timedelta) or margin < timedelta(0):
@@ -252,18 +243,10 @@ def _refresh_table(
         if needed not in table.column_names:
             raise SnapshotError(f"cannot refresh without the {needed} column")
 
+    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
     since = _refresh_since(prov, table, margin)
     started = datetime.now(timezone.utc)
-    upper = started + timedelta(days=2)
-    changes = Query(query.datastore_id).between("updatedAt", since, upper)
-    change_plan = compile_query(changes)
-    options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-    client = fetch.make_client(client, boto3_session, max_concurrency)
-    items: list[dict[str, Any]] = []
-    with fetch.stream(change_plan, client, options, progress) as pages:
-        for page in pages:
-            items.extend(page.items)
-    fetched = _latest_versions(frame.summaries_to_table(items))
+    fetched = engine.changes(query.datastore_id, since, started + timedelta(days=2), run)
     fetched_count = fetched.num_rows
 
     old_ids = table.column("imageSetId")
@@ -273,7 +256,8 @@ def _refresh_table(
     # _latest_versions: version, then updatedAt, nulls lowest
     newer = pa.array(
         [
-            i not in old_versions or _rank(v, u) >= _rank(old_versions[i], old_updated[i])
+            i not in old_versions
+            or frame.rank_of(v, u) >= frame.rank_of(old_versions[i], old_updated[i])
             for i, v, u in zip(
                 fetched.column("imageSetId").to_pylist(),
                 fetched.column("version").to_pylist(),
@@ -295,9 +279,7 @@ def _refresh_table(
     if missing:
         raise SnapshotError(f"cannot refresh columns not in the schema: {', '.join(missing)}")
     merged = pa.concat_tables([kept, incoming.select(table.column_names).cast(table.schema)])
-    plan = compile_query(query)
-    result_df = frame.dedupe_and_sort(schema.arrow_to_pandas(merged, "pyarrow"), plan)
-    result = frame_to_table(result_df)
+    result = frame.order(frame.latest_rows(merged), query.compile())
 
     new_ids = set(result.column("imageSetId").to_pylist())
     before = set(old_versions)
@@ -320,8 +302,8 @@ def _refresh_table(
         for i in new_ids & before
         if i in incoming_state and incoming_state[i] != (old_versions[i], old_updated[i])
     )
-    watermark = _watermark(result)
-    meta = getattr(client, "meta", None)
+    watermark = table_watermark(result)
+    meta = getattr(run.client, "meta", None)
     new_prov = dict(prov)
     new_prov.update(
         {
@@ -330,7 +312,7 @@ def _refresh_table(
             "endpoint_url": getattr(meta, "endpoint_url", prov.get("endpoint_url")),
             "region": getattr(meta, "region_name", prov.get("region")),
             "row_count": result.num_rows,
-            "watermark": _iso(watermark),
+            "watermark": iso(watermark),
             "refreshed_since": since.isoformat(),
         }
     )
@@ -355,38 +337,10 @@ def _refresh_since(prov: dict[str, Any], table: pa.Table, margin: timedelta) -> 
     rows read later, and a small cohort's watermark can lag far behind the datastore's activity.
     """
     for key in ("fetch_started_at", "fetched_at"):
-        moment = _parse_iso(prov.get(key))
+        moment = parse_iso(prov.get(key))
         if moment is not None:
             return moment - margin
-    watermark = _parse_iso(prov.get("watermark")) or _watermark(table)
+    watermark = parse_iso(prov.get("watermark")) or table_watermark(table)
     if watermark is None:
         raise SnapshotError("the frame has no fetch time or updatedAt to refresh from")
     return watermark - margin
-
-
-def _rank(version: int | None, updated_at: datetime | None) -> tuple[bool, int, bool, int]:
-    """Order of two states of one image set: version, then updatedAt; a null is lowest."""
-    micros = 0
-    if updated_at is not None:
-        aware = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=timezone.utc)
-        micros = (aware - _EPOCH) // timedelta(microseconds=1)
-    return (version is not None, version or 0, updated_at is not None, micros)
-
-
-def _latest_versions(table: pa.Table) -> pa.Table:
-    """One row per imageSetId: the highest version, then the latest updatedAt (nulls lowest).
-
-    Rows without an imageSetId are dropped (they cannot be upserted).
-    """
-    table = table.filter(pc.is_valid(table.column("imageSetId")))
-    if table.num_rows == 0:
-        return table
-    # nulls sort last in either direction (pyarrow's default), so a null version or updatedAt
-    # never beats a known one; the sort is stable
-    ordered = table.sort_by(
-        [("imageSetId", "ascending"), ("version", "descending"), ("updatedAt", "descending")]
-    )
-    ids = ordered.column("imageSetId").combine_chunks()
-    first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-    keep = pa.concat_arrays([pa.array([True]), first])
-    return ordered.filter(keep)

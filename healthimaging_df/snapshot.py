@@ -17,8 +17,8 @@ Every data file carries the provenance in its Parquet key-value metadata (key ``
 ``read_snapshot`` puts it back in ``df.attrs["healthimaging_df"]``.
 
 The storage layer (local disk or S3) is in ``healthimaging_df.storage``, Arrow and Parquet
-conversions in ``healthimaging_df.tables``, the export checkpoint in ``healthimaging_df.checkpoint``
-and incremental refresh in ``healthimaging_df.refresh``; this module re-exports their public names.
+conversions in ``healthimaging_df.tables``; the fetch behind an export runs in
+``healthimaging_df.engine`` and incremental refresh is ``healthimaging_df.refresh``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -41,53 +41,48 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from healthimaging_df import schema
-from healthimaging_df.checkpoint import _Checkpoint, _fingerprint
+from healthimaging_df import engine, provenance, schema
+from healthimaging_df._version import __version__
+from healthimaging_df.checkpoint import Checkpoint, fingerprint
 from healthimaging_df.errors import QueryValidationError, SnapshotError
-from healthimaging_df.redact import RedactionPolicy, apply_redaction, redact_query_json
-from healthimaging_df.refresh import DEFAULT_MARGIN, RefreshReport, refresh_frame, refresh_snapshot
+from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    _load_manifest,
-    _Target,
-    _target,
+    Target,
+    load_manifest,
+    open_target,
 )
 from healthimaging_df.tables import (
-    _iso,
-    _parquet_bytes,
-    _parse_iso,
-    _table_to_frame,
-    _watermark,
     frame_to_table,
+    iso,
+    parquet_bytes,
+    table_to_frame,
+    table_watermark,
 )
 
 if TYPE_CHECKING:
     from healthimaging_df.progress import Progress
-    from healthimaging_df.query import Query
+    from healthimaging_df.query import Query  # the argument's type only: Query imports us
 
 __all__ = [
     "CHECKPOINT_SUFFIX",
-    "DEFAULT_MARGIN",
     "DERIVED_COLUMNS",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "METADATA_KEY",
     "STAGING_PREFIX",
-    "RefreshReport",
     "SnapshotInfo",
     "export_query",
     "frame_to_table",
     "read_snapshot",
     "redacted_provenance",
-    "refresh_frame",
-    "refresh_snapshot",
     "snapshot_provenance",
     "write_snapshot",
 ]
 
-METADATA_KEY = "healthimaging_df"
+METADATA_KEY = provenance.KEY
 DERIVED_COLUMNS: dict[str, str] = {"StudyYear": "year of StudyDateTime (derived for partitioning)"}
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 STAGING_PREFIX = "_staging-"
@@ -183,9 +178,9 @@ def write_snapshot(
     """
     if not isinstance(df, pd.DataFrame):
         raise QueryValidationError("df", "must be a pandas DataFrame")
-    _check_redact(redact)
+    check_redact(redact)
     _check_parquet_options(compression, row_group_size)
-    target = _target(
+    target = open_target(
         path,
         boto3_session=boto3_session,
         region=region,
@@ -198,7 +193,7 @@ def write_snapshot(
             raise SnapshotError("the frame is already redacted; pass redact=None")
         df = apply_redaction(df, redact)
         prov = redacted_provenance(prov, redact)
-    return _write(
+    return write_table(
         target,
         os.fspath(path),
         frame_to_table(df),
@@ -209,7 +204,28 @@ def write_snapshot(
     )
 
 
-def _check_redact(redact: Any) -> None:
+def check_partition_cols(target: Target, partition_cols: Sequence[str] | None) -> list[str]:
+    """The partition columns, checked against the schema and the path before anything runs."""
+    parts = _names_argument("partition_cols", partition_cols) or []
+    if len(set(parts)) != len(parts):
+        raise QueryValidationError("partition_cols", "names a column twice")
+    if target.single_file and parts:
+        raise QueryValidationError(
+            "partition_cols", "needs a directory path (not one ending in .parquet)"
+        )
+    return parts
+
+
+def _check_schema_partitions(parts: list[str]) -> None:
+    known = set(schema.COLUMN_NAMES) | set(DERIVED_COLUMNS)
+    for position, name in enumerate(parts):
+        if name not in known:
+            raise QueryValidationError(
+                "partition_cols", "must be schema columns (or StudyYear)", position
+            )
+
+
+def check_redact(redact: Any) -> None:
     if redact is not None and not isinstance(redact, RedactionPolicy):
         raise QueryValidationError("redact", "must be a RedactionPolicy or None")
 
@@ -249,23 +265,11 @@ def _names_argument(argument: str, names: Sequence[str] | None) -> list[str] | N
 
 def redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
     """Provenance without PHI: the query's values and the plan's requests are replaced."""
-    out = dict(prov)
-    plan_text = None
-    if isinstance(prov.get("query"), str):
-        with contextlib.suppress(Exception):  # a foreign or damaged query: drop the plan
-            from healthimaging_df.plan import compile_query
-            from healthimaging_df.query import Query
-
-            query = Query.from_dict(json.loads(prov["query"]))
-            plan_text = compile_query(query, _parse_iso(prov.get("fetched_at"))).explain(False)
-    out["query"] = redact_query_json(prov.get("query"))
-    out["plan"] = plan_text
-    out["redaction"] = json.dumps(policy.describe(), sort_keys=True)
-    return out
+    return provenance.redacted(prov, policy)
 
 
-def _write(
-    target: _Target,
+def write_table(
+    target: Target,
     display_path: str,
     table: pa.Table,
     provenance: dict[str, Any],
@@ -273,13 +277,7 @@ def _write(
     compression: str = "zstd",
     row_group_size: int = 128 * 1024,
 ) -> SnapshotInfo:
-    from healthimaging_df import __version__
-
-    parts = _names_argument("partition_cols", partition_cols) or []
-    if len(set(parts)) != len(parts):
-        raise SnapshotError("partition_cols has a repeated column")
-    if target.single_file and parts:
-        raise SnapshotError("partition_cols needs a directory path (not one ending in .parquet)")
+    parts = check_partition_cols(target, partition_cols)
     derived = []
     for name in parts:
         if name in table.column_names:
@@ -298,13 +296,13 @@ def _write(
     if len(parts) >= table.num_columns:
         raise SnapshotError("partition_cols cannot cover every column")
 
-    watermark = _watermark(table)
+    watermark = table_watermark(table)
     prov = dict(provenance)
     prov.setdefault("schema_version", schema.SCHEMA_VERSION)
     prov.setdefault("library_version", __version__)
     prov.setdefault("redaction", None)
     prov["row_count"] = table.num_rows
-    prov["watermark"] = _iso(watermark)
+    prov["watermark"] = iso(watermark)
     meta = {
         "format": "healthimaging_df.snapshot",
         "format_version": FORMAT_VERSION,
@@ -318,13 +316,13 @@ def _write(
     file_meta = {METADATA_KEY.encode(): json.dumps(meta, sort_keys=True).encode()}
     store = target.store
     if target.single_file:
-        data = _parquet_bytes(table, file_meta, compression, row_group_size)
+        data = parquet_bytes(table, file_meta, compression, row_group_size)
         store.put(target.name, data)
         return SnapshotInfo(
             display_path, table.num_rows, (store.uri(target.name),), len(data), (), prov
         )
 
-    old = _load_manifest(target)
+    old = load_manifest(target)
     if old is None and not _only_our_debris(target):
         raise SnapshotError(
             f"{store.uri(target.name)} exists and is not a snapshot (no {MANIFEST_NAME}); "
@@ -338,7 +336,7 @@ def _write(
     for number, (values, part) in enumerate(_split(table, parts)):
         folder = "/".join(f"{c}={_hive_value(v)}" for c, v in zip(parts, values, strict=True))
         rel = "/".join(x for x in (folder, f"part-{version}-{number:05d}.parquet") if x)
-        data = _parquet_bytes(part, file_meta, compression, row_group_size)
+        data = parquet_bytes(part, file_meta, compression, row_group_size)
         store.put(f"{staging}/{rel}", data)
         files.append({"path": rel, "rows": part.num_rows, "bytes": len(data)})
         total += len(data)
@@ -366,7 +364,7 @@ def _write(
     )
 
 
-def _collect_garbage(target: _Target, keep: set[str]) -> None:
+def _collect_garbage(target: Target, keep: set[str]) -> None:
     """Delete data files of earlier versions and of crashed writes (never foreign files)."""
     prefix = f"{target.name}/"
     stale = []
@@ -381,7 +379,7 @@ def _collect_garbage(target: _Target, keep: set[str]) -> None:
     target.store.prune(target.name, STAGING_PREFIX)  # the (now empty) staging folders
 
 
-def _only_our_debris(target: _Target) -> bool:
+def _only_our_debris(target: Target) -> bool:
     """Whether a folder without a manifest holds nothing but what a crashed first write left.
 
     Only this library's own names count (``part-<version>-NNNNN.parquet`` and temp files of a
@@ -465,20 +463,20 @@ def read_snapshot(
     if dtype_backend not in schema.DTYPE_BACKENDS:
         raise QueryValidationError("dtype_backend", f"must be one of {schema.DTYPE_BACKENDS}")
     columns = _names_argument("columns", columns)
-    target = _target(
+    target = open_target(
         path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
     )
-    table, meta = _read_table(target, columns, filters)
+    table, meta = read_table(target, columns, filters)
     order = list(columns) if columns is not None else meta["columns"]
-    frame = _table_to_frame(table, dtype_backend, order)
+    frame = table_to_frame(table, dtype_backend, order)
     if meta["partition_cols"] and columns is None:
         frame = _canonical_order(frame, meta["provenance"])
     frame.attrs[METADATA_KEY] = dict(meta["provenance"])
     return frame
 
 
-def _read_table(
-    target: _Target, columns: Sequence[str] | None, filters: Any, _retry: bool = True
+def read_table(
+    target: Target, columns: Sequence[str] | None, filters: Any, _retry: bool = True
 ) -> tuple[pa.Table, dict[str, Any]]:
     store = target.store
     expression = _filter_expression(filters)
@@ -499,7 +497,7 @@ def _read_table(
         )
         return table.replace_schema_metadata(None), meta
 
-    manifest = _load_manifest(target)
+    manifest = load_manifest(target)
     if manifest is None:
         raise SnapshotError(f"no snapshot at {store.uri(target.name)} (no {MANIFEST_NAME})")
     full_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["arrow_schema"])))
@@ -528,7 +526,7 @@ def _read_table(
     except FileNotFoundError:
         if not _retry:
             raise
-        return _read_table(target, columns, filters, _retry=False)  # a writer swapped versions
+        return read_table(target, columns, filters, _retry=False)  # a writer swapped versions
     if columns is None:
         derived = [c for c in manifest["derived_columns"] if c in table.column_names]
         table = table.drop_columns(derived)
@@ -609,7 +607,7 @@ def snapshot_provenance(
     s3_endpoint_url: str | None = None,
 ) -> dict[str, Any]:
     """The provenance of a snapshot, without reading its rows."""
-    target = _target(
+    target = open_target(
         path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
     )
     if target.single_file:
@@ -620,7 +618,7 @@ def snapshot_provenance(
         except (FileNotFoundError, OSError) as exc:
             raise SnapshotError(f"no snapshot at {target.store.uri(target.name)}") from exc
         return dict(_file_meta(metadata, target.store.uri(target.name))["provenance"])
-    manifest = _load_manifest(target)
+    manifest = load_manifest(target)
     if manifest is None:
         raise SnapshotError(f"no snapshot at {target.store.uri(target.name)}")
     return dict(manifest["provenance"])
@@ -649,10 +647,12 @@ def export_query(
 ) -> SnapshotInfo:
     """Run *query* and write its result as a snapshot at *path*, checkpointing as it goes.
 
-    Finished fetch tasks (request chains, or createdAt windows of a scan) and their rows are saved
-    next to the target (``<path>.ahi-checkpoint``) at most every *checkpoint_interval* seconds. If
-    the process dies, the same call resumes from there: the result equals an uninterrupted run.
-    The checkpoint is deleted once the snapshot is written. It holds unredacted rows (PHI).
+    Every option (partition columns against the schema, the output path's folder, the checkpoint
+    interval, the fetch settings) is checked before the first request. Finished fetch tasks
+    (request chains, or createdAt windows of a scan) and their rows are saved next to the target
+    (``<path>.ahi-checkpoint``) at most every *checkpoint_interval* seconds. If the process dies,
+    the same call resumes from there: the result equals an uninterrupted run. The checkpoint is
+    deleted once the snapshot is written. It holds unredacted rows (PHI).
 
     Parameters
     ----------
@@ -673,80 +673,55 @@ def export_query(
     -------
     SnapshotInfo
     """
-    from healthimaging_df import fetch, frame
-    from healthimaging_df.plan import compile_query
-
-    _check_redact(redact)
+    check_redact(redact)
     _check_parquet_options(compression, 128 * 1024)
-    partition_cols = _names_argument("partition_cols", partition_cols)
-    target = _target(
+    if isinstance(checkpoint_interval, bool) or not (
+        isinstance(checkpoint_interval, (int, float)) and 0 <= checkpoint_interval < float("inf")
+    ):
+        raise QueryValidationError("checkpoint_interval", "must be a number of seconds >= 0")
+    target = open_target(
         path,
         boto3_session=boto3_session,
         region=region,
         s3_endpoint_url=s3_endpoint_url,
         kms_key_id=kms_key_id,
     )
-    if target.single_file and partition_cols:
-        raise SnapshotError("partition_cols needs a directory path (not one ending in .parquet)")
-    options = fetch.FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-    client = fetch.make_client(client, boto3_session, max_concurrency)
+    parts = check_partition_cols(target, partition_cols)
+    _check_schema_partitions(parts)
+    target.store.check_writable()
+    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+    display = os.fspath(path)
+
+    def write(table: pa.Table, info: dict[str, Any]) -> SnapshotInfo:
+        return _finish_write(target, display, table, info, parts, redact, compression)
 
     if query.row_limit is not None:  # a small, sorted result: no checkpoints needed
-        started = datetime.now(timezone.utc)
-        df = query.to_dataframe(client, None, progress, max_concurrency, max_tps)
-        prov = dict(df.attrs.get(METADATA_KEY) or {})
-        prov["fetch_started_at"] = started.isoformat()
-        return _finish_write(target, os.fspath(path), df, prov, partition_cols, redact, compression)
-
-    checkpoint = _Checkpoint(target, _fingerprint(query))
+        return engine.export(query.compile(), query.to_json(), run, write)
+    checkpoint = Checkpoint(target, fingerprint(query.to_json()))
     coverage = checkpoint.load() if resume else None
     if not resume:
         checkpoint.discard()
-    plan = compile_query(query, now=checkpoint.now)
-    if coverage is None:
-        coverage = fetch.Coverage()
-    buffers: dict[int, list[dict[str, Any]]] = {}
-    with fetch.stream(plan, client, options, progress, resume=coverage) as pages:
-        for page in pages:
-            if not page.done:
-                buffers.setdefault(page.task, []).extend(page.items)
-                continue
-            items = buffers.pop(page.task, [])
-            rows = frame.apply_predicates(frame.summaries_to_table(items), plan.predicates)
-            coverage.add(page)
-            checkpoint.add(rows, coverage, checkpoint_interval)
-    if buffers and any(buffers.values()):
-        raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
-    tables = checkpoint.tables()
-    table = pa.concat_tables(tables) if tables else schema.arrow_schema().empty_table()
-    df = frame.dedupe_and_sort(schema.arrow_to_pandas(table), plan)
-    prov = fetch.provenance(query, plan, client)
-    prov["fetch_started_at"] = checkpoint.started_at.isoformat()
-    info = _finish_write(target, os.fspath(path), df, prov, partition_cols, redact, compression)
+    plan = query.compile(now=checkpoint.now)
+    info = engine.export(
+        plan, query.to_json(), run, write, checkpoint, coverage, checkpoint_interval
+    )
     checkpoint.discard()
     if checkpoint.resumed_tasks:
-        info = SnapshotInfo(
-            info.path,
-            info.rows,
-            info.files,
-            info.bytes,
-            info.partition_cols,
-            info.provenance,
-            checkpoint.resumed_tasks,
-        )
+        info = replace(info, resumed_tasks=checkpoint.resumed_tasks)
     return info
 
 
 def _finish_write(
-    target: _Target,
+    target: Target,
     display_path: str,
-    df: pd.DataFrame,
+    table: pa.Table,
     prov: dict[str, Any],
     partition_cols: Sequence[str] | None,
     redact: RedactionPolicy | None,
     compression: str,
 ) -> SnapshotInfo:
     if redact is not None:
-        df = apply_redaction(df, redact)
+        df = apply_redaction(schema.arrow_to_pandas(table), redact)
         prov = redacted_provenance(prov, redact)
-    return _write(target, display_path, frame_to_table(df), prov, partition_cols, compression)
+        table = frame_to_table(df)
+    return write_table(target, display_path, table, prov, partition_cols, compression)

@@ -2,8 +2,8 @@
 
 A store addresses files by ``/`` paths relative to its base. Writes are atomic per file: locally a
 temp file, ``fsync`` and ``os.replace``; on S3 one PUT (or multipart upload), which S3 makes
-visible all at once. ``_target`` parses a snapshot path (``….parquet``, a folder, or
-``s3://bucket/prefix``) into a store at its parent and the snapshot's name; ``_load_manifest``
+visible all at once. ``open_target`` parses a snapshot path (``….parquet``, a folder, or
+``s3://bucket/prefix``) into a store at its parent and the snapshot's name; ``load_manifest``
 reads a directory snapshot's manifest.
 """
 
@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class _Store:
     def size(self, rel: str) -> int:
         raise NotImplementedError
 
+    def check_writable(self) -> None:
+        """Raise ``SnapshotError`` now if writes are sure to fail (checked before any request)."""
+
 
 class _LocalStore(_Store):
     def __init__(self, base: str) -> None:
@@ -75,6 +79,22 @@ class _LocalStore(_Store):
 
     def _full(self, rel: str) -> str:
         return os.path.join(self.base, *rel.split("/"))
+
+    def check_writable(self) -> None:
+        """The nearest existing folder on the way to the snapshot must be a writable folder."""
+        probe = self.base
+        while not os.path.lexists(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        if not os.path.isdir(probe):
+            raise SnapshotError("the output path runs through a file, not a folder")
+        try:  # a real write: os.access says yes to root even on a read-only file system
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError:
+            raise SnapshotError("the output folder is not writable") from None
 
     def arrow_path(self, rel: str) -> str:
         return self._full(rel)
@@ -258,7 +278,7 @@ class _S3Store(_Store):
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """A snapshot location: a store at its parent plus the snapshot's relative name."""
 
     store: _Store
@@ -267,21 +287,24 @@ class _Target:
 
     @property
     def manifest(self) -> str:
+        """The manifest's relative path."""
         return f"{self.name}/{MANIFEST_NAME}"
 
     @property
     def checkpoint(self) -> str:
+        """The export checkpoint folder's relative path."""
         return f"{self.name}{CHECKPOINT_SUFFIX}"
 
 
-def _target(
+def open_target(
     path: str | os.PathLike[str],
     *,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
     kms_key_id: str | None = None,
-) -> _Target:
+) -> Target:
+    """Parse a snapshot path (local or ``s3://``) into a store and a name."""
     if not isinstance(path, (str, os.PathLike)):
         raise QueryValidationError("path", "must be a str or os.PathLike")
     text = os.fspath(path)
@@ -302,16 +325,17 @@ def _target(
             endpoint_url=s3_endpoint_url,
             kms_key_id=kms_key_id,
         )
-        return _Target(store, name, single)
+        return Target(store, name, single)
     if "://" in text:
         raise SnapshotError("snapshot paths are local paths or s3://bucket/prefix URIs")
     if kms_key_id:
         raise SnapshotError("kms_key_id applies to s3:// paths only")
     full = os.path.abspath(text.rstrip("/") or text)
-    return _Target(_LocalStore(os.path.dirname(full)), os.path.basename(full), single)
+    return Target(_LocalStore(os.path.dirname(full)), os.path.basename(full), single)
 
 
-def _load_manifest(target: _Target) -> dict[str, Any] | None:
+def load_manifest(target: Target) -> dict[str, Any] | None:
+    """The directory snapshot's manifest, or None if there is none."""
     data = target.store.get(target.manifest)
     if data is None:
         return None

@@ -42,15 +42,17 @@ def frame_to_table(df: pd.DataFrame) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def _dtype_backend_of(df: pd.DataFrame) -> schema.DtypeBackend:
+def dtype_backend_of(df: pd.DataFrame) -> schema.DtypeBackend:
+    """The dtype backend a frame uses: pyarrow if any column is Arrow-backed."""
     if any(isinstance(df[c].dtype, pd.ArrowDtype) for c in df.columns if c in schema.BY_NAME):
         return "pyarrow"
     return "numpy_nullable"
 
 
-def _table_to_frame(
+def table_to_frame(
     table: pa.Table, dtype_backend: schema.DtypeBackend, order: Sequence[str] | None = None
 ) -> pd.DataFrame:
+    """A snapshot table as pandas, in *order* (columns it lacks are skipped), typed by the schema."""
     frame = schema.arrow_to_pandas(table, dtype_backend)
     if order is not None:
         frame = frame[[c for c in order if c in frame.columns]]
@@ -58,18 +60,21 @@ def _table_to_frame(
     return out
 
 
-def _watermark(table: pa.Table) -> datetime | None:
+def table_watermark(table: pa.Table) -> datetime | None:
+    """The highest updatedAt of *table*, or None."""
     if "updatedAt" not in table.column_names or table.num_rows == 0:
         return None
     value = pc.max(table.column("updatedAt")).as_py()
     return value if isinstance(value, datetime) else None
 
 
-def _iso(moment: datetime | None) -> str | None:
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC, or None."""
     return None if moment is None else moment.astimezone(timezone.utc).isoformat()
 
 
-def _parse_iso(text: Any) -> datetime | None:
+def parse_iso(text: Any) -> datetime | None:
+    """A timezone-aware datetime from ISO 8601 text, or None for anything else."""
     if not isinstance(text, str):
         return None
     try:
@@ -79,9 +84,10 @@ def _parse_iso(text: Any) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _parquet_bytes(
+def parquet_bytes(
     table: pa.Table, metadata: dict[bytes, bytes], compression: str, row_group_size: int
 ) -> bytes:
+    """*table* as Parquet file bytes with *metadata* in the footer."""
     sink = pa.BufferOutputStream()
     pq.write_table(
         table.replace_schema_metadata({**metadata, b"pandas": _pandas_metadata(table)}),

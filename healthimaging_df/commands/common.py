@@ -431,7 +431,7 @@ def aws_client(args: argparse.Namespace) -> Any:
     import boto3
     from botocore.exceptions import NoRegionError, ProfileNotFound
 
-    from healthimaging_df.fetch import make_client
+    from healthimaging_df.aws import make_client
 
     try:
         session = boto3.Session(profile_name=args.profile, region_name=args.region)

@@ -199,7 +199,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
 def run_refresh(args: argparse.Namespace) -> int:
     """Run ``refresh``; print what changed on stdout; return the exit code."""
-    from healthimaging_df.snapshot import refresh_snapshot
+    from healthimaging_df.refresh import refresh_snapshot
 
     policy = _policy(args)
     query: Query | None = None

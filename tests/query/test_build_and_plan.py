@@ -9,7 +9,6 @@ import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.errors import QueryValidationError
-from healthimaging_df.plan import compile_query
 
 DS = "0123456789abcdef0123456789abcdef"
 UID = "1.2.840.99999999.84710745.943275268089"
@@ -23,14 +22,30 @@ def filters(query: Query) -> list[list[dict]]:
 
 
 def test_documented_patient_id_request() -> None:
+    # the documented filter, paged in an order no update can change (createdAt ascending)
     assert Query(DS).where(PatientID="SUBJECT08701").plan() == [
         {
             "datastoreId": DS,
             "searchCriteria": {
-                "filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "SUBJECT08701"}]}]
+                "filters": [{"operator": "EQUAL", "values": [{"DICOMPatientId": "SUBJECT08701"}]}],
+                "sort": {"sortField": "createdAt", "sortOrder": "ASC"},
             },
         }
     ]
+
+
+def test_every_chain_without_a_limit_pages_by_created_at_ascending() -> None:
+    stable = {"sortField": "createdAt", "sortOrder": "ASC"}
+    queries = [
+        Query(DS).between("StudyDateTime", datetime(2020, 1, 1), datetime(2021, 1, 1)),
+        Query(DS).between("updatedAt", datetime(2020, 1, 1), datetime(2021, 1, 1)),
+        Query(DS).where(PatientID=["A", "B"]).sort_by("StudyDateTime"),
+        Query(DS).sort_by("updatedAt", ascending=False),
+        Query(DS),
+    ]
+    for query in queries:
+        for chain in query.compile().chains:
+            assert chain.criteria()["sort"] == stable
 
 
 def test_documented_study_date_time_request() -> None:
@@ -76,6 +91,7 @@ def test_documented_series_uid_and_updated_at_sorted_ascending() -> None:
         )
         .where(SeriesInstanceUID=UID)
         .sort_by("updatedAt", ascending=True)
+        .limit(100)  # only a limit pushes the query's own sort down (to stop early)
     )
     [request] = q.plan()
     criteria = request["searchCriteria"]
@@ -92,7 +108,7 @@ def test_documented_series_uid_and_updated_at_sorted_ascending() -> None:
 
 
 def test_no_filter_sends_no_search_criteria_but_a_createdat_window() -> None:
-    plan = compile_query(Query(DS), now=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    plan = Query(DS).compile(now=datetime(2026, 1, 1, tzinfo=timezone.utc))
     assert plan.windowed
     [request] = plan.requests()
     [between] = request["searchCriteria"]["filters"]
@@ -300,7 +316,7 @@ def test_explain_states_chains_pushdown_and_client_side_work() -> None:
 
 def test_unbounded_window_upper_bound_moves_with_now() -> None:
     now = datetime(2030, 5, 5, 13, 0, tzinfo=timezone.utc)
-    plan = compile_query(Query(DS), now=now)
+    plan = Query(DS).compile(now=now)
     assert plan.chains[0].window is not None
     assert plan.chains[0].window[1] - now < timedelta(days=2)
 

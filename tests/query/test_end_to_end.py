@@ -135,7 +135,7 @@ def test_search_one_liner(service: LocalService, records: list) -> None:
 
 @pytest.mark.usefixtures("no_backoff")
 def test_throttling_and_server_errors_are_retried(service: LocalService, records: list) -> None:
-    service.set_faults(tps=150, burst=3, error_rate=0.15)
+    service.set_faults(tps=40, burst=2, error_rate=0.15)  # below what one client pages
     frame = run(service, Query(service.datastore_id), max_concurrency=6, max_tps=None)
     assert sorted(frame["imageSetId"]) == sorted(r["imageSetId"] for r in records)
     stats = service.stats

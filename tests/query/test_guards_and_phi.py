@@ -17,6 +17,7 @@ from werkzeug.wrappers import Request, Response
 from healthimaging_df import Query, redact_botocore_logs
 from healthimaging_df.errors import PaginationError
 from healthimaging_df.fetch import Page
+from healthimaging_df.flatten import summaries_to_table
 from healthimaging_df.local import LocalService
 
 from .conftest import flat_row
@@ -58,8 +59,8 @@ def looping_endpoint() -> Iterator[str]:
 def unsorted_endpoint() -> Iterator[str]:
     """A page out of createdAt order, with more to follow."""
     items = [
-        {"imageSetId": "b" * 32, "createdAt": 1_700_000_100.5},
-        {"imageSetId": "a" * 32, "createdAt": 1_700_000_000.5},
+        {"imageSetId": "b" * 32, "createdAt": 1_700_000_100.5, "updatedAt": 1_700_000_100.5},
+        {"imageSetId": "a" * 32, "createdAt": 1_700_000_000.5, "updatedAt": 1_700_000_000.5},
     ]
     yield from serve({"imageSetsMetadataSummaries": items, "nextToken": "t"})
 
@@ -129,7 +130,7 @@ def test_errors_and_reprs_hold_no_phi(service: LocalService, records: list) -> N
     )
     plan = query.compile()
     shown = repr(query) + query.explain() + repr(query.predicates) + repr(plan)
-    shown += repr(plan.chains) + repr(Page(0, records[:3]))
+    shown += repr(plan.chains) + repr(Page(0, summaries_to_table(records[:3])))
     assert [v for v in phi_values(records[:1]) if v in shown] == []
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from healthimaging_df import frame, schema
+from healthimaging_df import flatten, schema
 from healthimaging_df.local import generate_image_sets
 
 
@@ -54,7 +54,7 @@ def typed_frame(
 ) -> pd.DataFrame:
     """A frame as Query.to_dataframe makes it (sorted updatedAt desc, imageSetId) with provenance."""
     items = generate_image_sets(n, seed=seed) + odd_summaries()
-    table = frame.summaries_to_table(items)
+    table = flatten.summaries_to_table(items)
     df = schema.arrow_to_pandas(table, dtype_backend)
     df = df.sort_values(
         ["updatedAt", "imageSetId"], ascending=[False, True], kind="stable", na_position="last"

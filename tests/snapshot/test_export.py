@@ -18,7 +18,8 @@ import pytest
 from healthimaging_df import Query
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.local import LocalService
-from healthimaging_df.snapshot import export_query, read_snapshot, refresh_snapshot
+from healthimaging_df.refresh import refresh_snapshot
+from healthimaging_df.snapshot import export_query, read_snapshot
 
 FAST = {"progress": False, "max_tps": None}
 

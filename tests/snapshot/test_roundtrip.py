@@ -13,8 +13,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from healthimaging_df import frame, schema, storage
-from healthimaging_df.errors import SnapshotError
+from healthimaging_df import flatten, schema, storage
+from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
 
@@ -84,7 +84,7 @@ def test_other_readers_see_the_same_rows(tmp_path: Path, sample_frame: pd.DataFr
 
 
 def test_duckdb_group_by_on_100k_partitioned_matches_pandas(tmp_path: Path) -> None:
-    table = frame.summaries_to_table(generate_image_sets(100_000, seed=5))
+    table = flatten.summaries_to_table(generate_image_sets(100_000, seed=5))
     df = schema.arrow_to_pandas(table)
     write_snapshot(df, tmp_path / "big", partition_cols=["Modality"])
     got = duckdb.sql(
@@ -235,7 +235,7 @@ def test_readers_during_rewrites_see_whole_versions(tmp_path: Path) -> None:
 
 
 def test_refuses_bad_layouts(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
-    with pytest.raises(SnapshotError, match="directory path"):
+    with pytest.raises(QueryValidationError, match="directory path"):
         write_snapshot(sample_frame, tmp_path / "x.parquet", partition_cols=["Modality"])
     with pytest.raises(SnapshotError, match="not in the frame"):
         write_snapshot(sample_frame, tmp_path / "x", partition_cols=["Nope"])
@@ -348,7 +348,7 @@ def test_bad_arguments_are_query_validation_errors(
     tmp_path: Path, sample_frame: pd.DataFrame
 ) -> None:
     from healthimaging_df.errors import QueryValidationError
-    from healthimaging_df.snapshot import refresh_frame
+    from healthimaging_df.refresh import refresh_frame
 
     write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
     write_snapshot(sample_frame, tmp_path / "one.parquet")

@@ -10,7 +10,8 @@ import pytest
 
 from healthimaging_df import Query, storage
 from healthimaging_df.local import LocalService
-from healthimaging_df.snapshot import read_snapshot, refresh_snapshot, write_snapshot
+from healthimaging_df.refresh import refresh_snapshot
+from healthimaging_df.snapshot import read_snapshot, write_snapshot
 
 from .conftest import S3
 

@@ -1,0 +1,148 @@
+"""The one place that talks to botocore: clients, pacing under the quota, error translation.
+
+Search (``fetch``) and enrichment (``metadata``) share it. Every HTTP attempt, botocore's own retries
+included, takes a token from the caller's :class:`RateLimiter`: the limiter is armed per thread
+through botocore's ``before-send`` event, so a retry cannot overrun the quota that the first
+attempt respected, and a user's own client is paced only inside our calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from healthimaging_df import logs
+from healthimaging_df._version import __version__
+from healthimaging_df.errors import SearchError, ThrottledError
+
+THROTTLING_CODES = frozenset(
+    {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded"}
+)
+SERVICE = "medical-imaging"
+_HANDLER_ID = "healthimaging_df.aws.pace"
+
+
+class RateLimiter:
+    """A thread-safe token bucket: at most *rate* acquisitions per second, *burst* at once.
+
+    ``burst=1`` (the default) paces evenly, so a service that counts requests in a strict
+    sliding window, or allows a smaller burst than it advertises, is never overrun.
+    """
+
+    def __init__(self, rate: float, burst: int | None = None) -> None:
+        self.rate = float(rate)
+        self.capacity = float(burst if burst is not None else 1)
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.acquired = 0
+
+    @property
+    def saturated(self) -> bool:
+        """Some thread is waiting for a token: more concurrency would not send more requests."""
+        return self.waiting > 0
+
+    def acquire(self) -> None:
+        """Block until a request may go out."""
+        waited = False
+        try:
+            while True:
+                with self._lock:
+                    now = time.monotonic()
+                    self._tokens = min(
+                        self.capacity, self._tokens + (now - self._stamp) * self.rate
+                    )
+                    self._stamp = now
+                    if self._tokens >= 1:
+                        self._tokens -= 1
+                        self.acquired += 1
+                        return
+                    wait = (1 - self._tokens) / self.rate
+                    if not waited:
+                        waited = True
+                        self.waiting += 1
+                time.sleep(wait)
+        finally:
+            if waited:
+                with self._lock:
+                    self.waiting -= 1
+
+
+def make_client(
+    client: Any, boto3_session: Any, max_concurrency: int = 8, endpoint_url: str | None = None
+) -> Any:
+    """Return *client*, or a ``medical-imaging`` client from *boto3_session* (default session).
+
+    The client made here retries in botocore's standard mode (throttling and 5xx, 10 attempts),
+    has a connection pool large enough for *max_concurrency*, and names us in its user agent.
+    An *endpoint_url* (a local service) also turns off the ``runtime-`` host prefix.
+    """
+    logs.refresh()  # loggers of botocore modules imported since then are covered too
+    if client is not None:
+        return client
+    import boto3
+    from botocore.config import Config
+
+    session = boto3_session if boto3_session is not None else boto3.Session()
+    settings: dict[str, Any] = {
+        "retries": {"mode": "standard", "max_attempts": 10},
+        "max_pool_connections": max(10, max_concurrency + 2),
+        "user_agent_extra": f"healthimaging-df/{__version__}",
+    }
+    if endpoint_url:
+        settings["inject_host_prefix"] = False
+    return session.client("medical-imaging", endpoint_url=endpoint_url, config=Config(**settings))
+
+
+_armed = threading.local()
+
+
+def _before_send(**_: Any) -> None:
+    limiter: RateLimiter | None = getattr(_armed, "limiter", None)
+    if limiter is not None:
+        limiter.acquire()
+
+
+@contextmanager
+def paced(client: Any, limiter: RateLimiter | None) -> Iterator[None]:
+    """Within the block, every HTTP attempt this thread makes on *client* waits for *limiter*.
+
+    The handler is registered once per client (idempotent through its unique id) and does nothing
+    on threads that are not inside this block.
+    """
+    if limiter is None:
+        yield
+        return
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is None:  # not a botocore client: pace the call itself
+        limiter.acquire()
+        yield
+        return
+    events.register("before-send", _before_send, unique_id=_HANDLER_ID)
+    previous = getattr(_armed, "limiter", None)
+    _armed.limiter = limiter
+    try:
+        yield
+    finally:
+        _armed.limiter = previous
+
+
+def error_code(exc: BaseException) -> tuple[str, int | None, str | None]:
+    """``(code, HTTP status, server message)`` of a botocore error; the class name otherwise."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(error.get("Code", "Unknown")), status, error.get("Message")
+    return type(exc).__name__, None, None
+
+
+def search_error(operation: str, index: int | None, exc: BaseException) -> SearchError:
+    """The typed error for a botocore failure; botocore's text (which can quote PHI) is dropped."""
+    code, status, message = error_code(exc)
+    cls = ThrottledError if code in THROTTLING_CODES else SearchError
+    return cls(operation, index, code, status, server_message=message)

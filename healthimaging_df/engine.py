@@ -1,0 +1,193 @@
+"""The engine: the one place where fetching, framing and storage meet.
+
+Every way of running a query goes through the same pipeline: checked pages from ``fetch``, exact
+filtering and the latest version of each image set from ``frame``, provenance from ``provenance``.
+``collect`` returns one frame, ``chunks`` a bounded stream of frames, ``export`` a checkpointed write
+through a caller-given writer, ``changes`` a refresh's delta. The engine takes a ``Plan`` and the
+query's JSON, never a ``Query``: the builder sits above it and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import pandas as pd
+import pyarrow as pa
+
+from healthimaging_df import aws, flatten, predicates, provenance, schema
+from healthimaging_df.checkpoint import Checkpoint
+from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.fetch import Coverage, FetchOptions, stream
+from healthimaging_df.frame import (
+    RANK_COLUMNS,
+    Chunker,
+    Collector,
+    apply_predicates,
+    drop_superseded,
+    order,
+    to_frame,
+)
+from healthimaging_df.plan import Plan, compile_plan
+from healthimaging_df.progress import Progress
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Writer = Callable[[pa.Table, dict[str, Any]], T]
+
+
+@dataclass(frozen=True)
+class Run:
+    """How to run a plan: checked by :func:`prepare` before any request is sent."""
+
+    client: Any
+    fetch: FetchOptions
+    progress: Progress
+    dtype_backend: schema.DtypeBackend
+
+
+def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
+    """*dtype_backend* if it is one pandas and we both support, else a typed error."""
+    if dtype_backend not in schema.DTYPE_BACKENDS:
+        raise QueryValidationError(
+            "dtype_backend", f"must be one of {', '.join(schema.DTYPE_BACKENDS)}"
+        )
+    backend: schema.DtypeBackend = dtype_backend
+    return backend
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """*value* if it is a positive integer (not a bool), else a typed error naming *name*."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QueryValidationError(name, "must be a positive integer")
+    return value
+
+
+def prepare(
+    client: Any = None,
+    boto3_session: Any = None,
+    progress: Progress = None,
+    max_concurrency: int = 8,
+    max_tps: float | None = 25.0,
+    dtype_backend: schema.DtypeBackend = "numpy_nullable",
+) -> Run:
+    """Check every run option and make the client; no request is sent."""
+    backend = check_dtype_backend(dtype_backend)
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise QueryValidationError("progress", "must be True, False, None or a callable")
+    options = FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
+    made = aws.make_client(client, boto3_session, max_concurrency)
+    return Run(made, options, progress, backend)
+
+
+def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:
+    """Every matching image set once, at its latest version read, as one typed frame."""
+    table, info = collect_table(plan, query_json, run)
+    return to_frame(table, run.dtype_backend, info)
+
+
+def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict[str, Any]]:
+    """:func:`collect` as an Arrow table plus its provenance."""
+    started = datetime.now(timezone.utc)
+    collector = Collector(plan)
+    with stream(plan, run.client, run.fetch, run.progress) as pages:
+        for page in pages:
+            if collector.add(page):
+                pages.stop_chain(page.chain)
+    return collector.table(), provenance.build(plan, query_json, run.client, started)
+
+
+def chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Typed frames of about *chunk_rows* rows as pages arrive; each image set once.
+
+    Arguments are checked here, before the first chunk is asked for. With a ``limit`` the whole
+    (small, sorted) result is computed first and then yielded in chunks.
+    """
+    check_positive_int("chunk_rows", chunk_rows)
+    return _chunks(plan, query_json, run, chunk_rows)
+
+
+def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    if plan.limit is not None:
+        whole = collect(plan, query_json, run)
+        for start in range(0, max(len(whole), 1), chunk_rows):
+            yield whole.iloc[start : start + chunk_rows]
+        return
+    started = datetime.now(timezone.utc)
+    info = provenance.build(plan, query_json, run.client, started)
+    chunker = Chunker(plan, chunk_rows, run.dtype_backend, info)
+    with stream(plan, run.client, run.fetch, run.progress) as pages:
+        for page in pages:
+            yield from chunker.add(page)
+    yield from chunker.flush()
+    if chunker.late_versions:
+        log.info(
+            "%d image set(s) were read again at a newer version after being yielded",
+            chunker.late_versions,
+        )
+
+
+def export(
+    plan: Plan,
+    query_json: str,
+    run: Run,
+    write: Writer[T],
+    checkpoint: Checkpoint | None = None,
+    coverage: Coverage | None = None,
+    checkpoint_interval: float = 5.0,
+) -> T:
+    """Run *plan* and hand the whole result to *write*, checkpointing finished tasks as it goes.
+
+    With a *checkpoint*, tasks that *coverage* (what it had saved) covers are skipped and every
+    finished task is saved to it; the result equals an uninterrupted run, superseded
+    copies dropped across tasks exactly as :func:`collect` drops them.
+    """
+    if plan.limit is not None or checkpoint is None:  # small and sorted, or not resumable
+        table, info = collect_table(plan, query_json, run)
+        return write(table, info)
+    coverage = coverage if coverage is not None else Coverage()
+    matched: dict[int, list[pa.Table]] = {}
+    seen: dict[int, list[pa.Table]] = {}
+    with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:
+        for page in pages:
+            if not page.done:
+                seen.setdefault(page.task, []).append(page.table.select(RANK_COLUMNS))
+                matched.setdefault(page.task, []).append(
+                    apply_predicates(page.table, plan.predicates)
+                )
+                continue
+            rows = _concat(matched.pop(page.task, []))
+            ranks = _concat(seen.pop(page.task, [])).select(RANK_COLUMNS)
+            coverage.add(page)
+            checkpoint.add(rows, ranks, coverage, checkpoint_interval)
+    if any(t.num_rows for tables in seen.values() for t in tables):
+        raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
+    checkpoint.flush(coverage)
+    saved_rows, saved_seen = checkpoint.tables()
+    table = _concat(saved_rows)
+    if saved_seen:
+        table = drop_superseded(table, pa.concat_tables(saved_seen))
+    info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
+    return write(order(table, plan), info)
+
+
+def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa.Table:
+    """The latest version of every image set updated in ``[since, until]``, unfiltered.
+
+    A refresh's delta: the same checked, createdAt-ordered pipeline as any query.
+    """
+    window = predicates.build("updatedAt", "between", (since, until))
+    plan = compile_plan(datastore_id, (window,))
+    collector = Collector(plan)
+    with stream(plan, run.client, run.fetch, run.progress) as pages:
+        for page in pages:
+            collector.add(page)
+    return collector.table()
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables) if tables else flatten.EMPTY_TABLE
