@@ -89,12 +89,12 @@ class _LocalStore(_Store):
                 break
             probe = parent
         if not os.path.isdir(probe):
-            raise SnapshotError("the output path runs through a file, not a folder")
+            raise QueryValidationError("path", "runs through a file, not a folder")
         try:  # a real write: os.access says yes to root even on a read-only file system
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError:
-            raise SnapshotError("the output folder is not writable") from None
+            raise QueryValidationError("path", "its folder is not writable") from None
 
     def arrow_path(self, rel: str) -> str:
         return self._full(rel)
