@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from healthimaging_df import schema
 from healthimaging_df.errors import QueryValidationError
 
 if TYPE_CHECKING:
@@ -38,19 +39,15 @@ __all__ = [
 
 AGE_BAND_WIDTH = 10
 _OLDEST_BAND = 90
-_STUDY_ATTRIBUTES = (
-    "PatientID",
-    "PatientName",
-    "PatientSex",
-    "PatientBirthDate",
-    "StudyDateTime",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "StudyDescription",
+# From the schema's levels: a study carries its patient's attributes and its own; counts the
+# study declares (integers) are aggregated separately.
+_STUDY_ATTRIBUTES = tuple(
+    c
+    for c in schema.PATIENT_COLUMNS + schema.STUDY_COLUMNS
+    if c != "StudyInstanceUID" and schema.BY_NAME[c].kind != "int"
 )
-_PATIENT_ATTRIBUTES = ("PatientName", "PatientSex", "PatientBirthDate")
+_STUDY_COUNTS = tuple(c for c in schema.STUDY_COLUMNS if schema.BY_NAME[c].kind == "int")
+_PATIENT_ATTRIBUTES = tuple(c for c in schema.PATIENT_COLUMNS if c != "PatientID")
 _MODALITIES = pa.list_(pa.string())
 
 
@@ -118,7 +115,7 @@ def studies(frame: pd.DataFrame) -> pd.DataFrame:
     result["imageSetCount"] = _int(grouped["imageSetId"].nunique())
     if "SeriesInstanceUID" in rows.columns:
         result["seriesCount"] = _int(grouped["SeriesInstanceUID"].nunique())
-    for declared in ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"):
+    for declared in _STUDY_COUNTS:
         if declared in rows.columns:
             result[declared] = grouped[declared].max()
     result["firstUpdatedAt"] = grouped["updatedAt"].min()

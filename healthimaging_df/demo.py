@@ -7,7 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-DEMO_COLUMNS = ["imageSetId", "Modality", "BodyPartExamined", "StudyDateTime", "isPrimary"]
+from healthimaging_df import schema
+
+DEMO_COLUMNS = list(schema.DISPLAY_COLUMNS)
 
 
 def run_demo(image_sets: int = 5_000, seed: int = 42, latency_ms: float = 20.0) -> pd.DataFrame:

@@ -25,8 +25,8 @@ from typing import Any
 from healthimaging_df import dates, schema
 from healthimaging_df.predicates import Predicate
 
-ID_RANK = ("SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber", "PatientID", "StudyID")
-RANGE_RANK = ("StudyDateTime", "createdAt", "updatedAt")
+ID_RANK = schema.ID_RANK  # from each column's push-down role and rank in the schema
+RANGE_RANK = schema.RANGE_RANK
 DEFAULT_SORT = "updatedAt"
 STABLE_SORT = {"sortField": "createdAt", "sortOrder": "ASC"}  # no update moves a row in it
 WINDOW_FLOOR = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -214,8 +214,9 @@ def compile_plan(
     pushed: list[Predicate] = []
     equal_column = next((c for c in ID_RANK if c in allowed), None)
     equal_values: list[Any] = list(allowed[equal_column]) if equal_column else []
-    if equal_column is None and len(allowed.get("isPrimary", ())) == 1:
-        equal_column, equal_values = "isPrimary", list(allowed["isPrimary"])
+    flag = next((c for c in schema.FLAG_COLUMNS if len(allowed.get(c, ())) == 1), None)
+    if equal_column is None and flag is not None:
+        equal_column, equal_values = flag, list(allowed[flag])
     if equal_column:
         pushed += [p for p in preds if p.column == equal_column and p.op in ("eq", "in")]
 
@@ -229,7 +230,10 @@ def compile_plan(
     if stops_early and sort_field is not None:
         sort = {"sortField": sort_field, "sortOrder": "ASC" if ascending else "DESC"}
 
-    windowed = equal_column in (None, "isPrimary") and range_column in (None, "createdAt")
+    windowed = (equal_column is None or equal_column in schema.FLAG_COLUMNS) and range_column in (
+        None,
+        "createdAt",
+    )
     if stops_early:
         windowed = False  # a sorted chain that stops early beats reading every window
     key = schema.BY_NAME[equal_column].search_key if equal_column else None

@@ -35,15 +35,10 @@ from healthimaging_df import schema
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 
 MIN_KEY_BYTES = 16
-DEFAULT_DROP: tuple[str, ...] = ("PatientName",)
-DEFAULT_HASH: tuple[str, ...] = (
-    "PatientID",
-    "AccessionNumber",
-    "StudyID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-)
-SHIFTED_COLUMNS: tuple[str, ...] = ("StudyDate", "StudyDateTime")
+# The defaults come from each column's de-identification role in the schema.
+DEFAULT_DROP: tuple[str, ...] = schema.deid_columns("drop")
+DEFAULT_HASH: tuple[str, ...] = schema.deid_columns("hash")
+SHIFTED_COLUMNS: tuple[str, ...] = schema.deid_columns("shift")
 _HASH_DOMAIN = b"healthimaging_df/id\x00"
 _SHIFT_DOMAIN = b"healthimaging_df/date-shift\x00"
 _FINGERPRINT_DOMAIN = b"healthimaging_df/key-fingerprint"

@@ -16,6 +16,9 @@ import pyarrow as pa
 SCHEMA_VERSION = "1"
 
 Kind = Literal["string", "int", "bool", "timestamp", "wallclock"]
+Level = Literal["patient", "study", "series", "image_set"]
+Pushdown = Literal["id", "flag", "range"]
+Deid = Literal["keep", "drop", "hash", "year", "shift"]
 DtypeBackend = Literal["numpy_nullable", "pyarrow"]
 DTYPE_BACKENDS: tuple[DtypeBackend, ...] = ("numpy_nullable", "pyarrow")
 
@@ -56,6 +59,20 @@ class Column:
         The API's length limit for a string filter value.
     uid
         Values must be DICOM UIDs (digits and dots).
+    level
+        The DICOM level the value describes: ``patient``, ``study``, ``series`` or ``image_set``;
+        the cohort tables (studies, patients) are built from it.
+    pushdown
+        How the planner can send a condition on it: ``id`` (an EQUAL that pins a few image sets),
+        ``flag`` (an EQUAL on a flag), ``range`` (a BETWEEN); None for client-side only.
+    rank
+        The planner's preference among columns of the same push-down role (0 first): the most
+        selective ID, the range the service is known to accept best.
+    deid
+        What a default redaction policy does with it: ``keep``, ``drop``, ``hash`` (keyed
+        pseudonym), ``year`` (keep the year only) or ``shift`` (per-patient date shift).
+    shown
+        Shown by default where a few columns must do (the CLI's table, the demo).
     """
 
     name: str
@@ -68,6 +85,11 @@ class Column:
     sort_field: str | None = None
     max_length: int | None = None
     uid: bool = False
+    level: Level = "image_set"
+    pushdown: Pushdown | None = None
+    rank: int = 0
+    deid: Deid = "keep"
+    shown: bool = False
 
     @property
     def arrow_type(self) -> pa.DataType:
@@ -75,12 +97,20 @@ class Column:
         return _ARROW_TYPES[self.kind]
 
 
-def _tag(name: str, key: str, kind: Kind, description: str, **extra: object) -> Column:
-    return Column(name, ("DICOMTags", key), kind, description, phi=True, **extra)  # type: ignore[arg-type]
+def _tag(
+    name: str, key: str, kind: Kind, description: str, level: Level, **extra: object
+) -> Column:
+    return Column(name, ("DICOMTags", key), kind, description, phi=True, level=level, **extra)  # type: ignore[arg-type]
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("imageSetId", ("imageSetId",), "string", "Image set identifier (32 hex characters)."),
+    Column(
+        "imageSetId",
+        ("imageSetId",),
+        "string",
+        "Image set identifier (32 hex characters).",
+        shown=True,
+    ),
     Column("version", ("version",), "int", "Latest version of the image set."),
     Column(
         "createdAt",
@@ -90,6 +120,8 @@ COLUMNS: tuple[Column, ...] = (
         search_key="createdAt",
         search_operator="BETWEEN",
         sort_field="createdAt",
+        pushdown="range",
+        rank=1,
     ),
     Column(
         "updatedAt",
@@ -99,6 +131,8 @@ COLUMNS: tuple[Column, ...] = (
         search_key="updatedAt",
         search_operator="BETWEEN",
         sort_field="updatedAt",
+        pushdown="range",
+        rank=2,
     ),
     Column("lastAccessedAt", ("lastAccessedAt",), "timestamp", "When it was last accessed (UTC)."),
     Column(
@@ -114,80 +148,143 @@ COLUMNS: tuple[Column, ...] = (
         "False for image sets holding conflicting (non-primary) copies.",
         search_key="isPrimary",
         search_operator="EQUAL",
+        pushdown="flag",
+        shown=True,
     ),
     _tag(
         "PatientID",
         "DICOMPatientId",
         "string",
         "Patient ID (0010,0020).",
+        "patient",
         search_key="DICOMPatientId",
         search_operator="EQUAL",
         max_length=512,
+        pushdown="id",
+        rank=3,
+        deid="hash",
+        shown=True,
     ),
-    _tag("PatientName", "DICOMPatientName", "string", "Patient's name (0010,0010)."),
+    _tag(
+        "PatientName",
+        "DICOMPatientName",
+        "string",
+        "Patient's name (0010,0010).",
+        "patient",
+        deid="drop",
+    ),
     _tag(
         "PatientBirthDate",
         "DICOMPatientBirthDate",
         "string",
         "Patient's birth date (0010,0030), raw DICOM DA (YYYYMMDD).",
+        "patient",
+        deid="year",
     ),
-    _tag("PatientSex", "DICOMPatientSex", "string", "Patient's sex (0010,0040): M, F, O."),
+    _tag(
+        "PatientSex", "DICOMPatientSex", "string", "Patient's sex (0010,0040): M, F, O.", "patient"
+    ),
     _tag(
         "StudyInstanceUID",
         "DICOMStudyInstanceUID",
         "string",
         "Study Instance UID (0020,000D).",
+        "study",
         search_key="DICOMStudyInstanceUID",
         search_operator="EQUAL",
         max_length=512,
         uid=True,
+        pushdown="id",
+        rank=1,
+        deid="hash",
     ),
     _tag(
         "StudyID",
         "DICOMStudyId",
         "string",
         "Study ID (0020,0010).",
+        "study",
         search_key="DICOMStudyId",
         search_operator="EQUAL",
         max_length=512,
+        pushdown="id",
+        rank=4,
+        deid="hash",
     ),
-    _tag("StudyDescription", "DICOMStudyDescription", "string", "Study description (0008,1030)."),
+    _tag(
+        "StudyDescription",
+        "DICOMStudyDescription",
+        "string",
+        "Study description (0008,1030).",
+        "study",
+    ),
     _tag(
         "NumberOfStudyRelatedSeries",
         "DICOMNumberOfStudyRelatedSeries",
         "int",
         "Number of series in the study (0020,1206).",
+        "study",
     ),
     _tag(
         "NumberOfStudyRelatedInstances",
         "DICOMNumberOfStudyRelatedInstances",
         "int",
         "Number of instances in the study (0020,1208).",
+        "study",
     ),
     _tag(
         "AccessionNumber",
         "DICOMAccessionNumber",
         "string",
         "Accession number (0008,0050).",
+        "study",
         search_key="DICOMAccessionNumber",
         search_operator="EQUAL",
         max_length=512,
+        pushdown="id",
+        rank=2,
+        deid="hash",
     ),
     _tag(
         "SeriesInstanceUID",
         "DICOMSeriesInstanceUID",
         "string",
         "Series Instance UID (0020,000E).",
+        "series",
         search_key="DICOMSeriesInstanceUID",
         search_operator="EQUAL",
         max_length=512,
         uid=True,
+        pushdown="id",
+        rank=0,
+        deid="hash",
     ),
-    _tag("Modality", "DICOMSeriesModality", "string", "Series modality (0008,0060): CT, MR..."),
-    _tag("BodyPartExamined", "DICOMSeriesBodyPart", "string", "Body part examined (0018,0015)."),
-    _tag("SeriesNumber", "DICOMSeriesNumber", "int", "Series number (0020,0011)."),
-    _tag("StudyDate", "DICOMStudyDate", "string", "Study date (0008,0020), raw DICOM DA."),
-    _tag("StudyTime", "DICOMStudyTime", "string", "Study time (0008,0030), raw DICOM TM."),
+    _tag(
+        "Modality",
+        "DICOMSeriesModality",
+        "string",
+        "Series modality (0008,0060): CT, MR...",
+        "series",
+        shown=True,
+    ),
+    _tag(
+        "BodyPartExamined",
+        "DICOMSeriesBodyPart",
+        "string",
+        "Body part examined (0018,0015).",
+        "series",
+        shown=True,
+    ),
+    _tag("SeriesNumber", "DICOMSeriesNumber", "int", "Series number (0020,0011).", "series"),
+    _tag(
+        "StudyDate",
+        "DICOMStudyDate",
+        "string",
+        "Study date (0008,0020), raw DICOM DA.",
+        "study",
+        deid="shift",
+    ),
+    _tag("StudyTime", "DICOMStudyTime", "string", "Study time (0008,0030), raw DICOM TM.", "study"),
     Column(
         "StudyDateTime",
         (),
@@ -198,6 +295,11 @@ COLUMNS: tuple[Column, ...] = (
         search_key="DICOMStudyDateAndTime",
         search_operator="BETWEEN",
         sort_field="DICOMStudyDateAndTime",
+        level="study",
+        pushdown="range",
+        rank=0,
+        deid="shift",
+        shown=True,
     ),
 )
 
@@ -205,6 +307,24 @@ BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 COLUMN_NAMES: tuple[str, ...] = tuple(BY_NAME)
 KEY_COLUMNS: tuple[str, ...] = ("imageSetId", "version", "PatientID", "StudyInstanceUID")
 PHI_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.phi)
+
+
+def _ranked(pushdown: Pushdown) -> tuple[str, ...]:
+    return tuple(c.name for c in sorted(COLUMNS, key=lambda c: c.rank) if c.pushdown == pushdown)
+
+
+# Everything below is derived from the declarations above; nothing else keeps its own list.
+ID_RANK: tuple[str, ...] = _ranked("id")  # the planner pins the first of these a query names
+RANGE_RANK: tuple[str, ...] = _ranked("range")  # and pushes the first of these ranges
+FLAG_COLUMNS: tuple[str, ...] = _ranked("flag")
+DISPLAY_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.shown)
+PATIENT_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.level == "patient")
+STUDY_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.level == "study")
+
+
+def deid_columns(role: Deid) -> tuple[str, ...]:
+    """Columns a default redaction policy treats with *role* (``hash``, ``drop``...)."""
+    return tuple(c.name for c in COLUMNS if c.deid == role)
 
 
 def column(name: str) -> Column:
@@ -275,15 +395,16 @@ def empty_frame(dtype_backend: DtypeBackend = "numpy_nullable") -> pd.DataFrame:
 def markdown_table() -> str:
     """The schema as a Markdown table (``docs/schema.md`` is generated from this)."""
     rows = [
-        "| column | source | type | API filter | description |",
-        "|---|---|---|---|---|",
+        "| column | source | type | level | API filter | redaction | description |",
+        "|---|---|---|---|---|---|---|",
     ]
     numpy_types = pandas_dtypes("numpy_nullable")
     for c in COLUMNS:
         source = ".".join(c.source) if c.source else "derived"
         api = f"{c.search_operator} `{c.search_key}`" if c.search_key else "client-side"
         rows.append(
-            f"| `{c.name}` | `{source}` | `{numpy_types[c.name]}` | {api} | {c.description} |"
+            f"| `{c.name}` | `{source}` | `{numpy_types[c.name]}` | {c.level.replace('_', ' ')} "
+            f"| {api} | {c.deid} | {c.description} |"
         )
     return "\n".join(rows) + "\n"
 
