@@ -36,6 +36,24 @@ def build(plan: Plan, query_json: str, client: Any, started: datetime) -> dict[s
     }
 
 
+def refreshed(
+    prov: dict[str, Any], client: Any, started: datetime, since: datetime
+) -> dict[str, Any]:
+    """*prov* after a refresh that started at *started* and fetched updates since *since*."""
+    meta = getattr(client, "meta", None)
+    out = dict(prov)
+    out.update(
+        {
+            "fetched_at": datetime.now(timezone.utc).isoformat(),
+            "fetch_started_at": started.isoformat(),
+            "endpoint_url": getattr(meta, "endpoint_url", prov.get("endpoint_url")),
+            "region": getattr(meta, "region_name", prov.get("region")),
+            "refreshed_since": since.isoformat(),
+        }
+    )
+    return out
+
+
 def redacted(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
     """Provenance without PHI: the query's values and the plan's requests are replaced."""
     out = dict(prov)

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthimaging_df import engine, frame, schema
+from healthimaging_df import engine, frame, provenance, schema
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.provenance import KEY as METADATA_KEY
 from healthimaging_df.query import Query
@@ -303,19 +303,8 @@ def _refresh_table(
         if i in incoming_state and incoming_state[i] != (old_versions[i], old_updated[i])
     )
     watermark = table_watermark(result)
-    meta = getattr(run.client, "meta", None)
-    new_prov = dict(prov)
-    new_prov.update(
-        {
-            "fetched_at": datetime.now(timezone.utc).isoformat(),
-            "fetch_started_at": started.isoformat(),
-            "endpoint_url": getattr(meta, "endpoint_url", prov.get("endpoint_url")),
-            "region": getattr(meta, "region_name", prov.get("region")),
-            "row_count": result.num_rows,
-            "watermark": iso(watermark),
-            "refreshed_since": since.isoformat(),
-        }
-    )
+    new_prov = provenance.refreshed(prov, run.client, started, since)
+    new_prov.update({"row_count": result.num_rows, "watermark": iso(watermark)})
     report = RefreshReport(
         tuple(added),
         tuple(updated),
