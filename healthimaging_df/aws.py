@@ -23,17 +23,21 @@ THROTTLING_CODES = frozenset(
 )
 SERVICE = "medical-imaging"
 _HANDLER_ID = "healthimaging_df.aws.pace"
+# Requests go out a hair under the rate asked for: evenly paced at exactly 25/s, scheduling
+# jitter puts a 26th request into some one-second window, and a strict sliding-window limiter
+# throttles it (seen: about 10% throttled at 25/s, none at 24/s).
+HEADROOM = 0.96
 
 
 class RateLimiter:
-    """A thread-safe token bucket: at most *rate* acquisitions per second, *burst* at once.
+    """A thread-safe token bucket: at most ``rate * HEADROOM`` acquisitions per second.
 
     ``burst=1`` (the default) paces evenly, so a service that counts requests in a strict
     sliding window, or allows a smaller burst than it advertises, is never overrun.
     """
 
-    def __init__(self, rate: float, burst: int | None = None) -> None:
-        self.rate = float(rate)
+    def __init__(self, rate: float, burst: int | None = None, headroom: float = HEADROOM) -> None:
+        self.rate = float(rate) * headroom
         self.capacity = float(burst if burst is not None else 1)
         self._tokens = self.capacity
         self._stamp = time.monotonic()
