@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from healthimaging_df import schema
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.fetch import Coverage
+from healthimaging_df.plan import Strategy
 from healthimaging_df.storage import Target
 from healthimaging_df.tables import parquet_bytes
 
@@ -41,6 +42,7 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.parts: list[str] = []
         self.seen_parts: list[str] = []
+        self.access: Strategy = "auto"  # the access path of the plan the coverage belongs to
         self.now = datetime.now(timezone.utc)
         self.started_at = self.now
         self.resumed_tasks = 0
@@ -70,6 +72,7 @@ class Checkpoint:
         self.started_at = datetime.fromisoformat(state["started_at"])
         self.parts = list(state["parts"])
         self.seen_parts = list(state.get("seen_parts", ()))
+        self.access = state.get("access", "auto")
         self.tasks = self.resumed_tasks = int(state["tasks"])
         self.rows = int(state["rows"])
         windows = {
@@ -113,6 +116,7 @@ class Checkpoint:
             },
             "parts": self.parts,
             "seen_parts": self.seen_parts,
+            "access": self.access,
             "tasks": self.tasks,
             "rows": self.rows,
         }

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pandas as pd
 import pyarrow as pa
 
-from healthimaging_df import aws, flatten, predicates, provenance, schema
+from healthimaging_df import aws, flatten, predicates, provenance, schema, statistics
 from healthimaging_df.checkpoint import Checkpoint
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.fetch import Coverage, FetchOptions, stream
@@ -31,7 +31,7 @@ from healthimaging_df.frame import (
     order,
     to_frame,
 )
-from healthimaging_df.plan import Plan, compile_plan
+from healthimaging_df.plan import DatastoreStats, Plan, compile_plan
 from healthimaging_df.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,22 @@ def prepare(
     return Run(made, options, progress, backend)
 
 
+def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
+    """The plan *compile* gives, with the datastore's size when the choice of path depends on it.
+
+    The size comes from a previous scan's statistics, or from a probe of about ten requests.
+    """
+    plan = compile(None)
+    if not plan.wants_statistics:
+        return plan
+    stats = statistics.cached(run.client, plan.datastore_id)
+    if stats is None:
+        limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
+        stats = statistics.probe(run.client, plan.datastore_id, limiter)
+        statistics.remember(run.client, plan.datastore_id, stats)
+    return compile(stats)
+
+
 def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:
     """Every matching image set once, at its latest version read, as one typed frame."""
     table, info = collect_table(plan, query_json, run)
@@ -98,6 +114,9 @@ def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict
         for page in pages:
             if collector.add(page):
                 pages.stop_chain(page.chain)
+    if plan.full_scan:
+        counted = DatastoreStats(collector.distinct_seen(), source="scan")
+        statistics.remember(run.client, plan.datastore_id, counted)
     return collector.table(), provenance.build(plan, query_json, run.client, started)
 
 

@@ -458,35 +458,46 @@ class PageStream:
             self._submit(_Task(task.chain, (a, b)))
 
     def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
-        """One page, checked against the service model; a malformed page is asked for again.
+        return call_page(self.client, self._limiter, kwargs, chain, self._cancel)
 
-        Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
-        limiter, so a retry never overruns the quota.
-        """
-        from botocore.exceptions import BotoCoreError, ClientError
-        from botocore.parsers import ResponseParserError
 
-        for attempt in range(1, MALFORMED_ATTEMPTS + 1):
-            try:
-                with aws.paced(self.client, self._limiter):
-                    response = self.client.search_image_sets(**kwargs)
-                items, token = pagecheck.check_page(response, chain)
-                return flatten.summaries_to_table(items), token
-            except ClientError as exc:
-                raise aws.search_error(OPERATION, chain, exc) from None
-            except BotoCoreError as exc:
-                # botocore's messages can quote request values (PHI): keep only the error's kind.
-                raise SearchError(OPERATION, chain, type(exc).__name__) from None
-            except (MalformedResponseError, ResponseParserError, ValueError, TypeError) as exc:
-                # a body botocore could not read (a bad timestamp) or that broke the model
-                error = (
-                    exc
-                    if isinstance(exc, MalformedResponseError)
-                    else pagecheck.malformed(chain, "botocore could not parse the response")
-                )
-                log.debug("chain %d: malformed page (attempt %d): %s", chain, attempt, error.code)
-                if attempt == MALFORMED_ATTEMPTS:
-                    raise error from None
-                if self._cancel.wait(min(0.05 * 2**attempt, 1.0)):
-                    break
-        raise SearchError(OPERATION, chain, "Cancelled")
+def call_page(
+    client: Any,
+    limiter: aws.RateLimiter | None,
+    kwargs: dict[str, Any],
+    chain: int | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[pa.Table, str | None]:
+    """One page, checked against the service model; a malformed page is asked for again.
+
+    Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
+    limiter, so a retry never overruns the quota.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.parsers import ResponseParserError
+
+    cancel = cancel or threading.Event()
+    for attempt in range(1, MALFORMED_ATTEMPTS + 1):
+        try:
+            with aws.paced(client, limiter):
+                response = client.search_image_sets(**kwargs)
+            items, token = pagecheck.check_page(response, chain)
+            return flatten.summaries_to_table(items), token
+        except ClientError as exc:
+            raise aws.search_error(OPERATION, chain, exc) from None
+        except BotoCoreError as exc:
+            # botocore's messages can quote request values (PHI): keep only the error's kind.
+            raise SearchError(OPERATION, chain, type(exc).__name__) from None
+        except (MalformedResponseError, ResponseParserError, ValueError, TypeError) as exc:
+            # a body botocore could not read (a bad timestamp) or that broke the model
+            error = (
+                exc
+                if isinstance(exc, MalformedResponseError)
+                else pagecheck.malformed(chain, "botocore could not parse the response")
+            )
+            log.debug("chain %s: malformed page (attempt %d): %s", chain, attempt, error.code)
+            if attempt == MALFORMED_ATTEMPTS:
+                raise error from None
+            if cancel.wait(min(0.05 * 2**attempt, 1.0)):
+                break
+    raise SearchError(OPERATION, chain, "Cancelled")

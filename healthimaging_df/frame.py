@@ -173,6 +173,13 @@ class Collector:
         state.dated = True
         return bool(known[-1].as_py() != state.keys[self.plan.limit - 1])
 
+    def distinct_seen(self) -> int:
+        """Image sets read, matching or not."""
+        if not self._seen:
+            return 0
+        ids = pa.concat_tables(self._seen).column("imageSetId")
+        return int(pc.count_distinct(ids).as_py())
+
     def table(self) -> pa.Table:
         """The result as Arrow: latest copies only, matched, ordered, limited."""
         matched = pa.concat_tables(self._matched) if self._matched else flatten.EMPTY_TABLE

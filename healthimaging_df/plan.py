@@ -18,11 +18,13 @@ The planner never sees a ``Query``: it takes the query's parts, so it sits below
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from healthimaging_df import dates, schema
+from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.predicates import Predicate
 
 ID_RANK = schema.ID_RANK  # from each column's push-down role and rank in the schema
@@ -32,6 +34,56 @@ STABLE_SORT = {"sortField": "createdAt", "sortOrder": "ASC"}  # no update moves 
 WINDOW_FLOOR = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Filter = dict[str, Any]
+Strategy = Literal["auto", "fanout", "scan"]
+STRATEGIES: tuple[Strategy, ...] = ("auto", "fanout", "scan")
+PAGE_ROWS = 50
+# An IN list this short always fans out: even a one-page scan would not save a request worth a
+# probe of the datastore's size.
+ALWAYS_FAN_OUT = 10
+SCAN_OVERHEAD = 1.05  # a windowed scan's extra requests per minimum page (windows' last pages)
+PROBE_REQUESTS = 10  # what measuring an unknown datastore costs (see engine.statistics)
+
+
+@dataclass(frozen=True)
+class DatastoreStats:
+    """What the planner knows about a datastore's size, cheaply.
+
+    From a previous full scan of it (exact), a snapshot, a probe of a few requests (estimated), or
+    the caller.
+    """
+
+    image_sets: int
+    created_min: datetime | None = None
+    created_max: datetime | None = None
+    source: str = "given"
+
+    def share(self, low: datetime | None, high: datetime | None) -> float:
+        """The fraction of image sets created in ``[low, high]``, assuming an even spread."""
+        if self.created_min is None or self.created_max is None or (low is None and high is None):
+            return 1.0
+        span = (self.created_max - self.created_min).total_seconds()
+        if span <= 0:
+            return 1.0
+        a = max(low or self.created_min, self.created_min)
+        b = min(high or self.created_max, self.created_max)
+        return max(0.0, min(1.0, (b - a).total_seconds() / span))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One access path the planner weighed: its estimated requests and the one chosen."""
+
+    name: str
+    requests: float | None  # None: unknown without statistics
+    chosen: bool = False
+
+    def describe(self, max_tps: float) -> str:
+        """A line of ``explain()``."""
+        mark = "chosen" if self.chosen else "not chosen"
+        if self.requests is None:
+            return f"{self.name}: size of the datastore unknown ({mark})"
+        seconds = self.requests / max_tps
+        return f"{self.name}: about {self.requests:,.0f} requests, {seconds:,.1f} s at {max_tps:g} TPS ({mark})"
 
 
 @dataclass(frozen=True)
@@ -98,6 +150,9 @@ class Plan:
     sort_pushed: bool
     limit: int | None
     note: str | None = None
+    candidates: tuple[Candidate, ...] = ()
+    wants_statistics: bool = False  # the choice would be better with the datastore's size
+    access: Strategy = "auto"  # the access path weighed and chosen ("auto": nothing to weigh)
 
     def __repr__(self) -> str:
         return (
@@ -109,6 +164,16 @@ class Plan:
     def windowed(self) -> bool:
         """Whether the scan is split into createdAt windows at run time."""
         return any(c.window is not None for c in self.chains)
+
+    @property
+    def full_scan(self) -> bool:
+        """Whether the plan reads every image set of the datastore (it leaves an exact count)."""
+        return (
+            len(self.chains) == 1
+            and not self.chains[0].filters
+            and self.chains[0].window is not None
+            and self.chains[0].window[0] <= WINDOW_FLOOR
+        )
 
     @property
     def stops_early(self) -> bool:
@@ -125,6 +190,14 @@ class Plan:
         if self.note:
             lines.append(f"  {self.note}")
         count = len(self.chains)
+        if self.candidates:
+            lines.append("  access paths weighed:")
+            lines += [f"    {c.describe(25.0)}" for c in self.candidates]
+            if self.wants_statistics:
+                lines.append(
+                    f"    (the datastore's size is measured at run time with about "
+                    f"{PROBE_REQUESTS} requests, or read from a previous scan's statistics)"
+                )
         lines.append(f"  SearchImageSets request chains: {count}")
         if self.pushed:
             lines.append("  pushed down to the API:")
@@ -178,12 +251,61 @@ def compile_plan(
     ascending: bool = True,
     limit: int | None = None,
     now: datetime | None = None,
+    strategy: Strategy = "auto",
+    stats: DatastoreStats | None = None,
 ) -> Plan:
     """Plan a query from its parts; pure and deterministic for a given *now* (bounds full scans).
 
     Without a *sort_column* the result is ordered by ``updatedAt``, newest first (the API's own
-    default order) and *ascending* is ignored.
+    default order) and *ascending* is ignored. An IN list on an ID can be answered by fanning out
+    (a chain per value) or by a scan that filters on the client: ``strategy="auto"`` picks the
+    one with fewer estimated requests (with *stats*, the datastore's size), ``"fanout"`` and
+    ``"scan"`` force one.
     """
+    if strategy not in STRATEGIES:
+        raise QueryValidationError("strategy", f"must be one of {', '.join(STRATEGIES)}")
+    fan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=False)
+    ids = len(fan.chains) if fan.chains and fan.chains[0].filters else 0
+    pinned = bool(fan.pushed) and fan.pushed[0].column in ID_RANK
+    if not pinned or ids <= 1 or limit is not None:
+        return fan  # nothing to weigh (a limit stops chains early: fan-out reads least)
+    scan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=True)
+    fan_cost = float(ids)
+    scan_cost = _scan_requests(scan, stats)
+    if strategy == "auto":
+        use_scan = scan_cost is not None and scan_cost < fan_cost
+        wants = scan_cost is None and ids > ALWAYS_FAN_OUT
+    else:
+        use_scan, wants = strategy == "scan", False
+    candidates = (
+        Candidate(f"fan-out ({ids} chains)", fan_cost, chosen=not use_scan),
+        Candidate("scan, IN list applied on the client", scan_cost, chosen=use_scan),
+    )
+    chosen = scan if use_scan else fan
+    access: Strategy = "scan" if use_scan else "fanout"
+    return replace(chosen, candidates=candidates, wants_statistics=wants, access=access)
+
+
+def _scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
+    """Requests a scan plan needs: the image sets it reads over 50 a page, plus windows' share."""
+    if stats is None:
+        return None
+    window = scan.chains[0].window if scan.chains else None
+    share = stats.share(*window) if window is not None else 1.0
+    pages = math.ceil(stats.image_sets * share / PAGE_ROWS)
+    return max(1.0, pages * SCAN_OVERHEAD)
+
+
+def _compile(
+    datastore_id: str,
+    predicates: tuple[Predicate, ...],
+    sort_column: str | None,
+    ascending: bool,
+    limit: int | None,
+    now: datetime | None,
+    scan: bool,
+) -> Plan:
+    """One access path: fan-out on the best ID (or a scan when *scan*), ranges pushed."""
     preds = predicates
     allowed = _allowed_values(preds)
     ranges = _ranges(preds)
@@ -212,7 +334,7 @@ def compile_plan(
         )
 
     pushed: list[Predicate] = []
-    equal_column = next((c for c in ID_RANK if c in allowed), None)
+    equal_column = None if scan else next((c for c in ID_RANK if c in allowed), None)
     equal_values: list[Any] = list(allowed[equal_column]) if equal_column else []
     flag = next((c for c in schema.FLAG_COLUMNS if len(allowed.get(c, ())) == 1), None)
     if equal_column is None and flag is not None:

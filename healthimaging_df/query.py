@@ -21,7 +21,7 @@ import pandas as pd
 
 from healthimaging_df import engine, predicates, schema, snapshot
 from healthimaging_df.errors import QueryValidationError
-from healthimaging_df.plan import Plan, compile_plan
+from healthimaging_df.plan import STRATEGIES, DatastoreStats, Plan, Strategy, compile_plan
 from healthimaging_df.predicates import Predicate
 from healthimaging_df.progress import Progress
 
@@ -44,6 +44,7 @@ class Query:
     sort_column: str | None = None
     ascending: bool = True
     row_limit: int | None = None
+    strategy: Strategy = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.datastore_id, str) or not _DATASTORE_ID.fullmatch(self.datastore_id):
@@ -55,6 +56,8 @@ class Query:
             parts.append(f"sort_by={self.sort_column}:{'asc' if self.ascending else 'desc'}")
         if self.row_limit is not None:
             parts.append(f"limit={self.row_limit}")
+        if self.strategy != "auto":
+            parts.append(f"strategy={self.strategy}")
         return f"Query({', '.join(parts)})"
 
     # -- building ---------------------------------------------------------------------------
@@ -104,6 +107,15 @@ class Query:
             raise QueryValidationError("limit", "must be a positive integer")
         return replace(self, row_limit=n)
 
+    def using(self, strategy: Strategy) -> Query:
+        """Force an access path: ``"fanout"`` (a chain per IN value) or ``"scan"``; or ``"auto"``.
+
+        ``"auto"`` (the default) lets the planner pick the path with fewer estimated requests.
+        """
+        if strategy not in STRATEGIES:
+            raise QueryValidationError("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        return replace(self, strategy=strategy)
+
     # -- serializing --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +130,7 @@ class Query:
             "sort_by": self.sort_column,
             "ascending": self.ascending,
             "limit": self.row_limit,
-        }
+        } | ({} if self.strategy == "auto" else {"strategy": self.strategy})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Query:
@@ -137,6 +149,8 @@ class Query:
             query = query.sort_by(data["sort_by"], ascending=bool(data.get("ascending")))
         if data.get("limit") is not None:
             query = query.limit(int(data["limit"]))
+        if data.get("strategy"):
+            query = query.using(data["strategy"])
         return query
 
     def to_json(self) -> str:
@@ -145,11 +159,17 @@ class Query:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def compile(self, now: datetime | None = None) -> Plan:
+    def compile(
+        self,
+        now: datetime | None = None,
+        stats: DatastoreStats | None = None,
+        strategy: Strategy | None = None,
+    ) -> Plan:
         """The plan: requests the API can answer plus the predicates applied on the client.
 
-        *now* bounds an unbounded scan (default: the current time); the plan is deterministic for a
-        given *now*.
+        *now* bounds an unbounded scan (default: the current time); *stats* (the datastore's
+        size) lets the planner weigh fan-out against a scan; *strategy* overrides the query's.
+        The plan is deterministic for given arguments.
         """
         return compile_plan(
             self.datastore_id,
@@ -158,6 +178,8 @@ class Query:
             self.ascending,
             self.row_limit,
             now,
+            strategy or self.strategy,
+            stats,
         )
 
     def plan(self) -> list[dict[str, Any]]:
@@ -205,7 +227,8 @@ class Query:
         run = engine.prepare(
             client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
         )
-        return engine.collect(self.compile(), self.to_json(), run)
+        plan = engine.choose(lambda stats: self.compile(stats=stats), run)
+        return engine.collect(plan, self.to_json(), run)
 
     def iter_dataframes(
         self,
@@ -227,7 +250,8 @@ class Query:
         run = engine.prepare(
             client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
         )
-        return engine.chunks(self.compile(), self.to_json(), run, chunk_rows)
+        plan = engine.choose(lambda stats: self.compile(stats=stats), run)
+        return engine.chunks(plan, self.to_json(), run, chunk_rows)
 
     def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
         """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""

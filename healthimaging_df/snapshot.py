@@ -701,7 +701,12 @@ def export_query(
     coverage = checkpoint.load() if resume else None
     if not resume:
         checkpoint.discard()
-    plan = query.compile(now=checkpoint.now)
+    # a resumed export keeps the access path it started with: its coverage is of those chains
+    forced = checkpoint.access if coverage is not None else None
+    plan = engine.choose(
+        lambda stats: query.compile(now=checkpoint.now, stats=stats, strategy=forced), run
+    )
+    checkpoint.access = plan.access
     info = engine.export(
         plan, query.to_json(), run, write, checkpoint, coverage, checkpoint_interval
     )

@@ -1,0 +1,117 @@
+"""What the planner may know about a datastore's size: a cache of past scans, or a cheap probe.
+
+A full scan reads every image set, so it leaves an exact count behind (in the user's cache
+directory, ``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``, keyed by endpoint and
+datastore; neither is PHI). Without one, :func:`probe` estimates the size with about ten requests:
+the oldest and newest ``createdAt``, then one page in each of eight equal ``createdAt`` windows
+(a window that ends within its page is counted exactly, one that does not is extrapolated from
+the span its 50 rows cover).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from healthimaging_df import aws
+from healthimaging_df.fetch import call_page
+from healthimaging_df.plan import PAGE_ROWS, DatastoreStats
+
+log = logging.getLogger(__name__)
+
+PROBE_WINDOWS = 8
+MAX_AGE = timedelta(days=7)  # older counts are measured again
+
+
+def cache_dir() -> Path:
+    """Where statistics are kept."""
+    configured = os.environ.get("HEALTHIMAGING_DF_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "healthimaging_df"
+
+
+def _path(client: Any, datastore_id: str) -> Path:
+    endpoint = getattr(getattr(client, "meta", None), "endpoint_url", "") or ""
+    key = hashlib.sha256(f"{endpoint}|{datastore_id}".encode()).hexdigest()[:24]
+    return cache_dir() / "stats" / f"{key}.json"
+
+
+def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
+    """Statistics a previous run left, if fresh enough."""
+    try:
+        data = json.loads(_path(client, datastore_id).read_text())
+        measured = datetime.fromisoformat(data["measured_at"])
+        if datetime.now(timezone.utc) - measured > MAX_AGE:
+            return None
+        return DatastoreStats(
+            int(data["image_sets"]),
+            _moment(data.get("created_min")),
+            _moment(data.get("created_max")),
+            source=str(data.get("source", "cache")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
+    """Keep *stats* for later plans; a cache that cannot be written is skipped quietly."""
+    path = _path(client, datastore_id)
+    data = {
+        "image_sets": stats.image_sets,
+        "created_min": stats.created_min.isoformat() if stats.created_min else None,
+        "created_max": stats.created_max.isoformat() if stats.created_max else None,
+        "source": stats.source,
+        "measured_at": datetime.now(timezone.utc).isoformat(),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
+            json.dump(data, handle)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        log.debug("statistics not cached: %s", type(exc).__name__)
+
+
+def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> DatastoreStats:
+    """Estimate the datastore's size with about ten requests (see the module docstring)."""
+    ends = []
+    for order in ("ASC", "DESC"):
+        kwargs = {
+            "datastoreId": datastore_id,
+            "maxResults": 1,
+            "searchCriteria": {"sort": {"sortField": "createdAt", "sortOrder": order}},
+        }
+        table, _ = call_page(client, limiter, kwargs)
+        if table.num_rows == 0:
+            return DatastoreStats(0, source="probe")
+        ends.append(table.column("createdAt")[0].as_py())
+    low, high = ends[0], ends[1] + timedelta(seconds=1)
+    step = (high - low) / PROBE_WINDOWS
+    total = 0.0
+    for k in range(PROBE_WINDOWS):
+        a, b = low + step * k, low + step * (k + 1)
+        criteria = {
+            "filters": [{"operator": "BETWEEN", "values": [{"createdAt": a}, {"createdAt": b}]}],
+            "sort": {"sortField": "createdAt", "sortOrder": "ASC"},
+        }
+        kwargs = {"datastoreId": datastore_id, "maxResults": PAGE_ROWS, "searchCriteria": criteria}
+        table, token = call_page(client, limiter, kwargs)
+        if token is None:
+            total += table.num_rows
+            continue
+        last = table.column("createdAt")[-1].as_py()
+        covered = max((last - a).total_seconds(), 1e-3)
+        total += table.num_rows * max(1.0, (b - a).total_seconds() / covered)
+    return DatastoreStats(round(total), ends[0], ends[1], source="probe")
+
+
+def _moment(text: Any) -> datetime | None:
+    return datetime.fromisoformat(text) if isinstance(text, str) else None
