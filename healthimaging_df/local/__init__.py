@@ -15,8 +15,8 @@ Examples
 
 from __future__ import annotations
 
-from healthimaging_df.local.backend import (
-    Backend,
+from healthimaging_df.local.backend import Backend
+from healthimaging_df.local.errors import (
     BackendError,
     ConflictError,
     ResourceNotFound,

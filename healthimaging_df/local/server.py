@@ -17,9 +17,10 @@ from typing import Any
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from healthimaging_df.local.backend import REGION, Backend
+from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
 from healthimaging_df.local.generate import generate_image_sets
+from healthimaging_df.local.values import REGION
 from healthimaging_df.local.wire import BODY_CONSUMED_KEY, WireApp
 
 __all__ = ["DUMMY_ACCESS_KEY", "DUMMY_SECRET_KEY", "LocalService"]

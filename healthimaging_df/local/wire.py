@@ -22,15 +22,11 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from healthimaging_df.local.backend import (
-    MAX_RESULTS,
-    MAX_TOKEN,
-    Backend,
-    BackendError,
-    ValidationError,
-    gzip_document,
-)
+from healthimaging_df.local.backend import Backend
+from healthimaging_df.local.documents import gzip_document
+from healthimaging_df.local.errors import BackendError, ValidationError
 from healthimaging_df.local.faults import StatsRecorder
+from healthimaging_df.local.values import MAX_RESULTS, MAX_TOKEN
 
 __all__ = ["BODY_CONSUMED_KEY", "UNKNOWN_OPERATION", "WireApp", "encode_json"]
 
