@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from healthimaging_df.local.churn import random_update
 from healthimaging_df.local.documents import gzip_document, metadata_document
 from healthimaging_df.local.errors import (
     BackendError,
@@ -103,6 +105,7 @@ class Backend:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._datastores: dict[str, Datastore] = {}
         self._created = 0
+        self._endless = 0
 
     # -- datastores -----------------------------------------------------------------------
 
@@ -263,8 +266,12 @@ class Backend:
         criteria: dict[str, Any] | None,
         max_results: int = MAX_RESULTS,
         next_token: str | None = None,
+        before_page: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Run SearchImageSets; return ``imageSetsMetadataSummaries`` and maybe ``nextToken``/``sort``.
+
+        ``before_page`` is called once the request is validated and before the page is
+        computed (the local server injects updates there).
 
         Raises
         ------
@@ -280,6 +287,8 @@ class Backend:
         cursor = (
             None if next_token is None else self._tokens.decode_cursor(next_token, query.canonical)
         )
+        if before_page is not None:
+            before_page()
         with self._lock:
             store = self._datastore(datastore_id)
             entries = page(store, query, cursor, max_results + 1)
@@ -292,3 +301,56 @@ class Backend:
         if query.sort_given is not None:
             result["sort"] = dict(query.sort_given)
         return result
+
+    # -- fault support ------------------------------------------------------------------------
+
+    def empty_page(
+        self,
+        datastore_id: str,
+        criteria: dict[str, Any] | None,
+        max_results: int = MAX_RESULTS,
+        next_token: str | None = None,
+    ) -> dict[str, Any]:
+        """A validated SearchImageSets answer with no items and a fresh, never-repeated token.
+
+        The request is checked as :meth:`search` checks it; a token must be one this backend
+        issued for the same query (a cursor or an earlier empty page's token).
+        """
+        with self._lock:
+            self._datastore(datastore_id)
+        check_max_results(max_results)
+        query = parse_criteria(criteria, datastore_id)
+        if next_token is not None:
+            self._tokens.check_scope(next_token, query.canonical)
+        with self._lock:
+            self._endless += 1
+            serial = self._endless
+        result: dict[str, Any] = {
+            "imageSetsMetadataSummaries": [],
+            "nextToken": self._tokens.encode_endless(serial, query.canonical),
+        }
+        if query.sort_given is not None:
+            result["sort"] = dict(query.sort_given)
+        return result
+
+    def apply_random_updates(
+        self,
+        datastore_id: str,
+        count: int,
+        rng: random.Random,
+        change_tags: Sequence[str] = (),
+        change_rate: float = 1.0,
+    ) -> list[tuple[str, bool]]:
+        """Give ``count`` random image sets a new version; return ``(imageSetId, changed)``.
+
+        ``changed`` says whether ``change_tags`` were changed (each update changes them with
+        probability ``change_rate``); see :mod:`~healthimaging_df.local.churn`.
+        """
+        out: list[tuple[str, bool]] = []
+        with self._lock:
+            store = self._datastore(datastore_id)
+            for _ in range(count):
+                done = random_update(store, rng, change_tags, change_rate, self._clock())
+                if done is not None:
+                    out.append(done)
+        return out

@@ -21,7 +21,7 @@ from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
 from healthimaging_df.local.generate import generate_image_sets
 from healthimaging_df.local.values import REGION
-from healthimaging_df.local.wire import BODY_CONSUMED_KEY, WireApp
+from healthimaging_df.local.wire import BODY_CONSUMED_KEY, DECLARED_LENGTH_KEY, WireApp
 
 __all__ = ["DUMMY_ACCESS_KEY", "DUMMY_SECRET_KEY", "LocalService"]
 
@@ -80,8 +80,11 @@ class _KeepAliveHandler(WSGIRequestHandler):
         for key, value in headers:
             if key.lower() not in ("content-length", "connection", "transfer-encoding"):
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        if not environ.get(BODY_CONSUMED_KEY):
+        declared = environ.get(DECLARED_LENGTH_KEY)
+        self.send_header("Content-Length", str(len(body) if declared is None else declared))
+        if declared is not None:
+            self.close_connection = True  # cut in transit: no "Connection: close" warning
+        elif not environ.get(BODY_CONSUMED_KEY):
             self.send_header("Connection", "close")
         elif not self.close_connection:
             self.send_header("Connection", "keep-alive")
@@ -178,8 +181,9 @@ class LocalService:
     ) -> LocalService:
         """A service with one datastore named ``seeded`` holding generated image sets.
 
-        ``fault_kwargs`` are :class:`Faults` fields (``latency_ms``, ``tps``, ``burst``,
-        ``error_rate``, ``seed`` is taken by the data, so use ``fault_seed`` for the errors).
+        ``fault_kwargs`` are :class:`Faults` fields (``latency_ms``, ``tps``, ``window_tps``,
+        ``malformed_rate``, ``update_rate``, ...; ``seed`` is taken by the data, so use
+        ``fault_seed`` for the faults' generators).
         The service is not started.
         """
         fault_seed = fault_kwargs.pop("fault_seed", 0)

@@ -82,6 +82,15 @@ class TokenSigner:
             raise ValidationError("nextToken is malformed")
         return (entry[0], entry[1], entry[2])
 
+    def encode_endless(self, serial: int, canonical: str) -> str:
+        """A never-repeated token of the query ``canonical`` (``endless_empty_pages`` fault)."""
+        return self.sign({"q": _digest(canonical), "e": serial})
+
+    def check_scope(self, token: str, canonical: str) -> None:
+        """Check that a token (cursor or endless) was issued here for the query ``canonical``."""
+        if self.verify(token).get("q") != _digest(canonical):
+            raise ValidationError("nextToken was issued for a different query")
+
     def encode_offset(self, offset: int, scope: str) -> str:
         """A list token resuming at ``offset`` of the request ``scope``."""
         return self.sign({"q": _digest(scope), "o": offset})

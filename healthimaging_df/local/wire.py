@@ -4,7 +4,8 @@ Routes and status codes follow the botocore service model ``medical-imaging/2023
 (``http.requestUri`` / ``http.method`` of each operation). Errors carry the code in the
 ``x-amzn-ErrorType`` header and ``{"message": ...}`` in the body, which is what botocore reads
 to raise ``ClientError`` with that code. Fault injection (latency, throttling, random 500s)
-happens here, before the backend is called.
+happens here, before the backend is called; malformed pages, endless empty pages and updates
+between pages are applied around the SearchImageSets call.
 """
 
 from __future__ import annotations
@@ -26,14 +27,24 @@ from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.documents import gzip_document
 from healthimaging_df.local.errors import BackendError, ValidationError
 from healthimaging_df.local.faults import StatsRecorder
+from healthimaging_df.local.malformed import malformed_body
 from healthimaging_df.local.values import MAX_RESULTS, MAX_TOKEN
 
-__all__ = ["BODY_CONSUMED_KEY", "UNKNOWN_OPERATION", "WireApp", "encode_json"]
+__all__ = [
+    "BODY_CONSUMED_KEY",
+    "DECLARED_LENGTH_KEY",
+    "UNKNOWN_OPERATION",
+    "WireApp",
+    "encode_json",
+]
 
 logger = logging.getLogger(__name__)
 
 UNKNOWN_OPERATION = "Unknown"
 BODY_CONSUMED_KEY = "healthimaging_df.local.body_consumed"
+# Set by the ``short`` malformed kind: the Content-Length to declare; the server sends fewer
+# bytes and closes the connection.
+DECLARED_LENGTH_KEY = "healthimaging_df.local.declared_length"
 _ID_RE = re.compile(r"[0-9a-z]{32}")
 _STATUSES = ("CREATING", "CREATE_FAILED", "ACTIVE", "DELETING", "DELETED")
 
@@ -174,7 +185,7 @@ class WireApp:
         recorder = self.recorder
         recorder.begin(operation)
         try:
-            if recorder.should_throttle():
+            if recorder.should_throttle(operation):
                 response = error_response("ThrottlingException", "Rate exceeded", 429)
             else:
                 latency = recorder.faults.latency_ms
@@ -226,8 +237,30 @@ class WireApp:
                 raise ValidationError("the request body is not valid JSON") from None
             if not isinstance(criteria, dict):
                 raise ValidationError("searchCriteria must be an object")
-        result = self.backend.search(datastore_id, criteria, max_results, token)
-        return _json_response(result)
+        recorder = self.recorder
+        faults = recorder.faults
+        if faults.endless_empty_pages:
+            result = self.backend.empty_page(datastore_id, criteria, max_results, token)
+            recorder.record_empty_page()
+            return _json_response(result)
+
+        def updates() -> None:
+            count, rng = recorder.draw_updates()
+            if count:
+                changes = self.backend.apply_random_updates(
+                    datastore_id, count, rng, faults.update_tags, faults.update_tags_rate
+                )
+                recorder.record_updates(changes)
+
+        result = self.backend.search(datastore_id, criteria, max_results, token, updates)
+        spoil = recorder.draw_malformed()
+        if spoil is None:
+            return _json_response(result)
+        kind, rng = spoil
+        bad = malformed_body(kind, result, rng)
+        if bad.declared_length is not None:
+            request.environ[DECLARED_LENGTH_KEY] = bad.declared_length
+        return Response(bad.body, status=200, content_type=bad.content_type)
 
     def _get_image_set_metadata(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
