@@ -34,10 +34,12 @@ from healthimaging_df.local.errors import (
 from healthimaging_df.local.search import check_max_results, page, parse_criteria
 from healthimaging_df.local.state import Datastore, copy_summary, normalize_record, properties
 from healthimaging_df.local.tokens import TokenSigner
+from healthimaging_df.local.updates import parse_dicom_updates
 from healthimaging_df.local.values import (
     ACCOUNT,
     BETWEEN_ATTRIBUTES,
     EQUAL_ATTRIBUTES,
+    LOSSLESS_STORAGE_FORMATS,
     MAX_RESULTS,
     MAX_STRING,
     MAX_TOKEN,
@@ -109,16 +111,24 @@ class Backend:
 
     # -- datastores -----------------------------------------------------------------------
 
-    def create_datastore(self, name: str) -> str:
-        """Create an empty ACTIVE datastore; return its id (deterministic in creation order)."""
+    def create_datastore(self, name: str, lossless_storage_format: str = "HTJ2K") -> str:
+        """Create an empty ACTIVE datastore; return its id (deterministic in creation order).
+
+        ``lossless_storage_format`` (HTJ2K, the service default, or JPEG_2000_LOSSLESS) is
+        reported by GetDatastore.
+        """
         if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
             raise ValueError("datastore name must match [A-Za-z0-9._/#-]{1,256}")
+        if lossless_storage_format not in LOSSLESS_STORAGE_FORMATS:
+            raise ValueError(f"lossless_storage_format must be one of {LOSSLESS_STORAGE_FORMATS}")
         with self._lock:
             self._created += 1
             digest = hashlib.sha256(f"datastore:{self._created}:{name}".encode()).hexdigest()
             datastore_id = digest[:32]
             now = self._clock()
-            self._datastores[datastore_id] = Datastore(datastore_id, name, now, now)
+            self._datastores[datastore_id] = Datastore(
+                datastore_id, name, now, now, lossless_storage_format=lossless_storage_format
+            )
             return datastore_id
 
     def _datastore(self, datastore_id: str) -> Datastore:
@@ -138,9 +148,12 @@ class Backend:
         }
 
     def get_datastore(self, datastore_id: str) -> dict[str, Any]:
-        """Return the GetDatastore ``datastoreProperties``."""
+        """Return the GetDatastore ``datastoreProperties`` (with ``losslessStorageFormat``)."""
         with self._lock:
-            return self._datastore_properties(self._datastore(datastore_id))
+            store = self._datastore(datastore_id)
+            result = self._datastore_properties(store)
+            result["losslessStorageFormat"] = store.lossless_storage_format
+            return result
 
     def list_datastores(
         self,
@@ -232,13 +245,13 @@ class Backend:
         max_results: int = MAX_RESULTS,
         next_token: str | None = None,
     ) -> dict[str, Any]:
-        """Return a ListImageSetVersions page, oldest version first."""
+        """Return a ListImageSetVersions page, newest version first (as in every AWS example)."""
         check_max_results(max_results)
         scope = json.dumps(["versions", datastore_id, image_set_id])
         start = 0 if next_token is None else self._tokens.decode_offset(next_token, scope)
         with self._lock:
             store = self._datastore(datastore_id)
-            rows = [properties(record) for record in store.versions(image_set_id)]
+            rows = [properties(record) for record in reversed(store.versions(image_set_id))]
         result: dict[str, Any] = {"imageSetPropertiesList": rows[start : start + max_results]}
         if start + max_results < len(rows):
             result["nextToken"] = self._tokens.encode_offset(start + max_results, scope)
@@ -257,6 +270,94 @@ class Backend:
             record = store.version(image_set_id, version)
             store.touch(image_set_id, self._clock())
         return metadata_document(datastore_id, record)
+
+    def update_image_set_metadata(
+        self,
+        datastore_id: str,
+        image_set_id: str,
+        latest_version: str,
+        *,
+        updatable: bytes | None = None,
+        removable: bytes | None = None,
+        revert_to_version: str | None = None,
+        force: bool = False,
+        include_study_image_sets: bool = False,
+    ) -> dict[str, Any]:
+        """UpdateImageSetMetadata: a new version from DICOMUpdates or a revert; an access.
+
+        Applied at once (the response shows the final ACTIVE / UPDATED state). With
+        ``include_study_image_sets`` every other image set of the same study gets a new
+        version with the patient- and study-level changes too (series-level ones name this
+        image set's series only). Each updated image set is accessed: ``lastAccessedAt`` =
+        its new ``updatedAt``, tier FREQUENT_ACCESS.
+
+        Raises
+        ------
+        ConflictError
+            ``latest_version`` is not the current version.
+        ValidationError
+            Malformed updates, a forced attribute without ``force``, or both or neither of
+            DICOMUpdates and a revert.
+        ResourceNotFound
+            Unknown datastore, image set or revert version.
+        """
+        if (revert_to_version is None) == (updatable is None and removable is None):
+            raise ValidationError(
+                "updateImageSetMetadataUpdates must set exactly one of DICOMUpdates and "
+                "revertToVersionId"
+            )
+        if not (
+            isinstance(latest_version, str)
+            and latest_version.isascii()
+            and latest_version.isdigit()
+        ):
+            raise ValidationError("latestVersion must match \\d+")
+        with self._lock:
+            store = self._datastore(datastore_id)
+            current = store.image_set(image_set_id)
+            if int(latest_version) != current["version"]:
+                raise ConflictError("latestVersion is not the image set's latest version")
+            tags = current["DICOMTags"]
+            series: dict[str, Any] = {}
+            if revert_to_version is not None:
+                target = store.version(image_set_id, revert_to_version)["DICOMTags"]
+                study = {name: None for name in tags if name not in target}
+                study.update(target)
+            else:
+                changes = parse_dicom_updates(
+                    updatable, removable, tags.get("DICOMSeriesInstanceUID")
+                )
+                if changes.needs_force and not force:
+                    raise ValidationError(
+                        "updating StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID or "
+                        "StudyID requires force=true"
+                    )
+                study, series = changes.study, changes.series
+            now = self._clock()
+            result = store.update(
+                image_set_id,
+                is_primary=None,
+                tags={**study, **series},
+                now=None,
+                clock_now=now,
+                accessed=True,
+            )
+            study_uid = tags.get("DICOMStudyInstanceUID")
+            if include_study_image_sets and isinstance(study_uid, str):
+                siblings = store.equal_index["DICOMStudyInstanceUID"].get(study_uid, set())
+                for sibling in sorted(siblings - {image_set_id}):
+                    store.update(
+                        sibling, is_primary=None, tags=study, now=None, clock_now=now, accessed=True
+                    )
+        return {
+            "datastoreId": datastore_id,
+            "imageSetId": image_set_id,
+            "latestVersionId": str(result["version"]),
+            "imageSetState": "ACTIVE",
+            "imageSetWorkflowStatus": "UPDATED",
+            "createdAt": result["createdAt"],
+            "updatedAt": result["updatedAt"],
+        }
 
     # -- search ------------------------------------------------------------------------------
 

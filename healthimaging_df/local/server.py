@@ -21,7 +21,12 @@ from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
 from healthimaging_df.local.generate import generate_image_sets
 from healthimaging_df.local.values import REGION
-from healthimaging_df.local.wire import BODY_CONSUMED_KEY, DECLARED_LENGTH_KEY, WireApp
+from healthimaging_df.local.wire import (
+    BODY_CONSUMED_KEY,
+    DECLARED_LENGTH_KEY,
+    MAX_BODY_BYTES,
+    WireApp,
+)
 
 __all__ = ["DUMMY_ACCESS_KEY", "DUMMY_SECRET_KEY", "LocalService"]
 
@@ -143,6 +148,8 @@ class LocalService:
         TCP port; 0 picks a free one (see :attr:`endpoint_url` after :meth:`start`).
     faults
         Initial fault settings; none by default.
+    max_body_bytes
+        Request body cap (default 1 MiB): larger bodies get HTTP 413 ``ValidationException``.
 
     Examples
     --------
@@ -159,13 +166,14 @@ class LocalService:
         host: str = "127.0.0.1",
         port: int = 0,
         faults: Faults | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.backend = backend if backend is not None else Backend()
         self.host = host
         self.port = port
         self.datastore_id: str | None = None
         self._recorder = StatsRecorder(faults if faults is not None else Faults())
-        self._app = WireApp(self.backend, self._recorder)
+        self._app = WireApp(self.backend, self._recorder, max_body_bytes=max_body_bytes)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

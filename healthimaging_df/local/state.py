@@ -157,6 +157,7 @@ class Datastore:
     )
     sort_index: dict[str, SortIndex] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # ids in insertion order, for random picks
+    lossless_storage_format: str = "HTJ2K"
 
     @property
     def arn(self) -> str:

@@ -10,6 +10,8 @@ between pages are applied around the SearchImageSets call.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -33,6 +35,7 @@ from healthimaging_df.local.values import MAX_RESULTS, MAX_TOKEN
 __all__ = [
     "BODY_CONSUMED_KEY",
     "DECLARED_LENGTH_KEY",
+    "MAX_BODY_BYTES",
     "UNKNOWN_OPERATION",
     "WireApp",
     "encode_json",
@@ -47,6 +50,8 @@ BODY_CONSUMED_KEY = "healthimaging_df.local.body_consumed"
 DECLARED_LENGTH_KEY = "healthimaging_df.local.declared_length"
 _ID_RE = re.compile(r"[0-9a-z]{32}")
 _STATUSES = ("CREATING", "CREATE_FAILED", "ACTIVE", "DELETING", "DELETED")
+MAX_BODY_BYTES = 1 << 20
+"""Default request body cap: larger bodies get HTTP 413 ``ValidationException``."""
 
 _URL_MAP = Map(
     [
@@ -71,6 +76,11 @@ _URL_MAP = Map(
             "/datastore/<datastore_id>/imageSet/<image_set_id>/listImageSetVersions",
             methods=["POST"],
             endpoint="ListImageSetVersions",
+        ),
+        Rule(
+            "/datastore/<datastore_id>/imageSet/<image_set_id>/updateImageSetMetadata",
+            methods=["POST"],
+            endpoint="UpdateImageSetMetadata",
         ),
     ],
     strict_slashes=False,
@@ -123,6 +133,26 @@ def _token_param(request: Request) -> str | None:
     return token
 
 
+def _bool_param(request: Request, name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw not in ("true", "false"):
+        raise ValidationError(f"{name} must be true or false")
+    return raw == "true"
+
+
+def _blob(value: Any, where: str) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"{where} must be base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(f"{where} must be base64 text") from None
+
+
 def _version_param(request: Request) -> str | None:
     version = request.args.get("version")
     if version is not None and not (version.isascii() and version.isdigit()):
@@ -141,6 +171,9 @@ class WireApp:
         Counters and fault decisions; its ``faults`` are read on every request.
     sleep
         Called with seconds of injected latency (replaceable in tests).
+    max_body_bytes
+        Request bodies above this size are answered HTTP 413 ``ValidationException`` without
+        being read (and the connection closed).
     """
 
     def __init__(
@@ -148,15 +181,18 @@ class WireApp:
         backend: Backend,
         recorder: StatsRecorder,
         sleep: Callable[[float], None] = time.sleep,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.backend = backend
         self.recorder = recorder
         self._sleep = sleep
+        self.max_body_bytes = max_body_bytes
         self._handlers: dict[str, Callable[..., Response]] = {
             "SearchImageSets": self._search_image_sets,
             "GetImageSetMetadata": self._get_image_set_metadata,
             "GetImageSet": self._get_image_set,
             "ListImageSetVersions": self._list_image_set_versions,
+            "UpdateImageSetMetadata": self._update_image_set_metadata,
             "GetDatastore": self._get_datastore,
             "ListDatastores": self._list_datastores,
         }
@@ -171,8 +207,17 @@ class WireApp:
 
     def dispatch(self, request: Request) -> Response:
         """Route, inject faults, call the backend and encode the outcome."""
-        # Read the whole body first so keep-alive connections stay in sync whatever we answer.
-        body = request.get_data(cache=True)
+        declared = request.content_length
+        too_large = declared is not None and declared > self.max_body_bytes
+        body = b""
+        # Read the whole body first so keep-alive connections stay in sync whatever we
+        # answer; an oversized one is drained unkept, so the client still gets our 413.
+        if too_large:
+            while request.stream.read(1 << 16):
+                pass
+        else:
+            body = request.get_data(cache=True)
+            too_large = len(body) > self.max_body_bytes
         request.environ[BODY_CONSUMED_KEY] = True
         adapter = _URL_MAP.bind_to_environ(request.environ)
         operation = UNKNOWN_OPERATION
@@ -185,7 +230,13 @@ class WireApp:
         recorder = self.recorder
         recorder.begin(operation)
         try:
-            if recorder.should_throttle(operation):
+            if too_large:
+                response = error_response(
+                    "ValidationException",
+                    f"The request body exceeds {self.max_body_bytes} bytes",
+                    413,
+                )
+            elif recorder.should_throttle(operation):
                 response = error_response("ThrottlingException", "Rate exceeded", 429)
             else:
                 latency = recorder.faults.latency_ms
@@ -292,6 +343,48 @@ class WireApp:
             image_set_id,
             _int_param(request, "maxResults", MAX_RESULTS),
             _token_param(request),
+        )
+        return _json_response(result)
+
+    def _update_image_set_metadata(
+        self, request: Request, body: bytes, datastore_id: str, image_set_id: str
+    ) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        image_set_id = _path_id(image_set_id, "imageSetId")
+        latest = request.args.get("latestVersion")
+        if latest is None:
+            raise ValidationError("latestVersion is required")
+        try:
+            updates = json.loads(body) if body.strip() else None
+        except ValueError:
+            raise ValidationError("the request body is not valid JSON") from None
+        if not isinstance(updates, dict) or len(updates) != 1:
+            raise ValidationError(
+                "updateImageSetMetadataUpdates must set exactly one of DICOMUpdates and "
+                "revertToVersionId"
+            )
+        revert = updates.get("revertToVersionId")
+        updatable = removable = None
+        if "DICOMUpdates" in updates:
+            dicom = updates["DICOMUpdates"]
+            if not isinstance(dicom, dict) or set(dicom) - {
+                "updatableAttributes",
+                "removableAttributes",
+            }:
+                raise ValidationError("DICOMUpdates has unknown members")
+            updatable = _blob(dicom.get("updatableAttributes"), "updatableAttributes")
+            removable = _blob(dicom.get("removableAttributes"), "removableAttributes")
+        elif not (isinstance(revert, str) and revert.isascii() and revert.isdigit()):
+            raise ValidationError("revertToVersionId must match \\d+")
+        result = self.backend.update_image_set_metadata(
+            datastore_id,
+            image_set_id,
+            latest,
+            updatable=updatable,
+            removable=removable,
+            revert_to_version=revert,
+            force=_bool_param(request, "force"),
+            include_study_image_sets=_bool_param(request, "includeStudyImageSets"),
         )
         return _json_response(result)
 
