@@ -14,6 +14,7 @@ live here and are re-exported.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -24,7 +25,13 @@ from datetime import datetime
 from typing import Any
 
 from healthimaging_df.local.churn import random_update
-from healthimaging_df.local.documents import gzip_document, metadata_document
+from healthimaging_df.local.documents import (
+    SeriesShape,
+    gzip_document,
+    gzip_json,
+    metadata_document,
+    metadata_json,
+)
 from healthimaging_df.local.errors import (
     BackendError,
     ConflictError,
@@ -66,6 +73,7 @@ __all__ = [
     "BackendError",
     "ConflictError",
     "ResourceNotFound",
+    "SeriesShape",
     "ValidationError",
     "gzip_document",
     "metadata_document",
@@ -85,6 +93,12 @@ class Backend:
         from another server are rejected.
     clock
         Returns "now" (aware UTC) for new versions, accesses and datastore timestamps.
+    series_shape
+        Size of generated GetImageSetMetadata series (:class:`SeriesShape`); small by
+        default. The attribute ``series_shape`` may be reassigned at runtime.
+    metadata_cache_size
+        How many gzipped metadata documents to keep (least recently used first out), so
+        repeated reads of large series cost the server nothing; 0 turns the cache off.
 
     Examples
     --------
@@ -101,7 +115,13 @@ class Backend:
         self,
         secret: bytes | None = None,
         clock: Callable[[], datetime] | None = None,
+        series_shape: SeriesShape | None = None,
+        metadata_cache_size: int = 256,
     ) -> None:
+        self.series_shape = series_shape or SeriesShape()
+        self._blobs: collections.OrderedDict[tuple[Any, ...], bytes] = collections.OrderedDict()
+        self._blobs_size = metadata_cache_size
+        self._blobs_lock = threading.Lock()
         self._lock = threading.RLock()
         self._tokens = TokenSigner(secret if secret is not None else os.urandom(32))
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -269,7 +289,33 @@ class Backend:
             store = self._datastore(datastore_id)
             record = store.version(image_set_id, version)
             store.touch(image_set_id, self._clock())
-        return metadata_document(datastore_id, record)
+        return metadata_document(datastore_id, record, self.series_shape)
+
+    def get_image_set_metadata_gzip(
+        self, datastore_id: str, image_set_id: str, version: int | str | None = None
+    ) -> bytes:
+        """:meth:`get_image_set_metadata` as the gzipped bytes the wire sends (an access too)."""
+        with self._lock:
+            store = self._datastore(datastore_id)
+            record = store.version(image_set_id, version)
+            store.touch(image_set_id, self._clock())
+        shape = self.series_shape
+        key = (datastore_id, image_set_id, record["version"], shape)
+        with self._blobs_lock:
+            blob = self._blobs.get(key)
+            if blob is not None:
+                self._blobs.move_to_end(key)
+                return blob
+        if shape.default:
+            blob = gzip_document(metadata_document(datastore_id, record))
+        else:
+            blob = gzip_json(metadata_json(datastore_id, record, shape))
+        if self._blobs_size > 0:
+            with self._blobs_lock:
+                self._blobs[key] = blob
+                while len(self._blobs) > self._blobs_size:
+                    self._blobs.popitem(last=False)
+        return blob
 
     def update_image_set_metadata(
         self,

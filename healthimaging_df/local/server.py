@@ -18,6 +18,7 @@ from typing import Any
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from healthimaging_df.local.backend import Backend
+from healthimaging_df.local.documents import SeriesShape
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
 from healthimaging_df.local.generate import generate_image_sets
 from healthimaging_df.local.values import REGION
@@ -185,18 +186,21 @@ class LocalService:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        instances_per_series: int | None = None,
+        attributes_per_instance: int | None = None,
         **fault_kwargs: Any,
     ) -> LocalService:
         """A service with one datastore named ``seeded`` holding generated image sets.
 
         ``fault_kwargs`` are :class:`Faults` fields (``latency_ms``, ``tps``, ``window_tps``,
         ``malformed_rate``, ``update_rate``, ...; ``seed`` is taken by the data, so use
-        ``fault_seed`` for the faults' generators).
-        The service is not started.
+        ``fault_seed`` for the faults' generators). ``instances_per_series`` and
+        ``attributes_per_instance`` make GetImageSetMetadata documents realistic in size
+        (:class:`~healthimaging_df.local.documents.SeriesShape`). The service is not started.
         """
         fault_seed = fault_kwargs.pop("fault_seed", 0)
         faults = Faults(seed=fault_seed, **fault_kwargs)
-        backend = Backend()
+        backend = Backend(series_shape=SeriesShape(instances_per_series, attributes_per_instance))
         datastore_id = backend.create_datastore("seeded")
         backend.add_image_sets(datastore_id, generate_image_sets(image_sets, seed))
         service = cls(backend, host=host, port=port, faults=faults)

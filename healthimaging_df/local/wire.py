@@ -26,7 +26,6 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from healthimaging_df.local.backend import Backend
-from healthimaging_df.local.documents import gzip_document
 from healthimaging_df.local.errors import BackendError, ValidationError
 from healthimaging_df.local.faults import StatsRecorder
 from healthimaging_df.local.malformed import malformed_body
@@ -318,10 +317,10 @@ class WireApp:
     ) -> Response:
         datastore_id = _path_id(datastore_id, "datastoreId")
         image_set_id = _path_id(image_set_id, "imageSetId")
-        document = self.backend.get_image_set_metadata(
+        blob = self.backend.get_image_set_metadata_gzip(
             datastore_id, image_set_id, _version_param(request)
         )
-        response = Response(gzip_document(document), status=200, content_type="application/json")
+        response = Response(blob, status=200, content_type="application/json")
         response.headers["Content-Encoding"] = "gzip"
         return response
 
