@@ -270,7 +270,11 @@ class LocalService:
         return self._recorder.faults
 
     def set_faults(self, **changes: Any) -> Faults:
-        """Replace fault fields (unnamed ones keep their value) and reset the token bucket."""
+        """Replace fault fields (unnamed ones keep their value).
+
+        Also resets the rate limiters and reseeds the fault generators, so a run after
+        ``set_faults`` repeats exactly for a serial client.
+        """
         unknown = set(changes) - _FAULT_FIELDS
         if unknown:
             raise TypeError(f"unknown fault setting(s): {', '.join(sorted(unknown))}")

@@ -345,3 +345,28 @@ def test_documented_quotas_through_boto3(fresh: LocalService) -> None:
     assert client.get_datastore(datastoreId=fresh.datastore_id)["datastoreProperties"]
     assert client.search_image_sets(datastoreId=fresh.datastore_id, maxResults=1)
     assert fresh.stats.throttled_by_operation == {"ListDatastores": 1}
+
+
+def test_cli_serve_takes_the_new_fault_options() -> None:
+    import argparse
+    import threading
+
+    from healthimaging_df.local import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["local", "serve", "--image-sets", "3", "--window-tps", "5", "--documented-quotas",
+         "--malformed-rate", "0.5", "--update-rate", "0.25"]
+    )  # fmt: skip
+    assert (args.window_tps, args.documented_quotas, args.malformed_rate, args.update_rate) == (
+        5,
+        True,
+        0.5,
+        0.25,
+    )
+    stop = threading.Event()
+    stop.set()
+    assert cli.serve(args, stop=stop) == 0
+    bad = parser.parse_args(["local", "serve", "--malformed-rate", "2"])
+    assert cli.serve(bad, stop=stop) == 2
