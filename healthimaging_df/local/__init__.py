@@ -15,8 +15,9 @@ Examples
 
 from __future__ import annotations
 
-from healthimaging_df.local.backend import (
-    Backend,
+from healthimaging_df.local.backend import Backend
+from healthimaging_df.local.documents import SeriesShape
+from healthimaging_df.local.errors import (
     BackendError,
     ConflictError,
     ResourceNotFound,
@@ -33,6 +34,7 @@ __all__ = [
     "Faults",
     "LocalService",
     "ResourceNotFound",
+    "SeriesShape",
     "Stats",
     "ValidationError",
     "dump_jsonl",

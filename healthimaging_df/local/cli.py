@@ -36,6 +36,20 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     serve_parser.add_argument("--burst", type=int, default=None, help="token-bucket capacity")
     serve_parser.add_argument("--error-rate", type=float, default=0.0, metavar="F")
     serve_parser.add_argument(
+        "--window-tps", type=int, default=None, metavar="N", help="strict 1-second window limit"
+    )
+    serve_parser.add_argument(
+        "--documented-quotas",
+        action="store_true",
+        help="one token bucket per operation at the documented quotas",
+    )
+    serve_parser.add_argument(
+        "--malformed-rate", type=float, default=0.0, metavar="F", help="malformed search pages"
+    )
+    serve_parser.add_argument(
+        "--update-rate", type=float, default=0.0, metavar="R", help="updates per search request"
+    )
+    serve_parser.add_argument(
         "--jsonl", default=None, metavar="PATH", help="load image sets from JSON Lines instead"
     )
     serve_parser.set_defaults(handler=serve)
@@ -45,7 +59,14 @@ def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> i
     """Run the service for ``args``; return 0 on SIGINT/SIGTERM (or when ``stop`` is set)."""
     try:
         faults = Faults(
-            latency_ms=args.latency_ms, tps=args.tps, burst=args.burst, error_rate=args.error_rate
+            latency_ms=args.latency_ms,
+            tps=args.tps,
+            burst=args.burst,
+            error_rate=args.error_rate,
+            window_tps=args.window_tps,
+            documented_quotas=args.documented_quotas,
+            malformed_rate=args.malformed_rate,
+            update_rate=args.update_rate,
         )
     except ValueError as error:
         print(f"healthimaging-df local serve: {error}", file=sys.stderr)

@@ -1,19 +1,56 @@
-"""Fault injection for the local service: latency, a token-bucket rate limit, random 500s, counters.
+"""Fault injection for the local service: latency, rate limits, 500s, malformed pages, churn.
 
 The real service throttles (HTTP 429 ``ThrottlingException``) and occasionally fails
-(HTTP 500 ``InternalServerException``); a client that never meets either in tests will meet
-both in production. These knobs let tests provoke them on purpose.
+(HTTP 500 ``InternalServerException``); networks cut responses short, proxies answer HTML,
+and a busy datastore changes while a query pages through it. A client that never meets these
+in tests will meet them in production. These knobs let tests provoke each on purpose, and
+every random choice comes from generators seeded by ``Faults.seed``.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["Faults", "Stats", "StatsRecorder", "TokenBucket"]
+__all__ = [
+    "DOCUMENTED_QUOTAS",
+    "MALFORMED_KINDS",
+    "Faults",
+    "SlidingWindow",
+    "Stats",
+    "StatsRecorder",
+    "TokenBucket",
+]
+
+MALFORMED_KINDS = (
+    "truncated",
+    "short",
+    "html",
+    "empty",
+    "null_summaries",
+    "bad_item",
+    "bad_timestamp",
+)
+"""Kinds of malformed HTTP 200 SearchImageSets bodies, see :class:`Faults`."""
+
+DOCUMENTED_QUOTAS: dict[str, tuple[float, int]] = {
+    "SearchImageSets": (25.0, 50),
+    "GetImageSet": (25.0, 50),
+    "ListImageSetVersions": (25.0, 50),
+    "GetImageSetMetadata": (50.0, 100),
+    "GetDatastore": (10.0, 20),
+    "ListDatastores": (5.0, 10),
+    "UpdateImageSetMetadata": (10.0, 40),
+}
+"""(rate TPS, burst) per operation: developer guide "Throttling limits" (service-facts.md)."""
+
+UPDATABLE = ("isPrimary",)
+"""Besides DICOM tags, what ``update_tags`` may name (``isPrimary`` flips the flag)."""
 
 
 @dataclass
@@ -25,13 +62,46 @@ class Faults:
     latency_ms
         Added to every request (``time.sleep`` inside the handler, so requests overlap).
     tps
-        Token-bucket refill rate in requests per second; ``None`` means no rate limit.
+        Token-bucket refill rate in requests per second over all operations; ``None`` means
+        no such limit.
     burst
         Bucket capacity; ``None`` means ``max(1, tps)``.
+    window_tps
+        Strict sliding window over all operations: at most this many requests accepted in
+        any 1-second window, else 429 ``ThrottlingException``; ``None`` means none.
+    documented_quotas
+        One token bucket per operation at the documented quotas (:data:`DOCUMENTED_QUOTAS`).
+    operation_quotas
+        ``{operation: (rate, burst)}`` buckets that add to or override the documented ones
+        (applied even when ``documented_quotas`` is False), e.g. a raised account quota.
     error_rate
         Fraction of requests (0..1) answered HTTP 500 ``InternalServerException``.
+    malformed_rate
+        Fraction of SearchImageSets answers (0..1) sent as a malformed HTTP 200 body.
+    malformed_every
+        Or: every n-th SearchImageSets answer (n, 2n, ...) is malformed; ``None`` = off.
+    malformed_kinds
+        Kinds used, in turn (round robin), from :data:`MALFORMED_KINDS`: ``truncated``
+        (JSON cut short, Content-Length of the cut body), ``short`` (Content-Length of the
+        whole body, only part sent, connection closed), ``html`` (a text/html error page),
+        ``empty`` (zero bytes), ``null_summaries`` (``"imageSetsMetadataSummaries": null``),
+        ``bad_item`` (one item with a 10-character imageSetId and version as a string),
+        ``bad_timestamp`` (one item's createdAt a non-numeric string).
+    endless_empty_pages
+        SearchImageSets answers every page with zero items and a fresh, never-repeated
+        nextToken (the request is still validated).
+    update_rate
+        Image sets updated before each SearchImageSets page is computed: the integer part
+        always, the fraction as a probability (0.25: one update on a quarter of requests;
+        2.5: two or three). Each gets version + 1 and updatedAt = now.
+    update_tags
+        DICOM tags (or ``isPrimary``) an update changes, to another image set's value where
+        one differs; empty (default) keeps the tags, so only updatedAt and version move.
+    update_tags_rate
+        Fraction (0..1) of updates that change ``update_tags``; the rest keep the tags.
     seed
-        Seed of the random generator that picks which requests fail.
+        Seed of the random generators (one per fault, so enabling one does not shift the
+        draws of another). Serial requests give the same outcome on every run.
     """
 
     latency_ms: float = 0.0
@@ -39,6 +109,16 @@ class Faults:
     burst: int | None = None
     error_rate: float = 0.0
     seed: int = 0
+    window_tps: int | None = None
+    documented_quotas: bool = False
+    operation_quotas: dict[str, tuple[float, int]] | None = None
+    malformed_rate: float = 0.0
+    malformed_every: int | None = None
+    malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
+    endless_empty_pages: bool = False
+    update_rate: float = 0.0
+    update_tags: tuple[str, ...] = ()
+    update_tags_rate: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,8 +131,31 @@ class Faults:
             raise ValueError("tps must be > 0 (or None for no limit)")
         if self.burst is not None and self.burst < 1:
             raise ValueError("burst must be >= 1 (or None for the default)")
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError("error_rate must be within [0, 1]")
+        if self.window_tps is not None and (
+            not isinstance(self.window_tps, int) or self.window_tps < 1
+        ):
+            raise ValueError("window_tps must be an int >= 1 (or None for no window)")
+        for operation, quota in (self.operation_quotas or {}).items():
+            if not isinstance(quota, tuple) or len(quota) != 2 or quota[0] <= 0 or quota[1] < 1:
+                raise ValueError(f"operation_quotas[{operation}] must be (rate > 0, burst >= 1)")
+        for name in ("error_rate", "malformed_rate", "update_tags_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if self.malformed_every is not None and self.malformed_every < 1:
+            raise ValueError("malformed_every must be >= 1 (or None)")
+        if not self.malformed_kinds or not set(self.malformed_kinds) <= set(MALFORMED_KINDS):
+            raise ValueError(f"malformed_kinds must be a non-empty subset of {MALFORMED_KINDS}")
+        if not (self.update_rate >= 0.0 and math.isfinite(self.update_rate)):
+            raise ValueError("update_rate must be a finite number >= 0")
+        for tag in self.update_tags:
+            if tag not in UPDATABLE and not (tag.startswith("DICOM") and tag.isalnum()):
+                raise ValueError("update_tags must name DICOM summary tags or isPrimary")
+
+    def quotas(self) -> dict[str, tuple[float, int]]:
+        """The per-operation ``(rate, burst)`` buckets these settings ask for."""
+        quotas = dict(DOCUMENTED_QUOTAS) if self.documented_quotas else {}
+        quotas.update(self.operation_quotas or {})
+        return quotas
 
 
 class TokenBucket:
@@ -74,14 +177,63 @@ class TokenBucket:
         self._last = clock()
         self._lock = threading.Lock()
 
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    def available(self) -> bool:
+        """Whether a token could be taken now (takes none)."""
+        with self._lock:
+            self._refill()
+            return self._tokens >= 1.0
+
     def try_take(self) -> bool:
         """Take one token if available; return whether the request may proceed."""
         with self._lock:
-            now = self._clock()
-            self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-            self._last = now
+            self._refill()
             if self._tokens >= 1.0:
                 self._tokens -= 1.0
+                return True
+            return False
+
+
+class SlidingWindow:
+    """A strict limiter: at most ``limit`` accepted requests in any ``window`` seconds.
+
+    Unlike a token bucket there is no burst credit to save up: a request is accepted only if
+    fewer than ``limit`` were accepted in the ``window`` seconds before it. Throttled
+    requests do not count.
+    """
+
+    def __init__(
+        self, limit: int, window: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("limit must be >= 1 and window > 0")
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._accepted: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        while self._accepted and self._accepted[0] <= now - self.window:
+            self._accepted.popleft()
+
+    def available(self) -> bool:
+        """Whether a request would be accepted now (records nothing)."""
+        with self._lock:
+            self._expire(self._clock())
+            return len(self._accepted) < self.limit
+
+    def try_take(self) -> bool:
+        """Accept and record a request if the window has room."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            if len(self._accepted) < self.limit:
+                self._accepted.append(now)
                 return True
             return False
 
@@ -97,11 +249,28 @@ class Stats:
     by_operation
         Requests per operation name (``"Unknown"`` for unrouted paths).
     throttled
-        Requests answered 429 by the rate limit.
+        Requests answered 429 by any rate limit.
     errors_injected
         Requests answered 500 by ``error_rate``.
     peak_concurrency
         The most requests in flight at once since the last reset.
+    throttled_by_operation
+        Throttled requests per operation.
+    throttled_by_limit
+        Throttled requests per limit that refused them: ``"operation"`` (a per-operation
+        bucket), ``"tps"`` (the shared token bucket), ``"window"`` (the sliding window).
+    malformed_sent
+        SearchImageSets answers sent malformed.
+    malformed_by_kind
+        The same, per kind.
+    empty_pages_sent
+        Empty pages sent by ``endless_empty_pages``.
+    updates_applied
+        Versions created by ``update_rate``.
+    updated_image_sets
+        ``{imageSetId: changed}`` for every image set ``update_rate`` updated; ``changed`` is
+        True if any of its updates changed a tag or isPrimary (so its match may have changed),
+        False if only version and updatedAt moved.
     """
 
     requests: int = 0
@@ -109,39 +278,77 @@ class Stats:
     throttled: int = 0
     errors_injected: int = 0
     peak_concurrency: int = 0
+    throttled_by_operation: dict[str, int] = field(default_factory=dict)
+    throttled_by_limit: dict[str, int] = field(default_factory=dict)
+    malformed_sent: int = 0
+    malformed_by_kind: dict[str, int] = field(default_factory=dict)
+    empty_pages_sent: int = 0
+    updates_applied: int = 0
+    updated_image_sets: dict[str, bool] = field(default_factory=dict)
+
+
+def _bump(counter: dict[str, int], key: str) -> None:
+    counter[key] = counter.get(key, 0) + 1
 
 
 class StatsRecorder:
-    """Thread-safe counters behind :class:`Stats`; also decides throttling and injected errors."""
+    """Thread-safe counters behind :class:`Stats`; also makes every fault decision."""
 
-    def __init__(self, faults: Faults) -> None:
+    def __init__(self, faults: Faults, clock: Callable[[], float] = time.monotonic) -> None:
         self.faults = faults
+        self._clock = clock
         self._lock = threading.Lock()
+        self._in_flight = 0
+        self._zero()
+        self._peak = 0
+        self._reset_limiters()
+        self._reseed(faults.seed)
+
+    def _zero(self) -> None:
         self._requests = 0
         self._by_operation: dict[str, int] = {}
         self._throttled = 0
+        self._throttled_by_operation: dict[str, int] = {}
+        self._throttled_by_limit: dict[str, int] = {}
         self._errors = 0
-        self._in_flight = 0
-        self._peak = 0
+        self._malformed = 0
+        self._malformed_by_kind: dict[str, int] = {}
+        self._empty_pages = 0
+        self._updates = 0
+        self._updated: dict[str, bool] = {}
+        self._searches = 0
+
+    def _reset_limiters(self) -> None:
         self._bucket: TokenBucket | None = None
         self._bucket_key: tuple[float | None, int | None] = (None, None)
-        self._rng = random.Random(faults.seed)
-        self._rng_seed = faults.seed
+        self._window: SlidingWindow | None = None
+        self._window_key: int | None = None
+        self._op_buckets: dict[str, TokenBucket] = {}
+        self._op_key: tuple[tuple[str, tuple[float, int]], ...] = ()
+
+    def _reseed(self, seed: int) -> None:
+        self._rng_seed = seed
+        self._rng = random.Random(seed)  # error_rate draws (as before the other faults)
+        self._malformed_rng = random.Random(f"{seed}:malformed")
+        self._update_rng = random.Random(f"{seed}:updates")
+        self._malformed_turn = 0
 
     def replace_faults(self, faults: Faults) -> None:
-        """Install new settings and reset the token bucket and the error generator."""
+        """Install new settings; reset the rate limiters and the random generators."""
         with self._lock:
             self.faults = faults
-            self._bucket = None
-            self._bucket_key = (None, None)
-            self._rng = random.Random(faults.seed)
-            self._rng_seed = faults.seed
+            self._reset_limiters()
+            self._reseed(faults.seed)
+
+    def _check_seed(self) -> None:
+        if self.faults.seed != self._rng_seed:
+            self._reseed(self.faults.seed)
 
     def begin(self, operation: str) -> None:
         """Count a request entering the handler."""
         with self._lock:
             self._requests += 1
-            self._by_operation[operation] = self._by_operation.get(operation, 0) + 1
+            _bump(self._by_operation, operation)
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
 
@@ -150,25 +357,56 @@ class StatsRecorder:
         with self._lock:
             self._in_flight -= 1
 
-    def should_throttle(self) -> bool:
-        """Apply the token bucket (if ``faults.tps`` is set); count and report a throttle."""
+    def _limiters(self, operation: str) -> list[tuple[str, TokenBucket | SlidingWindow]]:
+        """The limiters a request of ``operation`` must pass, rebuilt when settings change."""
         faults = self.faults
-        with self._lock:
-            if faults.tps is None:
-                self._bucket = None
-                return False
+        out: list[tuple[str, TokenBucket | SlidingWindow]] = []
+        op_key = tuple(sorted(faults.quotas().items()))
+        if op_key != self._op_key:
+            self._op_buckets, self._op_key = {}, op_key
+        quota = dict(op_key).get(operation)
+        if quota is not None:
+            bucket = self._op_buckets.get(operation)
+            if bucket is None:
+                bucket = TokenBucket(quota[0], float(quota[1]), self._clock)
+                self._op_buckets[operation] = bucket
+            out.append(("operation", bucket))
+        if faults.tps is None:
+            self._bucket = None
+        else:
             key = (faults.tps, faults.burst)
             if self._bucket is None or key != self._bucket_key:
                 # Settings changed by attribute assignment: start a fresh, full bucket.
                 capacity = float(faults.burst) if faults.burst is not None else max(1.0, faults.tps)
-                self._bucket = TokenBucket(faults.tps, capacity)
+                self._bucket = TokenBucket(faults.tps, capacity, self._clock)
                 self._bucket_key = key
-            bucket = self._bucket
-        if bucket.try_take():
-            return False
+            out.append(("tps", self._bucket))
+        if faults.window_tps is None:
+            self._window = None
+        else:
+            if self._window is None or faults.window_tps != self._window_key:
+                self._window = SlidingWindow(faults.window_tps, 1.0, self._clock)
+                self._window_key = faults.window_tps
+            out.append(("window", self._window))
+        return out
+
+    def should_throttle(self, operation: str = "") -> bool:
+        """Apply every rate limit set for ``operation``; count and report a throttle.
+
+        A request is admitted only if all limiters have room, and then takes from all of
+        them; a refused request takes from none.
+        """
         with self._lock:
+            limiters = self._limiters(operation)
+            refused = next((name for name, limiter in limiters if not limiter.available()), None)
+            if refused is None:
+                for _, limiter in limiters:
+                    limiter.try_take()
+                return False
             self._throttled += 1
-        return True
+            _bump(self._throttled_by_operation, operation)
+            _bump(self._throttled_by_limit, refused)
+            return True
 
     def should_fail(self) -> bool:
         """Draw against ``faults.error_rate``; count and report an injected error."""
@@ -176,13 +414,55 @@ class StatsRecorder:
         if faults.error_rate <= 0.0:
             return False
         with self._lock:
-            if faults.seed != self._rng_seed:
-                self._rng = random.Random(faults.seed)
-                self._rng_seed = faults.seed
+            self._check_seed()
             fail = self._rng.random() < faults.error_rate
             if fail:
                 self._errors += 1
             return fail
+
+    def draw_malformed(self) -> tuple[str, random.Random] | None:
+        """For one SearchImageSets answer: the malformed kind to send (and a generator), or None."""
+        faults = self.faults
+        with self._lock:
+            self._check_seed()
+            self._searches += 1
+            if faults.malformed_every is not None:
+                chosen = self._searches % faults.malformed_every == 0
+            elif faults.malformed_rate > 0.0:
+                chosen = self._malformed_rng.random() < faults.malformed_rate
+            else:
+                return None
+            if not chosen:
+                return None
+            kinds = faults.malformed_kinds
+            kind = kinds[self._malformed_turn % len(kinds)]
+            self._malformed_turn += 1
+            self._malformed += 1
+            _bump(self._malformed_by_kind, kind)
+            return kind, random.Random(self._malformed_rng.getrandbits(64))
+
+    def draw_updates(self) -> tuple[int, random.Random]:
+        """How many image sets to update before this SearchImageSets page, and a generator."""
+        rate = self.faults.update_rate
+        with self._lock:
+            self._check_seed()
+            if rate <= 0.0:
+                return 0, self._update_rng
+            whole = int(rate)
+            count = whole + (self._update_rng.random() < rate - whole)
+            return count, self._update_rng
+
+    def record_updates(self, changes: Iterable[tuple[str, bool]]) -> None:
+        """Count updates made by ``update_rate``: ``(imageSetId, tags_changed)`` pairs."""
+        with self._lock:
+            for image_set_id, changed in changes:
+                self._updates += 1
+                self._updated[image_set_id] = self._updated.get(image_set_id, False) or changed
+
+    def record_empty_page(self) -> None:
+        """Count one page sent by ``endless_empty_pages``."""
+        with self._lock:
+            self._empty_pages += 1
 
     def snapshot(self) -> Stats:
         """Return the current counters as an immutable :class:`Stats`."""
@@ -193,13 +473,17 @@ class StatsRecorder:
                 throttled=self._throttled,
                 errors_injected=self._errors,
                 peak_concurrency=self._peak,
+                throttled_by_operation=dict(self._throttled_by_operation),
+                throttled_by_limit=dict(self._throttled_by_limit),
+                malformed_sent=self._malformed,
+                malformed_by_kind=dict(self._malformed_by_kind),
+                empty_pages_sent=self._empty_pages,
+                updates_applied=self._updates,
+                updated_image_sets=dict(self._updated),
             )
 
     def reset(self) -> None:
         """Zero the counters; requests in flight stay counted for the concurrency peak."""
         with self._lock:
-            self._requests = 0
-            self._by_operation = {}
-            self._throttled = 0
-            self._errors = 0
+            self._zero()
             self._peak = self._in_flight

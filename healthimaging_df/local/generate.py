@@ -15,13 +15,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UID_ROOT", "dump_jsonl", "generate_image_sets", "load_jsonl"]
+__all__ = ["ARCHIVE_AFTER", "UID_ROOT", "dump_jsonl", "generate_image_sets", "load_jsonl"]
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 _UTC = timezone.utc
 _START = datetime(2023, 1, 1, tzinfo=_UTC)
 _SPAN_US = int((datetime(2026, 1, 1, tzinfo=_UTC) - _START).total_seconds() * 1_000_000) - 1
 _REFERENCE_NOW = datetime(2026, 1, 1, tzinfo=_UTC)
+ARCHIVE_AFTER = timedelta(days=30)
 
 _FAMILY = [
     "Smith", "Müller", "O'Brien", "García", "Nguyen", "王", "李", "Kowalski", "Johansson",
@@ -125,6 +126,8 @@ def generate_image_sets(n: int, seed: int = 0) -> list[dict[str, Any]]:
     list of dict
         Summaries with ``imageSetId``, ``version``, ``createdAt``/``updatedAt``/
         ``lastAccessedAt`` (UTC datetimes), ``storageTier``, ``isPrimary`` and ``DICOMTags``.
+        ``storageTier`` follows the 30-day rule as of 2026-01-01 (the data's "now"):
+        ARCHIVE_INSTANT_ACCESS when ``lastAccessedAt`` is more than 30 days before it.
 
     Examples
     --------
@@ -218,12 +221,16 @@ def _summary(
     if version > 1:
         updated = created + timedelta(microseconds=rng.randrange(1, 200 * 86_400_000_000))
     accessed = updated + timedelta(microseconds=rng.randrange(0, 90 * 86_400_000_000))
-    idle = _REFERENCE_NOW - accessed
-    tier = (
-        "ARCHIVE_INSTANT_ACCESS"
-        if idle > timedelta(days=30) and rng.random() < 0.6
-        else ("FREQUENT_ACCESS")
-    )
+    # The service's rule: 30 days without an access moves an image set to the archive tier.
+    # Of those idle that long, 40% were read again within the last 30 days (same draw as
+    # before the rule was exact, so tiers and every other field keep their values).
+    tier = "FREQUENT_ACCESS"
+    if _REFERENCE_NOW - accessed > ARCHIVE_AFTER:
+        draw = rng.random()
+        if draw < 0.6:
+            tier = "ARCHIVE_INSTANT_ACCESS"
+        else:
+            accessed = _REFERENCE_NOW - ARCHIVE_AFTER * ((draw - 0.6) / 0.4)
     return {
         "imageSetId": image_set_id,
         "version": version,

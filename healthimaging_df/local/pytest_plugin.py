@@ -9,8 +9,9 @@ ahi_local
 ahi_client
     Function scope: a boto3 ``medical-imaging`` client for ``ahi_local``.
 ahi_service_factory
-    Function scope: ``factory(image_sets=..., seed=..., **faults)`` returning a started, fresh
-    service; all are stopped at teardown.
+    Function scope: ``factory(image_sets=..., seed=..., **options)`` returning a started,
+    fresh service (options: ``Faults`` fields, ``fault_seed``, ``instances_per_series``,
+    ``attributes_per_instance``); all are stopped at teardown.
 
 Nothing is patched globally: clients reach the service through its ``endpoint_url``.
 """

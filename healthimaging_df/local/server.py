@@ -17,10 +17,17 @@ from typing import Any
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
-from healthimaging_df.local.backend import REGION, Backend
+from healthimaging_df.local.backend import Backend
+from healthimaging_df.local.documents import SeriesShape
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
 from healthimaging_df.local.generate import generate_image_sets
-from healthimaging_df.local.wire import BODY_CONSUMED_KEY, WireApp
+from healthimaging_df.local.values import REGION
+from healthimaging_df.local.wire import (
+    BODY_CONSUMED_KEY,
+    DECLARED_LENGTH_KEY,
+    MAX_BODY_BYTES,
+    WireApp,
+)
 
 __all__ = ["DUMMY_ACCESS_KEY", "DUMMY_SECRET_KEY", "LocalService"]
 
@@ -79,8 +86,11 @@ class _KeepAliveHandler(WSGIRequestHandler):
         for key, value in headers:
             if key.lower() not in ("content-length", "connection", "transfer-encoding"):
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        if not environ.get(BODY_CONSUMED_KEY):
+        declared = environ.get(DECLARED_LENGTH_KEY)
+        self.send_header("Content-Length", str(len(body) if declared is None else declared))
+        if declared is not None:
+            self.close_connection = True  # cut in transit: no "Connection: close" warning
+        elif not environ.get(BODY_CONSUMED_KEY):
             self.send_header("Connection", "close")
         elif not self.close_connection:
             self.send_header("Connection", "keep-alive")
@@ -139,6 +149,8 @@ class LocalService:
         TCP port; 0 picks a free one (see :attr:`endpoint_url` after :meth:`start`).
     faults
         Initial fault settings; none by default.
+    max_body_bytes
+        Request body cap (default 1 MiB): larger bodies get HTTP 413 ``ValidationException``.
 
     Examples
     --------
@@ -155,13 +167,14 @@ class LocalService:
         host: str = "127.0.0.1",
         port: int = 0,
         faults: Faults | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.backend = backend if backend is not None else Backend()
         self.host = host
         self.port = port
         self.datastore_id: str | None = None
         self._recorder = StatsRecorder(faults if faults is not None else Faults())
-        self._app = WireApp(self.backend, self._recorder)
+        self._app = WireApp(self.backend, self._recorder, max_body_bytes=max_body_bytes)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -173,17 +186,21 @@ class LocalService:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        instances_per_series: int | None = None,
+        attributes_per_instance: int | None = None,
         **fault_kwargs: Any,
     ) -> LocalService:
         """A service with one datastore named ``seeded`` holding generated image sets.
 
-        ``fault_kwargs`` are :class:`Faults` fields (``latency_ms``, ``tps``, ``burst``,
-        ``error_rate``, ``seed`` is taken by the data, so use ``fault_seed`` for the errors).
-        The service is not started.
+        ``fault_kwargs`` are :class:`Faults` fields (``latency_ms``, ``tps``, ``window_tps``,
+        ``malformed_rate``, ``update_rate``, ...; ``seed`` is taken by the data, so use
+        ``fault_seed`` for the faults' generators). ``instances_per_series`` and
+        ``attributes_per_instance`` make GetImageSetMetadata documents realistic in size
+        (:class:`~healthimaging_df.local.documents.SeriesShape`). The service is not started.
         """
         fault_seed = fault_kwargs.pop("fault_seed", 0)
         faults = Faults(seed=fault_seed, **fault_kwargs)
-        backend = Backend()
+        backend = Backend(series_shape=SeriesShape(instances_per_series, attributes_per_instance))
         datastore_id = backend.create_datastore("seeded")
         backend.add_image_sets(datastore_id, generate_image_sets(image_sets, seed))
         service = cls(backend, host=host, port=port, faults=faults)
@@ -253,7 +270,11 @@ class LocalService:
         return self._recorder.faults
 
     def set_faults(self, **changes: Any) -> Faults:
-        """Replace fault fields (unnamed ones keep their value) and reset the token bucket."""
+        """Replace fault fields (unnamed ones keep their value).
+
+        Also resets the rate limiters and reseeds the fault generators, so a run after
+        ``set_faults`` repeats exactly for a serial client.
+        """
         unknown = set(changes) - _FAULT_FIELDS
         if unknown:
             raise TypeError(f"unknown fault setting(s): {', '.join(sorted(unknown))}")

@@ -4,11 +4,14 @@ Routes and status codes follow the botocore service model ``medical-imaging/2023
 (``http.requestUri`` / ``http.method`` of each operation). Errors carry the code in the
 ``x-amzn-ErrorType`` header and ``{"message": ...}`` in the body, which is what botocore reads
 to raise ``ClientError`` with that code. Fault injection (latency, throttling, random 500s)
-happens here, before the backend is called.
+happens here, before the backend is called; malformed pages, endless empty pages and updates
+between pages are applied around the SearchImageSets call.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -22,24 +25,32 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from healthimaging_df.local.backend import (
-    MAX_RESULTS,
-    MAX_TOKEN,
-    Backend,
-    BackendError,
-    ValidationError,
-    gzip_document,
-)
+from healthimaging_df.local.backend import Backend
+from healthimaging_df.local.errors import BackendError, ValidationError
 from healthimaging_df.local.faults import StatsRecorder
+from healthimaging_df.local.malformed import malformed_body
+from healthimaging_df.local.values import MAX_RESULTS, MAX_TOKEN
 
-__all__ = ["BODY_CONSUMED_KEY", "UNKNOWN_OPERATION", "WireApp", "encode_json"]
+__all__ = [
+    "BODY_CONSUMED_KEY",
+    "DECLARED_LENGTH_KEY",
+    "MAX_BODY_BYTES",
+    "UNKNOWN_OPERATION",
+    "WireApp",
+    "encode_json",
+]
 
 logger = logging.getLogger(__name__)
 
 UNKNOWN_OPERATION = "Unknown"
 BODY_CONSUMED_KEY = "healthimaging_df.local.body_consumed"
+# Set by the ``short`` malformed kind: the Content-Length to declare; the server sends fewer
+# bytes and closes the connection.
+DECLARED_LENGTH_KEY = "healthimaging_df.local.declared_length"
 _ID_RE = re.compile(r"[0-9a-z]{32}")
 _STATUSES = ("CREATING", "CREATE_FAILED", "ACTIVE", "DELETING", "DELETED")
+MAX_BODY_BYTES = 1 << 20
+"""Default request body cap: larger bodies get HTTP 413 ``ValidationException``."""
 
 _URL_MAP = Map(
     [
@@ -64,6 +75,11 @@ _URL_MAP = Map(
             "/datastore/<datastore_id>/imageSet/<image_set_id>/listImageSetVersions",
             methods=["POST"],
             endpoint="ListImageSetVersions",
+        ),
+        Rule(
+            "/datastore/<datastore_id>/imageSet/<image_set_id>/updateImageSetMetadata",
+            methods=["POST"],
+            endpoint="UpdateImageSetMetadata",
         ),
     ],
     strict_slashes=False,
@@ -116,6 +132,26 @@ def _token_param(request: Request) -> str | None:
     return token
 
 
+def _bool_param(request: Request, name: str) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return False
+    if raw not in ("true", "false"):
+        raise ValidationError(f"{name} must be true or false")
+    return raw == "true"
+
+
+def _blob(value: Any, where: str) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"{where} must be base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationError(f"{where} must be base64 text") from None
+
+
 def _version_param(request: Request) -> str | None:
     version = request.args.get("version")
     if version is not None and not (version.isascii() and version.isdigit()):
@@ -134,6 +170,9 @@ class WireApp:
         Counters and fault decisions; its ``faults`` are read on every request.
     sleep
         Called with seconds of injected latency (replaceable in tests).
+    max_body_bytes
+        Request bodies above this size are answered HTTP 413 ``ValidationException`` without
+        being read (and the connection closed).
     """
 
     def __init__(
@@ -141,15 +180,18 @@ class WireApp:
         backend: Backend,
         recorder: StatsRecorder,
         sleep: Callable[[float], None] = time.sleep,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self.backend = backend
         self.recorder = recorder
         self._sleep = sleep
+        self.max_body_bytes = max_body_bytes
         self._handlers: dict[str, Callable[..., Response]] = {
             "SearchImageSets": self._search_image_sets,
             "GetImageSetMetadata": self._get_image_set_metadata,
             "GetImageSet": self._get_image_set,
             "ListImageSetVersions": self._list_image_set_versions,
+            "UpdateImageSetMetadata": self._update_image_set_metadata,
             "GetDatastore": self._get_datastore,
             "ListDatastores": self._list_datastores,
         }
@@ -164,8 +206,17 @@ class WireApp:
 
     def dispatch(self, request: Request) -> Response:
         """Route, inject faults, call the backend and encode the outcome."""
-        # Read the whole body first so keep-alive connections stay in sync whatever we answer.
-        body = request.get_data(cache=True)
+        declared = request.content_length
+        too_large = declared is not None and declared > self.max_body_bytes
+        body = b""
+        # Read the whole body first so keep-alive connections stay in sync whatever we
+        # answer; an oversized one is drained unkept, so the client still gets our 413.
+        if too_large:
+            while request.stream.read(1 << 16):
+                pass
+        else:
+            body = request.get_data(cache=True)
+            too_large = len(body) > self.max_body_bytes
         request.environ[BODY_CONSUMED_KEY] = True
         adapter = _URL_MAP.bind_to_environ(request.environ)
         operation = UNKNOWN_OPERATION
@@ -178,7 +229,13 @@ class WireApp:
         recorder = self.recorder
         recorder.begin(operation)
         try:
-            if recorder.should_throttle():
+            if too_large:
+                response = error_response(
+                    "ValidationException",
+                    f"The request body exceeds {self.max_body_bytes} bytes",
+                    413,
+                )
+            elif recorder.should_throttle(operation):
                 response = error_response("ThrottlingException", "Rate exceeded", 429)
             else:
                 latency = recorder.faults.latency_ms
@@ -230,18 +287,40 @@ class WireApp:
                 raise ValidationError("the request body is not valid JSON") from None
             if not isinstance(criteria, dict):
                 raise ValidationError("searchCriteria must be an object")
-        result = self.backend.search(datastore_id, criteria, max_results, token)
-        return _json_response(result)
+        recorder = self.recorder
+        faults = recorder.faults
+        if faults.endless_empty_pages:
+            result = self.backend.empty_page(datastore_id, criteria, max_results, token)
+            recorder.record_empty_page()
+            return _json_response(result)
+
+        def updates() -> None:
+            count, rng = recorder.draw_updates()
+            if count:
+                changes = self.backend.apply_random_updates(
+                    datastore_id, count, rng, faults.update_tags, faults.update_tags_rate
+                )
+                recorder.record_updates(changes)
+
+        result = self.backend.search(datastore_id, criteria, max_results, token, updates)
+        spoil = recorder.draw_malformed()
+        if spoil is None:
+            return _json_response(result)
+        kind, rng = spoil
+        bad = malformed_body(kind, result, rng)
+        if bad.declared_length is not None:
+            request.environ[DECLARED_LENGTH_KEY] = bad.declared_length
+        return Response(bad.body, status=200, content_type=bad.content_type)
 
     def _get_image_set_metadata(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
     ) -> Response:
         datastore_id = _path_id(datastore_id, "datastoreId")
         image_set_id = _path_id(image_set_id, "imageSetId")
-        document = self.backend.get_image_set_metadata(
+        blob = self.backend.get_image_set_metadata_gzip(
             datastore_id, image_set_id, _version_param(request)
         )
-        response = Response(gzip_document(document), status=200, content_type="application/json")
+        response = Response(blob, status=200, content_type="application/json")
         response.headers["Content-Encoding"] = "gzip"
         return response
 
@@ -263,6 +342,48 @@ class WireApp:
             image_set_id,
             _int_param(request, "maxResults", MAX_RESULTS),
             _token_param(request),
+        )
+        return _json_response(result)
+
+    def _update_image_set_metadata(
+        self, request: Request, body: bytes, datastore_id: str, image_set_id: str
+    ) -> Response:
+        datastore_id = _path_id(datastore_id, "datastoreId")
+        image_set_id = _path_id(image_set_id, "imageSetId")
+        latest = request.args.get("latestVersion")
+        if latest is None:
+            raise ValidationError("latestVersion is required")
+        try:
+            updates = json.loads(body) if body.strip() else None
+        except ValueError:
+            raise ValidationError("the request body is not valid JSON") from None
+        if not isinstance(updates, dict) or len(updates) != 1:
+            raise ValidationError(
+                "updateImageSetMetadataUpdates must set exactly one of DICOMUpdates and "
+                "revertToVersionId"
+            )
+        revert = updates.get("revertToVersionId")
+        updatable = removable = None
+        if "DICOMUpdates" in updates:
+            dicom = updates["DICOMUpdates"]
+            if not isinstance(dicom, dict) or set(dicom) - {
+                "updatableAttributes",
+                "removableAttributes",
+            }:
+                raise ValidationError("DICOMUpdates has unknown members")
+            updatable = _blob(dicom.get("updatableAttributes"), "updatableAttributes")
+            removable = _blob(dicom.get("removableAttributes"), "removableAttributes")
+        elif not (isinstance(revert, str) and revert.isascii() and revert.isdigit()):
+            raise ValidationError("revertToVersionId must match \\d+")
+        result = self.backend.update_image_set_metadata(
+            datastore_id,
+            image_set_id,
+            latest,
+            updatable=updatable,
+            removable=removable,
+            revert_to_version=revert,
+            force=_bool_param(request, "force"),
+            include_study_image_sets=_bool_param(request, "includeStudyImageSets"),
         )
         return _json_response(result)
 

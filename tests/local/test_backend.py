@@ -215,7 +215,7 @@ def test_update_creates_versions_and_moves_in_index() -> None:
     )
     assert [r["imageSetId"] for r in by_pid["imageSetsMetadataSummaries"]] == [target["imageSetId"]]
     versions = backend.list_image_set_versions(ds, target["imageSetId"])["imageSetPropertiesList"]
-    assert [v["versionId"] for v in versions] == [str(n) for n in range(1, new["version"] + 1)]
+    assert [v["versionId"] for v in versions] == [str(n) for n in range(new["version"], 0, -1)]
     assert backend.get_image_set(ds, target["imageSetId"], "1")["versionId"] == "1"
     with pytest.raises(ValueError, match="later"):
         backend.update_image_set(ds, target["imageSetId"], now=now)
