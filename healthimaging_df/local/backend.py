@@ -119,6 +119,10 @@ class Backend:
         metadata_cache_size: int = 256,
     ) -> None:
         self.series_shape = series_shape or SeriesShape()
+        # Where image sets without a value of the sort field (undated studies) go: last in both
+        # orders by default; first in both when True (as one independent endpoint does). The real
+        # service's placement is unconfirmed, so clients must be right either way.
+        self.undated_first = False
         self._blobs: collections.OrderedDict[tuple[Any, ...], bytes] = collections.OrderedDict()
         self._blobs_size = metadata_cache_size
         self._blobs_lock = threading.Lock()
@@ -438,7 +442,7 @@ class Backend:
             before_page()
         with self._lock:
             store = self._datastore(datastore_id)
-            entries = page(store, query, cursor, max_results + 1)
+            entries = page(store, query, cursor, max_results + 1, self.undated_first)
             rows = [copy_summary(store.current[entry[2]]) for entry in entries[:max_results]]
         result: dict[str, Any] = {"imageSetsMetadataSummaries": rows}
         if len(entries) > max_results:

@@ -248,8 +248,18 @@ def _matcher(store: Datastore, query: Query) -> Callable[[str], bool]:
     return matches
 
 
-def page(store: Datastore, query: Query, cursor: Entry | None, limit: int) -> list[Entry]:
-    """The next ``limit`` matching entries after ``cursor`` in the query's order."""
+def page(
+    store: Datastore,
+    query: Query,
+    cursor: Entry | None,
+    limit: int,
+    undated_first: bool = False,
+) -> list[Entry]:
+    """The next ``limit`` matching entries after ``cursor`` in the query's order.
+
+    Entries without a key of the sort field form a group of their own, after the keyed ones
+    (group 1) or, with *undated_first*, before them (group -1), by imageSetId in both orders.
+    """
     matches = _matcher(store, query)
     sort_name = query.sort_field
     candidates: set[str] | None = None
@@ -282,7 +292,13 @@ def page(store: Datastore, query: Query, cursor: Entry | None, limit: int) -> li
                 low, high = index.span(query.ranges[best[1]])
                 candidates = {image_set_id for _, image_set_id in index.keyed[low:high]}
     if candidates is not None:
-        return _materialized(store, query, candidates, matches, cursor, limit)
+        return _materialized(store, query, candidates, matches, cursor, limit, undated_first)
+    if undated_first and query.sort_field not in query.ranges:
+        head = _walk_unkeyed(store, query, matches, cursor, limit, -1)
+        if len(head) >= limit:
+            return head
+        rest = cursor if cursor is not None and cursor[0] >= 0 else None
+        return head + _walk(store, query, matches, rest, limit - len(head), keyed_only=True)
     return _walk(store, query, matches, cursor, limit)
 
 
@@ -293,6 +309,7 @@ def _materialized(
     matches: Callable[[str], bool],
     cursor: Entry | None,
     limit: int,
+    undated_first: bool = False,
 ) -> list[Entry]:
     keyed: list[tuple[int, str]] = []
     unkeyed: list[str] = []
@@ -306,7 +323,11 @@ def _materialized(
             keyed.append((key, image_set_id))
     keyed.sort(reverse=query.descending)
     unkeyed.sort()
-    ordered: list[Entry] = [(0, k, i) for k, i in keyed] + [(1, 0, i) for i in unkeyed]
+    ordered: list[Entry] = [(0, k, i) for k, i in keyed]
+    if undated_first:
+        ordered = [(-1, 0, i) for i in unkeyed] + ordered
+    else:
+        ordered += [(1, 0, i) for i in unkeyed]
     if cursor is not None:
         ordered = [entry for entry in ordered if after(entry, cursor, query.descending)]
     return ordered[:limit]
@@ -318,6 +339,7 @@ def _walk(
     matches: Callable[[str], bool],
     cursor: Entry | None,
     limit: int,
+    keyed_only: bool = False,
 ) -> list[Entry]:
     index = store.index(query.sort_field)
     low, high = index.span(query.ranges.get(query.sort_field))
@@ -336,14 +358,29 @@ def _walk(
                 out.append((0, key, image_set_id))
                 if len(out) >= limit:
                     return out
-    if query.sort_field in query.ranges:
+    if query.sort_field in query.ranges or keyed_only:
         return out  # a range on the sort field excludes records without a key
     # Records without a key (undated studies) come last in both orders, by id.
-    unkeyed = index.unkeyed
-    first = 0 if cursor is None or cursor[0] == 0 else bisect.bisect_right(unkeyed, cursor[2])
+    return out + _walk_unkeyed(store, query, matches, cursor, limit - len(out), 1)
+
+
+def _walk_unkeyed(
+    store: Datastore,
+    query: Query,
+    matches: Callable[[str], bool],
+    cursor: Entry | None,
+    limit: int,
+    group: int,
+) -> list[Entry]:
+    """Matching entries without a sort key (in *group*, -1 first or 1 last) after ``cursor``."""
+    out: list[Entry] = []
+    if limit <= 0 or (cursor is not None and cursor[0] > group):
+        return out
+    unkeyed = store.index(query.sort_field).unkeyed
+    first = 0 if cursor is None or cursor[0] < group else bisect.bisect_right(unkeyed, cursor[2])
     for image_set_id in unkeyed[first:]:
         if matches(image_set_id):
-            out.append((1, 0, image_set_id))
+            out.append((group, 0, image_set_id))
             if len(out) >= limit:
                 break
     return out
@@ -353,6 +390,6 @@ def after(entry: Entry, cursor: Entry, descending: bool) -> bool:
     """Whether ``entry`` comes strictly after ``cursor`` in the result order."""
     if entry[0] != cursor[0]:
         return entry[0] > cursor[0]
-    if entry[0] == 1 or not descending:
+    if entry[0] != 0 or not descending:
         return entry[1:] > cursor[1:]
     return entry[1:] < cursor[1:]

@@ -75,7 +75,7 @@ class TokenSigner:
         if (
             not isinstance(entry, list)
             or len(entry) != 3
-            or entry[0] not in (0, 1)
+            or entry[0] not in (-1, 0, 1)
             or not isinstance(entry[1], int)
             or not isinstance(entry[2], str)
         ):

@@ -295,3 +295,12 @@ def test_client_made_from_a_boto3_session(
     frame = query.to_dataframe(boto3_session=session, progress=False)
     assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
     assert frame.attrs["healthimaging_df"]["endpoint_url"] == service.endpoint_url
+
+
+def test_pacing_at_the_quota_never_trips_a_strict_sliding_window(
+    service: LocalService, records: list
+) -> None:
+    service.set_faults(window_tps=25)  # at most 25 requests in any one-second window
+    frame = run(service, Query(service.datastore_id), max_concurrency=8, max_tps=25)
+    assert len(frame) == len(records)
+    assert service.stats.throttled == 0

@@ -134,17 +134,26 @@ def test_updates_while_paging_lose_no_row_whose_match_holds(
 # -- 3. a limit is not filled with undated rows ------------------------------------------------
 
 
+@pytest.mark.parametrize("undated_first", [False, True], ids=["undated-last", "undated-first"])
 @pytest.mark.parametrize("ascending", [True, False])
 def test_limit_on_study_date_time_counts_only_dated_rows(
-    ahi_service_factory: Any, ascending: bool
+    ahi_service_factory: Any, ascending: bool, undated_first: bool
 ) -> None:
     with ahi_service_factory(image_sets=400, seed=11) as service:
+        service.backend.undated_first = undated_first  # the service's placement is unconfirmed
+        for record in current(service):  # every study dated but ten, fewer than the limit
+            if flat_row(record)["StudyDateTime"] is None:
+                service.backend.update_image_set(
+                    service.datastore_id,
+                    record["imageSetId"],
+                    tags={"DICOMStudyDate": "20200101", "DICOMStudyTime": "120000"},
+                )
         rng = random.Random(5)
-        for record in rng.sample(current(service), 10):  # fewer undated rows than the limit
+        for record in rng.sample(current(service), 10):
             service.backend.update_image_set(
                 service.datastore_id, record["imageSetId"], tags={"DICOMStudyDate": None}
             )
-        query = Query(service.datastore_id).sort_by("StudyDateTime", ascending=ascending).limit(30)
+        query = Query(service.datastore_id).sort_by("StudyDateTime", ascending=ascending).limit(45)
         frame = query.to_dataframe(client=service.client(), progress=False, max_tps=None)
         assert frame["StudyDateTime"].notna().all()
         assert list(frame["imageSetId"]) == brute_force(current(service), query)

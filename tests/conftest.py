@@ -1,0 +1,21 @@
+"""Suite-wide: the planner's statistics cache lives in a temporary folder, never the user's."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_statistics_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("ahi-cache")
+    previous = os.environ.get("HEALTHIMAGING_DF_CACHE")
+    os.environ["HEALTHIMAGING_DF_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("HEALTHIMAGING_DF_CACHE", None)
+    else:
+        os.environ["HEALTHIMAGING_DF_CACHE"] = previous

@@ -1,0 +1,99 @@
+"""The planner weighs fan-out against a scan by estimated requests; the engine supplies the size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from healthimaging_df import Query
+from healthimaging_df.errors import QueryValidationError
+from healthimaging_df.local import LocalService
+from healthimaging_df.plan import DatastoreStats
+
+from .conftest import brute_force, flat_row
+
+DS = "0123456789abcdef0123456789abcdef"
+IDS = [f"P{n:04d}" for n in range(1000)]
+
+
+def test_a_long_in_list_on_a_small_datastore_is_a_scan() -> None:
+    plan = Query(DS).where(PatientID=IDS).compile(stats=DatastoreStats(2_000))
+    assert plan.access == "scan"
+    assert plan.windowed and not plan.pushed  # the IN list runs on the client
+    assert [c.chosen for c in plan.candidates] == [False, True]
+
+
+def test_a_long_in_list_on_a_large_datastore_fans_out() -> None:
+    plan = Query(DS).where(PatientID=IDS).compile(stats=DatastoreStats(1_000_000))
+    assert plan.access == "fanout"
+    assert len(plan.chains) == 1000
+
+
+def test_without_statistics_a_long_list_asks_for_them_and_a_short_one_does_not() -> None:
+    assert Query(DS).where(PatientID=IDS).compile().wants_statistics
+    short = Query(DS).where(PatientID=IDS[:5]).compile()
+    assert not short.wants_statistics and short.access == "fanout"
+
+
+def test_a_created_at_range_shrinks_the_scan_estimate() -> None:
+    from datetime import datetime, timezone
+
+    stats = DatastoreStats(
+        100_000,
+        datetime(2020, 1, 1, tzinfo=timezone.utc),
+        datetime(2024, 1, 1, tzinfo=timezone.utc),
+    )
+    query = Query(DS).where(PatientID=IDS).between("createdAt", "2023-01-01", "2023-01-31")
+    plan = query.compile(stats=stats)
+    scan = plan.candidates[1]
+    assert scan.requests is not None and scan.requests < 100  # about 2% of 2,000 pages
+    assert plan.access == "scan"
+
+
+def test_strategy_forces_a_path_and_explain_shows_the_estimates() -> None:
+    query = Query(DS).where(PatientID=IDS)
+    forced = query.using("fanout").compile(stats=DatastoreStats(2_000))
+    assert forced.access == "fanout"
+    text = query.compile(stats=DatastoreStats(2_000)).explain()
+    assert "access paths weighed" in text
+    assert "fan-out (1000 chains): about 1,000 requests" in text
+    assert "scan, IN list applied on the client: about 42 requests" in text
+    assert "P0001" not in text
+    with pytest.raises(QueryValidationError, match="strategy"):
+        query.using("fastest")  # type: ignore[arg-type]
+    assert Query.from_dict(query.using("scan").to_dict()).strategy == "scan"
+
+
+@pytest.fixture
+def stats_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_an_unknown_datastore_is_probed_then_scanned_and_the_result_is_exact(
+    ahi_service_factory: Any, stats_cache: Path
+) -> None:
+    with ahi_service_factory(image_sets=2_000, seed=8) as service:
+        records = service.backend.image_sets(service.datastore_id)
+        patients = sorted({flat_row(r)["PatientID"] for r in records if flat_row(r)["PatientID"]})
+        query = Query(service.datastore_id).where(PatientID=patients[:300])
+        frame = query.to_dataframe(client=service.client(), progress=False, max_tps=None)
+        assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
+        requests = service.stats.requests
+        assert requests < 80  # probe (10) + a scan of 40 pages, not 300 fan-out chains
+        assert list(stats_cache.rglob("*.json"))  # the probe's estimate is kept
+
+
+def test_a_full_scan_leaves_an_exact_count_the_next_plan_uses(
+    service: LocalService, records: list, stats_cache: Path
+) -> None:
+    Query(service.datastore_id).to_dataframe(client=service.client(), progress=False, max_tps=None)
+    service.reset_stats()
+    patients = sorted({flat_row(r)["PatientID"] for r in records if flat_row(r)["PatientID"]})
+    query = Query(service.datastore_id).where(PatientID=patients[:200])
+    frame = query.to_dataframe(client=service.client(), progress=False, max_tps=None)
+    assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
+    # no probe: the scan's count was cached; 1,500 image sets are a 30-page scan, not 200 chains
+    assert service.stats.requests < 45
