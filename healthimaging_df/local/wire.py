@@ -31,6 +31,8 @@ from healthimaging_df.local.backend import (
     gzip_document,
 )
 from healthimaging_df.local.faults import StatsRecorder
+from healthimaging_df.local.qido import RULES as QIDO_RULES
+from healthimaging_df.local.qido import QidoApp
 
 __all__ = ["BODY_CONSUMED_KEY", "UNKNOWN_OPERATION", "WireApp", "encode_json"]
 
@@ -65,6 +67,7 @@ _URL_MAP = Map(
             methods=["POST"],
             endpoint="ListImageSetVersions",
         ),
+        *QIDO_RULES,
     ],
     strict_slashes=False,
     merge_slashes=False,
@@ -153,6 +156,8 @@ class WireApp:
             "GetDatastore": self._get_datastore,
             "ListDatastores": self._list_datastores,
         }
+        self.qido = QidoApp(backend)
+        self._handlers.update(self.qido.handlers())
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
