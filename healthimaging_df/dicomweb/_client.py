@@ -369,15 +369,22 @@ class QidoClient:
         reason: str | None = None
         while True:
             limit = page_size if max_records is None else min(page_size, max_records - offset)
-            page, warning = self.get(
-                datastore_id,
-                level,
-                params,
-                study_uid=study_uid,
-                series_uid=series_uid,
-                limit=limit,
-                offset=offset,
-            )
+            try:
+                page, warning = self.get(
+                    datastore_id,
+                    level,
+                    params,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    limit=limit,
+                    offset=offset,
+                )
+            except DICOMwebError as error:
+                # The older revision may refuse offsets past its cap rather than answer [].
+                if error.status != 400 or offset != self.record_cap:
+                    raise
+                reason = f"an offset past {self.record_cap} records was refused (the older cap)"
+                break
             for record in page:
                 uid = _first(record.get(key_tag))
                 if uid is None or uid not in seen:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +42,7 @@ MAX_OFFSET = 1_000_000
 MAX_INCLUDEFIELD = 50
 OLDER_RECORD_CAP = 10_000
 SERVICE = "medical-imaging"
+_INSTANCE_CACHE = 20_000
 
 STUDIES, SERIES, INSTANCES = "SearchDICOMStudies", "SearchDICOMSeries", "SearchDICOMInstances"
 
@@ -185,9 +187,13 @@ class QidoSettings:
     record_cap
         The older revision's limit: at most this many records per query (10,000 there), the
         rest unreachable at any offset. None (the default) serves the newer revision.
+    refuse_past_cap
+        With a cap, answer an offset at or past it with 400 instead of an empty page (which of
+        the two the older revision does is undocumented).
     """
 
     record_cap: int | None = None
+    refuse_past_cap: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot be honoured."""
@@ -362,7 +368,10 @@ class QidoApp:
         self.settings = settings if settings is not None else QidoSettings()
         self._lock = threading.Lock()
         self._indexes: dict[str, _Index] = {}
-        self._documents: dict[tuple[str, int], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        # Series attributes and instance counts of every document read (small, kept); the
+        # instances themselves only for the most recent _INSTANCE_CACHE image sets.
+        self._series_cache: dict[tuple[str, int], tuple[dict[str, Any], int]] = {}
+        self._instance_cache: OrderedDict[tuple[str, int], list[dict[str, Any]]] = OrderedDict()
 
     def handlers(self) -> dict[str, Callable[..., Response]]:
         """Operation name -> handler(request, body, **path arguments)."""
@@ -382,23 +391,40 @@ class QidoApp:
             self._indexes[datastore_id] = index
         return index
 
-    def _document(
-        self, datastore_id: str, record: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Series attributes and instances of one image set's metadata (cached per version)."""
+    def _read(self, datastore_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
         key = (record["imageSetId"], record["version"])
-        with self._lock:
-            cached = self._documents.get(key)
-        if cached is not None:
-            return cached
         document = metadata_document(datastore_id, record)
         (series,) = document["Study"]["Series"].values()
         instances = [i["DICOM"] for i in series["Instances"].values()]
         instances.sort(key=lambda d: (d.get("InstanceNumber", 1 << 62), d["SOPInstanceUID"]))
-        cached = (dict(series["DICOM"]), instances)
         with self._lock:
-            self._documents[key] = cached
+            self._series_cache[key] = (dict(series["DICOM"]), len(instances))
+            self._instance_cache[key] = instances
+            while len(self._instance_cache) > _INSTANCE_CACHE:
+                self._instance_cache.popitem(last=False)
+        return instances
+
+    def _series_document(
+        self, datastore_id: str, record: dict[str, Any]
+    ) -> tuple[dict[str, Any], int]:
+        """Series attributes and instance count of one image set's metadata (cached)."""
+        key = (record["imageSetId"], record["version"])
+        with self._lock:
+            cached = self._series_cache.get(key)
+        if cached is None:
+            self._read(datastore_id, record)
+            cached = self._series_cache[key]
         return cached
+
+    def _instances_of(self, datastore_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The instances (DICOM attributes) of one image set, InstanceNumber ascending."""
+        key = (record["imageSetId"], record["version"])
+        with self._lock:
+            cached = self._instance_cache.get(key)
+            if cached is not None:
+                self._instance_cache.move_to_end(key)
+                return cached
+        return self._read(datastore_id, record)
 
     # -- attribute values -------------------------------------------------------------------
 
@@ -409,14 +435,14 @@ class QidoApp:
         if keyword == "NumberOfStudyRelatedSeries":
             return len(study.series)
         if keyword == "NumberOfStudyRelatedInstances":
-            return sum(len(self._document(ds, s.record)[1]) for s in study.series)
+            return sum(self._series_document(ds, s.record)[1] for s in study.series)
         return self._tag(study.record, keyword)
 
     def _series_value(self, ds: str, series: _Series, keyword: str) -> Any:
         if keyword == "NumberOfSeriesRelatedInstances":
-            return len(self._document(ds, series.record)[1])
+            return self._series_document(ds, series.record)[1]
         if keyword in _FROM_METADATA:
-            return self._document(ds, series.record)[0].get(keyword)
+            return self._series_document(ds, series.record)[0].get(keyword)
         return self._tag(series.record, keyword)
 
     @staticmethod
@@ -461,6 +487,8 @@ class QidoApp:
     def _page(self, rows: list[Any], parsed: _Request) -> list[Any]:
         cap = self.settings.record_cap
         if cap is not None:
+            if self.settings.refuse_past_cap and parsed.offset >= cap:
+                raise ValidationError(f"offset must be below {cap} (the per-query record cap)")
             rows = rows[:cap]
         return rows[parsed.offset : parsed.offset + parsed.limit]
 
@@ -528,7 +556,7 @@ class QidoApp:
                     continue
                 if not self._series_matches(datastore_id, series, parsed):
                     continue
-                for instance in self._document(datastore_id, series.record)[1]:
+                for instance in self._instances_of(datastore_id, series.record):
                     if all(
                         matcher is None or matcher(instance.get(keyword))
                         for keyword, matcher in parsed.match.items()

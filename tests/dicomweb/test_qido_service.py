@@ -267,6 +267,11 @@ def test_older_record_cap_fault_is_detected(ahi_local: LocalService) -> None:
     assert report.requests == 3
     beyond, _ = qido.get(ds, "studies", {}, limit=10, offset=120)
     assert beyond == []  # the rest is unreachable at any offset
+    ahi_local.qido.refuse_past_cap = True  # the other way the older revision may behave
+    refused = qido.search(ds, "studies", {}, page_size=60, on_truncation="report")
+    assert refused.truncated
+    assert "refused" in str(refused.reason)
+    assert len(refused.records) == 120
     ahi_local.reset_faults()
     assert qido.search(ds, "studies", {}, page_size=50).truncated is False
 
