@@ -288,8 +288,8 @@ Matcher = Callable[[Any], bool]
 
 def _matcher(keyword: str, vr: str, value: str, fuzzy: bool) -> Matcher | None:
     """A predicate over one attribute's stored value; None for universal matching."""
-    if value == "":
-        return None  # universal matching: every record, and the attribute is returned
+    if value == "" or (vr not in ("DA", "TM", "UI", "IS", "US") and value.strip("*") == ""):
+        return None  # universal matching (PS3.4 C.2.2.2.3; "*" alone is the same, C.2.2.2.4)
     if vr in ("DA", "TM"):
         convert: Callable[[str], Any] = (lambda s: s) if vr == "DA" else _time_us
         pattern = _DATE_RE if vr == "DA" else _TIME_RE

@@ -137,6 +137,8 @@ def test_wildcards_star_and_question_mark(
             if regex.fullmatch(members[0]["DICOMTags"].get("DICOMPatientName") or "\0")
         }
 
+    universal = _rows(qido, ahi_local, "studies", {"PatientName": "*"})
+    assert len(universal) == len(truth["studies"])  # "*" alone matches absent names too
     star = _rows(qido, ahi_local, "studies", {"PatientName": "S*"})
     assert _uids(star, "StudyInstanceUID") == expected(r"S.*") != set()
     lower = _rows(qido, ahi_local, "studies", {"PatientName": "s*"})
