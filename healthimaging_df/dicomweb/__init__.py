@@ -11,6 +11,14 @@ and it is not an access: archived image sets stay archived. See ``docs/dicomweb.
 
 from __future__ import annotations
 
+try:
+    import dicomweb_client as _dicomweb_client  # noqa: F401
+    import pydicom as _pydicom  # noqa: F401
+except ImportError as _missing:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'healthimaging_df.dicomweb needs an optional extra: pip install "healthimaging-df[dicomweb]"'
+    ) from _missing
+
 from healthimaging_df.dicomweb._client import (
     QidoClient,
     QidoResult,
