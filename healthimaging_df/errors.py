@@ -110,3 +110,39 @@ class HealthImagingDFWarning(UserWarning):
 
 class ArchiveAccessWarning(HealthImagingDFWarning):
     """Reading metadata of ARCHIVE_INSTANT_ACCESS image sets moves them to the frequent tier."""
+
+
+class DICOMwebError(SearchError):
+    """A DICOMweb (QIDO-RS) request failed and could not be recovered by retrying.
+
+    ``operation`` is ``SearchDICOMStudies``, ``SearchDICOMSeries`` or ``SearchDICOMInstances``.
+    Neither the request's URL nor its query appears in the text: query values are PHI.
+    """
+
+
+class DICOMwebThrottledError(DICOMwebError, ThrottledError):
+    """QIDO-RS kept answering 429/503 after every retry; lower ``max_tps``."""
+
+
+class DICOMwebTruncatedError(DICOMwebError):
+    """A QIDO-RS result may be incomplete: a full page at the record cap or at the largest offset.
+
+    Parameters
+    ----------
+    operation
+        The QIDO-RS operation.
+    records
+        How many records were read before the service stopped giving more.
+    reason
+        Why the result may be incomplete, in words (never values).
+    """
+
+    def __init__(self, operation: str, records: int, reason: str) -> None:
+        self.records = records
+        self.reason = reason
+        super().__init__(
+            operation,
+            None,
+            "MaybeTruncated",
+            detail=f"{records} record(s) read; {reason}: narrow the query (e.g. by StudyDate)",
+        )

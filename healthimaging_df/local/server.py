@@ -21,6 +21,7 @@ from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.documents import SeriesShape
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
 from healthimaging_df.local.generate import generate_image_sets
+from healthimaging_df.local.qido import QidoSettings
 from healthimaging_df.local.values import REGION
 from healthimaging_df.local.wire import (
     BODY_CONSUMED_KEY,
@@ -283,8 +284,14 @@ class LocalService:
         return faults
 
     def reset_faults(self) -> None:
-        """Back to no faults at all."""
+        """Back to no faults at all (QIDO-RS settings included)."""
         self._recorder.replace_faults(Faults())
+        self._app.qido.settings = QidoSettings()
+
+    @property
+    def qido(self) -> QidoSettings:
+        """The live QIDO-RS fault settings, e.g. ``svc.qido.record_cap = 10_000``."""
+        return self._app.qido.settings
 
     @property
     def stats(self) -> Stats:

@@ -29,6 +29,8 @@ from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.errors import BackendError, ValidationError
 from healthimaging_df.local.faults import StatsRecorder
 from healthimaging_df.local.malformed import malformed_body
+from healthimaging_df.local.qido import RULES as QIDO_RULES
+from healthimaging_df.local.qido import QidoApp
 from healthimaging_df.local.values import MAX_RESULTS, MAX_TOKEN
 
 __all__ = [
@@ -81,6 +83,7 @@ _URL_MAP = Map(
             methods=["POST"],
             endpoint="UpdateImageSetMetadata",
         ),
+        *QIDO_RULES,
     ],
     strict_slashes=False,
     merge_slashes=False,
@@ -195,6 +198,8 @@ class WireApp:
             "GetDatastore": self._get_datastore,
             "ListDatastores": self._list_datastores,
         }
+        self.qido = QidoApp(backend)
+        self._handlers.update(self.qido.handlers())
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
