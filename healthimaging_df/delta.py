@@ -301,24 +301,33 @@ def _log_fs(location: str, options: dict[str, str] | None) -> Any:
 
 
 def _commit_info(log_fs: Any, version: int) -> dict[str, Any] | None:
-    """The ``commitInfo`` of *version* (None if its log file is gone, e.g. cleaned up)."""
+    """The ``commitInfo`` of *version*, with ``_committed_at`` (None if its log file is gone).
+
+    ``_committed_at`` is the log file's modification time: what delta-rs resolves ``as_of``
+    against (the commitInfo timestamp is taken a moment before the file is written).
+    """
+    name = f"_delta_log/{version:020d}.json"
     try:
-        with log_fs.open_input_stream(f"_delta_log/{version:020d}.json") as handle:
+        with log_fs.open_input_stream(name) as handle:
             data = handle.read()
+        mtime = log_fs.get_file_info(name).mtime
     except FileNotFoundError:
         return None
+    info: dict[str, Any] = {}
     try:
         for line in data.decode("utf-8").splitlines():
             if line.strip():
                 action = json.loads(line)
                 if isinstance(action, dict) and isinstance(action.get("commitInfo"), dict):
-                    info: dict[str, Any] = action["commitInfo"]
-                    return info
+                    info = dict(action["commitInfo"])
+                    break
     except ValueError:
         raise SnapshotError(
             "the table's transaction log is damaged (a commit is not JSON)"
         ) from None
-    return {}
+    if isinstance(mtime, datetime):
+        info["_committed_at"] = mtime if mtime.tzinfo else mtime.replace(tzinfo=timezone.utc)
+    return info
 
 
 def _ours(info: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -383,6 +392,9 @@ def _provenance(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _timestamp(info: Mapping[str, Any]) -> datetime:
+    moment = info.get("_committed_at")
+    if isinstance(moment, datetime):
+        return moment.astimezone(timezone.utc)
     millis = info.get("timestamp")
     if not isinstance(millis, int):
         return datetime.fromtimestamp(0, timezone.utc)
@@ -510,6 +522,12 @@ def _commit(prov: dict[str, Any], meta: dict[str, Any], *, retries: int | None =
     return CommitProperties(custom_metadata=custom, max_commit_retries=retries)
 
 
+def _writer_properties() -> Any:
+    from deltalake import WriterProperties
+
+    return WriterProperties(compression="ZSTD")
+
+
 def _files(table: DeltaTable) -> dict[str, int]:
     actions = pa.table(table.get_add_actions(flatten=True))
     return dict(
@@ -540,6 +558,7 @@ def write_table(
     storage_options: Mapping[str, str] | None = None,
     mode: Literal["overwrite", "error"] = "overwrite",
     expected_version: int | None = None,
+    target_file_size: int | None = None,
 ) -> WriteResult:
     """Create the Delta table at *uri*, or replace its content, in one commit.
 
@@ -563,6 +582,10 @@ def write_table(
     expected_version
         The version the caller based this write on: if the table has moved past it, the write
         raises ``SnapshotConflictError``. None means the latest version at call time.
+    target_file_size
+        Bytes at which a data file is closed and the next begun (delta-rs' default: 100 MiB).
+        Smaller files, with rows in ``createdAt`` order, let a MERGE rewrite only the files that
+        hold changed image sets.
 
     Returns
     -------
@@ -599,6 +622,8 @@ def write_table(
                     mode="error",
                     description=_description(),
                     storage_options=options,
+                    target_file_size=target_file_size,
+                    writer_properties=_writer_properties(),
                     commit_properties=_commit(prov, meta),
                 )
             except Exception:
@@ -631,6 +656,8 @@ def write_table(
                 partition_by=parts or None,
                 mode="overwrite",
                 schema_mode="overwrite" if reshape else None,
+                target_file_size=target_file_size,
+                writer_properties=_writer_properties(),
                 commit_properties=_commit(prov, meta),
             )
         written = existing
@@ -771,6 +798,7 @@ def merge_table(
                 predicate=f"t.`{key}` = s.`{key}`",
                 source_alias="s",
                 target_alias="t",
+                writer_properties=_writer_properties(),
                 commit_properties=_commit(prov, meta),
             )
             .when_matched_delete(predicate=flag)
@@ -860,7 +888,10 @@ def _opened_state(
         as_of = as_of.replace(tzinfo=timezone.utc)
     opened = _open(location, options, action=action, version=version, as_of=as_of)
     assert opened is not None
-    return opened, _state(_log_fs(location, options), opened.version())
+    state = _state(_log_fs(location, options), opened.version())
+    if as_of is not None and state.timestamp > as_of:  # delta-rs gives version 0 for earlier
+        raise SnapshotError(f"{action}: no such version (as_of is before the first commit)")
+    return opened, state
 
 
 def dataset(
