@@ -277,14 +277,17 @@ def _kind(exc: BaseException) -> str:
     text = str(exc).lower()
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "no space left" in text:
         return "no space left on the device"
+    if "json" in text or "_delta_log" in text or "checkpoint" in text or "log segment" in text:
+        return "the table's transaction log is damaged"
+    damaged = ("magic bytes", "corrupt", "truncated", "out of specification", "eof")
+    if isinstance(exc, pa.ArrowInvalid) or any(word in text for word in damaged):
+        return "a data file of the table is damaged or truncated"
     if isinstance(exc, FileNotFoundError) or "not found" in text or "no such file" in text:
         return "a file of the table is missing (deleted by hand, or vacuumed away)"
     if isinstance(exc, PermissionError) or "access denied" in text or "forbidden" in text:
         return "access denied by the file system or S3"
-    if "parquet" in text or isinstance(exc, (pa.ArrowInvalid, pa.ArrowIOError)):
+    if "parquet" in text or isinstance(exc, pa.ArrowIOError):
         return "a data file of the table is damaged or truncated"
-    if "json" in text or "_delta_log" in text or "checkpoint" in text or "log segment" in text:
-        return "the table's transaction log is damaged"
     if "timeout" in text or "connect" in text or "dns" in text or "503" in text:
         return "the storage did not answer (network or S3 outage); try again"
     return f"{type(exc).__name__} from the storage layer"
