@@ -297,10 +297,30 @@ def _kind(exc: BaseException) -> str:
 
 
 def _log_fs(location: str, options: dict[str, str] | None) -> Any:
-    from deltalake.fs import DeltaStorageHandler
+    """A pyarrow file system rooted at the table (pyarrow's own S3 client: it releases the GIL).
+
+    delta-rs' Python file-system handler holds the GIL while it waits on S3, which stalls an S3
+    stand-in served from the same process (moto in tests) and serializes pyarrow's reader threads.
+    """
     from pyarrow import fs as pafs
 
-    return pafs.PyFileSystem(DeltaStorageHandler(location, options))
+    if not location.startswith("s3://"):
+        return pafs.SubTreeFileSystem(location, pafs.LocalFileSystem())
+    opts = {k.upper(): v for k, v in (options or {}).items()}
+    endpoint = opts.get("AWS_ENDPOINT_URL") or opts.get("AWS_ENDPOINT")
+    kwargs: dict[str, Any] = {"region": opts.get("AWS_REGION") or opts.get("AWS_DEFAULT_REGION")}
+    if opts.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(
+            access_key=opts["AWS_ACCESS_KEY_ID"],
+            secret_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=opts.get("AWS_SESSION_TOKEN"),
+        )
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    with _translated("opening the S3 location"):
+        s3 = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+    return pafs.SubTreeFileSystem(location[len("s3://") :], s3)
 
 
 def _commit_info(log_fs: Any, version: int) -> dict[str, Any] | None:
@@ -883,7 +903,7 @@ def _opened_state(
     as_of: datetime | None,
     storage_options: Mapping[str, str] | None,
     action: str,
-) -> tuple[DeltaTable, _State]:
+) -> tuple[DeltaTable, _State, Any]:
     location = _location(uri)
     _check_version(version, as_of)
     options = _options(location, storage_options)
@@ -891,10 +911,11 @@ def _opened_state(
         as_of = as_of.replace(tzinfo=timezone.utc)
     opened = _open(location, options, action=action, version=version, as_of=as_of)
     assert opened is not None
-    state = _state(_log_fs(location, options), opened.version())
+    table_fs = _log_fs(location, options)
+    state = _state(table_fs, opened.version())
     if as_of is not None and state.timestamp > as_of:  # delta-rs gives version 0 for earlier
         raise SnapshotError(f"{action}: no such version (as_of is before the first commit)")
-    return opened, state
+    return opened, state, table_fs
 
 
 def dataset(
@@ -910,9 +931,11 @@ def dataset(
     lazily, with partition pruning. Files are opened only when scanned: a damaged file then fails
     in the reader, with pyarrow's message.
     """
-    table, state = _opened_state(uri, version, as_of, storage_options, "scanning the snapshot")
+    table, state, table_fs = _opened_state(
+        uri, version, as_of, storage_options, "scanning the snapshot"
+    )
     with _translated("scanning the snapshot"):
-        return table.to_pyarrow_dataset(schema=state.arrow_schema)
+        return table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
 
 
 def read_table(
@@ -948,7 +971,7 @@ def read_table(
         ``(table, provenance, version, timestamp)``; rows in no particular order.
     """
     action = "reading the snapshot"
-    opened, state = _opened_state(uri, version, as_of, storage_options, action)
+    opened, state, table_fs = _opened_state(uri, version, as_of, storage_options, action)
     full_schema = state.arrow_schema
     wanted = None
     if columns is not None:
@@ -956,7 +979,7 @@ def read_table(
     expression = _filter_expression(filters)
     _check_filter(expression, full_schema)
     with _translated(action):
-        scan = opened.to_pyarrow_dataset(schema=full_schema)
+        scan = opened.to_pyarrow_dataset(schema=full_schema, filesystem=table_fs)
         table = scan.to_table(columns=wanted, filter=expression)
     expected = full_schema if wanted is None else pa.schema([full_schema.field(c) for c in wanted])
     if table.schema.remove_metadata() != expected:
