@@ -424,19 +424,36 @@ def _timestamp(info: Mapping[str, Any]) -> datetime:
     return datetime.fromtimestamp(millis / 1000, timezone.utc)
 
 
-def _has_files(location: str, options: dict[str, str] | None) -> tuple[bool, bool]:
-    """(anything at the location, a ``_delta_log`` folder there)."""
-    if not location.startswith("s3://"):
-        if not os.path.isdir(location):
-            return False, False
-        names = set(os.listdir(location))
-    else:
-        from pyarrow import fs as pafs
+_DELTA_PART = re.compile(r"part-[0-9]{5}-[0-9a-f-]{36}-c[0-9]{3}(\.[a-z0-9]+)?\.parquet")
+_CREATION_GRACE = timedelta(minutes=10)
 
-        selector = pafs.FileSelector("", allow_not_found=True)
-        infos = _log_fs(location, options).get_file_info(selector)
-        names = {info.path.rstrip("/").rsplit("/", 1)[-1] for info in infos}
-    return bool(names), "_delta_log" in names
+
+def _listing(location: str, options: dict[str, str] | None) -> list[Any]:
+    """Every file below *location* (recursively); empty when nothing is there."""
+    from pyarrow import fs as pafs
+
+    if not location.startswith("s3://") and not os.path.isdir(location):
+        return []
+    selector = pafs.FileSelector("", recursive=True, allow_not_found=True)
+    infos = _log_fs(location, options).get_file_info(selector)
+    return [info for info in infos if info.type == pafs.FileType.File]
+
+
+def _classify(location: str, options: dict[str, str] | None) -> str:
+    """``"empty"``, ``"table"``, ``"creating"`` (only fresh delta-rs data files) or ``"other"``."""
+    files = _listing(location, options)
+    if not files:
+        return "empty"
+    paths = [info.path.replace("\\", "/") for info in files]
+    if any(path.split("/")[-2:-1] == ["_delta_log"] for path in paths):
+        return "table"
+    if all(_DELTA_PART.fullmatch(path.rsplit("/", 1)[-1]) for path in paths):
+        newest = max((info.mtime for info in files if info.mtime is not None), default=None)
+        if newest is not None:
+            moment = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
+            if datetime.now(timezone.utc) - moment < _CREATION_GRACE:
+                return "creating"
+    return "other"
 
 
 def _open(
@@ -457,16 +474,19 @@ def _open(
             "Parquet: read it with read_snapshot or pandas)"
         )
     with _translated(action):
-        anything, has_log = _has_files(location, options)
-    if not has_log:
-        if anything:
-            raise SnapshotError(
-                f"{action}: the folder holds files but no Delta log (not a snapshot of this "
-                "format); refusing to use it"
-            )
+        kind = _classify(location, options)
+    if kind == "creating" and missing_ok:  # a writer's first commit is under way
+        raise SnapshotConflictError(f"{action}: {_CONFLICT_HELP}")
+    if kind == "other" and missing_ok:
+        raise SnapshotError(
+            f"{action}: the folder holds files but no Delta log (another tool's output, or debris "
+            "of a crashed first write); refusing to write into it: use a new path"
+        )
+    if kind != "table":
         if missing_ok:
             return None
-        raise SnapshotError(f"{action}: there is no snapshot there")
+        detail = "" if kind == "empty" else " (no Delta log: plain Parquet, or a first write)"
+        raise SnapshotError(f"{action}: there is no snapshot there{detail}")
     with _translated(action):
         table = DeltaTable(location, storage_options=options)
     if version is not None or as_of is not None:

@@ -66,15 +66,20 @@ def _race(uri: str, options: dict[str, str] | None, reads: list[Any]) -> list[di
         )
         for w in (1, 2)
     ]
-    while any(p.poll() is None for p in processes):
-        try:
-            reads.append(delta.read_table(uri, storage_options=options))
-        except SnapshotError as exc:  # only "no table yet" is acceptable, before the first commit
-            assert "no snapshot there" in str(exc), repr(exc.__context__)
-        time.sleep(0.01)
+    failures: list[str] = []
+    try:
+        while any(p.poll() is None for p in processes):
+            try:
+                reads.append(delta.read_table(uri, storage_options=options))
+            except SnapshotError as exc:  # only "no table yet", before the first commit
+                if "no snapshot there" not in str(exc):
+                    failures.append(str(exc))
+            time.sleep(0.01)
+    finally:
+        outputs = [p.communicate(timeout=300) for p in processes]
+    assert not failures
     results = []
-    for process in processes:
-        out, err = process.communicate(timeout=120)
+    for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-2000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
