@@ -841,6 +841,7 @@ def merge_table(
                 predicate=f"t.`{key}` = s.`{key}`",
                 source_alias="s",
                 target_alias="t",
+                streamed_exec=False,  # the source is small: materialized, it prunes files
                 writer_properties=_writer_properties(),
                 commit_properties=_commit(prov, meta),
             )
