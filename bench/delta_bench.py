@@ -124,7 +124,7 @@ def markdown(results: list[dict[str, object]], rows: int, repeat: int, command: 
         f"{TARGET_FILE_SIZE // 1024} KiB target files.",
         "",
         "| changes among | table (files, MB) | MERGE (s) | MERGE writes (MB) | rewrite (s) | "
-        "rewrite writes (MB) | bytes ratio | time ratio | same result |",
+        "rewrite writes (MB) | bytes: rewrite / MERGE | time: rewrite / MERGE | same result |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -134,7 +134,7 @@ def markdown(results: list[dict[str, object]], rows: int, repeat: int, command: 
         lines.append(
             f"| {label} | {float(r['files']):.0f}, {float(r['table_mb']):.2f} | "  # type: ignore[arg-type]
             f"{merge_s:.2f} | {merge_mb:.3f} | {rewrite_s:.2f} | {rewrite_mb:.3f} | "
-            f"{rewrite_mb / merge_mb:.1f}x fewer | {rewrite_s / merge_s:.1f}x faster | "
+            f"{rewrite_mb / merge_mb:.1f}x | {rewrite_s / merge_s:.2f}x | "
             f"{'yes' if r['identical'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"

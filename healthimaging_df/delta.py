@@ -817,14 +817,14 @@ def merge_table(
     if incoming.num_rows == 0 and not removed:
         return MergeResult(None, 0, 0, 0, _row_count(existing), 0, 0, 0)
 
-    source = incoming.append_column(_DELETE_FLAG, pa.array([False] * incoming.num_rows))
+    source = incoming.append_column(_DELETE_FLAG, pa.array([False] * incoming.num_rows, pa.bool_()))
     if removed:
         leavers = {
             name: pa.nulls(len(removed), type=target_schema.field(name).type)
             for name in target_schema.names
         }
         leavers[key] = pa.array(removed, type=target_schema.field(key).type)
-        gone = pa.table({**leavers, _DELETE_FLAG: pa.array([True] * len(removed))})
+        gone = pa.table({**leavers, _DELETE_FLAG: pa.array([True] * len(removed), pa.bool_())})
         source = pa.concat_tables([source, gone])
     columns = [c for c in target_schema.names if c != key]
     before = _files(existing)
