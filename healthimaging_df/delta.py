@@ -1046,7 +1046,7 @@ def history(
                     "timestamp": _timestamp(info),
                     "operation": operation,
                     **counts,
-                    "provenance": _state(log_fs, number).provenance,
+                    "provenance": _provenance_or_none(log_fs, number),
                 }
             )
     frame = pd.DataFrame(
@@ -1072,6 +1072,14 @@ def history(
         }
     )
     return typed
+
+
+def _provenance_or_none(log_fs: Any, version: int) -> dict[str, Any] | None:
+    """The provenance in force at *version*; None for a version another tool wrote."""
+    try:
+        return _state(log_fs, version).provenance
+    except SnapshotError:
+        return None
 
 
 def _counts(operation: str, ours: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, int]:
