@@ -1029,10 +1029,9 @@ def history(
     opened = _open(location, options, action=action)
     assert opened is not None
     log_fs = _log_fs(location, options)
-    latest = _state(log_fs, opened.version())
     rows: list[dict[str, Any]] = []
     with _translated(action):
-        for number in range(latest.version, -1, -1):
+        for number in range(opened.version(), -1, -1):
             info = _commit_info(log_fs, number)
             if info is None:
                 break
@@ -1049,6 +1048,8 @@ def history(
                     "provenance": _provenance_or_none(log_fs, number),
                 }
             )
+    if all(row["provenance"] is None for row in rows):
+        _state(log_fs, opened.version())  # raises: not a table of this library
     frame = pd.DataFrame(
         rows,
         columns=[

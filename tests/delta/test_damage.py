@@ -116,6 +116,10 @@ def test_foreign_tables_and_files_are_refused(tmp_path: Path, sample_table: pa.T
     with pytest.raises(SnapshotError, match="not written by healthimaging_df"):
         delta.read_table(ours)
     assert delta.read_table(ours, version=0).table.num_rows == table.num_rows
+    listed = delta.history(ours)  # shows what happened, without inventing provenance
+    assert listed["provenance"].tolist() == [None, PROVENANCE]
+    with pytest.raises(SnapshotError, match="not written by healthimaging_df"):
+        delta.history(foreign)
 
     plain = tmp_path / "plain.parquet"
     pq.write_table(table, plain)
