@@ -93,6 +93,14 @@ class SnapshotError(HealthImagingDFError):
     """A Parquet snapshot could not be written, read or refreshed."""
 
 
+class SnapshotConflictError(SnapshotError):
+    """Another writer committed to the same Delta table first; this commit was not made.
+
+    The table holds the other writer's version, whole and readable. Read it again and redo the
+    change (``healthimaging_df.delta.retry_on_conflict`` does this for a read-modify-write).
+    """
+
+
 class MetadataFetchError(HealthImagingDFError):
     """GetImageSetMetadata failed for some image sets; ``failures`` maps imageSetId to error code."""
 

@@ -11,21 +11,33 @@ turns a frame into a pseudonymized one before it is written:
 - ``shift_dates``: ``StudyDate`` and ``StudyDateTime`` moved by a whole number of days that depends on
   the key and the patient, so intervals between one patient's studies are kept.
 
-The key itself is never written anywhere: provenance records the policy with a key fingerprint only.
+Keys resist guessing: at least 32 bytes (:func:`generate_key` makes one), and nothing stored
+confirms a guess cheaply. The key is never written anywhere; :meth:`RedactionPolicy.fingerprints`
+gives a record a redacted snapshot can keep to check, at refresh, that the same key and the same
+query are used: a salted scrypt of the key (about 16 MiB and tens of milliseconds per guess)
+keys an HMAC of the query JSON, so neither the key nor the query's values can be read back or
+cheaply confirmed from it. The column name is part of every pseudonym's HMAC, so equal values
+in different columns (a PatientID that is also an AccessionNumber) get different pseudonyms.
 
->>> policy = RedactionPolicy(key=b"0123456789abcdef-demo-key")
+>>> policy = RedactionPolicy(key=generate_key())
 >>> policy.hash_value("PatientID", "P1") == policy.hash_value("PatientID", "P1")
 True
+>>> policy.hash_value("PatientID", "P1") == policy.hash_value("AccessionNumber", "P1")
+False
 >>> policy.hash_value("StudyInstanceUID", "1.2.3").startswith("2.25.")
 True
->>> "key" in policy.describe()
+>>> "key_fingerprint" in policy.describe()
 False
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,14 +46,29 @@ import pandas as pd
 from healthimaging_df import schema
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 
-MIN_KEY_BYTES = 16
+MIN_KEY_BYTES = 32
+MIN_DISTINCT_KEY_BYTES = 8
 # The defaults come from each column's de-identification role in the schema.
 DEFAULT_DROP: tuple[str, ...] = schema.deid_columns("drop")
 DEFAULT_HASH: tuple[str, ...] = schema.deid_columns("hash")
 SHIFTED_COLUMNS: tuple[str, ...] = schema.deid_columns("shift")
-_HASH_DOMAIN = b"healthimaging_df/id\x00"
+_HASH_DOMAIN = b"healthimaging_df/id/v2\x00"
 _SHIFT_DOMAIN = b"healthimaging_df/date-shift\x00"
-_FINGERPRINT_DOMAIN = b"healthimaging_df/key-fingerprint"
+_CHECK_DOMAIN = b"healthimaging_df/key-check\x00"
+_QUERY_DOMAIN = b"healthimaging_df/query\x00"
+# scrypt's interactive parameters: 16 MiB and tens of milliseconds per guess
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+_SCRYPT_MAXMEM = 256 * 1024 * 1024
+
+
+def generate_key(nbytes: int = 32) -> str:
+    """A new random redaction key: *nbytes* (at least 32) from ``secrets``, as URL-safe text.
+
+    Store it in a secrets manager; ``RedactionPolicy(key=generate_key())`` uses it as UTF-8.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < MIN_KEY_BYTES:
+        raise QueryValidationError("nbytes", f"must be an integer of at least {MIN_KEY_BYTES}")
+    return secrets.token_urlsafe(nbytes)
 
 
 @dataclass(frozen=True)
@@ -51,8 +78,9 @@ class RedactionPolicy:
     Parameters
     ----------
     key
-        Secret key for the HMACs (at least 16 bytes; a ``str`` is UTF-8 encoded). Keep it in a
-        secrets manager: with it, pseudonyms can be recomputed from known identifiers.
+        Secret key for the HMACs: at least 32 bytes with at least 8 different byte values (a
+        ``str`` is UTF-8 encoded); :func:`generate_key` makes one. Keep it in a secrets manager:
+        with it, pseudonyms can be recomputed from known identifiers.
     drop
         Columns removed from the frame.
     hash
@@ -83,7 +111,13 @@ class RedactionPolicy:
         if not isinstance(key, bytes):
             raise QueryValidationError("key", "must be bytes or str")
         if len(key) < MIN_KEY_BYTES:
-            raise QueryValidationError("key", f"must be at least {MIN_KEY_BYTES} bytes")
+            raise QueryValidationError(
+                "key", f"must be at least {MIN_KEY_BYTES} bytes (generate one with generate_key())"
+            )
+        if len(set(key)) < MIN_DISTINCT_KEY_BYTES:
+            raise QueryValidationError(
+                "key", "repeats too few byte values to resist guessing; use generate_key()"
+            )
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "drop", _column_names("drop", self.drop))
         object.__setattr__(self, "hash", _column_names("hash", self.hash))
@@ -111,12 +145,16 @@ class RedactionPolicy:
     # -- primitives ------------------------------------------------------------------------------
 
     def hash_value(self, column: str, value: str) -> str:
-        """The pseudonym of *value* in *column* (the same for every export made with this key)."""
+        """The pseudonym of *value* in *column* (the same for every export made with this key).
+
+        The column name is hashed too: equal values in two columns get unrelated pseudonyms.
+        """
         if column not in schema.BY_NAME:
             raise QueryValidationError("column", f"unknown column {column!r}")
         if not isinstance(value, str):
             raise QueryValidationError("value", "must be a string")
-        digest = hmac.new(self.key, _HASH_DOMAIN + value.encode("utf-8"), hashlib.sha256).digest()
+        message = _HASH_DOMAIN + column.encode("utf-8") + b"\x00" + value.encode("utf-8")
+        digest = hmac.new(self.key, message, hashlib.sha256).digest()
         if schema.BY_NAME[column].uid:
             return "2.25." + str(int.from_bytes(digest[:16], "big"))
         return digest[:16].hex()
@@ -131,21 +169,95 @@ class RedactionPolicy:
         days = 1 + (number >> 1) % self.max_shift_days
         return -days if number & 1 else days
 
-    def key_fingerprint(self) -> str:
-        """A short fingerprint of the key: tells whether two exports used the same key."""
-        return hmac.new(self.key, _FINGERPRINT_DOMAIN, hashlib.sha256).hexdigest()[:16]
-
     def describe(self) -> dict[str, Any]:
-        """The policy as JSON-ready data, without the key (recorded in snapshot provenance)."""
+        """The policy as JSON-ready data, with nothing derived from the key (for provenance)."""
         return {
             "drop": list(self.drop),
             "hash": list(self.hash),
-            "hash_function": "HMAC-SHA256",
+            "hash_function": "HMAC-SHA256(key, column + value)",
             "birth_date_to_year": self.birth_date_to_year,
             "shift_dates": list(SHIFTED_COLUMNS) if self.shift_dates else [],
             "max_shift_days": self.max_shift_days,
-            "key_fingerprint": self.key_fingerprint(),
         }
+
+    def key_fingerprint(self) -> str:
+        """Removed: a stored fast fingerprint confirmed a guessed key in one HMAC.
+
+        Always raises ``SnapshotError``, so code still relying on it fails closed (never checks
+        nothing); use :meth:`fingerprints` and :meth:`check_fingerprints`.
+        """
+        raise SnapshotError(
+            "key fingerprints were removed (they confirmed guessed keys cheaply); check a "
+            "redacted snapshot's key with RedactionPolicy.check_fingerprints"
+        )
+
+    # -- checks a redacted snapshot can store -------------------------------------------------
+
+    def fingerprints(self, query_json: str | None, *, salt: bytes | None = None) -> dict[str, Any]:
+        """A record that later proves "same key, same query" without revealing either.
+
+        ``scrypt(key, salt)`` (random 16-byte salt) keys two HMACs: one of a constant (the key
+        check) and one of the canonical query JSON (the query fingerprint). Checking a guessed
+        key costs one scrypt; the record holds no query value. Store it in the provenance of a
+        redacted snapshot and pass it to :meth:`check_fingerprints` before a refresh.
+
+        Parameters
+        ----------
+        query_json
+            ``json.dumps(query.to_dict())`` of the unredacted query (None: no query check).
+        salt
+            For tests; a new random salt when None.
+        """
+        salt = secrets.token_bytes(16) if salt is None else salt
+        if not isinstance(salt, bytes) or len(salt) < 16:
+            raise QueryValidationError("salt", "must be at least 16 bytes")
+        derived = self._derive(salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        return {
+            "kdf": "scrypt",
+            "n": SCRYPT_N,
+            "r": SCRYPT_R,
+            "p": SCRYPT_P,
+            "salt": base64.b64encode(salt).decode("ascii"),
+            "key_check": hmac.new(derived, _CHECK_DOMAIN, hashlib.sha256).hexdigest(),
+            "query": None if query_json is None else _query_mac(derived, query_json),
+        }
+
+    def check_fingerprints(self, recorded: Mapping[str, Any], query_json: str | None) -> None:
+        """Raise ``SnapshotError`` unless *recorded* was made with this key and this query.
+
+        Parameters
+        ----------
+        recorded
+            What :meth:`fingerprints` returned when the snapshot was written.
+        query_json
+            The query the caller means (unredacted JSON); None skips the query check.
+        """
+        try:
+            if recorded.get("kdf") != "scrypt":
+                raise ValueError
+            n, r, p = int(recorded["n"]), int(recorded["r"]), int(recorded["p"])
+            if not (2 <= n <= 2**20 and 1 <= r <= 32 and 1 <= p <= 16):
+                raise ValueError
+            salt = base64.b64decode(str(recorded["salt"]), validate=True)
+            key_check = str(recorded["key_check"])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise SnapshotError("the snapshot's redaction fingerprints are damaged") from None
+        derived = self._derive(salt, n, r, p)
+        expected = hmac.new(derived, _CHECK_DOMAIN, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, key_check):
+            raise SnapshotError("redact= uses a different key than the snapshot was made with")
+        if query_json is not None:
+            stored = recorded.get("query")
+            if not isinstance(stored, str) or not hmac.compare_digest(
+                _query_mac(derived, query_json), stored
+            ):
+                raise SnapshotError(
+                    "query= is not the query the snapshot was made with; refusing to mix cohorts "
+                    "(export the other query to a new path)"
+                )
+
+    def _derive(self, salt: bytes, n: int, r: int, p: int) -> bytes:
+        return hashlib.scrypt(self.key, salt=salt, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=32)
 
 
 def apply_redaction(df: pd.DataFrame, policy: RedactionPolicy) -> pd.DataFrame:
@@ -153,7 +265,7 @@ def apply_redaction(df: pd.DataFrame, policy: RedactionPolicy) -> pd.DataFrame:
 
     >>> frame = pd.DataFrame({"PatientID": pd.array(["P1", None], dtype="string"),
     ...                       "PatientBirthDate": pd.array(["19700131", "1980"], dtype="string")})
-    >>> out = apply_redaction(frame, RedactionPolicy(key="a key of sixteen+ bytes"))
+    >>> out = apply_redaction(frame, RedactionPolicy(key=generate_key()))
     >>> out["PatientBirthDate"].tolist(), out["PatientID"].isna().tolist()
     (['1970', '1980'], [False, True])
     """
@@ -235,6 +347,17 @@ def redact_query_json(query_json: str | None) -> str | None:
         ) from None
     data["redacted"] = True
     return json.dumps(data, sort_keys=True)
+
+
+def _query_mac(derived: bytes, query_json: str) -> str:
+    """HMAC of the query in canonical form (key order and spacing do not matter)."""
+    if not isinstance(query_json, str):
+        raise QueryValidationError("query_json", "must be a JSON string")
+    try:
+        canonical = json.dumps(json.loads(query_json), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        raise QueryValidationError("query_json", "must be valid JSON") from None
+    return hmac.new(derived, _QUERY_DOMAIN + canonical.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def _column_names(argument: str, names: Any) -> tuple[str, ...]:

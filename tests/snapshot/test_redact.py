@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -13,10 +14,16 @@ import pytest
 from healthimaging_df import Query
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.local import LocalService
-from healthimaging_df.redact import RedactionPolicy, apply_redaction
+from healthimaging_df.redact import (
+    MIN_KEY_BYTES,
+    RedactionPolicy,
+    apply_redaction,
+    generate_key,
+)
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
 
-KEY = b"unit-test-key-with-enough-bytes"
+KEY = b"unit-test-key-with-enough-bytes-for-32"
+OTHER_KEY = b"another-unit-test-key-of-32-bytes+"
 FAST = {"progress": False, "max_tps": None}
 
 
@@ -24,9 +31,7 @@ def test_hashes_are_keyed_stable_and_join_across_exports(sample_frame: pd.DataFr
     policy = RedactionPolicy(key=KEY)
     first = apply_redaction(sample_frame.iloc[:900], policy)
     second = apply_redaction(sample_frame.iloc[600:], policy)
-    other_key = apply_redaction(
-        sample_frame.iloc[:900], RedactionPolicy(key=b"another-key-16-bytes")
-    )
+    other_key = apply_redaction(sample_frame.iloc[:900], RedactionPolicy(key=OTHER_KEY))
 
     assert "PatientName" not in first.columns
     raw_join = sample_frame.iloc[:900].merge(sample_frame.iloc[600:], on="PatientID")
@@ -107,7 +112,7 @@ def test_policy_is_recorded_without_key_or_phi(
     prov = back.attrs["healthimaging_df"]
     recorded = json.loads(prov["redaction"])
     assert recorded == policy.describe()
-    assert recorded["key_fingerprint"] == policy.key_fingerprint()
+    assert recorded == RedactionPolicy(key=OTHER_KEY).describe()  # nothing derived from the key
     everything = b"".join(p.read_bytes() for p in path.rglob("*") if p.is_file())
     assert KEY not in everything
     for patient in patients:
@@ -134,10 +139,13 @@ def test_policy_is_recorded_without_key_or_phi(
 
 
 def test_bad_policies_are_refused() -> None:
-    with pytest.raises(ValueError, match="at least 16 bytes"):  # still a ValueError for callers
+    with pytest.raises(ValueError, match="at least 32 bytes"):  # still a ValueError for callers
         RedactionPolicy(key=b"short")
     cases: list[tuple[dict[str, Any], str, int | None, str]] = [
-        ({"key": b"short"}, "key", None, "at least 16 bytes"),
+        ({"key": b"short"}, "key", None, "at least 32 bytes"),
+        ({"key": "a 16-byte secret"}, "key", None, "at least 32 bytes"),  # the guessed key's size
+        ({"key": b"k" * 31}, "key", None, "at least 32 bytes"),
+        ({"key": b"ab" * 40}, "key", None, "too few byte values"),
         ({"key": 1234567890123456789}, "key", None, "bytes or str"),
         ({"key": KEY, "drop": ("PatientName", "Nope")}, "drop", 1, "unknown column"),
         ({"key": KEY, "drop": "PatientName"}, "drop", None, "not one string"),
@@ -184,3 +192,81 @@ def test_default_write_is_not_redacted(tmp_path: Path, sample_frame: pd.DataFram
     back = read_snapshot(tmp_path / "x.parquet")
     assert back.attrs["healthimaging_df"]["redaction"] is None
     assert re.search("[^\x00-\x7f]", "".join(back["PatientName"].dropna()))
+
+
+def test_generated_keys_are_long_random_and_usable() -> None:
+    keys = {generate_key() for _ in range(20)}
+    assert len(keys) == 20
+    for key in keys:
+        assert len(key.encode()) >= MIN_KEY_BYTES
+        RedactionPolicy(key=key)
+    assert len(generate_key(64)) > len(generate_key())
+    with pytest.raises(QueryValidationError, match="at least 32") as caught:
+        generate_key(16)
+    assert caught.value.field == "nbytes"
+
+
+def test_equal_values_in_different_columns_get_different_pseudonyms() -> None:
+    policy = RedactionPolicy(key=KEY)
+    value = "12345"
+    pseudonyms = {policy.hash_value(c, value) for c in ("PatientID", "AccessionNumber", "StudyID")}
+    assert len(pseudonyms) == 3
+    frame = pd.DataFrame(
+        {
+            "PatientID": pd.array([value], dtype="string"),
+            "AccessionNumber": pd.array([value], dtype="string"),
+        }
+    )
+    out = apply_redaction(frame, policy)
+    assert out.loc[0, "PatientID"] != out.loc[0, "AccessionNumber"]
+
+
+def test_fingerprints_check_key_and_query_without_a_cheap_oracle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    policy = RedactionPolicy(key=KEY)
+    query = json.dumps(
+        {
+            "datastore_id": "f" * 32,
+            "predicates": [{"column": "PatientID", "op": "in", "values": ["PAT-00042"]}],
+        }
+    )
+    record = policy.fingerprints(query)
+    text = json.dumps(record)
+    assert "PAT-00042" not in text
+    assert KEY.decode() not in text
+    assert record["kdf"] == "scrypt"
+    assert record["n"] >= 2**14
+    assert record["r"] >= 8
+    assert policy.fingerprints(query) != record  # a fresh salt every time: no precomputed table
+
+    same_query_reordered = json.dumps(json.loads(query), sort_keys=True, indent=2)
+    policy.check_fingerprints(record, same_query_reordered)
+    RedactionPolicy(key=KEY, shift_dates=False).check_fingerprints(record, None)  # key only
+    with pytest.raises(SnapshotError, match="different key"):
+        RedactionPolicy(key=OTHER_KEY).check_fingerprints(record, query)
+    other = query.replace("PAT-00042", "PAT-00043")
+    with pytest.raises(SnapshotError, match="not the query") as caught:
+        policy.check_fingerprints(record, other)
+    assert "PAT-0004" not in str(caught.value)
+    for damaged in ({}, {**record, "kdf": "md5"}, {**record, "salt": "!!"}, {**record, "n": 2**30}):
+        with pytest.raises(SnapshotError, match="damaged"):
+            policy.check_fingerprints(damaged, query)
+
+    # every guess of the key costs one scrypt call (16 MiB, tens of ms): count them
+    calls = []
+    real = hashlib.scrypt
+
+    def counting(*args: Any, **kwargs: Any) -> bytes:
+        calls.append(kwargs["n"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", counting)
+    for guess in (OTHER_KEY, KEY):
+        with contextlib.suppress(SnapshotError):
+            RedactionPolicy(key=guess).check_fingerprints(record, None)
+    assert calls == [record["n"]] * 2
+    with pytest.raises(SnapshotError, match="removed"):
+        policy.key_fingerprint()  # the old fast fingerprint fails closed
