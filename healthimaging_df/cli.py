@@ -123,7 +123,7 @@ def describe(exc: BaseException, given_paths: Sequence[str] = ()) -> tuple[int, 
     since its message may quote a request or response (PHI). An ``OSError``'s file is named only
     when it is one of *given_paths* (typed on the command line), or lies under one.
     """
-    from healthimaging_df.commands.common import UsageError
+    from healthimaging_df.commands.options import UsageError
     from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SearchError
 
     if isinstance(exc, UsageError):
@@ -160,7 +160,7 @@ _HINTS = {
 
 def _print_traceback(exc: BaseException) -> None:
     """Each exception of the chain: its stack, and its message only if it is one of ours."""
-    from healthimaging_df.commands.common import UsageError
+    from healthimaging_df.commands.options import UsageError
     from healthimaging_df.errors import HealthImagingDFError
 
     chain: list[BaseException] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from healthimaging_df.commands import common
+from healthimaging_df.commands import building, connect, options, output
 
 EXAMPLES = """\
 examples:
@@ -29,11 +29,11 @@ def register(commands: Any) -> None:
     """Add the ``search`` command."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "search",
-        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="run a query; write Parquet, CSV, JSON Lines or a table",
         description="Run a SearchImageSets query (fanned out, paged and filtered exactly, as "
         "Query.to_dataframe does) and write the matching image sets.",
-        epilog=f"{EXAMPLES}\n{common.EXIT_STATUS}",
+        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     out = parser.add_argument_group("result")
@@ -44,7 +44,7 @@ def register(commands: Any) -> None:
     )
     out.add_argument(
         "--format",
-        choices=common.FORMATS,
+        choices=output.FORMATS,
         help="override the format the --out extension implies; csv or jsonl also go to stdout",
     )
     out.add_argument(
@@ -74,27 +74,27 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``search``; return the exit code."""
-    fmt = common.output_format(args.out, args.format)
-    columns = common.parse_columns(args.columns)
-    target = common.Target(args)
-    query = common.build_query(args, target.datastore_id)
+    fmt = output.output_format(args.out, args.format)
+    columns = building.parse_columns(args.columns)
+    target = connect.Target(args)
+    query = building.build_query(args, target.datastore_id)
     if args.explain:
         print(query.explain(show_values=args.show_values))
         return 0
     with target.connect() as connection:
         frame = query.to_dataframe(
             client=connection.client,
-            progress=common.progress(args),
+            progress=output.progress(args),
             max_concurrency=args.max_concurrency,
             max_tps=args.max_tps,
         )
     if columns is None and fmt == "table":
-        columns = list(common.TABLE_COLUMNS)
+        columns = list(output.TABLE_COLUMNS)
     if columns is not None:
         frame = frame[columns]
     if args.no_provenance:
         frame.attrs.clear()
-    common.write_frame(frame, args.out, fmt)
+    output.write_frame(frame, args.out, fmt)
     where = args.out if args.out not in (None, "-") else "stdout"
-    common.status(args, f"{len(frame)} image sets -> {where}")
+    output.status(args, f"{len(frame)} image sets -> {where}")
     return 0

@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 
 from healthimaging_df import __version__, cli
-from healthimaging_df.commands.common import UsageError
+from healthimaging_df.commands.options import UsageError
 from healthimaging_df.errors import MetadataFetchError, QueryValidationError, SearchError
 
 

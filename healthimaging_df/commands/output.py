@@ -1,0 +1,135 @@
+"""What a command writes: the format, the file (or stdout), progress and the summary line.
+
+Nothing here prints a DICOM value: messages name columns, files and counts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from healthimaging_df.commands.options import UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Format = Literal["parquet", "csv", "jsonl", "table"]
+FORMATS: tuple[Format, ...] = ("parquet", "csv", "jsonl", "table")
+_SUFFIXES: dict[str, Format] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+# Columns of the stdout table when --columns is not given (files get every column).
+TABLE_COLUMNS = (
+    "imageSetId",
+    "PatientID",
+    "StudyDateTime",
+    "Modality",
+    "BodyPartExamined",
+    "isPrimary",
+)
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """Show a progress bar: only when stderr is a terminal and not --quiet."""
+    return sys.stderr.isatty() and not getattr(args, "quiet", False)
+
+
+def status(args: argparse.Namespace, message: str) -> None:
+    """A summary line on stderr (counts and paths only), unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+def output_format(out: str | None, given: str | None) -> Format:
+    """The format to write: --format, else the --out extension, else a table on stdout."""
+    if given is not None:
+        fmt: Format = given  # type: ignore[assignment]
+        if fmt == "parquet" and out in (None, "-"):
+            raise UsageError("Parquet goes to a file: give --out FILE.parquet")
+        if fmt == "table" and out not in (None, "-"):
+            raise UsageError("--format table prints to stdout; leave out --out")
+        return fmt
+    if out in (None, "-"):
+        return "table"
+    suffix = Path(out).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise UsageError(
+            f"cannot tell the format of --out from {suffix or 'no extension'!r}: use .parquet, "
+            ".csv, .jsonl (or .ndjson), or --format"
+        )
+    return _SUFFIXES[suffix]
+
+
+def read_frame(source: str) -> pd.DataFrame:
+    """Image sets from a file ``search`` or ``snapshot`` wrote: Parquet, CSV or JSON Lines.
+
+    Parquet (a file or a directory) keeps its dtypes and provenance; text files are read as text.
+    """
+    import pandas as pd
+
+    path = Path(source)
+    if not path.exists():
+        raise UsageError(f"no such file: {source}")
+    fmt = output_format(source, None) if path.is_file() else "parquet"
+    if fmt == "parquet":
+        from healthimaging_df.errors import SnapshotError
+        from healthimaging_df.snapshot import read_snapshot
+
+        try:
+            return read_snapshot(path)
+        except SnapshotError:  # a Parquet file some other tool wrote
+            return pd.read_parquet(path)
+    if fmt == "csv":
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    else:
+        frame = pd.read_json(path, lines=True, dtype=False)
+    if "version" in frame.columns:
+        frame["version"] = pd.to_numeric(frame["version"]).astype("Int64")
+    return frame
+
+
+def write_frame(frame: pd.DataFrame, out: str | None, fmt: Format) -> None:
+    """Write *frame* to *out*, or to stdout when *out* is None or ``-``.
+
+    Parquet is written as a snapshot (typed, with provenance, refreshable); CSV and JSON Lines go
+    to a temporary file renamed over *out*, so a reader never sees half a file. Missing parent
+    directories are created.
+    """
+    if out in (None, "-"):
+        _write(frame, sys.stdout, fmt)
+        return
+    assert out is not None
+    if fmt == "parquet":  # a snapshot: typed, with provenance, refreshable, written atomically
+        from healthimaging_df.snapshot import write_snapshot
+
+        write_snapshot(frame, out)
+        return
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)  # as snapshots do
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8", newline="") as handle:
+            _write(frame, handle, fmt)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write(frame: pd.DataFrame, handle: Any, fmt: Format) -> None:
+    if fmt == "csv":
+        frame.to_csv(handle, index=False)
+    elif fmt == "jsonl":
+        if len(frame):
+            frame.to_json(handle, orient="records", lines=True, date_format="iso", date_unit="us")
+    elif fmt == "table":
+        if len(frame):
+            handle.write(frame.to_string(index=False) + "\n")
+    else:  # pragma: no cover - output_format keeps Parquet off stdout
+        raise UsageError("Parquet goes to a file: give --out FILE.parquet")
