@@ -20,6 +20,10 @@ from healthimaging_df.errors import QueryValidationError
 Op = Literal["eq", "in", "ne", "not_in", "between", "contains", "regex", "is_null", "not_null"]
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# DICOM code strings (VR CS, PS3.5 6.2): uppercase letters, digits, space and underscore, at most
+# 16 characters, with no leading or trailing space. A value outside that can never be stored.
+CODE_STRINGS = ("Modality", "BodyPartExamined", "PatientSex")
+_CODE_STRING = re.compile(r"[A-Z0-9_]([A-Z0-9_ ]{0,14}[A-Z0-9_])?")
 _SYMBOL = {
     "eq": "==",
     "in": "in",
@@ -128,11 +132,37 @@ def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True)
         return Predicate(column, op, items, case)
     if op == "between":
         return _between(col, items)
+    if col.kind in ("timestamp", "wallclock"):
+        whole = _whole_period(col, op, items)
+        if whole is not None:
+            return whole
     typed = tuple(_typed(col, v, i) for i, v in enumerate(items))
-    if op in ("eq", "in"):
-        for i, v in enumerate(typed):
-            _check_searchable(col, v, i if len(typed) > 1 else None)
+    for i, v in enumerate(typed):
+        position = i if len(typed) > 1 else None
+        _check_text(col, v, position)
+        if op in ("eq", "in"):
+            _check_searchable(col, v, position)
     return Predicate(column, op, tuple(dict.fromkeys(typed)))
+
+
+def _whole_period(col: schema.Column, op: Op, items: tuple[Any, ...]) -> Predicate | None:
+    """``where(StudyDateTime=date)`` means that whole day (a year alone, that year)."""
+    wall = col.kind == "wallclock"
+    periods = []
+    for i, value in enumerate(items):
+        try:
+            periods.append(dates.whole_period(value, wallclock=wall) if value is not None else None)
+        except dates.BoundError as exc:
+            raise QueryValidationError(col.name, str(exc), i if len(items) > 1 else None) from None
+    if not any(periods):
+        return None
+    if op == "eq" and periods[0] is not None:
+        return Predicate(col.name, "between", periods[0])
+    raise QueryValidationError(
+        col.name,
+        "a date names a whole day: give one date to where(), or use between() for a range"
+        + ("" if op in ("eq", "in") else "; where_not() takes only exact moments"),
+    )
 
 
 def _between(col: schema.Column, items: tuple[Any, ...]) -> Predicate:
@@ -183,6 +213,25 @@ def _typed(col: schema.Column, value: Any, position: int) -> Any:
         return dates.parse_instant(value, wallclock=col.kind == "wallclock")
     except dates.BoundError as exc:
         raise QueryValidationError(col.name, str(exc), position) from None
+
+
+def _check_text(col: schema.Column, value: Any, position: int | None) -> None:
+    """Text no row can hold: empty, or (code strings) outside the DICOM CS character set."""
+    if col.kind != "string":
+        return
+    if value == "":
+        raise QueryValidationError(
+            col.name, "the value is empty (an unset variable?); use is_null() for missing", position
+        )
+    if col.name in CODE_STRINGS and not _CODE_STRING.fullmatch(value):
+        raise QueryValidationError(
+            col.name,
+            "is a DICOM code string: uppercase letters, digits, space and underscore, at most 16 "
+            "characters, no surrounding spaces, one code per value (pass a list for several); "
+            "this value can never match. To ignore case, use matches(column, pattern, "
+            "case=False) in Python (case=False) or --ignore-case in the CLI",
+            position,
+        )
 
 
 def _check_searchable(col: schema.Column, value: Any, position: int | None) -> None:
