@@ -41,19 +41,31 @@ def _missing_extra(package: str, extra: str, what: str) -> ImportError:
     )
 
 
+# DuckDB errors about the query itself: they name columns, tables, functions and syntax. Their
+# first line is shown (with any '...' literal masked); the rest quotes the query text.
+_SHOWN_ERRORS = ("ParserException", "BinderException", "CatalogException")
+_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
 class SQLQueryError(QueryValidationError):
     """DuckDB could not run a ``df.ahi.sql()`` query.
 
-    DuckDB's message can quote the frame's values and the query's literals (PHI), so it is kept
-    in ``engine_message`` and left out of ``str(error)``, which names only DuckDB's error class.
+    A parser, binder or catalog error (a mistyped column, a syntax error) is shown: its first
+    line names columns and syntax, with quoted literals masked as ``'…'``. Any other error
+    (a conversion error quotes the cell it could not convert: PHI) names only DuckDB's error
+    class. DuckDB's whole message is always kept in ``engine_message``.
     """
 
     def __init__(self, kind: str, engine_message: str) -> None:
-        super().__init__(
-            "query",
-            f"DuckDB raised {kind}; its message, which may quote values, is withheld from this "
-            "text: see the error's engine_message",
-        )
+        if kind in _SHOWN_ERRORS:
+            first = engine_message.strip().splitlines()[0] if engine_message.strip() else kind
+            text = f"DuckDB raised {kind}: {_LITERAL.sub(chr(39) + '…' + chr(39), first)}"
+        else:
+            text = (
+                f"DuckDB raised {kind}; its message, which may quote values, is withheld from "
+                "this text: see the error's engine_message"
+            )
+        super().__init__("query", text)
         self.kind = kind
         self.engine_message = engine_message
 

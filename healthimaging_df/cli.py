@@ -62,11 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 service error, 2 usage error)."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras:  # argparse would quote them, and a stray word is often a value (PHI)
-        parser.error(
-            f"{len(extras)} unrecognized argument(s), not shown as they may be values; quote a "
-            "value that holds spaces (--where 'StudyDescription=CT CHEST')"
-        )
+    if extras:  # argparse would quote them all, and a stray word is often a value (PHI)
+        parser.error(_unrecognized(extras))
     verbose = int(args.verbose)
     _configure_logging(verbose)
     try:
@@ -75,17 +72,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("healthimaging-df: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader of stdout went away (e.g. `| head`): stop quietly, as Python's docs advise.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_SERVICE
+        return _closed_pipe()
     except Exception as exc:  # every failure becomes one PHI-free line and an exit code
         code, message = describe(exc, _given_paths(args))
         if verbose:
             _print_traceback(exc)
         print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
         return code
+    try:
+        sys.stdout.flush()  # a pipe closed after the last write shows up here
+    except BrokenPipeError:
+        return _closed_pipe()
     return result
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``| head``): stop quietly with 0, as Python's docs advise."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    return EXIT_OK
+
+
+def _unrecognized(extras: Sequence[str]) -> str:
+    """Name unknown options (option names are not PHI); count the other words, never show them."""
+    options = [word.partition("=")[0] for word in extras if word.startswith("--")]
+    others = len(extras) - len(options)
+    text = f"unrecognized option(s): {', '.join(options)}" if options else ""
+    if others:
+        rest = (
+            f"{others} other argument(s), not shown as they may be values; quote a value that "
+            "holds spaces (--where 'StudyDescription=CT CHEST')"
+        )
+        text = (
+            f"{text}; {rest}"
+            if text
+            else f"{others} unrecognized argument(s){rest[rest.index(',') :]}"
+        )
+    return text
 
 
 def _given_paths(args: argparse.Namespace) -> list[str]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("healthimaging_df.cli")
 
 _WHERE = re.compile(r"\s*([A-Za-z][A-Za-z0-9]*)\s*(!=|~|=)(.*)", re.DOTALL)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _TRUE = frozenset({"true", "yes", "1"})
 _FALSE = frozenset({"false", "no", "0"})
 
@@ -70,7 +71,13 @@ def parse_where(text: str) -> tuple[str, str, str]:
     if match is None:
         raise UsageError("--where expects COL=VALUE, COL!=VALUE or COL~TEXT")
     column, op, value = match.groups()
-    return known_column(column), op, value
+    column = known_column(column)
+    if value != value.strip():
+        raise UsageError(
+            f"--where {column}{op}...: the value has spaces around it, which no stored value "
+            f"keeps; write --where {column}{op}VALUE with no spaces around {op!r}"
+        )
+    return column, op, value
 
 
 def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
@@ -88,7 +95,10 @@ def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
         bucket = equal if op == "=" else unequal
         bucket.setdefault(column, []).append(value)
     for column, texts in equal.items():
-        query = query.where(**{column: _typed_values(column, texts)})
+        if args.ignore_case and column in predicates.CODE_STRINGS:  # IDs stay exact
+            query = query.matches(column, _any_of(texts), case=False)
+        else:
+            query = query.where(**{column: _typed_values(column, texts)})
     for column, texts in unequal.items():
         query = query.where_not(**{column: _typed_values(column, texts)})
     for column, low, high in args.between:
@@ -110,6 +120,14 @@ def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
     if args.limit is not None:
         query = query.limit(args.limit)
     return query
+
+
+def _any_of(texts: list[str]) -> str:
+    """A pattern matching exactly one of *texts* (ignoring case is the caller's flag)."""
+    for text in texts:
+        if text == "":
+            raise UsageError("--where: a value is empty (an unset shell variable?)")
+    return r"\A(?:" + "|".join(re.escape(t) for t in texts) + r")\Z"
 
 
 def read_ids(source: str, column: str) -> list[str]:
@@ -139,7 +157,9 @@ def read_ids(source: str, column: str) -> list[str]:
         except csv.Error:  # its message can quote a cell
             raise UsageError(f"--ids-from {source} is not a well-formed CSV file") from None
     else:
-        lines = (line.strip() for line in text.splitlines())
+        # Only \n, \r\n and \r end a line: str.splitlines() also splits at U+2028, form
+        # feeds and other separators an ID may hold.
+        lines = (line.strip() for line in _LINE_BREAK.split(text))
         values = [line for line in lines if not line.startswith("#")]
     ids = list(dict.fromkeys(v for v in values if v))
     if not ids:

@@ -68,6 +68,7 @@ def register(commands: Any) -> None:
         help="write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
     )
     group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
+    output.add_mkdir(group)
     # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
     parser.set_defaults(handler=run, max_tps=50.0)
 
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from healthimaging_df.metadata import fetch_metadata
 
     fmt = output.output_format(args.out, args.format)
+    output.check_destination(args.out, args.mkdir)
     if args.source is not None:
         if building.has_query_options(args):
             raise options.UsageError("--from reads image sets from a file: leave out query options")

@@ -126,7 +126,12 @@ def query_parent() -> argparse.ArgumentParser:
     group.add_argument(
         "--not-null", action="append", default=[], metavar="COL", help="COL is present"
     )
-    group.add_argument("--ignore-case", action="store_true", help="COL~TEXT conditions ignore case")
+    group.add_argument(
+        "--ignore-case",
+        action="store_true",
+        help="COL~TEXT conditions, and COL=VALUE on the code-string columns (Modality, "
+        "BodyPartExamined, PatientSex), ignore case; IDs always match exactly",
+    )
     group.add_argument(
         "--ids-from",
         metavar="FILE",

@@ -67,6 +67,27 @@ def output_format(out: str | None, given: str | None) -> Format:
     return _SUFFIXES[suffix]
 
 
+def add_mkdir(group: Any) -> None:
+    """The ``--mkdir`` option, for commands with ``--out``."""
+    group.add_argument(
+        "--mkdir",
+        action="store_true",
+        help="create the --out file's missing parent directories (refused otherwise)",
+    )
+
+
+def check_destination(out: str | None, mkdir: bool) -> None:
+    """Refuse, before any request, an --out whose directory does not exist (unless --mkdir)."""
+    if out in (None, "-") or mkdir:
+        return
+    assert out is not None
+    parent = Path(out).parent
+    if not parent.is_dir():
+        raise UsageError(
+            f"--out {out}: the directory {parent} does not exist; create it, or pass --mkdir"
+        )
+
+
 def read_frame(source: str) -> pd.DataFrame:
     """Image sets from a file ``search`` or ``snapshot`` wrote: Parquet, CSV or JSON Lines.
 
@@ -100,7 +121,7 @@ def write_frame(frame: pd.DataFrame, out: str | None, fmt: Format) -> None:
 
     Parquet is written as a snapshot (typed, with provenance, refreshable); CSV and JSON Lines go
     to a temporary file renamed over *out*, so a reader never sees half a file. Missing parent
-    directories are created.
+    directories are created (``check_destination`` refused them earlier unless ``--mkdir``).
     """
     if out in (None, "-"):
         _write(frame, sys.stdout, fmt)

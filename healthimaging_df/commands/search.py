@@ -47,6 +47,7 @@ def register(commands: Any) -> None:
         choices=output.FORMATS,
         help="override the format the --out extension implies; csv or jsonl also go to stdout",
     )
+    output.add_mkdir(out)
     out.add_argument(
         "--columns",
         action="append",
@@ -75,6 +76,7 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``search``; return the exit code."""
     fmt = output.output_format(args.out, args.format)
+    output.check_destination(args.out, args.mkdir)
     columns = building.parse_columns(args.columns)
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)

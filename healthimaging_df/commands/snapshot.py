@@ -203,6 +203,7 @@ def run_refresh(args: argparse.Namespace) -> int:
 
     policy = _policy(args)
     query: Query | None = None
+    _check_refresh(args, policy)
     if building.has_query_options(args) or policy is not None:
         # a redacted snapshot keeps no query values: the query comes from the command line
         target = connect.Target(args)
@@ -223,3 +224,58 @@ def run_refresh(args: argparse.Namespace) -> int:
         )
     print(report)
     return 0
+
+
+def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> None:
+    """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take."""
+    import json
+
+    from healthimaging_df.errors import SnapshotError
+    from healthimaging_df.snapshot import snapshot_provenance
+
+    if args.limit is not None:
+        raise options.UsageError(
+            "--limit: a query with a limit cannot be refreshed (its first N rows can change in "
+            "ways an update scan does not show); run snapshot again"
+        )
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    try:
+        provenance = snapshot_provenance(args.path, **storage)
+    except (SnapshotError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        raise options.UsageError(
+            f"{args.path} is not a snapshot (snapshot or search --out FILE.parquet writes one)"
+        ) from None
+    recorded = provenance.get("redaction")
+    if recorded:
+        if policy is None or not building.has_query_options(args):
+            raise options.UsageError(
+                f"{args.path} is redacted and keeps no query values: give the query options "
+                "again (--datastore-id, --where...) and --redact with the same key"
+            )
+        try:
+            described = json.loads(recorded) if isinstance(recorded, str) else recorded
+        except ValueError:
+            described = None
+        if isinstance(described, dict):
+            if described.get("key_fingerprint") != policy.key_fingerprint():
+                raise options.UsageError(
+                    f"the key in {args.key_env} is not the one {args.path} was made with"
+                )
+            if described != policy.describe():
+                raise options.UsageError(
+                    f"the redaction options (--drop, --hash, --keep-birth-date, --no-date-shift) "
+                    f"differ from those {args.path} was made with"
+                )
+    elif policy is not None:
+        raise options.UsageError(f"{args.path} is not redacted: leave out --redact")
+    query = provenance.get("query")
+    if not building.has_query_options(args) and isinstance(query, str):
+        try:
+            limited = json.loads(query).get("limit") is not None
+        except (ValueError, AttributeError):
+            return  # refresh itself reports a damaged provenance
+        if limited:
+            raise options.UsageError(
+                f"{args.path} was made by a query with --limit, which cannot be refreshed; run "
+                "snapshot again"
+            )
