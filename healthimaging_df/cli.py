@@ -1,6 +1,7 @@
 """The ``healthimaging-df`` command line; each command group registers its own subparser.
 
-Exit codes: 0 success, 1 service error, 2 usage or configuration error. Errors are printed as one
+Exit codes: 0 success, 1 service error, 2 usage or configuration error, 3 nothing matched
+(``search --fail-if-empty``). Errors are printed as one
 line that names the problem and never a DICOM value (PHI); ``--verbose`` adds log lines and, on a
 failure, the traceback with only our own (PHI-free) exception messages.
 """

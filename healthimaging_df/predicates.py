@@ -1,6 +1,11 @@
 """Predicates on schema columns: validated when built, evaluated exactly on Arrow tables.
 
 A predicate's repr names its column, operator and value count, never its values (PHI).
+
+Two derived values can be filtered on too, always on the client (the API cannot compute them):
+``ageAtStudy`` (whole years from PatientBirthDate to StudyDate, as ``df.ahi.age_at_study()``
+computes it: NA, so never matched, when partial dates leave it open) and ``StudyYear`` (the year of
+StudyDate, partial dates included). They are not schema columns, so the planner never pushes them.
 """
 
 from __future__ import annotations
@@ -9,10 +14,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from healthimaging_df import dates, schema
 from healthimaging_df.errors import QueryValidationError
@@ -23,6 +28,15 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # DICOM code strings (VR CS, PS3.5 6.2): uppercase letters, digits, space and underscore, at most
 # 16 characters, with no leading or trailing space. A value outside that can never be stored.
 CODE_STRINGS = ("Modality", "BodyPartExamined", "PatientSex")
+# Derived values: name -> (the columns they are computed from, description).
+DERIVED: dict[str, tuple[tuple[str, ...], str]] = {
+    "ageAtStudy": (("PatientBirthDate", "StudyDate"), "age in whole years at StudyDate"),
+    "StudyYear": (("StudyDate",), "the year of StudyDate"),
+}
+_DERIVED_COLUMNS = {
+    name: schema.Column(name, (), "int", text, phi=True) for name, (_, text) in DERIVED.items()
+}
+_DERIVED_OPS = ("eq", "in", "ne", "not_in", "between", "is_null", "not_null")
 _CODE_STRING = re.compile(r"[A-Z0-9_]([A-Z0-9_ ]{0,14}[A-Z0-9_])?")
 _SYMBOL = {
     "eq": "==",
@@ -57,18 +71,28 @@ class Predicate:
 
     def describe(self, show_values: bool = False) -> str:
         """Readable form; values only when asked (they may be PHI)."""
+        derived = ""
+        if self.column in DERIVED:
+            derived = f" (derived from {', '.join(DERIVED[self.column][0])}, on the client)"
         if not show_values or self.op in ("is_null", "not_null"):
-            return repr(self)
+            return repr(self) + derived
         shown = ", ".join(_show(v) for v in self.values)
-        return f"{self.column} {_SYMBOL[self.op]} ({shown})"
+        return f"{self.column} {_SYMBOL[self.op]} ({shown}){derived}"
 
     def mask(self, table: pa.Table) -> pa.Array:
         """Boolean mask of the rows of *table* that satisfy the predicate (nulls are False).
 
         ``!=`` and ``not in`` keep rows whose value is null: a missing modality is "not CT".
         """
-        col = schema.column(self.column)
-        values = table.column(self.column)
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = column_of(self.column)
+        values = (
+            _derived_values(table, self.column)
+            if self.column in DERIVED
+            else table.column(self.column)
+        )
         if self.op == "is_null":
             return pc.is_null(values)
         if self.op == "not_null":
@@ -102,16 +126,41 @@ def _show(value: Any) -> str:
 def known_column(name: str) -> schema.Column:
     """The schema's column called *name*; a ``QueryValidationError`` listing valid names if none."""
     if name not in schema.BY_NAME:
+        derived = f" (filters only, not sorting: {', '.join(DERIVED)})" if name in DERIVED else ""
         raise QueryValidationError(
-            name, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
+            name,
+            f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}; derived values "
+            f"for filters: {', '.join(DERIVED)}{derived}",
         )
     return schema.BY_NAME[name]
 
 
+def column_of(name: str) -> schema.Column:
+    """The column a predicate may name: a schema column or a derived value (``ageAtStudy``)."""
+    return _DERIVED_COLUMNS.get(name) or known_column(name)
+
+
+def _derived_values(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+    """The derived value *name* per row of *table*, computed as ``healthimaging_df.cohort`` does."""
+    import pyarrow as pa
+
+    from healthimaging_df import cohort
+
+    sources = DERIVED[name][0]
+    missing = [c for c in sources if c not in table.column_names]
+    if missing:
+        raise QueryValidationError(name, f"needs the column(s) {', '.join(missing)}")
+    frame = table.select(list(sources)).to_pandas()
+    series = cohort.age_at_study(frame) if name == "ageAtStudy" else cohort.study_year(frame)
+    return pa.array(series.astype("float64").to_numpy(), from_pandas=True).cast(pa.int64())
+
+
 def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True) -> Predicate:
     """Validate and type *values* for *column*; raise ``QueryValidationError`` on any fault."""
-    col = known_column(column)
+    col = column_of(column)
     items = tuple(values)
+    if column in DERIVED and op not in _DERIVED_OPS:
+        raise QueryValidationError(column, f"'{op}' needs a text column; {column} is a number")
     if op in ("is_null", "not_null"):
         return Predicate(column, op)
     if op in ("in", "not_in") and not items:

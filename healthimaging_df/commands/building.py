@@ -47,7 +47,7 @@ def typed_value(column: str, text: str, position: int | None = None) -> Any:
     >>> typed_value("SeriesNumber", "3"), typed_value("isPrimary", "False")
     (3, False)
     """
-    col = schema.BY_NAME[known_column(column)]
+    col = predicates.column_of(column)  # a schema column or a derived value (ageAtStudy)
     if col.kind == "int":
         try:
             return int(text)
@@ -71,7 +71,7 @@ def parse_where(text: str) -> tuple[str, str, str]:
     if match is None:
         raise UsageError("--where expects COL=VALUE, COL!=VALUE or COL~TEXT")
     column, op, value = match.groups()
-    column = known_column(column)
+    column = predicates.column_of(column).name
     if value != value.strip():
         raise UsageError(
             f"--where {column}{op}...: the value has spaces around it, which no stored value "

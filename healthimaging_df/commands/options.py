@@ -18,6 +18,7 @@ exit status:
      datastore), or a file that could not be written
   2  usage or configuration error (bad option or value, unknown column, unreadable --ids-from
      file, no region or credentials); nothing was sent
+  3  search --fail-if-empty, and nothing matched
 
 Errors are one line on stderr naming the problem, never a DICOM value. Progress goes to stderr
 when it is a terminal; results go to stdout or the --out file."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from healthimaging_df.commands.options import UsageError
 
@@ -116,31 +118,82 @@ def read_frame(source: str) -> pd.DataFrame:
     return frame
 
 
-def write_frame(frame: pd.DataFrame, out: str | None, fmt: Format) -> None:
-    """Write *frame* to *out*, or to stdout when *out* is None or ``-``.
+def stream_frames(
+    frames: Iterable[pd.DataFrame],
+    out: str | None,
+    fmt: Format,
+    columns: Sequence[str] | None = None,
+) -> int:
+    """Write CSV or JSON Lines chunk by chunk as *frames* arrive; return the rows written.
 
-    Parquet is written as a snapshot (typed, with provenance, refreshable); CSV and JSON Lines go
-    to a temporary file renamed over *out*, so a reader never sees half a file. Missing parent
-    directories are created (``check_destination`` refused them earlier unless ``--mkdir``).
+    To stdout each chunk is flushed at once, so ``| head`` sees rows early and a closed pipe
+    stops the fetch; to a file, the chunks go to a temporary file renamed over *out* at the end.
+    A CSV file gets its header even when nothing matched.
     """
+    rows = 0
+    header = True  # a CSV header, once (an empty result still yields one empty frame)
+    with _destination(out) as handle:
+        try:
+            for frame in frames:
+                chosen = frame[list(columns)] if columns is not None else frame
+                if fmt == "csv" and (header or len(chosen)):
+                    chosen.to_csv(handle, index=False, header=header)
+                    header = False
+                elif fmt == "jsonl" and len(chosen):
+                    _write(chosen, handle, "jsonl")
+                handle.flush()
+                rows += len(chosen)
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:  # stop the fetch behind the generator at once
+                close()
+    return rows
+
+
+@contextmanager
+def _destination(out: str | None) -> Iterator[IO[str]]:
+    """stdout, or a temporary file next to *out* renamed over it once everything is written."""
     if out in (None, "-"):
-        _write(frame, sys.stdout, fmt)
+        yield sys.stdout
         return
     assert out is not None
-    if fmt == "parquet":  # a snapshot: typed, with provenance, refreshable, written atomically
-        from healthimaging_df.snapshot import write_snapshot
-
-        write_snapshot(frame, out)
-        return
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)  # as snapshots do
+    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("w", encoding="utf-8", newline="") as handle:
-            _write(frame, handle, fmt)
+            yield handle
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_frame(frame: pd.DataFrame, out: str | None, fmt: Format, *, plain: bool = False) -> None:
+    """Write *frame* to *out*, or to stdout when *out* is None or ``-``.
+
+    Parquet is written as a snapshot (typed, with provenance, refreshable), or, when *plain*
+    (a rollup, which is no image-set frame), as a plain Parquet file; CSV and JSON Lines go to a
+    temporary file renamed over *out*, so a reader never sees half a file. Missing parent
+    directories are created (``check_destination`` refused them earlier unless ``--mkdir``).
+    """
+    if fmt == "parquet" and out not in (None, "-"):
+        assert out is not None
+        if not plain:  # a snapshot: typed, with provenance, refreshable, written atomically
+            from healthimaging_df.snapshot import write_snapshot
+
+            write_snapshot(frame, out)
+            return
+        target = Path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            frame.to_parquet(temporary, index=False)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return
+    with _destination(out) as handle:
+        _write(frame, handle, fmt)
 
 
 def _write(frame: pd.DataFrame, handle: Any, fmt: Format) -> None:

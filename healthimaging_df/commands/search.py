@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from healthimaging_df.commands import building, connect, options, output
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EXAMPLES = """\
 examples:
@@ -22,7 +25,16 @@ examples:
 
   # try it without AWS, on the bundled local service and its synthetic data
   healthimaging-df search --local --where Modality=MR --sort StudyDateTime:desc --limit 5
+
+  # one row per study (or --per patient), of patients aged 40 to 60 at the study
+  healthimaging-df search --local --between ageAtStudy 40 60 --per study --out studies.csv
+
+CSV and JSON Lines rows are written as pages arrive (so `| head` stops the fetch early), in
+arrival order; give --sort (or --limit) for the query's order, which needs the whole result first.
 """
+
+EXIT_EMPTY = 3  # --fail-if-empty and nothing matched
+STREAM_CHUNK_ROWS = 200  # rows per chunk written while streaming: about 4 pages
 
 
 def register(commands: Any) -> None:
@@ -55,6 +67,17 @@ def register(commands: Any) -> None:
         help="columns to keep, in order (default: all in files; a short list in the table)",
     )
     out.add_argument(
+        "--per",
+        choices=("study", "patient"),
+        help="one row per study or per patient (df.ahi.studies() / patients()) instead of one "
+        "per image set",
+    )
+    out.add_argument(
+        "--fail-if-empty",
+        action="store_true",
+        help=f"exit with status {EXIT_EMPTY} when nothing matched (the output is still written)",
+    )
+    out.add_argument(
         "--no-provenance",
         action="store_true",
         help="keep the query (its values are PHI), plan, datastore and endpoint out of a "
@@ -77,26 +100,59 @@ def run(args: argparse.Namespace) -> int:
     """Run ``search``; return the exit code."""
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
-    columns = building.parse_columns(args.columns)
+    columns = None if args.per else building.parse_columns(args.columns)
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
     if args.explain:
         print(query.explain(show_values=args.show_values))
         return 0
+    fetch: dict[str, Any] = {
+        "progress": output.progress(args),
+        "max_concurrency": args.max_concurrency,
+        "max_tps": args.max_tps,
+    }
+    streaming = fmt in ("csv", "jsonl") and not (args.per or args.sort or args.limit)
     with target.connect() as connection:
-        frame = query.to_dataframe(
-            client=connection.client,
-            progress=output.progress(args),
-            max_concurrency=args.max_concurrency,
-            max_tps=args.max_tps,
-        )
+        if streaming:
+            chunks = query.iter_dataframes(
+                chunk_rows=STREAM_CHUNK_ROWS, client=connection.client, **fetch
+            )
+            count = output.stream_frames(chunks, args.out, fmt, columns)
+        else:
+            frame = query.to_dataframe(client=connection.client, **fetch)
+    if not streaming:
+        frame = _shape(frame, args, fmt, columns)
+        output.write_frame(frame, args.out, fmt, plain=bool(args.per))
+        count = len(frame)
+    where = args.out if args.out not in (None, "-") else "stdout"
+    rows = {"study": "studies", "patient": "patients"}.get(args.per or "", "image sets")
+    output.status(args, f"{count} {rows} -> {where}")
+    if args.fail_if_empty and count == 0:
+        return EXIT_EMPTY
+    return 0
+
+
+def _shape(frame: pd.DataFrame, args: argparse.Namespace, fmt: str, columns: Any) -> pd.DataFrame:
+    """The rows and columns to write: a rollup (--per), --columns, the table's short list."""
+    from healthimaging_df import cohort
+
+    if args.per:
+        rollup = cohort.studies(frame) if args.per == "study" else cohort.patients(frame)
+        if args.columns:
+            names = [n.strip() for spec in args.columns for n in spec.split(",") if n.strip()]
+            unknown = [n for n in names if n not in rollup.columns]
+            if unknown:
+                raise options.UsageError(
+                    f"--columns with --per {args.per}: no column {unknown[0]!r}; the columns "
+                    f"are {', '.join(map(str, rollup.columns))}"
+                )
+            rollup = rollup[list(dict.fromkeys(names))]
+        rollup.attrs.clear()  # a plain table: no provenance (the query's values are PHI)
+        return rollup
     if columns is None and fmt == "table":
         columns = list(output.TABLE_COLUMNS)
     if columns is not None:
         frame = frame[columns]
     if args.no_provenance:
         frame.attrs.clear()
-    output.write_frame(frame, args.out, fmt)
-    where = args.out if args.out not in (None, "-") else "stdout"
-    output.status(args, f"{len(frame)} image sets -> {where}")
-    return 0
+    return frame

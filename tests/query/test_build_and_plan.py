@@ -392,3 +392,56 @@ def test_where_on_a_date_means_that_whole_day() -> None:
     assert instant.predicates[0].op == "eq"
     with pytest.raises(QueryValidationError, match="between"):
         Query(DS).where(StudyDateTime=[date(2021, 3, 4), date(2021, 3, 5)])
+
+
+# -- derived values: filtered exactly on the client, never pushed down --------------------
+
+
+def test_derived_values_are_client_side_and_explained() -> None:
+    q = Query(DS).where(PatientID="P1", StudyYear=[2020, 2021]).between("ageAtStudy", 40, 60)
+    plan = compile_query(q)
+    assert [p.column for p in plan.pushed] == ["PatientID"]
+    sent = json.dumps(q.plan(), default=str)
+    assert "2020" not in sent
+    assert "ageAtStudy" not in sent
+    text = q.explain()
+    client_side = text.split("applied on the client")[1]
+    assert "ageAtStudy between <2 values> (derived from PatientBirthDate, StudyDate" in client_side
+    assert "StudyYear in <2 values>" in client_side
+    assert Query.from_dict(q.to_dict()) == q
+
+
+@pytest.mark.parametrize(
+    ("build", "rule"),
+    [
+        (lambda q: q.between("ageAtStudy", "40", 60), "integer"),
+        (lambda q: q.contains("StudyYear", "20"), "number"),
+        (lambda q: q.sort_by("ageAtStudy"), "not sorting"),
+        (lambda q: q.between("ageAtStudy", 60, 40), "after"),
+    ],
+)
+def test_derived_values_are_validated(build, rule: str) -> None:
+    with pytest.raises(QueryValidationError) as info:
+        build(Query(DS))
+    assert rule in str(info.value)
+
+
+def test_derived_masks_match_the_accessor() -> None:
+    import pyarrow as pa
+
+    from healthimaging_df import cohort, predicates
+
+    table = pa.table(
+        {
+            "PatientBirthDate": ["19730515", "1973", "197305", None, "19800101", "bad"],
+            "StudyDate": ["20240514", "20240606", "20240606", "20240101", "2024", "20240101"],
+        }
+    )
+    ages = cohort.age_at_study(table.to_pandas()).tolist()
+    assert ages[:3] == [50, pd.NA, 51]
+    mask = predicates.build("ageAtStudy", "between", (50, 51)).mask(table).to_pylist()
+    assert mask == [True, False, True, False, False, False]
+    missing = predicates.build("ageAtStudy", "is_null").mask(table).to_pylist()
+    assert missing == [a is pd.NA for a in ages]
+    years = predicates.build("StudyYear", "eq", (2024,)).mask(table).to_pylist()
+    assert years == [True] * 6
