@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pandas as pd
 
-from healthimaging_df import cohort, metadata
+# Imported by the package once pandas has loaded, possibly while another of our modules is
+# half-imported: only modules that import nothing of ours but errors are imported here (metadata
+# and schema load in the methods that use them).
+from healthimaging_df import cohort
 from healthimaging_df.errors import QueryValidationError
-from healthimaging_df.schema import KEY_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from healthimaging_df import metadata
     from healthimaging_df.redact import RedactionPolicy
     from healthimaging_df.snapshot import RefreshReport, SnapshotInfo
 
@@ -82,6 +85,8 @@ class AHIAccessor:
     """
 
     def __init__(self, frame: pd.DataFrame) -> None:
+        from healthimaging_df.schema import KEY_COLUMNS
+
         missing = [c for c in KEY_COLUMNS if c not in frame.columns]
         if missing:
             raise AttributeError(
@@ -162,6 +167,8 @@ class AHIAccessor:
                 raise SQLQueryError(type(exc).__name__, str(exc)) from None
         finally:
             connection.close()
+        from healthimaging_df import metadata
+
         frame = result.to_pandas(types_mapper=metadata._nullable)
         return cohort.with_attrs(frame, self._frame)
 
@@ -218,6 +225,8 @@ class AHIAccessor:
         Warns once (``ArchiveAccessWarning``) when archived image sets would be accessed.
         Bad options raise ``QueryValidationError`` before any call, dry run or not.
         """
+        from healthimaging_df import metadata
+
         if dry_run:  # the options are checked as for a real run
             return metadata.fetch_metadata(
                 self._frame,

@@ -15,8 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-
-from healthimaging_df import __version__
+from typing import Any
 
 EXIT_OK, EXIT_SERVICE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log on stderr (no PHI); -vv for more"
     )
@@ -57,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(commands)
     local_cli.register(commands)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``, reading the installed version only when asked (importlib.metadata is slow)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from healthimaging_df import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Any
 
-from healthimaging_df.commands import building, connect, options, output
+from healthimaging_df.commands import options, output
 
 EXAMPLES = """\
 examples:
@@ -75,6 +75,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``metadata``; return the exit code."""
+    from healthimaging_df.commands import building, connect
     from healthimaging_df.metadata import fetch_metadata
 
     fmt = output.output_format(args.out, args.format)

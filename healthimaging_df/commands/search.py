@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from healthimaging_df.commands import building, connect, options, output
+from healthimaging_df.commands import options, output
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,6 +98,8 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``search``; return the exit code."""
+    from healthimaging_df.commands import building, connect
+
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
     columns = None if args.per else building.parse_columns(args.columns)

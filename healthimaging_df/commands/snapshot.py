@@ -7,7 +7,7 @@ import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from healthimaging_df.commands import building, connect, options, output
+from healthimaging_df.commands import options, output
 
 if TYPE_CHECKING:
     from healthimaging_df.query import Query
@@ -175,6 +175,7 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_snapshot(args: argparse.Namespace) -> int:
     """Run ``snapshot``; return the exit code."""
+    from healthimaging_df.commands import building, connect
     from healthimaging_df.snapshot import export_query
 
     policy = _policy(args)
@@ -199,6 +200,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
 
 def run_refresh(args: argparse.Namespace) -> int:
     """Run ``refresh``; print what changed on stdout; return the exit code."""
+    from healthimaging_df.commands import building, connect
     from healthimaging_df.snapshot import refresh_snapshot
 
     policy = _policy(args)
@@ -230,6 +232,7 @@ def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> 
     """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take."""
     import json
 
+    from healthimaging_df.commands import building
     from healthimaging_df.errors import SnapshotError
     from healthimaging_df.snapshot import snapshot_provenance
 
