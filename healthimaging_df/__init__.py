@@ -3,19 +3,61 @@
 >>> import healthimaging_df as ahi
 >>> ahi.schema.COLUMN_NAMES[:3]
 ('imageSetId', 'version', 'createdAt')
+
+The public names load on first use (PEP 562), so the command line starts without pandas;
+``df.ahi`` is registered as soon as both this package and pandas are imported, in either order.
 """
 
 from __future__ import annotations
 
-from healthimaging_df import accessor as _accessor  # noqa: F401  (registers df.ahi)
-from healthimaging_df import errors, schema
-from healthimaging_df._version import __version__
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
 from healthimaging_df.logs import redact_botocore_logs
-from healthimaging_df.query import Query, search
-from healthimaging_df.refresh import refresh_snapshot
-from healthimaging_df.snapshot import read_snapshot, write_snapshot
+
+if TYPE_CHECKING:
+    __version__: str
+
+    from healthimaging_df import errors, schema
+    from healthimaging_df.query import Query, search
+    from healthimaging_df.refresh import refresh_snapshot
+    from healthimaging_df.snapshot import read_snapshot, write_snapshot
+
+_LAZY = {
+    "Query": "healthimaging_df.query",
+    "search": "healthimaging_df.query",
+    "read_snapshot": "healthimaging_df.snapshot",
+    "refresh_snapshot": "healthimaging_df.refresh",
+    "write_snapshot": "healthimaging_df.snapshot",
+}
+_MODULES = ("errors", "schema")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":  # importlib.metadata costs tens of milliseconds: read it on demand
+        value: Any = importlib.import_module(f"{__name__}._version").__version__
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 redact_botocore_logs()
+if "pandas" in sys.modules:
+    from healthimaging_df import accessor as _accessor  # noqa: F401  (registers df.ahi)
+else:
+    from healthimaging_df import _pandas_hook
+
+    _pandas_hook.register_accessor_with_pandas()
 
 __all__ = [
     "Query",

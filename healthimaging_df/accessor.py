@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pandas as pd
 
-from healthimaging_df import cohort, metadata
+# Imported by the package once pandas has loaded, possibly while another of our modules is
+# half-imported: only modules that import nothing of ours but errors are imported here (metadata
+# and schema load in the methods that use them).
+from healthimaging_df import cohort
 from healthimaging_df.errors import QueryValidationError
-from healthimaging_df.schema import KEY_COLUMNS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from healthimaging_df import metadata
     from healthimaging_df.redact import RedactionPolicy
     from healthimaging_df.refresh import RefreshReport
     from healthimaging_df.snapshot import SnapshotInfo
@@ -42,19 +45,31 @@ def _missing_extra(package: str, extra: str, what: str) -> ImportError:
     )
 
 
+# DuckDB errors about the query itself: they name columns, tables, functions and syntax. Their
+# first line is shown (with any '...' literal masked); the rest quotes the query text.
+_SHOWN_ERRORS = ("ParserException", "BinderException", "CatalogException")
+_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
 class SQLQueryError(QueryValidationError):
     """DuckDB could not run a ``df.ahi.sql()`` query.
 
-    DuckDB's message can quote the frame's values and the query's literals (PHI), so it is kept
-    in ``engine_message`` and left out of ``str(error)``, which names only DuckDB's error class.
+    A parser, binder or catalog error (a mistyped column, a syntax error) is shown: its first
+    line names columns and syntax, with quoted literals masked as ``'…'``. Any other error
+    (a conversion error quotes the cell it could not convert: PHI) names only DuckDB's error
+    class. DuckDB's whole message is always kept in ``engine_message``.
     """
 
     def __init__(self, kind: str, engine_message: str) -> None:
-        super().__init__(
-            "query",
-            f"DuckDB raised {kind}; its message, which may quote values, is withheld from this "
-            "text: see the error's engine_message",
-        )
+        if kind in _SHOWN_ERRORS:
+            first = engine_message.strip().splitlines()[0] if engine_message.strip() else kind
+            text = f"DuckDB raised {kind}: {_LITERAL.sub(chr(39) + '…' + chr(39), first)}"
+        else:
+            text = (
+                f"DuckDB raised {kind}; its message, which may quote values, is withheld from "
+                "this text: see the error's engine_message"
+            )
+        super().__init__("query", text)
         self.kind = kind
         self.engine_message = engine_message
 
@@ -71,6 +86,8 @@ class AHIAccessor:
     """
 
     def __init__(self, frame: pd.DataFrame) -> None:
+        from healthimaging_df.schema import KEY_COLUMNS
+
         missing = [c for c in KEY_COLUMNS if c not in frame.columns]
         if missing:
             raise AttributeError(
@@ -151,6 +168,8 @@ class AHIAccessor:
                 raise SQLQueryError(type(exc).__name__, str(exc)) from None
         finally:
             connection.close()
+        from healthimaging_df import metadata
+
         frame = result.to_pandas(types_mapper=metadata._nullable)
         return cohort.with_attrs(frame, self._frame)
 
@@ -207,6 +226,8 @@ class AHIAccessor:
         Warns once (``ArchiveAccessWarning``) when archived image sets would be accessed.
         Bad options raise ``QueryValidationError`` before any call, dry run or not.
         """
+        from healthimaging_df import metadata
+
         if dry_run:  # the options are checked as for a real run
             return metadata.fetch_metadata(
                 self._frame,

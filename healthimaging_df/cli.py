@@ -1,6 +1,7 @@
 """The ``healthimaging-df`` command line; each command group registers its own subparser.
 
-Exit codes: 0 success, 1 service error, 2 usage or configuration error. Errors are printed as one
+Exit codes: 0 success, 1 service error, 2 usage or configuration error, 3 nothing matched
+(``search --fail-if-empty``). Errors are printed as one
 line that names the problem and never a DICOM value (PHI); ``--verbose`` adds log lines and, on a
 failure, the traceback with only our own (PHI-free) exception messages.
 """
@@ -14,8 +15,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-
-from healthimaging_df import __version__
+from typing import Any
 
 EXIT_OK, EXIT_SERVICE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log on stderr (no PHI); -vv for more"
     )
@@ -58,15 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Version(argparse.Action):
+    """``--version``, reading the installed version only when asked (importlib.metadata is slow)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from healthimaging_df import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 service error, 2 usage error)."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras:  # argparse would quote them, and a stray word is often a value (PHI)
-        parser.error(
-            f"{len(extras)} unrecognized argument(s), not shown as they may be values; quote a "
-            "value that holds spaces (--where 'StudyDescription=CT CHEST')"
-        )
+    if extras:  # argparse would quote them all, and a stray word is often a value (PHI)
+        parser.error(_unrecognized(extras))
     verbose = int(args.verbose)
     _configure_logging(verbose)
     try:
@@ -75,17 +85,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("healthimaging-df: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader of stdout went away (e.g. `| head`): stop quietly, as Python's docs advise.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_SERVICE
+        return _closed_pipe()
     except Exception as exc:  # every failure becomes one PHI-free line and an exit code
         code, message = describe(exc, _given_paths(args))
         if verbose:
             _print_traceback(exc)
         print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
         return code
+    try:
+        sys.stdout.flush()  # a pipe closed after the last write shows up here
+    except BrokenPipeError:
+        return _closed_pipe()
     return result
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``| head``): stop quietly with 0, as Python's docs advise."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    return EXIT_OK
+
+
+def _unrecognized(extras: Sequence[str]) -> str:
+    """Name unknown options (option names are not PHI); count the other words, never show them."""
+    options = [word.partition("=")[0] for word in extras if word.startswith("--")]
+    others = len(extras) - len(options)
+    text = f"unrecognized option(s): {', '.join(options)}" if options else ""
+    if others:
+        rest = (
+            f"{others} other argument(s), not shown as they may be values; quote a value that "
+            "holds spaces (--where 'StudyDescription=CT CHEST')"
+        )
+        text = (
+            f"{text}; {rest}"
+            if text
+            else f"{others} unrecognized argument(s){rest[rest.index(',') :]}"
+        )
+    return text
 
 
 def _given_paths(args: argparse.Namespace) -> list[str]:
@@ -123,7 +159,7 @@ def describe(exc: BaseException, given_paths: Sequence[str] = ()) -> tuple[int, 
     since its message may quote a request or response (PHI). An ``OSError``'s file is named only
     when it is one of *given_paths* (typed on the command line), or lies under one.
     """
-    from healthimaging_df.commands.common import UsageError
+    from healthimaging_df.commands.options import UsageError
     from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SearchError
 
     if isinstance(exc, UsageError):
@@ -160,7 +196,7 @@ _HINTS = {
 
 def _print_traceback(exc: BaseException) -> None:
     """Each exception of the chain: its stack, and its message only if it is one of ours."""
-    from healthimaging_df.commands.common import UsageError
+    from healthimaging_df.commands.options import UsageError
     from healthimaging_df.errors import HealthImagingDFError
 
     chain: list[BaseException] = []

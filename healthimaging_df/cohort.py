@@ -5,6 +5,9 @@ Every function is pure: it reads the frame, returns a new one, and copies the fr
 (``PatientSex``, ``NumberOfStudyRelatedInstances``), values we derive are camelCase like the AWS
 fields (``imageSetCount``, ``modalities``, ``ageAtStudy``).
 
+Drawing lives in ``healthimaging_df.plot``, which reads a ``CohortSummary``: this module never
+imports it (imports follow the data); ``df.ahi.plot()`` joins the two.
+
 A study's or patient's attributes (name, sex, description...) are taken from the most recently
 updated image set that has a value, so a correction made by a later update wins.
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,9 +24,6 @@ import pyarrow as pa
 
 from healthimaging_df import schema
 from healthimaging_df.errors import QueryValidationError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 __all__ = [
     "AGE_BAND_WIDTH",
@@ -277,12 +276,6 @@ class CohortSummary:
             for f in fields(self)
             if isinstance(getattr(self, f.name), pd.DataFrame)
         }
-
-    def plot(self, **options: object) -> Figure:
-        """Draw the counts; see :func:`healthimaging_df.plot.plot_summary`."""
-        from healthimaging_df.plot import plot_summary
-
-        return plot_summary(self, **options)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return (

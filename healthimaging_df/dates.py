@@ -5,6 +5,12 @@ Users write ``"2020-01-01"``, ``date(2020, 1, 1)``, ``"2020"``, ISO strings with
 23:59:59.999999, and a year or month alone covers that whole period (dateutil fills the missing
 parts). AWS timestamps (``createdAt``...) are instants: naive input is taken as UTC. ``StudyDateTime``
 is DICOM wall-clock time with no zone, so its bounds must be naive.
+
+Refused, with a ``BoundError``: text without a year (``"March"``, ``"12"``, ``"10:00"``: dateutil
+would fill in a year silently), text whose day and month could be swapped (``"01/02/2021"``; ISO
+``2021-02-01`` is never ambiguous, and ``"13/02/2021"`` is read day-first since 13 is no month),
+``NaT``, years after 9998 (an upper bound must leave room to round up to the next second) and UTC
+offsets of 24 hours or more.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from __future__ import annotations
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
-import pandas as pd
 from dateutil import parser as dateutil_parser
 
 _START = datetime(2000, 1, 1)
 _END = datetime(2000, 12, 31, 23, 59, 59, 999999)
+_OTHER_YEAR = datetime(1999, 1, 1)  # a text whose year follows the default has none
+MAX_YEAR = 9998
 
 
 class BoundError(ValueError):
@@ -28,10 +35,12 @@ def parse_bound(value: Any, *, upper: bool, wallclock: bool) -> datetime:
 
     Returns an aware UTC datetime, or a naive one when *wallclock* (DICOM study date-time).
     """
-    if isinstance(value, pd.Timestamp):
-        if value is pd.NaT:
-            raise BoundError("is NaT")
+    if isinstance(value, (date, datetime)) and value != value:  # pd.NaT is a datetime
+        raise BoundError("is NaT (a missing date); leave the bound out or use is_null()")
+    if hasattr(value, "to_pydatetime"):  # pd.Timestamp, without importing pandas here
         value = value.to_pydatetime()
+    if type(value).__name__ == "datetime64":
+        raise BoundError("must be a date, datetime or string, not numpy.datetime64")
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, date):
@@ -40,15 +49,24 @@ def parse_bound(value: Any, *, upper: bool, wallclock: bool) -> datetime:
         moment = _parse_text(value, upper=upper)
     else:
         raise BoundError(f"must be a date, datetime or string, not {type(value).__name__}")
+    try:
+        offset = moment.utcoffset()
+    except ValueError:  # a tzinfo whose offset Python refuses (24 hours or more)
+        raise BoundError("has a UTC offset of 24 hours or more") from None
+    if moment.year > MAX_YEAR:
+        raise BoundError(f"is after the year {MAX_YEAR}, the last one a bound can name")
     if wallclock:
-        if moment.tzinfo is not None:
+        if offset is not None:
             raise BoundError(
                 "StudyDateTime is DICOM wall-clock time with no zone: give a naive datetime or a date"
             )
         return moment
-    if moment.tzinfo is None:
+    if offset is None:
         return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError:
+        raise BoundError("is outside the years 1 to 9998 in UTC") from None
 
 
 def parse_instant(value: Any, *, wallclock: bool) -> datetime:
@@ -56,12 +74,32 @@ def parse_instant(value: Any, *, wallclock: bool) -> datetime:
     return parse_bound(value, upper=False, wallclock=wallclock)
 
 
+def whole_period(value: Any, *, wallclock: bool) -> tuple[datetime, datetime] | None:
+    """The bounds of the day (month, year) *value* names, or None when it names one moment.
+
+    A ``date`` or a text without a time of day is a period; a ``datetime`` is a moment.
+    """
+    low = parse_bound(value, upper=False, wallclock=wallclock)
+    high = parse_bound(value, upper=True, wallclock=wallclock)
+    return None if low == high else (low, high)
+
+
 def _parse_text(text: str, *, upper: bool) -> datetime:
+    try:
+        iso = datetime.fromisoformat(text) if "-" in text[:8] or "T" in text else None
+    except ValueError:
+        iso = None
     try:
         start = dateutil_parser.parse(text, default=_START)
         end = dateutil_parser.parse(text, default=_END)
+        other = dateutil_parser.parse(text, default=_OTHER_YEAR)
+        swapped = iso or dateutil_parser.parse(text, default=_START, dayfirst=True)
     except (ValueError, OverflowError):
         raise BoundError("is not a date or date-time dateutil can read") from None
+    if other.year != start.year:
+        raise BoundError("has no year (e.g. 'March' or '10:00'); write 2021-03 or 2021-03-01T10:00")
+    if swapped != start:
+        raise BoundError("is ambiguous: day and month could be swapped; write it as ISO YYYY-MM-DD")
     has_time = start.hour == end.hour and start.minute == end.minute
     if has_time:
         return start  # an explicit time is taken literally; missing seconds are zero

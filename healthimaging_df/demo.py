@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from healthimaging_df import schema
 
@@ -14,6 +15,8 @@ DEMO_COLUMNS = list(schema.DISPLAY_COLUMNS)
 
 def run_demo(image_sets: int = 5_000, seed: int = 42, latency_ms: float = 20.0) -> pd.DataFrame:
     """Start a local service, run a cohort query through boto3, print the plan and the result."""
+    import pandas as pd
+
     from healthimaging_df.local import LocalService
     from healthimaging_df.query import Query
 

@@ -21,14 +21,15 @@ class QueryValidationError(HealthImagingDFError, ValueError):
     rule
         The rule that was broken, in words.
     position
-        Which value broke it (0-based index in a list of values), when there are several.
+        Which value broke it (0-based index in a list of values), when there are several;
+        the message counts from 1 (``value #1`` is position 0).
     """
 
     def __init__(self, field: str, rule: str, position: int | None = None) -> None:
         self.field = field
         self.rule = rule
         self.position = position
-        where = f" (value #{position})" if position is not None else ""
+        where = f" (value #{position + 1})" if position is not None else ""
         super().__init__(f"{field}{where}: {rule}")
 
 

@@ -1,6 +1,11 @@
 """Predicates on schema columns: validated when built, evaluated exactly on Arrow tables.
 
 A predicate's repr names its column, operator and value count, never its values (PHI).
+
+Two derived values can be filtered on too, always on the client (the API cannot compute them):
+``ageAtStudy`` (whole years from PatientBirthDate to StudyDate, as ``df.ahi.age_at_study()``
+computes it: NA, so never matched, when partial dates leave it open) and ``StudyYear`` (the year of
+StudyDate, partial dates included). They are not schema columns, so the planner never pushes them.
 """
 
 from __future__ import annotations
@@ -9,10 +14,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from healthimaging_df import dates, schema
 from healthimaging_df.errors import QueryValidationError
@@ -20,6 +25,19 @@ from healthimaging_df.errors import QueryValidationError
 Op = Literal["eq", "in", "ne", "not_in", "between", "contains", "regex", "is_null", "not_null"]
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# DICOM code strings (VR CS, PS3.5 6.2): uppercase letters, digits, space and underscore, at most
+# 16 characters, with no leading or trailing space. A value outside that can never be stored.
+CODE_STRINGS = ("Modality", "BodyPartExamined", "PatientSex")
+# Derived values: name -> (the columns they are computed from, description).
+DERIVED: dict[str, tuple[tuple[str, ...], str]] = {
+    "ageAtStudy": (("PatientBirthDate", "StudyDate"), "age in whole years at StudyDate"),
+    "StudyYear": (("StudyDate",), "the year of StudyDate"),
+}
+_DERIVED_COLUMNS = {
+    name: schema.Column(name, (), "int", text, phi=True) for name, (_, text) in DERIVED.items()
+}
+_DERIVED_OPS = ("eq", "in", "ne", "not_in", "between", "is_null", "not_null")
+_CODE_STRING = re.compile(r"[A-Z0-9_]([A-Z0-9_ ]{0,14}[A-Z0-9_])?")
 _SYMBOL = {
     "eq": "==",
     "in": "in",
@@ -53,18 +71,28 @@ class Predicate:
 
     def describe(self, show_values: bool = False) -> str:
         """Readable form; values only when asked (they may be PHI)."""
+        derived = ""
+        if self.column in DERIVED:
+            derived = f" (derived from {', '.join(DERIVED[self.column][0])}, on the client)"
         if not show_values or self.op in ("is_null", "not_null"):
-            return repr(self)
+            return repr(self) + derived
         shown = ", ".join(_show(v) for v in self.values)
-        return f"{self.column} {_SYMBOL[self.op]} ({shown})"
+        return f"{self.column} {_SYMBOL[self.op]} ({shown}){derived}"
 
     def mask(self, table: pa.Table) -> pa.Array:
         """Boolean mask of the rows of *table* that satisfy the predicate (nulls are False).
 
         ``!=`` and ``not in`` keep rows whose value is null: a missing modality is "not CT".
         """
-        col = schema.column(self.column)
-        values = table.column(self.column)
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = column_of(self.column)
+        values = (
+            _derived_values(table, self.column)
+            if self.column in DERIVED
+            else table.column(self.column)
+        )
         if self.op == "is_null":
             return pc.is_null(values)
         if self.op == "not_null":
@@ -98,16 +126,41 @@ def _show(value: Any) -> str:
 def known_column(name: str) -> schema.Column:
     """The schema's column called *name*; a ``QueryValidationError`` listing valid names if none."""
     if name not in schema.BY_NAME:
+        derived = f" (filters only, not sorting: {', '.join(DERIVED)})" if name in DERIVED else ""
         raise QueryValidationError(
-            name, f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}"
+            name,
+            f"unknown column; valid columns: {', '.join(schema.COLUMN_NAMES)}; derived values "
+            f"for filters: {', '.join(DERIVED)}{derived}",
         )
     return schema.BY_NAME[name]
 
 
+def column_of(name: str) -> schema.Column:
+    """The column a predicate may name: a schema column or a derived value (``ageAtStudy``)."""
+    return _DERIVED_COLUMNS.get(name) or known_column(name)
+
+
+def _derived_values(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+    """The derived value *name* per row of *table*, computed as ``healthimaging_df.cohort`` does."""
+    import pyarrow as pa
+
+    from healthimaging_df import cohort
+
+    sources = DERIVED[name][0]
+    missing = [c for c in sources if c not in table.column_names]
+    if missing:
+        raise QueryValidationError(name, f"needs the column(s) {', '.join(missing)}")
+    frame = table.select(list(sources)).to_pandas()
+    series = cohort.age_at_study(frame) if name == "ageAtStudy" else cohort.study_year(frame)
+    return pa.array(series.astype("float64").to_numpy(), from_pandas=True).cast(pa.int64())
+
+
 def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True) -> Predicate:
     """Validate and type *values* for *column*; raise ``QueryValidationError`` on any fault."""
-    col = known_column(column)
+    col = column_of(column)
     items = tuple(values)
+    if column in DERIVED and op not in _DERIVED_OPS:
+        raise QueryValidationError(column, f"'{op}' needs a text column; {column} is a number")
     if op in ("is_null", "not_null"):
         return Predicate(column, op)
     if op in ("in", "not_in") and not items:
@@ -128,11 +181,37 @@ def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True)
         return Predicate(column, op, items, case)
     if op == "between":
         return _between(col, items)
+    if col.kind in ("timestamp", "wallclock"):
+        whole = _whole_period(col, op, items)
+        if whole is not None:
+            return whole
     typed = tuple(_typed(col, v, i) for i, v in enumerate(items))
-    if op in ("eq", "in"):
-        for i, v in enumerate(typed):
-            _check_searchable(col, v, i if len(typed) > 1 else None)
+    for i, v in enumerate(typed):
+        position = i if len(typed) > 1 else None
+        _check_text(col, v, position)
+        if op in ("eq", "in"):
+            _check_searchable(col, v, position)
     return Predicate(column, op, tuple(dict.fromkeys(typed)))
+
+
+def _whole_period(col: schema.Column, op: Op, items: tuple[Any, ...]) -> Predicate | None:
+    """``where(StudyDateTime=date)`` means that whole day (a year alone, that year)."""
+    wall = col.kind == "wallclock"
+    periods = []
+    for i, value in enumerate(items):
+        try:
+            periods.append(dates.whole_period(value, wallclock=wall) if value is not None else None)
+        except dates.BoundError as exc:
+            raise QueryValidationError(col.name, str(exc), i if len(items) > 1 else None) from None
+    if not any(periods):
+        return None
+    if op == "eq" and periods[0] is not None:
+        return Predicate(col.name, "between", periods[0])
+    raise QueryValidationError(
+        col.name,
+        "a date names a whole day: give one date to where(), or use between() for a range"
+        + ("" if op in ("eq", "in") else "; where_not() takes only exact moments"),
+    )
 
 
 def _between(col: schema.Column, items: tuple[Any, ...]) -> Predicate:
@@ -183,6 +262,25 @@ def _typed(col: schema.Column, value: Any, position: int) -> Any:
         return dates.parse_instant(value, wallclock=col.kind == "wallclock")
     except dates.BoundError as exc:
         raise QueryValidationError(col.name, str(exc), position) from None
+
+
+def _check_text(col: schema.Column, value: Any, position: int | None) -> None:
+    """Text no row can hold: empty, or (code strings) outside the DICOM CS character set."""
+    if col.kind != "string":
+        return
+    if value == "":
+        raise QueryValidationError(
+            col.name, "the value is empty (an unset variable?); use is_null() for missing", position
+        )
+    if col.name in CODE_STRINGS and not _CODE_STRING.fullmatch(value):
+        raise QueryValidationError(
+            col.name,
+            "is a DICOM code string: uppercase letters, digits, space and underscore, at most 16 "
+            "characters, no surrounding spaces, one code per value (pass a list for several); "
+            "this value can never match. To ignore case, use matches(column, pattern, "
+            "case=False) in Python (case=False) or --ignore-case in the CLI",
+            position,
+        )
 
 
 def _check_searchable(col: schema.Column, value: Any, position: int | None) -> None:

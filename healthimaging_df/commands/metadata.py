@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Any
 
-from healthimaging_df.commands import common
+from healthimaging_df.commands import options, output
 
 EXAMPLES = """\
 examples:
@@ -31,11 +31,11 @@ def register(commands: Any) -> None:
     """Add the ``metadata`` command."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "metadata",
-        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="GetImageSetMetadata for a cohort: series or instance attributes",
         description="Call GetImageSetMetadata for each image set of a cohort (a file written by "
         "search or snapshot, or a query) and write one row per series or instance.",
-        epilog=f"{EXAMPLES}\n{common.EXIT_STATUS}",
+        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("metadata")
@@ -67,35 +67,38 @@ def register(commands: Any) -> None:
         metavar="FILE",
         help="write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
     )
-    group.add_argument("--format", choices=common.FORMATS, help="override the --out extension")
+    group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
+    output.add_mkdir(group)
     # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
     parser.set_defaults(handler=run, max_tps=50.0)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``metadata``; return the exit code."""
+    from healthimaging_df.commands import building, connect
     from healthimaging_df.metadata import fetch_metadata
 
-    fmt = common.output_format(args.out, args.format)
+    fmt = output.output_format(args.out, args.format)
+    output.check_destination(args.out, args.mkdir)
     if args.source is not None:
-        if common.has_query_options(args):
-            raise common.UsageError("--from reads image sets from a file: leave out query options")
-        cohort = common.read_frame(args.source)
+        if building.has_query_options(args):
+            raise options.UsageError("--from reads image sets from a file: leave out query options")
+        cohort = output.read_frame(args.source)
         if "imageSetId" not in cohort.columns:
-            raise common.UsageError(f"--from {args.source} has no imageSetId column")
+            raise options.UsageError(f"--from {args.source} has no imageSetId column")
         given = args.datastore_id or _provenance_datastore(cohort)
-        target = common.Target(args, given)
+        target = connect.Target(args, given)
     else:
-        target = common.Target(args)
-        query = common.build_query(args, target.datastore_id)
+        target = connect.Target(args)
+        query = building.build_query(args, target.datastore_id)
         cohort = None
     with target.connect() as connection:
         if cohort is None:
             cohort = query.to_dataframe(
                 client=connection.client,
-                progress=common.progress(args),
+                progress=output.progress(args),
                 max_concurrency=args.max_concurrency,
-                max_tps=min(args.max_tps, common.SEARCH_TPS),
+                max_tps=min(args.max_tps, options.SEARCH_TPS),
             )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 level=args.level,
                 max_tps=args.max_tps,
                 max_concurrency=args.max_concurrency,
-                progress=common.progress(args),
+                progress=output.progress(args),
                 dry_run=args.dry_run,
                 on_error=args.on_error,
                 datastore_id=target.datastore_id,
@@ -115,13 +118,13 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(result, "columns"):  # a dry run's MetadataPlan
         print(result)
         return 0
-    common.write_frame(result, args.out, fmt)
+    output.write_frame(result, args.out, fmt)
     where = args.out if args.out not in (None, "-") else "stdout"
-    common.status(args, f"{len(result)} {args.level} rows from {len(cohort)} image sets -> {where}")
+    output.status(args, f"{len(result)} {args.level} rows from {len(cohort)} image sets -> {where}")
     if "metadataError" in result.columns:
         failed = int(result["metadataError"].notna().sum())
         if failed:
-            common.status(args, f"{failed} image set(s) failed: see the metadataError column")
+            output.status(args, f"{failed} image set(s) failed: see the metadataError column")
     return 0
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from healthimaging_df.commands import common
+from healthimaging_df.commands import options, output
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EXAMPLES = """\
 examples:
@@ -22,18 +25,27 @@ examples:
 
   # try it without AWS, on the bundled local service and its synthetic data
   healthimaging-df search --local --where Modality=MR --sort StudyDateTime:desc --limit 5
+
+  # one row per study (or --per patient), of patients aged 40 to 60 at the study
+  healthimaging-df search --local --between ageAtStudy 40 60 --per study --out studies.csv
+
+CSV and JSON Lines rows are written as pages arrive (so `| head` stops the fetch early), in
+arrival order; give --sort (or --limit) for the query's order, which needs the whole result first.
 """
+
+EXIT_EMPTY = 3  # --fail-if-empty and nothing matched
+STREAM_CHUNK_ROWS = 200  # rows per chunk written while streaming: about 4 pages
 
 
 def register(commands: Any) -> None:
     """Add the ``search`` command."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "search",
-        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="run a query; write Parquet, CSV, JSON Lines or a table",
         description="Run a SearchImageSets query (fanned out, paged and filtered exactly, as "
         "Query.to_dataframe does) and write the matching image sets.",
-        epilog=f"{EXAMPLES}\n{common.EXIT_STATUS}",
+        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     out = parser.add_argument_group("result")
@@ -44,14 +56,26 @@ def register(commands: Any) -> None:
     )
     out.add_argument(
         "--format",
-        choices=common.FORMATS,
+        choices=output.FORMATS,
         help="override the format the --out extension implies; csv or jsonl also go to stdout",
     )
+    output.add_mkdir(out)
     out.add_argument(
         "--columns",
         action="append",
         metavar="COL[,COL...]",
         help="columns to keep, in order (default: all in files; a short list in the table)",
+    )
+    out.add_argument(
+        "--per",
+        choices=("study", "patient"),
+        help="one row per study or per patient (df.ahi.studies() / patients()) instead of one "
+        "per image set",
+    )
+    out.add_argument(
+        "--fail-if-empty",
+        action="store_true",
+        help=f"exit with status {EXIT_EMPTY} when nothing matched (the output is still written)",
     )
     out.add_argument(
         "--no-provenance",
@@ -74,27 +98,63 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``search``; return the exit code."""
-    fmt = common.output_format(args.out, args.format)
-    columns = common.parse_columns(args.columns)
-    target = common.Target(args)
-    query = common.build_query(args, target.datastore_id)
+    from healthimaging_df.commands import building, connect
+
+    fmt = output.output_format(args.out, args.format)
+    output.check_destination(args.out, args.mkdir)
+    columns = None if args.per else building.parse_columns(args.columns)
+    target = connect.Target(args)
+    query = building.build_query(args, target.datastore_id)
     if args.explain:
         print(query.explain(show_values=args.show_values))
         return 0
+    fetch: dict[str, Any] = {
+        "progress": output.progress(args),
+        "max_concurrency": args.max_concurrency,
+        "max_tps": args.max_tps,
+    }
+    streaming = fmt in ("csv", "jsonl") and not (args.per or args.sort or args.limit)
     with target.connect() as connection:
-        frame = query.to_dataframe(
-            client=connection.client,
-            progress=common.progress(args),
-            max_concurrency=args.max_concurrency,
-            max_tps=args.max_tps,
-        )
+        if streaming:
+            chunks = query.iter_dataframes(
+                chunk_rows=STREAM_CHUNK_ROWS, client=connection.client, **fetch
+            )
+            count = output.stream_frames(chunks, args.out, fmt, columns)
+        else:
+            frame = query.to_dataframe(client=connection.client, **fetch)
+    if not streaming:
+        frame = _shape(frame, args, fmt, columns)
+        output.write_frame(frame, args.out, fmt, plain=bool(args.per))
+        count = len(frame)
+    where = args.out if args.out not in (None, "-") else "stdout"
+    rows = {"study": "studies", "patient": "patients"}.get(args.per or "", "image sets")
+    output.status(args, f"{count} {rows} -> {where}")
+    if args.fail_if_empty and count == 0:
+        return EXIT_EMPTY
+    return 0
+
+
+def _shape(frame: pd.DataFrame, args: argparse.Namespace, fmt: str, columns: Any) -> pd.DataFrame:
+    """The rows and columns to write: a rollup (--per), --columns, the table's short list."""
+    from healthimaging_df import cohort
+
+    if args.per:
+        rollup = cohort.studies(frame) if args.per == "study" else cohort.patients(frame)
+        if args.columns:
+            names = [n.strip() for spec in args.columns for n in spec.split(",") if n.strip()]
+            unknown = [n for n in names if n not in rollup.columns]
+            if unknown:
+                raise options.UsageError(
+                    f"--columns with --per {args.per}: no column {unknown[0]!r}; the columns "
+                    f"are {', '.join(map(str, rollup.columns))}"
+                )
+            rollup = rollup[list(dict.fromkeys(names))]
+        rollup.attrs.clear()  # a plain table: no provenance (the query's values are PHI)
+        return rollup
     if columns is None and fmt == "table":
-        columns = list(common.TABLE_COLUMNS)
+        columns = list(output.TABLE_COLUMNS)
     if columns is not None:
         frame = frame[columns]
     if args.no_provenance:
         frame.attrs.clear()
-    common.write_frame(frame, args.out, fmt)
-    where = args.out if args.out not in (None, "-") else "stdout"
-    common.status(args, f"{len(frame)} image sets -> {where}")
-    return 0
+    return frame

@@ -7,7 +7,7 @@ import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from healthimaging_df.commands import common
+from healthimaging_df.commands import options, output
 
 if TYPE_CHECKING:
     from healthimaging_df.query import Query
@@ -45,12 +45,12 @@ def register(commands: Any) -> None:
     """Add the ``snapshot`` and ``refresh`` commands."""
     snapshot: argparse.ArgumentParser = commands.add_parser(
         "snapshot",
-        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="run a query into a Parquet snapshot (file or partitioned directory)",
         description="Run a query and write its result as a snapshot: one .parquet file, or a "
         "directory (local or s3://) of Hive partitions with a manifest. Writes are atomic and "
         "checkpointed: rerun the same command after an interruption to resume.",
-        epilog=f"{SNAPSHOT_EXAMPLES}\n{common.EXIT_STATUS}",
+        epilog=f"{SNAPSHOT_EXAMPLES}\n{options.EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     snapshot.add_argument("path", metavar="PATH", help="FILE.parquet, a directory, or s3://...")
@@ -72,12 +72,12 @@ def register(commands: Any) -> None:
 
     refresh: argparse.ArgumentParser = commands.add_parser(
         "refresh",
-        parents=[common.query_parent(), common.aws_parent(), common.common_parent()],
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="bring a snapshot up to date with what changed since it was taken",
         description="Fetch the image sets updated since a snapshot was taken, upsert them, drop "
         "those that no longer match its query, and rewrite the snapshot atomically. The query "
         "comes from the snapshot; query options are needed only for a redacted snapshot.",
-        epilog=f"{REFRESH_EXAMPLES}\n{common.EXIT_STATUS}",
+        epilog=f"{REFRESH_EXAMPLES}\n{options.EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     refresh.add_argument("path", metavar="PATH", help="a snapshot: FILE.parquet, a directory...")
@@ -129,19 +129,19 @@ def _redaction_options(parser: argparse.ArgumentParser) -> None:
 def _policy(args: argparse.Namespace) -> RedactionPolicy | None:
     if not args.redact:
         if args.drop or args.hash or args.keep_birth_date or args.no_date_shift:
-            raise common.UsageError("redaction options need --redact")
+            raise options.UsageError("redaction options need --redact")
         return None
     from healthimaging_df.redact import DEFAULT_DROP, DEFAULT_HASH, RedactionPolicy
 
     key = os.environ.get(args.key_env)
     if not key:
-        raise common.UsageError(
+        raise options.UsageError(
             f"--redact needs the key in the environment variable {args.key_env}"
         )
     try:
         key_bytes = key.encode("utf-8")
     except UnicodeError:  # its message quotes characters of the key
-        raise common.UsageError(f"the key in {args.key_env} is not valid text") from None
+        raise options.UsageError(f"the key in {args.key_env} is not valid text") from None
     try:
         return RedactionPolicy(
             key=key_bytes,
@@ -151,7 +151,7 @@ def _policy(args: argparse.Namespace) -> RedactionPolicy | None:
             shift_dates=not args.no_date_shift,
         )
     except ValueError as exc:  # names columns or the key length, never the key
-        raise common.UsageError(f"redaction policy: {exc}") from None
+        raise options.UsageError(f"redaction policy: {exc}") from None
 
 
 def _names(specs: list[str]) -> list[str]:
@@ -175,17 +175,18 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_snapshot(args: argparse.Namespace) -> int:
     """Run ``snapshot``; return the exit code."""
+    from healthimaging_df.commands import building, connect
     from healthimaging_df.snapshot import export_query
 
     policy = _policy(args)
-    target = common.Target(args)
-    query = common.build_query(args, target.datastore_id)
+    target = connect.Target(args)
+    query = building.build_query(args, target.datastore_id)
     with target.connect() as connection:
         info = export_query(
             query,
             args.path,
             client=connection.client,
-            progress=common.progress(args),
+            progress=output.progress(args),
             max_concurrency=args.max_concurrency,
             max_tps=args.max_tps,
             partition_cols=_names(args.partition_by) if args.partition_by else None,
@@ -193,22 +194,24 @@ def run_snapshot(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             **_storage(args),
         )
-    common.status(args, str(info))
+    output.status(args, str(info))
     return 0
 
 
 def run_refresh(args: argparse.Namespace) -> int:
     """Run ``refresh``; print what changed on stdout; return the exit code."""
+    from healthimaging_df.commands import building, connect
     from healthimaging_df.refresh import refresh_snapshot
 
     policy = _policy(args)
     query: Query | None = None
-    if common.has_query_options(args) or policy is not None:
+    _check_refresh(args, policy)
+    if building.has_query_options(args) or policy is not None:
         # a redacted snapshot keeps no query values: the query comes from the command line
-        target = common.Target(args)
-        query = common.build_query(args, target.datastore_id)
+        target = connect.Target(args)
+        query = building.build_query(args, target.datastore_id)
     else:
-        target = common.Target(args, required=False)  # the query is the snapshot's own
+        target = connect.Target(args, required=False)  # the query is the snapshot's own
     with target.connect() as connection:
         report = refresh_snapshot(
             args.path,
@@ -216,10 +219,66 @@ def run_refresh(args: argparse.Namespace) -> int:
             query=query,
             redact=policy,
             margin=timedelta(minutes=args.margin_minutes),
-            progress=common.progress(args),
+            progress=output.progress(args),
             max_concurrency=args.max_concurrency,
             max_tps=args.max_tps,
             **_storage(args),
         )
     print(report)
     return 0
+
+
+def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> None:
+    """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take."""
+    import json
+
+    from healthimaging_df.commands import building
+    from healthimaging_df.errors import SnapshotError
+    from healthimaging_df.snapshot import snapshot_provenance
+
+    if args.limit is not None:
+        raise options.UsageError(
+            "--limit: a query with a limit cannot be refreshed (its first N rows can change in "
+            "ways an update scan does not show); run snapshot again"
+        )
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    try:
+        provenance = snapshot_provenance(args.path, **storage)
+    except (SnapshotError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        raise options.UsageError(
+            f"{args.path} is not a snapshot (snapshot or search --out FILE.parquet writes one)"
+        ) from None
+    recorded = provenance.get("redaction")
+    if recorded:
+        if policy is None or not building.has_query_options(args):
+            raise options.UsageError(
+                f"{args.path} is redacted and keeps no query values: give the query options "
+                "again (--datastore-id, --where...) and --redact with the same key"
+            )
+        try:
+            described = json.loads(recorded) if isinstance(recorded, str) else recorded
+        except ValueError:
+            described = None
+        if isinstance(described, dict):
+            if described.get("key_fingerprint") != policy.key_fingerprint():
+                raise options.UsageError(
+                    f"the key in {args.key_env} is not the one {args.path} was made with"
+                )
+            if described != policy.describe():
+                raise options.UsageError(
+                    f"the redaction options (--drop, --hash, --keep-birth-date, --no-date-shift) "
+                    f"differ from those {args.path} was made with"
+                )
+    elif policy is not None:
+        raise options.UsageError(f"{args.path} is not redacted: leave out --redact")
+    query = provenance.get("query")
+    if not building.has_query_options(args) and isinstance(query, str):
+        try:
+            limited = json.loads(query).get("limit") is not None
+        except (ValueError, AttributeError):
+            return  # refresh itself reports a damaged provenance
+        if limited:
+            raise options.UsageError(
+                f"{args.path} was made by a query with --limit, which cannot be refreshed; run "
+                "snapshot again"
+            )

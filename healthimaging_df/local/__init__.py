@@ -15,17 +15,46 @@ Examples
 
 from __future__ import annotations
 
-from healthimaging_df.local.backend import Backend
-from healthimaging_df.local.documents import SeriesShape
-from healthimaging_df.local.errors import (
-    BackendError,
-    ConflictError,
-    ResourceNotFound,
-    ValidationError,
-)
-from healthimaging_df.local.faults import Faults, Stats
-from healthimaging_df.local.generate import dump_jsonl, generate_image_sets, load_jsonl
-from healthimaging_df.local.server import LocalService
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from healthimaging_df.local.backend import Backend
+    from healthimaging_df.local.documents import SeriesShape
+    from healthimaging_df.local.errors import (
+        BackendError,
+        ConflictError,
+        ResourceNotFound,
+        ValidationError,
+    )
+    from healthimaging_df.local.faults import Faults, Stats
+    from healthimaging_df.local.generate import dump_jsonl, generate_image_sets, load_jsonl
+    from healthimaging_df.local.server import LocalService
+
+# Loaded on first use (PEP 562): `healthimaging-df --help` registers `local` without werkzeug.
+_HOMES = {
+    "Backend": "backend",
+    "BackendError": "errors",
+    "ConflictError": "errors",
+    "ResourceNotFound": "errors",
+    "ValidationError": "errors",
+    "SeriesShape": "documents",
+    "Faults": "faults",
+    "Stats": "faults",
+    "dump_jsonl": "generate",
+    "generate_image_sets": "generate",
+    "load_jsonl": "generate",
+    "LocalService": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Backend",

@@ -1,4 +1,9 @@
-"""``healthimaging-df local serve``: run the local HealthImaging service until interrupted."""
+"""``healthimaging-df local serve`` and ``local dump``: the local service from a shell.
+
+``serve`` runs a generated (or ``--data`` JSON Lines) datastore until interrupted; ``dump`` writes
+a generated datastore as JSON Lines, for a cohort script's own test data. The service modules are
+imported only when a command runs, so ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,11 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from healthimaging_df.local.backend import Backend
-from healthimaging_df.local.faults import Faults
-from healthimaging_df.local.generate import generate_image_sets, load_jsonl
-from healthimaging_df.local.server import LocalService
-
-__all__ = ["register", "serve"]
+__all__ = ["dump", "register", "serve"]
 
 
 def register(commands: argparse._SubParsersAction[Any]) -> None:
@@ -28,35 +29,134 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         description="Serve a generated datastore over the medical-imaging REST API on "
         "127.0.0.1, print the endpoint and the environment to export, run until Ctrl-C.",
     )
-    serve_parser.add_argument("--image-sets", type=int, default=1000, metavar="N")
-    serve_parser.add_argument("--seed", type=int, default=0, metavar="S")
-    serve_parser.add_argument("--port", type=int, default=0, metavar="P", help="0 = any free")
-    serve_parser.add_argument("--latency-ms", type=float, default=0.0, metavar="MS")
-    serve_parser.add_argument("--tps", type=float, default=None, help="rate limit (429 beyond)")
-    serve_parser.add_argument("--burst", type=int, default=None, help="token-bucket capacity")
-    serve_parser.add_argument("--error-rate", type=float, default=0.0, metavar="F")
+    _generator_options(serve_parser)
     serve_parser.add_argument(
-        "--window-tps", type=int, default=None, metavar="N", help="strict 1-second window limit"
+        "--port", type=int, default=0, metavar="P", help="TCP port on 127.0.0.1; 0 = any free one"
+    )
+    serve_parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay added to every response, in milliseconds (default: 0)",
+    )
+    serve_parser.add_argument(
+        "--tps",
+        type=float,
+        default=None,
+        metavar="N",
+        help="rate limit in requests per second; beyond it, 429 ThrottlingException (default: none)",
+    )
+    serve_parser.add_argument(
+        "--burst",
+        type=int,
+        default=None,
+        metavar="N",
+        help="token-bucket capacity for --tps: requests allowed at once (default: --tps)",
+    )
+    serve_parser.add_argument(
+        "--error-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of requests (0 to 1) answered with a 500 InternalServerException",
+    )
+    serve_parser.add_argument(
+        "--data",
+        "--jsonl",
+        dest="data",
+        default=None,
+        metavar="FILE.jsonl",
+        help="serve the image-set summaries in FILE.jsonl (one per line, as `local dump` "
+        "writes) instead of generated ones",
+    )
+    serve_parser.add_argument(
+        "--window-tps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="strict limit: at most N requests in any one-second window, else 429",
     )
     serve_parser.add_argument(
         "--documented-quotas",
         action="store_true",
-        help="one token bucket per operation at the documented quotas",
+        help="one token bucket per operation at the documented quotas (search 25/s, ...)",
     )
     serve_parser.add_argument(
-        "--malformed-rate", type=float, default=0.0, metavar="F", help="malformed search pages"
+        "--malformed-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of search pages (0 to 1) answered with a malformed 200 body",
     )
     serve_parser.add_argument(
-        "--update-rate", type=float, default=0.0, metavar="R", help="updates per search request"
-    )
-    serve_parser.add_argument(
-        "--jsonl", default=None, metavar="PATH", help="load image sets from JSON Lines instead"
+        "--update-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="image sets given a new version before each search page (fractions: a probability)",
     )
     serve_parser.set_defaults(handler=serve)
+    dump_parser = sub.add_parser(
+        "dump",
+        help="write a generated datastore as JSON Lines (for `local serve --data`)",
+        description="Write the image-set summaries `local serve` would generate, one JSON object "
+        "per line (timestamps ISO-8601 UTC), to FILE: edit them into a script's own test data and "
+        "serve them with `local serve --data FILE`. The data is synthetic (no real patient).",
+    )
+    dump_parser.add_argument(
+        "file", metavar="FILE.jsonl", help="the file to write ('-' for stdout)"
+    )
+    _generator_options(dump_parser)
+    dump_parser.set_defaults(handler=dump)
+
+
+def _generator_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image-sets",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="how many synthetic image sets to generate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="random seed: the same seed gives the same data (default: %(default)s)",
+    )
+
+
+def dump(args: argparse.Namespace) -> int:
+    """Write ``--image-sets`` generated summaries to ``args.file`` as JSON Lines; return 0 or 2."""
+    from healthimaging_df.local.generate import dump_jsonl, generate_image_sets
+
+    if args.image_sets < 0:
+        print("healthimaging-df local dump: --image-sets must be >= 0", file=sys.stderr)
+        return 2
+    records = generate_image_sets(args.image_sets, args.seed)
+    if args.file == "-":
+        count = dump_jsonl(records, "/dev/stdout")
+    else:
+        if not Path(args.file).parent.is_dir():
+            print(
+                f"healthimaging-df local dump: the directory of {args.file} does not exist",
+                file=sys.stderr,
+            )
+            return 2
+        count = dump_jsonl(records, args.file)
+    print(f"{count} image sets -> {args.file}", file=sys.stderr)
+    return 0
 
 
 def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> int:
     """Run the service for ``args``; return 0 on SIGINT/SIGTERM (or when ``stop`` is set)."""
+    from healthimaging_df.local.backend import Backend
+    from healthimaging_df.local.faults import Faults
+    from healthimaging_df.local.generate import generate_image_sets, load_jsonl
+    from healthimaging_df.local.server import LocalService
+
     try:
         faults = Faults(
             latency_ms=args.latency_ms,
@@ -76,9 +176,15 @@ def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> i
         return 2
     backend = Backend()
     datastore_id = backend.create_datastore("seeded")
-    records = (
-        load_jsonl(args.jsonl) if args.jsonl else generate_image_sets(args.image_sets, args.seed)
-    )
+    if args.data is not None:
+        try:
+            records = load_jsonl(args.data)
+        except (OSError, ValueError) as error:  # names the file and line, never a value
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            print(f"healthimaging-df local serve: --data {args.data}: {reason}", file=sys.stderr)
+            return 2
+    else:
+        records = generate_image_sets(args.image_sets, args.seed)
     backend.add_image_sets(datastore_id, records)
     service = LocalService(backend, port=args.port, faults=faults)
     service.datastore_id = datastore_id

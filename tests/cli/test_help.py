@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 
 from healthimaging_df import __version__, cli
-from healthimaging_df.commands.common import UsageError
+from healthimaging_df.commands.options import UsageError
 from healthimaging_df.errors import MetadataFetchError, QueryValidationError, SearchError
 
 
@@ -59,7 +59,7 @@ PHI = "PAT-SECRET-42"
     ("error", "code", "words"),
     [
         (UsageError("--sort expects COL"), 2, "--sort expects COL"),
-        (QueryValidationError("PatientID", "too long", 3), 2, "PatientID (value #3): too long"),
+        (QueryValidationError("PatientID", "too long", 3), 2, "PatientID (value #4): too long"),
         (
             SearchError("SearchImageSets", 0, "AccessDeniedException", 403, server_message=PHI),
             1,

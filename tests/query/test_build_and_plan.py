@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime, timedelta, timezone
 
+import pandas as pd
 import pytest
 
 from healthimaging_df import Query
@@ -284,7 +285,7 @@ def test_error_names_position_not_value() -> None:
     with pytest.raises(QueryValidationError) as info:
         Query(DS).where(SeriesInstanceUID=["1.2.3", "1.2.4", secret])
     assert info.value.position == 2
-    assert "#2" in str(info.value)
+    assert "#3" in str(info.value)  # positions count from 1 in messages
     assert secret not in str(info.value)
 
 
@@ -345,3 +346,118 @@ def test_a_redacted_query_cannot_be_rebuilt_into_an_empty_one() -> None:
     data = json.loads(redact_query_json(json.dumps(Query(DS).where(PatientID="P").to_dict())))
     with pytest.raises(QueryValidationError, match="redacted"):
         Query.from_dict(data)
+
+
+# -- input that could never match, or would be read wrongly, is refused when built ---------
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "rule"),
+    [
+        (lambda q: q.where(PatientID=""), "PatientID", "empty"),
+        (lambda q: q.where(PatientID=["P1", ""]), "PatientID", "empty"),
+        (lambda q: q.where_not(Modality=""), "Modality", "empty"),
+        (lambda q: q.where(Modality="ct"), "Modality", "case=False"),
+        (lambda q: q.where(Modality="CT,MR"), "Modality", "uppercase"),
+        (lambda q: q.where(Modality="=CT"), "Modality", "code string"),
+        (lambda q: q.where(Modality=" CT"), "Modality", "code string"),
+        (lambda q: q.where(BodyPartExamined="chest"), "BodyPartExamined", "case=False"),
+        (lambda q: q.where_not(PatientSex="m"), "PatientSex", "code string"),
+        (lambda q: q.between("StudyDateTime", "March", "2021"), "StudyDateTime", "year"),
+        (lambda q: q.between("createdAt", "2020", "12"), "createdAt", "year"),
+        (lambda q: q.between("createdAt", "10:00", "2021"), "createdAt", "year"),
+        (lambda q: q.between("StudyDateTime", "01/02/2021", "2022"), "StudyDateTime", "ambiguous"),
+        (lambda q: q.between("StudyDateTime", pd.NaT, "2022"), "StudyDateTime", "NaT"),
+        (lambda q: q.between("createdAt", "2020", pd.NaT), "createdAt", "NaT"),
+        (lambda q: q.where(createdAt=pd.NaT), "createdAt", "NaT"),
+        (lambda q: q.between("createdAt", "2020", "9999"), "createdAt", "9998"),
+        (lambda q: q.between("StudyDateTime", "2020", "9999-12-31"), "StudyDateTime", "9998"),
+        (lambda q: q.between("createdAt", "2020-01-01T00:00+25:00", "2021"), "createdAt", "24"),
+    ],
+)
+def test_values_that_can_never_match_are_refused(build, field: str, rule: str) -> None:
+    with pytest.raises(QueryValidationError) as info:
+        build(Query(DS))
+    assert info.value.field == field
+    assert rule in str(info.value)
+
+
+def test_code_strings_keep_exact_uppercase_values_and_ids_stay_exact() -> None:
+    q = Query(DS).where(Modality=["CT", "MR"], BodyPartExamined="HEAD_NECK", PatientSex="O")
+    assert [p.op for p in q.predicates] == ["in", "eq", "eq"]
+    assert Query(DS).where(PatientID=" p1 ").predicates[0].values == (" p1 ",)
+    assert Query(DS).contains("Modality", "ct", case=False).predicates[0].op == "contains"
+
+
+def test_day_first_or_month_first_is_unambiguous_when_the_day_is_over_12() -> None:
+    q = Query(DS).between("StudyDateTime", "13/02/2021", "2021-12-31")
+    assert q.predicates[0].values[0] == datetime(2021, 2, 13)
+    assert Query(DS).between("StudyDateTime", "2021-01-02", "2021").predicates[0].values[0] == (
+        datetime(2021, 1, 2)
+    )
+
+
+def test_where_on_a_date_means_that_whole_day() -> None:
+    for day in (date(2021, 3, 4), "2021-03-04"):
+        q = Query(DS).where(StudyDateTime=day)
+        (p,) = q.predicates
+        assert p.op == "between"
+        assert p.values == (datetime(2021, 3, 4), datetime(2021, 3, 4, 23, 59, 59, 999999))
+        assert "DICOMStudyDateAndTime" in json.dumps(q.plan())
+    instant = Query(DS).where(StudyDateTime=datetime(2021, 3, 4, 10, 30))
+    assert instant.predicates[0].op == "eq"
+    with pytest.raises(QueryValidationError, match="between"):
+        Query(DS).where(StudyDateTime=[date(2021, 3, 4), date(2021, 3, 5)])
+
+
+# -- derived values: filtered exactly on the client, never pushed down --------------------
+
+
+def test_derived_values_are_client_side_and_explained() -> None:
+    q = Query(DS).where(PatientID="P1", StudyYear=[2020, 2021]).between("ageAtStudy", 40, 60)
+    plan = q.compile()
+    assert [p.column for p in plan.pushed] == ["PatientID"]
+    sent = json.dumps(q.plan(), default=str)
+    assert "2020" not in sent
+    assert "ageAtStudy" not in sent
+    text = q.explain()
+    client_side = text.split("applied on the client")[1]
+    assert "ageAtStudy between <2 values> (derived from PatientBirthDate, StudyDate" in client_side
+    assert "StudyYear in <2 values>" in client_side
+    assert Query.from_dict(q.to_dict()) == q
+
+
+@pytest.mark.parametrize(
+    ("build", "rule"),
+    [
+        (lambda q: q.between("ageAtStudy", "40", 60), "integer"),
+        (lambda q: q.contains("StudyYear", "20"), "number"),
+        (lambda q: q.sort_by("ageAtStudy"), "not sorting"),
+        (lambda q: q.between("ageAtStudy", 60, 40), "after"),
+    ],
+)
+def test_derived_values_are_validated(build, rule: str) -> None:
+    with pytest.raises(QueryValidationError) as info:
+        build(Query(DS))
+    assert rule in str(info.value)
+
+
+def test_derived_masks_match_the_accessor() -> None:
+    import pyarrow as pa
+
+    from healthimaging_df import cohort, predicates
+
+    table = pa.table(
+        {
+            "PatientBirthDate": ["19730515", "1973", "197305", None, "19800101", "bad"],
+            "StudyDate": ["20240514", "20240606", "20240606", "20240101", "2024", "20240101"],
+        }
+    )
+    ages = cohort.age_at_study(table.to_pandas()).tolist()
+    assert ages[:3] == [50, pd.NA, 51]
+    mask = predicates.build("ageAtStudy", "between", (50, 51)).mask(table).to_pylist()
+    assert mask == [True, False, True, False, False, False]
+    missing = predicates.build("ageAtStudy", "is_null").mask(table).to_pylist()
+    assert missing == [a is pd.NA for a in ages]
+    years = predicates.build("StudyYear", "eq", (2024,)).mask(table).to_pylist()
+    assert years == [True] * 6

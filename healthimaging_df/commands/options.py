@@ -1,0 +1,180 @@
+"""The command-line options the service commands share, and the usage errors they raise.
+
+Nothing here imports pandas, pyarrow or boto3: ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+LOCAL_IMAGE_SETS = 5_000  # the synthetic datastore behind --local: the demo's data
+LOCAL_SEED = 42
+SEARCH_TPS = 25.0  # SearchImageSets' default quota, requests per second
+
+EXIT_STATUS = """\
+exit status:
+  0  success
+  1  service error (HTTP error from HealthImaging, throttled, unreachable endpoint, unknown
+     datastore), or a file that could not be written
+  2  usage or configuration error (bad option or value, unknown column, unreadable --ids-from
+     file, no region or credentials); nothing was sent
+  3  search --fail-if-empty, and nothing matched
+
+Errors are one line on stderr naming the problem, never a DICOM value. Progress goes to stderr
+when it is a terminal; results go to stdout or the --out file."""
+
+
+class UsageError(Exception):
+    """A command line or input file the command cannot use (exit code 2); no PHI in the message."""
+
+
+class ConfigError(UsageError):
+    """AWS configuration missing or wrong: profile, region or credentials (exit code 2)."""
+
+
+def common_parent() -> argparse.ArgumentParser:
+    """Options every service command takes: ``-v`` and ``-q``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("output")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log what happens on stderr (no PHI); -vv adds botocore's log, bodies redacted",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bar and no summary line on stderr",
+    )
+    return parent
+
+
+def aws_parent() -> argparse.ArgumentParser:
+    """The AWS options, spelled as the AWS CLI spells them, and the fetch options."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group(
+        "AWS",
+        "Credentials, region and endpoint come from the usual places unless given here:\n"
+        "AWS_PROFILE, AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
+        "~/.aws/config, instance roles...",
+    )
+    group.add_argument("--profile", help="named profile from ~/.aws/config")
+    group.add_argument("--region", help="AWS region, e.g. us-east-1")
+    group.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="send requests to URL (e.g. a local service); host-prefix injection is turned off",
+    )
+    group.add_argument(
+        "--local",
+        action="store_true",
+        help=f"ignore AWS: run against the bundled local service, started for this command and "
+        f"seeded with the demo's {LOCAL_IMAGE_SETS} synthetic image sets; --datastore-id may be "
+        "left out",
+    )
+    group.add_argument(
+        "--max-tps",
+        type=_positive_float,
+        default=SEARCH_TPS,
+        metavar="N",
+        help="requests per second, all threads together (default: %(default)s, the service quota)",
+    )
+    group.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="request chains in flight at once (default: %(default)s)",
+    )
+    return parent
+
+
+def query_parent() -> argparse.ArgumentParser:
+    """The options that state a cohort; ``build_query`` turns them into a ``Query``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group(
+        "query",
+        "COL is a column name as in the frame (docs/schema.md): PatientID, Modality,\n"
+        "StudyDateTime, createdAt... Every condition must hold (AND).",
+    )
+    group.add_argument(
+        "--datastore-id",
+        metavar="ID",
+        required=False,
+        help="the datastore (32 characters); required unless --local",
+    )
+    group.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COL=VALUE",
+        help="COL=VALUE equals (repeat a column for any of several values: IN); "
+        "COL!=VALUE differs (rows missing COL are kept); COL~TEXT contains TEXT",
+    )
+    group.add_argument(
+        "--between",
+        action="append",
+        nargs=3,
+        default=[],
+        metavar=("COL", "LOW", "HIGH"),
+        help="LOW <= COL <= HIGH, inclusive; dates like 2021-01-01 or 2021 cover the whole day/year",
+    )
+    group.add_argument("--null", action="append", default=[], metavar="COL", help="COL is missing")
+    group.add_argument(
+        "--not-null", action="append", default=[], metavar="COL", help="COL is present"
+    )
+    group.add_argument(
+        "--ignore-case",
+        action="store_true",
+        help="COL~TEXT conditions, and COL=VALUE on the code-string columns (Modality, "
+        "BodyPartExamined, PatientSex), ignore case; IDs always match exactly",
+    )
+    group.add_argument(
+        "--ids-from",
+        metavar="FILE",
+        help="IDs to match, one chain per ID: a .csv/.tsv file (the column named by --csv-column, "
+        "else --column) or plain text, one ID per line (blank lines and # comments skipped); "
+        "- reads stdin",
+    )
+    group.add_argument(
+        "--column",
+        metavar="COL",
+        default="PatientID",
+        help="the column the --ids-from IDs are matched against (default: %(default)s)",
+    )
+    group.add_argument(
+        "--csv-column",
+        metavar="NAME",
+        help="header of the ID column in a --ids-from CSV file, when it is not COL",
+    )
+    group.add_argument(
+        "--sort",
+        metavar="COL[:desc]",
+        help="order by COL, ascending unless :desc (default: updatedAt, newest first)",
+    )
+    group.add_argument("--limit", type=_positive_int, metavar="N", help="at most N rows")
+    return parent
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expects a positive integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("expects a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expects a positive number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("expects a positive number")
+    return value
