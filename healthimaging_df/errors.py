@@ -82,6 +82,23 @@ class PaginationError(SearchError):
     """The service broke the pagination contract (e.g. handed back a nextToken it already gave)."""
 
 
+class MalformedResponseError(SearchError):
+    """A response broke the service model (truncated, not JSON, wrong types): retry it like a 5xx.
+
+    ``rule`` names the rule that was broken; neither it nor the message quotes response values.
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        request_index: int | None = None,
+        status: int | None = None,
+        operation: str = "SearchImageSets",
+    ) -> None:
+        self.rule = rule
+        super().__init__(operation, request_index, "MalformedResponse", status, detail=rule)
+
+
 class SnapshotError(HealthImagingDFError):
     """A Parquet snapshot could not be written, read or refreshed."""
 
