@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from healthimaging_df import logs, schema
 from healthimaging_df.errors import MalformedResponseError, SearchError
@@ -81,16 +82,35 @@ _TOP_SPECS = [
 ]
 _TAG_SPECS = [(c.name, c.source[1], _TYPES[c.kind], _WORDS[c.kind]) for c in _TAGS]
 _SCHEMA = schema.arrow_schema()
-_DICT = frozenset({dict})
-_DICT_OR_NONE = frozenset({dict, type(None)})
-_NONE = frozenset({type(None)})
+_DICT: frozenset[type] = frozenset({dict})
+_DICT_OR_NONE: frozenset[type] = frozenset({dict, type(None)})
+_NONE: frozenset[type] = frozenset({type(None)})
 _EMPTY: dict[str, Any] = {}
 _LEN_32 = frozenset({32})
 _ID_CHARS = re.compile(r"[0-9a-z]*").fullmatch
-_BY_TYPE = [
-    (t, [c.name for c in _TOP + _TAGS if c.arrow_type == t and c.kind != "timestamp"])
-    for t in (pa.string(), pa.int64(), pa.bool_())
+# The wire shape as Arrow converts it: timestamps as float64 epoch seconds.
+_WIRE_TYPES: dict[schema.Kind, pa.DataType] = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "bool": pa.bool_(),
+    "timestamp": pa.float64(),
+}
+_WIRE_TOP = [c.source[0] for c in _TOP] + ["DICOMTags"]
+_WIRE_TAGS = [c.source[1] for c in _TAGS]
+_WIRE = pa.struct(
+    [pa.field(c.source[0], _WIRE_TYPES[c.kind]) for c in _TOP]
+    + [
+        pa.field(
+            "DICOMTags",
+            pa.struct([pa.field(c.source[1], _WIRE_TYPES[c.kind]) for c in _TAGS]),
+        )
+    ]
+)
+# Where Arrow's conversion is lenient (1.5 -> int64 1, True -> float64 1.0): checked in Python.
+_STRICT_TOP = [
+    (c.source[0], _TYPES[c.kind], _WORDS[c.kind]) for c in _TOP if c.kind in ("int", "timestamp")
 ]
+_STRICT_TAGS = [(c.source[1], _TYPES[c.kind], _WORDS[c.kind]) for c in _TAGS if c.kind == "int"]
 _DIGITS = re.compile(r"[0-9]{8}").fullmatch
 _TIME_RE = re.compile(r"([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?").fullmatch
 _TYPES_BY_NAME = {f.name: f.type for f in _SCHEMA}
@@ -163,7 +183,74 @@ def parse_page(body: bytes, content_length: int | None = None) -> ParsedPage:
 
 
 def _table(items: list[Any]) -> pa.Table:
-    """Validate summaries and build their table, column by column (checks run in C, per column)."""
+    """Validate summaries and build their table.
+
+    One C++ conversion of the summaries as a struct of the wire types checks most rules (strings,
+    booleans, objects); what it would let through (a float or boolean where an integer or a
+    number is declared) is checked per column in Python, where ``type()`` is exact.
+    """
+    try:
+        summaries = pa.array(items, type=_WIRE)
+    except (pa.ArrowException, OverflowError, UnicodeError, TypeError, ValueError):
+        _diagnose(items)
+        raise MalformedResponseError(
+            "a value is out of its type's range or not encodable"
+        ) from None
+    if summaries.null_count:
+        bad = summaries.is_null().to_pylist().index(True)
+        raise MalformedResponseError(f"summary #{bad} is not an object")
+    top = dict(zip(_WIRE_TOP, summaries.flatten(), strict=True))
+    tags = dict(zip(_WIRE_TAGS, top.pop("DICOMTags").flatten(), strict=True))
+    for name in _REQUIRED:
+        if top[name].null_count:
+            bad = top[name].is_null().to_pylist().index(True)
+            raise MalformedResponseError(f"summary #{bad} has no {name}")
+    _check_ids(top["imageSetId"].to_pylist())
+    for key, types, words in _STRICT_TOP:
+        _check([item.get(key) for item in items], types, False, key, words)
+    dicoms = [item.get("DICOMTags") or _EMPTY for item in items]
+    for key, types, words in _STRICT_TAGS:
+        _check([d.get(key) for d in dicoms], types, False, f"DICOMTags.{key}", words)
+
+    arrays: dict[str, pa.Array] = {}
+    for column in _TOP:
+        if column.kind == "timestamp":
+            arrays[column.name] = _timestamp(top[column.source[0]], column.name)
+        else:
+            arrays[column.name] = top[column.source[0]]
+    for column in _TAGS:
+        arrays[column.name] = tags[column.source[1]]
+    arrays["StudyDateTime"] = pa.array(
+        list(
+            map(
+                _wallclock_cached,
+                arrays["StudyDate"].to_pylist(),
+                arrays["StudyTime"].to_pylist(),
+            )
+        ),
+        type=pa.int64(),
+    ).view(_TYPES_BY_NAME["StudyDateTime"])
+    return pa.Table.from_arrays([arrays[n] for n in schema.COLUMN_NAMES], schema=_SCHEMA)
+
+
+def _timestamp(seconds_array: pa.Array, name: str) -> pa.Array:
+    """Epoch seconds to UTC microseconds, rounded as ``datetime.fromtimestamp`` (botocore) does."""
+    mask = None
+    if seconds_array.null_count:
+        mask = seconds_array.is_null().to_numpy(zero_copy_only=False)
+        seconds_array = pc.fill_null(seconds_array, 0.0)
+    seconds = seconds_array.to_numpy()
+    if not ((seconds >= _MIN_SECONDS) & (seconds < _MAX_SECONDS)).all():
+        raise MalformedResponseError(f"{name}: a timestamp is outside years 1 to 9999")
+    # CPython's fromtimestamp: split off the whole seconds, round the fraction half to even.
+    whole = np.trunc(seconds)
+    micros = whole.astype(np.int64) * 1_000_000
+    micros += np.rint((seconds - whole) * 1e6).astype(np.int64)
+    return pa.array(micros, type=pa.int64(), mask=mask).view(_TYPES_BY_NAME[name])
+
+
+def _diagnose(items: list[Any]) -> None:
+    """Check every rule in Python, field by field, and raise for the first summary breaking one."""
     if not set(map(type, items)) <= _DICT:
         raise MalformedResponseError(f"summary #{_first(items, _DICT)} is not an object")
     columns: dict[str, list[Any]] = {}
@@ -171,10 +258,7 @@ def _table(items: list[Any]) -> pa.Table:
         values = [item.get(key) for item in items]
         _check(values, types, required, key, words)
         columns[name] = values
-    ids = columns["imageSetId"]
-    if set(map(len, ids)) - _LEN_32 or not _ID_CHARS("".join(ids)):
-        bad = next(i for i, v in enumerate(ids) if not _ID_RE.fullmatch(v))
-        raise MalformedResponseError(f"summary #{bad}: imageSetId is not 32 characters [0-9a-z]")
+    _check_ids(columns["imageSetId"])
     dicoms = [item.get("DICOMTags") for item in items]
     if not set(map(type, dicoms)) <= _DICT_OR_NONE:
         raise MalformedResponseError(
@@ -186,23 +270,12 @@ def _table(items: list[Any]) -> pa.Table:
         _check(values, types, False, f"DICOMTags.{key}", words)
         columns[name] = values
 
-    arrays: dict[str, pa.Array] = {}
-    try:
-        # One conversion per Arrow type, sliced into columns: pa.array's fixed cost paid 3 times.
-        for arrow_type, names in _BY_TYPE:
-            flat = [v for name in names for v in columns[name]]
-            converted = pa.array(flat, type=arrow_type)
-            size = len(items)
-            for k, name in enumerate(names):
-                arrays[name] = converted.slice(k * size, size)
-    except (pa.ArrowException, OverflowError, UnicodeError):
-        raise MalformedResponseError("a value is out of its type's range") from None
-    arrays.update(_timestamps({name: columns[name] for name in _TIMESTAMPS}))
-    arrays["StudyDateTime"] = pa.array(
-        list(map(_wallclock_cached, columns["StudyDate"], columns["StudyTime"])),
-        type=pa.int64(),
-    ).view(_TYPES_BY_NAME["StudyDateTime"])
-    return pa.Table.from_arrays([arrays[n] for n in schema.COLUMN_NAMES], schema=_SCHEMA)
+
+def _check_ids(ids: list[str]) -> None:
+    """Every imageSetId is 32 characters [0-9a-z] (one regex over them all when they are)."""
+    if set(map(len, ids)) - _LEN_32 or not _ID_CHARS("".join(ids)):
+        bad = next(i for i, v in enumerate(ids) if not _ID_RE.fullmatch(v))
+        raise MalformedResponseError(f"summary #{bad}: imageSetId is not 32 characters [0-9a-z]")
 
 
 def _check(values: list[Any], types: frozenset[type], required: bool, key: str, words: str) -> None:
@@ -262,25 +335,6 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
     doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     return era * 146097 + doe - 719468
-
-
-def _timestamps(columns: dict[str, list[Any]]) -> dict[str, pa.Array]:
-    """Epoch seconds to UTC microseconds, rounded as ``datetime.fromtimestamp`` (botocore) does."""
-    out: dict[str, pa.Array] = {}
-    for name, values in columns.items():
-        mask = None
-        if None in values:
-            mask = np.array([v is None for v in values], dtype=bool)
-            values = [0.0 if v is None else v for v in values]
-        seconds = np.array(values, dtype=np.float64)
-        if not ((seconds >= _MIN_SECONDS) & (seconds < _MAX_SECONDS)).all():
-            raise MalformedResponseError(f"{name}: a timestamp is outside years 1 to 9999")
-        # CPython's fromtimestamp: split off the whole seconds, round the fraction half to even.
-        whole = np.trunc(seconds)
-        micros = whole.astype(np.int64) * 1_000_000
-        micros += np.rint((seconds - whole) * 1e6).astype(np.int64)
-        out[name] = pa.array(micros, type=pa.int64(), mask=mask).view(_TYPES_BY_NAME[name])
-    return out
 
 
 # -- the botocore hook ---------------------------------------------------------------------------

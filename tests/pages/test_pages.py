@@ -30,7 +30,11 @@ def _crafted() -> list[dict[str, Any]]:
     """Edge cases the generator rarely or never makes: non-ASCII, no tags, odd dates and times."""
     base = datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=timezone.utc)
     tags: list[dict[str, Any]] = [
-        {"DICOMPatientName": "Müller^Zoë", "DICOMPatientId": "病院-001", "DICOMStudyDate": "20240229"},
+        {
+            "DICOMPatientName": "Müller^Zoë",
+            "DICOMPatientId": "病院-001",
+            "DICOMStudyDate": "20240229",
+        },
         {"DICOMPatientName": "山田^太郎", "DICOMStudyDate": "20240230", "DICOMStudyTime": "1200"},
         {"DICOMStudyDate": "00000101", "DICOMStudyTime": "235959.123456"},
         {"DICOMStudyDate": "19991231", "DICOMStudyTime": "24"},
@@ -184,7 +188,8 @@ def test_throttling_and_500s_are_still_retried_by_botocore(
 
     svc.set_faults(error_rate=0.0, tps=5, burst=1)
     retried = [pages.fetch_page(client, request).retry_attempts for _ in range(3)]
-    assert retried[0] == 0 and sum(retried) > 0  # throttled, then let through by botocore
+    assert retried[0] == 0
+    assert sum(retried) > 0
 
     svc.set_faults(error_rate=1.0, tps=None)
     once = svc.client(retries={"mode": "standard", "max_attempts": 2})
@@ -285,8 +290,10 @@ def test_a_malformed_page_raises_a_typed_error_naming_the_rule(
     assert isinstance(error, SearchError)
     assert rule in error.rule
     assert str(error).startswith("SearchImageSets request #3 failed with MalformedResponse")
-    assert SECRET not in str(error) and SECRET not in repr(error)
-    assert error.__cause__ is None and error.__suppress_context__
+    assert SECRET not in str(error)
+    assert SECRET not in repr(error)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
     assert pages.fetch_page(client, {"datastoreId": ID}).num_rows == 1  # the retry the engine makes
 
 
@@ -294,7 +301,8 @@ def test_botocore_alone_reads_these_pages_as_a_last_page(raw_server: RawServer) 
     """Why the lean path checks: botocore turns a broken page into an empty, final one."""
     raw_server.replies = [Reply(_body(_summary())[:-7])]
     response = raw_server.client().search_image_sets(datastoreId=ID)
-    assert "imageSetsMetadataSummaries" not in response and "nextToken" not in response
+    assert "imageSetsMetadataSummaries" not in response
+    assert "nextToken" not in response
 
 
 @pytest.fixture
