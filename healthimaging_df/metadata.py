@@ -18,6 +18,7 @@ import gzip
 import itertools
 import json
 import logging
+import operator
 import threading
 import time
 import warnings
@@ -224,17 +225,26 @@ class _Block:
 
 
 def _shared(instances: list[dict[str, Any]]) -> dict[str, Any]:
-    """``_scalar_attributes`` column-wise: one C-level ``list.count`` per keyword."""
-    if not instances:
+    """``_scalar_attributes`` column-wise, in C.
+
+    One ``itemgetter`` call per instance and one ``list.count`` per keyword replace a Python
+    loop over every (instance, keyword) pair.
+    """
+    if not instances or not instances[0]:
         return {}
     first = instances[0]
-    missing = object()
-    shared: dict[str, Any] = {}
-    for keyword, value in first.items():
-        values = [d.get(keyword, missing) for d in instances]
-        if values.count(value) == len(values):
-            shared[keyword] = value
-    return shared
+    keys = list(first)
+    try:
+        rows = list(map(operator.itemgetter(*keys), instances))
+    except KeyError:  # some instance lacks a keyword: compare keyword by keyword
+        missing = object()
+        return {k: v for k, v in first.items() if all(d.get(k, missing) == v for d in instances)}
+    columns = [rows] if len(keys) == 1 else list(zip(*rows, strict=True))
+    return {
+        k: first[k]
+        for k, column in zip(keys, columns, strict=True)
+        if column.count(column[0]) == len(column)
+    }
 
 
 def _flatten_columns(document: dict[str, Any], level: Level) -> _Block:
@@ -579,8 +589,14 @@ def _fetch_all(
         return _Block(block.rows, head | block.columns)
 
     pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-metadata")
+    # A window of futures, refilled as they finish: waiting on every target's future at once
+    # made each completion cost O(targets) (quadratic in the frame's size).
+    queued = iter(targets)
+    window = 2 * max_concurrency
     try:
-        pending: dict[Future[_Block | None], _Target] = {pool.submit(one, t): t for t in targets}
+        pending: dict[Future[_Block | None], _Target] = {
+            pool.submit(one, t): t for t in itertools.islice(queued, window)
+        }
         done_count = 0
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -607,6 +623,8 @@ def _fetch_all(
                         blocks[target.position] = block
                 done_count += 1
                 progress.update(done_count, len(targets))
+            for t in itertools.islice(queued, window - len(pending)):
+                pending[pool.submit(one, t)] = t
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
