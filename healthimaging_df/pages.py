@@ -24,7 +24,7 @@ import functools
 import re
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from healthimaging_df.errors import MalformedResponseError, SearchError
 
 __all__ = [
     "EVENT",
+    "SEND_EVENT",
     "MalformedResponseError",
     "ParsedPage",
     "fetch_page",
@@ -48,10 +49,13 @@ __all__ = [
 
 OPERATION = "SearchImageSets"
 EVENT = "before-parse.medical-imaging.SearchImageSets"
-"""The botocore event the handler is registered for (``before-parse.{service-id}.{operation}``)."""
+"""The botocore event the parser is registered for (``before-parse.{service-id}.{operation}``)."""
+SEND_EVENT = "before-send.medical-imaging.SearchImageSets"
+"""Emitted once per attempt, botocore's retries included: where ``pace`` is called."""
 
 _RESULT_KEY = "healthimaging_df.pages.result"
 _UNIQUE_ID = "healthimaging_df.pages.before_parse"
+_SEND_ID = "healthimaging_df.pages.before_send"
 _ID_RE = re.compile(r"[0-9a-z]{32}")
 _MAX_TOKEN = 8192
 # datetime's range, in epoch seconds: 0001-01-01 to 9999-12-31 23:59:59.999999.
@@ -366,6 +370,13 @@ def _before_parse(
     customized_response_dict[_RESULT_KEY] = result
 
 
+def _before_send(**_: Any) -> None:
+    """Before every attempt of an armed call (retries too): wait for the caller's pacer."""
+    pace = getattr(_state, "pace", None)
+    if pace is not None:
+        pace()
+
+
 def _content_length(headers: Any) -> int | None:
     if headers is None:
         return None
@@ -390,11 +401,16 @@ def install(client: Any) -> None:
             return
         logs.refresh()
         client.meta.events.register(EVENT, _before_parse, unique_id=_UNIQUE_ID)
+        client.meta.events.register(SEND_EVENT, _before_send, unique_id=_SEND_ID)
         _installed.add(client)
 
 
 def fetch_page(
-    client: Any, kwargs: Mapping[str, Any], *, request_index: int | None = None
+    client: Any,
+    kwargs: Mapping[str, Any],
+    *,
+    request_index: int | None = None,
+    pace: Callable[[], None] | None = None,
 ) -> ParsedPage:
     """Call ``client.search_image_sets(**kwargs)`` and return the page, parsed and validated.
 
@@ -406,6 +422,9 @@ def fetch_page(
         The request, exactly as ``search_image_sets`` takes it.
     request_index
         The chain's index, named in errors.
+    pace
+        Called before every attempt, botocore's retries included (e.g. a rate limiter's
+        ``acquire``), so that retries after a throttle are paced like first attempts.
 
     Raises
     ------
@@ -417,8 +436,8 @@ def fetch_page(
     from botocore.exceptions import ConnectionClosedError, IncompleteReadError
 
     install(client)
-    previous = getattr(_state, "armed", False)
-    _state.armed = True
+    previous = getattr(_state, "armed", False), getattr(_state, "pace", None)
+    _state.armed, _state.pace = True, pace
     try:
         response: dict[str, Any] = client.search_image_sets(**kwargs)
     except (IncompleteReadError, ConnectionClosedError) as exc:
@@ -426,7 +445,7 @@ def fetch_page(
             raise
         raise MalformedResponseError("the body was cut short", request_index) from None
     finally:
-        _state.armed = previous
+        _state.armed, _state.pace = previous
     result = response.pop(_RESULT_KEY, None)
     if isinstance(result, MalformedResponseError):
         result.request_index = request_index

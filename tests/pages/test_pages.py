@@ -327,3 +327,24 @@ def test_response_bodies_never_reach_botocores_debug_log(
     with caplog.at_level(logging.DEBUG):
         client.search_image_sets(**request)
     assert any(json.dumps(n)[1:-1] in caplog.text or n in caplog.text for n in names)  # control
+
+
+def test_pace_is_called_before_every_attempt_retries_included(
+    ahi_service_factory: Callable[..., LocalService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from botocore.retries import standard
+
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.0)
+    svc = ahi_service_factory(image_sets=20, seed=2, error_rate=0.5, fault_seed=3)
+    client = svc.client()
+    calls: list[int] = []
+    pages_read = [
+        pages.fetch_page(
+            client, {"datastoreId": svc.datastore_id}, pace=lambda: calls.append(1)
+        ).retry_attempts
+        for _ in range(12)
+    ]
+    assert sum(pages_read) > 0
+    assert len(calls) == svc.stats.requests == 12 + sum(pages_read)
+    client.search_image_sets(datastoreId=svc.datastore_id)  # not armed: not paced
+    assert len(calls) == 12 + sum(pages_read)
