@@ -84,10 +84,20 @@ class PaginationError(SearchError):
 
 
 class MalformedResponseError(SearchError):
-    """A response broke the service model (a cut or foreign body, wrong types); retried, then raised.
+    """A response broke the service model (truncated, not JSON, wrong types): retry it like a 5xx.
 
-    ``detail`` names the rule that failed, never the value that broke it (responses are PHI).
+    ``rule`` names the rule that was broken; neither it nor the message quotes response values.
     """
+
+    def __init__(
+        self,
+        rule: str,
+        request_index: int | None = None,
+        status: int | None = None,
+        operation: str = "SearchImageSets",
+    ) -> None:
+        self.rule = rule
+        super().__init__(operation, request_index, "MalformedResponse", status, detail=rule)
 
 
 class SnapshotError(HealthImagingDFError):

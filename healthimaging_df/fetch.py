@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthimaging_df import aws, dates, flatten, pagecheck
+from healthimaging_df import aws, dates, flatten, pagecheck, pages
 from healthimaging_df.errors import (
     MalformedResponseError,
     PaginationError,
@@ -461,6 +462,17 @@ class PageStream:
         return call_page(self.client, self._limiter, kwargs, chain, self._cancel)
 
 
+_no_lean: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _lean(client: Any) -> bool:
+    """Whether *client*'s pages can take the lean path (a botocore client with events).
+
+    Otherwise botocore parses them and ``pagecheck`` checks them.
+    """
+    return hasattr(getattr(client, "meta", None), "events") and client not in _no_lean
+
+
 def call_page(
     client: Any,
     limiter: aws.RateLimiter | None,
@@ -470,7 +482,8 @@ def call_page(
 ) -> tuple[pa.Table, str | None]:
     """One page, checked against the service model; a malformed page is asked for again.
 
-    Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
+    The body is parsed straight into Arrow columns (``pages``) where botocore allows it; a client
+    that does not is parsed by botocore and checked by ``pagecheck``. Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
     limiter, so a retry never overruns the quota.
     """
     from botocore.exceptions import BotoCoreError, ClientError
@@ -480,6 +493,14 @@ def call_page(
     for attempt in range(1, MALFORMED_ATTEMPTS + 1):
         try:
             with aws.paced(client, limiter):
+                if _lean(client):
+                    try:
+                        page = pages.fetch_page(client, kwargs, request_index=chain)
+                        return page.table, page.next_token
+                    except SearchError as exc:
+                        if exc.code != "LeanPathUnavailable":
+                            raise
+                        _no_lean.add(client)  # an old botocore: parse as botocore does
                 response = client.search_image_sets(**kwargs)
             items, token = pagecheck.check_page(response, chain)
             return flatten.summaries_to_table(items), token

@@ -15,8 +15,10 @@ expensive) tier. ``fetch_metadata`` warns once when archived image sets are abou
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
+import operator
 import threading
 import time
 import warnings
@@ -25,9 +27,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+import orjson
 import pandas as pd
 import pyarrow as pa
 
+from healthimaging_df import aws
 from healthimaging_df.aws import THROTTLING_CODES, RateLimiter, make_client
 from healthimaging_df.cohort import require, with_attrs
 from healthimaging_df.errors import (
@@ -214,6 +218,105 @@ def flatten_document(document: dict[str, Any], level: Level = "series") -> Itera
         yield row
 
 
+@dataclass
+class _Block:
+    """One document's rows, column by column: ``columns[keyword]`` holds ``rows`` values."""
+
+    rows: int
+    columns: dict[str, list[Any]]
+
+
+def _shared(instances: list[dict[str, Any]]) -> dict[str, Any]:
+    """``_scalar_attributes`` column-wise, in C.
+
+    One ``itemgetter`` call per instance and one ``list.count`` per keyword replace a Python
+    loop over every (instance, keyword) pair.
+    """
+    if not instances or not instances[0]:
+        return {}
+    first = instances[0]
+    keys = list(first)
+    try:
+        rows = list(map(operator.itemgetter(*keys), instances))
+    except KeyError:  # some instance lacks a keyword: compare keyword by keyword
+        missing = object()
+        return {k: v for k, v in first.items() if all(d.get(k, missing) == v for d in instances)}
+    columns = [rows] if len(keys) == 1 else list(zip(*rows, strict=True))
+    return {
+        k: first[k]
+        for k, column in zip(keys, columns, strict=True)
+        if column.count(column[0]) == len(column)
+    }
+
+
+def _flatten_columns(document: dict[str, Any], level: Level) -> _Block:
+    """What ``flatten_document`` yields, built as columns (same values, same column order)."""
+    series_map = (document.get("Study") or {}).get("Series") or {}
+    parts: list[_Block] = []
+    for series_uid, series in series_map.items():
+        series_dicom = series.get("DICOM") or {}
+        instances = series.get("Instances") or {}
+        if level == "instance":
+            sop_uids = list(instances)
+            dicoms = [i.get("DICOM") or {} for i in instances.values()]
+            n = len(dicoms)
+            columns: dict[str, list[Any]] = {
+                "SeriesInstanceUID": [series_uid] * n,
+                "SOPInstanceUID": sop_uids,
+            }
+            for keyword, value in series_dicom.items():
+                columns.setdefault(keyword, [value] * n)
+            for keyword in dict.fromkeys(itertools.chain.from_iterable(dicoms)):
+                if keyword not in columns:
+                    columns[keyword] = [d.get(keyword) for d in dicoms]
+            if n:  # a series without instances has no instance rows
+                parts.append(_Block(n, columns))
+            continue
+        row: dict[str, Any] = {"SeriesInstanceUID": series_uid}
+        for keyword, value in series_dicom.items():
+            row.setdefault(keyword, value)
+        shared = _shared([i.get("DICOM") or {} for i in instances.values()])
+        shared.pop("SOPInstanceUID", None)
+        shared.pop("InstanceNumber", None)
+        for keyword, value in shared.items():
+            row.setdefault(keyword, value)
+        row["NumberOfSeriesRelatedInstances"] = len(instances)
+        parts.append(_Block(1, {k: [v] for k, v in row.items()}))
+    if len(parts) == 1:
+        return parts[0]
+    return _concat(parts) if parts else _Block(0, {})
+
+
+def _concat(blocks: list[_Block]) -> _Block:
+    """Blocks one after another; a column a block lacks is None there."""
+    names = dict.fromkeys(itertools.chain.from_iterable(b.columns for b in blocks))
+    columns: dict[str, list[Any]] = {}
+    for name in names:
+        values: list[Any] = []
+        for block in blocks:
+            values.extend(block.columns.get(name) or [None] * block.rows)
+        columns[name] = values
+    return _Block(sum(b.rows for b in blocks), columns)
+
+
+def _blocks_to_frame(blocks: list[_Block], keys: list[str]) -> pd.DataFrame:
+    """The frame of blocks in order: ``keys`` first, then columns in order of first appearance."""
+    blocks = [b for b in blocks if b.rows]
+    names = list(dict.fromkeys(itertools.chain(keys, *(b.columns for b in blocks))))
+    arrays = []
+    for name in names:
+        values: list[Any] = []
+        for block in blocks:
+            column = block.columns.get(name)
+            values.extend(column if column is not None else [None] * block.rows)
+        arrays.append(_column(values))
+    table = pa.Table.from_arrays(arrays, names=names)
+    frame: pd.DataFrame = table.to_pandas(types_mapper=_nullable)
+    if "version" in frame.columns:
+        frame["version"] = frame["version"].astype("Int64")
+    return frame
+
+
 def _column(values: list[Any]) -> pa.Array:
     """An Arrow array of one attribute; values of mixed or unusual types become JSON text."""
     try:
@@ -242,19 +345,6 @@ def _nullable(arrow_type: pa.DataType) -> Any:
     return None
 
 
-def _rows_to_frame(rows: list[dict[str, Any]], keys: list[str]) -> pd.DataFrame:
-    columns: dict[str, None] = dict.fromkeys(keys)
-    for row in rows:
-        for keyword in row:
-            columns.setdefault(keyword, None)
-    arrays = [_column([row.get(name) for row in rows]) for name in columns]
-    table = pa.Table.from_arrays(arrays, names=list(columns))
-    frame: pd.DataFrame = table.to_pandas(types_mapper=_nullable)
-    if "version" in frame.columns:
-        frame["version"] = frame["version"].astype("Int64")
-    return frame
-
-
 # -- calling -------------------------------------------------------------------------------------
 
 
@@ -265,16 +355,20 @@ class _Failure(Exception):
         self.fatal = fatal
 
 
-def _get_document(
-    client: Any, datastore_id: str, target: _Target, limiter: RateLimiter | None
-) -> dict[str, Any]:
+def _loads(blob: bytes) -> Any:
+    """orjson, falling back to the stdlib for what it refuses and json reads (NaN, huge ints)."""
+    try:
+        return orjson.loads(blob)
+    except orjson.JSONDecodeError:
+        return json.loads(blob)
+
+
+def _get_document(client: Any, datastore_id: str, target: _Target) -> dict[str, Any]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     kwargs: dict[str, Any] = {"datastoreId": datastore_id, "imageSetId": target.image_set_id}
     if target.version is not None:
         kwargs["versionId"] = str(target.version)
-    if limiter is not None:
-        limiter.acquire()
     try:
         response = client.get_image_set_metadata(**kwargs)
         blob = response["imageSetMetadataBlob"].read()
@@ -288,7 +382,7 @@ def _get_document(
     try:
         if blob[:2] == b"\x1f\x8b" or response.get("contentEncoding") == "gzip":
             blob = gzip.decompress(blob)
-        document = json.loads(blob)
+        document = _loads(blob)
     except (OSError, EOFError, ValueError):
         raise _Failure("InvalidMetadataDocument") from None
     if not isinstance(document, dict):
@@ -414,10 +508,11 @@ def fetch_metadata(
             stacklevel=3,
         )
     client = make_client(client, boto3_session, max_concurrency)
-    documents, failures = _fetch_all(
+    blocks, failures = _fetch_all(
         client,
         store,
         targets,
+        level,
         max_tps,
         max_concurrency,
         ProgressReporter(progress, OPERATION, " image sets", total=len(targets)),
@@ -427,41 +522,64 @@ def fetch_metadata(
     keys = ["imageSetId", "version", "SeriesInstanceUID"]
     keys += ["SOPInstanceUID"] if level == "instance" else []
     keys += [ERROR_COLUMN] if on_error == "report" else []
-    rows: list[dict[str, Any]] = []
+    ordered: list[_Block] = []
     for target in targets:
-        head: dict[str, Any] = {"imageSetId": target.image_set_id, "version": target.version}
         if target.position in failures:
-            rows.append(head | {ERROR_COLUMN: failures[target.position]})
-            continue
-        for row in flatten_document(documents[target.position], level):
-            rows.append(head | row)
-    return with_attrs(_rows_to_frame(rows, keys), frame)
+            ordered.append(
+                _Block(
+                    1,
+                    {
+                        "imageSetId": [target.image_set_id],
+                        "version": [target.version],
+                        ERROR_COLUMN: [failures[target.position]],
+                    },
+                )
+            )
+        elif target.position in blocks:
+            ordered.append(blocks.pop(target.position))
+    return with_attrs(_blocks_to_frame(ordered, keys), frame)
 
 
 def _fetch_all(
     client: Any,
     datastore_id: str,
     targets: list[_Target],
+    level: Level,
     max_tps: float | None,
     max_concurrency: int,
     progress: ProgressReporter,
-) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-    """Documents by target position, and error codes by target position."""
+) -> tuple[dict[int, _Block], dict[int, str]]:
+    """Flattened documents and error codes, by target position.
+
+    Each document is flattened in the worker as it arrives and dropped: memory follows the
+    output rows, not the documents.
+    """
     limiter = RateLimiter(max_tps) if max_tps else None
-    documents: dict[int, dict[str, Any]] = {}
+    blocks: dict[int, _Block] = {}
     failures: dict[int, str] = {}
     stop = threading.Event()
     started = time.monotonic()
 
-    def one(target: _Target) -> dict[str, Any] | None:
+    def one(target: _Target) -> _Block | None:
         if stop.is_set():
             return None
-        return _get_document(client, datastore_id, target, limiter)
+        with aws.paced(client, limiter):  # every attempt, botocore's retries included
+            document = _get_document(client, datastore_id, target)
+        block = _flatten_columns(document, level)
+        head: dict[str, list[Any]] = {
+            "imageSetId": [target.image_set_id] * block.rows,
+            "version": [target.version] * block.rows,
+        }
+        return _Block(block.rows, head | block.columns)
 
     pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-metadata")
+    # A window of futures, refilled as they finish: waiting on every target's future at once
+    # made each completion cost O(targets) (quadratic in the frame's size).
+    queued = iter(targets)
+    window = 2 * max_concurrency
     try:
-        pending: dict[Future[dict[str, Any] | None], _Target] = {
-            pool.submit(one, t): t for t in targets
+        pending: dict[Future[_Block | None], _Target] = {
+            pool.submit(one, t): t for t in itertools.islice(queued, window)
         }
         done_count = 0
         while pending:
@@ -469,7 +587,7 @@ def _fetch_all(
             for future in finished:
                 target = pending.pop(future)
                 try:
-                    document = future.result()
+                    block = future.result()
                 except _Failure as failure:
                     if failure.fatal:
                         stop.set()
@@ -485,10 +603,12 @@ def _fetch_all(
                         "%s failed for image set #%d: %s", OPERATION, target.position, failure.code
                     )
                 else:
-                    if document is not None:
-                        documents[target.position] = document
+                    if block is not None:
+                        blocks[target.position] = block
                 done_count += 1
                 progress.update(done_count, len(targets))
+            for t in itertools.islice(queued, window - len(pending)):
+                pending[pool.submit(one, t)] = t
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -500,4 +620,4 @@ def _fetch_all(
         len(failures),
         time.monotonic() - started,
     )
-    return documents, failures
+    return blocks, failures

@@ -30,7 +30,7 @@ _PYTHON_TYPES: dict[str, tuple[type, ...]] = {
 
 def malformed(index: int | None, rule: str) -> MalformedResponseError:
     """The error for a page that broke *rule* (words of ours, no response values)."""
-    return MalformedResponseError(OPERATION, index, "MalformedResponse", detail=rule)
+    return MalformedResponseError(rule, index, operation=OPERATION)
 
 
 def check_page(response: Any, index: int | None = None) -> tuple[list[dict[str, Any]], str | None]:

@@ -217,21 +217,29 @@ def _refresh_table(
             raise SnapshotError("the provenance 'redaction' is damaged") from None
         if not isinstance(recorded, dict):
             raise SnapshotError("the provenance 'redaction' is damaged")
-        if recorded.get("key_fingerprint") != redact.key_fingerprint():
-            raise SnapshotError("redact= uses a different key than the snapshot was made with")
+        fingerprints = prov.get("redaction_fingerprints")
+        if not isinstance(fingerprints, dict):
+            raise SnapshotError(
+                "the snapshot keeps no redaction fingerprints (an older version wrote it): "
+                "export it again"
+            )
+        # a salted, slow check of the key and a keyed fingerprint of the query: same key, same
+        # cohort, without the snapshot holding either
+        redact.check_fingerprints(fingerprints, query.to_json())
         if recorded != redact.describe():
             raise SnapshotError("redact= is not the policy the snapshot was made with")
     elif redact is not None:
         raise SnapshotError("the snapshot is not redacted; pass redact=None")
+    recorded_query = _recorded_query(prov)
     if query is None:
-        if not isinstance(prov.get("query"), str):
-            raise SnapshotError("no query in the provenance: pass query= to refresh")
-        try:
-            query = Query.from_dict(json.loads(prov["query"]))
-        except HealthImagingDFError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise SnapshotError("the provenance query cannot be read: pass query=") from None
+        if recorded_query is None:
+            raise SnapshotError("no readable query in the provenance: pass query= to refresh")
+        query = recorded_query
+    elif not redaction and recorded_query is not None and recorded_query != query:
+        raise SnapshotError(
+            "query= is not the query the snapshot was made with: refreshing would mix two "
+            "cohorts; export the new query to a new path"
+        )
     if query.row_limit is not None:
         raise SnapshotError(
             "a query with a limit cannot be refreshed incrementally (the first N rows can change "
@@ -315,6 +323,17 @@ def _refresh_table(
         watermark,
     )
     return result, new_prov, report
+
+
+def _recorded_query(prov: dict[str, Any]) -> Query | None:
+    """The query a plain snapshot was made with, or None if it has none that can be read."""
+    text = prov.get("query")
+    if not isinstance(text, str):
+        return None
+    try:
+        return Query.from_dict(json.loads(text))
+    except (HealthImagingDFError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _refresh_since(prov: dict[str, Any], table: pa.Table, margin: timedelta) -> datetime:

@@ -25,7 +25,7 @@ examples:
   healthimaging-df snapshot cohort/ --datastore-id ID --partition-by Modality
 
   # pseudonymized for export: names dropped, IDs and UIDs keyed-hashed, dates shifted per patient
-  export HEALTHIMAGING_DF_REDACTION_KEY=...   # from your secrets manager, 16+ bytes
+  export HEALTHIMAGING_DF_REDACTION_KEY=...   # from your secrets manager, 32+ bytes (healthimaging-df keygen)
   healthimaging-df snapshot s3://bucket/cohort/ --datastore-id ID --redact --kms-key-id alias/k
 """
 
@@ -260,10 +260,18 @@ def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> 
         except ValueError:
             described = None
         if isinstance(described, dict):
-            if described.get("key_fingerprint") != policy.key_fingerprint():
+            fingerprints = provenance.get("redaction_fingerprints")
+            if not isinstance(fingerprints, dict):
+                raise options.UsageError(
+                    f"{args.path} keeps no redaction fingerprints (an older version wrote it): "
+                    "export it again"
+                )
+            try:
+                policy.check_fingerprints(fingerprints, None)  # the key; the query later
+            except SnapshotError:
                 raise options.UsageError(
                     f"the key in {args.key_env} is not the one {args.path} was made with"
-                )
+                ) from None
             if described != policy.describe():
                 raise options.UsageError(
                     f"the redaction options (--drop, --hash, --keep-birth-date, --no-date-shift) "

@@ -298,3 +298,75 @@ def test_result_carries_the_frame_provenance(
     got = subset.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
     assert got.attrs == subset.attrs
     assert got.attrs["healthimaging_df"]["datastore_id"]
+
+
+def _multi_series_document() -> dict[str, Any]:
+    """Two series; instances that disagree, lack attributes, or add their own."""
+    return {
+        "Study": {
+            "Series": {
+                "1.2.1": {
+                    "DICOM": {"Modality": "CT", "Rows": 1},
+                    "Instances": {
+                        "1.2.1.1": {"DICOM": {"Rows": 512, "SliceThickness": 1.0, "A": [1, 2]}},
+                        "1.2.1.2": {"DICOM": {"Rows": 256, "SliceThickness": 1.0, "B": "x"}},
+                        "1.2.1.3": {"DICOM": {"SliceThickness": 1.0, "A": [1, 2]}},
+                    },
+                },
+                "1.2.2": {"DICOM": {"Modality": "SR", "Extra": "ü"}, "Instances": {}},
+                "1.2.3": {"Instances": {"1.2.3.1": {"DICOM": {"InstanceNumber": 1, "C": None}}}},
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize("level", ["series", "instance"])
+def test_column_wise_flattening_equals_the_row_wise_one(
+    metadata_service: LocalService, level: Any
+) -> None:
+    from healthimaging_df.local.backend import metadata_document
+    from healthimaging_df.metadata import _flatten_columns, flatten_document
+
+    records = metadata_service.backend.image_sets(metadata_service.datastore_id or "")[:30]
+    documents = [metadata_document("d" * 32, r) for r in records] + [_multi_series_document()]
+    for document in documents:
+        rows = list(flatten_document(document, level))
+        block = _flatten_columns(document, level)
+        assert block.rows == len(rows)
+        assert list(block.columns) == list(dict.fromkeys(k for row in rows for k in row))
+        as_rows = [
+            {k: v[i] for k, v in block.columns.items() if v[i] is not None}
+            for i in range(block.rows)
+        ]
+        assert as_rows == [{k: v for k, v in row.items() if v is not None} for row in rows]
+
+
+def test_retries_are_paced_by_the_limiter_too(
+    metadata_service: LocalService,
+    metadata_frame: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from botocore.retries import standard
+
+    # Retries a millisecond apart: unpaced, they would hammer the throttling service.
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.001)
+    metadata_service.set_faults(tps=10, burst=1)
+    metadata_service.reset_stats()
+    client = metadata_service.client(retries={"mode": "standard", "max_attempts": 30})
+    subset = _frequent(metadata_frame).head(12)
+    started = time.perf_counter()
+    got = subset.ahi.fetch_metadata(client=client, max_tps=20, max_concurrency=4, progress=False)
+    elapsed = time.perf_counter() - started
+    assert len(got) == 12
+    requests = metadata_service.stats.by_operation.get("GetImageSetMetadata", 0)
+    assert requests > 12  # some were throttled and retried
+    assert requests <= 20 * elapsed + 2  # every attempt, retries included, took a token
+
+    # The handler stays on the user's client but paces nothing outside fetch_metadata.
+    metadata_service.set_faults(tps=None)
+    started = time.perf_counter()
+    for image_set_id in subset["imageSetId"][:10]:
+        client.get_image_set_metadata(
+            datastoreId=metadata_service.datastore_id, imageSetId=image_set_id
+        )
+    assert time.perf_counter() - started < 0.45  # 10 calls at 20/s would need 0.45 s

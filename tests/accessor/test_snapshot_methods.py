@@ -13,7 +13,7 @@ from healthimaging_df.local import LocalService
 from healthimaging_df.redact import RedactionPolicy
 from healthimaging_df.snapshot import read_snapshot
 
-KEY = "a test key of 16+ bytes"
+KEY = "a test key of at least 32 bytes, 0123456789"
 
 
 @pytest.fixture
@@ -83,6 +83,9 @@ def test_redact_hashes_identifiers_and_scrubs_the_provenance(small_service: Loca
     provenance = redacted.attrs["healthimaging_df"]
     assert patient not in json.dumps(provenance)
     assert patient in cohort.attrs["healthimaging_df"]["query"]  # the original is untouched
-    assert json.loads(provenance["redaction"])["key_fingerprint"] == policy.key_fingerprint()
+    assert json.loads(provenance["redaction"]) == policy.describe()
+    policy.check_fingerprints(
+        provenance["redaction_fingerprints"], cohort.attrs["healthimaging_df"]["query"]
+    )
     # The rollups still work on a redacted frame.
     assert len(redacted.ahi.studies()) == cohort["StudyInstanceUID"].nunique()

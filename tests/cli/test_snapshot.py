@@ -14,7 +14,7 @@ from healthimaging_df.snapshot import read_snapshot
 
 from .conftest import Run, clean_env, ids, one_error_line, row, runner
 
-KEY = "a-test-key-of-more-than-16-bytes"
+KEY = "a-test-key-of-more-than-32-bytes-0123456789"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from healthimaging_df.refresh import refresh_frame, refresh_snapshot
 from healthimaging_df.snapshot import read_snapshot
 
 FAST = {"progress": False, "max_tps": None}
-KEY = b"refresh-test-key-0123456789"
+KEY = b"refresh-test-key-0123456789-abcdefghij"
 
 
 def _plain(df: pd.DataFrame) -> pd.DataFrame:
@@ -131,7 +131,11 @@ def test_redacted_snapshot_refresh_needs_query_and_key(
         refresh_snapshot(path, client=client, **FAST)
     with pytest.raises(SnapshotError, match="different key"):
         refresh_snapshot(
-            path, client=client, query=query, redact=RedactionPolicy(key=b"x" * 20), **FAST
+            path,
+            client=client,
+            query=query,
+            redact=RedactionPolicy(key=b"another-key-of-32-bytes-or-more-0123"),
+            **FAST,
         )
     report = refresh_snapshot(path, client=client, query=query, redact=policy, **FAST)
     assert report.changed
