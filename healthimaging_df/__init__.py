@@ -4,8 +4,8 @@
 >>> ahi.schema.COLUMN_NAMES[:3]
 ('imageSetId', 'version', 'createdAt')
 
-The public names load on first use (PEP 562), so the command line starts without pandas;
-``df.ahi`` is registered as soon as both this package and pandas are imported, in either order.
+The public names load on first use (PEP 562); ``df.ahi`` is registered on import, except under
+the console script (``healthimaging_df_cli``), which starts without pandas.
 """
 
 from __future__ import annotations
@@ -52,12 +52,8 @@ def __dir__() -> list[str]:
 
 
 redact_botocore_logs()
-if "pandas" in sys.modules:
+if "healthimaging_df_cli" not in sys.modules:  # the console script defers pandas to its commands
     from healthimaging_df import accessor as _accessor  # noqa: F401  (registers df.ahi)
-else:
-    from healthimaging_df import _pandas_hook
-
-    _pandas_hook.register_accessor_with_pandas()
 
 __all__ = [
     "Query",

@@ -8,15 +8,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-from healthimaging_df import schema
-
-DEMO_COLUMNS = list(schema.DISPLAY_COLUMNS)
-
 
 def run_demo(image_sets: int = 5_000, seed: int = 42, latency_ms: float = 20.0) -> pd.DataFrame:
     """Start a local service, run a cohort query through boto3, print the plan and the result."""
     import pandas as pd
 
+    from healthimaging_df import schema
     from healthimaging_df.local import LocalService
     from healthimaging_df.query import Query
 
@@ -37,7 +34,8 @@ def run_demo(image_sets: int = 5_000, seed: int = 42, latency_ms: float = 20.0) 
         requests = service.stats.by_operation.get("SearchImageSets", 0)
     with pd.option_context("display.width", 120, "display.max_columns", 10):
         print(f"{len(frame)} image sets from {requests} SearchImageSets requests; the first rows:")
-        print(frame[DEMO_COLUMNS].head(8).to_string(index=False), "\n")
+        shown = list(schema.DISPLAY_COLUMNS)  # the schema's default display columns
+        print(frame[shown].head(8).to_string(index=False), "\n")
         print("Image sets by modality:")
         print(frame["Modality"].value_counts().to_string(), "\n")
     return frame

@@ -33,6 +33,7 @@ def run_python(code: str) -> str:
 def test_help_imports_none_of_the_heavy_libraries() -> None:
     code = (
         "import sys\n"
+        "import healthimaging_df_cli\n"  # what the console script imports first
         "from healthimaging_df import cli\n"
         "cli.build_parser().format_help()\n"
         "heavy = ('pandas', 'pyarrow', 'numpy', 'boto3', 'botocore', 'werkzeug', "
@@ -42,7 +43,7 @@ def test_help_imports_none_of_the_heavy_libraries() -> None:
     assert run_python(code) == "[]"
 
 
-def test_df_ahi_is_registered_whichever_is_imported_first() -> None:
+def test_df_ahi_is_registered_on_import_and_pandas_works_in_full() -> None:
     probe = (
         "try:\n    pd.DataFrame({'imageSetId': []}).ahi\n"
         "except AttributeError as e:\n    print('df.ahi needs' in str(e))"
@@ -50,3 +51,22 @@ def test_df_ahi_is_registered_whichever_is_imported_first() -> None:
     assert run_python(f"import healthimaging_df\nimport pandas as pd\n{probe}") == "True"
     assert run_python(f"import pandas as pd\nimport healthimaging_df\n{probe}") == "True"
     assert run_python(f"import healthimaging_df.schema\nimport pandas as pd\n{probe}") == "True"
+    # pandas is imported in the ordinary way: its JSON writer (a C extension) still works
+    writer = (
+        "import healthimaging_df\nimport pandas as pd\nprint(pd.DataFrame({'a': [1]}).to_json())"
+    )
+    assert run_python(writer) == '{"a":{"0":1}}'
+
+
+def test_the_console_script_writes_json_lines(tmp_path: object) -> None:
+    code = (
+        "import sys\n"
+        "import healthimaging_df_cli\n"
+        "from healthimaging_df.local import LocalService\n"
+        "from healthimaging_df import cli\n"
+        "with LocalService.seeded(image_sets=20, seed=1) as s:\n"
+        "    import os; os.environ.update(s.env())\n"
+        "    sys.exit(cli.main(['search', '--datastore-id', s.datastore_id, '--format', 'jsonl',"
+        " '--columns', 'imageSetId', '-q']))\n"
+    )
+    assert len(run_python(code).splitlines()) == 20
