@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bench._report import machine
-from healthimaging_df import delta, frame
+from healthimaging_df import delta, flatten
 from healthimaging_df.local import generate_image_sets
 
 TARGET_FILE_SIZE = 512 * 1024
@@ -36,7 +36,7 @@ PROVENANCE = {"datastore_id": "0" * 32, "schema_version": "1"}
 
 
 def _cohort(rows: int) -> pa.Table:
-    table = frame.summaries_to_table(generate_image_sets(rows, seed=1))
+    table = flatten.summaries_to_table(generate_image_sets(rows, seed=1))
     primary = table.set_column(
         table.schema.get_field_index("isPrimary"), "isPrimary", pa.array([True] * table.num_rows)
     )
@@ -62,7 +62,7 @@ def _changes(base: pa.Table, placement: str, seed: int) -> tuple[pa.Table, list[
     updated = updated.set_column(
         updated.schema.get_field_index("Modality"), "Modality", pa.array(["XA"] * len(updated))
     )
-    new = frame.summaries_to_table(generate_image_sets(changed - len(picked), seed=seed + 1000))
+    new = flatten.summaries_to_table(generate_image_sets(changed - len(picked), seed=seed + 1000))
     new = new.set_column(
         new.schema.get_field_index("isPrimary"), "isPrimary", pa.array([True] * len(new))
     )

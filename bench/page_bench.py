@@ -5,7 +5,7 @@ client's CPU (``time.process_time`` of this process, one thread) is measured alo
 through the whole datastore ``ROUNDS`` times, alternating, and the best round counts:
 
 - lean: ``pages.fetch_page`` (a real boto3 client; orjson straight into Arrow, validated);
-- botocore: ``client.search_image_sets`` + ``frame.summaries_to_table`` (today's path).
+- botocore: ``client.search_image_sets`` + ``flatten.summaries_to_table`` (today's path).
 
 Both include everything the client does per page: serialize, sign, send, receive, parse, build
 the Arrow table. Goal: <= 2 ms per page. Run: ``python -m bench page_bench``.
@@ -80,10 +80,10 @@ def lean_page(client: Any, kwargs: dict[str, Any]) -> tuple[int, str | None]:
 
 
 def botocore_page(client: Any, kwargs: dict[str, Any]) -> tuple[int, str | None]:
-    from healthimaging_df import frame
+    from healthimaging_df import flatten
 
     response = client.search_image_sets(**kwargs)
-    table = frame.summaries_to_table(response["imageSetsMetadataSummaries"])
+    table = flatten.summaries_to_table(response["imageSetsMetadataSummaries"])
     return table.num_rows, response.get("nextToken")
 
 

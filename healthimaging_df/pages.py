@@ -294,7 +294,7 @@ def _first(values: list[Any], allowed: frozenset[type]) -> int:
 
 
 def wallclock_us(study_date: str | None, study_time: str | None) -> int | None:
-    """StudyDate + StudyTime as wall-clock microseconds since 1970, exactly as ``frame.study_datetime``.
+    """StudyDate + StudyTime as wall-clock microseconds since 1970, exactly as ``flatten.study_datetime``.
 
     Pure Python for one pair (the Arrow version costs about a millisecond per call): a real
     YYYYMMDD date (proleptic Gregorian, year 0000 included, as Arrow reads it), and a DICOM TM

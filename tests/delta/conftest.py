@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from healthimaging_df import frame, schema
+from healthimaging_df import flatten, schema
 from healthimaging_df.local import generate_image_sets
 
 PROVENANCE: dict[str, Any] = {
@@ -59,7 +59,7 @@ def odd_summaries() -> list[dict[str, Any]]:
 
 def typed_table(n: int = 400, seed: int = 11) -> pa.Table:
     """An Arrow table of the declared schema, as the fetch produces it."""
-    return frame.summaries_to_table(generate_image_sets(n, seed=seed) + odd_summaries())
+    return flatten.summaries_to_table(generate_image_sets(n, seed=seed) + odd_summaries())
 
 
 def by_id(table: pa.Table) -> pa.Table:

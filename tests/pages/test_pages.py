@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from healthimaging_df import frame, logs, pages, schema
+from healthimaging_df import flatten, logs, pages, schema
 from healthimaging_df.errors import MalformedResponseError, SearchError
 from healthimaging_df.local import LocalService, generate_image_sets
 
@@ -86,7 +86,7 @@ def test_every_page_equals_the_botocore_path(service: LocalService, sort: Any) -
     boto = list(_chain(client, request, lambda c, k: c.search_image_sets(**k)))
     assert len(lean) == len(boto) == 15
     for mine, theirs in zip(lean, boto, strict=True):
-        expected = frame.summaries_to_table(theirs["imageSetsMetadataSummaries"])
+        expected = flatten.summaries_to_table(theirs["imageSetsMetadataSummaries"])
         assert mine.table.schema == schema.arrow_schema()
         assert mine.table.equals(expected)
         assert mine.next_token == theirs.get("nextToken")
@@ -130,7 +130,7 @@ _TIMES = st.one_of(
 @given(st.lists(st.tuples(_DATES, _TIMES), min_size=1, max_size=60))
 def test_wallclock_matches_frame_study_datetime(pairs: list[tuple[str | None, str | None]]) -> None:
     dates, times = zip(*pairs, strict=True)
-    expected = frame.study_datetime(pa.array(dates, pa.string()), pa.array(times, pa.string()))
+    expected = flatten.study_datetime(pa.array(dates, pa.string()), pa.array(times, pa.string()))
     got = [pages.wallclock_us(d, t) for d, t in pairs]
     assert got == pc.cast(expected, pa.int64()).to_pylist()
 
