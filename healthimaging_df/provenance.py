@@ -58,9 +58,9 @@ def redacted(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
     """Provenance without PHI: the query's values and the plan's requests are replaced."""
     out = dict(prov)
     query = prov.get("query")
+    out["query"] = redact_query_json(query)  # refuses (typed) what it cannot read
     # keyed and salted: lets a refresh check "same key, same query" without storing either
     out["redaction_fingerprints"] = policy.fingerprints(query if isinstance(query, str) else None)
-    out["query"] = redact_query_json(query)
     explained = prov.get("plan_explain")
     out["plan"] = explained if isinstance(explained, str) else None
     out["redaction"] = json.dumps(policy.describe(), sort_keys=True)
