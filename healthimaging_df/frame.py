@@ -24,6 +24,7 @@ from healthimaging_df.predicates import Predicate
 from healthimaging_df.provenance import KEY as provenance_key
 
 RANK_COLUMNS = ["imageSetId", "version", "updatedAt"]
+_COMPACT_ROWS = 20_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 Rank = tuple[int, int]
@@ -136,6 +137,20 @@ class Collector:
         self._matched: list[pa.Table] = []
         self._seen: list[pa.Table] = []  # (imageSetId, version, updatedAt) of every row read
         self._limits: dict[int, _ChainLimit] = {}
+        self._pending_rows = 0  # matched rows in page-sized tables since the last compaction
+        self._compacted = 0  # how many leading tables of _matched are already compacted
+
+    def _compact(self) -> None:
+        """Join the page-sized tables read since the last compaction into one contiguous table.
+
+        Thousands of 50-row tables cost a buffer header per column each; a few large ones do not.
+        """
+        recent = self._matched[self._compacted :]
+        joined = pa.concat_tables(recent).combine_chunks()
+        del self._matched[self._compacted :]
+        self._matched.append(joined)
+        self._compacted = len(self._matched)
+        self._pending_rows = 0
 
     def add(self, page: Page) -> bool:
         """Take one page; return True when its chain needs no more pages (limit reached)."""
@@ -144,6 +159,9 @@ class Collector:
         matched = apply_predicates(page.table, self.plan.predicates)
         if matched.num_rows:
             self._matched.append(matched)
+            self._pending_rows += matched.num_rows
+            if self._pending_rows >= _COMPACT_ROWS:
+                self._compact()
         self._seen.append(page.table.select(RANK_COLUMNS))
         if not self.plan.stops_early:
             return False
@@ -183,9 +201,11 @@ class Collector:
     def table(self) -> pa.Table:
         """The result as Arrow: latest copies only, matched, ordered, limited."""
         matched = pa.concat_tables(self._matched) if self._matched else flatten.EMPTY_TABLE
-        if self._seen:
-            matched = drop_superseded(matched, pa.concat_tables(self._seen))
-        self._matched, self._seen = [], []
+        seen = pa.concat_tables(self._seen) if self._seen else None
+        self._matched, self._seen, self._compacted = [], [], 0
+        if seen is not None:
+            matched = drop_superseded(matched, seen)
+        del seen
         return order(matched, self.plan)
 
     def finish(

@@ -1,0 +1,102 @@
+"""Peak client memory of a large result: ``to_dataframe``, ``iter_dataframes`` and ``to_parquet``.
+
+The local service runs in another process (``python -m healthimaging_df local serve``), and each
+client run is a fresh process, so resident-set growth is the client's alone. The figure that
+matters is peak growth divided by the size of the frame the result makes (pandas' deep
+``memory_usage``): ``to_dataframe`` should stay near the frame itself, and the streaming calls
+should stay bounded by their chunk, whatever the result's size. Run: ``python -m bench memory_bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+
+from bench._report import machine, write_section
+from bench.page_bench import served
+
+SIZES = (100_000, 300_000)
+CHUNK_ROWS = 50_000
+TITLE = "Peak client memory of large results"
+
+
+def _child(mode: str, endpoint: str, datastore: str, chunk_rows: int, path: str) -> None:
+    """Run one mode in this (fresh) process and print its figures as JSON."""
+    from bench._report import measure
+    from bench.page_bench import client_for
+    from healthimaging_df import Query
+
+    query = Query(datastore)
+    client = client_for(endpoint)
+    options = {"client": client, "progress": False, "max_tps": None, "max_concurrency": 4}
+    frame_bytes = 0
+    rows = 0
+
+    def run() -> None:
+        nonlocal frame_bytes, rows
+        if mode == "to_dataframe":
+            frame = query.to_dataframe(**options)
+            frame_bytes, rows = int(frame.memory_usage(deep=True).sum()), len(frame)
+        elif mode == "iter_dataframes":
+            for chunk in query.iter_dataframes(chunk_rows=chunk_rows, **options):
+                frame_bytes = max(frame_bytes, int(chunk.memory_usage(deep=True).sum()))
+                rows += len(chunk)
+        else:
+            info = query.to_parquet(path, **options)
+            rows = info.rows
+
+    seconds, peak, _ = measure(run)
+    print(json.dumps({"seconds": seconds, "peak": peak, "frame_bytes": frame_bytes, "rows": rows}))
+
+
+def _run(mode: str, endpoint: str, datastore: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as folder:
+        code = (
+            "from bench.memory_bench import _child; "
+            f"_child({mode!r}, {endpoint!r}, {datastore!r}, {CHUNK_ROWS}, {folder + '/x.parquet'!r})"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    lines = [
+        f"Measured with `python -m bench memory_bench` on {machine()}; the server in another "
+        "process, each client run in a fresh one; peak resident-set growth of the client.",
+        "",
+        "| rows | call | seconds | peak growth | frame (or largest chunk) | peak / frame |",
+        "|---|---|---|---|---|---|",
+    ]
+    whole: dict[int, float] = {}
+    for size in SIZES:
+        with served(size) as (endpoint, datastore):
+            for mode in ("to_dataframe", "iter_dataframes", "to_parquet"):
+                r = _run(mode, endpoint, datastore)
+                frame = r["frame_bytes"] or whole.get(size, 0.0)
+                if mode == "to_dataframe":
+                    whole[size] = r["frame_bytes"]
+                ratio = f"{r['peak'] / frame:.2f}x" if frame else "-"
+                label = f"`{mode}`" + (
+                    f" ({CHUNK_ROWS:,}-row chunks)" if mode == "iter_dataframes" else ""
+                )
+                lines.append(
+                    f"| {int(r['rows']):,} | {label} | {r['seconds']:.1f} | "
+                    f"{r['peak'] / 2**20:.0f} MiB | {frame / 2**20:.0f} MiB | {ratio} |"
+                )
+                print(lines[-1], flush=True)
+    lines += [
+        "",
+        "`to_parquet`'s ratio is against the whole result's frame (it never builds one). Targets "
+        "(issue 12): `to_dataframe` at most 1.5x the frame; the streaming calls bounded by the "
+        "chunk size whatever the result's size.",
+    ]
+    write_section(TITLE, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
