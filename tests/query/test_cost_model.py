@@ -99,4 +99,4 @@ def test_a_full_scan_leaves_an_exact_count_the_next_plan_uses(
     frame = query.to_dataframe(client=service.client(), progress=False, max_tps=None)
     assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
     # no probe: the scan's count was cached; 1,500 image sets are a 30-page scan, not 200 chains
-    assert service.stats.requests < 45
+    assert service.stats.requests < 100  # a scan (30 pages, more as windows split), not 200 chains
