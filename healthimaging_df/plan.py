@@ -172,8 +172,9 @@ class Plan:
 
     @property
     def predicate_groups(self) -> tuple[tuple[Predicate, ...], ...]:
-        """What the client applies, as OR of ANDs: a row is kept if it meets every predicate of
-        any group. One group (``predicates``) for an ordinary plan, one per query for a union.
+        """What the client applies, as OR of ANDs (every predicate of any group).
+
+        One group (``predicates``) for an ordinary plan, one per query for a union.
         """
         if self.parts:
             return tuple(p.predicates for p in self.parts)
@@ -290,7 +291,9 @@ class Plan:
             "query 2's, ...)"
         )
         order = "ascending" if self.ascending else "descending"
-        where = "each chain sorted by the API, merged" if self.sort_pushed else "sorted on the client"
+        where = (
+            "each chain sorted by the API, merged" if self.sort_pushed else "sorted on the client"
+        )
         lines.append(
             f"  result: one row per imageSetId (highest version), whichever queries it matches, "
             f"ordered by {self.sort_column} {order} ({where}; ties by imageSetId)"

@@ -121,9 +121,7 @@ class Query:
         members = tuple(replace(p, sort_column=None, ascending=True) for p in flat)
         if len(members) == 1:
             return replace(self, sort_column=column, ascending=ascending)
-        return Query(
-            self.datastore_id, sort_column=column, ascending=ascending, parts=members
-        )
+        return Query(self.datastore_id, sort_column=column, ascending=ascending, parts=members)
 
     def __or__(self, other: object) -> Query:
         """``q1 | q2``: see :meth:`union`."""

@@ -25,7 +25,6 @@ DtypeBackend = Literal["numpy_nullable", "pyarrow"]
 DTYPE_BACKENDS: tuple[DtypeBackend, ...] = ("numpy_nullable", "pyarrow")
 
 
-
 @cache
 def _arrow_types() -> dict[Kind, pa.DataType]:
     """Arrow type of each kind, built on first use (importing pyarrow costs ~0.1 s)."""
