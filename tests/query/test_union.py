@@ -137,6 +137,9 @@ def test_a_union_equals_the_union_of_brute_force_results(
     # provenance survives: the recorded query is the union
     recorded = json.loads(frame.attrs["healthimaging_df"]["query"])
     assert Query.from_dict(recorded) == union
+    frequent = frame[frame["storageTier"] == "FREQUENT_ACCESS"].head(2)
+    enriched = frequent.ahi.fetch_metadata(client=service.client(), progress=False)
+    assert set(enriched["imageSetId"]) == set(frequent["imageSetId"])
     limited = union.limit(9)
     head = limited.to_dataframe(client=service.client(), **FAST)
     assert list(head["imageSetId"]) == expected_ids(records, limited)
