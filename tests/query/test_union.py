@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from healthimaging_df import Query
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService, generate_image_sets
-from healthimaging_df.plan import AnyOf
+from healthimaging_df.plan import AnyOf, DatastoreStats
 from healthimaging_df.redact import redact_query_json
 from healthimaging_df.refresh import refresh_frame, refresh_snapshot
 from healthimaging_df.snapshot import read_snapshot
@@ -256,3 +256,19 @@ def test_any_union_of_two_queries_equals_brute_force(cohort_service: LocalServic
         assert list(frame["imageSetId"]) == expected_ids(records, union)
 
     check()
+
+
+def test_queries_that_weigh_access_paths_differently_are_all_fanned_out() -> None:
+    stats = DatastoreStats(100)
+    many = Query(DS).where(PatientID=[f"P{i}" for i in range(20)])
+    few = Query(DS).where(PatientID=["A", "B"])
+    assert many.compile(now=NOW, stats=stats).access == "scan"
+    assert few.compile(now=NOW, stats=stats).access == "fanout"
+    plan = (many | few).compile(now=NOW, stats=stats)
+    assert plan.access == "fanout"
+    assert len(plan.chains) == 22
+    # a resumed export forces the recorded path on every query: the same chains again
+    forced = (many | few).compile(now=NOW, stats=stats, strategy=plan.access)
+    assert forced.chains == plan.chains
+    # agreeing queries keep their choice
+    assert (many | many.where(Modality="CT")).compile(now=NOW, stats=stats).access == "scan"
