@@ -31,7 +31,11 @@ Rank = tuple[int, int]
 
 
 def apply_predicates(table: pa.Table, predicates: tuple[Predicate, ...]) -> pa.Table:
-    """Rows of *table* that satisfy every predicate."""
+    """Rows of *table* that satisfy every predicate.
+
+    A union's plan (and query) holds one ``plan.AnyOf`` predicate: OR over its queries of the AND
+    of each query's predicates (``Plan.predicate_groups``), so every caller applies a union exactly.
+    """
     if not predicates or table.num_rows == 0:
         return table
     mask = predicates[0].mask(table)

@@ -19,13 +19,17 @@ The planner never sees a ``Query``: it takes the query's parts, so it sits below
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from healthimaging_df import dates, schema
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.predicates import Predicate
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ID_RANK = schema.ID_RANK  # from each column's push-down role and rank in the schema
 RANGE_RANK = schema.RANGE_RANK
@@ -153,12 +157,28 @@ class Plan:
     candidates: tuple[Candidate, ...] = ()
     wants_statistics: bool = False  # the choice would be better with the datastore's size
     access: Strategy = "auto"  # the access path weighed and chosen ("auto": nothing to weigh)
+    parts: tuple[Plan, ...] = ()  # a union's plans, one per query (their chains renumbered here)
 
     def __repr__(self) -> str:
+        if self.parts:
+            return (
+                f"Plan(datastore_id={self.datastore_id!r}, union of {len(self.parts)}, "
+                f"chains={len(self.chains)}, limit={self.limit})"  # no values: PHI
+            )
         return (
             f"Plan(datastore_id={self.datastore_id!r}, chains={len(self.chains)}, "
             f"predicates={list(self.predicates)!r}, limit={self.limit})"  # no values: PHI
         )
+
+    @property
+    def predicate_groups(self) -> tuple[tuple[Predicate, ...], ...]:
+        """What the client applies, as OR of ANDs (every predicate of any group).
+
+        One group (``predicates``) for an ordinary plan, one per query for a union.
+        """
+        if self.parts:
+            return tuple(p.predicates for p in self.parts)
+        return (self.predicates,)
 
     @property
     def windowed(self) -> bool:
@@ -186,6 +206,8 @@ class Plan:
 
     def explain(self, show_values: bool = False) -> str:
         """A readable account of the plan; values hidden unless *show_values*."""
+        if self.parts:
+            return self._explain_union(show_values)
         lines = [f"Plan for datastore {self.datastore_id}"]
         if self.note:
             lines.append(f"  {self.note}")
@@ -242,6 +264,155 @@ class Plan:
                 + ("; more as windows split)" if self.windowed else ")")
             )
         return "\n".join(lines)
+
+    def _explain_union(self, show_values: bool) -> str:
+        """Each query's chains and client-side predicates, then what the union applies."""
+        count = len(self.chains)
+        lines = [
+            f"Plan for datastore {self.datastore_id}",
+            f"  union (OR) of {len(self.parts)} queries: SearchImageSets request chains: {count}",
+        ]
+        first = 0
+        for number, part in enumerate(self.parts, 1):
+            span = len(part.chains)
+            which = f"chains {first}..{first + span - 1}" if span > 1 else f"chain {first}"
+            which = which if span else "no chain"
+            lines.append(f"  query {number} ({which}):")
+            first += span
+            body = part.explain(show_values).splitlines()[1:]
+            lines += [
+                f"  {line}"
+                for line in body
+                if not line.startswith(("  result:", "  limit:", "  expected calls:"))
+            ]
+        lines.append(
+            "  applied on the client, exactly: a row is kept if its latest copy read matches "
+            f"any of the {len(self.parts)} queries (all of query 1's conditions, or all of "
+            "query 2's, ...)"
+        )
+        order = "ascending" if self.ascending else "descending"
+        where = (
+            "each chain sorted by the API, merged" if self.sort_pushed else "sorted on the client"
+        )
+        lines.append(
+            f"  result: one row per imageSetId (highest version), whichever queries it matches, "
+            f"ordered by {self.sort_column} {order} ({where}; ties by imageSetId)"
+        )
+        if self.limit is not None:
+            how = (
+                "each chain stops once it holds enough matches"
+                if self.stops_early
+                else "every page is read first"
+            )
+            lines.append(f"  limit: first {self.limit} rows of the union; {how}")
+        if count:
+            lines.append(
+                f"  expected calls: at least {count} (50 image sets per page"
+                + ("; more as windows split)" if self.windowed else ")")
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, repr=False)
+class AnyOf(Predicate):
+    """Several queries' predicates as one: a row matches if it meets every predicate of a group.
+
+    What a union's plan (and its query) hands to whatever applies ``predicates`` on the client,
+    so every way of running, a refresh included, keeps exactly the rows of any of its queries.
+    ``column`` and ``op`` are placeholders: the planner never pushes an ``AnyOf`` down.
+    """
+
+    groups: tuple[tuple[Predicate, ...], ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return " or ".join(f"({' and '.join(map(repr, g)) or 'everything'})" for g in self.groups)
+
+    def describe(self, show_values: bool = False) -> str:
+        """Readable form; values only when asked (they may be PHI)."""
+        return " or ".join(
+            f"({' and '.join(p.describe(show_values) for p in g) or 'everything'})"
+            for g in self.groups
+        )
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        """OR over the groups of the AND of each group's masks (an empty group matches all)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        hits: Any = pa.array([False] * table.num_rows, pa.bool_())
+        for group in self.groups:
+            if not group:
+                return pa.array([True] * table.num_rows, pa.bool_())
+            both = group[0].mask(table)
+            for p in group[1:]:
+                both = pc.and_(both, p.mask(table))
+            hits = pc.or_(hits, both)
+        return hits
+
+
+def any_of(groups: Sequence[tuple[Predicate, ...]]) -> AnyOf:
+    """The disjunction of *groups* (each a conjunction) as one predicate."""
+    return AnyOf("(any of)", "in", groups=tuple(tuple(g) for g in groups))
+
+
+def union(
+    datastore_id: str,
+    groups: Sequence[tuple[Predicate, ...]],
+    sort_column: str | None = None,
+    ascending: bool = True,
+    limit: int | None = None,
+    now: datetime | None = None,
+    strategies: Sequence[Strategy] = (),
+    stats: DatastoreStats | None = None,
+) -> Plan:
+    """Plan the OR of several queries over one datastore: every query's chains, renumbered.
+
+    Each group (one query's predicates) is planned by :func:`compile_plan` with the union's sort
+    and limit (and its own strategy from *strategies*, default ``"auto"``); the union applies
+    :class:`AnyOf` the groups on the client, so a row is kept when its latest copy read matches
+    any query, and rows read by several chains are deduplicated by imageSetId like any fan-out.
+    Queries whose weighed access paths disagree are all planned as fan-outs, so a resumed export
+    (which forces one recorded path on every query) reads the same chains.
+    """
+    chosen = list(strategies) or ["auto"] * len(groups)
+    if len(chosen) != len(groups):
+        raise QueryValidationError("strategy", "give one per query of the union")
+    if not groups:
+        raise QueryValidationError("union", "needs at least one query")
+
+    def plan_all(forced: Sequence[Strategy]) -> list[Plan]:
+        return [
+            compile_plan(datastore_id, g, sort_column, ascending, limit, now, s, stats)
+            for g, s in zip(groups, forced, strict=True)
+        ]
+
+    parts = plan_all(chosen)
+    accesses = {p.access for p in parts if p.access != "auto"}
+    if len(accesses) > 1:
+        parts = plan_all(["fanout"] * len(groups))
+        accesses = {"fanout"}
+    access: Strategy = accesses.pop() if accesses else "auto"
+    chains: list[Chain] = []
+    numbered: list[Plan] = []
+    for part in parts:
+        renumbered = tuple(replace(c, index=len(chains) + i) for i, c in enumerate(part.chains))
+        chains += renumbered
+        numbered.append(replace(part, chains=renumbered))
+    head = parts[0]
+    return Plan(
+        datastore_id=datastore_id,
+        chains=tuple(chains),
+        predicates=(any_of(groups),),
+        pushed=(),
+        sort_column=head.sort_column,
+        ascending=head.ascending,
+        sort_pushed=head.sort_pushed,
+        limit=limit,
+        candidates=tuple(c for p in parts for c in p.candidates),
+        wants_statistics=any(p.wants_statistics for p in parts),
+        access=access,
+        parts=tuple(numbered),
+    )
 
 
 def compile_plan(

@@ -3,27 +3,41 @@
 Every method returns a new ``Query``; building one validates every value, so a bad query fails at the
 line that made it, before any request. ``plan()`` and ``explain()`` show what will be sent;
 ``to_dataframe()``, ``iter_dataframes()`` and ``to_parquet()`` hand the plan to the engine.
+``q1 | q2`` (``Query.union``) is one query whose rows match either.
 
 The builder sits above what runs it (as polars' LazyFrame above its engine): it imports the planner,
-the engine and the snapshot writer; none of them imports it back.
+the engine and the snapshot writer; none of them imports it back. The engine and the writer (and
+with them pandas and pyarrow) load when a query first runs, so building and explaining one is cheap.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from healthimaging_df import engine, predicates, schema, snapshot
+from healthimaging_df import predicates, schema
 from healthimaging_df.errors import QueryValidationError
-from healthimaging_df.plan import STRATEGIES, DatastoreStats, Plan, Strategy, compile_plan
+from healthimaging_df.plan import (
+    STRATEGIES,
+    DatastoreStats,
+    Plan,
+    Strategy,
+    any_of,
+    compile_plan,
+    union,
+)
 from healthimaging_df.predicates import Predicate
 from healthimaging_df.progress import Progress
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from healthimaging_df import snapshot
 
 _DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
 
@@ -45,13 +59,21 @@ class Query:
     ascending: bool = True
     row_limit: int | None = None
     strategy: Strategy = "auto"
+    parts: tuple[Query, ...] = ()  # a union's queries (none a union, none with sort or limit)
 
     def __post_init__(self) -> None:
         if not isinstance(self.datastore_id, str) or not _DATASTORE_ID.fullmatch(self.datastore_id):
             raise QueryValidationError("datastore_id", "must be 32 characters of [0-9a-z]")
+        if self.parts:  # what the client applies: any part's predicates (refresh reads this)
+            groups = tuple(q.predicates for q in self.parts)
+            object.__setattr__(self, "predicates", (any_of(groups),))
 
     def __repr__(self) -> str:
-        parts = [f"datastore_id={self.datastore_id!r}", *map(repr, self.predicates)]
+        if self.parts:
+            inner = " | ".join(f"[{', '.join(map(repr, q.predicates))}]" for q in self.parts)
+            parts = [f"datastore_id={self.datastore_id!r}", f"union of {inner}"]
+        else:
+            parts = [f"datastore_id={self.datastore_id!r}", *map(repr, self.predicates)]
         if self.sort_column:
             parts.append(f"sort_by={self.sort_column}:{'asc' if self.ascending else 'desc'}")
         if self.row_limit is not None:
@@ -63,7 +85,49 @@ class Query:
     # -- building ---------------------------------------------------------------------------
 
     def _with(self, *added: Predicate) -> Query:
+        if self.parts:  # (q1 | q2).where(x) is q1.where(x) | q2.where(x)
+            return replace(self, parts=tuple(q._with(*added) for q in self.parts))
         return replace(self, predicates=self.predicates + added)
+
+    def union(self, *others: Query) -> Query:
+        """Rows matching this query or any of *others* (``q1 | q2``), each image set once.
+
+        ``Query.union(q1, q2, q3)`` reads the same. The queries must search one datastore and
+        carry no ``limit`` (limit the union instead); their sorts must agree, and the union is
+        ordered by the one given (``sort_by`` on the union sets it). See ``docs/queries.md``.
+        """
+        queries = (self, *others)
+        for position, q in enumerate(queries):
+            if not isinstance(q, Query):
+                raise QueryValidationError("union", "takes Query objects", position)
+            if q.datastore_id != self.datastore_id:
+                raise QueryValidationError(
+                    "datastore_id", "a union's queries must search one datastore", position
+                )
+            if q.row_limit is not None:
+                raise QueryValidationError(
+                    "limit",
+                    "a query in a union cannot have a limit (first n of it, or of the union?); "
+                    "limit the union instead",
+                    position,
+                )
+        sorts = {(q.sort_column, q.ascending) for q in queries if q.sort_column}
+        if len(sorts) > 1:
+            raise QueryValidationError(
+                "sort_by", "the queries of a union sort differently; sort the union instead"
+            )
+        column, ascending = sorts.pop() if sorts else (None, True)
+        flat = tuple(p for q in queries for p in (q.parts or (q,)))
+        members = tuple(replace(p, sort_column=None, ascending=True) for p in flat)
+        if len(members) == 1:
+            return replace(self, sort_column=column, ascending=ascending)
+        return Query(self.datastore_id, sort_column=column, ascending=ascending, parts=members)
+
+    def __or__(self, other: object) -> Query:
+        """``q1 | q2``: see :meth:`union`."""
+        if not isinstance(other, Query):
+            return NotImplemented
+        return self.union(other)
 
     def where(self, **equalities: Any) -> Query:
         """Keep rows whose column equals a value; a list, tuple or set means any of them (IN)."""
@@ -114,23 +178,40 @@ class Query:
         """
         if strategy not in STRATEGIES:
             raise QueryValidationError("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        if self.parts:
+            return replace(self, parts=tuple(q.using(strategy) for q in self.parts))
         return replace(self, strategy=strategy)
 
     # -- serializing --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description (values included: treat it as PHI) that ``from_dict`` reads."""
-        return {
+        """A JSON-ready description (values included: treat it as PHI) that ``from_dict`` reads.
+
+        A union lists every query's predicates in one ``predicates`` list, each marked with its
+        query's position (``part``), and the number of queries in ``parts``: a redacted copy,
+        which rewrites ``predicates``, then holds no value of any of them.
+        """
+        members = self.parts or (self,)
+        data: dict[str, Any] = {
             "datastore_id": self.datastore_id,
             "predicates": [
                 {"column": p.column, "op": p.op, "values": [_to_json(v) for v in p.values]}
                 | ({} if p.case else {"case": False})
-                for p in self.predicates
+                | ({"part": i} if self.parts else {})
+                for i, q in enumerate(members)
+                for p in q.predicates
             ],
             "sort_by": self.sort_column,
             "ascending": self.ascending,
             "limit": self.row_limit,
-        } | ({} if self.strategy == "auto" else {"strategy": self.strategy})
+        }
+        if self.parts:
+            data["parts"] = len(self.parts)
+            if any(q.strategy != "auto" for q in self.parts):
+                data["part_strategies"] = [q.strategy for q in self.parts]
+        elif self.strategy != "auto":
+            data["strategy"] = self.strategy
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Query:
@@ -140,11 +221,23 @@ class Query:
             raise QueryValidationError(
                 "query", "its values were redacted; pass the original query instead"
             )
-        built = tuple(
+        items = data.get("predicates", ())
+        built = [
             predicates.build(p["column"], p["op"], p.get("values", ()), case=p.get("case", True))
-            for p in data.get("predicates", ())
-        )
-        query = replace(query, predicates=built)
+            for p in items
+        ]
+        if data.get("parts"):
+            count = int(data["parts"])
+            strategies = data.get("part_strategies") or ["auto"] * count
+            members = [
+                query.using(strategies[i])._with(
+                    *(b for b, p in zip(built, items, strict=True) if p.get("part") == i)
+                )
+                for i in range(count)
+            ]
+            query = members[0].union(*members[1:])
+        else:
+            query = replace(query, predicates=tuple(built))
         if data.get("sort_by"):
             query = query.sort_by(data["sort_by"], ascending=bool(data.get("ascending")))
         if data.get("limit") is not None:
@@ -171,6 +264,18 @@ class Query:
         size) lets the planner weigh fan-out against a scan; *strategy* overrides the query's.
         The plan is deterministic for given arguments.
         """
+        if self.parts:
+            strategies = [strategy or q.strategy for q in self.parts]
+            return union(
+                self.datastore_id,
+                [q.predicates for q in self.parts],
+                self.sort_column,
+                self.ascending,
+                self.row_limit,
+                now,
+                strategies,
+                stats,
+            )
         return compile_plan(
             self.datastore_id,
             self.predicates,
@@ -224,6 +329,8 @@ class Query:
         dtype_backend
             ``"numpy_nullable"`` or ``"pyarrow"``, as in pandas.
         """
+        from healthimaging_df import engine
+
         run = engine.prepare(
             client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
         )
@@ -246,6 +353,8 @@ class Query:
         ``limit`` set the whole (small) sorted result is computed first and then yielded in
         chunks. Arguments are checked here, before the first chunk is asked for.
         """
+        from healthimaging_df import engine
+
         engine.check_positive_int("chunk_rows", chunk_rows)
         run = engine.prepare(
             client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
@@ -255,6 +364,8 @@ class Query:
 
     def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
         """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""
+        from healthimaging_df import snapshot
+
         return snapshot.export_query(self, path, **options)
 
 
@@ -262,8 +373,14 @@ def _to_json(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
+def _is_pandas_list(value: Any) -> bool:
+    """A pandas Series or Index; pandas cannot have made one if it is not imported."""
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(value, (pd.Series, pd.Index))
+
+
 def _equality(column: str, value: Any, *, negate: bool) -> Predicate:
-    if isinstance(value, (list, tuple, set, frozenset, pd.Series, pd.Index)):
+    if isinstance(value, (list, tuple, set, frozenset)) or _is_pandas_list(value):
         values = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
         op: predicates.Op = "not_in" if negate else "in"
         if len(values) == 1:

@@ -8,10 +8,12 @@ pydicom, idc-index and other DICOM tools.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import TYPE_CHECKING, Literal
 
-import pandas as pd
-import pyarrow as pa
+if TYPE_CHECKING:  # pandas and pyarrow load on first use: the CLI's --help and --explain skip them
+    import pandas as pd
+    import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 
@@ -22,13 +24,19 @@ Deid = Literal["keep", "drop", "hash", "year", "shift"]
 DtypeBackend = Literal["numpy_nullable", "pyarrow"]
 DTYPE_BACKENDS: tuple[DtypeBackend, ...] = ("numpy_nullable", "pyarrow")
 
-_ARROW_TYPES: dict[Kind, pa.DataType] = {
-    "string": pa.string(),
-    "int": pa.int64(),
-    "bool": pa.bool_(),
-    "timestamp": pa.timestamp("us", tz="UTC"),
-    "wallclock": pa.timestamp("us"),
-}
+
+@cache
+def _arrow_types() -> dict[Kind, pa.DataType]:
+    """Arrow type of each kind, built on first use (importing pyarrow costs ~0.1 s)."""
+    import pyarrow as pa
+
+    return {
+        "string": pa.string(),
+        "int": pa.int64(),
+        "bool": pa.bool_(),
+        "timestamp": pa.timestamp("us", tz="UTC"),
+        "wallclock": pa.timestamp("us"),
+    }
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class Column:
     @property
     def arrow_type(self) -> pa.DataType:
         """Arrow type of the column."""
-        return _ARROW_TYPES[self.kind]
+        return _arrow_types()[self.kind]
 
 
 def _tag(
@@ -339,11 +347,15 @@ def column(name: str) -> Column:
 
 def arrow_schema() -> pa.Schema:
     """Arrow schema of the frame, in column order (also the Parquet schema of snapshots)."""
+    import pyarrow as pa
+
     return pa.schema([pa.field(c.name, c.arrow_type) for c in COLUMNS])
 
 
 def pandas_dtypes(dtype_backend: DtypeBackend = "numpy_nullable") -> dict[str, object]:
     """Map each column to its pandas dtype under *dtype_backend* (as in ``pandas.read_parquet``)."""
+    import pandas as pd
+
     if dtype_backend == "pyarrow":
         return {c.name: pd.ArrowDtype(c.arrow_type) for c in COLUMNS}
     if dtype_backend != "numpy_nullable":
@@ -365,6 +377,8 @@ def arrow_to_pandas(
 
     Schema columns come first in schema order; extra columns follow with pyarrow's default mapping.
     """
+    import pandas as pd
+
     dtypes = pandas_dtypes(dtype_backend)
     if dtype_backend == "pyarrow":
         frame = table.to_pandas(types_mapper=pd.ArrowDtype)
@@ -378,6 +392,9 @@ def arrow_to_pandas(
 
 
 def _nullable_mapper(arrow_type: pa.DataType) -> object | None:
+    import pandas as pd
+    import pyarrow as pa
+
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
         return pd.StringDtype("pyarrow")
     if pa.types.is_integer(arrow_type):

@@ -70,3 +70,19 @@ def test_the_console_script_writes_json_lines(tmp_path: object) -> None:
         " '--columns', 'imageSetId', '-q']))\n"
     )
     assert len(run_python(code).splitlines()) == 20
+
+
+def test_search_explain_imports_none_of_the_heavy_libraries() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "import healthimaging_df_cli\n"
+        "from healthimaging_df import cli\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    code = cli.main(['search', '--datastore-id', '0' * 32, '--where', 'PatientID=P1',"
+        " '--where', 'Modality=CT', '--between', 'StudyDateTime', '2020', '2021', '--explain'])\n"
+        "assert code == 0 and 'SearchImageSets request chains: 1' in out.getvalue()\n"
+        "heavy = ('pandas', 'pyarrow', 'numpy', 'boto3', 'botocore', 'werkzeug')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    assert run_python(code) == "[]"

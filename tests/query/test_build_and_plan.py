@@ -461,3 +461,10 @@ def test_derived_masks_match_the_accessor() -> None:
     assert missing == [a is pd.NA for a in ages]
     years = predicates.build("StudyYear", "eq", (2024,)).mask(table).to_pylist()
     assert years == [True] * 6
+
+
+def test_a_pandas_series_or_index_is_an_in_list() -> None:
+    ids = pd.Series(["P2", "P1", "P2"])
+    assert Query(DS).where(PatientID=ids).predicates[0].values == ("P2", "P1")
+    assert Query(DS).where(PatientID=pd.Index(["P1"])).predicates[0].op == "eq"
+    assert Query(DS).where_not(PatientID=ids).predicates[0].op == "not_in"
