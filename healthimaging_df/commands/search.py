@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
+    _check_writable(args.out)
     columns = None if args.per else building.parse_columns(args.columns)
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
@@ -132,6 +133,19 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_if_empty and count == 0:
         return EXIT_EMPTY
     return 0
+
+
+def _check_writable(out: str | None) -> None:
+    """A local --out whose folder cannot be written fails now, not after the whole fetch."""
+    if out in (None, "-") or "://" in out:
+        return
+    from healthimaging_df.errors import QueryValidationError
+    from healthimaging_df.storage import open_target
+
+    try:
+        open_target(out).store.check_writable()
+    except QueryValidationError as error:
+        raise options.UsageError(f"--out {out}: {error.rule}") from None
 
 
 def _shape(frame: pd.DataFrame, args: argparse.Namespace, fmt: str, columns: Any) -> pd.DataFrame:

@@ -190,3 +190,13 @@ def test_local_serve_options_are_described() -> None:
     ).choices["serve"]
     undescribed = [a.option_strings for a in serve._actions if a.option_strings and not a.help]
     assert undescribed == []
+
+
+def test_an_out_path_in_a_read_only_place_fails_before_any_request(
+    cli: Run, datastore_id: str, service: Any
+) -> None:
+    service.reset_stats()
+    result = cli("search", "--datastore-id", datastore_id, "--out", "/proc/ahi-test.csv", "-q")
+    assert result.returncode == 2
+    assert "not writable" in result.stderr
+    assert service.stats.requests == 0
