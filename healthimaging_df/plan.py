@@ -44,7 +44,9 @@ ALWAYS_FAN_OUT = 10
 SCAN_OVERHEAD = 1.05  # a windowed scan's extra requests per minimum page (windows' last pages)
 PROBE_REQUESTS = 10  # what measuring an unknown datastore costs (see engine.statistics)
 QIDO_RECORDS = 1000  # records a QIDO-RS request returns at most
-QIDO_MAX_SEARCHES = 16  # IN lists of QIDO-able columns multiply into searches; past this, fewer keys
+QIDO_MAX_SEARCHES = (
+    16  # IN lists of QIDO-able columns multiply into searches; past this, fewer keys
+)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,9 @@ class Plan:
                 )
         if self.qido is not None:
             lines += self.qido.explain_lines(show_values)
-            lines.append("  if QIDO-RS is abandoned (too many matches, or truncated), this scan runs:")
+            lines.append(
+                "  if QIDO-RS is abandoned (too many matches, or truncated), this scan runs:"
+            )
         lines.append(f"  SearchImageSets request chains: {count}")
         if self.pushed:
             lines.append("  pushed down to the API:")
@@ -294,6 +298,7 @@ def compile_plan(
                 ),
                 Candidate("SearchImageSets only (the plan below)", scan_cost),
             )
+            step = replace(step, forced=strategy == "qido")
             return replace(fan, candidates=candidates, access="qido", qido=step)
     if not pinned or ids <= 1 or limit is not None:
         return fan  # nothing to weigh (a limit stops chains early: fan-out reads least)
@@ -380,6 +385,7 @@ class QidoStep:
     searches: tuple[QidoSearch, ...]
     pushed: tuple[Predicate, ...]
     date_range: tuple[str, str] | None = None  # StudyDate bounds (YYYYMMDD), for splitting
+    forced: bool = False  # strategy "qido": never abandoned for cost, truncation raises
 
     @property
     def level(self) -> Literal["studies", "series"]:
