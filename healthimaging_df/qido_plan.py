@@ -206,10 +206,12 @@ def _resolved(
         except QueryValidationError:
             continue  # a value SearchImageSets would refuse: resolve by another key
         resolved = _recompile(plan, (extra,), stats, client, max_tps=max_tps)
-        note = (
-            f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s); resolved "
-            f"by {column} ({len(keys[column]):,} value(s))"
+        how = (
+            f"but scanning is cheaper than {len(keys[column]):,} chains by {column}"
+            if resolved.access == "scan"
+            else f"resolved by {column} ({len(keys[column]):,} value(s))"
         )
+        note = f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s); {how}"
         return replace(
             resolved,
             access="qido",
