@@ -15,8 +15,8 @@ AttributeError: df.ahi needs an image-set frame; missing column(s): version, Pat
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pandas as pd

@@ -39,9 +39,22 @@ def test_series_attributes_command(ahi_local: LocalService, tmp_path: Path) -> N
     env.update(ahi_local.env())
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
-        [sys.executable, "-m", "healthimaging_df", "series-attributes"]
-        + ["--datastore-id", str(ahi_local.datastore_id), "--where", "Modality=MG"]
-        + ["--field", "SeriesDescription", "--field", "Manufacturer", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "healthimaging_df",
+            "series-attributes",
+            "--datastore-id",
+            str(ahi_local.datastore_id),
+            "--where",
+            "Modality=MG",
+            "--field",
+            "SeriesDescription",
+            "--field",
+            "Manufacturer",
+            "--out",
+            str(out),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -51,4 +64,5 @@ def test_series_attributes_command(ahi_local: LocalService, tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-2000:]
     written = pd.read_csv(out)
     assert {"SeriesDescription", "Manufacturer", "imageSetId"} <= set(written.columns)
-    assert (written["Modality"] == "MG").all() and len(written) > 0
+    assert (written["Modality"] == "MG").all()
+    assert len(written) > 0

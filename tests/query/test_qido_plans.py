@@ -37,13 +37,17 @@ def step_of(query: Query) -> Any:
 
 def test_patient_name_becomes_a_qido_study_search_with_values_hidden() -> None:
     plan = Query(DS).where(PatientName="DOE^JANE").compile()
-    assert plan.access == "qido" and plan.qido is not None
+    assert plan.access == "qido"
+    assert plan.qido is not None
     assert [s.describe(True) for s in plan.qido.searches] == ["GET /studies?PatientName=DOE^JANE"]
     text = plan.explain()
-    assert "QIDO-RS step" in text and "GET /studies?PatientName=<value>" in text
-    assert "DOE" not in text and "DOE^JANE" in plan.explain(show_values=True)
+    assert "QIDO-RS step" in text
+    assert "GET /studies?PatientName=<value>" in text
+    assert "DOE" not in text
+    assert "DOE^JANE" in plan.explain(show_values=True)
     assert "DOE" not in repr(plan.qido.searches[0])
-    assert plan.chains and plan.chains[0].window is not None  # the scan it falls back to
+    assert plan.chains
+    assert plan.chains[0].window is not None
 
 
 def test_modality_goes_to_series_and_study_datetime_narrows_by_study_date() -> None:
@@ -107,7 +111,8 @@ def test_unsound_conditions_stay_on_the_client(build: Any) -> None:
 def test_in_lists_multiply_into_searches_up_to_a_cap() -> None:
     names = [f"N{i}^X" for i in range(8)]
     step = step_of(Query(DS).where(PatientName=names, Modality=["CT", "MR"]))
-    assert len(step.searches) == 2 * 8 and step.level == "series"
+    assert len(step.searches) == 2 * 8
+    assert step.level == "series"
     many = step_of(Query(DS).where(PatientName=names, Modality=["CT", "MR", "US"]))
     assert len(many.searches) == 3  # the 8 names stay on the client only
     assert all(dict(s.match).keys() == {"Modality"} for s in many.searches)
@@ -333,6 +338,7 @@ def test_stats_decide_fan_out_against_scan(qido_service: LocalService) -> None:
     try:
         query = Query(qido_service.datastore_id).where(Modality="US")
         plan = chosen(query, qido_service)
-        assert plan.access == "qido" and "abandoned" not in (plan.note or "")
+        assert plan.access == "qido"
+        assert "abandoned" not in (plan.note or "")
     finally:
         statistics.remember(client, qido_service.datastore_id, DatastoreStats(2500))
