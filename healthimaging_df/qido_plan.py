@@ -10,9 +10,11 @@ searches and compiles the plan that actually runs:
    largest offset, or a ``Warning`` header) is split by StudyDate halves when the query bounds
    ``StudyDateTime`` (every row it keeps then has a valid StudyDate), else abandoned.
 3. The studies, series or patients found (whichever are fewest) become an IN list that the
-   planner fans out on, or scans for when that is cheaper; no ``isPrimary`` filter is sent, so
-   the non-primary copies of those studies and series come along. Every predicate of the query,
-   and the IN list, is applied exactly on the client.
+   planner fans out on (or, when that is dearer, the scan runs). QIDO-RS sees primary image
+   sets only, and a non-primary copy (a conflict) may differ from its primary in the very
+   attribute matched, so one more chain sweeps ``isPrimary=false`` (with the query's pushable
+   range), unless the query keeps primary image sets only. Every predicate of the query is
+   applied exactly on the client.
 
 Abandoned (over budget, or truncated and not splittable), the SearchImageSets-only plan runs;
 with ``strategy="qido"`` a truncation raises ``DICOMwebTruncatedError`` instead.
@@ -33,6 +35,7 @@ from healthimaging_df.errors import DICOMwebTruncatedError, QueryValidationError
 from healthimaging_df.plan import (
     QIDO_RECORDS,
     Candidate,
+    Chain,
     DatastoreStats,
     Plan,
     QidoSearch,
@@ -197,8 +200,13 @@ def _resolved(
     keys = _keys(records, step.level)
     if not records:
         empty = _recompile(plan, (), stats, client, measure=False)
-        note = f"QIDO-RS matched nothing in {budget.requests} request(s): no SearchImageSets call"
-        return replace(empty, chains=(), access="qido", note=note, candidates=_found(plan, budget))
+        chains = () if _primary_only(plan) else _non_primary_sweep(plan, 0)
+        note = f"QIDO-RS matched nothing in {budget.requests} request(s)" + (
+            "; only the non-primary image sets are read" if chains else ": no SearchImageSets call"
+        )
+        return replace(
+            empty, chains=chains, access="qido", note=note, candidates=_found(plan, budget)
+        )
     order = sorted(keys, key=lambda c: (len(keys[c]), RESOLVE_ORDER.index(c)))
     for column in order:
         try:
@@ -206,21 +214,57 @@ def _resolved(
         except QueryValidationError:
             continue  # a value SearchImageSets would refuse: resolve by another key
         resolved = _recompile(plan, (extra,), stats, client, max_tps=max_tps)
-        how = (
-            f"but scanning is cheaper than {len(keys[column]):,} chains by {column}"
-            if resolved.access == "scan"
-            else f"resolved by {column} ({len(keys[column]):,} value(s))"
-        )
-        note = f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s); {how}"
+        found = f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s)"
+        candidates = _found(plan, budget) + resolved.candidates
+        if resolved.access == "scan":
+            scan = _recompile(plan, (), stats, client, max_tps=max_tps)
+            note = f"{found}; but scanning is cheaper than {len(keys[column]):,} chains"
+            return replace(scan, access="qido", note=note, candidates=candidates)
+        chains = resolved.chains
+        sweep = "" if _primary_only(plan) else "; plus a sweep of the non-primary image sets"
+        if sweep:
+            chains += _non_primary_sweep(plan, len(chains))
+        note = f"{found}; resolved by {column} ({len(keys[column]):,} value(s)){sweep}"
+        # The UID chains read a superset of the matches: the query's own predicates decide.
         return replace(
             resolved,
+            chains=chains,
+            predicates=plan.predicates,
+            pushed=resolved.pushed,
             access="qido",
             note=note,
-            candidates=_found(plan, budget) + resolved.candidates,
+            candidates=candidates,
         )
     fallback = _recompile(plan, (), stats, client, max_tps=max_tps)
     note = "QIDO-RS answer had no key SearchImageSets can filter on: scan"
     return replace(fallback, access="qido", note=note, candidates=plan.candidates)
+
+
+def _primary_only(plan: Plan) -> bool:
+    """Whether the query itself keeps primary image sets only (QIDO-RS sees all of them)."""
+    return any(
+        p.column == "isPrimary" and p.op in ("eq", "in") and set(p.values) == {True}
+        for p in plan.predicates
+    )
+
+
+def _non_primary_sweep(plan: Plan, first: int) -> tuple[Chain, ...]:
+    """Chains reading every non-primary image set the query's pushable ranges admit.
+
+    QIDO-RS sees primary image sets only, and a non-primary copy (a conflict) may differ from
+    its primary in exactly the attribute matched, or have no primary left: only SearchImageSets
+    ``isPrimary=false`` finds them all.
+    """
+    flag = predicates.build("isPrimary", "eq", (False,))
+    sweep = compile_plan(
+        plan.datastore_id,
+        (*(p for p in plan.predicates if p.column != "isPrimary"), flag),
+        plan.sort_column,
+        plan.ascending,
+        plan.limit,
+        strategy="search",
+    )
+    return tuple(replace(c, index=first + i) for i, c in enumerate(sweep.chains))
 
 
 def _found(plan: Plan, budget: _Budget) -> tuple[Candidate, ...]:
