@@ -9,7 +9,7 @@ SeriesDescription and Manufacturer onto the frame, in one run: QIDO per study
 (``/studies/{S}/series``), QIDO datastore-wide (``/series``, 1,000 series a page), and one
 GetImageSetMetadata per image set. Archived image sets are counted before and after each.
 
-Second section, the QIDO-RS planner: PatientName and Modality cohorts on 20,000 image sets, each
+Second section, the QIDO-RS planner: PatientName and Modality cohorts on 10,000 image sets, each
 run twice in one process, as the planner chooses (``auto``: QIDO-RS first) and with
 ``using("search")`` (SearchImageSets only); requests, seconds and equal results.
 
@@ -28,7 +28,7 @@ MAX_TPS = 100
 FIELDS = ["SeriesDescription", "Manufacturer"]
 TITLE = "Series enrichment (QIDO-RS includefield vs GetImageSetMetadata)"
 PLANNER_TITLE = "QIDO-RS plans (PatientName and Modality cohorts vs the SearchImageSets scan)"
-PLANNER_IMAGE_SETS = 20_000
+PLANNER_IMAGE_SETS = 10_000
 
 
 def _archived(service: Any) -> int:
@@ -139,6 +139,8 @@ def planner() -> None:
         common = max(named, key=lambda n: (names[n], n))
         cohorts = [
             ("PatientName, one patient", Query(ds).where(PatientName=rare)),
+            ("PatientName, one patient, isPrimary=True",
+             Query(ds).where(PatientName=rare, isPrimary=True)),
             (
                 f"PatientName, the most common name ({names[common]} image sets)",
                 Query(ds).where(PatientName=common),
@@ -183,7 +185,8 @@ def planner() -> None:
     lines += [
         "",
         "Requests count every HTTP request the service received (SearchImageSets, QIDO-RS and "
-        "the size probe). Where the QIDO-RS answer would need more chains than the scan has "
+        "the size probe). Unless the query has isPrimary=True, a QIDO plan also sweeps the "
+        "non-primary image sets (5% of this datastore): most of a PatientName cohort's requests. Where the QIDO-RS answer would need more chains than the scan has "
         "pages, the planner scans (its QIDO-RS requests are then the price of finding out).",
     ]
     body = "\n".join(lines)
