@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from healthimaging_df import aws, predicates, statistics
@@ -240,6 +240,14 @@ def _resolved(
     return replace(fallback, access="qido", note=note, candidates=plan.candidates)
 
 
+def _now(plan: Plan) -> datetime | None:
+    """The *now* *plan* was compiled with, as far as its windows show (so a rerun matches)."""
+    windows = [c.window for c in plan.chains if c.window is not None]
+    if not windows:
+        return None
+    return windows[0][1] - timedelta(days=2)  # compile_plan's unbounded scans end "tomorrow"
+
+
 def _primary_only(plan: Plan) -> bool:
     """Whether the query itself keeps primary image sets only (QIDO-RS sees all of them)."""
     return any(
@@ -262,6 +270,7 @@ def _non_primary_sweep(plan: Plan, first: int) -> tuple[Chain, ...]:
         plan.sort_column,
         plan.ascending,
         plan.limit,
+        now=_now(plan),
         strategy="search",
     )
     return tuple(replace(c, index=first + i) for i, c in enumerate(sweep.chains))
@@ -288,6 +297,7 @@ def _recompile(
             plan.sort_column,
             plan.ascending,
             plan.limit,
+            now=_now(plan),
             strategy="search",
             stats=given,
         )
