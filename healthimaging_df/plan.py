@@ -278,7 +278,9 @@ def compile_plan(
     fan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=False)
     ids = len(fan.chains) if fan.chains and fan.chains[0].filters else 0
     pinned = bool(fan.pushed) and fan.pushed[0].column in ID_RANK
-    if strategy in ("auto", "qido") and fan.chains and (strategy == "qido" or not pinned):
+    # A limit whose sort is pushed stops the one search early: auto leaves QIDO-RS out then.
+    unweighed = pinned or fan.stops_early
+    if strategy in ("auto", "qido") and fan.chains and (strategy == "qido" or not unweighed):
         step = qido_step(predicates)
         if step is None and strategy == "qido":
             raise QueryValidationError(

@@ -67,6 +67,9 @@ def test_search_strategy_never_uses_qido_and_qido_forces_it() -> None:
     pinned = Query(DS).where(PatientID="P1", PatientName="DOE^JANE")
     assert pinned.compile().qido is None  # an ID already pins the search
     assert pinned.using("qido").compile().qido is not None
+    early = Query(DS).where(PatientName="DOE^JANE").sort_by("createdAt").limit(5)
+    assert early.compile().qido is None  # one sorted search that stops early is cheap
+    assert early.using("qido").compile().qido is not None
     with pytest.raises(QueryValidationError, match="strategy"):
         Query(DS).where(PatientSex="F").using("qido").compile()
 
@@ -360,3 +363,16 @@ def test_stats_decide_fan_out_against_scan(qido_service: LocalService) -> None:
         assert "abandoned" not in (plan.note or "")
     finally:
         statistics.remember(client, qido_service.datastore_id, DatastoreStats(2500))
+
+
+def test_study_date_ranges_split_in_halves_down_to_one_day() -> None:
+    assert qido_plan._split("20200101-20200104") == ("20200101-20200102", "20200103-20200104")
+    assert qido_plan._split("20200101-20200101") is None
+    assert qido_plan._split("20200101") is None
+
+
+def test_the_resolved_plan_keeps_the_compiled_windows() -> None:
+    now = datetime(2026, 3, 4, 15, 0)
+    plan = Query(DS).where(PatientName="A^B").compile(now=now)
+    again = Query(DS).compile(now=qido_plan._now(plan))
+    assert again.chains[0].window == plan.chains[0].window
