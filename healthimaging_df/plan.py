@@ -306,7 +306,7 @@ def compile_plan(
         return fan  # nothing to weigh (a limit stops chains early: fan-out reads least)
     scan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=True)
     fan_cost = float(ids)
-    scan_cost = scan_requests(scan, stats)
+    scan_cost = _scan_requests(scan, stats)
     if strategy in ("auto", "search", "qido"):
         use_scan = scan_cost is not None and scan_cost < fan_cost
         wants = scan_cost is None and ids > ALWAYS_FAN_OUT
@@ -322,10 +322,15 @@ def compile_plan(
 
 
 def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
-    """Requests a scan plan needs: the image sets it reads over 50 a page, plus windows' share.
+    """Requests a scan plan needs (public for the QIDO-RS step); see :func:`_scan_requests`.
 
     A ``StudyDateTime`` range filter is counted as reading everything (its share is unknown).
     """
+    return _scan_requests(scan, stats)
+
+
+def _scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
+    """Requests a scan plan needs: the image sets it reads over 50 a page, plus windows' share."""
     if stats is None:
         return None
     window = scan.chains[0].window if scan.chains else None
