@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pandas as pd
@@ -247,6 +248,41 @@ class AHIAccessor:
             progress=progress,
             on_error=on_error,
             datastore_id=datastore_id,
+        )
+
+    def fetch_series_attributes(
+        self,
+        fields: Sequence[str],
+        *,
+        client: Any = None,
+        boto3_session: Any = None,
+        dicomweb_endpoint_url: str | None = None,
+        max_tps: float | None = 25.0,
+        max_concurrency: int = 8,
+        on_truncation: Literal["raise", "report"] = "raise",
+        scope: Literal["study", "datastore"] = "study",
+        datastore_id: str | None = None,
+    ) -> pd.DataFrame:
+        """Series attributes through QIDO-RS ``includefield``, joined on; no image set is accessed.
+
+        See :func:`healthimaging_df.dicomweb.fetch_series_attributes`: archived image sets stay
+        archived, many series are read a request. Needs the ``dicomweb`` extra.
+        """
+        try:
+            from healthimaging_df import dicomweb
+        except ImportError:
+            raise _missing_extra("dicomweb-client", "dicomweb", "fetch_series_attributes") from None
+        return dicomweb.fetch_series_attributes(
+            self._frame,
+            fields,
+            client=client,
+            boto3_session=boto3_session,
+            dicomweb_endpoint_url=dicomweb_endpoint_url,
+            datastore_id=datastore_id,
+            max_tps=max_tps,
+            max_concurrency=max_concurrency,
+            on_truncation=on_truncation,
+            scope=scope,
         )
 
     # -- snapshots (shared with healthimaging_df.snapshot) ------------------------------------

@@ -90,6 +90,8 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     The size comes from a previous scan's statistics, or from a probe of about ten requests.
     """
     plan = compile(None)
+    if plan.qido is not None:
+        return _qido(plan, run)
     if not plan.wants_statistics:
         return plan
     stats = statistics.cached(run.client, plan.datastore_id)
@@ -98,6 +100,13 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
         stats = statistics.probe(run.client, plan.datastore_id, limiter)
         statistics.remember(run.client, plan.datastore_id, stats)
     return compile(stats)
+
+
+def _qido(plan: Plan, run: Run) -> Plan:
+    """Run *plan*'s QIDO-RS step and return the SearchImageSets plan built on its answer."""
+    from healthimaging_df import qido_plan  # the optional dicomweb extra, only when QIDO is used
+
+    return qido_plan.resolve(plan, run.client, run.fetch.max_tps)
 
 
 def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:

@@ -38,14 +38,19 @@ STABLE_SORT = {"sortField": "createdAt", "sortOrder": "ASC"}  # no update moves 
 WINDOW_FLOOR = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Filter = dict[str, Any]
-Strategy = Literal["auto", "fanout", "scan"]
-STRATEGIES: tuple[Strategy, ...] = ("auto", "fanout", "scan")
+Strategy = Literal["auto", "fanout", "scan", "search", "qido"]
+# "search": SearchImageSets only (never QIDO-RS); "qido": QIDO-RS first whenever it can match.
+STRATEGIES: tuple[Strategy, ...] = ("auto", "fanout", "scan", "search", "qido")
 PAGE_ROWS = 50
 # An IN list this short always fans out: even a one-page scan would not save a request worth a
 # probe of the datastore's size.
 ALWAYS_FAN_OUT = 10
 SCAN_OVERHEAD = 1.05  # a windowed scan's extra requests per minimum page (windows' last pages)
 PROBE_REQUESTS = 10  # what measuring an unknown datastore costs (see engine.statistics)
+QIDO_RECORDS = 1000  # records a QIDO-RS request returns at most
+QIDO_MAX_SEARCHES = (
+    16  # IN lists of QIDO-able columns multiply into searches; past this, fewer keys
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,7 @@ class Plan:
     wants_statistics: bool = False  # the choice would be better with the datastore's size
     access: Strategy = "auto"  # the access path weighed and chosen ("auto": nothing to weigh)
     parts: tuple[Plan, ...] = ()  # a union's plans, one per query (their chains renumbered here)
+    qido: QidoStep | None = None  # QIDO-RS searches to run first (engine.choose runs them)
 
     def __repr__(self) -> str:
         if self.parts:
@@ -220,6 +226,11 @@ class Plan:
                     f"    (the datastore's size is measured at run time with about "
                     f"{PROBE_REQUESTS} requests, or read from a previous scan's statistics)"
                 )
+        if self.qido is not None:
+            lines += self.qido.explain_lines(show_values)
+            lines.append(
+                "  if QIDO-RS is abandoned (too many matches, or truncated), this scan runs:"
+            )
         lines.append(f"  SearchImageSets request chains: {count}")
         if self.pushed:
             lines.append("  pushed down to the API:")
@@ -438,12 +449,36 @@ def compile_plan(
     fan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=False)
     ids = len(fan.chains) if fan.chains and fan.chains[0].filters else 0
     pinned = bool(fan.pushed) and fan.pushed[0].column in ID_RANK
+    # A limit whose sort is pushed stops the one search early: auto leaves QIDO-RS out then.
+    unweighed = pinned or fan.stops_early
+    if strategy in ("auto", "qido") and fan.chains and (strategy == "qido" or not unweighed):
+        step = qido_step(predicates)
+        if step is None and strategy == "qido":
+            raise QueryValidationError(
+                "strategy",
+                "'qido' needs a condition QIDO-RS can match: "
+                + ", ".join(QIDO_COLUMNS)
+                + " (eq/in, contains or a plain matches)",
+            )
+        if step is not None:
+            scan_cost = scan_requests(fan, stats)
+            candidates = (
+                Candidate(
+                    f"QIDO-RS: {len(step.searches)} search(es) at {QIDO_RECORDS:,} records a "
+                    "request, then one SearchImageSets chain per study, series or patient found",
+                    float(len(step.searches)),
+                    chosen=True,
+                ),
+                Candidate("SearchImageSets only (the plan below)", scan_cost),
+            )
+            step = replace(step, forced=strategy == "qido")
+            return replace(fan, candidates=candidates, access="qido", qido=step)
     if not pinned or ids <= 1 or limit is not None:
         return fan  # nothing to weigh (a limit stops chains early: fan-out reads least)
     scan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=True)
     fan_cost = float(ids)
     scan_cost = _scan_requests(scan, stats)
-    if strategy == "auto":
+    if strategy in ("auto", "search", "qido"):
         use_scan = scan_cost is not None and scan_cost < fan_cost
         wants = scan_cost is None and ids > ALWAYS_FAN_OUT
     else:
@@ -457,6 +492,14 @@ def compile_plan(
     return replace(chosen, candidates=candidates, wants_statistics=wants, access=access)
 
 
+def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
+    """Requests a scan plan needs (public for the QIDO-RS step); see :func:`_scan_requests`.
+
+    A ``StudyDateTime`` range filter is counted as reading everything (its share is unknown).
+    """
+    return _scan_requests(scan, stats)
+
+
 def _scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
     """Requests a scan plan needs: the image sets it reads over 50 a page, plus windows' share."""
     if stats is None:
@@ -465,6 +508,193 @@ def _scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
     share = stats.share(*window) if window is not None else 1.0
     pages = math.ceil(stats.image_sets * share / PAGE_ROWS)
     return max(1.0, pages * SCAN_OVERHEAD)
+
+
+# -- QIDO-RS as an access path (pure: the engine runs the searches, see qido_plan.py) ---------
+#
+# A condition goes to QIDO-RS only where the documented matching (PS3.4 C.2.2.2) returns a
+# superset of what the client keeps:
+# - single-value matching is exact and case-sensitive, except PN, which a server may match
+#   case-insensitively: either way a superset of the client's case-sensitive ``==``;
+# - ``*`` and ``?`` match any characters, so a value holding them matches a superset of itself;
+#   ``\\`` (value multiplicity) and control characters are never sent;
+# - ``contains(s)`` becomes ``*s*``, ``matches`` only for a plain literal (``^lit``, ``lit`` or
+#   ``lit$``, anchors at the end dropped); ignoring case only when ``s`` has no cased letter,
+#   because wildcard matching of non-PN values is case-sensitive;
+# - dates (DA) only as whole 8-digit dates: a raw-string range on the client also admits partial
+#   dates (``"1950"``) that a DA range never matches, so ranges on raw strings stay on the client;
+# - PN values holding ``=`` (other name groups) are not sent: which group a server compares is
+#   undocumented;
+# - ``fuzzymatching`` is never used (its word splitting is undocumented).
+# ``StudyDateTime`` ranges narrow the search by StudyDate (a row the client keeps has a valid
+# StudyDate in that day range).
+
+QIDO_STUDY_COLUMNS = ("PatientName", "StudyDescription", "PatientBirthDate", "StudyDate")
+QIDO_SERIES_COLUMNS = ("Modality", "SeriesNumber")
+QIDO_COLUMNS = (*QIDO_SERIES_COLUMNS, *QIDO_STUDY_COLUMNS)
+_DA_COLUMNS = ("PatientBirthDate", "StudyDate")
+_REGEX_META = set(".^$*+?{}[]\\|()")
+
+
+@dataclass(frozen=True)
+class QidoSearch:
+    """One QIDO-RS search: a level and its match keys (DICOM keyword to QIDO text)."""
+
+    level: Literal["studies", "series"]
+    match: tuple[tuple[str, str], ...]
+
+    def __repr__(self) -> str:
+        return f"QidoSearch({self.level}, keys={[k for k, _ in self.match]})"  # no values: PHI
+
+    def describe(self, show_values: bool = False) -> str:
+        """``GET /series?Modality=...`` with values hidden unless *show_values*."""
+        keys = "&".join(f"{k}={v if show_values else '<value>'}" for k, v in self.match)
+        return f"GET /{self.level}?{keys}"
+
+
+@dataclass(frozen=True)
+class QidoStep:
+    """QIDO-RS searches whose union holds (a superset of) the primary image sets that match.
+
+    Run at run time by ``engine.choose``; the answer's studies, series or patients (whichever
+    gives the fewest chains) become an IN list the SearchImageSets plan fans out on.
+    """
+
+    searches: tuple[QidoSearch, ...]
+    pushed: tuple[Predicate, ...]
+    date_range: tuple[str, str] | None = None  # StudyDate bounds (YYYYMMDD), for splitting
+    forced: bool = False  # strategy "qido": never abandoned for cost, truncation raises
+
+    @property
+    def level(self) -> Literal["studies", "series"]:
+        """``series`` when a series key is matched, else ``studies``."""
+        return self.searches[0].level
+
+    def explain_lines(self, show_values: bool) -> list[str]:
+        """Lines of ``Plan.explain()``."""
+        lines = [
+            "  QIDO-RS step (run first, at run time; primary image sets only):",
+            *(f"    {s.describe(show_values)}" for s in self.searches),
+            "    matched by QIDO-RS (a superset; re-checked on the client):",
+            *(f"      {p.describe(show_values)}" for p in self.pushed),
+            f"    {QIDO_RECORDS:,} records a request; a full page at the 10,000 cap or the largest"
+            " offset means 'maybe more': "
+            + (
+                "split by StudyDate, else the scan below"
+                if self.date_range
+                else "the scan below runs instead"
+            ),
+            "    then SearchImageSets by StudyInstanceUID, SeriesInstanceUID or PatientID (fewest"
+            " chains; no isPrimary filter, so non-primary copies of those come too), or a scan"
+            " when that is cheaper",
+        ]
+        return lines
+
+
+def qido_step(predicates: tuple[Predicate, ...]) -> QidoStep | None:
+    """The QIDO-RS searches for *predicates*, or None when no condition can go to QIDO-RS."""
+    per_column: dict[str, tuple[Predicate, tuple[str, ...]]] = {}
+    for p in predicates:
+        if p.column in QIDO_COLUMNS and p.column not in per_column:
+            values = _qido_values(p)
+            if values:
+                per_column[p.column] = (p, values)
+    if not per_column:
+        return None
+    date_range = _study_date_range(predicates)
+    keys: list[tuple[str, tuple[str, ...]]] = []
+    pushed: list[Predicate] = []
+    searches = 1
+    # most selective first: one value before several, series keys before study keys
+    for column in sorted(per_column, key=lambda c: (len(per_column[c][1]), QIDO_COLUMNS.index(c))):
+        p, values = per_column[column]
+        if keys and searches * len(values) > QIDO_MAX_SEARCHES:
+            continue
+        searches *= len(values)
+        keys.append((column, values))
+        pushed.append(p)
+    if date_range is not None and "StudyDate" not in dict(keys):
+        keys.append(("StudyDate", (f"{date_range[0]}-{date_range[1]}",)))
+        pushed += [p for p in predicates if p.column == "StudyDateTime" and p.op == "between"]
+    level: Literal["studies", "series"] = (
+        "series" if any(k in QIDO_SERIES_COLUMNS for k, _ in keys) else "studies"
+    )
+    combos: list[tuple[tuple[str, str], ...]] = [()]
+    for column, values in keys:
+        combos = [(*c, (column, v)) for c in combos for v in values]
+    found = tuple(QidoSearch(level, tuple(sorted(c))) for c in combos)
+    return QidoStep(found, tuple(pushed), date_range)
+
+
+def _qido_values(p: Predicate) -> tuple[str, ...]:
+    """QIDO-RS values whose matches are a superset of *p*'s, or () when there are none."""
+    if p.op in ("eq", "in"):
+        if p.column == "SeriesNumber":
+            return tuple(str(v) for v in p.values)
+        if p.column in _DA_COLUMNS and not all(_whole_date(v) for v in p.values):
+            return ()
+        texts = tuple(str(v) for v in p.values)
+    elif p.op in ("contains", "regex") and p.column not in _DA_COLUMNS:
+        literal = p.values[0] if p.op == "contains" else _regex_literal(p.values[0])
+        if literal is None or literal.strip("*") == "":
+            return ()
+        if not p.case and literal.lower() != literal.upper():
+            return ()  # wildcard matching of non-PN values is case-sensitive
+        anchored = p.op == "regex" and p.values[0].startswith("^")
+        texts = (("" if anchored else "*") + literal + "*",)
+    else:
+        return ()
+    for text in texts:
+        if "\\" in text or len(text) > 1000 or any(ord(c) < 32 for c in text) or text == "":
+            return ()
+        if p.column == "PatientName" and "=" in text:
+            return ()
+        if text.strip("*") == "":
+            return ()  # universal matching: nothing gained
+    return texts
+
+
+def _regex_literal(pattern: str) -> str | None:
+    """The literal a plain regex (``^lit``, ``lit``, ``lit$``) searches for, else None."""
+    body = pattern[1:] if pattern.startswith("^") else pattern
+    if body.endswith("$") and not body.endswith("\\$"):
+        body = body[:-1]
+    out: list[str] = []
+    escaped = False
+    for c in body:
+        if escaped:
+            if c.isalnum():
+                return None  # \d, \b ... are classes or assertions, not literals
+            out.append(c)
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in _REGEX_META:
+            return None
+        else:
+            out.append(c)
+    return None if escaped or not out else "".join(out)
+
+
+def _whole_date(value: Any) -> bool:
+    if not (isinstance(value, str) and len(value) == 8 and value.isascii() and value.isdigit()):
+        return False
+    try:
+        datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
+def _study_date_range(predicates: tuple[Predicate, ...]) -> tuple[str, str] | None:
+    """The StudyDate day range every kept row falls in, from ``StudyDateTime`` ranges."""
+    ranges = _ranges(predicates)
+    if "StudyDateTime" not in ranges:
+        return None
+    low, high = ranges["StudyDateTime"]
+    if low > high:
+        return None
+    return f"{max(low.year, 1):04d}{low:%m%d}", f"{high.year:04d}{high:%m%d}"
 
 
 def _compile(
