@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pyarrow as pa
@@ -716,6 +716,12 @@ def write_table(
                 raise QueryValidationError(
                     "table", f"lacks the table's partition columns: {', '.join(missing)}"
                 )
+        dropped = [c for c in old_parts if c not in table.column_names]
+        if dropped:  # delta-rs 1.6 cannot overwrite a table without its partition columns
+            raise SnapshotError(
+                f"{action}: the table is partitioned by {', '.join(dropped)}, which the new rows "
+                "lack; write them to a new path"
+            )
         before = _files(existing)
         old_rows = _row_count(existing)
         reshape = parts != old_parts or not _same_delta_schema(existing, table.schema)
@@ -977,14 +983,28 @@ def dataset(
     """A ``pyarrow.dataset.Dataset`` of one version (latest by default), typed as written.
 
     DuckDB (``duckdb.arrow(ds)``), Polars (``pl.scan_pyarrow_dataset(ds)``) and Dask read it
-    lazily, with partition pruning. Files are opened only when scanned: a damaged file then fails
-    in the reader, with pyarrow's message.
+    lazily, with partition pruning. Every data file is checked to be there with the size the log
+    records (one listing, no data read), so a deleted or truncated file raises ``SnapshotError``
+    here; damage inside a file of the right size fails later, in the reader, with pyarrow's
+    message (which can quote a path).
     """
-    table, state, table_fs = _opened_state(
-        uri, version, as_of, storage_options, "scanning the snapshot"
-    )
-    with _translated("scanning the snapshot"):
-        return table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
+    action = "scanning the snapshot"
+    table, state, table_fs = _opened_state(uri, version, as_of, storage_options, action)
+    with _translated(action):
+        scan = table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
+        # the log stores paths percent-encoded (partition values); the file system wants them raw
+        expected = {unquote(path): size for path, size in _files(table).items()}
+        infos = table_fs.get_file_info(list(expected))
+    from pyarrow import fs as pafs
+
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            raise SnapshotError(f"{action} failed: {_kind(FileNotFoundError())}")
+        if info.size != expected[info.path]:
+            raise SnapshotError(
+                f"{action} failed: a data file of the table is damaged or truncated"
+            )
+    return scan
 
 
 def read_table(
