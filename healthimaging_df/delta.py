@@ -23,7 +23,7 @@ provenance is not in the table properties.
 Commits never retry by themselves: a writer whose base version is no longer the latest loses with
 ``SnapshotConflictError`` and the table keeps the winner's version, whole. On S3 commits are
 conditional PUTs (``conditional_put: etag``); the DynamoDB lock of delta-rs is the alternative for
-stores without conditional writes (see ``docs/snapshots-delta.md``).
+stores without conditional writes (see ``docs/snapshots.md``).
 
 Error messages never quote a path inside the table: partition folders are named after values
 (``PatientID=...`` is PHI), and delta-rs and pyarrow put such paths in their messages.
