@@ -76,9 +76,11 @@ __all__ = [
 
 METADATA_KEY = provenance.KEY
 DERIVED_COLUMNS: dict[str, str] = {"StudyYear": "year of StudyDateTime (derived for partitioning)"}
-# data files of directory snapshots are closed at this size: small enough that a refresh's MERGE
-# rewrites a small part of a large table, large enough for scans (about 10,000 rows a file)
-TARGET_FILE_SIZE = 1024 * 1024
+# data files of directory snapshots are closed at this size (about 1,500 rows): small enough that a
+# refresh's MERGE rewrites a small part of a large table (at 1 MiB, 100,000 rows in 9 Modality
+# partitions are one file per partition and a MERGE rewrites a quarter of the table), large
+# enough for scans
+TARGET_FILE_SIZE = 128 * 1024
 
 
 # -- results --------------------------------------------------------------------------------------
