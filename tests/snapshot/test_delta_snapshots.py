@@ -375,3 +375,24 @@ def test_a_refresh_that_loses_a_race_reads_the_winner_and_merges_again(
     service.backend.update_image_set(service.datastore_id, victim, is_primary=True)
     with pytest.raises(SnapshotConflictError):
         refresh_snapshot(path, client=client, attempts=2, **FAST)
+
+
+def test_a_refresh_with_another_query_is_refused_before_any_commit(
+    ahi_service_factory: Callable[..., LocalService], tmp_path: Path
+) -> None:
+    from healthimaging_df.refresh import refresh_snapshot
+
+    service = ahi_service_factory(image_sets=150, seed=15)
+    client = service.client()
+    mr, ct = (Query(service.datastore_id).where(Modality=m) for m in ("MR", "CT"))
+    policy = RedactionPolicy(key=generate_key())
+    plain, redacted = tmp_path / "plain", tmp_path / "redacted"
+    mr.to_parquet(str(plain), client=client, partition_cols=["Modality"], **FAST)
+    mr.to_parquet(str(redacted), client=client, redact=policy, **FAST)
+    for path, extra in ((plain, {}), (redacted, {"redact": policy})):
+        service.reset_stats()
+        with pytest.raises(SnapshotError, match="not the query") as caught:
+            refresh_snapshot(path, client=client, query=ct, **extra, **FAST)
+        assert "CT" not in str(caught.value)
+        assert service.stats.requests == 0  # refused before any request
+        assert snapshot_history(path)["version"].tolist() == [0]  # and before any commit
