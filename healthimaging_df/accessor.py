@@ -288,9 +288,10 @@ class AHIAccessor:
     # -- snapshots (shared with healthimaging_df.snapshot) ------------------------------------
 
     def to_parquet(self, path: str | os.PathLike[str], **options: Any) -> SnapshotInfo:
-        """Write a Parquet snapshot with provenance; ``snapshot.write_snapshot`` takes *options*.
+        """Write a snapshot (a ``.parquet`` file, or a Delta table for a directory) with provenance.
 
-        Read it back with ``healthimaging_df.snapshot.read_snapshot(path)``.
+        ``snapshot.write_snapshot`` takes *options*. Read it back with
+        ``healthimaging_df.snapshot.read_snapshot(path)``.
         """
         from healthimaging_df.snapshot import write_snapshot
 

@@ -1,7 +1,9 @@
 """The export checkpoint: finished fetch tasks, their matching rows and what they read.
 
-The engine's export saves one after every few finished tasks (``<path>.ahi-checkpoint``); a rerun
-of the same query (same fingerprint) resumes from it. Besides the matching rows it keeps the
+The engine's export saves one after every few finished tasks; a rerun of the same query (same
+fingerprint) resumes from it. A plain export keeps it beside the target (``<path>.ahi-checkpoint``);
+a redacted export, whose checkpoint holds the unredacted rows, keeps it in a private local folder
+(mode 0700) under the user's cache directory (:func:`private_root`), never at the destination. Besides the matching rows it keeps the
 ``(imageSetId, version, updatedAt)`` of every row read, so that a resumed export drops superseded
 copies exactly as an uninterrupted one. It is deleted once the snapshot is written.
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +26,8 @@ from healthimaging_df import schema
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.fetch import Coverage
 from healthimaging_df.plan import Strategy
-from healthimaging_df.storage import Target
+from healthimaging_df.statistics import cache_dir
+from healthimaging_df.storage import Store, Target, local_store
 from healthimaging_df.tables import parquet_bytes
 
 log = logging.getLogger("healthimaging_df.snapshot")  # the logger these warnings always used
@@ -34,11 +39,35 @@ def fingerprint(query_json: str) -> str:
     return hashlib.sha256(f"{canonical}|{schema.SCHEMA_VERSION}".encode()).hexdigest()
 
 
-class Checkpoint:
-    """Completed fetch tasks, their matching rows and the ranks they read, next to the snapshot."""
+def private_root() -> Path:
+    """The private checkpoint folder (created with mode 0700; an existing one is set to 0700)."""
+    root = cache_dir() / "checkpoints"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    return root
 
-    def __init__(self, target: Target, fingerprint: str) -> None:
-        self.target = target
+
+def private_store(destination: str) -> tuple[Store, str]:
+    """Where the checkpoint of a redacted export to *destination* lives: the store and folder.
+
+    The folder is named by a digest of the destination (paths may embed values), in
+    :func:`private_root`.
+    """
+    digest = hashlib.sha256(destination.encode()).hexdigest()[:32]
+    return local_store(str(private_root())), digest
+
+
+class Checkpoint:
+    """Completed fetch tasks, their matching rows and the ranks they read.
+
+    Beside the snapshot by default; *location* (a store and a folder in it, see
+    :func:`private_store`) puts it elsewhere.
+    """
+
+    def __init__(
+        self, target: Target, fingerprint: str, location: tuple[Store, str] | None = None
+    ) -> None:
+        self.store, self.folder = location or (target.store, target.checkpoint)
         self.fingerprint = fingerprint
         self.parts: list[str] = []
         self.seen_parts: list[str] = []
@@ -56,16 +85,16 @@ class Checkpoint:
     @property
     def state_rel(self) -> str:
         """The state file's relative path (the commit point)."""
-        return f"{self.target.checkpoint}/state.json"
+        return f"{self.folder}/state.json"
 
     def load(self) -> Coverage | None:
         """Return the saved coverage, or None to start afresh."""
-        raw = self.target.store.get(self.state_rel)
+        raw = self.store.get(self.state_rel)
         if raw is None:
             return None
         state = json.loads(raw)
         if state.get("fingerprint") != self.fingerprint or "seen_parts" not in state:
-            log.warning("ignoring the export checkpoint beside the target: it is of another query")
+            log.warning("ignoring the export checkpoint: it is of another query")
             self.discard()
             return None
         self.now = datetime.fromisoformat(state["now"])
@@ -120,7 +149,7 @@ class Checkpoint:
             "tasks": self.tasks,
             "rows": self.rows,
         }
-        self.target.store.put(self.state_rel, json.dumps(state).encode())  # the commit point
+        self.store.put(self.state_rel, json.dumps(state).encode())  # the commit point
         self._pending = []
         self._pending_seen = []
         self._pending_tasks = 0
@@ -129,13 +158,13 @@ class Checkpoint:
     def _put_part(self, table: pa.Table) -> str:
         name = f"part-{uuid.uuid4().hex}.parquet"
         data = parquet_bytes(table, {}, "zstd", 128 * 1024)
-        self.target.store.put(f"{self.target.checkpoint}/{name}", data)
+        self.store.put(f"{self.folder}/{name}", data)
         return name
 
     def _read_parts(self, names: list[str]) -> list[pa.Table]:
         saved = []
         for name in names:
-            data = self.target.store.get(f"{self.target.checkpoint}/{name}")
+            data = self.store.get(f"{self.folder}/{name}")
             if data is None:
                 raise SnapshotError("a checkpoint part file is missing; rerun with resume=False")
             saved.append(pq.read_table(pa.BufferReader(data)))
@@ -149,5 +178,4 @@ class Checkpoint:
 
     def discard(self) -> None:
         """Delete the checkpoint."""
-        store = self.target.store
-        store.delete(store.list(self.target.checkpoint))
+        self.store.delete(self.store.list(self.folder))

@@ -23,7 +23,7 @@ provenance is not in the table properties.
 Commits never retry by themselves: a writer whose base version is no longer the latest loses with
 ``SnapshotConflictError`` and the table keeps the winner's version, whole. On S3 commits are
 conditional PUTs (``conditional_put: etag``); the DynamoDB lock of delta-rs is the alternative for
-stores without conditional writes (see ``docs/snapshots-delta.md``).
+stores without conditional writes (see ``docs/snapshots.md``).
 
 Error messages never quote a path inside the table: partition folders are named after values
 (``PatientID=...`` is PHI), and delta-rs and pyarrow put such paths in their messages.
@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pyarrow as pa
@@ -162,6 +162,7 @@ class TableVersion(NamedTuple):
     provenance: dict[str, Any]
     version: int
     timestamp: datetime
+    partition_by: tuple[str, ...] = ()
 
 
 # -- locations and options -------------------------------------------------------------------
@@ -439,8 +440,31 @@ def _listing(location: str, options: dict[str, str] | None) -> list[Any]:
     return [info for info in infos if info.type == pafs.FileType.File]
 
 
+def _all_written_by_delta_rs(
+    location: str, options: dict[str, str] | None, paths: Sequence[str]
+) -> bool:
+    """Whether every file is a whole Parquet file written by delta-rs (``created_by`` parquet-rs).
+
+    Such a folder without a log is what a crashed (or a concurrent) first write leaves: writing
+    the first version into it is safe, because version 0 is committed create-if-absent. Spark
+    names its files alike but its footers say ``parquet-mr``: those folders are never written to.
+    """
+    table_fs = _log_fs(location, options)
+    for path in paths:
+        try:
+            created_by = str(pq.read_metadata(path, filesystem=table_fs).created_by or "")
+        except (OSError, pa.ArrowException):
+            return False  # a file still being written, or not Parquet
+        if not created_by.startswith("parquet-rs"):
+            return False
+    return True
+
+
 def _classify(location: str, options: dict[str, str] | None) -> str:
-    """``"empty"``, ``"table"``, ``"creating"`` (only fresh delta-rs data files) or ``"other"``."""
+    """What is at *location*: ``"empty"``, ``"table"``, ``"debris"``, ``"creating"``, ``"other"``.
+
+    Debris: only whole delta-rs data files; creating: only fresh files with delta-rs names.
+    """
     files = _listing(location, options)
     if not files:
         return "empty"
@@ -448,6 +472,8 @@ def _classify(location: str, options: dict[str, str] | None) -> str:
     if any(path.split("/")[-2:-1] == ["_delta_log"] for path in paths):
         return "table"
     if all(_DELTA_PART.fullmatch(path.rsplit("/", 1)[-1]) for path in paths):
+        if _all_written_by_delta_rs(location, options, paths):
+            return "debris"
         newest = max((info.mtime for info in files if info.mtime is not None), default=None)
         if newest is not None:
             moment = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
@@ -475,6 +501,8 @@ def _open(
         )
     with _translated(action):
         kind = _classify(location, options)
+    if kind == "debris" and missing_ok:  # a crashed first write: version 0 is still free
+        return None
     if kind == "creating" and missing_ok:  # a writer's first commit is under way
         raise SnapshotConflictError(f"{action}: {_CONFLICT_HELP}")
     if kind == "other" and missing_ok:
@@ -688,6 +716,12 @@ def write_table(
                 raise QueryValidationError(
                     "table", f"lacks the table's partition columns: {', '.join(missing)}"
                 )
+        dropped = [c for c in old_parts if c not in table.column_names]
+        if dropped:  # delta-rs 1.6 cannot overwrite a table without its partition columns
+            raise SnapshotError(
+                f"{action}: the table is partitioned by {', '.join(dropped)}, which the new rows "
+                "lack; write them to a new path"
+            )
         before = _files(existing)
         old_rows = _row_count(existing)
         reshape = parts != old_parts or not _same_delta_schema(existing, table.schema)
@@ -949,14 +983,28 @@ def dataset(
     """A ``pyarrow.dataset.Dataset`` of one version (latest by default), typed as written.
 
     DuckDB (``duckdb.arrow(ds)``), Polars (``pl.scan_pyarrow_dataset(ds)``) and Dask read it
-    lazily, with partition pruning. Files are opened only when scanned: a damaged file then fails
-    in the reader, with pyarrow's message.
+    lazily, with partition pruning. Every data file is checked to be there with the size the log
+    records (one listing, no data read), so a deleted or truncated file raises ``SnapshotError``
+    here; damage inside a file of the right size fails later, in the reader, with pyarrow's
+    message (which can quote a path).
     """
-    table, state, table_fs = _opened_state(
-        uri, version, as_of, storage_options, "scanning the snapshot"
-    )
-    with _translated("scanning the snapshot"):
-        return table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
+    action = "scanning the snapshot"
+    table, state, table_fs = _opened_state(uri, version, as_of, storage_options, action)
+    with _translated(action):
+        scan = table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
+        # the log stores paths percent-encoded (partition values); the file system wants them raw
+        expected = {unquote(path): size for path, size in _files(table).items()}
+        infos = table_fs.get_file_info(list(expected))
+    from pyarrow import fs as pafs
+
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            raise SnapshotError(f"{action} failed: {_kind(FileNotFoundError())}")
+        if info.size != expected[info.path]:
+            raise SnapshotError(
+                f"{action} failed: a data file of the table is damaged or truncated"
+            )
+    return scan
 
 
 def read_table(
@@ -989,7 +1037,7 @@ def read_table(
     Returns
     -------
     TableVersion
-        ``(table, provenance, version, timestamp)``; rows in no particular order.
+        ``(table, provenance, version, timestamp, partition_by)``; rows in no particular order.
     """
     action = "reading the snapshot"
     opened, state, table_fs = _opened_state(uri, version, as_of, storage_options, action)
@@ -1007,7 +1055,11 @@ def read_table(
         with _translated(action):
             table = table.select(expected.names).cast(expected)
     return TableVersion(
-        table.replace_schema_metadata(None), state.provenance, state.version, state.timestamp
+        table.replace_schema_metadata(None),
+        state.provenance,
+        state.version,
+        state.timestamp,
+        tuple(str(c) for c in state.meta.get("partition_by") or ()),
     )
 
 
@@ -1142,6 +1194,7 @@ def vacuum(
             retention_hours=hours,
             dry_run=dry_run,
             enforce_retention_duration=False,
+            full=True,  # also files no commit names (a lost or crashed writer's debris)
             commit_properties=_commit(state.provenance, meta, retries=None),
         )
     return len(removed)

@@ -16,12 +16,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthimaging_df import engine, frame, provenance, schema
+from healthimaging_df import delta, engine, frame, provenance, schema
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.provenance import KEY as METADATA_KEY
 from healthimaging_df.query import Query
 from healthimaging_df.redact import RedactionPolicy, apply_redaction
-from healthimaging_df.snapshot import check_redact, read_table, write_table
+from healthimaging_df.snapshot import (
+    check_redact,
+    delta_location,
+    derive_columns,
+    file_order,
+    read_table,
+    write_table,
+)
 from healthimaging_df.storage import open_target
 from healthimaging_df.tables import (
     dtype_backend_of,
@@ -124,7 +131,7 @@ def refresh_frame(
         raise QueryValidationError("df", "must be a pandas DataFrame")
     prov = dict(df.attrs.get(METADATA_KEY) or {})
     table = frame_to_table(df)
-    new_table, new_prov, report = _refresh_table(
+    change = _refresh_table(
         table,
         prov,
         client=client,
@@ -136,9 +143,9 @@ def refresh_frame(
         max_concurrency=max_concurrency,
         max_tps=max_tps,
     )
-    out = table_to_frame(new_table, dtype_backend_of(df), list(df.columns))
-    out.attrs[METADATA_KEY] = new_prov
-    return out, report
+    out = table_to_frame(change.result, dtype_backend_of(df), list(df.columns))
+    out.attrs[METADATA_KEY] = change.provenance
+    return out, change.report
 
 
 def refresh_snapshot(
@@ -155,10 +162,15 @@ def refresh_snapshot(
     region: str | None = None,
     s3_endpoint_url: str | None = None,
     kms_key_id: str | None = None,
+    attempts: int = 5,
 ) -> RefreshReport:
     """Refresh the snapshot at *path* in place (atomically); see :func:`refresh_frame`.
 
-    The partitioning and redaction of the snapshot are kept. Returns what changed.
+    The partitioning and redaction of the snapshot are kept. A directory (Delta) snapshot gets
+    one MERGE commit by imageSetId based on the version read: newer rows update, new ones insert,
+    leavers delete, and only the files holding them are rewritten. If another writer committed
+    first (``SnapshotConflictError``), the refresh reads the new version and runs again, up to
+    *attempts* times in all. A single-file snapshot is rewritten whole. Returns what changed.
     """
     store_args: dict[str, Any] = {
         "boto3_session": boto3_session,
@@ -166,24 +178,50 @@ def refresh_snapshot(
         "s3_endpoint_url": s3_endpoint_url,
     }
     target = open_target(path, kms_key_id=kms_key_id, **store_args)
-    table, meta = read_table(target, None, None)
-    if meta["derived_columns"]:
-        derived = [c for c in meta["derived_columns"] if c in table.column_names]
-        table = table.drop_columns(derived)
-    new_table, new_prov, report = _refresh_table(
-        table,
-        dict(meta["provenance"]),
-        client=client,
-        boto3_session=boto3_session,
-        query=query,
-        redact=redact,
-        margin=margin,
-        progress=progress,
-        max_concurrency=max_concurrency,
-        max_tps=max_tps,
-    )
-    write_table(target, os.fspath(path), new_table, new_prov, meta["partition_cols"])
-    return report
+
+    def once() -> RefreshReport:
+        table, meta = read_table(target, None, None)
+        delta_version = meta.get("version")
+        change = _refresh_table(
+            table,
+            dict(meta["provenance"]),
+            client=client,
+            boto3_session=boto3_session,
+            query=query,
+            redact=redact,
+            margin=margin,
+            progress=progress,
+            max_concurrency=max_concurrency,
+            max_tps=max_tps,
+        )
+        if target.single_file:
+            write_table(target, os.fspath(path), change.result, change.provenance, [])
+            return change.report
+        if not change.report.changed and not change.incoming.num_rows:
+            return change.report
+        uri, options = delta_location(target)
+        incoming = derive_columns(file_order(change.incoming), meta["derived_columns"])
+        delta.merge_table(
+            uri,
+            incoming,
+            list(change.report.removed),
+            change.provenance,
+            expected_version=delta_version,
+            storage_options=options,
+        )
+        return change.report
+
+    return delta.retry_on_conflict(once, attempts=attempts)
+
+
+@dataclass(frozen=True)
+class _Change:
+    """A refresh's outcome: the merged table, and the rows and ids a MERGE needs."""
+
+    result: pa.Table
+    incoming: pa.Table
+    provenance: dict[str, Any]
+    report: RefreshReport
 
 
 def _refresh_table(
@@ -198,7 +236,7 @@ def _refresh_table(
     progress: Progress,
     max_concurrency: int,
     max_tps: float | None,
-) -> tuple[pa.Table, dict[str, Any], RefreshReport]:
+) -> _Change:
     check_redact(redact)
     if query is not None and not isinstance(query, Query):
         raise QueryValidationError("query", "must be a Query or None")
@@ -322,7 +360,11 @@ def _refresh_table(
         result.num_rows,
         watermark,
     )
-    return result, new_prov, report
+    # what a MERGE needs: the rows that are new or newer, still in the cohort after the merge
+    ids = set(added) | set(updated)
+    keep = pc.is_in(result.column("imageSetId"), value_set=pa.array(sorted(ids), pa.string()))
+    changed_rows = result.filter(keep)
+    return _Change(result, changed_rows, new_prov, report)
 
 
 def _recorded_query(prov: dict[str, Any]) -> Query | None:

@@ -3,37 +3,28 @@
 Layout (see ``docs/snapshots.md``):
 
 - ``…/name.parquet``: one Parquet file, replaced atomically (a local rename; on S3 one PUT, which
-  S3 makes visible all at once).
-- any other path: a directory (or S3 prefix) holding Hive-partitioned files
-  ``Modality=CT/part-<version>-00000.parquet`` plus a manifest ``_healthimaging_df.json`` that lists
-  the files of the current version. Data files of a new version get new names and are written
-  under ``_staging-<version>/`` (skipped by pyarrow.dataset, Spark and partition-depth globs), then
-  moved into place; the manifest is replaced last (atomically), so ``read_snapshot`` never sees a
-  half-written snapshot on a local disk or on S3, where nothing can be renamed atomically; the
-  previous version's files and the staging folder are then deleted. Readers that glob the folder
-  can see old and new files together only between the first move and the last delete.
+  S3 makes visible all at once). Its provenance is in the file's key-value metadata (key
+  ``healthimaging_df``).
+- any other path: a directory (or S3 prefix) holding a Delta Lake table written through
+  ``healthimaging_df.delta`` (atomic commits, optimistic concurrency, time travel, MERGE). Each
+  commit carries the provenance; rows are written in ``createdAt`` order so a refresh's MERGE
+  rewrites few files.
 
-Every data file carries the provenance in its Parquet key-value metadata (key ``healthimaging_df``);
-``read_snapshot`` puts it back in ``df.attrs["healthimaging_df"]``.
-
-The storage layer (local disk or S3) is in ``healthimaging_df.storage``, Arrow and Parquet
-conversions in ``healthimaging_df.tables``; the fetch behind an export runs in
-``healthimaging_df.engine`` and incremental refresh is ``healthimaging_df.refresh``.
+``read_snapshot`` puts the provenance back in ``df.attrs["healthimaging_df"]``. Single-file
+storage (local disk or S3) is in ``healthimaging_df.storage``, Arrow and Parquet conversions in
+``healthimaging_df.tables``; the fetch behind an export runs in ``healthimaging_df.engine`` and
+incremental refresh is ``healthimaging_df.refresh``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
-import re
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, overload
 
 import pandas as pd
 import pyarrow as pa
@@ -41,17 +32,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from healthimaging_df import engine, provenance, schema
+from healthimaging_df import delta, engine, provenance, schema
 from healthimaging_df._version import __version__
-from healthimaging_df.checkpoint import Checkpoint, fingerprint
-from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_store
+from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
-    MANIFEST_NAME,
+    S3Store,
     Target,
-    load_manifest,
     open_target,
 )
 from healthimaging_df.tables import (
@@ -70,23 +60,27 @@ __all__ = [
     "CHECKPOINT_SUFFIX",
     "DERIVED_COLUMNS",
     "FORMAT_VERSION",
-    "MANIFEST_NAME",
     "METADATA_KEY",
-    "STAGING_PREFIX",
+    "TARGET_FILE_SIZE",
     "SnapshotInfo",
     "export_query",
     "frame_to_table",
     "read_snapshot",
     "redacted_provenance",
+    "scan_snapshot",
+    "snapshot_history",
     "snapshot_provenance",
+    "vacuum_snapshot",
     "write_snapshot",
 ]
 
 METADATA_KEY = provenance.KEY
 DERIVED_COLUMNS: dict[str, str] = {"StudyYear": "year of StudyDateTime (derived for partitioning)"}
-_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
-STAGING_PREFIX = "_staging-"
-_OUR_PART = re.compile(r"part-[0-9]{8}T[0-9]{6}-[0-9a-f]{8}-[0-9]{5}\.parquet")
+# data files of directory snapshots are closed at this size (about 1,500 rows): small enough that a
+# refresh's MERGE rewrites a small part of a large table (at 1 MiB, 100,000 rows in 9 Modality
+# partitions are one file per partition and a MERGE rewrites a quarter of the table), large
+# enough for scans
+TARGET_FILE_SIZE = 128 * 1024
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -103,7 +97,8 @@ class SnapshotInfo:
     rows
         Rows written.
     files
-        Data files of this version (full paths or ``s3://`` URIs).
+        Data files of this version (full paths or ``s3://`` URIs; they embed partition values,
+        so keep them out of logs).
     bytes
         Total size of the data files.
     partition_cols
@@ -112,15 +107,24 @@ class SnapshotInfo:
         The provenance stored with it (also in ``read_snapshot(path).attrs``).
     resumed_tasks
         Fetch tasks taken from a checkpoint of an interrupted run (0 for a fresh run).
+    version
+        The Delta version this write committed (None for a single-file snapshot).
+    bytes_written
+        Bytes of the data files this write added (equal to *bytes* for a single file).
+    glue
+        ``"created"`` or ``"updated"`` when a Glue table was registered, else None.
     """
 
     path: str
     rows: int
-    files: tuple[str, ...]
+    files: tuple[str, ...] = field(repr=False)
     bytes: int
     partition_cols: tuple[str, ...]
     provenance: dict[str, Any] = field(repr=False)
     resumed_tasks: int = 0
+    version: int | None = None
+    bytes_written: int | None = None
+    glue: str | None = None
 
     def __str__(self) -> str:
         resumed = f", resumed {self.resumed_tasks} checkpointed tasks" if self.resumed_tasks else ""
@@ -146,6 +150,7 @@ def write_snapshot(
     kms_key_id: str | None = None,
     compression: str = "zstd",
     row_group_size: int = 128 * 1024,
+    glue_table: str | None = None,
 ) -> SnapshotInfo:
     """Write *df* as a snapshot, atomically replacing any previous snapshot at *path*.
 
@@ -155,8 +160,8 @@ def write_snapshot(
         A frame of this library (its ``attrs`` provenance is stored) or any frame whose columns of
         schema names have schema-compatible values.
     path
-        ``….parquet`` for one file; anything else for a directory of Hive partitions with a
-        manifest. Local path or ``s3://bucket/prefix``.
+        ``….parquet`` for one file; anything else for a Delta table (a new version of it when
+        one is there). Local path or ``s3://bucket/prefix``.
     partition_cols
         Hive partition columns (directory snapshots only), e.g. ``["Modality"]``; ``"StudyYear"``
         is derived from ``StudyDateTime`` when the frame lacks it.
@@ -170,7 +175,10 @@ def write_snapshot(
     kms_key_id
         Encrypt S3 objects with SSE-KMS under this key (ID, alias or ARN).
     compression, row_group_size
-        Parquet settings.
+        Parquet settings (of single-file snapshots; Delta tables are written zstd).
+    glue_table
+        ``"database.table"``: create or update this Glue table for the snapshot (an ``s3://``
+        directory), for Athena and EMR.
 
     Returns
     -------
@@ -179,6 +187,7 @@ def write_snapshot(
     if not isinstance(df, pd.DataFrame):
         raise QueryValidationError("df", "must be a pandas DataFrame")
     check_redact(redact)
+    check_glue_table(glue_table, path)
     _check_parquet_options(compression, row_group_size)
     target = open_target(
         path,
@@ -193,7 +202,7 @@ def write_snapshot(
             raise SnapshotError("the frame is already redacted; pass redact=None")
         df = apply_redaction(df, redact)
         prov = redacted_provenance(prov, redact)
-    return write_table(
+    info = write_table(
         target,
         os.fspath(path),
         frame_to_table(df),
@@ -202,6 +211,45 @@ def write_snapshot(
         compression,
         row_group_size,
     )
+    return register_glue(target, info, glue_table)
+
+
+def check_glue_table(glue_table: Any, path: Any) -> None:
+    """Refuse a Glue registration that cannot work, before anything runs."""
+    if glue_table is None:
+        return
+    if not isinstance(glue_table, str) or glue_table.count(".") != 1:
+        raise QueryValidationError("glue_table", "must be 'database.table'")
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+    if not isinstance(text, str) or not text.startswith("s3://") or text.endswith(".parquet"):
+        raise QueryValidationError("glue_table", "needs an s3:// directory (Delta) snapshot path")
+
+
+def register_glue(target: Target, info: SnapshotInfo, glue_table: str | None) -> SnapshotInfo:
+    """Create or update the Glue table *glue_table* for the Delta table just written."""
+    if glue_table is None:
+        return info
+    store = target.store
+    assert isinstance(store, S3Store)
+    uri, options = delta_location(target)
+    head = delta.read_table(uri, filters=pc.scalar(False), storage_options=options)
+    outcome = delta.register_glue_table(
+        glue_table,
+        uri,
+        head.table.schema,
+        head.partition_by,
+        boto3_session=store.session,
+        region=store.region,
+        endpoint_url=_glue_endpoint(store.endpoint_url),
+    )
+    return replace(info, glue=outcome)
+
+
+def _glue_endpoint(s3_endpoint: str | None) -> str | None:
+    """Glue on the same local endpoint as S3 (moto serves both); AWS's own endpoint otherwise."""
+    if s3_endpoint and not s3_endpoint.rstrip("/").endswith("amazonaws.com"):
+        return s3_endpoint
+    return None
 
 
 def check_partition_cols(target: Target, partition_cols: Sequence[str] | None) -> list[str]:
@@ -278,17 +326,8 @@ def write_table(
     row_group_size: int = 128 * 1024,
 ) -> SnapshotInfo:
     parts = check_partition_cols(target, partition_cols)
-    derived = []
-    for name in parts:
-        if name in table.column_names:
-            continue
-        if name == "StudyYear" and "StudyDateTime" in table.column_names:
-            table = table.append_column(
-                "StudyYear", pc.cast(pc.year(table.column("StudyDateTime")), pa.int64())
-            )
-            derived.append(name)
-        else:
-            raise SnapshotError(f"partition column {name!r} is not in the frame")
+    derived = [name for name in parts if name not in table.column_names]
+    table = derive_columns(table, derived)
     for name in parts:
         kind = table.schema.field(name).type
         if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
@@ -319,113 +358,120 @@ def write_table(
         data = parquet_bytes(table, file_meta, compression, row_group_size)
         store.put(target.name, data)
         return SnapshotInfo(
-            display_path, table.num_rows, (store.uri(target.name),), len(data), (), prov
+            display_path,
+            table.num_rows,
+            (store.uri(target.name),),
+            len(data),
+            (),
+            prov,
+            bytes_written=len(data),
         )
 
-    old = load_manifest(target)
-    if old is None and not _only_our_debris(target):
-        raise SnapshotError(
-            f"{store.uri(target.name)} exists and is not a snapshot (no {MANIFEST_NAME}); "
-            "refusing to write into it"
+    uri, options = delta_location(target)
+    table = file_order(table)
+    try:
+        result = delta.write_table(
+            uri,
+            table,
+            prov,
+            partition_by=parts,
+            storage_options=options,
+            target_file_size=TARGET_FILE_SIZE,
         )
-    version = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    staging = f"{target.name}/{STAGING_PREFIX}{version}"
-    files: list[dict[str, Any]] = []
-    total = 0
-    # 1. every data file goes to a staging folder that readers globbing the snapshot skip
-    for number, (values, part) in enumerate(_split(table, parts)):
-        folder = "/".join(f"{c}={_hive_value(v)}" for c, v in zip(parts, values, strict=True))
-        rel = "/".join(x for x in (folder, f"part-{version}-{number:05d}.parquet") if x)
-        data = parquet_bytes(part, file_meta, compression, row_group_size)
-        store.put(f"{staging}/{rel}", data)
-        files.append({"path": rel, "rows": part.num_rows, "bytes": len(data)})
-        total += len(data)
-    # 2. complete: move them into place (new names, so the previous version stays readable)
-    store.move([(f"{staging}/{f['path']}", f"{target.name}/{f['path']}") for f in files])
-    manifest = {
-        "format": "healthimaging_df.snapshot-manifest",
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "files": files,
-        "arrow_schema": base64.b64encode(table.schema.remove_metadata().serialize()).decode(),
-        **{k: v for k, v in meta.items() if k not in ("format", "format_version")},
-    }
-    # 3. the commit point: one atomic replace of the manifest
-    store.put(target.manifest, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    # 4. the previous version's files, and debris of crashed writes
-    _collect_garbage(target, {f["path"] for f in files})
+    except SnapshotConflictError:
+        raise
+    except QueryValidationError as exc:
+        raise SnapshotError(f"writing the snapshot: {exc}") from None
     return SnapshotInfo(
         display_path,
-        table.num_rows,
-        tuple(store.uri(f"{target.name}/{f['path']}") for f in files),
-        total,
+        result.rows,
+        result.files,
+        result.bytes,
         tuple(parts),
         prov,
+        version=result.version,
+        bytes_written=result.bytes_written,
     )
 
 
-def _collect_garbage(target: Target, keep: set[str]) -> None:
-    """Delete data files of earlier versions and of crashed writes (never foreign files)."""
-    prefix = f"{target.name}/"
-    stale = []
-    for rel in target.store.list(target.name):
-        inner = rel[len(prefix) :]
-        base = inner.rsplit("/", 1)[-1]
-        ours = base.startswith("part-") and base.endswith(".parquet")
-        if (ours and inner not in keep) or (base.startswith(".") and ".tmp-" in base):
-            stale.append(rel)
-    if stale:
-        target.store.delete(stale)
-    target.store.prune(target.name, STAGING_PREFIX)  # the (now empty) staging folders
+def derive_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
+    """*table* with the derived columns *names* appended (``StudyYear`` from ``StudyDateTime``)."""
+    for name in names:
+        if name in table.column_names:
+            continue
+        if name == "StudyYear" and "StudyDateTime" in table.column_names:
+            year = pc.cast(pc.year(table.column("StudyDateTime")), pa.int64())
+            table = table.append_column("StudyYear", year)
+        else:
+            raise SnapshotError(f"partition column {name!r} is not in the frame")
+    return table
 
 
-def _only_our_debris(target: Target) -> bool:
-    """Whether a folder without a manifest holds nothing but what a crashed first write left.
+def file_order(table: pa.Table) -> pa.Table:
+    """Rows in ``createdAt`` order (then imageSetId): a refresh then rewrites few files.
 
-    Only this library's own names count (``part-<version>-NNNNN.parquet`` and temp files of a
-    PUT), so a folder of some other tool's Parquet files (Spark's ``part-00000-….parquet``) is
-    never written into or cleaned up.
+    Changes in HealthImaging concentrate on recently imported image sets; with rows in creation
+    order they sit in the last files of each partition, and a MERGE rewrites only those.
     """
-    prefix = f"{target.name}/"
-    for rel in target.store.list(target.name):
-        base = rel[len(prefix) :].rsplit("/", 1)[-1]
-        if not (_OUR_PART.fullmatch(base) or (base.startswith(".") and ".tmp-" in base)):
-            return False
-    return True
+    keys = [(c, "ascending") for c in ("createdAt", "imageSetId") if c in table.column_names]
+    return table.sort_by(keys) if keys else table
 
 
-def _split(table: pa.Table, parts: list[str]) -> Iterator[tuple[tuple[Any, ...], pa.Table]]:
-    """Yield (partition values, rows without the partition columns); one empty file if no rows."""
-    if not parts:
-        yield (), table
-        return
-    if table.num_rows == 0:
-        return
-    keys = table.select(parts).group_by(parts, use_threads=False).aggregate([])
-    rest = [c for c in table.column_names if c not in parts]
-    for row in keys.to_pylist():
-        mask = None
-        for name in parts:
-            value = row[name]
-            column = table.column(name)
-            hit = (
-                pc.is_null(column)
-                if value is None
-                else pc.fill_null(pc.equal(column, value), False)
-            )
-            mask = hit if mask is None else pc.and_(mask, hit)
-        yield tuple(row[n] for n in parts), table.filter(mask).select(rest)
-
-
-def _hive_value(value: Any) -> str:
-    if value is None:
-        return _HIVE_NULL
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return quote(str(value), safe="")
+def delta_location(target: Target) -> tuple[str, dict[str, str] | None]:
+    """The Delta table's URI and delta-rs storage options (S3: from the target's session)."""
+    store = target.store
+    uri = store.uri(target.name)
+    if isinstance(store, S3Store):
+        options = delta.s3_storage_options(
+            store.session, endpoint_url=store.endpoint_url, region=store.region
+        )
+        if store.kms_key_id:
+            options["AWS_SERVER_SIDE_ENCRYPTION"] = "aws:kms"
+            options["AWS_SSE_KMS_KEY_ID"] = store.kms_key_id
+        return uri, options
+    return uri, None
 
 
 # -- read ---------------------------------------------------------------------------------------
+
+
+def _check_chunk_rows(chunk_rows: Any) -> None:
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    ):
+        raise QueryValidationError("chunk_rows", "must be a positive integer or None")
+
+
+@overload
+def read_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    dtype_backend: schema.DtypeBackend = ...,
+    columns: Sequence[str] | None = ...,
+    filters: Any = ...,
+    version: int | None = ...,
+    as_of: datetime | None = ...,
+    chunk_rows: None = ...,
+    boto3_session: Any = ...,
+    region: str | None = ...,
+    s3_endpoint_url: str | None = ...,
+) -> pd.DataFrame: ...
+
+
+@overload
+def read_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    dtype_backend: schema.DtypeBackend = ...,
+    columns: Sequence[str] | None = ...,
+    filters: Any = ...,
+    version: int | None = ...,
+    as_of: datetime | None = ...,
+    chunk_rows: int,
+    boto3_session: Any = ...,
+    region: str | None = ...,
+    s3_endpoint_url: str | None = ...,
+) -> Iterator[pd.DataFrame]: ...
 
 
 def read_snapshot(
@@ -434,16 +480,20 @@ def read_snapshot(
     dtype_backend: schema.DtypeBackend = "numpy_nullable",
     columns: Sequence[str] | None = None,
     filters: Any = None,
+    version: int | None = None,
+    as_of: datetime | None = None,
+    chunk_rows: int | None = None,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
-) -> pd.DataFrame:
+) -> pd.DataFrame | Iterator[pd.DataFrame]:
     """Read a snapshot back as a typed frame with its provenance in ``attrs``.
 
     Parameters
     ----------
     path
-        What ``write_snapshot``/``to_parquet`` wrote: a ``.parquet`` file or a snapshot directory.
+        What ``write_snapshot``/``to_parquet`` wrote: a ``.parquet`` file or a snapshot directory
+        (a Delta table).
     dtype_backend
         ``"numpy_nullable"`` or ``"pyarrow"``.
     columns
@@ -451,42 +501,140 @@ def read_snapshot(
     filters
         Row filter: a ``pyarrow.compute`` expression or DNF tuples as in ``pandas.read_parquet``
         (``[("Modality", "==", "CT")]``); partition filters skip whole files.
+    version, as_of
+        Time travel (directory snapshots): the version numbered *version* (see
+        :func:`snapshot_history`), or the latest version committed at or before *as_of* (naive
+        means UTC). Both None: the latest.
+    chunk_rows
+        Yield frames of at most this many rows instead of one frame (bounded memory; each frame
+        typed and with the provenance in ``attrs``; rows in file order).
     boto3_session, region, s3_endpoint_url
         How to reach S3.
 
     Returns
     -------
-    pandas.DataFrame
-        The same columns, dtypes and values as written. A partitioned snapshot comes back in the
+    pandas.DataFrame or iterator of pandas.DataFrame
+        The same columns, dtypes and values as written. A directory snapshot comes back in the
         query's result order (sort column, then imageSetId).
     """
     if dtype_backend not in schema.DTYPE_BACKENDS:
         raise QueryValidationError("dtype_backend", f"must be one of {schema.DTYPE_BACKENDS}")
     columns = _names_argument("columns", columns)
+    _check_chunk_rows(chunk_rows)
     target = open_target(
         path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
     )
-    table, meta = read_table(target, columns, filters)
+    _check_time_travel(target, version, as_of)
+    if chunk_rows is not None:
+        return _read_chunks(target, columns, filters, version, as_of, chunk_rows, dtype_backend)
+    table, meta = read_table(target, columns, filters, version=version, as_of=as_of)
     order = list(columns) if columns is not None else meta["columns"]
     frame = table_to_frame(table, dtype_backend, order)
-    if meta["partition_cols"] and columns is None:
+    if (meta["partition_cols"] or not target.single_file) and columns is None:
         frame = _canonical_order(frame, meta["provenance"])
     frame.attrs[METADATA_KEY] = dict(meta["provenance"])
     return frame
 
 
+def _check_time_travel(target: Target, version: Any, as_of: Any) -> None:
+    if version is not None and as_of is not None:
+        raise QueryValidationError("version", "give version or as_of, not both")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise QueryValidationError("version", "must be a version number (int >= 0)")
+    if isinstance(version, int) and version < 0:
+        raise QueryValidationError("version", "must be a version number (int >= 0)")
+    if as_of is not None and not isinstance(as_of, datetime):
+        raise QueryValidationError("as_of", "must be a datetime")
+    if target.single_file and (version is not None or as_of is not None):
+        raise QueryValidationError(
+            "version", "time travel needs a directory (Delta) snapshot, not a .parquet file"
+        )
+
+
+def _read_chunks(
+    target: Target,
+    columns: list[str] | None,
+    filters: Any,
+    version: int | None,
+    as_of: datetime | None,
+    chunk_rows: int,
+    dtype_backend: schema.DtypeBackend,
+) -> Iterator[pd.DataFrame]:
+    """Frames of at most *chunk_rows* rows, checked and opened before the first one is asked for."""
+    expression = _filter_expression(filters)
+    if target.single_file:
+        meta = _single_meta(target)
+        location = target.store.arrow_path(target.name)
+        try:
+            scan = pads.dataset(location, filesystem=target.store.arrow_fs, format="parquet")
+        except (FileNotFoundError, OSError) as exc:
+            raise SnapshotError("reading the snapshot failed: the file cannot be read") from exc
+    else:
+        uri, options = delta_location(target)
+        meta, scan = _delta_scan(uri, options, version, as_of)
+    names = meta["columns"]
+    wanted = _columns(columns, meta)
+    _check_filter(expression, scan.schema.remove_metadata())
+    order = list(columns) if columns is not None else names
+    read = wanted if wanted is not None else names
+    prov = dict(meta["provenance"])
+
+    def frames() -> Iterator[pd.DataFrame]:
+        try:
+            batches = scan.to_batches(columns=read, filter=expression, batch_size=chunk_rows)
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                frame = table_to_frame(pa.Table.from_batches([batch]), dtype_backend, order)
+                frame.attrs[METADATA_KEY] = dict(prov)
+                yield frame
+        except (OSError, pa.ArrowException):
+            raise SnapshotError(
+                "reading the snapshot failed: a data file is damaged or missing"
+            ) from None
+
+    return frames()
+
+
+def _delta_scan(
+    uri: str, options: dict[str, str] | None, version: int | None, as_of: datetime | None
+) -> tuple[dict[str, Any], pads.Dataset]:
+    scan = delta.dataset(uri, version=version, as_of=as_of, storage_options=options)
+    head = delta.read_table(
+        uri, version=version, as_of=as_of, filters=pc.scalar(False), storage_options=options
+    )
+    return _delta_meta(head), scan
+
+
+def _delta_meta(read: delta.TableVersion) -> dict[str, Any]:
+    """The snapshot description of one Delta version (its columns, partitions, provenance)."""
+    parts = list(read.partition_by)
+    derived = [c for c in parts if c in DERIVED_COLUMNS]
+    return {
+        "columns": [c for c in read.table.column_names if c not in derived],
+        "partition_cols": parts,
+        "derived_columns": derived,
+        "provenance": read.provenance,
+        "version": read.version,
+        "timestamp": read.timestamp,
+    }
+
+
 def read_table(
-    target: Target, columns: Sequence[str] | None, filters: Any, _retry: bool = True
+    target: Target,
+    columns: Sequence[str] | None,
+    filters: Any,
+    *,
+    version: int | None = None,
+    as_of: datetime | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
+    """The rows of a snapshot (derived columns dropped unless named) and its description."""
     store = target.store
     expression = _filter_expression(filters)
     if target.single_file:
+        meta = _single_meta(target)
         location = store.arrow_path(target.name)
-        try:
-            file_schema = pq.read_schema(location, filesystem=store.arrow_fs)
-        except (FileNotFoundError, OSError) as exc:
-            raise SnapshotError(f"no snapshot at {store.uri(target.name)}") from exc
-        meta = _file_meta(file_schema.metadata, store.uri(target.name))
+        file_schema = pq.read_schema(location, filesystem=store.arrow_fs)
         _check_filter(expression, file_schema.remove_metadata())
         table = pq.read_table(
             location,
@@ -497,40 +645,38 @@ def read_table(
         )
         return table.replace_schema_metadata(None), meta
 
-    manifest = load_manifest(target)
-    if manifest is None:
-        raise SnapshotError(f"no snapshot at {store.uri(target.name)} (no {MANIFEST_NAME})")
-    full_schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest["arrow_schema"])))
-    _check_filter(expression, full_schema)
-    parts = list(manifest["partition_cols"])
-    partitioning = None
-    if parts:
-        partitioning = pads.partitioning(
-            pa.schema([full_schema.field(n) for n in parts]), flavor="hive"
+    uri, options = delta_location(target)
+    if columns is not None or expression is not None:
+        head = delta.read_table(
+            uri, version=version, as_of=as_of, filters=pc.scalar(False), storage_options=options
         )
-    paths = [store.arrow_path(f"{target.name}/{f['path']}") for f in manifest["files"]]
-    wanted = _columns(columns, manifest)
-    if not paths:
-        empty = full_schema.empty_table()
-        return empty.select(wanted) if wanted is not None else empty, manifest
-    try:
-        dataset = pads.dataset(
-            paths,
-            schema=full_schema,
-            filesystem=store.arrow_fs,
-            format="parquet",
-            partitioning=partitioning,
-            partition_base_dir=store.arrow_path(target.name),
-        )
-        table = dataset.to_table(columns=wanted, filter=expression)
-    except FileNotFoundError:
-        if not _retry:
-            raise
-        return read_table(target, columns, filters, _retry=False)  # a writer swapped versions
+        meta = _delta_meta(head)
+        wanted = _columns(columns, meta)
+        _check_filter(expression, head.table.schema)
+    else:
+        wanted = None
+    read = delta.read_table(
+        uri,
+        version=version,
+        as_of=as_of,
+        columns=wanted,
+        filters=expression,
+        storage_options=options,
+    )
+    meta = _delta_meta(read)
+    table = read.table
     if columns is None:
-        derived = [c for c in manifest["derived_columns"] if c in table.column_names]
-        table = table.drop_columns(derived)
-    return table.replace_schema_metadata(None), manifest
+        table = table.drop_columns([c for c in meta["derived_columns"] if c in table.column_names])
+    return table, meta
+
+
+def _single_meta(target: Target) -> dict[str, Any]:
+    store = target.store
+    try:
+        file_schema = pq.read_schema(store.arrow_path(target.name), filesystem=store.arrow_fs)
+    except (FileNotFoundError, OSError) as exc:
+        raise SnapshotError(f"no snapshot at {store.uri(target.name)}") from exc
+    return _file_meta(file_schema.metadata, store.uri(target.name))
 
 
 def _columns(columns: Sequence[str] | None, meta: dict[str, Any]) -> list[str] | None:
@@ -602,26 +748,98 @@ def _canonical_order(frame: pd.DataFrame, provenance: dict[str, Any]) -> pd.Data
 def snapshot_provenance(
     path: str | os.PathLike[str],
     *,
+    version: int | None = None,
+    as_of: datetime | None = None,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
 ) -> dict[str, Any]:
-    """The provenance of a snapshot, without reading its rows."""
+    """The provenance of a snapshot (of one version, the latest by default), without its rows."""
     target = open_target(
         path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
     )
+    _check_time_travel(target, version, as_of)
     if target.single_file:
-        try:
-            metadata = pq.read_schema(
-                target.store.arrow_path(target.name), filesystem=target.store.arrow_fs
-            ).metadata
-        except (FileNotFoundError, OSError) as exc:
-            raise SnapshotError(f"no snapshot at {target.store.uri(target.name)}") from exc
-        return dict(_file_meta(metadata, target.store.uri(target.name))["provenance"])
-    manifest = load_manifest(target)
-    if manifest is None:
-        raise SnapshotError(f"no snapshot at {target.store.uri(target.name)}")
-    return dict(manifest["provenance"])
+        return dict(_single_meta(target)["provenance"])
+    uri, options = delta_location(target)
+    head = delta.read_table(
+        uri, version=version, as_of=as_of, filters=pc.scalar(False), storage_options=options
+    )
+    return dict(head.provenance)
+
+
+def scan_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    version: int | None = None,
+    as_of: datetime | None = None,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> pads.Dataset:
+    """A lazy ``pyarrow.dataset.Dataset`` of a snapshot, for DuckDB, Polars and Dask.
+
+    Typed as written, with partition pruning; a directory snapshot at one version (latest by
+    default; *version* / *as_of* as in :func:`read_snapshot`). Files are opened when scanned.
+    """
+    target = open_target(
+        path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
+    )
+    _check_time_travel(target, version, as_of)
+    if target.single_file:
+        _single_meta(target)
+        return pads.dataset(
+            target.store.arrow_path(target.name), filesystem=target.store.arrow_fs, format="parquet"
+        )
+    uri, options = delta_location(target)
+    return delta.dataset(uri, version=version, as_of=as_of, storage_options=options)
+
+
+def snapshot_history(
+    path: str | os.PathLike[str],
+    *,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> pd.DataFrame:
+    """Every version of a directory snapshot, newest first.
+
+    Columns: ``version``, ``timestamp`` (UTC), ``operation`` (WRITE, MERGE, VACUUM END...),
+    ``rows_added``, ``rows_updated``, ``rows_removed`` and ``provenance`` (a dict).
+    """
+    target = _directory_target(path, boto3_session, region, s3_endpoint_url)
+    uri, options = delta_location(target)
+    return delta.history(uri, storage_options=options)
+
+
+def vacuum_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    retain: timedelta,
+    dry_run: bool = True,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> int:
+    """Delete data files no version of the last *retain* needs; returns how many (would) go.
+
+    Versions older than *retain* cannot be read afterwards. ``dry_run=True`` (the default) only
+    counts. *retain* is rounded up to whole hours.
+    """
+    target = _directory_target(path, boto3_session, region, s3_endpoint_url)
+    uri, options = delta_location(target)
+    return delta.vacuum(uri, retain=retain, dry_run=dry_run, storage_options=options)
+
+
+def _directory_target(
+    path: str | os.PathLike[str], boto3_session: Any, region: str | None, endpoint: str | None
+) -> Target:
+    target = open_target(path, boto3_session=boto3_session, region=region, s3_endpoint_url=endpoint)
+    if target.single_file:
+        raise QueryValidationError(
+            "path", "history and vacuum need a directory (Delta) snapshot, not a .parquet file"
+        )
+    return target
 
 
 # -- export with checkpoints ----------------------------------------------------------------
@@ -644,15 +862,18 @@ def export_query(
     s3_endpoint_url: str | None = None,
     kms_key_id: str | None = None,
     compression: str = "zstd",
+    glue_table: str | None = None,
 ) -> SnapshotInfo:
     """Run *query* and write its result as a snapshot at *path*, checkpointing as it goes.
 
     Every option (partition columns against the schema, the output path's folder, the checkpoint
     interval, the fetch settings) is checked before the first request. Finished fetch tasks
-    (request chains, or createdAt windows of a scan) and their rows are saved next to the target
-    (``<path>.ahi-checkpoint``) at most every *checkpoint_interval* seconds. If the process dies,
-    the same call resumes from there: the result equals an uninterrupted run. The checkpoint is
-    deleted once the snapshot is written. It holds unredacted rows (PHI).
+    (request chains, or createdAt windows of a scan) and their rows are saved at most every
+    *checkpoint_interval* seconds: next to the target (``<path>.ahi-checkpoint``), or for a
+    redacted export in a private local folder (mode 0700) under the user's cache directory
+    (``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``), never at the destination. If
+    the process dies, the same call resumes from there: the result equals an uninterrupted run.
+    The checkpoint is deleted once the snapshot is written. It holds unredacted rows (PHI).
 
     Parameters
     ----------
@@ -662,7 +883,7 @@ def export_query(
         Where to write; see :func:`write_snapshot`.
     client, boto3_session, progress, max_concurrency, max_tps
         As in ``Query.to_dataframe``; *boto3_session* also reaches S3.
-    partition_cols, redact, region, s3_endpoint_url, kms_key_id, compression
+    partition_cols, redact, region, s3_endpoint_url, kms_key_id, compression, glue_table
         As in :func:`write_snapshot`.
     resume
         Continue from a checkpoint of the same query if there is one; False starts afresh.
@@ -674,6 +895,7 @@ def export_query(
     SnapshotInfo
     """
     check_redact(redact)
+    check_glue_table(glue_table, path)
     _check_parquet_options(compression, 128 * 1024)
     if isinstance(checkpoint_interval, bool) or not (
         isinstance(checkpoint_interval, (int, float)) and 0 <= checkpoint_interval < float("inf")
@@ -693,11 +915,14 @@ def export_query(
     display = os.fspath(path)
 
     def write(table: pa.Table, info: dict[str, Any]) -> SnapshotInfo:
-        return _finish_write(target, display, table, info, parts, redact, compression)
+        written = _finish_write(target, display, table, info, parts, redact, compression)
+        return register_glue(target, written, glue_table)
 
     if query.row_limit is not None:  # a small, sorted result: no checkpoints needed
         return engine.export(query.compile(), query.to_json(), run, write)
-    checkpoint = Checkpoint(target, fingerprint(query.to_json()))
+    # a redacted export's checkpoint holds raw rows: never beside the redacted target
+    location = private_store(target.store.uri(target.name)) if redact is not None else None
+    checkpoint = Checkpoint(target, fingerprint(query.to_json()), location)
     coverage = checkpoint.load() if resume else None
     if not resume:
         checkpoint.discard()

@@ -1,17 +1,16 @@
-"""Where snapshot files live: a local folder or an S3 prefix, behind one small store interface.
+"""Where single-file snapshots and checkpoints live: a local folder or an S3 prefix.
 
 A store addresses files by ``/`` paths relative to its base. Writes are atomic per file: locally a
 temp file, ``fsync`` and ``os.replace``; on S3 one PUT (or multipart upload), which S3 makes
 visible all at once. ``open_target`` parses a snapshot path (``….parquet``, a folder, or
-``s3://bucket/prefix``) into a store at its parent and the snapshot's name; ``load_manifest``
-reads a directory snapshot's manifest.
+``s3://bucket/prefix``) into a store at its parent and the snapshot's name. Directory snapshots
+are Delta tables (``healthimaging_df.delta``): this module only says where they are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import tempfile
 import uuid
@@ -22,7 +21,6 @@ from urllib.parse import urlparse
 
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 
-MANIFEST_NAME = "_healthimaging_df.json"
 CHECKPOINT_SUFFIX = ".ahi-checkpoint"
 FORMAT_VERSION = 1
 
@@ -47,17 +45,6 @@ class _Store:
 
     def delete(self, rels: Sequence[str]) -> None:
         raise NotImplementedError
-
-    def move(self, moves: Sequence[tuple[str, str]]) -> None:
-        """Move each (source, destination) file; a destination appears whole or not at all.
-
-        Locally each move is one ``os.replace``; on S3 it is a server-side copy (with the same
-        encryption as a PUT), and the sources are deleted once every copy is done.
-        """
-        raise NotImplementedError
-
-    def prune(self, rel_dir: str, prefix: str) -> None:
-        """Remove the empty folders of *rel_dir* named ``<prefix>…`` (and below); S3 has none."""
 
     def list(self, rel_dir: str) -> list[str]:
         """Relative paths of every file below *rel_dir* (recursively)."""
@@ -139,26 +126,6 @@ class _LocalStore(_Store):
                     break
                 parent = os.path.dirname(parent)
 
-    def move(self, moves: Sequence[tuple[str, str]]) -> None:
-        touched: set[str] = set()
-        for source, destination in moves:
-            target = self._full(destination)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(self._full(source), target)
-            touched.add(os.path.dirname(target))
-        for directory in sorted(touched):  # make the renames durable before the manifest names them
-            _fsync_directory(directory)
-
-    def prune(self, rel_dir: str, prefix: str) -> None:
-        root = self._full(rel_dir)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for name in os.listdir(root):
-                if not name.startswith(prefix):
-                    continue
-                for directory, _dirs, _files in os.walk(os.path.join(root, name), topdown=False):
-                    with contextlib.suppress(OSError):  # not empty: keep it
-                        os.rmdir(directory)
-
     def list(self, rel_dir: str) -> list[str]:
         root = self._full(rel_dir)
         found = []
@@ -198,6 +165,9 @@ class _S3Store(_Store):
         from pyarrow import fs as pafs
 
         session = boto3_session if boto3_session is not None else boto3.Session()
+        self.session = session
+        self.region = region
+        self.endpoint_url = endpoint_url
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.kms_key_id = kms_key_id
@@ -250,19 +220,6 @@ class _S3Store(_Store):
                 Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
             )
 
-    def move(self, moves: Sequence[tuple[str, str]]) -> None:
-        extra = self._encryption()
-        for source, destination in moves:
-            # a managed copy: one CopyObject, or a multipart copy for objects over its threshold;
-            # either way the destination appears only once complete
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": self._key(source)},
-                self.bucket,
-                self._key(destination),
-                ExtraArgs=extra,
-            )
-        self.delete([source for source, _ in moves])
-
     def list(self, rel_dir: str) -> list[str]:
         prefix = self._key(rel_dir).rstrip("/") + "/"
         skip = len(self.prefix) + 1 if self.prefix else 0
@@ -284,11 +241,6 @@ class Target:
     store: _Store
     name: str
     single_file: bool
-
-    @property
-    def manifest(self) -> str:
-        """The manifest's relative path."""
-        return f"{self.name}/{MANIFEST_NAME}"
 
     @property
     def checkpoint(self) -> str:
@@ -334,19 +286,10 @@ def open_target(
     return Target(_LocalStore(os.path.dirname(full)), os.path.basename(full), single)
 
 
-def load_manifest(target: Target) -> dict[str, Any] | None:
-    """The directory snapshot's manifest, or None if there is none."""
-    data = target.store.get(target.manifest)
-    if data is None:
-        return None
-    try:
-        manifest: dict[str, Any] = json.loads(data)
-    except ValueError:
-        raise SnapshotError(f"{target.store.uri(target.manifest)} is not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != (
-        "healthimaging_df.snapshot-manifest"
-    ):
-        raise SnapshotError(f"{target.store.uri(target.manifest)} is not a snapshot manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise SnapshotError("the snapshot was written by a newer healthimaging_df; upgrade")
-    return manifest
+S3Store = _S3Store  # for callers that hand its session to delta-rs
+Store = _Store
+
+
+def local_store(base: str) -> Store:
+    """A store of files below the local folder *base*."""
+    return _LocalStore(base)

@@ -1,4 +1,4 @@
-"""``healthimaging-df snapshot`` and ``refresh``: Parquet snapshots, written and kept current."""
+"""``snapshot``, ``refresh``, ``history``, ``vacuum`` and ``keygen``: snapshots and their keys."""
 
 from __future__ import annotations
 
@@ -21,8 +21,12 @@ examples:
   healthimaging-df snapshot cohort.parquet --datastore-id ID --where Modality=CT \\
       --between StudyDateTime 2020 2024
 
-  # a directory of Hive partitions (Modality=CT/...), for DuckDB, Spark or Athena
+  # a Delta Lake table (Modality=CT/... and _delta_log/), for DuckDB, Spark, Athena or Trino;
+  # every rerun or refresh adds a version (see: healthimaging-df history cohort/)
   healthimaging-df snapshot cohort/ --datastore-id ID --partition-by Modality
+
+  # on S3, registered in Glue for Athena and EMR
+  healthimaging-df snapshot s3://bucket/cohorts/ct/ --datastore-id ID --glue-table imaging.ct
 
   # pseudonymized for export: names dropped, IDs and UIDs keyed-hashed, dates shifted per patient
   export HEALTHIMAGING_DF_REDACTION_KEY=...   # from your secrets manager, 32+ bytes (healthimaging-df keygen)
@@ -31,7 +35,8 @@ examples:
 
 REFRESH_EXAMPLES = """\
 examples:
-  # fetch what changed since the snapshot was taken and rewrite it atomically
+  # fetch what changed since the snapshot was taken: a file is rewritten atomically, a
+  # directory (Delta table) gets one MERGE commit that rewrites only the files it touches
   healthimaging-df refresh cohort.parquet
 
   # a redacted snapshot keeps no query values: give the query and the same key again
@@ -48,8 +53,9 @@ def register(commands: Any) -> None:
         parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="run a query into a Parquet snapshot (file or partitioned directory)",
         description="Run a query and write its result as a snapshot: one .parquet file, or a "
-        "directory (local or s3://) of Hive partitions with a manifest. Writes are atomic and "
-        "checkpointed: rerun the same command after an interruption to resume.",
+        "directory (local or s3://) holding a Delta Lake table, where each write is a new "
+        "version. Writes are atomic and checkpointed: rerun the same command after an "
+        "interruption to resume.",
         epilog=f"{SNAPSHOT_EXAMPLES}\n{options.EXIT_STATUS}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -65,6 +71,11 @@ def register(commands: Any) -> None:
         "--no-resume",
         action="store_true",
         help="ignore a checkpoint of an interrupted run and start afresh",
+    )
+    group.add_argument(
+        "--glue-table",
+        metavar="DB.TABLE",
+        help="create or update this Glue table for the snapshot (s3:// directories only)",
     )
     _storage_options(group)
     _redaction_options(snapshot)
@@ -92,6 +103,126 @@ def register(commands: Any) -> None:
     _storage_options(group)
     _redaction_options(refresh)
     refresh.set_defaults(handler=run_refresh)
+
+    history: argparse.ArgumentParser = commands.add_parser(
+        "history",
+        parents=[_s3_parent(), options.common_parent()],
+        help="list the versions of a directory snapshot (Delta table)",
+        description="List every version of a directory snapshot, newest first: when, what "
+        "(WRITE, MERGE, VACUUM), rows added, updated and removed, and the query behind it. "
+        "read_snapshot(path, version=N) reads a version back.",
+        epilog=f"{HISTORY_EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    history.add_argument("path", metavar="PATH", help="a directory snapshot, local or s3://")
+    history.set_defaults(handler=run_history)
+
+    vacuum: argparse.ArgumentParser = commands.add_parser(
+        "vacuum",
+        parents=[_s3_parent(), options.common_parent()],
+        help="delete files of snapshot versions older than a retention",
+        description="Delete the data files that no version of the last H hours needs (and "
+        "debris of interrupted writes). Versions older than that can no longer be read: keep "
+        "H longer than your longest job and than any version a paper cites.",
+        epilog=f"{VACUUM_EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vacuum.add_argument("path", metavar="PATH", help="a directory snapshot, local or s3://")
+    vacuum.add_argument(
+        "--retain-hours",
+        type=float,
+        required=True,
+        metavar="H",
+        help="keep every version of the last H hours readable (rounded up to whole hours)",
+    )
+    vacuum.add_argument(
+        "--dry-run", action="store_true", help="only count the files that would be deleted"
+    )
+    vacuum.set_defaults(handler=run_vacuum)
+
+    keygen: argparse.ArgumentParser = commands.add_parser(
+        "keygen",
+        help="print a new random redaction key",
+        description=f"Print a new random key for --redact (32 random bytes, URL-safe text). "
+        f"Keep it in a secrets manager; pass it in ${KEY_ENV}.",
+    )
+    keygen.set_defaults(handler=run_keygen)
+
+
+HISTORY_EXAMPLES = """\
+examples:
+  healthimaging-df history cohort/
+  healthimaging-df history s3://bucket/cohorts/ct/ --profile research
+"""
+
+VACUUM_EXAMPLES = """\
+examples:
+  # how many files a 30-day retention would delete
+  healthimaging-df vacuum cohort/ --retain-hours 720 --dry-run
+  healthimaging-df vacuum cohort/ --retain-hours 720
+"""
+
+
+def _s3_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("S3")
+    group.add_argument("--profile", help="named profile from ~/.aws/config (s3:// paths)")
+    group.add_argument("--region", help="AWS region of the bucket")
+    group.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint")
+    parent.set_defaults(local=False, kms_key_id=None)
+    return parent
+
+
+def run_history(args: argparse.Namespace) -> int:
+    """Run ``history``: one line per version on stdout."""
+    from healthimaging_df.snapshot import snapshot_history
+
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    frame = snapshot_history(_directory(args.path), **storage)
+    print("version  timestamp (UTC)                operation   added  updated  removed  rows")
+    for record in frame.to_dict("records"):
+        prov = record["provenance"] or {}
+        moment = str(record["timestamp"].isoformat())
+        print(
+            f"{record['version']:>7}  {moment:<30} {record['operation']:<10} "
+            f"{record['rows_added']:>6} {record['rows_updated']:>8} {record['rows_removed']:>8}  "
+            f"{prov.get('row_count', '')}"
+        )
+    return 0
+
+
+def run_vacuum(args: argparse.Namespace) -> int:
+    """Run ``vacuum``: how many files were (or would be) deleted, on stdout."""
+    from healthimaging_df.snapshot import vacuum_snapshot
+
+    if not args.retain_hours >= 0 or args.retain_hours == float("inf"):
+        raise options.UsageError("--retain-hours must be a number of hours >= 0")
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    count = vacuum_snapshot(
+        _directory(args.path),
+        retain=timedelta(hours=args.retain_hours),
+        dry_run=args.dry_run,
+        **storage,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {count} file(s) no version of the last {args.retain_hours:g} hours needs")
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    """Run ``keygen``: a new key on stdout."""
+    from healthimaging_df.redact import generate_key
+
+    print(generate_key())
+    return 0
+
+
+def _directory(path: str) -> str:
+    if str(path).rstrip("/").endswith(".parquet"):
+        raise options.UsageError(
+            f"{path} is a single-file snapshot: history and vacuum need a directory snapshot"
+        )
+    return path
 
 
 def _storage_options(group: Any) -> None:
@@ -192,9 +323,12 @@ def run_snapshot(args: argparse.Namespace) -> int:
             partition_cols=_names(args.partition_by) if args.partition_by else None,
             redact=policy,
             resume=not args.no_resume,
+            glue_table=args.glue_table,
             **_storage(args),
         )
     output.status(args, str(info))
+    if info.glue:
+        output.status(args, f"Glue table {args.glue_table} {info.glue}")
     return 0
 
 

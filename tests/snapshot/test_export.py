@@ -124,7 +124,7 @@ def test_killed_export_resumes_to_the_same_result(
         child.send_signal(signal.SIGKILL)
         _, stderr = child.communicate()
     assert child.returncode == -signal.SIGKILL, stderr.decode()
-    assert not (target / "_healthimaging_df.json").exists()
+    assert not (target / "_delta_log").exists()  # nothing committed
 
     service.set_faults(latency_ms=0)
     service.reset_stats()

@@ -15,7 +15,7 @@ from healthimaging_df.errors import SnapshotError
 from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.refresh import refresh_frame, refresh_snapshot
-from healthimaging_df.snapshot import read_snapshot
+from healthimaging_df.snapshot import read_snapshot, snapshot_history
 
 FAST = {"progress": False, "max_tps": None}
 KEY = b"refresh-test-key-0123456789-abcdefghij"
@@ -96,9 +96,19 @@ def test_refreshed_snapshot_equals_a_fresh_export(
     prov = got.attrs["healthimaging_df"]
     assert prov["row_count"] == len(fresh) == report.rows
     assert prov["watermark"] == fresh["updatedAt"].max().isoformat()
-    if partition_cols:
-        files = sorted(p.name for p in path.rglob("*.parquet"))
-        assert len({name.rsplit("-", 1)[0] for name in files}) == 1  # one version on disk
+    if partition_cols:  # a Delta table: one MERGE commit on top of the export and a no-op
+        history = snapshot_history(path)
+        assert history["version"].tolist() == [1, 0]  # the quiet refresh committed nothing
+        latest = history.iloc[0]
+        assert latest["operation"] == "MERGE"
+        assert (latest["rows_added"], latest["rows_updated"], latest["rows_removed"]) == (
+            len(report.added),
+            len(report.updated),
+            len(report.removed),
+        )
+        assert latest["provenance"]["row_count"] == report.rows
+        before = read_snapshot(path, version=0)
+        assert len(before) == report.rows - len(report.added) + len(report.removed)
 
 
 def test_refresh_frame_in_memory(ahi_service_factory: Callable[..., LocalService]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -12,11 +15,17 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from healthimaging_df import flatten, schema, storage
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import generate_image_sets
-from healthimaging_df.snapshot import read_snapshot, write_snapshot
+from healthimaging_df.snapshot import (
+    read_snapshot,
+    scan_snapshot,
+    vacuum_snapshot,
+    write_snapshot,
+)
 
 from .conftest import typed_frame
 
@@ -49,20 +58,23 @@ def test_round_trip_is_identical(
     assert prov["redaction"] is None
 
 
-def test_every_file_carries_provenance_and_the_declared_schema(
+def test_every_commit_carries_provenance_and_files_the_declared_schema(
     tmp_path: Path, sample_frame: pd.DataFrame
 ) -> None:
     info = write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
+    assert info.version == 0
     assert len(info.files) == sample_frame["Modality"].nunique(dropna=False)
     declared = schema.arrow_schema()
     for path in info.files:
         file_schema = pq.read_schema(path)
-        meta = json.loads(file_schema.metadata[b"healthimaging_df"])
-        assert meta["provenance"]["datastore_id"] == "f" * 32
-        assert meta["provenance"]["row_count"] == len(sample_frame)
-        assert meta["partition_cols"] == ["Modality"]
         expected = [f for f in declared if f.name != "Modality"]
         assert [(f.name, f.type) for f in file_schema] == [(f.name, f.type) for f in expected]
+    log = (tmp_path / "snap" / "_delta_log" / f"{0:020d}.json").read_text(encoding="utf-8")
+    commit = next(json.loads(line) for line in log.splitlines() if "commitInfo" in line)
+    prov = json.loads(commit["commitInfo"]["userMetadata"])
+    assert prov["datastore_id"] == "f" * 32
+    assert prov["row_count"] == len(sample_frame)
+    assert commit["commitInfo"]["healthimaging_df"]["partition_by"] == ["Modality"]
 
 
 def test_other_readers_see_the_same_rows(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
@@ -150,9 +162,29 @@ def test_overwrite_replaces_the_previous_version(
     smaller = sample_frame[sample_frame["Modality"] == "CT"].reset_index(drop=True)
     smaller.attrs = sample_frame.attrs
     info = write_snapshot(smaller, target, partition_cols=["Modality"])
-    files = sorted(str(p) for p in target.rglob("*.parquet"))
-    assert files == sorted(info.files)  # old version's files are gone
+    assert info.version == 1
+    current = sorted(str(p) for p in DeltaTable(str(target)).file_uris())
+    assert current == sorted(info.files)  # the new version holds only its own files
     pd.testing.assert_frame_equal(read_snapshot(target), smaller)
+    # the previous version stays readable until a vacuum
+    pd.testing.assert_frame_equal(read_snapshot(target, version=0), sample_frame)
+    assert vacuum_snapshot(target, retain=timedelta(0), dry_run=False) > 0
+    assert sorted(str(p) for p in target.rglob("*.parquet")) == current
+    pd.testing.assert_frame_equal(read_snapshot(target), smaller)
+
+
+def _debris_of_a_crashed_write(tmp_path: Path, target: Path, frame: pd.DataFrame) -> int:
+    """Data files a writer killed before its commit leaves: delta-rs files, no log entry."""
+    scratch = tmp_path / "scratch"
+    write_snapshot(frame, scratch, partition_cols=["Modality"])
+    moved = 0
+    for path in scratch.rglob("*.parquet"):
+        destination = target / path.relative_to(scratch)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+        moved += 1
+    shutil.rmtree(scratch)
+    return moved
 
 
 def test_a_crashed_write_leaves_the_previous_snapshot(
@@ -163,28 +195,37 @@ def test_a_crashed_write_leaves_the_previous_snapshot(
     single = tmp_path / "one.parquet"
     write_snapshot(sample_frame, single)
     other = typed_frame(300, seed=3)
+
+    import deltalake
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(deltalake, "write_deltalake", full_disk)
+    with pytest.raises(SnapshotError, match="no space left") as caught:
+        write_snapshot(other, target, partition_cols=["Modality"])
+    assert str(target) not in str(caught.value)
+    monkeypatch.undo()
     real_put = storage._LocalStore.put
-    calls = {"n": 0}
 
     def flaky_put(self: storage._LocalStore, rel: str, data: bytes) -> None:
-        calls["n"] += 1
-        if calls["n"] == 3 or (rel.endswith(".parquet") and "/" not in rel):
-            raise OSError("disk full")
-        real_put(self, rel, data)
+        raise OSError("disk full")
 
     monkeypatch.setattr(storage._LocalStore, "put", flaky_put)
-    with pytest.raises(OSError, match="disk full"):
-        write_snapshot(other, target, partition_cols=["Modality"])
     with pytest.raises(OSError, match="disk full"):
         write_snapshot(other, single)
     monkeypatch.setattr(storage._LocalStore, "put", real_put)
 
+    # a writer killed after its data files, before its commit: readers do not see them
+    debris = _debris_of_a_crashed_write(tmp_path, target, other)
     pd.testing.assert_frame_equal(read_snapshot(target), sample_frame)
     pd.testing.assert_frame_equal(read_snapshot(single), sample_frame)
-    assert len(list(target.rglob("part-*.parquet"))) > sample_frame["Modality"].nunique(
-        dropna=False
+    assert scan_snapshot(target).count_rows() == len(sample_frame)
+    assert len(list(target.rglob("part-*.parquet"))) == debris + len(
+        DeltaTable(str(target)).file_uris()
     )
-    info = write_snapshot(other, target, partition_cols=["Modality"])  # cleans up the debris
+    info = write_snapshot(other, target, partition_cols=["Modality"])
+    assert vacuum_snapshot(target, retain=timedelta(0), dry_run=False) >= debris
     assert sorted(str(p) for p in target.rglob("*.parquet")) == sorted(info.files)
 
 
@@ -242,8 +283,9 @@ def test_refuses_bad_layouts(tmp_path: Path, sample_frame: pd.DataFrame) -> None
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(SnapshotError, match="not a snapshot"):
+    with pytest.raises(SnapshotError, match="no Delta log") as caught:
         write_snapshot(sample_frame, foreign)
+    assert str(foreign) not in str(caught.value)
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(SnapshotError, match="no snapshot"):
         read_snapshot(tmp_path / "missing")
@@ -265,53 +307,41 @@ def test_plain_pandas_reads_the_declared_dtypes(tmp_path: Path, sample_frame: pd
     write_snapshot(sample_frame, str(tmp_path / "one.parquet"))
     plain = pd.read_parquet(tmp_path / "one.parquet")
     assert plain.dtypes.to_dict() == schema.pandas_dtypes()
-    # pyarrow cannot yet read a null Hive partition as pandas does ("unify dictionaries with
-    # nulls"): plain pandas gets the partitioned layout without one (docs/snapshots.md says so).
-    dated = sample_frame[sample_frame["Modality"].notna()]
-    write_snapshot(dated, str(tmp_path / "parts"), partition_cols=["Modality"])
-    parts = pd.read_parquet(tmp_path / "parts")
-    assert str(parts["version"].dtype) == "Int64"
-    assert str(parts["isPrimary"].dtype) == "boolean"
+    # a directory snapshot is a Delta table: deltalake alone reads it with the declared types
+    write_snapshot(sample_frame, str(tmp_path / "parts"), partition_cols=["Modality"])
+    parts = DeltaTable(str(tmp_path / "parts")).to_pyarrow_table()
+    declared = {f.name: f.type for f in schema.arrow_schema()}
+    assert {f.name: f.type for f in parts.schema} == declared
+    assert parts.num_rows == len(sample_frame)
 
 
-def _glob_counts(target: Path) -> tuple[int, int]:
-    """Rows as readers that skip the manifest count them: pyarrow.dataset and a DuckDB glob."""
-    dataset_rows = pads.dataset(target, format="parquet", partitioning="hive").count_rows()
-    relation = duckdb.sql(
-        f"SELECT count(*) FROM read_parquet('{target}/*/*.parquet', hive_partitioning = true)"
-    )
+def _delta_counts(target: Path) -> tuple[int, int]:
+    """Rows as other Delta readers count them: deltalake's dataset and DuckDB over its scan."""
+    scan = DeltaTable(str(target)).to_pyarrow_dataset()
+    relation = duckdb.sql("SELECT count(*) FROM scan")
     assert relation is not None
     rows = relation.fetchall()
-    return dataset_rows, int(rows[0][0])
+    return scan.count_rows(), int(rows[0][0])
 
 
-def test_a_crash_after_staging_is_invisible_to_globbing_readers(
-    tmp_path: Path, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+def test_a_crashed_write_is_invisible_to_delta_readers(
+    tmp_path: Path, sample_frame: pd.DataFrame
 ) -> None:
     target = tmp_path / "snap"
     write_snapshot(sample_frame, target, partition_cols=["Modality"])
     other = typed_frame(300, seed=3)
-
-    def crash(self: storage._LocalStore, moves: list[tuple[str, str]]) -> None:
-        raise OSError("killed after the staging writes")
-
-    monkeypatch.setattr(storage._LocalStore, "move", crash)
-    with pytest.raises(OSError, match="killed"):
-        write_snapshot(other, target, partition_cols=["Modality"])
-    monkeypatch.undo()
-
-    staged = list(target.glob("_staging-*/*/part-*.parquet"))
-    assert len(staged) == other["Modality"].nunique(dropna=False)  # the new version is there...
-    assert _glob_counts(target) == (len(sample_frame), len(sample_frame))  # ...but not seen
+    debris = _debris_of_a_crashed_write(tmp_path, target, other)
+    assert debris == other["Modality"].nunique(dropna=False)  # the new files are there...
+    assert _delta_counts(target) == (len(sample_frame), len(sample_frame))  # ...but not seen
     pd.testing.assert_frame_equal(read_snapshot(target), sample_frame)
 
-    info = write_snapshot(other, target, partition_cols=["Modality"])  # cleans up the staging
-    assert not list(target.glob("_staging-*"))
-    assert sorted(str(p) for p in target.rglob("*.parquet")) == sorted(info.files)
-    assert _glob_counts(target) == (len(other), len(other))
+    write_snapshot(other, target, partition_cols=["Modality"])
+    assert _delta_counts(target) == (len(other), len(other))
 
 
-def test_a_write_leaves_no_staging_folder(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
+def test_a_write_leaves_nothing_but_the_log_and_data(
+    tmp_path: Path, sample_frame: pd.DataFrame
+) -> None:
     target = tmp_path / "snap"
     for parts in (["Modality"], ["StudyYear", "isPrimary"], None):
         info = write_snapshot(
@@ -320,27 +350,23 @@ def test_a_write_leaves_no_staging_folder(tmp_path: Path, sample_frame: pd.DataF
         folder = Path(info.files[0]).parent
         while folder.parent != target:
             folder = folder.parent
-        assert sorted(p.name for p in folder.iterdir() if p.name.startswith("_")) == [
-            "_healthimaging_df.json"
-        ]
+        assert sorted(
+            p.name for p in folder.iterdir() if not p.name.startswith(tuple(parts or ["part-"]))
+        ) == ["_delta_log"]
 
 
 def test_a_crashed_first_write_does_not_block_the_next(
-    tmp_path: Path, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sample_frame: pd.DataFrame
 ) -> None:
     target = tmp_path / "snap"
-
-    def crash(self: storage._LocalStore, moves: list[tuple[str, str]]) -> None:
-        raise OSError("killed")
-
-    monkeypatch.setattr(storage._LocalStore, "move", crash)
-    with pytest.raises(OSError, match="killed"):
-        write_snapshot(sample_frame, target, partition_cols=["Modality"])
-    monkeypatch.undo()
+    target.mkdir()
+    _debris_of_a_crashed_write(tmp_path, target, sample_frame)
     with pytest.raises(SnapshotError, match="no snapshot"):
         read_snapshot(target)
-    assert pads.dataset(target, format="parquet", partitioning="hive").count_rows() == 0
     info = write_snapshot(sample_frame, target, partition_cols=["Modality"])
+    assert info.version == 0
+    pd.testing.assert_frame_equal(read_snapshot(target), sample_frame)
+    vacuum_snapshot(target, retain=timedelta(0), dry_run=False)
     assert sorted(str(p) for p in target.rglob("*.parquet")) == sorted(info.files)
 
 
@@ -380,6 +406,7 @@ def test_bad_arguments_are_query_validation_errors(
 
 def test_damaged_metadata_is_a_snapshot_error(tmp_path: Path, sample_frame: pd.DataFrame) -> None:
     write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
-    (tmp_path / "snap" / "_healthimaging_df.json").write_text("{not json")
-    with pytest.raises(SnapshotError, match="not valid JSON"):
+    (tmp_path / "snap" / "_delta_log" / f"{0:020d}.json").write_text("{not json")
+    with pytest.raises(SnapshotError, match="log is damaged") as caught:
         read_snapshot(tmp_path / "snap")
+    assert "Modality=" not in str(caught.value)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import pandas as pd
-import pyarrow.dataset as pads
 import pytest
 
-from healthimaging_df import Query, storage
+from healthimaging_df import Query, delta
 from healthimaging_df.local import LocalService
 from healthimaging_df.refresh import refresh_snapshot
-from healthimaging_df.snapshot import read_snapshot, write_snapshot
+from healthimaging_df.snapshot import (
+    read_snapshot,
+    scan_snapshot,
+    vacuum_snapshot,
+    write_snapshot,
+)
+from healthimaging_df.tables import frame_to_table
 
 from .conftest import S3
 
@@ -27,12 +33,7 @@ def test_round_trip_and_pyarrow_reads(moto_s3: S3, sample_frame: pd.DataFrame) -
     for path in (single, parted):
         pd.testing.assert_frame_equal(read_snapshot(path, **moto_s3.options()), sample_frame)
 
-    dataset = pads.dataset(
-        f"{bucket}/cohorts/by-modality",
-        filesystem=moto_s3.arrow_fs(),
-        format="parquet",
-        partitioning="hive",
-    )
+    dataset = scan_snapshot(parted, **moto_s3.options())
     assert dataset.count_rows() == len(sample_frame)
     assert len(info.files) == len(dataset.files)
 
@@ -45,8 +46,15 @@ def test_round_trip_and_pyarrow_reads(moto_s3: S3, sample_frame: pd.DataFrame) -
             "Contents"
         ]
     ]
-    assert sum(k.endswith(".parquet") for k in keys) == smaller["Modality"].nunique(dropna=False)
+    assert any(k.startswith("cohorts/by-modality/_delta_log/") for k in keys)
+    parquet = sum(k.endswith(".parquet") for k in keys)  # both versions, until a vacuum
+    assert parquet == sample_frame["Modality"].nunique(dropna=False) + smaller["Modality"].nunique(
+        dropna=False
+    )
     pd.testing.assert_frame_equal(read_snapshot(parted, **moto_s3.options()), smaller)
+    pd.testing.assert_frame_equal(
+        read_snapshot(parted, version=0, **moto_s3.options()), sample_frame
+    )
 
 
 def test_sse_kms(moto_s3: S3, sample_frame: pd.DataFrame) -> None:
@@ -58,7 +66,7 @@ def test_sse_kms(moto_s3: S3, sample_frame: pd.DataFrame) -> None:
         sample_frame, path, partition_cols=["Modality"], kms_key_id=key_id, **moto_s3.options()
     )
     listed = moto_s3.client.list_objects_v2(Bucket=bucket)["Contents"]
-    assert any(o["Key"].endswith("_healthimaging_df.json") for o in listed)
+    assert any("/_delta_log/" in o["Key"] for o in listed)
     for item in listed:
         head = moto_s3.client.head_object(Bucket=bucket, Key=item["Key"])
         assert head["ServerSideEncryption"] == "aws:kms"
@@ -88,7 +96,7 @@ def test_export_and_refresh_on_s3(
     assert not any("ahi-checkpoint" in k for k in keys)
 
 
-def test_staged_files_stay_out_of_sight_on_s3(
+def test_versions_on_top_of_another_commit_and_vacuum_on_s3(
     moto_s3: S3, sample_frame: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = moto_s3.bucket()
@@ -97,25 +105,29 @@ def test_staged_files_stay_out_of_sight_on_s3(
     other = sample_frame.iloc[:200].reset_index(drop=True)
     other.attrs = sample_frame.attrs
 
-    def crash(self: storage._S3Store, moves: list[tuple[str, str]]) -> None:
-        raise OSError("killed after the staging writes")
-
-    monkeypatch.setattr(storage._S3Store, "move", crash)
-    with pytest.raises(OSError, match="killed"):
-        write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
-    monkeypatch.undo()
-
     def keys() -> list[str]:
         listed = moto_s3.client.list_objects_v2(Bucket=bucket, Prefix="cohort/")
         return [o["Key"] for o in listed.get("Contents", [])]
 
-    assert any(k.startswith("cohort/_staging-") for k in keys())
-    dataset = pads.dataset(
-        f"{bucket}/cohort", filesystem=moto_s3.arrow_fs(), format="parquet", partitioning="hive"
-    )
-    assert dataset.count_rows() == len(sample_frame)
+    # another writer commits version 1 between our read and our commit: ours loses, whole
+    real = delta.write_table
 
-    write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
-    assert not any("_staging-" in k for k in keys())
+    def raced(*args: object, **kwargs: object) -> object:
+        real(path, frame_to_table(sample_frame.iloc[:50]), {"x": 1}, **_options(kwargs))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _options(kwargs: dict[str, object]) -> dict[str, object]:
+        return {"storage_options": kwargs["storage_options"]}
+
+    monkeypatch.setattr(delta, "write_table", raced)
+    written = write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
+    monkeypatch.undo()
+    assert written.version == 2  # no expected_version: a plain overwrite commits on top
+    before = len(keys())
+    assert any("/_delta_log/" in k for k in keys())
+    pd.testing.assert_frame_equal(read_snapshot(path, **moto_s3.options()), other)
+    assert vacuum_snapshot(path, retain=timedelta(0), dry_run=True, **moto_s3.options()) > 0
+    assert len(keys()) == before  # a dry run deletes nothing
+    vacuum_snapshot(path, retain=timedelta(0), dry_run=False, **moto_s3.options())
     assert sum(k.endswith(".parquet") for k in keys()) == other["Modality"].nunique(dropna=False)
     pd.testing.assert_frame_equal(read_snapshot(path, **moto_s3.options()), other)
