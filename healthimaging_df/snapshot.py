@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import pandas as pd
 import pyarrow as pa
@@ -36,6 +36,7 @@ from healthimaging_df import delta, engine, provenance, schema
 from healthimaging_df._version import __version__
 from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_store
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
+from healthimaging_df.plan import Plan
 from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.storage import (
     CHECKPOINT_SUFFIX,
@@ -54,7 +55,21 @@ from healthimaging_df.tables import (
 
 if TYPE_CHECKING:
     from healthimaging_df.progress import Progress
-    from healthimaging_df.query import Query  # the argument's type only: Query imports us
+
+
+class ExportableQuery(Protocol):
+    """What an export needs of a query (``Query`` has it; ``Query`` imports this module)."""
+
+    @property
+    def row_limit(self) -> int | None:
+        """The query's limit, if any."""
+
+    def compile(self, now: datetime | None = ..., stats: Any = ..., strategy: Any = ...) -> Plan:
+        """The query's plan."""
+
+    def to_json(self) -> str:
+        """The query as canonical JSON."""
+
 
 __all__ = [
     "CHECKPOINT_SUFFIX",
@@ -846,7 +861,7 @@ def _directory_target(
 
 
 def export_query(
-    query: Query,
+    query: ExportableQuery,
     path: str | os.PathLike[str],
     *,
     client: Any = None,
