@@ -59,8 +59,18 @@ def looping_endpoint() -> Iterator[str]:
 def unsorted_endpoint() -> Iterator[str]:
     """A page out of createdAt order, with more to follow."""
     items = [
-        {"imageSetId": "b" * 32, "createdAt": 1_700_000_100.5, "updatedAt": 1_700_000_100.5},
-        {"imageSetId": "a" * 32, "createdAt": 1_700_000_000.5, "updatedAt": 1_700_000_000.5},
+        {
+            "imageSetId": "b" * 32,
+            "version": 1,
+            "createdAt": 1_700_000_100.5,
+            "updatedAt": 1_700_000_100.5,
+        },
+        {
+            "imageSetId": "a" * 32,
+            "version": 1,
+            "createdAt": 1_700_000_000.5,
+            "updatedAt": 1_700_000_000.5,
+        },
     ]
     yield from serve({"imageSetsMetadataSummaries": items, "nextToken": "t"})
 
