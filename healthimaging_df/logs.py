@@ -118,9 +118,10 @@ MASKED_TEMPLATES: dict[str, Callable[[Any], Any]] = {
     "Calling endpoint provider with parameters: %s": _mask_endpoint_parameters,
 }
 
-# What survives of a rewritten record: its leading words (letters and spaces only, so no ID, UID,
-# date or path), e.g. "Making request for OperationModel" or "Executing task PutObjectTask".
-_HEAD = re.compile(r"[A-Za-z][A-Za-z ]{0,59}")
+# What survives of a rewritten record: its leading words, two or more, in lower case but for a
+# first capital ("Making request for", "Executing task"). No ID, UID, date, path or upper-case
+# name (DICOM writes names "DOE^JOHN") can match, even from a message formatted before logging.
+_HEAD = re.compile(r"[A-Z]?[a-z]+(?: [a-z]+)+")
 
 
 class PHIRedactingFilter(logging.Filter):
@@ -138,10 +139,10 @@ class PHIRedactingFilter(logging.Filter):
                 record.args = shown
                 return True
         text = template if template is not None else type(record.msg).__name__
-        # A template's text before its first placeholder is the library's own words; a message
-        # formatted before logging (an f-string) is not, hence the letters-only head.
+        # A template's text before its first placeholder is the library's own words, but a message
+        # formatted before logging (an f-string) can begin with anything: hence the strict head.
         found = _HEAD.match(text.split("%", 1)[0].split(":", 1)[0].strip())
-        head = found.group(0).strip() if found else "record"
+        head = found.group(0)[:60] if found else "record"
         exc = record.exc_info[1] if record.exc_info else None
         kind = f" ({type(exc).__name__})" if exc is not None else ""
         record.msg = f"{head}{kind}: {REDACTED}"

@@ -88,7 +88,6 @@ def ct_ids(service: LocalService) -> set[str]:
         ("ct.csv", (), True),  # streamed
         ("ct.jsonl", (), False),  # streamed, endpoint from --s3-endpoint-url
         ("ct.ndjson", ("--sort", "createdAt"), True),  # whole frame, then one upload
-        ("ct.csv", ("--sort", "createdAt"), False),
     ],
 )
 def test_search_writes_text_formats_to_s3(
@@ -306,6 +305,7 @@ def test_archived_image_sets_the_file_does_not_show_are_refused(
         assert {moved[i] for i in before} == {"FREQUENT_ACCESS"}
 
 
+@pytest.mark.slow  # three commands, about 10 s
 def test_verbose_s3_work_logs_no_phi(tmp_path: Path, moto_s3: S3, bucket: str) -> None:
     with LocalService.seeded(image_sets=120, seed=5) as small:  # metadata accesses change tiers
         assert small.datastore_id is not None
