@@ -157,14 +157,16 @@ class PHIRedactingFilter(logging.Filter):
 _FILTER = PHIRedactingFilter()
 _enabled = False  # whether the user wants it (redact_botocore_logs(False) turns it off)
 _module_names: list[str] | None = None
+# Folders of service models and documentation generators: many files, no request-time logging.
+_SKIPPED = frozenset({"data", "docs", "examples", "tests"})
 
 
 def module_logger_names() -> list[str]:
     """The logger name of every module of the covered packages installed (found, not imported).
 
     Each package is located with ``importlib.util.find_spec`` (which does not import it) and its
-    folders are listed once per process; botocore's data folders are skipped. A package that is
-    not installed is skipped.
+    folders are listed once per process (model and documentation folders skipped). A package that
+    is not installed is skipped.
     """
     global _module_names
     if _module_names is not None:
@@ -180,7 +182,7 @@ def module_logger_names() -> list[str]:
         names.append(package)
         for base in spec.submodule_search_locations or []:
             for folder, subfolders, files in os.walk(base):
-                subfolders[:] = [s for s in subfolders if s.isidentifier() and s != "data"]
+                subfolders[:] = [s for s in subfolders if s.isidentifier() and s not in _SKIPPED]
                 relative = os.path.relpath(folder, base)
                 parts = [] if relative == "." else relative.split(os.sep)
                 for file in files:
