@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,13 @@ def moto_s3() -> Iterator[S3]:
 
 @pytest.fixture
 def bucket(moto_s3: S3) -> str:
-    return moto_s3.bucket()
+    """A bucket no other test module names: moto's servers in one process share their state.
+
+    ``S3.bucket`` counts from 1 in each module, so its names collide across modules.
+    """
+    name = f"cli-out-{uuid.uuid4().hex[:12]}"
+    moto_s3.client.create_bucket(Bucket=name)
+    return name
 
 
 def s3_cli(service: LocalService, cwd: Path, moto_s3: S3, *, env_endpoint: bool = True) -> Run:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -192,6 +193,13 @@ def moto_s3() -> Iterator[S3]:
         server.stop()
 
 
+def new_bucket(moto_s3: S3) -> str:
+    """A bucket no other test module names (moto's servers in one process share their state)."""
+    name = f"phi-logs-{uuid.uuid4().hex[:12]}"
+    moto_s3.client.create_bucket(Bucket=name)
+    return name
+
+
 def frame_values(frame: Any) -> set[str]:
     """PatientIDs, names and UIDs of *frame*, as written and as S3 keys spell them."""
     values: set[str] = set()
@@ -204,7 +212,7 @@ def test_a_patient_partitioned_s3_snapshot_logs_no_phi_at_root_debug(
     moto_s3: S3, caplog: pytest.LogCaptureFixture
 ) -> None:
     frame = typed_frame(60, seed=3)
-    bucket = moto_s3.bucket()
+    bucket = new_bucket(moto_s3)
     path = f"s3://{bucket}/prefix"
     # moto's request log (werkzeug) is the stand-in server's, not the client's: S3's access log.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -236,7 +244,10 @@ def test_the_filter_is_what_keeps_s3_keys_out(
     redact_botocore_logs(False)
     try:
         write_snapshot(
-            frame, f"s3://{moto_s3.bucket()}/p", partition_cols=["PatientID"], **moto_s3.options()
+            frame,
+            f"s3://{new_bucket(moto_s3)}/p",
+            partition_cols=["PatientID"],
+            **moto_s3.options(),
         )
     finally:
         redact_botocore_logs(True)
