@@ -189,6 +189,7 @@ class AHIAccessor:
         dry_run: Literal[False] = ...,
         on_error: metadata.OnError = ...,
         datastore_id: str | None = ...,
+        allow_archive_access: bool | None = ...,
     ) -> pd.DataFrame: ...
 
     @overload
@@ -204,6 +205,7 @@ class AHIAccessor:
         dry_run: Literal[True],
         on_error: metadata.OnError = ...,
         datastore_id: str | None = ...,
+        allow_archive_access: bool | None = ...,
     ) -> metadata.MetadataPlan: ...
 
     def fetch_metadata(
@@ -218,6 +220,7 @@ class AHIAccessor:
         dry_run: bool = False,
         on_error: metadata.OnError = "raise",
         datastore_id: str | None = None,
+        allow_archive_access: bool | None = None,
     ) -> pd.DataFrame | metadata.MetadataPlan:
         """GetImageSetMetadata per image set; see :func:`healthimaging_df.metadata.fetch_metadata`.
 
@@ -248,6 +251,7 @@ class AHIAccessor:
             progress=progress,
             on_error=on_error,
             datastore_id=datastore_id,
+            allow_archive_access=allow_archive_access,
         )
 
     def fetch_series_attributes(

@@ -8,8 +8,21 @@ instances) into rows keyed by ``imageSetId``, ``version``, ``SeriesInstanceUID``
 ``SOPInstanceUID``), with one column per DICOM keyword found.
 
 Each call is an *access*: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent (more
-expensive) tier. ``fetch_metadata`` warns once when archived image sets are about to be read, and
-``dry_run=True`` counts the calls without sending any.
+expensive) tier. The archive guard therefore knows every image set's tier before the first call:
+
+- the frame's ``storageTier`` is used when it is *current*: the frame's provenance says it was
+  fetched (``fetch_started_at``, else ``fetched_at``) at most ``TIER_MAX_AGE`` (15 minutes) ago
+  and it is no refreshed snapshot (a refresh re-reads changed rows only, so the others keep the
+  tier of an older fetch). A row shown ARCHIVE_INSTANT_ACCESS counts as archived at any age;
+- every other tier (no ``storageTier`` column, a missing value, or a FREQUENT_ACCESS that is not
+  current) is *stale* and is looked up first with GetImageSet, which returns ``storageTier`` and is
+  not an access, paced under its own quota (25 calls/s);
+- archived image sets the frame showed make ``fetch_metadata`` warn once and go on (the caller
+  could see them); archived image sets it did not show make it refuse, before any
+  GetImageSetMetadata call, unless ``allow_archive_access=True`` (which skips the look-ups and
+  reads everything); ``allow_archive_access=False`` refuses any archived image set.
+
+``dry_run=True`` counts the calls and the look-ups without sending any.
 """
 
 from __future__ import annotations
@@ -22,10 +35,11 @@ import operator
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, TypeVar, overload
 
 import orjson
 import pandas as pd
@@ -47,6 +61,7 @@ from healthimaging_df.progress import Progress, ProgressReporter
 __all__ = [
     "ARCHIVED",
     "ERROR_COLUMN",
+    "TIER_MAX_AGE",
     "ArchiveAccessWarning",
     "MetadataPlan",
     "fetch_metadata",
@@ -56,8 +71,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ARCHIVED = "ARCHIVE_INSTANT_ACCESS"
+FREQUENT = "FREQUENT_ACCESS"
 ERROR_COLUMN = "metadataError"
 OPERATION = "GetImageSetMetadata"
+TIER_OPERATION = "GetImageSet"  # returns storageTier and is not an access
+TIER_TPS = 25.0  # GetImageSet's default quota (its own bucket, apart from GetImageSetMetadata's)
+TIER_MAX_AGE = timedelta(minutes=15)  # a frame's storageTier is current for this long after a fetch
+_CLOCK_SKEW = timedelta(minutes=1)  # a fetch time this far in the future still counts as now
 Level = Literal["series", "instance"]
 OnError = Literal["raise", "report"]
 MetadataProgress = Progress  # a callable gets (done, total)
@@ -89,27 +109,47 @@ class MetadataPlan:
     calls
         GetImageSetMetadata calls (one per distinct imageSetId and version).
     archived
-        How many of those image sets are ARCHIVE_INSTANT_ACCESS (each call moves one back to
-        the frequent tier).
+        How many of those image sets the frame shows ARCHIVE_INSTANT_ACCESS (each call moves one
+        back to the frequent tier).
     max_tps
         The client-side rate limit the calls would run under.
+    stale
+        Image sets whose tier the frame does not tell (no ``storageTier``, or not current): a
+        real run looks them up with GetImageSet first (``lookups``), unless
+        ``allow_archive_access=True``.
+    lookups
+        GetImageSet calls a real run makes first (not accesses), at up to 25/s.
     """
 
     calls: int
     archived: int
     max_tps: float
+    stale: int = 0
+    lookups: int = 0
 
     @property
     def estimated_seconds(self) -> float:
-        """Lower bound of the run time at ``max_tps``."""
-        return self.calls / self.max_tps
+        """Lower bound of the run time at ``max_tps`` (look-ups at up to 25/s included)."""
+        return self.calls / self.max_tps + self.lookups / min(TIER_TPS, self.max_tps)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"fetch_metadata would make {self.calls} {OPERATION} call(s) at up to "
             f"{self.max_tps:g}/s (at least {self.estimated_seconds:.1f} s); {self.archived} "
             "archived image set(s) would move to FREQUENT_ACCESS"
         )
+        if self.lookups:
+            text += (
+                f"; {self.lookups} image set(s) without a current storageTier would first be "
+                f"looked up with {TIER_OPERATION} (not an access), and the run refused if any is "
+                "archived"
+            )
+        elif self.stale:
+            text += (
+                f"; {self.stale} image set(s) without a current storageTier would be read "
+                "unchecked (allow_archive_access=True): any archived one would move too"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -117,27 +157,71 @@ class _Target:
     position: int
     image_set_id: str
     version: int | None
+    tier: str | None = None  # the frame's storageTier (None: no column, or no value)
 
 
-def _targets(frame: pd.DataFrame) -> tuple[list[_Target], int]:
-    """The distinct (imageSetId, version) pairs in frame order, and how many are archived."""
+def _targets(frame: pd.DataFrame) -> list[_Target]:
+    """The distinct (imageSetId, version) pairs in frame order, with the frame's tier of each."""
     columns = ["imageSetId"] + (["version"] if "version" in frame.columns else [])
     rows = frame[frame["imageSetId"].notna()]
-    pairs = rows[columns].drop_duplicates()
+    first = ~rows[columns].duplicated().to_numpy()  # by position: index labels may repeat
+    pairs = rows[columns][first]
     versions = (
         pairs["version"].astype("Int64").tolist() if "version" in pairs else [None] * len(pairs)
     )
-    targets = [
-        _Target(i, str(image_set_id), None if v is None or v is pd.NA else int(v))
-        for i, (image_set_id, v) in enumerate(
-            zip(pairs["imageSetId"].tolist(), versions, strict=True)
+    tiers: list[Any] = [None] * len(pairs)
+    if "storageTier" in rows.columns:
+        tiers = rows["storageTier"][first].astype(object).tolist()
+    return [
+        _Target(
+            i,
+            str(image_set_id),
+            None if v is None or v is pd.NA else int(v),
+            tier if isinstance(tier, str) else None,
+        )
+        for i, (image_set_id, v, tier) in enumerate(
+            zip(pairs["imageSetId"].tolist(), versions, tiers, strict=True)
         )
     ]
-    archived = 0
-    if "storageTier" in rows.columns:
-        tier = rows.loc[pairs.index, "storageTier"]
-        archived = int((tier == ARCHIVED).fillna(False).sum())
-    return targets, archived
+
+
+def _observed_at(frame: pd.DataFrame) -> datetime | None:
+    """When the frame's tiers were read: the fetch's start (else end) time; None if unknown.
+
+    A refreshed snapshot re-read only the rows that changed, so its other rows' tiers are as old as
+    its first export: None then, as for a frame without provenance.
+    """
+    provenance = frame.attrs.get("healthimaging_df")
+    if not isinstance(provenance, dict) or provenance.get("refreshed_since"):
+        return None
+    for key in ("fetch_started_at", "fetched_at"):
+        value = provenance.get(key)
+        if isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                return None
+            return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return None
+
+
+def tier_is_current(frame: pd.DataFrame, now: datetime | None = None) -> bool:
+    """Whether *frame*'s ``storageTier`` values may be trusted as the service's tiers *now*.
+
+    True when its provenance says it was fetched at most ``TIER_MAX_AGE`` ago (and it is not a
+    refreshed snapshot). An image set left unaccessed for 30 days moves to the archive tier at
+    any moment, so an older frame's FREQUENT_ACCESS may no longer hold.
+    """
+    observed = _observed_at(frame)
+    if observed is None:
+        return False
+    age = (now or datetime.now(timezone.utc)) - observed
+    return -_CLOCK_SKEW <= age <= TIER_MAX_AGE
+
+
+def _stale(targets: list[_Target], current: bool) -> list[_Target]:
+    """Targets whose tier is unknown: not shown archived, and no current FREQUENT_ACCESS."""
+    return [t for t in targets if t.tier != ARCHIVED and not (current and t.tier == FREQUENT)]
 
 
 def _fetch_options(max_concurrency: int, max_tps: float | None) -> FetchOptions:
@@ -390,6 +474,157 @@ def _get_document(client: Any, datastore_id: str, target: _Target) -> dict[str, 
     return document
 
 
+def _get_tier(client: Any, datastore_id: str, target: _Target) -> str | None:
+    """The image set's storageTier from GetImageSet (not an access); None if there is no such set."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        response = client.get_image_set(datastoreId=datastore_id, imageSetId=target.image_set_id)
+    except (ClientError, BotoCoreError) as exc:
+        code, status, message = aws.error_code(exc)
+        if code == "ResourceNotFoundException":  # nothing to access; its metadata call fails too
+            return None
+        cls = ThrottledError if code in THROTTLING_CODES else SearchError
+        raise cls(
+            TIER_OPERATION,
+            target.position,
+            code,
+            status,
+            server_message=message,
+            detail="the storage tier could not be checked (allow_archive_access=True skips the "
+            "check, and reads archived image sets too)",
+        ) from None
+    tier = response.get("storageTier")
+    if not isinstance(tier, str):
+        raise QueryValidationError(
+            "allow_archive_access",
+            f"{TIER_OPERATION} answered without storageTier (a botocore older than the service "
+            "model of 2025-11 drops it), so the tier cannot be checked: upgrade botocore, give a "
+            "frame with a current storageTier, or pass allow_archive_access=True",
+        )
+    return tier
+
+
+def _lookup_tiers(
+    client: Any,
+    datastore_id: str,
+    targets: list[_Target],
+    max_tps: float | None,
+    max_concurrency: int,
+    progress: ProgressReporter,
+) -> dict[int, str | None]:
+    """Each target's tier by GetImageSet, paced at its quota (or *max_tps* if lower)."""
+    limiter = RateLimiter(min(TIER_TPS, max_tps) if max_tps else TIER_TPS)
+    started = time.monotonic()
+
+    def one(target: _Target) -> str | None:
+        with aws.paced(client, limiter):  # every attempt, botocore's retries included
+            return _get_tier(client, datastore_id, target)
+
+    tiers: dict[int, str | None] = {}
+    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-tier")
+    try:
+        for target, future in _windowed(pool, one, targets, 2 * max_concurrency):
+            tiers[target.position] = future.result()
+            progress.update(len(tiers), len(targets))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+    log.info(
+        "%s: %d tier look-up(s), %.1f s", TIER_OPERATION, len(targets), time.monotonic() - started
+    )
+    return tiers
+
+
+def _archive_guard(
+    client: Any,
+    datastore_id: str,
+    targets: list[_Target],
+    stale: list[_Target],
+    allow: bool | None,
+    max_tps: float | None,
+    max_concurrency: int,
+    progress: MetadataProgress,
+) -> str | None:
+    """Refuse, or return the warning to give (None: nothing archived), before any access."""
+    shown = sum(t.tier == ARCHIVED for t in targets)
+    total = len(targets)
+    if allow is True:  # the caller accepts accesses: no look-ups, a warning of what may move
+        parts = [f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS"] if shown else []
+        if stale:
+            parts.append(
+                f"{len(stale)} of {total} have no current storageTier (unchecked: "
+                "allow_archive_access=True)"
+            )
+        return _archive_warning("; ".join(parts)) if parts else None
+    if allow is False and shown:
+        raise QueryValidationError(
+            "allow_archive_access",
+            f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS and "
+            f"allow_archive_access=False refuses any: each {OPERATION} call would move one back "
+            "to FREQUENT_ACCESS; filter on storageTier first",
+        )
+    found = 0
+    if stale:
+        reporter = ProgressReporter(
+            False if callable(progress) else progress,  # a callable counts GetImageSetMetadata
+            TIER_OPERATION,
+            " image sets",
+            total=len(stale),
+        )
+        tiers = _lookup_tiers(client, datastore_id, stale, max_tps, max_concurrency, reporter)
+        found = sum(tier is not None and tier != FREQUENT for tier in tiers.values())
+    if found:
+        raise QueryValidationError(
+            "allow_archive_access",
+            f"{found} of {total} image sets are archived (ARCHIVE_INSTANT_ACCESS per "
+            f"{TIER_OPERATION}) although the frame does not show it (its storageTier is missing, "
+            f"or from a fetch more than {TIER_MAX_AGE.seconds // 60} minutes old or refreshed): "
+            f"each {OPERATION} call would move one back to FREQUENT_ACCESS. Nothing was "
+            "accessed. Fetch the frame again and filter on storageTier, or pass "
+            "allow_archive_access=True (command line: --allow-archive-access) to read them",
+        )
+    return (
+        _archive_warning(f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS")
+        if shown
+        else None
+    )
+
+
+def _archive_warning(counts: str) -> str:
+    return (
+        f"{counts}: each {OPERATION} call is an access that moves an archived image set back to "
+        "FREQUENT_ACCESS (billed at the frequent-access rate). dry_run=True counts the calls; "
+        "filter on storageTier to skip them."
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _windowed(
+    pool: ThreadPoolExecutor,
+    work: Callable[[_Target], _T],
+    targets: Iterable[_Target],
+    window: int,
+) -> Iterator[tuple[_Target, Future[_T]]]:
+    """``(target, finished future)`` as *work* finishes, at most *window* queued at once.
+
+    Waiting on every target's future at once made each completion cost O(targets) (quadratic in
+    the frame's size); the window is refilled after the caller has handled each finished batch.
+    """
+    queued = iter(targets)
+    pending: dict[Future[_T], _Target] = {
+        pool.submit(work, t): t for t in itertools.islice(queued, window)
+    }
+    while pending:
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            yield pending.pop(future), future
+        for t in itertools.islice(queued, window - len(pending)):
+            pending[pool.submit(work, t)] = t
+
+
 @overload
 def fetch_metadata(
     frame: pd.DataFrame,
@@ -403,6 +638,7 @@ def fetch_metadata(
     dry_run: Literal[False] = ...,
     on_error: OnError = ...,
     datastore_id: str | None = ...,
+    allow_archive_access: bool | None = ...,
 ) -> pd.DataFrame: ...
 
 
@@ -419,6 +655,7 @@ def fetch_metadata(
     dry_run: Literal[True],
     on_error: OnError = ...,
     datastore_id: str | None = ...,
+    allow_archive_access: bool | None = ...,
 ) -> MetadataPlan: ...
 
 
@@ -434,14 +671,16 @@ def fetch_metadata(
     dry_run: bool = False,
     on_error: OnError = "raise",
     datastore_id: str | None = None,
+    allow_archive_access: bool | None = None,
 ) -> pd.DataFrame | MetadataPlan:
     """Call GetImageSetMetadata for each image set of *frame* and return its DICOM attributes.
 
     Parameters
     ----------
     frame
-        Image sets (``imageSetId``, and ``version`` to read that version; ``storageTier`` for
-        the archive warning). One call per distinct (imageSetId, version).
+        Image sets (``imageSetId``, and ``version`` to read that version; ``storageTier``, with
+        the provenance of a fetch less than 15 minutes old, spares the tier look-ups). One call
+        per distinct (imageSetId, version).
     client, boto3_session
         As in ``Query.to_dataframe``.
     level
@@ -464,6 +703,12 @@ def fetch_metadata(
         with the error code in a ``metadataError`` column (NA on rows that succeeded).
     datastore_id
         Defaults to the one in the frame's provenance (``attrs``).
+    allow_archive_access
+        The archive guard (module docstring). None (default): image sets without a current
+        ``storageTier`` are looked up with GetImageSet (not an access, up to 25/s) first; archived
+        ones the frame shows are read with a warning, archived ones it does not show make the call
+        refuse. True: no look-ups, every image set is read (with a warning). False: refuse if any
+        image set is archived.
 
     Returns
     -------
@@ -475,39 +720,47 @@ def fetch_metadata(
     ------
     QueryValidationError
         A bad option, a frame without ``imageSetId``, or no datastore_id to be found; raised
-        before any call (also with ``dry_run=True``).
+        before any call (also with ``dry_run=True``). Also (field ``allow_archive_access``)
+        when the guard refuses: archived image sets the frame did not show, before any
+        GetImageSetMetadata call.
     MetadataFetchError
         Some image sets failed and ``on_error="raise"``.
     SearchError
         A failure that concerns every call (access denied, no credentials, throttled after
-        every retry): the fetch stops at once.
+        every retry): the fetch stops at once. A GetImageSet look-up that fails (other than
+        for an image set that does not exist) raises one too, before any access.
 
     Warns
     -----
     ArchiveAccessWarning
-        Once, when the frame holds ARCHIVE_INSTANT_ACCESS image sets (each call moves one to
-        the frequent tier).
+        Once, when archived image sets are about to be read (each call moves one to the
+        frequent tier), or unchecked ones with ``allow_archive_access=True``.
     """
     if level not in ("series", "instance"):
         raise QueryValidationError("level", "must be 'series' or 'instance'")
     if on_error not in ("raise", "report"):
         raise QueryValidationError("on_error", "must be 'raise' or 'report'")
     _fetch_options(max_concurrency, max_tps)
+    if allow_archive_access is not None and not isinstance(allow_archive_access, bool):
+        raise QueryValidationError("allow_archive_access", "must be None, True or False")
     require(frame, ("imageSetId",), "fetch_metadata()")
-    targets, archived = _targets(frame)
+    targets = _targets(frame)
+    stale = _stale(targets, tier_is_current(frame))
     if dry_run:
-        return MetadataPlan(calls=len(targets), archived=archived, max_tps=max_tps or float("inf"))
-    store = _datastore_id(frame, datastore_id)
-    if archived:
-        warnings.warn(
-            f"{archived} of {len(targets)} image sets are ARCHIVE_INSTANT_ACCESS: each "
-            f"{OPERATION} call is an access that moves one back to FREQUENT_ACCESS (billed at "
-            "the frequent-access rate). dry_run=True counts the calls; filter on storageTier "
-            "to skip them.",
-            ArchiveAccessWarning,
-            stacklevel=3,
+        return MetadataPlan(
+            calls=len(targets),
+            archived=sum(t.tier == ARCHIVED for t in targets),
+            max_tps=max_tps or float("inf"),
+            stale=len(stale),
+            lookups=0 if allow_archive_access is True else len(stale),
         )
+    store = _datastore_id(frame, datastore_id)
     client = make_client(client, boto3_session, max_concurrency)
+    warning = _archive_guard(
+        client, store, targets, stale, allow_archive_access, max_tps, max_concurrency, progress
+    )
+    if warning is not None:
+        warnings.warn(warning, ArchiveAccessWarning, stacklevel=3)
     blocks, failures = _fetch_all(
         client,
         store,
@@ -573,42 +826,29 @@ def _fetch_all(
         return _Block(block.rows, head | block.columns)
 
     pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-metadata")
-    # A window of futures, refilled as they finish: waiting on every target's future at once
-    # made each completion cost O(targets) (quadratic in the frame's size).
-    queued = iter(targets)
-    window = 2 * max_concurrency
     try:
-        pending: dict[Future[_Block | None], _Target] = {
-            pool.submit(one, t): t for t in itertools.islice(queued, window)
-        }
-        done_count = 0
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                target = pending.pop(future)
-                try:
-                    block = future.result()
-                except _Failure as failure:
-                    if failure.fatal:
-                        stop.set()
-                        cls = ThrottledError if failure.code in THROTTLING_CODES else SearchError
-                        raise cls(
-                            OPERATION,
-                            target.position,
-                            failure.code,
-                            detail="stopped: this error concerns every call, not one image set",
-                        ) from None
-                    failures[target.position] = failure.code
-                    log.debug(
-                        "%s failed for image set #%d: %s", OPERATION, target.position, failure.code
-                    )
-                else:
-                    if block is not None:
-                        blocks[target.position] = block
-                done_count += 1
-                progress.update(done_count, len(targets))
-            for t in itertools.islice(queued, window - len(pending)):
-                pending[pool.submit(one, t)] = t
+        finished = _windowed(pool, one, targets, 2 * max_concurrency)
+        for done_count, (target, future) in enumerate(finished, start=1):
+            try:
+                block = future.result()
+            except _Failure as failure:
+                if failure.fatal:
+                    stop.set()
+                    cls = ThrottledError if failure.code in THROTTLING_CODES else SearchError
+                    raise cls(
+                        OPERATION,
+                        target.position,
+                        failure.code,
+                        detail="stopped: this error concerns every call, not one image set",
+                    ) from None
+                failures[target.position] = failure.code
+                log.debug(
+                    "%s failed for image set #%d: %s", OPERATION, target.position, failure.code
+                )
+            else:
+                if block is not None:
+                    blocks[target.position] = block
+            progress.update(done_count, len(targets))
     finally:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -22,8 +22,15 @@ examples:
   healthimaging-df metadata --datastore-id ID --where StudyInstanceUID=1.2.3 --level instance \\
       --on-error report --out instances.csv
 
+  # from S3 to S3 (the same --profile and --region; --s3-endpoint-url or AWS_ENDPOINT_URL_S3)
+  healthimaging-df metadata --from s3://bucket/cohort.parquet --out s3://bucket/series.parquet
+
 Each call counts as an access: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent
-(more expensive) tier. The command warns on stderr when the cohort holds archived image sets.
+(more expensive) tier. The command warns on stderr when the cohort shows archived image sets.
+Image sets whose tier the cohort does not tell (no storageTier column, or a file written more than
+15 minutes ago) are looked up first with GetImageSet, which is not an access; if any of them is
+archived the command refuses (exit 2) before any GetImageSetMetadata call, unless
+--allow-archive-access. --refuse-archive-access refuses any archived image set.
 """
 
 
@@ -43,8 +50,8 @@ def register(commands: Any) -> None:
         "--from",
         dest="source",
         metavar="FILE",
-        help="image sets to read: a .parquet, .csv or .jsonl file with an imageSetId column "
-        "(and version); the query options are not used then",
+        help="image sets to read: a .parquet, .csv or .jsonl file (local or s3://bucket/key) "
+        "with an imageSetId column (and version); the query options are not used then",
     )
     group.add_argument(
         "--level",
@@ -62,13 +69,31 @@ def register(commands: Any) -> None:
     group.add_argument(
         "--dry-run", action="store_true", help="say how many calls would be made; send nothing"
     )
+    archive = group.add_mutually_exclusive_group()
+    archive.add_argument(
+        "--allow-archive-access",
+        dest="allow_archive_access",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read archived image sets too (each moves to FREQUENT_ACCESS); no tier look-ups",
+    )
+    archive.add_argument(
+        "--refuse-archive-access",
+        dest="allow_archive_access",
+        action="store_const",
+        const=False,
+        help="refuse if any image set is archived, even one the cohort shows",
+    )
     group.add_argument(
         "--out",
         metavar="FILE",
-        help="write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
+        help="write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; a table on "
+        "stdout if left out",
     )
     group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
     output.add_mkdir(group)
+    output.add_s3_options(group)
     # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
     parser.set_defaults(handler=run, max_tps=50.0)
 
@@ -80,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
 
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
+    s3 = output.s3_settings(args)
     if args.source is not None:
         if building.has_query_options(args):
             raise options.UsageError("--from reads image sets from a file: leave out query options")
-        cohort = output.read_frame(args.source)
+        cohort = output.read_frame(args.source, s3)
         if "imageSetId" not in cohort.columns:
             raise options.UsageError(f"--from {args.source} has no imageSetId column")
         given = args.datastore_id or _provenance_datastore(cohort)
@@ -112,13 +138,14 @@ def run(args: argparse.Namespace) -> int:
                 dry_run=args.dry_run,
                 on_error=args.on_error,
                 datastore_id=target.datastore_id,
+                allow_archive_access=args.allow_archive_access,
             )
         for warning in caught:
             print(f"healthimaging-df metadata: warning: {_warning_text(warning)}", file=sys.stderr)
     if not hasattr(result, "columns"):  # a dry run's MetadataPlan
         print(result)
         return 0
-    output.write_frame(result, args.out, fmt)
+    output.write_frame(result, args.out, fmt, s3=s3)
     where = args.out if args.out not in (None, "-") else "stdout"
     output.status(args, f"{len(result)} {args.level} rows from {len(cohort)} image sets -> {where}")
     if "metadataError" in result.columns:

@@ -1,19 +1,25 @@
-"""What a command writes: the format, the file (or stdout), progress and the summary line.
+"""What a command writes: the format, the file (or stdout, or S3), progress and the summary line.
 
-Nothing here prints a DICOM value: messages name columns, files and counts only.
+``--out`` and ``--from`` take local paths or ``s3://bucket/key`` URLs (``remote``): every format
+goes to S3 as it would go to a file, streamed outputs included. Nothing here prints a DICOM value:
+messages name columns, files and counts only.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
+from healthimaging_df.commands import remote
 from healthimaging_df.commands.options import UsageError
+from healthimaging_df.commands.remote import S3Settings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,13 +66,39 @@ def output_format(out: str | None, given: str | None) -> Format:
         return fmt
     if out in (None, "-"):
         return "table"
-    suffix = Path(out).suffix.lower()
+    assert out is not None
+    suffix = _suffix(out)
     if suffix not in _SUFFIXES:
         raise UsageError(
             f"cannot tell the format of --out from {suffix or 'no extension'!r}: use .parquet, "
             ".csv, .jsonl (or .ndjson), or --format"
         )
     return _SUFFIXES[suffix]
+
+
+def _suffix(path: str) -> str:
+    """The extension of a local path or of an ``s3://`` URL's key, lower-cased."""
+    if remote.is_s3(path):
+        return PurePosixPath(urlsplit(path).path).suffix.lower()
+    return Path(path).suffix.lower()
+
+
+def add_s3_options(group: Any) -> None:
+    """``--s3-endpoint-url`` and ``--kms-key-id``, for commands whose ``--out``/``--from`` take s3://."""
+    group.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3-compatible endpoint for s3:// paths (default: AWS_ENDPOINT_URL_S3, else AWS); "
+        "S3 uses the same --profile and --region",
+    )
+    group.add_argument(
+        "--kms-key-id", metavar="KEY", help="SSE-KMS key (ID, alias or ARN) for an s3:// --out"
+    )
+
+
+def s3_settings(args: argparse.Namespace) -> S3Settings:
+    """How the command reaches S3: its --profile, --region, --s3-endpoint-url, --kms-key-id."""
+    return S3Settings.from_args(args)
 
 
 def add_mkdir(group: Any) -> None:
@@ -79,7 +111,14 @@ def add_mkdir(group: Any) -> None:
 
 
 def check_destination(out: str | None, mkdir: bool) -> None:
-    """Refuse, before any request, an --out whose directory does not exist (unless --mkdir)."""
+    """Refuse, before any request, an --out whose directory does not exist (unless --mkdir).
+
+    An ``s3://`` --out needs a bucket and a key; S3 has no directories to create.
+    """
+    if remote.is_s3(out):
+        assert out is not None
+        remote.split(out)
+        return
     if out in (None, "-") or mkdir:
         return
     assert out is not None
@@ -90,13 +129,16 @@ def check_destination(out: str | None, mkdir: bool) -> None:
         )
 
 
-def read_frame(source: str) -> pd.DataFrame:
+def read_frame(source: str, s3: S3Settings | None = None) -> pd.DataFrame:
     """Image sets from a file ``search`` or ``snapshot`` wrote: Parquet, CSV or JSON Lines.
 
     Parquet (a file or a directory) keeps its dtypes and provenance; text files are read as text.
+    *source* may be an ``s3://`` URL, read with *s3* (default: the default session).
     """
     import pandas as pd
 
+    if remote.is_s3(source):
+        return _read_s3(source, s3 or S3Settings())
     path = Path(source)
     if not path.exists():
         raise UsageError(f"no such file: {source}")
@@ -109,13 +151,39 @@ def read_frame(source: str) -> pd.DataFrame:
             return read_snapshot(path)
         except SnapshotError:  # a Parquet file some other tool wrote
             return pd.read_parquet(path)
+    return _read_text(path, fmt)
+
+
+def _read_text(source: Any, fmt: Format) -> pd.DataFrame:
+    import pandas as pd
+
     if fmt == "csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False, na_values=[""])
     else:
-        frame = pd.read_json(path, lines=True, dtype=False)
+        frame = pd.read_json(source, lines=True, dtype=False)
     if "version" in frame.columns:
         frame["version"] = pd.to_numeric(frame["version"]).astype("Int64")
     return frame
+
+
+def _read_s3(source: str, s3: S3Settings) -> pd.DataFrame:
+    """An ``s3://`` object (.csv, .jsonl, .parquet) or snapshot directory (any other name)."""
+    import pandas as pd
+
+    from healthimaging_df.errors import SnapshotError
+    from healthimaging_df.snapshot import read_snapshot
+
+    fmt = _SUFFIXES.get(_suffix(source))
+    if fmt in ("csv", "jsonl"):
+        return _read_text(io.BytesIO(remote.get(source, s3)), fmt)
+    if fmt is None:  # a snapshot directory (its errors name no path inside it)
+        whole: pd.DataFrame = read_snapshot(source, **s3.snapshot_options())
+        return whole
+    try:
+        single: pd.DataFrame = read_snapshot(source, **s3.snapshot_options())
+        return single
+    except (SnapshotError, OSError):  # not there (said below), or Parquet some other tool wrote
+        return pd.read_parquet(io.BytesIO(remote.get(source, s3)))
 
 
 def stream_frames(
@@ -123,16 +191,18 @@ def stream_frames(
     out: str | None,
     fmt: Format,
     columns: Sequence[str] | None = None,
+    s3: S3Settings | None = None,
 ) -> int:
     """Write CSV or JSON Lines chunk by chunk as *frames* arrive; return the rows written.
 
     To stdout each chunk is flushed at once, so ``| head`` sees rows early and a closed pipe
-    stops the fetch; to a file, the chunks go to a temporary file renamed over *out* at the end.
+    stops the fetch; to a file, the chunks go to a temporary file renamed over *out* at the end;
+    to ``s3://``, into a multipart upload opened first and completed at the end (``remote``).
     A CSV file gets its header even when nothing matched.
     """
     rows = 0
     header = True  # a CSV header, once (an empty result still yields one empty frame)
-    with _destination(out) as handle:
+    with _destination(out, s3) as handle:
         try:
             for frame in frames:
                 chosen = frame[list(columns)] if columns is not None else frame
@@ -151,12 +221,20 @@ def stream_frames(
 
 
 @contextmanager
-def _destination(out: str | None) -> Iterator[IO[str]]:
-    """stdout, or a temporary file next to *out* renamed over it once everything is written."""
+def _destination(out: str | None, s3: S3Settings | None = None) -> Iterator[IO[str]]:
+    """stdout, a file or an S3 object that appears only once everything is written.
+
+    A local *out* is a temporary file next to it, renamed over it at the end; an ``s3://`` one is
+    a multipart upload, completed at the end and aborted on failure.
+    """
     if out in (None, "-"):
         yield sys.stdout
         return
     assert out is not None
+    if remote.is_s3(out):
+        with remote.upload_text(out, s3 or S3Settings()) as handle:
+            yield handle
+        return
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -168,20 +246,40 @@ def _destination(out: str | None) -> Iterator[IO[str]]:
         temporary.unlink(missing_ok=True)
 
 
-def write_frame(frame: pd.DataFrame, out: str | None, fmt: Format, *, plain: bool = False) -> None:
+def write_frame(
+    frame: pd.DataFrame,
+    out: str | None,
+    fmt: Format,
+    *,
+    plain: bool = False,
+    s3: S3Settings | None = None,
+) -> None:
     """Write *frame* to *out*, or to stdout when *out* is None or ``-``.
 
     Parquet is written as a snapshot (typed, with provenance, refreshable), or, when *plain*
     (a rollup, which is no image-set frame), as a plain Parquet file; CSV and JSON Lines go to a
     temporary file renamed over *out*, so a reader never sees half a file. Missing parent
     directories are created (``check_destination`` refused them earlier unless ``--mkdir``).
+    An ``s3://`` *out* is written with *s3* (default: the default session), whole or not at all.
     """
     if fmt == "parquet" and out not in (None, "-"):
         assert out is not None
+        on_s3 = remote.is_s3(out)
+        settings = s3 or S3Settings()
         if not plain:  # a snapshot: typed, with provenance, refreshable, written atomically
             from healthimaging_df.snapshot import write_snapshot
 
-            write_snapshot(frame, out)
+            if on_s3:
+                write_snapshot(
+                    frame, out, kms_key_id=settings.kms_key_id, **settings.snapshot_options()
+                )
+            else:
+                write_snapshot(frame, out)
+            return
+        if on_s3:
+            buffer = io.BytesIO()
+            frame.to_parquet(buffer, index=False)
+            remote.put(out, buffer.getvalue(), settings)
             return
         target = Path(out)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +290,7 @@ def write_frame(frame: pd.DataFrame, out: str | None, fmt: Format, *, plain: boo
         finally:
             temporary.unlink(missing_ok=True)
         return
-    with _destination(out) as handle:
+    with _destination(out, s3) as handle:
         _write(frame, handle, fmt)
 
 

@@ -52,7 +52,8 @@ def register(commands: Any) -> None:
     out.add_argument(
         "--out",
         metavar="FILE",
-        help="write to FILE: .parquet (or .pq), .csv, .jsonl (or .ndjson); stdout if left out",
+        help="write to FILE (local or s3://bucket/key): .parquet (or .pq), .csv, .jsonl (or "
+        ".ndjson); stdout if left out",
     )
     out.add_argument(
         "--format",
@@ -60,6 +61,7 @@ def register(commands: Any) -> None:
         help="override the format the --out extension implies; csv or jsonl also go to stdout",
     )
     output.add_mkdir(out)
+    output.add_s3_options(out)
     out.add_argument(
         "--columns",
         action="append",
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
     _check_writable(args.out)
+    s3 = output.s3_settings(args)
     columns = None if args.per else building.parse_columns(args.columns)
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
@@ -120,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
             chunks = query.iter_dataframes(
                 chunk_rows=STREAM_CHUNK_ROWS, client=connection.client, **fetch
             )
-            count = output.stream_frames(chunks, args.out, fmt, columns)
+            count = output.stream_frames(chunks, args.out, fmt, columns, s3)
         else:
             frame = query.to_dataframe(client=connection.client, **fetch)
     if not streaming:
         frame = _shape(frame, args, fmt, columns)
-        output.write_frame(frame, args.out, fmt, plain=bool(args.per))
+        output.write_frame(frame, args.out, fmt, plain=bool(args.per), s3=s3)
         count = len(frame)
     where = args.out if args.out not in (None, "-") else "stdout"
     rows = {"study": "studies", "patient": "patients"}.get(args.per or "", "image sets")

@@ -370,3 +370,135 @@ def test_retries_are_paced_by_the_limiter_too(
             datastoreId=metadata_service.datastore_id, imageSetId=image_set_id
         )
     assert time.perf_counter() - started < 0.45  # 10 calls at 20/s would need 0.45 s
+
+
+# -- the archive guard asks the service ------------------------------------------------------------
+
+
+def _tiers(service: LocalService) -> dict[str, tuple[str, Any]]:
+    return {
+        r["imageSetId"]: (r["storageTier"], r["lastAccessedAt"])
+        for r in service.backend.image_sets(service.datastore_id or "")
+    }
+
+
+def _aged(frame: pd.DataFrame, **provenance: Any) -> pd.DataFrame:
+    """*frame* with its provenance changed (fetch times, a refresh)."""
+    out = frame.copy()
+    out.attrs = {"healthimaging_df": {**frame.attrs["healthimaging_df"], **provenance}}
+    return out
+
+
+def test_archived_image_sets_a_frame_does_not_show_are_refused_before_any_access(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(5)
+    frequent = _frequent(metadata_frame).head(3)
+    before = _tiers(metadata_service)
+    metadata_service.reset_stats()
+    for frame in (
+        pd.concat([archived, frequent]).drop(columns="storageTier"),  # no tier at all
+        pd.concat([archived, frequent]).assign(storageTier=pd.NA),  # no tier values
+    ):
+        with pytest.raises(QueryValidationError) as raised:
+            fetch_metadata(frame, client=metadata_service.client(), progress=False)
+        assert raised.value.field == "allow_archive_access"
+        assert str(raised.value).startswith("allow_archive_access: 5 of 8 image sets are archived")
+        assert "Nothing was accessed" in str(raised.value)
+    stats = metadata_service.stats.by_operation
+    assert stats.get("GetImageSet") == 16  # each tier looked up, twice
+    assert stats.get("GetImageSetMetadata", 0) == 0
+    assert _tiers(metadata_service) == before  # storageTier and lastAccessedAt unchanged
+
+
+def test_a_stale_or_refreshed_frequent_tier_is_looked_up_first(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(2)
+    now = pd.Timestamp.now(tz="UTC")
+    old = (now - pd.Timedelta(minutes=16)).isoformat()
+    disguised = archived.assign(storageTier="FREQUENT_ACCESS")  # as a day-old snapshot says
+    before = _tiers(metadata_service)
+    metadata_service.reset_stats()
+    for stale in (
+        _aged(disguised, fetch_started_at=old, fetched_at=old),
+        _aged(disguised, refreshed_since=old),  # refreshed: unchanged rows keep old tiers
+    ):
+        with pytest.raises(QueryValidationError, match="2 of 2 image sets are archived"):
+            fetch_metadata(stale, client=metadata_service.client(), progress=False)
+    assert metadata_service.stats.by_operation.get("GetImageSet") == 4
+    assert metadata_service.stats.by_operation.get("GetImageSetMetadata", 0) == 0
+    assert _tiers(metadata_service) == before
+
+    # A current frame's FREQUENT_ACCESS is trusted: no look-up; an old one's is checked.
+    frequent = _frequent(metadata_frame).head(4)
+    metadata_service.reset_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fetch_metadata(frequent, client=metadata_service.client(), progress=False)
+        assert metadata_service.stats.by_operation.get("GetImageSet", 0) == 0
+        fetch_metadata(
+            _aged(frequent, fetch_started_at=old), client=metadata_service.client(), progress=False
+        )
+    assert metadata_service.stats.by_operation.get("GetImageSet") == 4
+    assert metadata_service.stats.by_operation.get("GetImageSetMetadata") == 8
+
+
+def test_allow_archive_access_skips_the_look_ups_and_false_refuses_any(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(3)
+    metadata_service.reset_stats()
+    with pytest.raises(QueryValidationError, match="allow_archive_access=False refuses any"):
+        fetch_metadata(
+            archived, client=metadata_service.client(), allow_archive_access=False, progress=False
+        )
+    assert metadata_service.stats.requests == 0
+    bare = archived.drop(columns="storageTier")
+    with pytest.warns(ArchiveAccessWarning, match="3 of 3 have no current storageTier"):
+        got = fetch_metadata(
+            bare, client=metadata_service.client(), allow_archive_access=True, progress=False
+        )
+    assert len(got) == 3
+    assert metadata_service.stats.by_operation.get("GetImageSet", 0) == 0
+    assert {_tiers(metadata_service)[i][0] for i in archived["imageSetId"]} == {"FREQUENT_ACCESS"}
+
+
+def test_dry_run_counts_the_look_ups_and_bad_guard_values_fail_first(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    bare = metadata_frame.head(10).drop(columns="storageTier")
+    metadata_service.reset_stats()
+    plan = fetch_metadata(bare, dry_run=True, max_tps=50)
+    assert (plan.calls, plan.archived, plan.stale, plan.lookups) == (10, 0, 10, 10)
+    assert "10 image set(s) without a current storageTier would first be looked up" in str(plan)
+    assert plan.estimated_seconds == pytest.approx(10 / 50 + 10 / 25)
+    unchecked = fetch_metadata(bare, dry_run=True, allow_archive_access=True)
+    assert unchecked.lookups == 0
+    assert "read unchecked" in str(unchecked)
+    for value in ("yes", 1, 0):
+        with pytest.raises(QueryValidationError, match=r"^allow_archive_access: must be"):
+            fetch_metadata(bare, client=metadata_service.client(), allow_archive_access=value)
+    assert metadata_service.stats.requests == 0
+
+
+def test_look_ups_are_paced_under_get_image_set_quota(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    bare = _frequent(metadata_frame).head(13).drop(columns="storageTier")
+    metadata_service.reset_stats()
+    started = time.perf_counter()
+    fetch_metadata(bare, client=metadata_service.client(), max_tps=None, progress=False)
+    elapsed = time.perf_counter() - started
+    assert metadata_service.stats.by_operation.get("GetImageSet") == 13
+    assert elapsed >= 12 / 25  # evenly paced at 24/s (25 with headroom), though max_tps=None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import boto3
 import pytest
@@ -19,6 +22,8 @@ from healthimaging_df.errors import PaginationError
 from healthimaging_df.fetch import Page
 from healthimaging_df.flatten import summaries_to_table
 from healthimaging_df.local import LocalService
+from healthimaging_df.snapshot import read_snapshot, write_snapshot
+from tests.snapshot.conftest import S3, typed_frame
 
 from .conftest import flat_row
 
@@ -169,3 +174,120 @@ def test_loggers_created_later_are_covered(service: LocalService) -> None:
         client=service.client(), progress=False
     )
     assert logs._FILTER in late.filters
+
+
+# -- S3 work: object keys hold partition values (PatientID=...) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_s3() -> Iterator[S3]:
+    """moto's S3 server on 127.0.0.1, as tests/snapshot/conftest.py starts it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3(f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+def new_bucket(moto_s3: S3) -> str:
+    """A bucket no other test module names (moto's servers in one process share their state)."""
+    name = f"phi-logs-{uuid.uuid4().hex[:12]}"
+    moto_s3.client.create_bucket(Bucket=name)
+    return name
+
+
+def frame_values(frame: Any) -> set[str]:
+    """PatientIDs, names and UIDs of *frame*, as written and as S3 keys spell them."""
+    values: set[str] = set()
+    for column in ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID"):
+        values |= {str(v) for v in frame[column].dropna() if len(str(v)) >= 6}
+    return values | {quote(v, safe="") for v in values} | {quote(quote(v, safe="")) for v in values}
+
+
+def test_a_patient_partitioned_s3_snapshot_logs_no_phi_at_root_debug(
+    moto_s3: S3, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = typed_frame(60, seed=3)
+    bucket = new_bucket(moto_s3)
+    path = f"s3://{bucket}/prefix"
+    # moto's request log (werkzeug) is the stand-in server's, not the client's: S3's access log.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    caplog.set_level(logging.DEBUG)
+    write_snapshot(frame, path, partition_cols=["PatientID"], **moto_s3.options())
+    back = read_snapshot(path, **moto_s3.options())
+    assert sorted(back["imageSetId"]) == sorted(frame["imageSetId"])
+    listed = moto_s3.client.list_objects_v2(Bucket=bucket)["Contents"]
+    patients = {v for v in frame["PatientID"].dropna() if len(v) >= 6}
+    assert any(p in o["Key"] for o in listed for p in patients)  # the keys do hold PatientIDs
+
+    lines = [f"{r.name}: {r.getMessage()}" for r in caplog.records]
+    lines += [caplog.text]  # what a formatter prints, tracebacks included
+    names = {r.name.split(".")[0] for r in caplog.records}
+    assert {"botocore", "urllib3"} <= names  # the SDK did log at DEBUG
+    endpoint = [m for m in lines if "Calling endpoint provider with parameters" in m]
+    assert endpoint  # the line that carried the key passes, the key masked
+    assert any("'Key': '<redacted>'" in m for m in endpoint)
+    phi = frame_values(frame)
+    assert [m for m in lines if any(v in m for v in phi)] == []
+
+
+def test_the_filter_is_what_keeps_s3_keys_out(
+    moto_s3: S3, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = typed_frame(20, seed=4)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    caplog.set_level(logging.DEBUG)
+    redact_botocore_logs(False)
+    try:
+        write_snapshot(
+            frame,
+            f"s3://{new_bucket(moto_s3)}/p",
+            partition_cols=["PatientID"],
+            **moto_s3.options(),
+        )
+    finally:
+        redact_botocore_logs(True)
+    patients = {v for v in frame["PatientID"].dropna() if len(v) >= 6}
+    assert any(p in caplog.text for p in patients)
+
+
+def test_every_module_logger_of_the_sdk_is_covered_before_it_is_imported() -> None:
+    from healthimaging_df import logs
+
+    names = logs.module_logger_names()
+    for name in ("s3transfer.tasks", "s3transfer.futures", "boto3.s3.transfer", "botocore.regions"):
+        assert name in names
+    for name in names:
+        assert logs._FILTER in logging.getLogger(name).filters, name
+
+
+def test_endpoint_parameters_f_strings_and_tracebacks_are_redacted() -> None:
+    from healthimaging_df import logs
+
+    def shown(name: str, template: str, *args: object, exc: BaseException | None = None) -> str:
+        info = (type(exc), exc, None) if exc is not None else None
+        record = logging.LogRecord(name, logging.DEBUG, __file__, 1, template, args, info)
+        assert logs.PHIRedactingFilter().filter(record)
+        handler = logging.StreamHandler(io.StringIO())
+        return handler.format(record)
+
+    params = {"Bucket": "b", "Key": "prefix/PatientID=PAT-SECRET/part.parquet", "Region": "r"}
+    text = shown("botocore.regions", "Calling endpoint provider with parameters: %s", params)
+    assert "PAT-SECRET" not in text
+    assert "'Bucket': 'b'" in text
+    assert "'Region': 'r'" in text
+    assert "'Key': '<redacted>'" in text
+    formatted = "Executing task PutObjectTask(transfer_id=0, {'key': 'PatientID=PAT-SECRET'})"
+    text = shown("s3transfer.tasks", formatted)
+    assert text == f"Executing task: {logs.REDACTED}"
+    error = OSError("Could not connect to http://h/b/PatientID=PAT-SECRET/x.parquet")
+    text = shown("botocore.endpoint", "Exception received when sending HTTP request.", exc=error)
+    assert "PAT-SECRET" not in text
+    assert text.startswith("Exception received when sending (OSError): <redacted")
+    for message in ("PAT-SECRET was read", "DOE^JOHN %s", "1.2.840.5 %s"):  # values first
+        text = shown("deltalake.query", message, 1)
+        assert text == f"record: {logs.REDACTED}"
