@@ -930,7 +930,8 @@ def _any_of(terms: Sequence[str]) -> str:
 # -- read -------------------------------------------------------------------------------------------
 
 
-def _filter_expression(filters: Any) -> Any:
+def filter_expression(filters: Any) -> Any:
+    """*filters* (an expression or DNF tuples) as a ``pyarrow.compute`` expression, or a typed error."""
     if filters is None or isinstance(filters, pc.Expression):
         return filters
     try:
@@ -941,7 +942,8 @@ def _filter_expression(filters: Any) -> Any:
         ) from None
 
 
-def _check_filter(expression: Any, table_schema: pa.Schema) -> None:
+def check_filter(expression: Any, table_schema: pa.Schema) -> None:
+    """Apply *expression* to no rows of *table_schema*: a bad column or type fails here, typed."""
     if expression is None:
         return
     try:
@@ -1045,8 +1047,8 @@ def read_table(
     wanted = None
     if columns is not None:
         wanted = _check_names("columns", columns, full_schema)
-    expression = _filter_expression(filters)
-    _check_filter(expression, full_schema)
+    expression = filter_expression(filters)
+    check_filter(expression, full_schema)
     with _translated(action):
         scan = opened.to_pyarrow_dataset(schema=full_schema, filesystem=table_fs)
         table = scan.to_table(columns=wanted, filter=expression)

@@ -576,7 +576,7 @@ def _read_chunks(
     dtype_backend: schema.DtypeBackend,
 ) -> Iterator[pd.DataFrame]:
     """Frames of at most *chunk_rows* rows, checked and opened before the first one is asked for."""
-    expression = _filter_expression(filters)
+    expression = delta.filter_expression(filters)
     if target.single_file:
         meta = _single_meta(target)
         location = target.store.arrow_path(target.name)
@@ -589,7 +589,7 @@ def _read_chunks(
         meta, scan = _delta_scan(uri, options, version, as_of)
     names = meta["columns"]
     wanted = _columns(columns, meta)
-    _check_filter(expression, scan.schema.remove_metadata())
+    delta.check_filter(expression, scan.schema.remove_metadata())
     order = list(columns) if columns is not None else names
     read = wanted if wanted is not None else names
     prov = dict(meta["provenance"])
@@ -645,12 +645,12 @@ def read_table(
 ) -> tuple[pa.Table, dict[str, Any]]:
     """The rows of a snapshot (derived columns dropped unless named) and its description."""
     store = target.store
-    expression = _filter_expression(filters)
+    expression = delta.filter_expression(filters)
     if target.single_file:
         meta = _single_meta(target)
         location = store.arrow_path(target.name)
         file_schema = pq.read_schema(location, filesystem=store.arrow_fs)
-        _check_filter(expression, file_schema.remove_metadata())
+        delta.check_filter(expression, file_schema.remove_metadata())
         table = pq.read_table(
             location,
             filesystem=store.arrow_fs,
@@ -667,7 +667,7 @@ def read_table(
         )
         meta = _delta_meta(head)
         wanted = _columns(columns, meta)
-        _check_filter(expression, head.table.schema)
+        delta.check_filter(expression, head.table.schema)
     else:
         wanted = None
     read = delta.read_table(
@@ -715,29 +715,6 @@ def _file_meta(metadata: dict[bytes, bytes] | None, where: str) -> dict[str, Any
     if not isinstance(meta, dict) or not isinstance(meta.get("provenance"), dict):
         raise SnapshotError(f"{where} has damaged healthimaging_df metadata")
     return meta
-
-
-def _filter_expression(filters: Any) -> Any:
-    if filters is None or isinstance(filters, pc.Expression):
-        return filters
-    try:
-        return pq.filters_to_expression(filters)
-    except (TypeError, ValueError, KeyError, IndexError):  # pyarrow's text can quote a value
-        raise QueryValidationError(
-            "filters", "must be a pyarrow.compute expression or DNF tuples (column, op, value)"
-        ) from None
-
-
-def _check_filter(expression: Any, table_schema: pa.Schema) -> None:
-    """Apply *expression* to no rows of *table_schema*: a bad column or type fails here, typed."""
-    if expression is None:
-        return
-    try:
-        pads.dataset(table_schema.empty_table()).to_table(filter=expression)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
-        raise QueryValidationError(
-            "filters", "names a column the snapshot lacks or compares it with the wrong type"
-        ) from None
 
 
 def _sort_spec(provenance: dict[str, Any]) -> tuple[str, bool]:
