@@ -23,13 +23,12 @@ from healthimaging_df.checkpoint import Checkpoint
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.fetch import Coverage, FetchOptions, stream
 from healthimaging_df.frame import (
-    RANK_COLUMNS,
+    Buffer,
     Chunker,
     Collector,
-    apply_predicates,
-    drop_superseded,
-    order,
-    to_frame,
+    frame_of,
+    latest_in_order,
+    split_page,
 )
 from healthimaging_df.plan import DatastoreStats, Plan, compile_plan
 from healthimaging_df.progress import Progress
@@ -110,13 +109,21 @@ def _qido(plan: Plan, run: Run) -> Plan:
 
 
 def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:
-    """Every matching image set once, at its latest version read, as one typed frame."""
-    table, info = collect_table(plan, query_json, run)
-    return to_frame(table, run.dtype_backend, info)
+    """Every matching image set once, at its latest version read, as one typed frame.
+
+    The table is handed over, not kept: each Arrow column is freed as it becomes pandas.
+    """
+    holder, info = _collect(plan, query_json, run)
+    return frame_of(holder, run.dtype_backend, info)
 
 
 def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict[str, Any]]:
     """:func:`collect` as an Arrow table plus its provenance."""
+    holder, info = _collect(plan, query_json, run)
+    return holder.pop(), info
+
+
+def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dict[str, Any]]:
     started = datetime.now(timezone.utc)
     collector = Collector(plan)
     with stream(plan, run.client, run.fetch, run.progress) as pages:
@@ -126,7 +133,7 @@ def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict
     if plan.full_scan:
         counted = DatastoreStats(collector.distinct_seen(), source="scan")
         statistics.remember(run.client, plan.datastore_id, counted)
-    return collector.table(), provenance.build(plan, query_json, run.client, started)
+    return [collector.table()], provenance.build(plan, query_json, run.client, started)
 
 
 def chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -178,29 +185,26 @@ def export(
         table, info = collect_table(plan, query_json, run)
         return write(table, info)
     coverage = coverage if coverage is not None else Coverage()
-    matched: dict[int, list[pa.Table]] = {}
-    seen: dict[int, list[pa.Table]] = {}
+    matched: dict[int, Buffer] = {}
+    unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
     with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:
         for page in pages:
             if not page.done:
-                seen.setdefault(page.task, []).append(page.table.select(RANK_COLUMNS))
-                matched.setdefault(page.task, []).append(
-                    apply_predicates(page.table, plan.predicates)
-                )
+                hit, miss = split_page(page.table, plan.predicates)
+                matched.setdefault(page.task, Buffer()).append(hit)
+                unmatched.setdefault(page.task, Buffer()).append(miss)
                 continue
-            rows = _concat(matched.pop(page.task, []))
-            ranks = _concat(seen.pop(page.task, [])).select(RANK_COLUMNS)
+            rows = _concat(matched.pop(page.task, Buffer()).take())
+            ranks = _concat(unmatched.pop(page.task, Buffer()).take(), _EMPTY_RANKS)
             coverage.add(page)
             checkpoint.add(rows, ranks, coverage, checkpoint_interval)
-    if any(t.num_rows for tables in seen.values() for t in tables):
+    if any(b.rows for b in matched.values()) or any(b.rows for b in unmatched.values()):
         raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
     checkpoint.flush(coverage)
     saved_rows, saved_seen = checkpoint.tables()
-    table = _concat(saved_rows)
-    if saved_seen:
-        table = drop_superseded(table, pa.concat_tables(saved_seen))
+    table = latest_in_order(saved_rows, saved_seen, plan)
     info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
-    return write(order(table, plan), info)
+    return write(table, info)
 
 
 def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa.Table:
@@ -217,5 +221,8 @@ def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa
     return collector.table()
 
 
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    return pa.concat_tables(tables) if tables else flatten.EMPTY_TABLE
+_EMPTY_RANKS = flatten.EMPTY_TABLE.select(["imageSetId", "version", "updatedAt"])
+
+
+def _concat(tables: list[pa.Table], empty: pa.Table = flatten.EMPTY_TABLE) -> pa.Table:
+    return pa.concat_tables(tables) if tables else empty

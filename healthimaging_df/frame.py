@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,7 +25,12 @@ from healthimaging_df.predicates import Predicate
 from healthimaging_df.provenance import KEY as provenance_key
 
 RANK_COLUMNS = ["imageSetId", "version", "updatedAt"]
-_COMPACT_ROWS = 20_000
+# page tables are joined into one contiguous table every this many rows: a 50-row page costs about
+# 30 KB of buffer and object headers besides its data, a few thousand rows in one table do not
+_COMPACT_ROWS = 5_000
+_FOLD_ROWS = 50_000  # a Chunker folds the ranks it has read into its index every this many rows
+_NULL_RANK = np.iinfo(np.int64).min  # a null version or updatedAt: lower than any value
+_EMPTY_RANKS = flatten.EMPTY_TABLE.select(RANK_COLUMNS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 Rank = tuple[int, int]
@@ -38,10 +44,27 @@ def apply_predicates(table: pa.Table, predicates: tuple[Predicate, ...]) -> pa.T
     """
     if not predicates or table.num_rows == 0:
         return table
+    return table.filter(predicate_mask(table, predicates))
+
+
+def predicate_mask(table: pa.Table, predicates: tuple[Predicate, ...]) -> pa.ChunkedArray:
+    """True where a row satisfies every predicate (a null verdict is False, as a filter drops it)."""
     mask = predicates[0].mask(table)
     for p in predicates[1:]:
         mask = pc.and_(mask, p.mask(table))
-    return table.filter(mask)
+    return pc.fill_null(mask, False)
+
+
+def split_page(table: pa.Table, predicates: tuple[Predicate, ...]) -> tuple[pa.Table, pa.Table]:
+    """The rows of a page that match, and the ranks (``RANK_COLUMNS``) of those that do not.
+
+    What deduplication needs: a matching row carries its own rank, a row that does not match only
+    its rank (a newer copy that no longer matches supersedes an older one that does).
+    """
+    if not predicates or table.num_rows == 0:
+        return table, _EMPTY_RANKS
+    mask = predicate_mask(table, predicates)
+    return table.filter(mask), table.select(RANK_COLUMNS).filter(pc.invert(mask))
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
@@ -98,11 +121,151 @@ def order(table: pa.Table, plan: Plan) -> pa.Table:
     return table
 
 
+class Buffer:
+    """Tables appended a page at a time, joined into contiguous tables every ``_COMPACT_ROWS`` rows.
+
+    Thousands of 50-row tables cost a buffer and object header per column each; a few large ones
+    do not. :meth:`take` hands everything over as a list of tables and forgets it.
+    """
+
+    def __init__(self) -> None:
+        self._tables: list[pa.Table] = []
+        self._tail: list[pa.Table] = []
+        self._tail_rows = 0
+        self.rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        """Add *table* (of the same columns as the others)."""
+        if table.num_rows == 0:
+            return
+        self._tail.append(table)
+        self._tail_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._tail_rows >= _COMPACT_ROWS:
+            self._compact()
+
+    def _compact(self) -> None:
+        if self._tail:
+            self._tables.append(pa.concat_tables(self._tail).combine_chunks())
+            self._tail, self._tail_rows = [], 0
+
+    def chunks(self, name: str) -> list[pa.Array]:
+        """The chunks of column *name* of every table added (nothing is copied)."""
+        return [c for t in (*self._tables, *self._tail) for c in t.column(name).chunks]
+
+    def take(self) -> list[pa.Table]:
+        """Every table added, compacted; the buffer is empty afterwards."""
+        self._compact()
+        tables, self._tables, self.rows = self._tables, [], 0
+        return tables
+
+
+def latest_in_order(matched: list[pa.Table], unmatched: list[pa.Table], plan: Plan) -> pa.Table:
+    """The result of matching rows read: latest copies only, ordered and limited.
+
+    The same rows in the same order as :func:`drop_superseded` then :func:`order`; *unmatched*
+    holds the ranks of rows read that did not match. Both lists are emptied: which rows to keep,
+    and in what order, is worked out on the rank and sort columns alone, then the result is
+    gathered one column at a time, each source column let go once gathered, so that the peak is
+    about one copy of the result plus a column (when nothing else holds the tables).
+    """
+    keep = _latest_positions(matched, unmatched)
+    unmatched.clear()
+    positions = _order_positions(matched, keep, plan)
+    return _gather(matched, positions)
+
+
+def _column(tables: list[pa.Table], name: str, kind: pa.DataType) -> pa.ChunkedArray:
+    return pa.chunked_array([c for t in tables for c in t.column(name).chunks], kind)
+
+
+def _latest_positions(matched: list[pa.Table], unmatched: list[pa.Table]) -> pa.Array | None:
+    """Positions (in the concatenation of *matched*) of the rows to keep; None for all of them.
+
+    A matched row is kept when it is the first read of its image set's highest
+    ``(version, updatedAt)`` (nulls lowest) among every row read, matched or not.
+    """
+    rows = sum(t.num_rows for t in matched)
+    if rows == 0:
+        return None
+    ranks = [t.select(RANK_COLUMNS) for t in (*matched, *unmatched) if t.num_rows]
+    ids = _column(ranks, "imageSetId", pa.string())
+    if ids.null_count == 0 and pc.count_distinct(ids).as_py() == len(ids):
+        return None  # every image set was read once: nothing is superseded
+    table = pa.concat_tables(ranks)
+    del ranks, ids
+    # a stable sort: among equal ranks the earliest row comes first, and matched rows precede
+    # unmatched ones; nulls sort last in either direction, so a null rank is the lowest
+    ordered = pc.sort_indices(
+        table,
+        sort_keys=[
+            ("imageSetId", "ascending"),
+            ("version", "descending"),
+            ("updatedAt", "descending"),
+        ],
+    )
+    ids = table.column("imageSetId").take(ordered).combine_chunks()
+    del table
+    differs = pc.fill_null(pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)), True)
+    first = pc.and_(pc.is_valid(ids), pa.concat_arrays([pa.array([True]), differs]))
+    leaders = ordered.filter(first)
+    kept = leaders.filter(pc.less(leaders, pa.scalar(rows, leaders.type)))
+    return pc.take(kept, pc.sort_indices(kept))
+
+
+def _order_positions(matched: list[pa.Table], keep: pa.Array | None, plan: Plan) -> pa.Array:
+    """Positions of the kept rows in the plan's order (sort column, then imageSetId), limited."""
+    rows = sum(t.num_rows for t in matched)
+    if keep is None:
+        keep = pa.array(np.arange(rows, dtype=np.int64))
+    if len(keep) > 1:
+        kind = matched[0].schema.field(plan.sort_column).type
+        keys = pa.table(
+            {
+                "key": _column(matched, plan.sort_column, kind),
+                "id": _column(matched, "imageSetId", pa.string()),
+            }
+        ).take(keep)
+        direction = "ascending" if plan.ascending else "descending"
+        # nulls sort last in either direction (pyarrow's default, as the frame always did)
+        keep = keep.take(pc.sort_indices(keys, sort_keys=[("key", direction), ("id", "ascending")]))
+    if plan.limit is not None:
+        keep = keep.slice(0, plan.limit)
+    return keep
+
+
+def _gather(tables: list[pa.Table], positions: pa.Array) -> pa.Table:
+    """Rows *positions* of the concatenation of *tables*, one column at a time; empties *tables*."""
+    if not tables:
+        return flatten.EMPTY_TABLE
+    table = pa.concat_tables(tables)
+    tables.clear()
+    schema_ = table.schema
+    columns = []
+    while table.num_columns:
+        columns.append(table.column(0).take(positions))
+        table = table.remove_column(0)  # the last reference to the source column goes
+    return pa.Table.from_arrays(columns, schema=schema_)
+
+
 def to_frame(
     table: pa.Table, dtype_backend: schema.DtypeBackend, provenance: dict[str, Any] | None
 ) -> pd.DataFrame:
     """Convert once to pandas, provenance in ``attrs``."""
-    frame = schema.arrow_to_pandas(table.combine_chunks(), dtype_backend)
+    return frame_of([table], dtype_backend, provenance)
+
+
+def frame_of(
+    holder: list[pa.Table], dtype_backend: schema.DtypeBackend, provenance: dict[str, Any] | None
+) -> pd.DataFrame:
+    """:func:`to_frame` of the one table in *holder*, which is emptied.
+
+    Each Arrow column is freed as soon as it is converted, unless someone else holds the table:
+    the frame is then built without a second copy of the result.
+    """
+    combined = holder.pop().combine_chunks()  # a new table object: releasing it frees no one's
+    frame = schema.arrow_to_pandas(combined, dtype_backend, release=True)
+    del combined
     if provenance is not None:
         frame.attrs[provenance_key] = provenance
     return frame
@@ -134,39 +297,26 @@ class _ChainLimit:
 
 
 class Collector:
-    """Gathers a plan's pages into one result; tells the fetcher when a chain can stop."""
+    """Gathers a plan's pages into one result; tells the fetcher when a chain can stop.
+
+    Holds the matching rows (compacted every few thousand rows) and the ranks of the rows that did
+    not match: what deduplication needs, and no more.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self._matched: list[pa.Table] = []
-        self._seen: list[pa.Table] = []  # (imageSetId, version, updatedAt) of every row read
+        self._matched = Buffer()
+        self._unmatched = Buffer()  # (imageSetId, version, updatedAt) of rows read, not matching
         self._limits: dict[int, _ChainLimit] = {}
-        self._pending_rows = 0  # matched rows in page-sized tables since the last compaction
-        self._compacted = 0  # how many leading tables of _matched are already compacted
-
-    def _compact(self) -> None:
-        """Join the page-sized tables read since the last compaction into one contiguous table.
-
-        Thousands of 50-row tables cost a buffer header per column each; a few large ones do not.
-        """
-        recent = self._matched[self._compacted :]
-        joined = pa.concat_tables(recent).combine_chunks()
-        del self._matched[self._compacted :]
-        self._matched.append(joined)
-        self._compacted = len(self._matched)
-        self._pending_rows = 0
+        self._distinct: int | None = None
 
     def add(self, page: Page) -> bool:
         """Take one page; return True when its chain needs no more pages (limit reached)."""
         if page.done or page.rows == 0:
             return False
-        matched = apply_predicates(page.table, self.plan.predicates)
-        if matched.num_rows:
-            self._matched.append(matched)
-            self._pending_rows += matched.num_rows
-            if self._pending_rows >= _COMPACT_ROWS:
-                self._compact()
-        self._seen.append(page.table.select(RANK_COLUMNS))
+        matched, unmatched = split_page(page.table, self.plan.predicates)
+        self._matched.append(matched)
+        self._unmatched.append(unmatched)
         if not self.plan.stops_early:
             return False
         return self._limit_reached(page.chain, page.table, matched)
@@ -197,20 +347,15 @@ class Collector:
 
     def distinct_seen(self) -> int:
         """Image sets read, matching or not."""
-        if not self._seen:
-            return 0
-        ids = pa.concat_tables(self._seen).column("imageSetId")
+        ids = pa.chunked_array(
+            [*self._matched.chunks("imageSetId"), *self._unmatched.chunks("imageSetId")],
+            pa.string(),
+        )
         return int(pc.count_distinct(ids).as_py())
 
     def table(self) -> pa.Table:
-        """The result as Arrow: latest copies only, matched, ordered, limited."""
-        matched = pa.concat_tables(self._matched) if self._matched else flatten.EMPTY_TABLE
-        seen = pa.concat_tables(self._seen) if self._seen else None
-        self._matched, self._seen, self._compacted = [], [], 0
-        if seen is not None:
-            matched = drop_superseded(matched, seen)
-        del seen
-        return order(matched, self.plan)
+        """The result as Arrow: latest copies only, matched, ordered, limited; the collector empties."""
+        return latest_in_order(self._matched.take(), self._unmatched.take(), self.plan)
 
     def finish(
         self,
@@ -218,17 +363,133 @@ class Collector:
         provenance: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         """The result: typed, deduplicated, sorted, limited, with provenance in ``attrs``."""
-        return to_frame(self.table(), dtype_backend, provenance)
+        return frame_of([self.table()], dtype_backend, provenance)
+
+
+def rank_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(imageSetId, version, updatedAt)`` of *table* as numpy arrays.
+
+    Ids become fixed-width bytes, the rank int64 with nulls lowest. Rows must have an id (pages
+    are checked for one).
+    """
+    column = table.column("imageSetId").combine_chunks()
+    ids = np.asarray(column.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype=np.bytes_)
+    if table.num_rows == 0:
+        ids = ids.astype("S32")
+    versions = pc.fill_null(table.column("version"), _NULL_RANK).to_numpy()
+    stamps = pc.cast(table.column("updatedAt"), pa.int64())
+    return ids, versions.astype(np.int64), pc.fill_null(stamps, _NULL_RANK).to_numpy()
+
+
+class _Level:
+    """Image sets sorted by id, with their highest rank read and whether they were yielded."""
+
+    def __init__(self) -> None:
+        self.ids = np.empty(0, "S32")
+        self.versions = np.empty(0, np.int64)
+        self.stamps = np.empty(0, np.int64)
+        self.done = np.empty(0, np.bool_)
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each of *ids* is (or would go), and whether it is there."""
+        at = np.searchsorted(self.ids, ids)
+        found = at < len(self.ids)
+        found[found] = self.ids[at[found]] == ids[found]
+        return at, found
+
+    def insert(self, at: np.ndarray, ids: np.ndarray, v: np.ndarray, t: np.ndarray) -> None:
+        """Insert sorted, absent *ids* at positions *at* (from :meth:`find`), not yet yielded."""
+        self.ids = np.insert(self.ids, at, ids)
+        self.versions = np.insert(self.versions, at, v)
+        self.stamps = np.insert(self.stamps, at, t)
+        self.done = np.insert(self.done, at, np.zeros(len(ids), np.bool_))
+
+    def absorb(self, other: _Level) -> None:
+        """Merge *other* (disjoint ids) into this level."""
+        at, _ = self.find(other.ids)
+        self.ids = np.insert(self.ids, at, other.ids)
+        self.versions = np.insert(self.versions, at, other.versions)
+        self.stamps = np.insert(self.stamps, at, other.stamps)
+        self.done = np.insert(self.done, at, other.done)
+
+
+class RankIndex:
+    """The highest ``(version, updatedAt)`` read of every image set, and which were yielded.
+
+    Numpy arrays sorted by id, about 49 bytes per image set (a dict of tuples costs ten times
+    that). New ids go to a small level that is merged into the large one when it reaches a
+    quarter of its size, so a fold costs the size of what it adds, not of the whole index.
+    """
+
+    def __init__(self) -> None:
+        self._main = _Level()
+        self._recent = _Level()
+
+    def __len__(self) -> int:
+        return len(self._main.ids) + len(self._recent.ids)
+
+    def fold(self, ids: np.ndarray, versions: np.ndarray, stamps: np.ndarray) -> int:
+        """Record ranks read; return how many raised the rank of an image set already yielded."""
+        if len(ids) == 0:
+            return 0
+        order = np.lexsort((stamps, versions, ids))  # by id, then rank: the last of each is best
+        ids, versions, stamps = ids[order], versions[order], stamps[order]
+        last = np.ones(len(ids), np.bool_)
+        last[:-1] = ids[1:] != ids[:-1]
+        ids, versions, stamps = ids[last], versions[last], stamps[last]
+        late = 0
+        rest = np.ones(len(ids), np.bool_)
+        for level in (self._main, self._recent):
+            at, found = level.find(ids)
+            found &= rest
+            where, v, t = at[found], versions[found], stamps[found]
+            newer = (v > level.versions[where]) | (
+                (v == level.versions[where]) & (t > level.stamps[where])
+            )
+            late += int(np.count_nonzero(newer & level.done[where]))
+            level.versions[where[newer]] = v[newer]
+            level.stamps[where[newer]] = t[newer]
+            rest &= ~found
+        if rest.any():
+            at, _ = self._recent.find(ids[rest])
+            self._recent.insert(at, ids[rest], versions[rest], stamps[rest])
+            if len(self._recent.ids) > max(4096, len(self._main.ids) // 4):
+                self._main.absorb(self._recent)
+                self._recent = _Level()
+        return late
+
+    def claim(self, ids: np.ndarray, versions: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+        """Which rows to yield; their image sets are marked yielded.
+
+        A row is yielded when it is the latest copy read of an image set not yielded yet, and the
+        first of identical copies. Every id must have been folded.
+        """
+        fresh = np.zeros(len(ids), np.bool_)
+        for level in (self._main, self._recent):
+            at, found = level.find(ids)
+            where = at[found]
+            fresh[found] = (
+                ~level.done[where]
+                & (level.versions[where] == versions[found])
+                & (level.stamps[where] == stamps[found])
+            )
+        rows = np.flatnonzero(fresh)
+        _, first = np.unique(ids[rows], return_index=True)
+        rows = np.sort(rows[first])
+        for level in (self._main, self._recent):
+            at, found = level.find(ids[rows])
+            level.done[at[found]] = True
+        return rows
 
 
 class Chunker:
     """Turns pages into frames of about ``chunk_rows`` matching rows, each image set once.
 
     Holds the matched rows of at most one chunk plus the highest rank read of every image set
-    (what deduplication needs). A row is yielded only if it is the latest copy read so far and its
-    image set has not been yielded yet: an image set whose match does not change while the query
-    runs comes out exactly once. One read again later at a newer version (it was updated while the
-    query ran) is not yielded a second time.
+    (what deduplication needs, in a :class:`RankIndex`). A row is yielded only if it is the latest
+    copy read so far and its image set has not been yielded yet: an image set whose match does
+    not change while the query runs comes out exactly once. One read again later at a newer
+    version (it was updated while the query ran) is not yielded a second time.
     """
 
     def __init__(
@@ -242,10 +503,9 @@ class Chunker:
         self.chunk_rows = chunk_rows
         self.dtype_backend = dtype_backend
         self.provenance = provenance
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
-        self._best: dict[str, Rank] = {}
-        self._yielded: set[str] = set()
+        self._pending = Buffer()  # matching rows not yet yielded
+        self._read = Buffer()  # ranks of rows read since the last fold
+        self._index = RankIndex()
         self._any = False
         self.late_versions = 0  # newer copies of already-yielded image sets (counted, not yielded)
 
@@ -253,16 +513,11 @@ class Chunker:
         """Take one page; yield a chunk when enough matching rows are buffered."""
         if page.done or page.rows == 0:
             return
-        for image_set, rank in ranks(page.table):
-            if rank > self._best.get(image_set, (-2, -2)):
-                self._best[image_set] = rank
-                if image_set in self._yielded:
-                    self.late_versions += 1
-        matched = apply_predicates(page.table, self.plan.predicates)
-        if matched.num_rows:
-            self._pending.append(matched)
-            self._pending_rows += matched.num_rows
-        if self._pending_rows >= self.chunk_rows:
+        self._read.append(page.table.select(RANK_COLUMNS))
+        self._pending.append(apply_predicates(page.table, self.plan.predicates))
+        if self._read.rows >= _FOLD_ROWS:
+            self._fold()
+        if self._pending.rows >= self.chunk_rows:
             yield from self._emit()
 
     def flush(self) -> Iterator[pd.DataFrame]:
@@ -272,18 +527,22 @@ class Chunker:
             self._any = True
             yield to_frame(flatten.EMPTY_TABLE, self.dtype_backend, self.provenance)
 
+    def _fold(self) -> None:
+        for table in self._read.take():
+            table = table.filter(pc.is_valid(table.column("imageSetId")))
+            self.late_versions += self._index.fold(*rank_arrays(table))
+
     def _emit(self) -> Iterator[pd.DataFrame]:
-        if not self._pending:
+        self._fold()
+        tables = self._pending.take()
+        if not tables:
             return
-        table = pa.concat_tables(self._pending)
-        self._pending, self._pending_rows = [], 0
-        keep = []
-        for image_set, rank in ranks(table):
-            fresh = image_set not in self._yielded and rank == self._best.get(image_set)
-            keep.append(fresh)
-            if fresh:
-                self._yielded.add(image_set)
-        table = table.filter(pa.array(keep, pa.bool_()))
-        if table.num_rows:
+        table = pa.concat_tables(tables)
+        del tables
+        table = table.filter(pc.is_valid(table.column("imageSetId")))
+        rows = self._index.claim(*rank_arrays(table))
+        holder = [table.take(pa.array(rows, pa.int64()))]
+        del table
+        if holder[0].num_rows:
             self._any = True
-            yield to_frame(table, self.dtype_backend, self.provenance)
+            yield frame_of(holder, self.dtype_backend, self.provenance)

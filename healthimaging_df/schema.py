@@ -371,19 +371,22 @@ def pandas_dtypes(dtype_backend: DtypeBackend = "numpy_nullable") -> dict[str, o
 
 
 def arrow_to_pandas(
-    table: pa.Table, dtype_backend: DtypeBackend = "numpy_nullable"
+    table: pa.Table, dtype_backend: DtypeBackend = "numpy_nullable", *, release: bool = False
 ) -> pd.DataFrame:
     """Convert a table of (at least) the schema's columns to a frame with the schema's dtypes.
 
     Schema columns come first in schema order; extra columns follow with pyarrow's default mapping.
+    *release* frees each Arrow column once converted (pyarrow's ``self_destruct``): the table is
+    unusable afterwards, so pass it only a table object nothing else refers to.
     """
     import pandas as pd
 
     dtypes = pandas_dtypes(dtype_backend)
+    options = {"self_destruct": True, "split_blocks": True} if release else {}
     if dtype_backend == "pyarrow":
-        frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+        frame = table.to_pandas(types_mapper=pd.ArrowDtype, **options)
     else:
-        frame = table.to_pandas(types_mapper=_nullable_mapper)
+        frame = table.to_pandas(types_mapper=_nullable_mapper, **options)
     ordered = [n for n in COLUMN_NAMES if n in frame.columns]
     rest = [n for n in frame.columns if n not in BY_NAME]
     frame = frame[ordered + rest]
