@@ -4,11 +4,13 @@ The local service runs in another process (``python -m healthimaging_df local se
 client run is a fresh process, so resident-set growth is the client's alone. The figure that
 matters is peak growth divided by the size of the frame the result makes (pandas' deep
 ``memory_usage``): ``to_dataframe`` should stay near the frame itself, and the streaming calls
-should stay bounded by their chunk, whatever the result's size. Run: ``python -m bench memory_bench``.
+should stay bounded by their chunk, whatever the result's size. Run: ``python -m bench memory_bench``
+(``python bench/memory_bench.py --sizes 100000 300000`` for fewer sizes; the 1M case takes minutes).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import tempfile
 from bench._report import machine, write_section
 from bench.page_bench import served
 
-SIZES = (100_000, 300_000)
+SIZES = (100_000, 300_000, 1_000_000)
 CHUNK_ROWS = 50_000
 TITLE = "Peak client memory of large results"
 
@@ -65,6 +67,9 @@ def _run(mode: str, endpoint: str, datastore: str) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    sizes = parser.parse_args().sizes
     lines = [
         f"Measured with `python -m bench memory_bench` on {machine()}; the server in another "
         "process, each client run in a fresh one; peak resident-set growth of the client.",
@@ -73,7 +78,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     whole: dict[int, float] = {}
-    for size in SIZES:
+    for size in sizes:
         with served(size) as (endpoint, datastore):
             for mode in ("to_dataframe", "iter_dataframes", "to_parquet"):
                 r = _run(mode, endpoint, datastore)

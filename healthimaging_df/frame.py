@@ -148,6 +148,7 @@ class Buffer:
         if self._tail:
             self._tables.append(pa.concat_tables(self._tail).combine_chunks())
             self._tail, self._tail_rows = [], 0
+            release_memory()
 
     def chunks(self, name: str) -> list[pa.Array]:
         """The chunks of column *name* of every table added (nothing is copied)."""
@@ -158,6 +159,15 @@ class Buffer:
         self._compact()
         tables, self._tables, self.rows = self._tables, [], 0
         return tables
+
+
+def release_memory() -> None:
+    """Hand memory Arrow's allocator holds but no longer uses back to the system.
+
+    mimalloc (pyarrow's default) keeps freed pages for reuse; between the page-sized tables a
+    compaction frees and the large ones it makes, that can be tens of MiB of resident memory.
+    """
+    pa.default_memory_pool().release_unused()
 
 
 def latest_in_order(matched: list[pa.Table], unmatched: list[pa.Table], plan: Plan) -> pa.Table:
@@ -245,6 +255,7 @@ def _gather(tables: list[pa.Table], positions: pa.Array) -> pa.Table:
     while table.num_columns:
         columns.append(table.column(0).take(positions))
         table = table.remove_column(0)  # the last reference to the source column goes
+        release_memory()
     return pa.Table.from_arrays(columns, schema=schema_)
 
 
@@ -266,6 +277,7 @@ def frame_of(
     combined = holder.pop().combine_chunks()  # a new table object: releasing it frees no one's
     frame = schema.arrow_to_pandas(combined, dtype_backend, release=True)
     del combined
+    release_memory()
     if provenance is not None:
         frame.attrs[provenance_key] = provenance
     return frame
@@ -529,7 +541,8 @@ class Chunker:
 
     def _fold(self) -> None:
         for table in self._read.take():
-            table = table.filter(pc.is_valid(table.column("imageSetId")))
+            if table.column("imageSetId").null_count:
+                table = table.filter(pc.is_valid(table.column("imageSetId")))
             self.late_versions += self._index.fold(*rank_arrays(table))
 
     def _emit(self) -> Iterator[pd.DataFrame]:
@@ -539,9 +552,12 @@ class Chunker:
             return
         table = pa.concat_tables(tables)
         del tables
-        table = table.filter(pc.is_valid(table.column("imageSetId")))
+        if table.column("imageSetId").null_count:
+            table = table.filter(pc.is_valid(table.column("imageSetId")))
         rows = self._index.claim(*rank_arrays(table))
-        holder = [table.take(pa.array(rows, pa.int64()))]
+        if len(rows) < table.num_rows:  # else every row is fresh: no copy needed
+            table = table.take(pa.array(rows, pa.int64()))
+        holder = [table]
         del table
         if holder[0].num_rows:
             self._any = True

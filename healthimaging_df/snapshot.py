@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Protocol, overload
@@ -37,7 +37,7 @@ from healthimaging_df._version import __version__
 from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_store
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.plan import Plan
-from healthimaging_df.redact import RedactionPolicy, apply_redaction
+from healthimaging_df.redact import SHIFTED_COLUMNS, RedactionPolicy, apply_redaction
 from healthimaging_df.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
@@ -48,9 +48,9 @@ from healthimaging_df.storage import (
 from healthimaging_df.tables import (
     frame_to_table,
     iso,
-    parquet_bytes,
     table_to_frame,
     table_watermark,
+    write_parquet,
 )
 
 if TYPE_CHECKING:
@@ -339,7 +339,16 @@ def write_table(
     partition_cols: Sequence[str] | None,
     compression: str = "zstd",
     row_group_size: int = 128 * 1024,
+    redact: Callable[[pa.Table], pa.Table] | None = None,
 ) -> SnapshotInfo:
+    """Write *table* as the snapshot at *target*, its provenance completed (rows, watermark).
+
+    A single file is written as a stream of row groups, never whole in memory; *redact* (single
+    files only, and only one that leaves ``updatedAt`` as it is) is then applied one row group at
+    a time. Otherwise pass a table already redacted.
+    """
+    if redact is not None and not target.single_file:
+        table, redact = redact(table), None
     parts = check_partition_cols(target, partition_cols)
     derived = [name for name in parts if name not in table.column_names]
     table = derive_columns(table, derived)
@@ -350,7 +359,8 @@ def write_table(
     if len(parts) >= table.num_columns:
         raise SnapshotError("partition_cols cannot cover every column")
 
-    watermark = table_watermark(table)
+    columns = table.column_names if redact is None else redact(table.slice(0, 0)).column_names
+    watermark = table_watermark(table) if "updatedAt" in columns else None
     prov = dict(provenance)
     prov.setdefault("schema_version", schema.SCHEMA_VERSION)
     prov.setdefault("library_version", __version__)
@@ -364,22 +374,25 @@ def write_table(
         "written_by": __version__,
         "partition_cols": parts,
         "derived_columns": derived,
-        "columns": [c for c in table.column_names if c not in derived],
+        "columns": [c for c in columns if c not in derived],
         "provenance": prov,
     }
     file_meta = {METADATA_KEY.encode(): json.dumps(meta, sort_keys=True).encode()}
     store = target.store
     if target.single_file:
-        data = parquet_bytes(table, file_meta, compression, row_group_size)
-        store.put(target.name, data)
+        groups = _row_groups(table, row_group_size, redact)
+        size = store.put_stream(
+            target.name,
+            lambda sink: write_parquet(sink, groups, file_meta, compression, row_group_size),
+        )
         return SnapshotInfo(
             display_path,
             table.num_rows,
             (store.uri(target.name),),
-            len(data),
+            size,
             (),
             prov,
-            bytes_written=len(data),
+            bytes_written=size,
         )
 
     uri, options = delta_location(target)
@@ -407,6 +420,17 @@ def write_table(
         version=result.version,
         bytes_written=result.bytes_written,
     )
+
+
+def _row_groups(
+    table: pa.Table, rows: int, redact: Callable[[pa.Table], pa.Table] | None
+) -> Iterator[pa.Table]:
+    """*table* whole, or redacted in slices of *rows* rows (the file's row groups)."""
+    if redact is None:
+        yield table
+        return
+    for start in range(0, max(table.num_rows, 1), rows):
+        yield redact(table.slice(start, rows))
 
 
 def derive_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
@@ -942,8 +966,18 @@ def _finish_write(
     redact: RedactionPolicy | None,
     compression: str,
 ) -> SnapshotInfo:
-    if redact is not None:
-        df = apply_redaction(schema.arrow_to_pandas(table), redact)
-        prov = redacted_provenance(prov, redact)
-        table = frame_to_table(df)
-    return write_table(target, display_path, table, prov, partition_cols, compression)
+    if redact is None:
+        return write_table(target, display_path, table, prov, partition_cols, compression)
+    policy = redact
+
+    def redacted(part: pa.Table) -> pa.Table:
+        return frame_to_table(apply_redaction(schema.arrow_to_pandas(part), policy))
+
+    prov = redacted_provenance(prov, policy)
+    changed = set(policy.hash) | (set(SHIFTED_COLUMNS) if policy.shift_dates else set())
+    if "updatedAt" in changed:  # the watermark is of redacted values: redact the whole first
+        table = redacted(table)
+        return write_table(target, display_path, table, prov, partition_cols, compression)
+    return write_table(
+        target, display_path, table, prov, partition_cols, compression, redact=redacted
+    )

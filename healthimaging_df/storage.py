@@ -14,9 +14,9 @@ import io
 import os
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 from healthimaging_df.errors import QueryValidationError, SnapshotError
@@ -39,6 +39,16 @@ class _Store:
     def put(self, rel: str, data: bytes) -> None:
         """Write *data* to *rel* so that readers see the old content or the new, nothing between."""
         raise NotImplementedError
+
+    def put_stream(self, rel: str, fill: Callable[[IO[bytes]], None]) -> int:
+        """Write what *fill* writes to a file object to *rel*, as atomically as :meth:`put`.
+
+        The content never sits in memory whole; returns its size in bytes.
+        """
+        buffer = io.BytesIO()
+        fill(buffer)
+        self.put(rel, buffer.getvalue())
+        return len(buffer.getvalue())
 
     def get(self, rel: str) -> bytes | None:
         raise NotImplementedError
@@ -105,6 +115,25 @@ class _LocalStore(_Store):
                 os.remove(temp)
             raise
         _fsync_directory(directory)  # make the rename itself durable
+
+    def put_stream(self, rel: str, fill: Callable[[IO[bytes]], None]) -> int:
+        target = self._full(rel)
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        temp = os.path.join(directory, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(temp, "wb") as handle:
+                fill(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+                size = handle.tell()
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+            raise
+        _fsync_directory(directory)
+        return size
 
     def get(self, rel: str) -> bytes | None:
         try:
@@ -204,6 +233,17 @@ class _S3Store(_Store):
         # upload_fileobj switches to a multipart upload for large bodies; S3 shows the object only
         # once it is complete, and boto3 aborts the upload if it fails.
         self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), ExtraArgs=extra)
+
+    def put_stream(self, rel: str, fill: Callable[[IO[bytes]], None]) -> int:
+        # spooled to a local temp file (mode 0600), then one (multipart) upload
+        with tempfile.TemporaryFile() as spool:
+            fill(spool)
+            size = spool.tell()
+            spool.seek(0)
+            self.client.upload_fileobj(
+                spool, self.bucket, self._key(rel), ExtraArgs=self._encryption()
+            )
+        return size
 
     def get(self, rel: str) -> bytes | None:
         try:

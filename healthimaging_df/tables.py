@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -89,13 +89,36 @@ def parquet_bytes(
 ) -> bytes:
     """*table* as Parquet file bytes with *metadata* in the footer."""
     sink = pa.BufferOutputStream()
-    pq.write_table(
-        table.replace_schema_metadata({**metadata, b"pandas": _pandas_metadata(table)}),
-        sink,
-        compression=compression,
-        row_group_size=row_group_size,
-    )
+    write_parquet(sink, [table], metadata, compression, row_group_size)
     return bytes(sink.getvalue().to_pybytes())
+
+
+def write_parquet(
+    sink: Any,
+    tables: Iterable[pa.Table],
+    metadata: dict[bytes, bytes],
+    compression: str,
+    row_group_size: int,
+) -> None:
+    """Write *tables* (one schema) to *sink* as one Parquet file with *metadata* in the footer.
+
+    Each table is written as it comes, in row groups of at most *row_group_size* rows, so a
+    caller can hand them over one row group at a time.
+    """
+    writer: pq.ParquetWriter | None = None
+    try:
+        for table in tables:
+            if writer is None:
+                meta = {**metadata, b"pandas": _pandas_metadata(table)}
+                writer = pq.ParquetWriter(
+                    sink, table.schema.with_metadata(meta), compression=compression
+                )
+            writer.write_table(
+                table.replace_schema_metadata(writer.schema.metadata), row_group_size
+            )
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _pandas_metadata(table: pa.Table) -> bytes:

@@ -9,6 +9,7 @@ import shutil
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from healthimaging_df import flatten, schema, storage
+from healthimaging_df import flatten, schema
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.snapshot import (
@@ -206,15 +207,17 @@ def test_a_crashed_write_leaves_the_previous_snapshot(
         write_snapshot(other, target, partition_cols=["Modality"])
     assert str(target) not in str(caught.value)
     monkeypatch.undo()
-    real_put = storage._LocalStore.put
+    from healthimaging_df import snapshot as snapshot_module
 
-    def flaky_put(self: storage._LocalStore, rel: str, data: bytes) -> None:
+    def half_written(sink: Any, *args: object) -> None:
+        sink.write(b"PAR1 half a file")  # the disk fills up in the middle of the stream
         raise OSError("disk full")
 
-    monkeypatch.setattr(storage._LocalStore, "put", flaky_put)
+    monkeypatch.setattr(snapshot_module, "write_parquet", half_written)
     with pytest.raises(OSError, match="disk full"):
         write_snapshot(other, single)
-    monkeypatch.setattr(storage._LocalStore, "put", real_put)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".one")) == []
 
     # a writer killed after its data files, before its commit: readers do not see them
     debris = _debris_of_a_crashed_write(tmp_path, target, other)
