@@ -179,22 +179,76 @@ def test_patient_name_on_the_small_datastore_is_exact(qido_service: LocalService
 
 
 @pytest.mark.slow
-def test_patient_name_on_100k_image_sets_takes_under_1_percent_of_a_scan() -> None:
-    with LocalService.seeded(image_sets=100_000, seed=2) as service:
+@pytest.mark.parametrize("share", [0.005, 0.05], ids=["non-primary-0.5%", "non-primary-5%"])
+def test_patient_name_on_100k_image_sets_takes_under_1_percent_of_a_scan(share: float) -> None:
+    with LocalService.seeded(image_sets=100_000, seed=2, non_primary=share) as service:
         records = service.backend.image_sets(service.datastore_id)
         names = Counter(flat_row(r)["PatientName"] for r in records)
         name = min((n for n in names if n), key=lambda n: (names[n], n))
         full_scan = math.ceil(len(records) / 50)  # a full scan sends at least this many
+        non_primary = sum(not r["isPrimary"] for r in records)
         primary = Query(service.datastore_id).where(PatientName=name, isPrimary=True)
         service.reset_stats()
         assert ids(primary, service) == brute_force(records, primary)
         assert service.stats.requests <= full_scan / 100, service.stats.requests
-        # Without isPrimary=True, the non-primary image sets (5% here) are swept too: QIDO-RS
-        # cannot see them, and a conflicting copy may hold the very name asked for.
+        # Without isPrimary=True, the non-primary image sets are swept too: QIDO-RS cannot see
+        # them, and a conflicting copy may hold the very name asked for. The sweep is sized
+        # with one request and, when small, read as one chain of full pages.
         query = Query(service.datastore_id).where(PatientName=name)
         service.reset_stats()
         assert ids(query, service) == brute_force(records, query)
-        assert service.stats.requests <= full_scan / 10, service.stats.requests
+        sweep_pages = math.ceil(non_primary / 50)
+        if share < 0.01:  # a realistic share: the target holds
+            assert service.stats.requests <= full_scan / 100, service.stats.requests
+            assert service.stats.requests <= sweep_pages + 4
+        else:  # 5%: the sweep alone is 5% of a scan; the target cannot hold
+            assert service.stats.requests <= sweep_pages * 1.3 + 4, service.stats.requests
+
+
+def test_the_sweep_is_sized_with_one_request_and_read_as_one_chain(
+    qido_service: LocalService,
+) -> None:
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    non_primary = sum(not r["isPrimary"] for r in records)
+    names = Counter(flat_row(r)["PatientName"] for r in records)
+    name = min((n for n in names if n), key=lambda n: (names[n], n))
+    query = Query(qido_service.datastore_id).where(PatientName=name)
+    plan = chosen(query, qido_service)
+    sweep = [c for c in plan.chains if {"isPrimary": False} in c.criteria()["filters"][0]["values"]]
+    assert len(sweep) == 1
+    assert sweep[0].window is None
+    assert "non-primary sweep" in plan.explain()
+    qido_service.reset_stats()
+    assert ids(query, qido_service) == brute_force(records, query)
+    # QIDO-RS 1, the size probe 1, the patient's chain(s), the sweep's full pages
+    assert qido_service.stats.requests <= 1 + 1 + 4 + math.ceil(non_primary / 50)
+
+
+def test_a_sweep_as_dear_as_the_scan_sends_no_qido_request(qido_service: LocalService) -> None:
+    from healthimaging_df import statistics
+
+    client = qido_service.client()
+    assert qido_service.datastore_id is not None
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    query = Query(qido_service.datastore_id).where(PatientName="NOBODY^NEVER")
+    everything = DatastoreStats(len(records), source="given", non_primary=len(records))
+    try:
+        # pure: with statistics saying every image set is non-primary, the scan is chosen
+        planned = query.compile(stats=everything)
+        assert planned.qido is None
+        assert planned.access == "search"
+        assert "non-primary image sets (about" in planned.explain()
+        few = DatastoreStats(len(records), source="given", non_primary=10)
+        assert query.compile(stats=few).qido is not None
+        # at run time, from the cached statistics: no QIDO-RS request at all
+        statistics.remember(client, qido_service.datastore_id, everything)
+        plan = chosen(query, qido_service)
+        assert "QIDO-RS not sent" in (plan.note or "")
+        qido_service.reset_stats()
+        assert ids(query, qido_service) == []
+        assert not any("DICOM" in k for k in qido_service.stats.by_operation)
+    finally:
+        statistics.remember(client, qido_service.datastore_id, DatastoreStats(len(records)))
 
 
 def mg_datastore(keep_mg_studies: int | None) -> LocalService:
