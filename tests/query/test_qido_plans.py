@@ -430,3 +430,76 @@ def test_the_resolved_plan_keeps_the_compiled_windows() -> None:
     plan = Query(DS).where(PatientName="A^B").compile(now=now)
     again = Query(DS).compile(now=qido_plan._now(plan))
     assert again.chains[0].window == plan.chains[0].window
+
+
+class _Interrupt(Exception):
+    """Raised from the progress callback: the export stops as a killed one would."""
+
+
+def _cohort_datastore(name: str) -> tuple[LocalService, list[dict[str, Any]]]:
+    """1,500 generated image sets; six patients (their every image set) renamed *name*."""
+    records = copy.deepcopy(generate_image_sets(1500, seed=31))
+    patients = sorted(
+        {r["DICOMTags"]["DICOMPatientId"] for r in records if "DICOMPatientId" in r["DICOMTags"]}
+    )
+    chosen_ids = set(patients[100:106])
+    for record in records:
+        if record["DICOMTags"].get("DICOMPatientId") in chosen_ids:
+            record["DICOMTags"]["DICOMPatientName"] = name
+    backend = Backend()
+    datastore_id = backend.create_datastore("cohort")
+    backend.add_image_sets(datastore_id, records)
+    service = LocalService(backend)
+    service.datastore_id = datastore_id
+    return service, records
+
+
+def test_a_resumed_export_of_a_qido_plan_is_exact_when_qido_answers_otherwise(
+    tmp_path: Any,
+) -> None:
+    import pandas as pd
+
+    from healthimaging_df.snapshot import read_snapshot
+
+    name = "COHORT^RESUME"
+    service, records = _cohort_datastore(name)
+    with service:
+        client = service.client()
+        query = Query(service.datastore_id).where(PatientName=name)
+        plan = chosen(query, service)
+        assert "resolved by PatientID (6 value(s))" in (plan.note or ""), plan.note
+        pages: list[int] = []
+
+        def stop_at_third_page(count: int, _: int) -> None:
+            pages.append(count)
+            if count == 3:
+                raise _Interrupt
+
+        target = tmp_path / "cohort.parquet"
+        options = {"max_tps": None, "max_concurrency": 1, "checkpoint_interval": 0}
+        with pytest.raises(_Interrupt):
+            query.to_parquet(str(target), client=client, progress=stop_at_third_page, **options)
+        assert (tmp_path / "cohort.parquet.ahi-checkpoint" / "state.json").exists()
+
+        # Between the runs a new patient of that name arrives, whose PatientID sorts first: the
+        # resumed plan's chains are numbered otherwise (its chain 0 is that patient's).
+        template = copy.deepcopy(
+            next(r for r in records if r["DICOMTags"].get("DICOMPatientName") == name)
+        )
+        template["imageSetId"] = "f" * 32
+        template["DICOMTags"]["DICOMPatientId"] = "0000-NEW"
+        template["DICOMTags"]["DICOMStudyInstanceUID"] = "1.2.3.4.5.6.7"
+        template["DICOMTags"]["DICOMSeriesInstanceUID"] = "1.2.3.4.5.6.7.1"
+        template["isPrimary"] = True
+        service.backend.add_image_sets(service.datastore_id, [template])
+        now = service.backend.image_sets(service.datastore_id)
+
+        resumed = query.to_parquet(str(target), client=client, progress=False, **options)
+        assert resumed.resumed_tasks >= 2  # two finished chains were not read again
+        fresh_path = tmp_path / "fresh.parquet"
+        query.to_parquet(str(fresh_path), client=client, progress=False, **options)
+        got, want = read_snapshot(target), read_snapshot(fresh_path)
+        assert sorted(got["imageSetId"]) == sorted(brute_force(now, query))
+        assert "f" * 32 in set(got["imageSetId"])
+        got.attrs, want.attrs = {}, {}
+        pd.testing.assert_frame_equal(got, want)
