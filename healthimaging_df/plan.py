@@ -513,7 +513,9 @@ def compile_plan(
 def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
     """Requests a scan plan needs (public for the QIDO-RS step); see :func:`_scan_requests`.
 
-    A ``StudyDateTime`` range filter is counted as reading everything (its share is unknown).
+    A ``StudyDateTime`` range filter is counted as reading everything: the statistics know
+    ``createdAt`` only, and StudyDateTime is not createdAt. The QIDO-RS step sizes such a scan
+    at run time from its first page instead (``qido_plan._scan_cost``).
     """
     return _scan_requests(scan, stats)
 

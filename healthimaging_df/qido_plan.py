@@ -99,7 +99,7 @@ def resolve(plan: Plan, client: Any, max_tps: float | None) -> Plan:
     assert step is not None
     forced = step.forced
     stats = statistics.cached(client, plan.datastore_id)
-    scan_cost = scan_requests(plan, stats)
+    scan_cost = _scan_cost(plan, client, stats, max_tps)
     sweep = _sweep(plan, client, stats, max_tps)
     if not forced and scan_cost is not None and len(step.searches) + sweep.requests >= scan_cost:
         fallback = _recompile(plan, (), stats, client, max_tps=max_tps).plan
@@ -127,7 +127,7 @@ def resolve(plan: Plan, client: Any, max_tps: float | None) -> Plan:
         fallback = _recompile(plan, (), stats, client, max_tps=max_tps).plan
         note = f"QIDO-RS abandoned after {budget.requests} request(s) ({stop.reason})"
         return replace(fallback, access="qido", note=note, candidates=plan.candidates)
-    return _resolved(plan, found, budget, stats, client, max_tps, sweep)
+    return _resolved(plan, found, budget, stats, client, max_tps, sweep, scan_cost)
 
 
 def _run(step: QidoStep, qido: QidoClient, datastore_id: str, budget: _Budget) -> list[Any]:
@@ -216,6 +216,7 @@ def _resolved(
     client: Any,
     max_tps: float | None,
     sweep: _Sweep,
+    scan_cost: float | None,
 ) -> Plan:
     step = plan.qido
     assert step is not None
@@ -244,7 +245,7 @@ def _resolved(
         text = f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s)"
         candidates = (*found, *resolved.plan.candidates, sweep.candidate(chosen=True))
         chains = resolved.plan.chains
-        scan = scan_requests(plan, known)
+        scan = scan_cost if scan_cost is not None else scan_requests(plan, known)
         dearer = scan is not None and len(chains) + sweep.requests >= scan
         if resolved.plan.access == "scan" or dearer:
             fallback = _recompile(plan, (), known, client, max_tps=max_tps).plan
@@ -278,6 +279,23 @@ def _now(plan: Plan) -> datetime | None:
     if not windows:
         return None
     return windows[0][1] - timedelta(days=2)  # compile_plan's unbounded scans end "tomorrow"
+
+
+def _scan_cost(
+    plan: Plan, client: Any, stats: DatastoreStats | None, max_tps: float | None
+) -> float | None:
+    """Requests the SearchImageSets-only plan needs.
+
+    A scan narrowed by a filter the statistics cannot weigh (a ``StudyDateTime`` range: one
+    chain, no createdAt window; the statistics know createdAt only) is sized by its first page
+    (one request); any other from the statistics (None without them).
+    """
+    if len(plan.chains) != 1 or plan.chains[0].window is not None or not plan.chains[0].filters:
+        return scan_requests(plan, stats)
+    limiter = aws.RateLimiter(max_tps) if max_tps else None
+    end = stats.created_max if stats is not None else None
+    image_sets, _ = statistics.probe_chain(client, plan.datastore_id, plan.chains[0], limiter, end)
+    return float(max(1, math.ceil(image_sets / PAGE_ROWS)))
 
 
 @dataclass(frozen=True)

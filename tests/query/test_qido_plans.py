@@ -224,6 +224,23 @@ def test_the_sweep_is_sized_with_one_request_and_read_as_one_chain(
     assert qido_service.stats.requests <= 1 + 1 + 4 + math.ceil(non_primary / 50)
 
 
+def test_a_study_datetime_scan_is_sized_by_its_first_page(qido_service: LocalService) -> None:
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    dated = sorted(flat_row(r)["StudyDateTime"] for r in records if flat_row(r)["StudyDateTime"])
+    day = dated[len(dated) // 2].date().isoformat()
+    query = (
+        Query(qido_service.datastore_id)
+        .where(Modality="CT")
+        .between("StudyDateTime", f"{day}T00:00:00", f"{day}T23:59:59")
+    )
+    plan = chosen(query, qido_service)
+    # a one-page scan: QIDO-RS (and its sweep) cannot be cheaper
+    assert "QIDO-RS not sent" in (plan.note or ""), plan.note
+    qido_service.reset_stats()
+    assert ids(query, qido_service) == brute_force(records, query)
+    assert not any("DICOM" in k for k in qido_service.stats.by_operation)
+
+
 def test_a_sweep_as_dear_as_the_scan_sends_no_qido_request(qido_service: LocalService) -> None:
     from healthimaging_df import statistics
 
