@@ -474,8 +474,8 @@ def compile_plan(
                 if keeps_primary_only(predicates)
                 else f"a sweep of the non-primary image sets (about {sweep:,.0f} requests)"
                 if sweep is not None
-                else "a sweep of the non-primary image sets (sized at run time with one request;"
-                " not counted here)"
+                else "a sweep of the non-primary image sets (sized at run time with one or two"
+                " requests; not counted here)"
             )
             candidates = (
                 Candidate(
@@ -635,7 +635,7 @@ class QidoStep:
             " chains; no isPrimary filter, so non-primary copies of those come too), plus a sweep"
             " of every non-primary image set (isPrimary=false: QIDO-RS cannot see them, and a"
             " conflicting copy may hold the value matched; sized first from the statistics or"
-            " with one request, and the scan runs instead when the sweep and the chains cost as"
+            " with one or two requests, and the scan runs instead when the sweep and the chains cost as"
             " much), unless the query keeps isPrimary=True",
         ]
         return lines

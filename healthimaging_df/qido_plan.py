@@ -6,8 +6,8 @@ searches and compiles the plan that actually runs:
 
 1. Unless the query keeps primary image sets only, the sweep of the non-primary image sets
    (QIDO-RS sees primary ones only, and a non-primary copy, a conflict, may differ from its
-   primary in the very attribute matched) is sized first: from the statistics, or with one
-   request (its first page). When the searches plus that sweep cost as much as the scan, no
+   primary in the very attribute matched) is sized first: from the statistics, or from its first
+   page (one request; two when that page is not the whole answer). When the searches plus that sweep cost as much as the scan, no
    QIDO-RS request is sent. A sweep of at most ``SWEEP_ONE_CHAIN_PAGES`` pages runs as one
    chain.
 2. The searches run with a budget of records: past it the scan is cheaper (ten records per
@@ -288,13 +288,12 @@ def _scan_cost(
 
     A scan narrowed by a filter the statistics cannot weigh (a ``StudyDateTime`` range: one
     chain, no createdAt window; the statistics know createdAt only) is sized by its first page
-    (one request); any other from the statistics (None without them).
+    (one or two requests, see ``statistics.probe_chain``); any other from the statistics (None without them).
     """
     if len(plan.chains) != 1 or plan.chains[0].window is not None or not plan.chains[0].filters:
         return scan_requests(plan, stats)
     limiter = aws.RateLimiter(max_tps) if max_tps else None
-    end = stats.created_max if stats is not None else None
-    image_sets, _ = statistics.probe_chain(client, plan.datastore_id, plan.chains[0], limiter, end)
+    image_sets, _ = statistics.probe_chain(client, plan.datastore_id, plan.chains[0], limiter)
     return float(max(1, math.ceil(image_sets / PAGE_ROWS)))
 
 
@@ -341,7 +340,8 @@ def _sweep(plan: Plan, client: Any, stats: DatastoreStats | None, max_tps: float
     studies or patients would miss a conflicting copy whose primary does not match.
 
     Its size comes from the statistics (a whole-datastore sweep) or from its first page (one
-    request: exact when that page is the whole answer). A small sweep runs as one chain.
+    request, exact when that page is the whole answer; else one more for its last createdAt).
+    A small sweep runs as one chain.
     """
     if keeps_primary_only(plan.predicates):
         return _Sweep((), 0.0, 0, True, swept=False)
@@ -366,8 +366,7 @@ def _sweep(plan: Plan, client: Any, stats: DatastoreStats | None, max_tps: float
         image_sets = stats.non_primary
     else:
         limiter = aws.RateLimiter(max_tps) if max_tps else None
-        end = stats.created_max if stats is not None else None
-        image_sets, exact = statistics.probe_chain(client, plan.datastore_id, chain, limiter, end)
+        image_sets, exact = statistics.probe_chain(client, plan.datastore_id, chain, limiter)
         if whole and stats is not None:
             statistics.remember(client, plan.datastore_id, replace(stats, non_primary=image_sets))
     pages = math.ceil(image_sets / PAGE_ROWS)

@@ -5,8 +5,9 @@ directory, ``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``, keyed b
 datastore; neither is PHI). Without one, :func:`probe` estimates the size with about ten requests:
 the oldest and newest ``createdAt``, then one page in each of eight equal ``createdAt`` windows
 (a window that ends within its page is counted exactly, one that does not is extrapolated from
-the span its 50 rows cover). :func:`probe_chain` sizes one request chain with one request
-(what a QIDO-RS plan's sweep of the non-primary image sets reads).
+the span its 50 rows cover). :func:`probe_chain` sizes one request chain with one or two
+requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a StudyDateTime-filtered
+scan, reads).
 """
 
 from __future__ import annotations
@@ -121,14 +122,14 @@ def probe_chain(
     datastore_id: str,
     chain: Chain,
     limiter: aws.RateLimiter | None,
-    end: datetime | None = None,
 ) -> tuple[int, bool]:
-    """How many image sets *chain* reads, from its first page (one request): (count, exact).
+    """How many image sets *chain* reads, from its first page: (count, exact).
 
     A chain pages by ``createdAt`` ascending: a first page without a nextToken is the whole
-    answer (exact); else the count is extrapolated from the createdAt span that page covers
-    to the chain's end (its window's end, *end* if earlier, else now). An estimate decides
-    costs and chain shapes only, never what a query returns.
+    answer (one request, exact). Else one more request (the same criteria, newest first, one
+    row) finds the chain's last ``createdAt``, and the count is extrapolated from the span the
+    first page covers to it. An estimate decides costs and chain shapes only, never what a
+    query returns.
     """
     kwargs = {**chain.request(datastore_id), "maxResults": PAGE_ROWS}
     table, token = call_page(client, limiter, kwargs)
@@ -136,15 +137,17 @@ def probe_chain(
         return table.num_rows, True
     if table.num_rows < 2:
         return PAGE_ROWS + 1, False
+    newest = chain.request(datastore_id)
+    criteria = dict(newest.get("searchCriteria", {}))
+    criteria["sort"] = {"sortField": "createdAt", "sortOrder": "DESC"}
+    last_page, _ = call_page(
+        client, limiter, {**newest, "searchCriteria": criteria, "maxResults": 1}
+    )
     created = table.column("createdAt")
     first, last = created[0].as_py(), created[-1].as_py()
-    stop = datetime.now(timezone.utc)
-    if chain.window is not None:
-        stop = min(stop, chain.window[1])
-    if end is not None:
-        stop = min(stop, end)
+    end = last_page.column("createdAt")[0].as_py() if last_page.num_rows else last
     covered = max((last - first).total_seconds(), 1e-3)
-    span = max((stop - first).total_seconds(), covered)
+    span = max((end - first).total_seconds(), covered)
     return max(table.num_rows + 1, round(table.num_rows * span / covered)), False
 
 
