@@ -200,7 +200,8 @@ def planner() -> None:
         "Requests count every HTTP request the service received (SearchImageSets, QIDO-RS and "
         "the size probe). Unless the query has isPrimary=True, a QIDO plan also sweeps the "
         "non-primary image sets (5% of this datastore): most of a PatientName cohort's requests. Where the QIDO-RS answer would need more chains than the scan has "
-        "pages, the planner scans (its QIDO-RS requests are then the price of finding out).",
+        "pages, the planner scans (its QIDO-RS requests and size probes are then the price of "
+        "finding out).",
     ]
     body = "\n".join(lines)
     print(body)
@@ -286,7 +287,8 @@ def planner_100k() -> None:
     lines += [
         "",
         "Requests count every HTTP request the service received (SearchImageSets, QIDO-RS, the "
-        f"one-request size probe of the sweep). A full scan sends at least {full_scan:,}. "
+        "size probe of the sweep, one or two requests). A full scan sends at least "
+        f"{full_scan:,}. "
         "Target (issue 13): a PatientName cohort in at most 1% of the scan's requests. Met for "
         "one patient at 0.5% non-primary, and whenever the query keeps isPrimary=True; not met "
         "at 5%, where the sweep of the non-primary image sets (QIDO-RS sees primary ones only, "

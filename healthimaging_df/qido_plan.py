@@ -249,6 +249,15 @@ def _resolved(
         dearer = scan is not None and len(chains) + sweep.requests >= scan
         if resolved.plan.access == "scan" or dearer:
             fallback = _recompile(plan, (), known, client, max_tps=max_tps).plan
+            candidates = (
+                *found,
+                Candidate(
+                    f"fan-out ({len(chains)} chains) plus the non-primary sweep",
+                    len(chains) + sweep.requests,
+                    False,
+                ),
+                Candidate("scan", scan, True),
+            )
             note = f"{text}; but scanning is cheaper than {len(keys[column]):,} chains" + (
                 f" and the non-primary sweep ({sweep.label})" if sweep.requests else ""
             )
