@@ -177,8 +177,8 @@ def planner() -> None:
             (q_req, q_qido, q_s, q_ids), (s_req, _, s_s, s_ids) = measured
             rows.append((label, len(q_ids), q_req, q_qido, q_s, s_req, s_s, q_ids == s_ids))
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}; command: "
-        "`python -m bench dicomweb_bench`.",
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()} (shared with other work: seconds "
+        "are noisy, requests are not); command: `python -m bench dicomweb_bench`.",
         "",
         f"{PLANNER_IMAGE_SETS:,} image sets on the local service, {LATENCY_MS} ms latency per "
         f"request, quota {MAX_TPS} TPS / burst {2 * MAX_TPS}, client paced at {MAX_TPS}/s. Each "
