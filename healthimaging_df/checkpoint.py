@@ -6,6 +6,11 @@ a redacted export, whose checkpoint holds the unredacted rows, keeps it in a pri
 (mode 0700) under the user's cache directory (:func:`private_root`), never at the destination. Besides the matching rows it keeps the
 ``(imageSetId, version, updatedAt)`` of every row read, so that a resumed export drops superseded
 copies exactly as an uninterrupted one. It is deleted once the snapshot is written.
+
+Finished chains are recorded by what they send (:func:`chain_key`, a digest of the chain's search
+criteria), not by their number: a plan compiled again on resume may number its chains otherwise
+(a QIDO-RS plan's chains follow QIDO-RS's answer, which can change between runs), and a chain
+that is new, or sends other criteria, then runs while every unchanged one is skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +31,7 @@ import pyarrow.parquet as pq
 from healthimaging_df import schema
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.fetch import Coverage
-from healthimaging_df.plan import Strategy
+from healthimaging_df.plan import Chain, Plan, Strategy
 from healthimaging_df.statistics import cache_dir
 from healthimaging_df.storage import Store, Target, local_store
 from healthimaging_df.tables import parquet_bytes
@@ -37,6 +43,15 @@ def fingerprint(query_json: str) -> str:
     """A digest of the query (``Query.to_dict()`` JSON) and the schema version."""
     canonical = json.dumps(json.loads(query_json), sort_keys=True)
     return hashlib.sha256(f"{canonical}|{schema.SCHEMA_VERSION}".encode()).hexdigest()
+
+
+def chain_key(chain: Chain) -> str:
+    """A chain's identity across runs: a digest of its search criteria (window included).
+
+    A digest, so the state file holds no value a chain filters on (UIDs, patient IDs).
+    """
+    criteria = json.dumps(chain.criteria(), sort_keys=True, default=str)
+    return hashlib.sha256(criteria.encode()).hexdigest()[:32]
 
 
 def private_root() -> Path:
@@ -81,6 +96,9 @@ class Checkpoint:
         self._pending_seen: list[pa.Table] = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
+        self._keys: dict[int, str] = {}  # chain number -> chain_key, for the plan being run
+        self._saved_chains: set[str] = set()
+        self._saved_windows: dict[str, list[tuple[datetime, datetime]]] = {}
 
     @property
     def state_rel(self) -> str:
@@ -104,11 +122,35 @@ class Checkpoint:
         self.access = state.get("access", "auto")
         self.tasks = self.resumed_tasks = int(state["tasks"])
         self.rows = int(state["rows"])
-        windows = {
-            int(chain): [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in spans]
+        spans = {
+            str(chain): [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in spans]
             for chain, spans in state["windows"].items()
         }
-        return Coverage(chains=set(state["chains"]), windows=windows)
+        if state.get("chain_keys"):
+            self._saved_chains = {str(c) for c in state["chains"]}
+            self._saved_windows = spans
+            return Coverage()  # in chain numbers once bound to the plan that runs (bind)
+        # an older checkpoint numbered its chains: a plan of the same access numbers them alike
+        return Coverage(
+            chains={int(c) for c in state["chains"]},
+            windows={int(c): w for c, w in spans.items()},
+        )
+
+    def bind(self, plan: Plan, coverage: Coverage | None) -> Coverage | None:
+        """*coverage* in *plan*'s chain numbers (chains recorded by :func:`chain_key`).
+
+        Saves from now on record *plan*'s chains by key; saved chains the plan no longer has
+        are kept (their rows stay in the checkpoint either way).
+        """
+        self._keys = {c.index: chain_key(c) for c in plan.chains}
+        if coverage is None or not (self._saved_chains or self._saved_windows):
+            return coverage
+        for index, key in self._keys.items():
+            if key in self._saved_chains:
+                coverage.chains.add(index)
+            if key in self._saved_windows:
+                coverage.windows[index] = list(self._saved_windows[key])
+        return coverage
 
     def add(self, table: pa.Table, seen: pa.Table, coverage: Coverage, interval: float) -> None:
         """Record one finished task; persist when *interval* seconds passed since the last save.
@@ -138,11 +180,7 @@ class Checkpoint:
             "fingerprint": self.fingerprint,
             "now": self.now.isoformat(),
             "started_at": self.started_at.isoformat(),
-            "chains": sorted(coverage.chains),
-            "windows": {
-                str(chain): [[a.isoformat(), b.isoformat()] for a, b in spans]
-                for chain, spans in coverage.windows.items()
-            },
+            **self._coverage_state(coverage),
             "parts": self.parts,
             "seen_parts": self.seen_parts,
             "access": self.access,
@@ -154,6 +192,24 @@ class Checkpoint:
         self._pending_seen = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
+
+    def _coverage_state(self, coverage: Coverage) -> dict[str, Any]:
+        """The state's ``chains`` and ``windows``: by chain key once bound, else by number."""
+        windows = {
+            self._keys.get(chain, str(chain)): spans for chain, spans in coverage.windows.items()
+        }
+        chains = {self._keys.get(chain, str(chain)) for chain in coverage.chains}
+        if self._keys:  # saved chains the plan no longer has: kept for a later resume
+            chains |= self._saved_chains
+            windows = {**self._saved_windows, **windows}
+        return {
+            "chain_keys": bool(self._keys),
+            "chains": sorted(chains) if self._keys else sorted(coverage.chains),
+            "windows": {
+                key: [[a.isoformat(), b.isoformat()] for a, b in spans]
+                for key, spans in windows.items()
+            },
+        }
 
     def _put_part(self, table: pa.Table) -> str:
         name = f"part-{uuid.uuid4().hex}.parquet"

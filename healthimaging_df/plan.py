@@ -65,6 +65,8 @@ class DatastoreStats:
     created_min: datetime | None = None
     created_max: datetime | None = None
     source: str = "given"
+    # isPrimary=false image sets (what a QIDO-RS plan must sweep), None when not measured
+    non_primary: int | None = None
 
     def share(self, low: datetime | None, high: datetime | None) -> float:
         """The fraction of image sets created in ``[low, high]``, assuming an even spread."""
@@ -462,17 +464,33 @@ def compile_plan(
             )
         if step is not None:
             scan_cost = scan_requests(fan, stats)
+            sweep = sweep_requests(predicates, stats)
+            qido_cost = len(step.searches) + (sweep or 0.0)
+            # QIDO-RS first only while it can still win: its searches plus the sweep of the
+            # non-primary image sets must cost less than the scan (a known sweep only)
+            use_qido = strategy == "qido" or scan_cost is None or qido_cost < scan_cost
+            what = (
+                "nothing more: the query keeps primary image sets only"
+                if keeps_primary_only(predicates)
+                else f"a sweep of the non-primary image sets (about {sweep:,.0f} requests)"
+                if sweep is not None
+                else "a sweep of the non-primary image sets (sized at run time with one or two"
+                " requests; not counted here)"
+            )
             candidates = (
                 Candidate(
                     f"QIDO-RS: {len(step.searches)} search(es) at {QIDO_RECORDS:,} records a "
-                    "request, then one SearchImageSets chain per study, series or patient found",
-                    float(len(step.searches)),
-                    chosen=True,
+                    "request, then one SearchImageSets chain per study, series or patient found, "
+                    f"plus {what}",
+                    qido_cost,
+                    chosen=use_qido,
                 ),
-                Candidate("SearchImageSets only (the plan below)", scan_cost),
+                Candidate("SearchImageSets only (the plan below)", scan_cost, not use_qido),
             )
-            step = replace(step, forced=strategy == "qido")
-            return replace(fan, candidates=candidates, access="qido", qido=step)
+            if use_qido:
+                step = replace(step, forced=strategy == "qido")
+                return replace(fan, candidates=candidates, access="qido", qido=step)
+            return replace(fan, candidates=candidates, access="search")
     if not pinned or ids <= 1 or limit is not None:
         return fan  # nothing to weigh (a limit stops chains early: fan-out reads least)
     scan = _compile(datastore_id, predicates, sort_column, ascending, limit, now, scan=True)
@@ -495,7 +513,9 @@ def compile_plan(
 def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
     """Requests a scan plan needs (public for the QIDO-RS step); see :func:`_scan_requests`.
 
-    A ``StudyDateTime`` range filter is counted as reading everything (its share is unknown).
+    A ``StudyDateTime`` range filter is counted as reading everything: the statistics know
+    ``createdAt`` only, and StudyDateTime is not createdAt. The QIDO-RS step sizes such a scan
+    at run time from its first page instead (``qido_plan._scan_cost``).
     """
     return _scan_requests(scan, stats)
 
@@ -508,6 +528,33 @@ def _scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
     share = stats.share(*window) if window is not None else 1.0
     pages = math.ceil(stats.image_sets * share / PAGE_ROWS)
     return max(1.0, pages * SCAN_OVERHEAD)
+
+
+def keeps_primary_only(predicates: Sequence[Predicate]) -> bool:
+    """Whether *predicates* keep primary image sets only (QIDO-RS sees all of those)."""
+    return any(
+        p.column == "isPrimary" and p.op in ("eq", "in") and set(p.values) == {True}
+        for p in predicates
+    )
+
+
+def sweep_requests(predicates: Sequence[Predicate], stats: DatastoreStats | None) -> float | None:
+    """Requests the non-primary sweep of a QIDO-RS plan needs, when *stats* count them.
+
+    0 when the query keeps primary image sets only; None when the count is unknown. QIDO-RS
+    sees primary image sets only, so every other image set the query's pushable ranges admit
+    is read from SearchImageSets ``isPrimary=false``: one page per 50, plus windows' last pages.
+    """
+    if keeps_primary_only(predicates):
+        return 0.0
+    if stats is None or stats.non_primary is None:
+        return None
+    share = 1.0
+    ranges = _ranges(tuple(predicates))
+    if "createdAt" in ranges:
+        share = stats.share(*ranges["createdAt"])
+    pages = math.ceil(stats.non_primary * share / PAGE_ROWS)
+    return float(pages) if pages <= 1 else pages * SCAN_OVERHEAD
 
 
 # -- QIDO-RS as an access path (pure: the engine runs the searches, see qido_plan.py) ---------
@@ -585,8 +632,11 @@ class QidoStep:
                 else "the scan below runs instead"
             ),
             "    then SearchImageSets by StudyInstanceUID, SeriesInstanceUID or PatientID (fewest"
-            " chains; no isPrimary filter, so non-primary copies of those come too), or a scan"
-            " when that is cheaper",
+            " chains; no isPrimary filter, so non-primary copies of those come too), plus a sweep"
+            " of every non-primary image set (isPrimary=false: QIDO-RS cannot see them, and a"
+            " conflicting copy may hold the value matched; sized first from the statistics or"
+            " with one or two requests, and the scan runs instead when the sweep and the chains cost as"
+            " much), unless the query keeps isPrimary=True",
         ]
         return lines
 

@@ -4,17 +4,21 @@
 (``Plan.qido``) and, as its chains, the SearchImageSets-only plan. :func:`resolve` runs the
 searches and compiles the plan that actually runs:
 
-1. The searches run with a budget of records: past it the scan is cheaper (ten records per
-   request of the scan, from the datastore's cached statistics; 10,000 records when none).
-2. A result that may be truncated (a full page at the older revision's 10,000 cap, at the
+1. Unless the query keeps primary image sets only, the sweep of the non-primary image sets
+   (QIDO-RS sees primary ones only, and a non-primary copy, a conflict, may differ from its
+   primary in the very attribute matched) is sized first: from the statistics, or from its first
+   page (one request; two when that page is not the whole answer). When the searches plus that sweep cost as much as the scan, no
+   QIDO-RS request is sent. A sweep of at most ``SWEEP_ONE_CHAIN_PAGES`` pages runs as one
+   chain.
+2. The searches run with a budget of records: past it the scan is cheaper (ten records per
+   request the scan costs beyond the sweep, from the datastore's cached statistics; 10,000
+   records when none).
+3. A result that may be truncated (a full page at the older revision's 10,000 cap, at the
    largest offset, or a ``Warning`` header) is split by StudyDate halves when the query bounds
    ``StudyDateTime`` (every row it keeps then has a valid StudyDate), else abandoned.
-3. The studies, series or patients found (whichever are fewest) become an IN list that the
-   planner fans out on (or, when that is dearer, the scan runs). QIDO-RS sees primary image
-   sets only, and a non-primary copy (a conflict) may differ from its primary in the very
-   attribute matched, so one more chain sweeps ``isPrimary=false`` (with the query's pushable
-   range), unless the query keeps primary image sets only. Every predicate of the query is
-   applied exactly on the client.
+4. The studies, series or patients found (whichever are fewest) become an IN list that the
+   planner fans out on, plus the sweep; or, when those chains and the sweep cost as much as
+   the scan, the scan runs. Every predicate of the query is applied exactly on the client.
 
 Abandoned (over budget, or truncated and not splittable), the SearchImageSets-only plan runs;
 with ``strategy="qido"`` a truncation raises ``DICOMwebTruncatedError`` instead.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -33,7 +37,10 @@ from healthimaging_df import aws, predicates, statistics
 from healthimaging_df.dicomweb import QidoClient, make_qido_client, query_params
 from healthimaging_df.errors import DICOMwebTruncatedError, QueryValidationError
 from healthimaging_df.plan import (
+    PAGE_ROWS,
     QIDO_RECORDS,
+    SCAN_OVERHEAD,
+    STABLE_SORT,
     Candidate,
     Chain,
     DatastoreStats,
@@ -41,6 +48,7 @@ from healthimaging_df.plan import (
     QidoSearch,
     QidoStep,
     compile_plan,
+    keeps_primary_only,
     scan_requests,
 )
 
@@ -49,6 +57,9 @@ log = logging.getLogger(__name__)
 NO_STATS_RECORDS = 10_000  # records read before giving up when the scan's cost is unknown
 RECORDS_PER_SCAN_REQUEST = 10  # budget: records worth one request of the scan
 MAX_SPLITS = 64  # StudyDate sub-ranges at most, before the scan is cheaper anyway
+# A sweep estimated at most this many pages runs as one chain: every page full, no window's
+# part-empty last page (windows would add up to one request per worker for little speed).
+SWEEP_ONE_CHAIN_PAGES = 20
 _TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "PatientID": "00100020"}
 # Narrowest first: the planner's tie-break when two keys give as many chains.
 RESOLVE_ORDER = ("SeriesInstanceUID", "StudyInstanceUID", "PatientID")
@@ -88,11 +99,21 @@ def resolve(plan: Plan, client: Any, max_tps: float | None) -> Plan:
     assert step is not None
     forced = step.forced
     stats = statistics.cached(client, plan.datastore_id)
-    scan_cost = scan_requests(plan, stats)
+    scan_cost = _scan_cost(plan, client, stats, max_tps)
+    sweep = _sweep(plan, client, stats, max_tps)
+    if not forced and scan_cost is not None and len(step.searches) + sweep.requests >= scan_cost:
+        fallback = _recompile(plan, (), stats, client, max_tps=max_tps).plan
+        note = (
+            f"QIDO-RS not sent: its {len(step.searches)} search(es) and the sweep of the "
+            f"non-primary image sets ({sweep.label}) cost as much as the scan"
+        )
+        candidates = (*plan.candidates, sweep.candidate(chosen=False))
+        return replace(fallback, access="qido", note=note, candidates=candidates)
     if forced:
         records: int | None = None
     elif scan_cost is not None:
-        records = max(QIDO_RECORDS, math.ceil(scan_cost * RECORDS_PER_SCAN_REQUEST))
+        left = max(scan_cost - sweep.requests, 0.0)  # what the fan-out may cost to still win
+        records = max(QIDO_RECORDS, math.ceil(left * RECORDS_PER_SCAN_REQUEST))
     else:
         records = NO_STATS_RECORDS
     budget = _Budget(records)
@@ -103,10 +124,10 @@ def resolve(plan: Plan, client: Any, max_tps: float | None) -> Plan:
         if forced and stop.truncated:
             raise DICOMwebTruncatedError("SearchDICOM", budget.read, stop.reason) from None
         log.info("QIDO-RS step abandoned after %d request(s): %s", budget.requests, stop.reason)
-        fallback = _recompile(plan, (), stats, client, max_tps=max_tps)
+        fallback = _recompile(plan, (), stats, client, max_tps=max_tps).plan
         note = f"QIDO-RS abandoned after {budget.requests} request(s) ({stop.reason})"
         return replace(fallback, access="qido", note=note, candidates=plan.candidates)
-    return _resolved(plan, found, budget, stats, client, max_tps)
+    return _resolved(plan, found, budget, stats, client, max_tps, sweep, scan_cost)
 
 
 def _run(step: QidoStep, qido: QidoClient, datastore_id: str, budget: _Budget) -> list[Any]:
@@ -194,19 +215,25 @@ def _resolved(
     stats: DatastoreStats | None,
     client: Any,
     max_tps: float | None,
+    sweep: _Sweep,
+    scan_cost: float | None,
 ) -> Plan:
     step = plan.qido
     assert step is not None
     keys = _keys(records, step.level)
+    found = _found(plan, budget)
     if not records:
-        empty = _recompile(plan, (), stats, client, measure=False)
-        chains = () if _primary_only(plan) else _non_primary_sweep(plan, 0)
+        empty = _recompile(plan, (), stats, client, measure=False).plan
         note = f"QIDO-RS matched nothing in {budget.requests} request(s)" + (
-            "; only the non-primary image sets are read" if chains else ": no SearchImageSets call"
+            f"; only the non-primary image sets are read ({sweep.label})"
+            if sweep.chains
+            else ": no SearchImageSets call"
         )
+        candidates = (*found, sweep.candidate(chosen=True))
         return replace(
-            empty, chains=chains, access="qido", note=note, candidates=_found(plan, budget)
-        )
+            empty, chains=_numbered(sweep.chains, 0), access="qido", note=note,
+            candidates=candidates,
+        )  # fmt: skip
     order = sorted(keys, key=lambda c: (len(keys[c]), RESOLVE_ORDER.index(c)))
     for column in order:
         try:
@@ -214,28 +241,43 @@ def _resolved(
         except QueryValidationError:
             continue  # a value SearchImageSets would refuse: resolve by another key
         resolved = _recompile(plan, (extra,), stats, client, max_tps=max_tps)
-        found = f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s)"
-        candidates = _found(plan, budget) + resolved.candidates
-        if resolved.access == "scan":
-            scan = _recompile(plan, (), stats, client, max_tps=max_tps)
-            note = f"{found}; but scanning is cheaper than {len(keys[column]):,} chains"
-            return replace(scan, access="qido", note=note, candidates=candidates)
-        chains = resolved.chains
-        sweep = "" if _primary_only(plan) else "; plus a sweep of the non-primary image sets"
-        if sweep:
-            chains += _non_primary_sweep(plan, len(chains))
-        note = f"{found}; resolved by {column} ({len(keys[column]):,} value(s)){sweep}"
+        known = resolved.stats
+        text = f"QIDO-RS found {len(records):,} record(s) in {budget.requests} request(s)"
+        candidates = (*found, *resolved.plan.candidates, sweep.candidate(chosen=True))
+        chains = resolved.plan.chains
+        scan = scan_cost if scan_cost is not None else scan_requests(plan, known)
+        dearer = scan is not None and len(chains) + sweep.requests >= scan
+        if resolved.plan.access == "scan" or dearer:
+            fallback = _recompile(plan, (), known, client, max_tps=max_tps).plan
+            candidates = (
+                *found,
+                Candidate(
+                    f"fan-out ({len(chains)} chains) plus the non-primary sweep",
+                    len(chains) + sweep.requests,
+                    False,
+                ),
+                Candidate("scan", scan, True),
+            )
+            note = f"{text}; but scanning is cheaper than {len(keys[column]):,} chains" + (
+                f" and the non-primary sweep ({sweep.label})" if sweep.requests else ""
+            )
+            return replace(fallback, access="qido", note=note, candidates=candidates)
+        if sweep.chains:
+            chains += _numbered(sweep.chains, len(chains))
+        tail = (
+            f"; plus a sweep of the non-primary image sets ({sweep.label})" if sweep.swept else ""
+        )
+        note = f"{text}; resolved by {column} ({len(keys[column]):,} value(s)){tail}"
         # The UID chains read a superset of the matches: the query's own predicates decide.
         return replace(
-            resolved,
+            resolved.plan,
             chains=chains,
             predicates=plan.predicates,
-            pushed=resolved.pushed,
             access="qido",
             note=note,
             candidates=candidates,
         )
-    fallback = _recompile(plan, (), stats, client, max_tps=max_tps)
+    fallback = _recompile(plan, (), stats, client, max_tps=max_tps).plan
     note = "QIDO-RS answer had no key SearchImageSets can filter on: scan"
     return replace(fallback, access="qido", note=note, candidates=plan.candidates)
 
@@ -248,21 +290,70 @@ def _now(plan: Plan) -> datetime | None:
     return windows[0][1] - timedelta(days=2)  # compile_plan's unbounded scans end "tomorrow"
 
 
-def _primary_only(plan: Plan) -> bool:
-    """Whether the query itself keeps primary image sets only (QIDO-RS sees all of them)."""
-    return any(
-        p.column == "isPrimary" and p.op in ("eq", "in") and set(p.values) == {True}
-        for p in plan.predicates
-    )
+def _scan_cost(
+    plan: Plan, client: Any, stats: DatastoreStats | None, max_tps: float | None
+) -> float | None:
+    """Requests the SearchImageSets-only plan needs.
+
+    A scan narrowed by a filter the statistics cannot weigh (a ``StudyDateTime`` range: one
+    chain, no createdAt window; the statistics know createdAt only) is sized by its first page
+    (one or two requests, see ``statistics.probe_chain``); any other from the statistics (None without them).
+    """
+    if len(plan.chains) != 1 or plan.chains[0].window is not None or not plan.chains[0].filters:
+        return scan_requests(plan, stats)
+    limiter = aws.RateLimiter(max_tps) if max_tps else None
+    image_sets, _ = statistics.probe_chain(client, plan.datastore_id, plan.chains[0], limiter)
+    return float(max(1, math.ceil(image_sets / PAGE_ROWS)))
 
 
-def _non_primary_sweep(plan: Plan, first: int) -> tuple[Chain, ...]:
-    """Chains reading every non-primary image set the query's pushable ranges admit.
+@dataclass(frozen=True)
+class _Sweep:
+    """The chains reading the non-primary image sets QIDO-RS cannot see, and their estimate."""
+
+    chains: tuple[Chain, ...]
+    requests: float  # estimated (0 when nothing is swept)
+    image_sets: int | None = None  # non-primary image sets the sweep reads, when measured
+    exact: bool = False
+    swept: bool = True  # False: the query keeps primary image sets only
+
+    @property
+    def label(self) -> str:
+        """Its size for notes and ``explain()``: counts only, no values."""
+        if not self.swept:
+            return "none: primary image sets only"
+        count = (
+            "size unknown"
+            if self.image_sets is None
+            else f"{self.image_sets:,} image set(s)"
+            if self.exact
+            else f"about {self.image_sets:,} image set(s)"
+        )
+        shape = (
+            "one chain"
+            if len(self.chains) == 1 and self.chains[0].window is None
+            else (f"{len(self.chains)} chain(s)" if self.chains else "no chain")
+        )
+        return f"{count}, {shape}, about {self.requests:,.0f} request(s)"
+
+    def candidate(self, chosen: bool) -> Candidate:
+        """Its line among the access paths weighed."""
+        return Candidate(f"non-primary sweep ({self.label})", self.requests, chosen)
+
+
+def _sweep(plan: Plan, client: Any, stats: DatastoreStats | None, max_tps: float | None) -> _Sweep:
+    """The sweep of every non-primary image set the query's pushable ranges admit, sized.
 
     QIDO-RS sees primary image sets only, and a non-primary copy (a conflict) may differ from
     its primary in exactly the attribute matched, or have no primary left: only SearchImageSets
-    ``isPrimary=false`` finds them all.
+    ``isPrimary=false`` finds them all. Nothing narrows it soundly: the QIDO-RS answer's
+    studies or patients would miss a conflicting copy whose primary does not match.
+
+    Its size comes from the statistics (a whole-datastore sweep) or from its first page (one
+    request, exact when that page is the whole answer; else one more for its last createdAt).
+    A small sweep runs as one chain.
     """
+    if keeps_primary_only(plan.predicates):
+        return _Sweep((), 0.0, 0, True, swept=False)
     flag = predicates.build("isPrimary", "eq", (False,))
     sweep = compile_plan(
         plan.datastore_id,
@@ -273,11 +364,51 @@ def _non_primary_sweep(plan: Plan, first: int) -> tuple[Chain, ...]:
         now=_now(plan),
         strategy="search",
     )
-    return tuple(replace(c, index=first + i) for i, c in enumerate(sweep.chains))
+    chains = sweep.chains
+    if len(chains) != 1:  # several chains (an ID fan-out) or none: not sized
+        return _Sweep(chains, float(len(chains)), None)
+    (chain,) = chains
+    whole = chain.window is not None and not chain.filters[1:] and _unbounded(plan, chain)
+    image_sets: int | None = None
+    exact = False
+    if whole and stats is not None and stats.non_primary is not None:
+        image_sets = stats.non_primary
+    else:
+        limiter = aws.RateLimiter(max_tps) if max_tps else None
+        image_sets, exact = statistics.probe_chain(client, plan.datastore_id, chain, limiter)
+        if whole and stats is not None:
+            statistics.remember(client, plan.datastore_id, replace(stats, non_primary=image_sets))
+    pages = math.ceil(image_sets / PAGE_ROWS)
+    if exact and image_sets == 0:
+        return _Sweep((), 0.0, 0, True)  # its first page was the whole (empty) answer
+    if chain.window is not None and pages <= SWEEP_ONE_CHAIN_PAGES:
+        low, high = chain.window
+        between = {"operator": "BETWEEN", "values": [{"createdAt": low}, {"createdAt": high}]}
+        one = replace(chain, filters=(*chain.filters, between), sort=STABLE_SORT, window=None)
+        return _Sweep((one,), float(max(pages, 1)), image_sets, exact)
+    cost = float(max(pages, 1)) if chain.window is None else max(1.0, pages * SCAN_OVERHEAD)
+    return _Sweep(chains, cost, image_sets, exact)
+
+
+def _unbounded(plan: Plan, chain: Chain) -> bool:
+    """Whether a windowed sweep spans the whole datastore (no createdAt range of the query)."""
+    return chain.window is not None and not any(
+        p.column == "createdAt" and p.op == "between" for p in plan.predicates
+    )
+
+
+def _numbered(chains: tuple[Chain, ...], first: int) -> tuple[Chain, ...]:
+    return tuple(replace(c, index=first + i) for i, c in enumerate(chains))
 
 
 def _found(plan: Plan, budget: _Budget) -> tuple[Candidate, ...]:
     return (Candidate(f"QIDO-RS step ({budget.requests} request(s) sent)", budget.requests, True),)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    plan: Plan
+    stats: DatastoreStats | None  # what the choice was made with (measured when it needed it)
 
 
 def _recompile(
@@ -287,8 +418,11 @@ def _recompile(
     client: Any,
     measure: bool = True,
     max_tps: float | None = None,
-) -> Plan:
-    """The SearchImageSets-only plan of *plan*'s query plus *extra* (fan-out or scan, weighed)."""
+) -> _Compiled:
+    """The SearchImageSets-only plan of *plan*'s query plus *extra* (fan-out or scan, weighed).
+
+    Returned with the statistics it was weighed with (measured here when the choice needed them).
+    """
 
     def compile(given: DatastoreStats | None) -> Plan:
         return compile_plan(
@@ -309,5 +443,6 @@ def _recompile(
             limiter = aws.RateLimiter(max_tps) if max_tps else None
             found = statistics.probe(client, plan.datastore_id, limiter)
             statistics.remember(client, plan.datastore_id, found)
+        stats = found
         resolved = compile(found)
-    return resolved
+    return _Compiled(resolved, stats)

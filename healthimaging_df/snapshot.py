@@ -942,12 +942,15 @@ def export_query(
     coverage = checkpoint.load() if resume else None
     if not resume:
         checkpoint.discard()
-    # a resumed export keeps the access path it started with: its coverage is of those chains
-    forced = checkpoint.access if coverage is not None else None
+    # A resumed export keeps the access path it started with, so its chains are read again
+    # alike (the coverage is by chain key, see checkpoint.chain_key). Not a QIDO-RS plan's:
+    # forcing "qido" would turn a fallback into an error; its chains follow QIDO-RS's answer.
+    forced = checkpoint.access if coverage is not None and checkpoint.access != "qido" else None
     plan = engine.choose(
         lambda stats: query.compile(now=checkpoint.now, stats=stats, strategy=forced), run
     )
     checkpoint.access = plan.access
+    coverage = checkpoint.bind(plan, coverage)
     info = engine.export(
         plan, query.to_json(), run, write, checkpoint, coverage, checkpoint_interval
     )

@@ -5,7 +5,9 @@ directory, ``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``, keyed b
 datastore; neither is PHI). Without one, :func:`probe` estimates the size with about ten requests:
 the oldest and newest ``createdAt``, then one page in each of eight equal ``createdAt`` windows
 (a window that ends within its page is counted exactly, one that does not is extrapolated from
-the span its 50 rows cover).
+the span its 50 rows cover). :func:`probe_chain` sizes one request chain with one or two
+requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a StudyDateTime-filtered
+scan, reads).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from healthimaging_df import aws
 from healthimaging_df.fetch import call_page
-from healthimaging_df.plan import PAGE_ROWS, DatastoreStats
+from healthimaging_df.plan import PAGE_ROWS, Chain, DatastoreStats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
             _moment(data.get("created_min")),
             _moment(data.get("created_max")),
             source=str(data.get("source", "cache")),
+            non_primary=_count(data.get("non_primary")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -69,6 +72,7 @@ def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
         "created_min": stats.created_min.isoformat() if stats.created_min else None,
         "created_max": stats.created_max.isoformat() if stats.created_max else None,
         "source": stats.source,
+        "non_primary": stats.non_primary,
         "measured_at": datetime.now(timezone.utc).isoformat(),
     }
     try:
@@ -111,6 +115,44 @@ def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> Da
         covered = max((last - a).total_seconds(), 1e-3)
         total += table.num_rows * max(1.0, (b - a).total_seconds() / covered)
     return DatastoreStats(round(total), ends[0], ends[1], source="probe")
+
+
+def probe_chain(
+    client: Any,
+    datastore_id: str,
+    chain: Chain,
+    limiter: aws.RateLimiter | None,
+) -> tuple[int, bool]:
+    """How many image sets *chain* reads, from its first page: (count, exact).
+
+    A chain pages by ``createdAt`` ascending: a first page without a nextToken is the whole
+    answer (one request, exact). Else one more request (the same criteria, newest first, one
+    row) finds the chain's last ``createdAt``, and the count is extrapolated from the span the
+    first page covers to it. An estimate decides costs and chain shapes only, never what a
+    query returns.
+    """
+    kwargs = {**chain.request(datastore_id), "maxResults": PAGE_ROWS}
+    table, token = call_page(client, limiter, kwargs)
+    if token is None:
+        return table.num_rows, True
+    if table.num_rows < 2:
+        return PAGE_ROWS + 1, False
+    newest = chain.request(datastore_id)
+    criteria = dict(newest.get("searchCriteria", {}))
+    criteria["sort"] = {"sortField": "createdAt", "sortOrder": "DESC"}
+    last_page, _ = call_page(
+        client, limiter, {**newest, "searchCriteria": criteria, "maxResults": 1}
+    )
+    created = table.column("createdAt")
+    first, last = created[0].as_py(), created[-1].as_py()
+    end = last_page.column("createdAt")[0].as_py() if last_page.num_rows else last
+    covered = max((last - first).total_seconds(), 1e-3)
+    span = max((end - first).total_seconds(), covered)
+    return max(table.num_rows + 1, round(table.num_rows * span / covered)), False
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _moment(text: Any) -> datetime | None:

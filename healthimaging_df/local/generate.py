@@ -15,7 +15,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARCHIVE_AFTER", "UID_ROOT", "dump_jsonl", "generate_image_sets", "load_jsonl"]
+__all__ = [
+    "ARCHIVE_AFTER",
+    "NON_PRIMARY",
+    "UID_ROOT",
+    "dump_jsonl",
+    "generate_image_sets",
+    "load_jsonl",
+]
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 _UTC = timezone.utc
@@ -111,7 +118,12 @@ def _put(tags: dict[str, Any], key: str, value: Any, rng: random.Random, missing
         tags[key] = value
 
 
-def generate_image_sets(n: int, seed: int = 0) -> list[dict[str, Any]]:
+NON_PRIMARY = 0.05  # default share of series that also get a non-primary (conflicting) copy
+
+
+def generate_image_sets(
+    n: int, seed: int = 0, non_primary: float = NON_PRIMARY
+) -> list[dict[str, Any]]:
     """Generate ``n`` image-set summaries in the SearchImageSets response shape.
 
     Parameters
@@ -119,7 +131,11 @@ def generate_image_sets(n: int, seed: int = 0) -> list[dict[str, Any]]:
     n
         Number of image sets (exactly ``n`` are returned).
     seed
-        Seed; the same ``(n, seed)`` always gives the same records.
+        Seed; the same ``(n, seed, non_primary)`` always gives the same records.
+    non_primary
+        Chance (0..1) that a series also gets a non-primary copy (an import that conflicted);
+        about that share of the image sets is then non-primary. The default, 5%, is a messy
+        datastore; real ones get non-primary image sets from conflicting imports only.
 
     Returns
     -------
@@ -139,6 +155,8 @@ def generate_image_sets(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """
     if n < 0:
         raise ValueError("n must be >= 0")
+    if not 0.0 <= non_primary <= 1.0:
+        raise ValueError("non_primary must be between 0 and 1")
     rng = random.Random(seed)
     records: list[dict[str, Any]] = []
     seen_ids: set[str] = set()
@@ -200,7 +218,7 @@ def generate_image_sets(n: int, seed: int = 0) -> list[dict[str, Any]]:
                 if rng.random() >= 0.05:
                     offset_us += rng.randrange(0, 700_000)
                 records.append(_summary(rng, new_id(), imported, offset_us, tags, True))
-                if rng.random() < 0.05 and len(records) < n:
+                if rng.random() < non_primary and len(records) < n:
                     copy_offset = offset_us + rng.randrange(1, 86_400_000_000)
                     records.append(_summary(rng, new_id(), imported, copy_offset, tags, False))
     return records

@@ -20,7 +20,7 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.documents import SeriesShape
 from healthimaging_df.local.faults import Faults, Stats, StatsRecorder
-from healthimaging_df.local.generate import generate_image_sets
+from healthimaging_df.local.generate import NON_PRIMARY, generate_image_sets
 from healthimaging_df.local.qido import QidoSettings
 from healthimaging_df.local.values import REGION
 from healthimaging_df.local.wire import (
@@ -189,6 +189,7 @@ class LocalService:
         port: int = 0,
         instances_per_series: int | None = None,
         attributes_per_instance: int | None = None,
+        non_primary: float = NON_PRIMARY,
         **fault_kwargs: Any,
     ) -> LocalService:
         """A service with one datastore named ``seeded`` holding generated image sets.
@@ -197,13 +198,15 @@ class LocalService:
         ``malformed_rate``, ``update_rate``, ...; ``seed`` is taken by the data, so use
         ``fault_seed`` for the faults' generators). ``instances_per_series`` and
         ``attributes_per_instance`` make GetImageSetMetadata documents realistic in size
-        (:class:`~healthimaging_df.local.documents.SeriesShape`). The service is not started.
+        (:class:`~healthimaging_df.local.documents.SeriesShape`). ``non_primary`` is the
+        generator's share of non-primary copies (:func:`generate_image_sets`). The service is
+        not started.
         """
         fault_seed = fault_kwargs.pop("fault_seed", 0)
         faults = Faults(seed=fault_seed, **fault_kwargs)
         backend = Backend(series_shape=SeriesShape(instances_per_series, attributes_per_instance))
         datastore_id = backend.create_datastore("seeded")
-        backend.add_image_sets(datastore_id, generate_image_sets(image_sets, seed))
+        backend.add_image_sets(datastore_id, generate_image_sets(image_sets, seed, non_primary))
         service = cls(backend, host=host, port=port, faults=faults)
         service.datastore_id = datastore_id
         return service

@@ -179,22 +179,93 @@ def test_patient_name_on_the_small_datastore_is_exact(qido_service: LocalService
 
 
 @pytest.mark.slow
-def test_patient_name_on_100k_image_sets_takes_under_1_percent_of_a_scan() -> None:
-    with LocalService.seeded(image_sets=100_000, seed=2) as service:
+@pytest.mark.parametrize("share", [0.005, 0.05], ids=["non-primary-0.5%", "non-primary-5%"])
+def test_patient_name_on_100k_image_sets_takes_under_1_percent_of_a_scan(share: float) -> None:
+    with LocalService.seeded(image_sets=100_000, seed=2, non_primary=share) as service:
         records = service.backend.image_sets(service.datastore_id)
         names = Counter(flat_row(r)["PatientName"] for r in records)
         name = min((n for n in names if n), key=lambda n: (names[n], n))
         full_scan = math.ceil(len(records) / 50)  # a full scan sends at least this many
+        non_primary = sum(not r["isPrimary"] for r in records)
         primary = Query(service.datastore_id).where(PatientName=name, isPrimary=True)
         service.reset_stats()
         assert ids(primary, service) == brute_force(records, primary)
         assert service.stats.requests <= full_scan / 100, service.stats.requests
-        # Without isPrimary=True, the non-primary image sets (5% here) are swept too: QIDO-RS
-        # cannot see them, and a conflicting copy may hold the very name asked for.
+        # Without isPrimary=True, the non-primary image sets are swept too: QIDO-RS cannot see
+        # them, and a conflicting copy may hold the very name asked for. The sweep is sized
+        # with one request and, when small, read as one chain of full pages.
         query = Query(service.datastore_id).where(PatientName=name)
         service.reset_stats()
         assert ids(query, service) == brute_force(records, query)
-        assert service.stats.requests <= full_scan / 10, service.stats.requests
+        sweep_pages = math.ceil(non_primary / 50)
+        if share < 0.01:  # a realistic share: the target holds
+            assert service.stats.requests <= full_scan / 100, service.stats.requests
+            assert service.stats.requests <= sweep_pages + 5
+        else:  # 5%: the sweep alone is 5% of a scan; the target cannot hold
+            assert service.stats.requests <= sweep_pages * 1.3 + 4, service.stats.requests
+
+
+def test_the_sweep_is_sized_by_its_first_page_and_read_as_one_chain(
+    qido_service: LocalService,
+) -> None:
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    non_primary = sum(not r["isPrimary"] for r in records)
+    names = Counter(flat_row(r)["PatientName"] for r in records)
+    name = min((n for n in names if n), key=lambda n: (names[n], n))
+    query = Query(qido_service.datastore_id).where(PatientName=name)
+    plan = chosen(query, qido_service)
+    sweep = [c for c in plan.chains if {"isPrimary": False} in c.criteria()["filters"][0]["values"]]
+    assert len(sweep) == 1
+    assert sweep[0].window is None
+    assert "non-primary sweep" in plan.explain()
+    qido_service.reset_stats()
+    assert ids(query, qido_service) == brute_force(records, query)
+    # QIDO-RS 1, the size probe 1 or 2, the patient's chain(s), the sweep's full pages
+    assert qido_service.stats.requests <= 1 + 2 + 4 + math.ceil(non_primary / 50)
+
+
+def test_a_study_datetime_scan_is_sized_by_its_first_page(qido_service: LocalService) -> None:
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    dated = sorted(flat_row(r)["StudyDateTime"] for r in records if flat_row(r)["StudyDateTime"])
+    day = dated[len(dated) // 2].date().isoformat()
+    query = (
+        Query(qido_service.datastore_id)
+        .where(Modality="CT")
+        .between("StudyDateTime", f"{day}T00:00:00", f"{day}T23:59:59")
+    )
+    plan = chosen(query, qido_service)
+    # a one-page scan: QIDO-RS (and its sweep) cannot be cheaper
+    assert "QIDO-RS not sent" in (plan.note or ""), plan.note
+    qido_service.reset_stats()
+    assert ids(query, qido_service) == brute_force(records, query)
+    assert not any("DICOM" in k for k in qido_service.stats.by_operation)
+
+
+def test_a_sweep_as_dear_as_the_scan_sends_no_qido_request(qido_service: LocalService) -> None:
+    from healthimaging_df import statistics
+
+    client = qido_service.client()
+    assert qido_service.datastore_id is not None
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    query = Query(qido_service.datastore_id).where(PatientName="NOBODY^NEVER")
+    everything = DatastoreStats(len(records), source="given", non_primary=len(records))
+    try:
+        # pure: with statistics saying every image set is non-primary, the scan is chosen
+        planned = query.compile(stats=everything)
+        assert planned.qido is None
+        assert planned.access == "search"
+        assert "non-primary image sets (about" in planned.explain()
+        few = DatastoreStats(len(records), source="given", non_primary=10)
+        assert query.compile(stats=few).qido is not None
+        # at run time, from the cached statistics: no QIDO-RS request at all
+        statistics.remember(client, qido_service.datastore_id, everything)
+        plan = chosen(query, qido_service)
+        assert "QIDO-RS not sent" in (plan.note or "")
+        qido_service.reset_stats()
+        assert ids(query, qido_service) == []
+        assert not any("DICOM" in k for k in qido_service.stats.by_operation)
+    finally:
+        statistics.remember(client, qido_service.datastore_id, DatastoreStats(len(records)))
 
 
 def mg_datastore(keep_mg_studies: int | None) -> LocalService:
@@ -376,3 +447,99 @@ def test_the_resolved_plan_keeps_the_compiled_windows() -> None:
     plan = Query(DS).where(PatientName="A^B").compile(now=now)
     again = Query(DS).compile(now=qido_plan._now(plan))
     assert again.chains[0].window == plan.chains[0].window
+
+
+class _Interrupt(Exception):
+    """Raised from the progress callback: the export stops as a killed one would."""
+
+
+def _cohort_datastore(name: str) -> tuple[LocalService, list[dict[str, Any]]]:
+    """1,500 generated image sets; six patients (their every image set) renamed *name*."""
+    records = copy.deepcopy(generate_image_sets(1500, seed=31))
+    patients = sorted(
+        {r["DICOMTags"]["DICOMPatientId"] for r in records if "DICOMPatientId" in r["DICOMTags"]}
+    )
+    chosen_ids = set(patients[100:106])
+    for record in records:
+        if record["DICOMTags"].get("DICOMPatientId") in chosen_ids:
+            record["DICOMTags"]["DICOMPatientName"] = name
+    backend = Backend()
+    datastore_id = backend.create_datastore("cohort")
+    backend.add_image_sets(datastore_id, records)
+    service = LocalService(backend)
+    service.datastore_id = datastore_id
+    return service, records
+
+
+def test_a_resumed_export_of_a_qido_plan_is_exact_when_qido_answers_otherwise(
+    tmp_path: Any,
+) -> None:
+    import pandas as pd
+
+    from healthimaging_df.snapshot import read_snapshot
+
+    name = "COHORT^RESUME"
+    service, records = _cohort_datastore(name)
+    with service:
+        client = service.client()
+        query = Query(service.datastore_id).where(PatientName=name)
+        plan = chosen(query, service)
+        assert "resolved by PatientID (6 value(s))" in (plan.note or ""), plan.note
+        pages: list[int] = []
+
+        def stop_at_third_page(count: int, _: int) -> None:
+            pages.append(count)
+            if count == 3:
+                raise _Interrupt
+
+        target = tmp_path / "cohort.parquet"
+        options = {"max_tps": None, "max_concurrency": 1, "checkpoint_interval": 0}
+        with pytest.raises(_Interrupt):
+            query.to_parquet(str(target), client=client, progress=stop_at_third_page, **options)
+        assert (tmp_path / "cohort.parquet.ahi-checkpoint" / "state.json").exists()
+
+        # Between the runs a new patient of that name arrives, whose PatientID sorts first: the
+        # resumed plan's chains are numbered otherwise (its chain 0 is that patient's).
+        template = copy.deepcopy(
+            next(r for r in records if r["DICOMTags"].get("DICOMPatientName") == name)
+        )
+        template["imageSetId"] = "f" * 32
+        template["DICOMTags"]["DICOMPatientId"] = "0000-NEW"
+        template["DICOMTags"]["DICOMStudyInstanceUID"] = "1.2.3.4.5.6.7"
+        template["DICOMTags"]["DICOMSeriesInstanceUID"] = "1.2.3.4.5.6.7.1"
+        template["isPrimary"] = True
+        service.backend.add_image_sets(service.datastore_id, [template])
+        now = service.backend.image_sets(service.datastore_id)
+
+        resumed = query.to_parquet(str(target), client=client, progress=False, **options)
+        assert resumed.resumed_tasks >= 2  # two finished chains were not read again
+        fresh_path = tmp_path / "fresh.parquet"
+        query.to_parquet(str(fresh_path), client=client, progress=False, **options)
+        got, want = read_snapshot(target), read_snapshot(fresh_path)
+        assert sorted(got["imageSetId"]) == sorted(brute_force(now, query))
+        assert "f" * 32 in set(got["imageSetId"])
+        got.attrs, want.attrs = {}, {}
+        pd.testing.assert_frame_equal(got, want)
+
+
+def test_probe_chain_counts_one_page_exactly_and_estimates_more(qido_service: LocalService) -> None:
+    from healthimaging_df import statistics
+
+    client = qido_service.client()
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    non_primary = sum(not r["isPrimary"] for r in records)
+    many = Query(qido_service.datastore_id).where(isPrimary=False).compile().chains[0]
+    qido_service.reset_stats()
+    count, exact = statistics.probe_chain(client, qido_service.datastore_id, many, None)
+    assert qido_service.stats.requests == 2
+    assert not exact
+    assert 0.6 * non_primary <= count <= 1.5 * non_primary, (count, non_primary)
+    pid = next(
+        r["DICOMTags"]["DICOMPatientId"] for r in records if "DICOMPatientId" in r["DICOMTags"]
+    )
+    one = Query(qido_service.datastore_id).where(PatientID=pid).compile().chains[0]
+    qido_service.reset_stats()
+    count, exact = statistics.probe_chain(client, qido_service.datastore_id, one, None)
+    assert exact
+    assert count == sum(r["DICOMTags"].get("DICOMPatientId") == pid for r in records)
+    assert qido_service.stats.requests == 1
