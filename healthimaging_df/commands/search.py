@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from healthimaging_df.commands import options, output
@@ -120,10 +121,14 @@ def run(args: argparse.Namespace) -> int:
     streaming = fmt in ("csv", "jsonl") and not (args.per or args.sort or args.limit)
     with target.connect() as connection:
         if streaming:
-            chunks = query.iter_dataframes(
-                chunk_rows=STREAM_CHUNK_ROWS, client=connection.client, **fetch
-            )
-            count = output.stream_frames(chunks, args.out, fmt, columns, s3)
+            client = connection.client
+
+            def chunks() -> Iterator[pd.DataFrame]:  # planned once the destination is open
+                yield from query.iter_dataframes(
+                    chunk_rows=STREAM_CHUNK_ROWS, client=client, **fetch
+                )
+
+            count = output.stream_frames(chunks(), args.out, fmt, columns, s3)
         else:
             frame = query.to_dataframe(client=connection.client, **fetch)
     if not streaming:
