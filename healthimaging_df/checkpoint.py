@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from healthimaging_df.statistics import cache_dir
 from healthimaging_df.storage import Store, Target, local_store
 from healthimaging_df.tables import parquet_bytes
 
+PART_ROWS = 50_000  # a part holds at most this many rows (more only from an older checkpoint)
 log = logging.getLogger("healthimaging_df.snapshot")  # the logger these warnings always used
 
 
@@ -92,7 +94,8 @@ class Checkpoint:
         self.resumed_tasks = 0
         self.tasks = 0
         self.rows = 0
-        self._pending: list[pa.Table] = []
+        self._pending: list[str] = []  # parts written, not yet in the state file
+        self._pending_rows = 0
         self._pending_seen: list[pa.Table] = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
@@ -152,12 +155,28 @@ class Checkpoint:
                 coverage.windows[index] = list(self._saved_windows[key])
         return coverage
 
-    def add(self, table: pa.Table, seen: pa.Table, coverage: Coverage, interval: float) -> None:
+    def add(
+        self, tables: Iterable[pa.Table], seen: pa.Table, coverage: Coverage, interval: float
+    ) -> None:
         """Record one finished task; persist when *interval* seconds passed since the last save.
 
-        *table* holds the task's matching rows, *seen* the ranks of every row it read.
+        *tables* hold the task's matching rows (written to parts of at most ``PART_ROWS`` rows as
+        they come, so a task's rows never sit in memory whole), *seen* the ranks of the rows it
+        read that did not match. The parts count once the state file names them (:meth:`flush`).
         """
-        self._pending.append(table)
+        batch: list[pa.Table] = []
+        rows = 0
+        for table in tables:
+            batch.append(table)
+            rows += table.num_rows
+            if rows >= PART_ROWS:
+                self._pending.append(self._put_part(pa.concat_tables(batch)))
+                self._pending_rows += rows
+                batch, rows = [], 0
+        if rows:
+            self._pending.append(self._put_part(pa.concat_tables(batch)))
+            self._pending_rows += rows
+        del batch
         self._pending_seen.append(seen)
         self._pending_tasks += 1
         if time.monotonic() - self._flushed >= interval:
@@ -167,14 +186,12 @@ class Checkpoint:
         """Persist pending tasks; the state file written last is the commit point."""
         if not self._pending_tasks:
             return
-        rows = pa.concat_tables(self._pending)
-        if rows.num_rows:
-            self.parts.append(self._put_part(rows))
+        self.parts.extend(self._pending)
         seen = pa.concat_tables(self._pending_seen)
         if seen.num_rows:
             self.seen_parts.append(self._put_part(seen))
         self.tasks += self._pending_tasks
-        self.rows += rows.num_rows
+        self.rows += self._pending_rows
         state = {
             "format": "healthimaging_df.checkpoint",
             "fingerprint": self.fingerprint,
@@ -189,6 +206,7 @@ class Checkpoint:
         }
         self.store.put(self.state_rel, json.dumps(state).encode())  # the commit point
         self._pending = []
+        self._pending_rows = 0
         self._pending_seen = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
@@ -226,11 +244,29 @@ class Checkpoint:
             saved.append(pq.read_table(pa.BufferReader(data)))
         return saved
 
-    def tables(self) -> tuple[list[pa.Table], list[pa.Table]]:
-        """Matching rows, and ranks read, of every saved and pending task."""
-        rows = self._read_parts(self.parts) + self._pending
-        seen = self._read_parts(self.seen_parts) + self._pending_seen
-        return rows, seen
+    def rows_of(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The matching rows of every saved task, one part at a time (only *columns* if given).
+
+        Always in the same order: call after :meth:`flush`.
+        """
+        for name in self.parts:
+            data = self.store.get(f"{self.folder}/{name}")
+            if data is None:
+                raise SnapshotError("a checkpoint part file is missing; rerun with resume=False")
+            yield pq.read_table(pa.BufferReader(data), columns=columns)
+
+    def schema(self) -> pa.Schema | None:
+        """The columns of the saved rows, or None when no task matched a row."""
+        if not self.parts:
+            return None
+        data = self.store.get(f"{self.folder}/{self.parts[0]}")
+        if data is None:
+            raise SnapshotError("a checkpoint part file is missing; rerun with resume=False")
+        return pq.read_schema(pa.BufferReader(data))
+
+    def seen(self) -> list[pa.Table]:
+        """Ranks of the rows read that did not match, of every saved task (after :meth:`flush`)."""
+        return self._read_parts(self.seen_parts)
 
     def discard(self) -> None:
         """Delete the checkpoint."""

@@ -179,10 +179,19 @@ def latest_in_order(matched: list[pa.Table], unmatched: list[pa.Table], plan: Pl
     gathered one column at a time, each source column let go once gathered, so that the peak is
     about one copy of the result plus a column (when nothing else holds the tables).
     """
-    keep = _latest_positions(matched, unmatched)
+    positions = result_positions(matched, unmatched, plan)
     unmatched.clear()
-    positions = _order_positions(matched, keep, plan)
     return _gather(matched, positions)
+
+
+def result_positions(matched: list[pa.Table], unmatched: list[pa.Table], plan: Plan) -> pa.Array:
+    """Positions, in the concatenation of *matched*, of the result's rows in the result's order.
+
+    Only the rank columns and the plan's sort column of *matched* are read, so a caller can pass
+    those alone (the export's final pass keeps its rows on disk).
+    """
+    keep = _latest_positions(matched, unmatched)
+    return _order_positions(matched, keep, plan)
 
 
 def _column(tables: list[pa.Table], name: str, kind: pa.DataType) -> pa.ChunkedArray:

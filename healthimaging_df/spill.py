@@ -1,0 +1,203 @@
+"""Spill files of a checkpointed export: matching rows on disk, the result put in order by buckets.
+
+An export's result can be larger than memory. While it runs, each unfinished task's matching rows
+go to a spill file a few thousand rows at a time (:class:`TaskRows`); a finished task's rows go to
+the checkpoint's parts. The final pass (:class:`SortedRows`) reads only the rank and sort columns
+of the parts, works out from them which rows survive (latest copy of each image set) and in what
+order, then puts each surviving row into the bucket of its output row group (an Arrow IPC file) and
+hands the buckets over one at a time, each sorted: at most a row group, a part and the rank columns
+of the result sit in memory, whatever the result's size.
+
+Spill files hold unredacted rows (PHI): they live in a private folder (mode 0700, from
+:func:`tempfile.mkdtemp`) beside the target, or in the private checkpoint folder of a redacted
+export, and are deleted when the export ends, whether it succeeded or not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthimaging_df import flatten
+from healthimaging_df.frame import RANK_COLUMNS, Buffer, release_memory, result_positions
+from healthimaging_df.plan import Plan
+
+SPILL_PREFIX = ".ahi-spill-"
+_POSITION = "__ahi_position"  # a bucket's column: the row's place in the output
+
+
+class SpillDir:
+    """A private temporary folder (mode 0700) for spill files; removed on :meth:`close`."""
+
+    def __init__(self, parent: str | None = None) -> None:
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=parent))
+
+    def file(self, kind: str) -> Path:
+        """A new file name in the folder."""
+        return self.path / f"{kind}-{uuid.uuid4().hex}.arrow"
+
+    def close(self) -> None:
+        """Delete the folder and every spill file in it."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> SpillDir:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class TaskRows:
+    """One unfinished task's matching rows: a few thousand in memory, the rest in a spill file."""
+
+    def __init__(self, folder: SpillDir) -> None:
+        self._folder = folder
+        self._buffer = Buffer()
+        self._path: Path | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self.rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        """Add a page's matching rows (of the same columns as the others)."""
+        if table.num_rows == 0:
+            return
+        self._buffer.append(table)
+        self.rows += table.num_rows
+        if self._buffer.rows >= 5_000:
+            self._spill()
+
+    def _spill(self) -> None:
+        for table in self._buffer.take():
+            if self._writer is None:
+                self._path = self._folder.file("task")
+                self._writer = pa.ipc.new_stream(str(self._path), table.schema)
+            self._writer.write_table(table)
+        release_memory()
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Every row added, in order, a few thousand at a time; the spill file is deleted after."""
+        if self._writer is not None and self._path is not None:
+            self._writer.close()
+            self._writer = None
+            with pa.OSFile(str(self._path)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    yield pa.Table.from_batches([batch])
+            self._path.unlink(missing_ok=True)
+        yield from self._buffer.take()
+
+
+PartReader = Callable[[list[str] | None], Iterator[pa.Table]]
+
+
+class SortedRows:
+    """An export's result, deduplicated and ordered, without holding its rows.
+
+    *parts* reads the matching rows of every finished task, one part at a time, in the same order
+    each time (only *columns* when given); *seen* are the ranks of rows read that did not match.
+    The same rows in the same order as ``frame.latest_in_order`` of the concatenated parts.
+    """
+
+    def __init__(
+        self,
+        parts: PartReader,
+        seen: list[pa.Table],
+        schema: pa.Schema | None,
+        plan: Plan,
+        folder: SpillDir,
+    ) -> None:
+        self._parts = parts
+        self._folder = folder
+        self.schema = schema if schema is not None else flatten.EMPTY_TABLE.schema
+        self.column_names: list[str] = list(self.schema.names)
+        columns = list(dict.fromkeys([*RANK_COLUMNS, plan.sort_column]))
+        ranks = [t for t in parts(columns) if t.num_rows]
+        total = sum(t.num_rows for t in ranks)
+        positions = result_positions(ranks, seen, plan)
+        seen.clear()
+        self.num_rows = len(positions)
+        self.watermark = None
+        if self.num_rows:
+            stamps = pa.chunked_array(
+                [c for t in ranks for c in t.column("updatedAt").chunks],
+                self.schema.field("updatedAt").type,
+            )
+            self.watermark = pc.max(stamps.take(positions)).as_py()
+        del ranks
+        # each read row's place in the output, or -1 when it does not survive
+        self._destination = np.full(total, -1, np.int64)
+        self._destination[positions.to_numpy(zero_copy_only=False)] = np.arange(
+            self.num_rows, dtype=np.int64
+        )
+        release_memory()
+
+    def empty(self) -> pa.Table:
+        """No rows, of the result's columns."""
+        return self.schema.empty_table()
+
+    def groups(self, rows: int) -> Iterator[pa.Table]:
+        """The result in order, *rows* rows at a time (the last fewer; one empty if none)."""
+        if self.num_rows == 0:
+            yield self.empty()
+            return
+        buckets = self._bucket(rows)
+        for path in buckets:
+            with pa.OSFile(str(path)) as source:
+                bucket = pa.ipc.open_stream(source).read_all()
+            path.unlink(missing_ok=True)
+            ordered = bucket.take(pc.sort_indices(bucket.column(_POSITION)))
+            del bucket
+            yield ordered.drop_columns([_POSITION]).combine_chunks()
+            del ordered
+            release_memory()
+
+    def _bucket(self, rows: int) -> list[Path]:
+        """Write every surviving row to the spill file of its output group, part by part."""
+        count = -(-self.num_rows // rows)
+        paths = [self._folder.file("bucket") for _ in range(count)]
+        writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        offset = 0
+        try:
+            for table in self._parts(None):
+                destination = self._destination[offset : offset + table.num_rows]
+                offset += table.num_rows
+                kept = np.flatnonzero(destination >= 0)
+                if len(kept) == 0:
+                    continue
+                at = destination[kept]
+                table = table.take(pa.array(kept, pa.int64())).append_column(
+                    _POSITION, pa.array(at, pa.int64())
+                )
+                group = at // rows
+                for index in np.unique(group):
+                    piece = table.filter(pa.array(group == index))
+                    writer = writers.get(int(index))
+                    if writer is None:
+                        writer = pa.ipc.new_stream(str(paths[int(index)]), piece.schema)
+                        writers[int(index)] = writer
+                    writer.write_table(piece)
+                del table
+                release_memory()
+        finally:
+            for writer in writers.values():
+                writer.close()
+        return paths
+
+    def table(self) -> pa.Table:
+        """The whole result as one table (for a write that needs it whole)."""
+        groups = list(self.groups(128 * 1024))
+        return pa.concat_tables(groups) if groups else self.empty()
