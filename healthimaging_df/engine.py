@@ -31,7 +31,7 @@ from healthimaging_df.frame import (
 )
 from healthimaging_df.plan import DatastoreStats, Plan, compile_plan
 from healthimaging_df.progress import Progress
-from healthimaging_df.spill import SortedRows, SpillDir, TaskRows
+from healthimaging_df.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def export(
     coverage: Coverage | None = None,
     checkpoint_interval: float = 5.0,
     spill_parent: str | None = None,
+    spill_prefix: str = SPILL_PREFIX,
 ) -> T:
     """Run *plan* and hand the whole result to *write*, checkpointing finished tasks as it goes.
 
@@ -182,14 +183,14 @@ def export(
     finished task is saved to it; the result equals an uninterrupted run, superseded
     copies dropped across tasks exactly as :func:`collect` drops them. Then *write* gets a
     :class:`~healthimaging_df.spill.SortedRows`, not a table: matching rows wait on disk (in a
-    private folder under *spill_parent*, or the system's temporary folder) until it reads them in
-    order, so memory does not grow with the result.
+    private folder named *spill_prefix* under *spill_parent*, or the system's temporary folder)
+    until it reads them in order, so memory does not grow with the result.
     """
     if plan.limit is not None or checkpoint is None:  # small and sorted, or not resumable
         table, info = collect_table(plan, query_json, run)
         return write(table, info)
     coverage = coverage if coverage is not None else Coverage()
-    with SpillDir(spill_parent) as folder:
+    with SpillDir(spill_parent, spill_prefix) as folder:
         matched: dict[int, TaskRows] = {}
         unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
         with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:

@@ -38,7 +38,7 @@ from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_root, p
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.plan import Plan
 from healthimaging_df.redact import SHIFTED_COLUMNS, RedactionPolicy, apply_redaction
-from healthimaging_df.spill import SortedRows
+from healthimaging_df.spill import SortedRows, spill_prefix
 from healthimaging_df.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
@@ -1001,7 +1001,15 @@ def export_query(
     checkpoint.access = plan.access
     coverage = checkpoint.bind(plan, coverage)
     info = engine.export(
-        plan, query.to_json(), run, write, checkpoint, coverage, checkpoint_interval, spill_parent
+        plan,
+        query.to_json(),
+        run,
+        write,
+        checkpoint,
+        coverage,
+        checkpoint_interval,
+        spill_parent,
+        spill_prefix(target.store.uri(target.name)),
     )
     checkpoint.discard()
     if checkpoint.resumed_tasks:

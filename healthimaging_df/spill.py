@@ -15,6 +15,7 @@ export, and are deleted when the export ends, whether it succeeded or not.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import uuid
@@ -31,16 +32,29 @@ from healthimaging_df.frame import RANK_COLUMNS, Buffer, release_memory, result_
 from healthimaging_df.plan import Plan
 
 SPILL_PREFIX = ".ahi-spill-"
+SPILL_ROWS = 5_000  # a task's matching rows go to its spill file this many at a time
 _POSITION = "__ahi_position"  # a bucket's column: the row's place in the output
 
 
-class SpillDir:
-    """A private temporary folder (mode 0700) for spill files; removed on :meth:`close`."""
+def spill_prefix(destination: str) -> str:
+    """The name prefix of an export's spill folders: a digest of *destination* (paths hold PHI)."""
+    return f"{SPILL_PREFIX}{hashlib.sha256(destination.encode()).hexdigest()[:16]}-"
 
-    def __init__(self, parent: str | None = None) -> None:
+
+class SpillDir:
+    """A private temporary folder (mode 0700) for spill files; removed on :meth:`close`.
+
+    Folders of the same *prefix* in *parent* (the system's temporary folder when None) that a
+    killed run of the same export left are removed first.
+    """
+
+    def __init__(self, parent: str | None = None, prefix: str = SPILL_PREFIX) -> None:
         if parent is not None:
             Path(parent).mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=parent))
+        root = Path(parent if parent is not None else tempfile.gettempdir())
+        for stale in root.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
     def file(self, kind: str) -> Path:
         """A new file name in the folder."""
@@ -78,7 +92,7 @@ class TaskRows:
             return
         self._buffer.append(table)
         self.rows += table.num_rows
-        if self._buffer.rows >= 5_000:
+        if self._buffer.rows >= SPILL_ROWS:
             self._spill()
 
     def _spill(self) -> None:
