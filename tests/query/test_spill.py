@@ -105,12 +105,18 @@ def test_an_empty_result_is_one_empty_group(tmp_path: Path) -> None:
 
 
 def test_spill_folder_is_private_and_removed_on_failure(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), spill.SpillDir(str(tmp_path), ".ahi-spill-t-") as folder:
-        assert folder.path.stat().st_mode & 0o777 == 0o700
-        task = spill.TaskRows(folder)
-        task.append(summaries_to_table(generate_image_sets(spill.SPILL_ROWS + 1, seed=1)))
-        assert list(folder.path.iterdir())
-        raise RuntimeError("boom")
+    folder = spill.SpillDir(str(tmp_path), ".ahi-spill-t-")
+
+    def fail() -> None:
+        with folder:
+            task = spill.TaskRows(folder)
+            task.append(summaries_to_table(generate_image_sets(spill.SPILL_ROWS + 1, seed=1)))
+            assert list(folder.path.iterdir())
+            raise RuntimeError("boom")
+
+    assert folder.path.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(RuntimeError):
+        fail()
     assert not folder.path.exists()
     stale = tmp_path / ".ahi-spill-t-left"  # what a killed run leaves
     stale.mkdir()
