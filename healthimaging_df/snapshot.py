@@ -936,6 +936,10 @@ def export_query(
     (``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``), never at the destination. If
     the process dies, the same call resumes from there: the result equals an uninterrupted run.
     The checkpoint is deleted once the snapshot is written. It holds unredacted rows (PHI).
+    Matching rows wait on disk, not in memory, until the file is written in order a row group at a
+    time: in the checkpoint, and in a private spill folder (mode 0700) beside a local target, in
+    the private checkpoint folder for a redacted export, else the system's temporary folder. The
+    spill folder is removed when the export ends, or by the next run after a kill.
 
     Parameters
     ----------
