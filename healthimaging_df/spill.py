@@ -173,9 +173,9 @@ class SortedRows:
             with pa.OSFile(str(path)) as source:
                 bucket = pa.ipc.open_stream(source).read_all()
             path.unlink(missing_ok=True)
-            ordered = bucket.take(pc.sort_indices(bucket.column(_POSITION)))
+            ordered = bucket.drop_columns([_POSITION]).take(pc.sort_indices(bucket[_POSITION]))
             del bucket
-            yield ordered.drop_columns([_POSITION]).combine_chunks()
+            yield ordered
             del ordered
             release_memory()
 
@@ -193,12 +193,13 @@ class SortedRows:
                 if len(kept) == 0:
                     continue
                 at = destination[kept]
-                table = table.take(pa.array(kept, pa.int64())).append_column(
-                    _POSITION, pa.array(at, pa.int64())
-                )
+                if len(kept) < table.num_rows:  # else every row survives: no copy
+                    table = table.take(pa.array(kept, pa.int64()))
+                table = table.append_column(_POSITION, pa.array(at, pa.int64()))
                 group = at // rows
-                for index in np.unique(group):
-                    piece = table.filter(pa.array(group == index))
+                indices = np.unique(group)
+                for index in indices:
+                    piece = table if len(indices) == 1 else table.filter(pa.array(group == index))
                     writer = writers.get(int(index))
                     if writer is None:
                         writer = pa.ipc.new_stream(str(paths[int(index)]), piece.schema)
