@@ -35,9 +35,9 @@ from healthimaging_df.fetch import Coverage
 from healthimaging_df.plan import Chain, Plan, Strategy
 from healthimaging_df.statistics import cache_dir
 from healthimaging_df.storage import Store, Target, local_store
-from healthimaging_df.tables import parquet_bytes
+from healthimaging_df.tables import parquet_bytes, write_parquet
 
-PART_ROWS = 50_000  # a part holds at most this many rows (more only from an older checkpoint)
+PART_ROWS = 50_000  # a part holds about this many rows (more only from an older checkpoint)
 log = logging.getLogger("healthimaging_df.snapshot")  # the logger these warnings always used
 
 
@@ -160,23 +160,13 @@ class Checkpoint:
     ) -> None:
         """Record one finished task; persist when *interval* seconds passed since the last save.
 
-        *tables* hold the task's matching rows (written to parts of at most ``PART_ROWS`` rows as
+        *tables* hold the task's matching rows (written to parts of about ``PART_ROWS`` rows as
         they come, so a task's rows never sit in memory whole), *seen* the ranks of the rows it
         read that did not match. The parts count once the state file names them (:meth:`flush`).
         """
-        batch: list[pa.Table] = []
-        rows = 0
-        for table in tables:
-            batch.append(table)
-            rows += table.num_rows
-            if rows >= PART_ROWS:
-                self._pending.append(self._put_part(pa.concat_tables(batch)))
-                self._pending_rows += rows
-                batch, rows = [], 0
-        if rows:
-            self._pending.append(self._put_part(pa.concat_tables(batch)))
-            self._pending_rows += rows
-        del batch
+        rest = iter(tables)
+        while (first := next((t for t in rest if t.num_rows), None)) is not None:
+            self._pending.append(self._stream_part(first, rest))
         self._pending_seen.append(seen)
         self._pending_tasks += 1
         if time.monotonic() - self._flushed >= interval:
@@ -228,6 +218,26 @@ class Checkpoint:
                 for key, spans in windows.items()
             },
         }
+
+    def _stream_part(self, first: pa.Table, rest: Iterator[pa.Table]) -> str:
+        """Write *first* and tables of *rest* until ``PART_ROWS`` rows as one part, as they come."""
+        rows = 0
+
+        def tables() -> Iterator[pa.Table]:
+            nonlocal rows
+            table: pa.Table | None = first
+            while table is not None:
+                yield table
+                rows += table.num_rows
+                table = next(rest, None) if rows < PART_ROWS else None
+
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        self.store.put_stream(
+            f"{self.folder}/{name}",
+            lambda sink: write_parquet(sink, tables(), {}, "zstd", 128 * 1024),
+        )
+        self._pending_rows += rows
+        return name
 
     def _put_part(self, table: pa.Table) -> str:
         name = f"part-{uuid.uuid4().hex}.parquet"

@@ -34,6 +34,8 @@ from healthimaging_df.plan import Plan
 SPILL_PREFIX = ".ahi-spill-"
 SPILL_ROWS = 5_000  # a task's matching rows go to its spill file this many at a time
 _POSITION = "__ahi_position"  # a bucket's column: the row's place in the output
+_SLICES = 8  # an output row group is gathered from this many bucket files, one at a time
+_MAX_BUCKETS = 256  # fewer slices per group when a result has more groups (open files)
 
 
 def spill_prefix(destination: str) -> str:
@@ -164,24 +166,42 @@ class SortedRows:
         return self.schema.empty_table()
 
     def groups(self, rows: int) -> Iterator[pa.Table]:
-        """The result in order, *rows* rows at a time (the last fewer; one empty if none)."""
+        """The result in order, *rows* rows at a time (the last fewer; one empty if none).
+
+        Each group is read from its slices' bucket files one slice at a time, each sorted then
+        let go, so that beside the group only a slice sits in memory.
+        """
         if self.num_rows == 0:
             yield self.empty()
             return
-        buckets = self._bucket(rows)
-        for path in buckets:
-            with pa.OSFile(str(path)) as source:
-                bucket = pa.ipc.open_stream(source).read_all()
-            path.unlink(missing_ok=True)
-            ordered = bucket.drop_columns([_POSITION]).take(pc.sort_indices(bucket[_POSITION]))
-            del bucket
-            yield ordered
-            del ordered
+        slices = max(1, min(_SLICES, _MAX_BUCKETS // -(-self.num_rows // rows)))
+        buckets = self._bucket(rows, slices)
+        for start in range(0, len(buckets), slices):
+            pieces = [self._sorted(path) for path in buckets[start : start + slices]]
+            group = pa.concat_tables([p for p in pieces if p is not None])
+            del pieces
+            yield group
+            del group
             release_memory()
 
-    def _bucket(self, rows: int) -> list[Path]:
-        """Write every surviving row to the spill file of its output group, part by part."""
-        count = -(-self.num_rows // rows)
+    @staticmethod
+    def _sorted(path: Path) -> pa.Table | None:
+        """A bucket file's rows in output order (None if it was never written); the file goes."""
+        if not path.exists():
+            return None
+        with pa.OSFile(str(path)) as source:
+            bucket = pa.ipc.open_stream(source).read_all()
+        path.unlink(missing_ok=True)
+        order = pc.sort_indices(bucket[_POSITION])
+        return bucket.drop_columns([_POSITION]).take(order)
+
+    def _bucket(self, rows: int, slices: int) -> list[Path]:
+        """Write every surviving row to the bucket file of its output group's slice, part by part.
+
+        Bucket ``g * slices + s`` holds the rows of output group ``g`` (``rows`` rows each) whose
+        place in it falls in slice ``s`` of ``slices`` equal ones.
+        """
+        count = -(-self.num_rows // rows) * slices
         paths = [self._folder.file("bucket") for _ in range(count)]
         writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
         offset = 0
@@ -196,10 +216,10 @@ class SortedRows:
                 if len(kept) < table.num_rows:  # else every row survives: no copy
                     table = table.take(pa.array(kept, pa.int64()))
                 table = table.append_column(_POSITION, pa.array(at, pa.int64()))
-                group = at // rows
-                indices = np.unique(group)
+                bucket = (at // rows) * slices + (at % rows) * slices // rows
+                indices = np.unique(bucket)
                 for index in indices:
-                    piece = table if len(indices) == 1 else table.filter(pa.array(group == index))
+                    piece = table if len(indices) == 1 else table.filter(pa.array(bucket == index))
                     writer = writers.get(int(index))
                     if writer is None:
                         writer = pa.ipc.new_stream(str(paths[int(index)]), piece.schema)
