@@ -372,6 +372,57 @@ def test_retries_are_paced_by_the_limiter_too(
     assert time.perf_counter() - started < 0.45  # 10 calls at 20/s would need 0.45 s
 
 
+def test_pacing_at_the_quota_never_trips_a_strict_sliding_window(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    """A hair under a strict window's limit: no request of the enrichment is throttled.
+
+    The limiter never grants more than its paced rate in any second, late wakes caught up
+    included; max_tps=24 (23 granted per second) leaves the in-process server's own GIL jitter
+    two slots of room on a busy machine.
+    """
+    metadata_service.set_faults(window_tps=25)  # at most 25 requests in any one-second window
+    metadata_service.reset_stats()
+    subset = _frequent(metadata_frame).head(45)
+    got = subset.ahi.fetch_metadata(
+        client=metadata_service.client(), max_tps=24, max_concurrency=8, progress=False
+    )
+    assert got["imageSetId"].tolist() == subset["imageSetId"].tolist()
+    assert metadata_service.stats.by_operation.get("GetImageSetMetadata") == 45
+    assert metadata_service.stats.throttled == 0
+
+
+def test_retries_into_a_strict_sliding_window_take_a_token_each(
+    metadata_service: LocalService,
+    metadata_frame: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A max_tps above the window's limit gets throttled; botocore's retries wait their turn too."""
+    from botocore.retries import standard
+
+    from healthimaging_df import aws
+
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.0)
+    tokens = []
+    acquire = aws.RateLimiter.acquire
+
+    def counted(self: aws.RateLimiter) -> None:
+        acquire(self)
+        tokens.append(self.rate)
+
+    monkeypatch.setattr(aws.RateLimiter, "acquire", counted)
+    metadata_service.set_faults(window_tps=6)
+    metadata_service.reset_stats()
+    client = metadata_service.client(retries={"mode": "standard", "max_attempts": 40})
+    subset = _frequent(metadata_frame).head(20)
+    got = subset.ahi.fetch_metadata(client=client, max_tps=12, max_concurrency=4, progress=False)
+    assert got["imageSetId"].tolist() == subset["imageSetId"].tolist()
+    stats = metadata_service.stats
+    assert stats.throttled_by_limit.get("window", 0) > 0  # throttled, then retried...
+    assert stats.by_operation["GetImageSetMetadata"] == 20 + stats.throttled
+    assert len(tokens) == stats.requests  # ...and every attempt took a token first
+
+
 # -- the archive guard asks the service ------------------------------------------------------------
 
 
