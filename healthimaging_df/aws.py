@@ -41,10 +41,12 @@ class RateLimiter:
     schedule never runs behind the clock by more than ``burst - 1`` slots, so an idle limiter
     lets at most ``burst`` requests through at once (``burst=1``, the default: evenly paced).
 
-    On top, a sliding-window guard: at most ``window_limit`` grants (``ceil(rate * headroom)``,
-    at least ``burst``) in any ``window`` (1 s) of grant times, so late requests that catch up
-    cannot put more into one second than the paced rate, and a strict sliding-window limiter
-    on the service is never overrun.
+    On top, a sliding-window guard: at most ``window_limit`` grants in any ``window`` (1 s) of
+    grant times, so late requests that catch up cannot crowd one second. The limit is what an
+    evenly paced bucket of ``burst`` allows (``floor(burst + rate * headroom)``, 49 at 50 TPS)
+    as long as that leaves the quota a request to spare for the network's jitter, else the
+    paced rate rounded up (24 at 25 TPS, 10 at 10): a strict sliding-window limiter on the
+    service is never overrun.
 
     ``clock`` and ``sleep`` are injectable for unit tests of the schedule.
     """
@@ -62,7 +64,14 @@ class RateLimiter:
         self.rate = float(rate) * headroom
         self.capacity = float(burst if burst is not None else 1)
         self.window = float(window)
-        self.window_limit = max(int(self.capacity), math.ceil(self.rate * self.window - 1e-9), 1)
+        paced = math.ceil(self.rate * self.window - 1e-9)  # the paced rate, per window
+        spare = math.floor(float(rate) * self.window) - 1  # the quota, less a request of room
+        self.window_limit = max(
+            int(self.capacity),
+            paced,
+            min(math.floor(self.capacity + self.rate * self.window), spare),
+            1,
+        )
         self._interval = 1.0 / self.rate
         self._tolerance = (self.capacity - 1.0) * self._interval
         self._clock = clock

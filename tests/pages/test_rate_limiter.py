@@ -100,9 +100,9 @@ def test_no_window_of_one_second_holds_more_than_the_paced_rate() -> None:
     rng = random.Random(5)
     clock = FakeClock(late=lambda: rng.choice([0.0, 0.0, 0.0, 0.03]))  # some wake 30 ms late
     bucket = limiter(clock)
-    assert bucket.window_limit == 48
+    assert bucket.window_limit == 49  # the even bucket's bound, a request under the quota
     times = grants(clock, bucket, 1500, work=0.0)
-    assert max_in_window(times) <= 48
+    assert max_in_window(times) <= 49
 
 
 def test_an_idle_limiter_banks_no_burst() -> None:
@@ -127,10 +127,12 @@ def test_burst_lets_that_many_through_at_once() -> None:
 
 def test_window_limit_follows_rate_and_headroom() -> None:
     clock = FakeClock()
-    assert limiter(clock, rate=25.0).window_limit == 24
+    assert limiter(clock, rate=50.0).window_limit == 49  # 48 paced, one more leaves one spare
+    assert limiter(clock, rate=25.0).window_limit == 24  # 25 would leave none: the paced rate
     assert limiter(clock, rate=10.0).window_limit == 10  # 9.6 per second, rounded up
     assert limiter(clock, rate=0.5).window_limit == 1
     assert limiter(clock, rate=50.0, headroom=1.0).window_limit == 50
+    assert limiter(clock, rate=100.0, burst=5).window_limit == 99
 
 
 def test_threads_get_distinct_slots_and_the_counters_add_up() -> None:
