@@ -314,18 +314,28 @@ class _Block:
 def _shared(instances: list[dict[str, Any]]) -> dict[str, Any]:
     """``_scalar_attributes`` column-wise, in C.
 
-    One ``itemgetter`` call per instance and one ``list.count`` per keyword replace a Python
-    loop over every (instance, keyword) pair.
+    The second instance rules out the keywords that vary (position, number, UID...); one
+    ``itemgetter`` call per instance and one ``list.count`` of the first instance's tuple then
+    check the rest at once, column by column only if some instance disagrees. No Python loop
+    over every (instance, keyword) pair.
     """
     if not instances or not instances[0]:
         return {}
     first = instances[0]
-    keys = list(first)
+    missing = object()
+    if len(instances) > 1:
+        second = instances[1]
+        keys = [k for k, v in first.items() if second.get(k, missing) == v]
+    else:
+        keys = list(first)
+    if not keys:
+        return {}
     try:
         rows = list(map(operator.itemgetter(*keys), instances))
     except KeyError:  # some instance lacks a keyword: compare keyword by keyword
-        missing = object()
-        return {k: v for k, v in first.items() if all(d.get(k, missing) == v for d in instances)}
+        return {k: first[k] for k in keys if all(d.get(k, missing) == first[k] for d in instances)}
+    if rows.count(rows[0]) == len(rows):  # every candidate shared by every instance
+        return {k: first[k] for k in keys}
     columns = [rows] if len(keys) == 1 else list(zip(*rows, strict=True))
     return {
         k: first[k]
