@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import tempfile
@@ -181,6 +182,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     rates: dict[tuple[int, str], float] = {}
+    loads = [os.getloadavg()[0]]
     for instances in sizes:
         for implementation in IMPLEMENTATIONS:
             out = subprocess.run(
@@ -205,6 +207,7 @@ def main() -> None:
                 f"{1000 * r['cpu'] / r['calls']:.1f} | {r['peak_mib']:.0f} | {r['throttled']} |"
             )
             print(lines[-1], flush=True)
+            loads.append(os.getloadavg()[0])
     summary = "; ".join(
         f"{n} instances: {rates[n, 'fetch_metadata'] / MAX_TPS:.1%} of the quota, "
         f"{rates[n, 'fetch_metadata'] / rates[n, 'before']:.2f}x before, "
@@ -214,7 +217,9 @@ def main() -> None:
     lines += [
         "",
         f"fetch_metadata: {summary}. Target: >= 95% of the quota (47.5 calls/s; the limiter "
-        f"paces at HEADROOM x max_tps).",
+        f"paces at HEADROOM x max_tps). Load average (1 min) during the run: "
+        f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (above 1-2 means other "
+        "processes shared the machine and depressed the shares).",
     ]
     body = "\n".join(lines)
     print(body)
