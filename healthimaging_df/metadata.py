@@ -3,9 +3,12 @@
 SearchImageSets summarizes an image set with a handful of tags; GetImageSetMetadata returns its whole
 DICOM header tree as gzip JSON (``Patient``, ``Study``, ``Study.Series[uid].Instances[uid]``, each
 with a ``DICOM`` object keyed by keyword). ``fetch_metadata`` calls it once per image set, from a
-pool of threads paced by the same token bucket the search uses, and flattens the series (or
+pool of threads paced by the same rate limiter the search uses, and flattens the series (or
 instances) into rows keyed by ``imageSetId``, ``version``, ``SeriesInstanceUID`` (and
-``SOPInstanceUID``), with one column per DICOM keyword found.
+``SOPInstanceUID``), with one column per DICOM keyword found. Each document is parsed (orjson)
+and flattened column-wise in its worker as it arrives, with the cyclic garbage collector paused
+(``_CollectorPause``), and dropped: memory follows the output rows, CPU stays well under the
+quota's needs for series of hundreds of instances.
 
 Each call is an *access*: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent (more
 expensive) tier. The archive guard therefore knows every image set's tier before the first call:
