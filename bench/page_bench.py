@@ -176,7 +176,7 @@ def main() -> None:
         "",
         f"Lean path: {speedup:.1f}x less client CPU per page. Goal: <= 2 ms per page: "
         f"{'met' if lean_ms <= 2 else 'not met'}; load average {os.getloadavg()[0]:.1f} "
-        f"at the end (above 1, another process shared the cores). Of the lean "
+        f"at the end (this bench itself runs two processes). Of the lean "
         f"path's time, botocore's request path alone (an empty page: serialize, sign, send, "
         f"receive headers) is {floor:.2f} ms and the lean parse of a 50-row body alone "
         f"(`pages.parse_page`: orjson, checks, Arrow) is {parse:.2f} ms.",
