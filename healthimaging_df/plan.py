@@ -65,6 +65,9 @@ class DatastoreStats:
     created_min: datetime | None = None
     created_max: datetime | None = None
     source: str = "given"
+    # createdAt at evenly spaced ranks, oldest to newest (a full scan leaves 65, a probe 9):
+    # where a scan pre-splits its window so that each piece holds about as many image sets
+    created_quantiles: tuple[datetime, ...] = ()
 
     def share(self, low: datetime | None, high: datetime | None) -> float:
         """The fraction of image sets created in ``[low, high]``, assuming an even spread."""
@@ -107,6 +110,7 @@ class Chain:
     filters: tuple[Filter, ...]
     sort: dict[str, str] | None
     window: tuple[datetime, datetime] | None = None
+    splits: tuple[datetime, ...] = ()  # whole seconds where the window starts pre-split
 
     def __repr__(self) -> str:
         keys = [next(iter(f["values"][0]), "?") for f in self.filters]
@@ -490,6 +494,62 @@ def compile_plan(
     chosen = scan if use_scan else fan
     access: Strategy = "scan" if use_scan else "fanout"
     return replace(chosen, candidates=candidates, wants_statistics=wants, access=access)
+
+
+PRESPLIT_MIN_PAGES = 4  # fewer pages than this per piece: not worth a piece's part-empty page
+
+
+def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
+    """*plan* with each createdAt window split into up to *pieces* of about equal size.
+
+    From *stats*' createdAt quantiles (evenly in time between its oldest and newest image set
+    without them): the fetcher starts one reader per piece at once instead of discovering the
+    spread page by page, and the pieces then grow second readers, from their high end, and
+    split further as workers fall idle. Boundaries are whole seconds (what a request can say).
+    """
+    if not plan.windowed or pieces < 2 or plan.parts:
+        return plan
+    chains = []
+    for chain in plan.chains:
+        if chain.window is None:
+            chains.append(chain)
+            continue
+        low, high = chain.window
+        share = stats.share(low, high)
+        count = min(pieces, int(stats.image_sets * share / PAGE_ROWS / PRESPLIT_MIN_PAGES))
+        cuts = _cuts(stats, low, high, count)
+        chains.append(replace(chain, splits=cuts))
+    note = plan.note
+    if any(c.splits for c in chains):
+        parts = max(len(c.splits) + 1 for c in chains)
+        note = (
+            f"{note}; " if note else ""
+        ) + f"window pre-split into {parts} pieces from the {stats.source} statistics"
+    return replace(plan, chains=tuple(chains), note=note)
+
+
+def _cuts(stats: DatastoreStats, low: datetime, high: datetime, count: int) -> tuple[datetime, ...]:
+    """Whole seconds strictly inside ``(low, high)`` that cut it into *count* equal shares."""
+    if count < 2:
+        return ()
+    points = [q for q in stats.created_quantiles if low <= q <= high]
+    if len(points) < 2:
+        if stats.created_min is None or stats.created_max is None:
+            return ()
+        a, b = max(low, stats.created_min), min(high, stats.created_max)
+        points = [a, b] if b > a else []
+    if len(points) < 2:
+        return ()
+    last = len(points) - 1
+    cuts = set()
+    for k in range(1, count):
+        x = k * last / count
+        i = min(int(x), last - 1)
+        at = points[i] + (points[i + 1] - points[i]) * (x - i)
+        cut = dates.floor_second(at)
+        if low < cut < high:
+            cuts.add(cut)
+    return tuple(sorted(cuts))
 
 
 def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
