@@ -57,6 +57,7 @@ PAGE_ROWS = 50
 EARLY_STOP_ROWS = 2 * PAGE_ROWS
 ADD_READER_ROWS = 3 * PAGE_ROWS
 SPLIT_ROWS = 6 * PAGE_ROWS
+CHECKPOINT_PAGES = 5  # a reader hands over what it covered every this many pages
 STATS_QUANTILES = 64  # createdAt quantiles a full scan leaves for the next one's pre-split
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -155,6 +156,7 @@ class _Task:
     window: Window | None = None
     id: int = 0
     reader: _Reader | None = None  # a windowed task: one end of a segment
+    pages: int = 0
 
 
 @dataclass(eq=False)
@@ -555,6 +557,10 @@ class PageStream:
                 other.sole = True  # its page in flight will most likely finish the segment
                 stop = True
             covered: Window | None = None
+            task.pages += 1
+            handed: tuple[int, Window] | None = None
+            if not stop and task.pages % CHECKPOINT_PAGES == 0 and rows:
+                handed = self._roll_over(task, reader)
             if stop:
                 if segment.asc is reader:
                     segment.asc = None
@@ -569,7 +575,28 @@ class PageStream:
                 else:
                     covered = (reader.low, reader.frontier - _MICROSECOND)
             self._feed()
-            return covered
+        if handed is not None:  # outside the lock: the results queue may be full
+            self._put(
+                ("page", Page(task.chain.index, flatten.EMPTY_TABLE, handed[0], True, handed[1]))
+            )
+        return covered
+
+    def _roll_over(self, task: _Task, reader: _Reader) -> tuple[int, Window]:
+        """End the task (not the chain), returning its id and coverage; go on under a new id.
+
+        A reader can run for the whole scan; its coverage is what a checkpoint saves, so it is
+        handed over every few pages at no cost in requests (the same nextToken chain goes on).
+        """
+        if reader.descending:
+            covered = (reader.frontier + _MICROSECOND, reader.high)
+            reader.high = reader.frontier
+        else:
+            covered = (reader.low, reader.frontier - _MICROSECOND)
+            reader.low = reader.frontier
+        ended = task.id
+        self._task_ids += 1
+        task.id = self._task_ids
+        return ended, covered
 
     def _feed(self) -> None:
         """Start readers while there are free workers and the rate limiter has room.
