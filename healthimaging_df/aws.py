@@ -26,7 +26,7 @@ _HANDLER_ID = "healthimaging_df.aws.pace"
 # Requests go out a hair under the rate asked for: evenly paced at exactly 25/s, scheduling
 # jitter puts a 26th request into some one-second window, and a strict sliding-window limiter
 # throttles it (seen: about 10% throttled at 25/s, none at 24/s).
-HEADROOM = 0.98
+HEADROOM = 0.96
 
 
 class RateLimiter:

@@ -105,13 +105,17 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
         # them reads its window from both ends at once and splits as it learns the spread)
         stats = stats or statistics.cached(run.client, plan.datastore_id)
         if stats is not None:
-            plan = presplit(plan, stats, presplit_pieces(run.fetch))
+            plan = presplit(plan, stats, presplit_pieces(run.fetch, stats))
     return plan
 
 
-def presplit_pieces(options: FetchOptions) -> int:
-    """Pieces a scan starts with: half the workers (each piece soon reads from both ends)."""
-    return max(2, options.max_concurrency // 2)
+def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:
+    """Pieces a scan starts with: half the workers (each piece soon reads from both ends).
+
+    A small datastore gets fewer: every piece costs about half a page more (its last page).
+    """
+    pages = stats.image_sets // options.page_size
+    return max(2, min(options.max_concurrency // 2, pages // 16))
 
 
 def _qido(plan: Plan, run: Run) -> Plan:

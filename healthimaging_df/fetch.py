@@ -10,11 +10,13 @@ we cannot recover from raises, it never returns half a result.
 from __future__ import annotations
 
 import array
+import collections
 import hashlib
 import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from healthimaging_df.errors import (
     QueryValidationError,
     SearchError,
 )
-from healthimaging_df.plan import Chain, Plan
+from healthimaging_df.plan import Chain, Plan, rows_between
 from healthimaging_df.progress import Progress, ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ EARLY_STOP_ROWS = 2 * PAGE_ROWS
 ADD_READER_ROWS = 3 * PAGE_ROWS
 SPLIT_ROWS = 6 * PAGE_ROWS
 CHECKPOINT_PAGES = 5  # a reader hands over what it covered every this many pages
+LOCAL_REACH = 20  # an end's density holds for this many times its last page's span
+AT_RATE = 0.97  # pages arriving at this share of the limiter's rate: no new reader
 STATS_QUANTILES = 64  # createdAt quantiles a full scan leaves for the next one's pre-split
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -174,6 +178,8 @@ class _Reader:
     frontier: datetime
     sole: bool = False  # the other end stopped early: this reader must run to the meeting
     density: float | None = None  # rows per second on its last page
+    span: float = 0.0  # seconds of createdAt its last page covered
+    read: bool = False  # it has had a page with rows
 
 
 @dataclass(eq=False)
@@ -196,13 +202,24 @@ class _Segment:
     def complete(self) -> bool:
         return self.closed or self.low > self.high
 
-    def remaining_rows(self) -> float:
-        """Rows left between the ends: the gap at the ends' densities (inf when unknown)."""
-        densities = [r.density for r in (self.asc, self.desc) if r is not None and r.density]
-        if not densities:
+    def remaining_rows(self, overall: float | None = None) -> float:
+        """Rows left between the ends (inf when unknown).
+
+        By the chain's profile (statistics), else the gap at the ends' densities; a gap far
+        wider than the span the ends' last pages covered is taken at the *overall* density
+        read so far (an end in an import burst says little about the months after it).
+        """
+        profiled = rows_between(self.chain, self.low, self.high)
+        if profiled is not None:
+            return profiled
+        ends = [r for r in (self.asc, self.desc) if r is not None and r.density]
+        if not ends:
             return float("inf")
         gap = max((self.high - self.low).total_seconds(), 0.0)
-        return gap * sum(densities) / len(densities)
+        reach = LOCAL_REACH * max(r.span for r in ends)
+        if overall is not None and gap > reach:
+            return gap * overall
+        return gap * sum(r.density or 0.0 for r in ends) / len(ends)
 
 
 @dataclass
@@ -255,6 +272,10 @@ class PageStream:
         self._outstanding = 0
         self._segments: set[_Segment] = set()
         self._samples: array.array[int] = array.array("q")  # createdAt (us) of pages' ends
+        self._arrivals: collections.deque[float] = collections.deque()  # windowed pages' times
+        self._began = time.monotonic()
+        self._rows_read = 0
+        self._seconds_read = 0.0
         self._task_ids = 0
         self._workers: list[threading.Thread] = []
         self._progress = ProgressReporter(
@@ -322,6 +343,7 @@ class PageStream:
         if self._started:
             return
         self._started = True
+        self._began = time.monotonic()
         tasks: list[_Task] = []
         windows: list[tuple[Chain, Window, tuple[datetime, ...]]] = []
         for chain in self.plan.chains:
@@ -531,6 +553,7 @@ class PageStream:
                 )
         self._emit(task, table)
         with self._lock:
+            self._arrivals.append(time.monotonic())
             segment = reader.segment
             if rows:
                 first, last = created[0].as_py(), created[-1].as_py()
@@ -538,6 +561,13 @@ class PageStream:
                 if rows > 1:
                     span = abs((last - first).total_seconds())
                     reader.density = (rows - 1) / max(span, 1e-6)
+                    reader.span = span
+                # the span read: from the previous page's end (from this page's first row on a
+                # reader's first page, whose query may start decades before the data)
+                since = reader.frontier if reader.read else first
+                self._rows_read += rows
+                self._seconds_read += abs((last - since).total_seconds())
+                reader.read = True
                 reader.frontier = last
                 if reader.descending:
                     segment.high = min(segment.high, last)
@@ -552,7 +582,7 @@ class PageStream:
                 and other is not None
                 and not other.sole
                 and not reader.sole
-                and segment.remaining_rows() < EARLY_STOP_ROWS
+                and segment.remaining_rows(self._overall()) < EARLY_STOP_ROWS
             ):
                 other.sole = True  # its page in flight will most likely finish the segment
                 stop = True
@@ -599,7 +629,7 @@ class PageStream:
         return ended, covered
 
     def _feed(self) -> None:
-        """Start readers while there are free workers and the rate limiter has room.
+        """Start a reader if there is a free worker and pages arrive below the limiter's rate.
 
         The segment with the most rows left gets its missing end, or, read from both ends
         already, is split at a whole second between them (the dense side's next second, else
@@ -607,28 +637,49 @@ class PageStream:
         (its last page is part-empty), so none starts for a segment with little left, nor once
         the limiter is the bottleneck. Called with the lock held.
         """
-        limit = self.options.max_concurrency
-        while self._outstanding < limit and not (
-            self._limiter is not None and self._limiter.saturated
-        ):
-            live = sorted(
-                (s for s in self._segments if not s.complete),
-                key=lambda s: s.remaining_rows(),
-                reverse=True,
-            )
-            for segment in live:
-                left = segment.remaining_rows()
-                if left < ADD_READER_ROWS:
-                    return
-                if segment.asc is None or segment.desc is None:
-                    self._add_reader(segment, descending=segment.desc is None)
-                    break
-                cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
-                if cut is not None:
-                    self._split_at(segment, cut)
-                    break
-            else:
+        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+            return
+        # one reader per page that arrives: the rate is measured again before the next
+        overall = self._overall()
+        live = sorted(
+            (
+                (s.remaining_rows(overall), n, s)
+                for n, s in enumerate(self._segments)
+                if not s.complete
+            ),
+            key=lambda item: (item[0], item[1]),
+            reverse=True,
+        )
+        for left, _, segment in live:
+            if left < ADD_READER_ROWS:
                 return
+            if segment.asc is None or segment.desc is None:
+                self._add_reader(segment, descending=segment.desc is None)
+                return
+            cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
+            if cut is not None:
+                self._split_at(segment, cut)
+                return
+
+    def _overall(self) -> float | None:
+        """Rows per second of createdAt over everything the windows have read so far."""
+        if self._rows_read < 2 * PAGE_ROWS or self._seconds_read <= 0:
+            return None
+        return self._rows_read / self._seconds_read
+
+    def _at_rate(self) -> bool:
+        """Whether pages already arrive at (nearly) the limiter's rate: no reader would help.
+
+        Measured over the last second of pages (since the start, during the first second).
+        """
+        if self._limiter is None:
+            return False
+        now = time.monotonic()
+        arrivals = self._arrivals
+        while arrivals and arrivals[0] < now - 1.0:
+            arrivals.popleft()
+        elapsed = min(1.0, now - self._began)
+        return elapsed > 0 and len(arrivals) / max(elapsed, 0.25) >= AT_RATE * self._limiter.rate
 
     def _add_reader(self, segment: _Segment, descending: bool) -> None:
         low, high = dates.floor_second(segment.low), dates.ceil_second(segment.high)

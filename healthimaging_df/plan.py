@@ -18,6 +18,7 @@ The planner never sees a ``Query``: it takes the query's parts, so it sits below
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -98,6 +99,29 @@ class Candidate:
         return f"{self.name}: about {self.requests:,.0f} requests, {seconds:,.1f} s at {max_tps:g} TPS ({mark})"
 
 
+def rows_between(chain: Chain, low: datetime, high: datetime) -> float | None:
+    """Rows of the datastore created in ``[low, high]`` by *chain*'s profile, None without one.
+
+    The quantiles are evenly spaced in rank; rows are taken as spread evenly between two.
+    """
+    points = chain.profile
+    if len(points) < 2 or high < low:
+        return None if len(points) < 2 else 0.0
+    return chain.profile_rows * (_rank(points, high) - _rank(points, low))
+
+
+def _rank(points: tuple[datetime, ...], moment: datetime) -> float:
+    """The share of rows created before *moment* (0..1), interpolated between quantiles."""
+    if moment <= points[0]:
+        return 0.0
+    if moment >= points[-1]:
+        return 1.0
+    i = bisect.bisect_right(points, moment) - 1
+    width = (points[i + 1] - points[i]).total_seconds()
+    inside = (moment - points[i]).total_seconds() / width if width > 0 else 0.0
+    return (i + inside) / (len(points) - 1)
+
+
 @dataclass(frozen=True)
 class Chain:
     """One request chain: a request followed by its nextToken pages.
@@ -111,6 +135,10 @@ class Chain:
     sort: dict[str, str] | None
     window: tuple[datetime, datetime] | None = None
     splits: tuple[datetime, ...] = ()  # whole seconds where the window starts pre-split
+    # createdAt quantiles of the datastore and its size (from statistics): how many rows a part
+    # of the window holds, for the fetcher's decisions to add readers or stop one
+    profile: tuple[datetime, ...] = field(default=(), repr=False)
+    profile_rows: int = 0
 
     def __repr__(self) -> str:
         keys = [next(iter(f["values"][0]), "?") for f in self.filters]
@@ -518,7 +546,14 @@ def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
         share = stats.share(low, high)
         count = min(pieces, int(stats.image_sets * share / PAGE_ROWS / PRESPLIT_MIN_PAGES))
         cuts = _cuts(stats, low, high, count)
-        chains.append(replace(chain, splits=cuts))
+        chains.append(
+            replace(
+                chain,
+                splits=cuts,
+                profile=stats.created_quantiles,
+                profile_rows=stats.image_sets,
+            )
+        )
     note = plan.note
     if any(c.splits for c in chains):
         parts = max(len(c.splits) + 1 for c in chains)
