@@ -1,7 +1,7 @@
 """The executor: pages from a boto3 client, concurrently, under one client-side rate limit.
 
-Request chains (one per fanned-out value, or createdAt windows that split while they still have more
-pages) run on a pool of threads sharing one client. A token bucket paces every call below ``max_tps``
+Request chains (one per fanned-out value, or createdAt windows read from both ends and split while
+workers are free) run on a pool of threads sharing one client. A token bucket paces every call below ``max_tps``
 so we do not cause the throttling we would then retry. botocore's standard retry mode retries
 throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch stops: a fault
 we cannot recover from raises, it never returns half a result.

@@ -7,8 +7,9 @@ Rules (see ``docs/queries.md``):
 - An IN list on the chosen ID fans out into one request chain per value.
 - Timestamps go out as whole seconds (botocore drops fractions), so bounds are widened to whole
   seconds; every predicate, pushed or not, is then applied exactly on the client.
-- A scan with no ID to pin is split into ``createdAt`` windows at run time (createdAt never changes,
-  so windows are stable while the datastore is written to).
+- A scan with no ID to pin reads a ``createdAt`` window, pre-split from statistics when there are
+  some (:func:`presplit`) and split further at run time (createdAt never changes, so windows are
+  stable while the datastore is written to).
 - Every chain pages in an order no update can change: ``createdAt`` ascending. The service's default
   (``updatedAt`` descending) would move an image set updated mid-query ahead of the cursor, where
   it is never returned. Only a query with a ``limit`` pushes its own sort down, to stop early.
@@ -277,8 +278,8 @@ class Plan:
             low, high = window
             lines.append(
                 f"  exhaustive scan: createdAt {low:%Y-%m-%dT%H:%M:%SZ} .. {high:%Y-%m-%dT%H:%M:%SZ}"
-                " split at run time into windows (sorted createdAt ASC) while a window has more"
-                " pages; windows run concurrently under max_tps"
+                " read from both ends (createdAt ASC and DESC) and split at run time while workers"
+                " are free; windows run concurrently under max_tps"
             )
         client_side = [p for p in self.predicates if p not in self.pushed]
         lines.append("  applied on the client, exactly:")
