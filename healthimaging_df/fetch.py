@@ -202,7 +202,7 @@ class _Segment:
     def complete(self) -> bool:
         return self.closed or self.low > self.high
 
-    def remaining_rows(self, overall: float | None = None) -> float:
+    def remaining_rows(self, overall: float | None = None, most: bool = False) -> float:
         """Rows left between the ends (inf when unknown).
 
         By the chain's profile (statistics), else the gap at the ends' densities; a gap far
@@ -216,10 +216,11 @@ class _Segment:
         if not ends:
             return float("inf")
         gap = max((self.high - self.low).total_seconds(), 0.0)
-        reach = LOCAL_REACH * max(r.span for r in ends)
-        if overall is not None and gap > reach:
-            return gap * overall
-        return gap * sum(r.density or 0.0 for r in ends) / len(ends)
+        local = gap * sum(r.density or 0.0 for r in ends) / len(ends)
+        if overall is None or gap <= LOCAL_REACH * max(r.span for r in ends):
+            return local
+        # *most*: the larger of the two, for decisions that would leave one reader alone
+        return max(local, gap * overall) if most else gap * overall
 
 
 @dataclass
@@ -582,7 +583,7 @@ class PageStream:
                 and other is not None
                 and not other.sole
                 and not reader.sole
-                and segment.remaining_rows(self._overall()) < EARLY_STOP_ROWS
+                and segment.remaining_rows(self._overall(), most=True) < EARLY_STOP_ROWS
             ):
                 other.sole = True  # its page in flight will most likely finish the segment
                 stop = True
@@ -651,11 +652,13 @@ class PageStream:
             reverse=True,
         )
         for left, _, segment in live:
-            if left < ADD_READER_ROWS:
-                return
             if segment.asc is None or segment.desc is None:
-                self._add_reader(segment, descending=segment.desc is None)
-                return
+                if segment.remaining_rows(overall, most=True) >= ADD_READER_ROWS:
+                    self._add_reader(segment, descending=segment.desc is None)
+                    return
+                continue
+            if left < ADD_READER_ROWS:
+                continue
             cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
             if cut is not None:
                 self._split_at(segment, cut)
