@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,6 +67,7 @@ class DatastoreStats:
     created_min: datetime | None = None
     created_max: datetime | None = None
     source: str = "given"
+    _: KW_ONLY  # what later releases add goes by name, so positional callers never shift
     # isPrimary=false image sets (what a QIDO-RS plan must sweep), None when not measured
     non_primary: int | None = None
     # createdAt at evenly spaced ranks, oldest to newest (a full scan leaves 65, a probe 9):

@@ -80,7 +80,7 @@ def _lows(requests: list[dict[str, Any]]) -> set[datetime]:
 
 def test_presplit_cuts_the_window_at_equal_shares_of_the_quantiles() -> None:
     quantiles = tuple(START + timedelta(days=d) for d in (0, 1, 2, 3, 400, 800))
-    stats = DatastoreStats(5000, quantiles[0], quantiles[-1], "scan", quantiles)
+    stats = DatastoreStats(5000, quantiles[0], quantiles[-1], "scan", created_quantiles=quantiles)
     plan = compile_plan("a" * 32)
     split = presplit(plan, stats, 5)
     (chain,) = split.chains
