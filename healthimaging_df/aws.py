@@ -8,9 +8,11 @@ attempt respected, and a user's own client is paced only inside our calls.
 
 from __future__ import annotations
 
+import collections
+import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,50 +32,93 @@ HEADROOM = 0.96
 
 
 class RateLimiter:
-    """A thread-safe token bucket: at most ``rate * HEADROOM`` acquisitions per second.
+    """Paces acquisitions at ``rate * headroom`` per second, across threads, on a fixed schedule.
 
-    ``burst=1`` (the default) paces evenly, so a service that counts requests in a strict
-    sliding window, or allows a smaller burst than it advertises, is never overrun.
+    Each caller reserves the next *slot* of an absolute schedule (slot k+1 = slot k + 1/rate)
+    and sleeps until it. A thread that wakes late (the GIL held by another thread's parse, a
+    busy machine) therefore delays only its own request: the next slot was fixed before, so the
+    schedule does not accumulate oversleep as a bucket refilled from wake-up times does. The
+    schedule never runs behind the clock by more than ``burst - 1`` slots, so an idle limiter
+    lets at most ``burst`` requests through at once (``burst=1``, the default: evenly paced).
+
+    On top, a sliding-window guard: at most ``window_limit`` grants in any ``window`` (1 s) of
+    grant times, so late requests that catch up cannot crowd one second. The limit is what an
+    evenly paced bucket of ``burst`` allows (``floor(burst + rate * headroom)``, 49 at 50 TPS)
+    as long as that leaves the quota a request to spare for the network's jitter, else the
+    paced rate rounded up (24 at 25 TPS, 10 at 10): a strict sliding-window limiter on the
+    service is never overrun.
+
+    ``clock`` and ``sleep`` are injectable for unit tests of the schedule.
     """
 
-    def __init__(self, rate: float, burst: int | None = None, headroom: float = HEADROOM) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int | None = None,
+        headroom: float = HEADROOM,
+        *,
+        window: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.rate = float(rate) * headroom
         self.capacity = float(burst if burst is not None else 1)
-        self._tokens = self.capacity
-        self._stamp = time.monotonic()
+        self.window = float(window)
+        paced = math.ceil(self.rate * self.window - 1e-9)  # the paced rate, per window
+        spare = math.floor(float(rate) * self.window) - 1  # the quota, less a request of room
+        self.window_limit = max(
+            int(self.capacity),
+            paced,
+            min(math.floor(self.capacity + self.rate * self.window), spare),
+            1,
+        )
+        self._interval = 1.0 / self.rate
+        self._tolerance = (self.capacity - 1.0) * self._interval
+        self._clock = clock
+        self._sleep = sleep
+        self._next = clock() - self._tolerance  # the first free slot of the schedule
+        self._granted: collections.deque[float] = collections.deque(maxlen=self.window_limit)
         self._lock = threading.Lock()
         self.waiting = 0
         self.acquired = 0
 
     @property
     def saturated(self) -> bool:
-        """Some thread is waiting for a token: more concurrency would not send more requests."""
+        """Some thread is waiting for its slot: more concurrency would not send more requests."""
         return self.waiting > 0
 
     def acquire(self) -> None:
         """Block until a request may go out."""
-        waited = False
+        with self._lock:
+            now = self._clock()
+            slot = max(self._next, now - self._tolerance)
+            self._next = slot + self._interval
+            waited = slot > now
+            if waited:
+                self.waiting += 1
         try:
             while True:
+                if waited:
+                    self._wait_until(slot)
                 with self._lock:
-                    now = time.monotonic()
-                    self._tokens = min(
-                        self.capacity, self._tokens + (now - self._stamp) * self.rate
-                    )
-                    self._stamp = now
-                    if self._tokens >= 1:
-                        self._tokens -= 1
+                    now = self._clock()
+                    granted = self._granted
+                    if len(granted) < self.window_limit or now - granted[0] >= self.window:
+                        granted.append(now)
                         self.acquired += 1
                         return
-                    wait = (1 - self._tokens) / self.rate
+                    slot = granted[0] + self.window  # the window is full: wait for its oldest
                     if not waited:
                         waited = True
                         self.waiting += 1
-                time.sleep(wait)
         finally:
             if waited:
                 with self._lock:
                     self.waiting -= 1
+
+    def _wait_until(self, moment: float) -> None:
+        while (left := moment - self._clock()) > 0:
+            self._sleep(left)
 
 
 def make_client(

@@ -29,7 +29,7 @@ from healthimaging_df.frame import (
     frame_of,
     split_page,
 )
-from healthimaging_df.plan import DatastoreStats, Plan, compile_plan
+from healthimaging_df.plan import DatastoreStats, Plan, compile_plan, presplit
 from healthimaging_df.progress import Progress
 from healthimaging_df.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 
@@ -91,14 +91,30 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     plan = compile(None)
     if plan.qido is not None:
         return _qido(plan, run)
-    if not plan.wants_statistics:
-        return plan
-    stats = statistics.cached(run.client, plan.datastore_id)
-    if stats is None:
-        limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
-        stats = statistics.probe(run.client, plan.datastore_id, limiter)
-        statistics.remember(run.client, plan.datastore_id, stats)
-    return compile(stats)
+    stats = None
+    if plan.wants_statistics:
+        stats = statistics.cached(run.client, plan.datastore_id)
+        if stats is None:
+            limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
+            stats = statistics.probe(run.client, plan.datastore_id, limiter)
+            statistics.remember(run.client, plan.datastore_id, stats)
+        plan = compile(stats)
+    if plan.windowed:
+        # a scan pre-splits from statistics it already has (never probed for: a scan without
+        # them reads its window from both ends at once and splits as it learns the spread)
+        stats = stats or statistics.cached(run.client, plan.datastore_id)
+        if stats is not None:
+            plan = presplit(plan, stats, presplit_pieces(run.fetch, stats))
+    return plan
+
+
+def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:
+    """Pieces a scan starts with: half the workers (each piece soon reads from both ends).
+
+    A small datastore gets fewer: every piece costs about half a page more (its last page).
+    """
+    pages = stats.image_sets // options.page_size
+    return max(2, min(options.max_concurrency // 2, pages // 16))
 
 
 def _qido(plan: Plan, run: Run) -> Plan:
@@ -131,7 +147,14 @@ def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dic
             if collector.add(page):
                 pages.stop_chain(page.chain)
     if plan.full_scan:
-        counted = DatastoreStats(collector.distinct_seen(), source="scan")
+        quantiles = pages.created_quantiles()
+        counted = DatastoreStats(
+            collector.distinct_seen(),
+            quantiles[0] if quantiles else None,
+            quantiles[-1] if quantiles else None,
+            source="scan",
+            created_quantiles=quantiles,
+        )
         statistics.remember(run.client, plan.datastore_id, counted)
     return [collector.table()], provenance.build(plan, query_json, run.client, started)
 

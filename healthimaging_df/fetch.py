@@ -1,7 +1,7 @@
 """The executor: pages from a boto3 client, concurrently, under one client-side rate limit.
 
-Request chains (one per fanned-out value, or createdAt windows that split while they still have more
-pages) run on a pool of threads sharing one client. A token bucket paces every call below ``max_tps``
+Request chains (one per fanned-out value, or createdAt windows read from both ends and split while
+workers are free) run on a pool of threads sharing one client. A token bucket paces every call below ``max_tps``
 so we do not cause the throttling we would then retry. botocore's standard retry mode retries
 throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch stops: a fault
 we cannot recover from raises, it never returns half a result.
@@ -9,15 +9,18 @@ we cannot recover from raises, it never returns half a result.
 
 from __future__ import annotations
 
+import array
+import collections
 import hashlib
 import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any
 
@@ -31,7 +34,7 @@ from healthimaging_df.errors import (
     QueryValidationError,
     SearchError,
 )
-from healthimaging_df.plan import Chain, Plan
+from healthimaging_df.plan import Chain, Plan, rows_between
 from healthimaging_df.progress import Progress, ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,19 @@ MALFORMED_ATTEMPTS = 4
 # chain has never been seen to need more than a handful) yet stops a runaway chain within about
 # two seconds at the default quota, instead of paging forever.
 EMPTY_PAGE_LIMIT = 50
+# Windowed scans (see PageStream._feed): a segment's two ends stop reading from one side once
+# fewer rows than this are left between them (the other end's page in flight reads them); a
+# missing end is started only for a segment with at least ADD_READER_ROWS left, a split only
+# with SPLIT_ROWS left.
+PAGE_ROWS = 50
+EARLY_STOP_ROWS = 2 * PAGE_ROWS
+ADD_READER_ROWS = 3 * PAGE_ROWS
+SPLIT_ROWS = 6 * PAGE_ROWS
+CHECKPOINT_PAGES = 5  # a reader hands over what it covered every this many pages
+LOCAL_REACH = 20  # an end's density holds for this many times its last page's span
+AT_RATE = 0.97  # pages arriving at this share of the limiter's rate: no new reader
+STATS_QUANTILES = 64  # createdAt quantiles a full scan leaves for the next one's pre-split
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,68 @@ class _Task:
     chain: Chain
     window: Window | None = None
     id: int = 0
+    reader: _Reader | None = None  # a windowed task: one end of a segment
+    pages: int = 0
+
+
+@dataclass(eq=False)
+class _Reader:
+    """One request chain reading a segment from its low end (ascending) or high end (descending).
+
+    Its query covers ``[low, high]`` (whole seconds); every row of the query beyond ``frontier``
+    in its direction (before it ascending, after it descending) has been delivered.
+    """
+
+    segment: _Segment
+    descending: bool
+    low: datetime
+    high: datetime
+    frontier: datetime
+    sole: bool = False  # the other end stopped early: this reader must run to the meeting
+    density: float | None = None  # rows per second on its last page
+    span: float = 0.0  # seconds of createdAt its last page covered
+    read: bool = False  # it has had a page with rows
+
+
+@dataclass(eq=False)
+class _Segment:
+    """An unfinished part of a createdAt window, read from both ends until they meet.
+
+    Every row created before ``low`` and every row created after ``high`` has been delivered
+    (by this segment's readers or by a neighbouring segment's); the segment is complete once
+    ``low > high``, or once a reader's chain ends (its query covers the whole segment).
+    """
+
+    chain: Chain
+    low: datetime
+    high: datetime
+    asc: _Reader | None = None
+    desc: _Reader | None = None
+    closed: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.closed or self.low > self.high
+
+    def remaining_rows(self, overall: float | None = None, most: bool = False) -> float:
+        """Rows left between the ends (inf when unknown).
+
+        By the chain's profile (statistics), else the gap at the ends' densities; a gap far
+        wider than the span the ends' last pages covered is taken at the *overall* density
+        read so far (an end in an import burst says little about the months after it).
+        """
+        profiled = rows_between(self.chain, self.low, self.high)
+        if profiled is not None:
+            return profiled
+        ends = [r for r in (self.asc, self.desc) if r is not None and r.density]
+        if not ends:
+            return float("inf")
+        gap = max((self.high - self.low).total_seconds(), 0.0)
+        local = gap * sum(r.density or 0.0 for r in ends) / len(ends)
+        if overall is None or gap <= LOCAL_REACH * max(r.span for r in ends):
+            return local
+        # *most*: the larger of the two, for decisions that would leave one reader alone
+        return max(local, gap * overall) if most else gap * overall
 
 
 @dataclass
@@ -191,8 +269,14 @@ class PageStream:
         )
         self._cancel = threading.Event()
         self._stopped: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a reader's page handling submits new readers
         self._outstanding = 0
+        self._segments: set[_Segment] = set()
+        self._samples: array.array[int] = array.array("q")  # createdAt (us) of pages' ends
+        self._arrivals: collections.deque[float] = collections.deque()  # windowed pages' times
+        self._began = time.monotonic()
+        self._rows_read = 0
+        self._seconds_read = 0.0
         self._task_ids = 0
         self._workers: list[threading.Thread] = []
         self._progress = ProgressReporter(
@@ -260,28 +344,70 @@ class PageStream:
         if self._started:
             return
         self._started = True
-        tasks = []
+        self._began = time.monotonic()
+        tasks: list[_Task] = []
+        windows: list[tuple[Chain, Window, tuple[datetime, ...]]] = []
         for chain in self.plan.chains:
             if self.resume is None:
-                tasks.append(_Task(chain, chain.window))
+                if chain.window is None:
+                    tasks.append(_Task(chain))
+                else:
+                    windows.append((chain, chain.window, chain.splits))
             elif chain.index in self.resume.chains:
                 continue
             elif chain.window is None:
                 tasks.append(_Task(chain))
             else:
-                tasks += [_Task(chain, w) for w in self.resume.remaining(chain)]
-        if not tasks:
+                windows += [(chain, w, ()) for w in self.resume.remaining(chain)]
+        if not tasks and not windows:
             self._results.put(("done", None))
             return
         for task in tasks:
             self._submit(task)
+        with self._lock:
+            for chain, (low, high), splits in windows:
+                self._open_window(chain, low, high, splits)
         # windows split into more tasks as they run; plain chains never outnumber their tasks
         limit = self.options.max_concurrency
-        count = limit if self.plan.windowed else min(limit, len(tasks))
+        count = limit if windows else min(limit, len(tasks))
         for n in range(count):
             worker = threading.Thread(target=self._work, name=f"ahi-fetch-{n}", daemon=True)
             worker.start()
             self._workers.append(worker)
+
+    def _open_window(
+        self, chain: Chain, low: datetime, high: datetime, splits: tuple[datetime, ...]
+    ) -> None:
+        """Start reading a window: pre-split at *splits*, each piece from its low end.
+
+        Without splits, from both ends at once (the first two pages also find the oldest and
+        newest rows, so the first splits know the spread).
+        """
+        edges = [low, *sorted(s for s in set(splits) if low < s < high), high]
+        if len(edges) == 2:
+            segment = _Segment(chain, low, high)
+            self._segments.add(segment)
+            self._add_reader(segment, descending=False)
+            if high > low:
+                self._add_reader(segment, descending=True)
+            return
+        for a, b in itertools.pairwise(edges):
+            segment = _Segment(chain, a, b)
+            self._segments.add(segment)
+            self._add_reader(segment, descending=False)
+
+    def created_quantiles(self, count: int = STATS_QUANTILES) -> tuple[datetime, ...]:
+        """The createdAt at *count* + 1 evenly spaced ranks of the windowed rows read (first to last).
+
+        Sampled from the first and last row of every page (pages hold 50 rows in createdAt
+        order, so the samples are about evenly spaced in rank); what a later scan pre-splits on.
+        """
+        if not self._samples:
+            return ()
+        ordered = sorted(self._samples)
+        last = len(ordered) - 1
+        picks = sorted({ordered[round(last * k / count)] for k in range(count + 1)})
+        return tuple(_EPOCH + timedelta(microseconds=us) for us in picks)
 
     # -- worker side --------------------------------------------------------------------------
 
@@ -306,6 +432,21 @@ class PageStream:
             with self._lock:
                 self._outstanding -= 1
                 finished = self._outstanding == 0
+                unread = any(not s.complete for s in self._segments)
+            if finished and unread and not self._cancel.is_set() and not self._stopped:
+                self._cancel.set()
+                self._put(
+                    (
+                        "error",
+                        PaginationError(
+                            OPERATION,
+                            task.chain.index,
+                            "IncompleteWindow",
+                            detail="every reader of a createdAt window stopped before it was read",
+                        ),
+                    )
+                )
+                return
             if finished:
                 self._put(("done", None))
 
@@ -342,9 +483,10 @@ class PageStream:
         chain = task.chain
         kwargs = chain.request(self.plan.datastore_id, task.window)
         kwargs["maxResults"] = self.options.page_size
+        if task.reader is not None and task.reader.descending:
+            kwargs["searchCriteria"]["sort"] = {"sortField": "createdAt", "sortOrder": "DESC"}
         tokens: set[bytes] = set()  # digests: a chain of 100,000 pages must not keep 8 KB each
         empty_run = 0
-        emit_below: datetime | None = None
         page_number = 0
         while not self._halted(chain.index):
             table, token = self._call(kwargs, chain.index)
@@ -374,12 +516,12 @@ class PageStream:
                         "NoProgress",
                         detail=f"{empty_run} empty pages in a row, each with a new nextToken",
                     )
-            if task.window is None:
+            if task.reader is None:
                 self._emit(task, table)
                 if token is None:
                     self._finish(task, None)
             else:
-                emit_below, covered = self._window_page(task, table, token, emit_below)
+                covered = self._segment_page(task, task.reader, table, token)
                 if covered is not None:
                     self._finish(task, covered)
                     return
@@ -387,79 +529,209 @@ class PageStream:
                 return
             kwargs["nextToken"] = token
 
-    def _window_page(
-        self,
-        task: _Task,
-        table: pa.Table,
-        token: str | None,
-        emit_below: datetime | None,
-    ) -> tuple[datetime | None, Window | None]:
-        """Emit a window's page; split off the rest of the window while it still has pages.
+    def _segment_page(
+        self, task: _Task, reader: _Reader, table: pa.Table, token: str | None
+    ) -> Window | None:
+        """Emit a reader's page, move its end of the segment, and decide whether it goes on.
 
-        Items arrive sorted by createdAt ascending, so once a page ends in second ``c`` every image
-        set created before ``c`` has been seen, and ``[c, high]`` can be handed to new windows.
-        Windows share their boundary second; the frame deduplicates by imageSetId.
-        Returns the new emit bound, and the covered range once this window is finished.
+        Returns the createdAt range the reader delivered completely once it stops (its chain
+        ended, the two ends met, or the other end will finish the little that is left), else
+        None. Every page is emitted whole: rows both ends read are deduplicated downstream.
         """
-        assert task.window is not None
-        low, high = task.window
         created = table.column("createdAt")
-        if (
-            table.num_rows > 1
-            and not pc.all(
-                pc.greater_equal(created.slice(1), created.slice(0, table.num_rows - 1))
-            ).as_py()
-        ):
-            raise PaginationError(
-                OPERATION,
-                task.chain.index,
-                "UnsortedPage",
-                detail="a createdAt window came back out of createdAt order; splitting it would lose rows",
+        rows = table.num_rows
+        if rows > 1:
+            head, tail = created.slice(0, rows - 1), created.slice(1)
+            ordered = (
+                pc.less_equal(tail, head) if reader.descending else pc.greater_equal(tail, head)
             )
-        if emit_below is not None:
-            keep = table.filter(pc.less(created, pa.scalar(emit_below, created.type)))
-            self._emit(task, keep)
-            finished = keep.num_rows < table.num_rows or token is None
-            return emit_below, (low, emit_below - _MICROSECOND) if finished else None
-        if token is None or table.num_rows == 0:
-            self._emit(task, table)
-            return None, (low, high) if token is None else None
-        cut = dates.floor_second(created[-1].as_py())
-        if not self._may_split():
-            self._emit(task, table)
-            return None, None
-        if cut > low and high - cut >= 2 * _SECOND:
-            self._emit(task, table.filter(pc.less(created, pa.scalar(cut, created.type))))
-            self._split(task, cut, high)
-            return None, (low, cut - _MICROSECOND)
-        if cut == low and high - low >= 2 * _SECOND:
-            self._emit(task, table)
-            self._split(task, low + _SECOND, high)
-            return low + _SECOND, None
+            if not pc.all(ordered).as_py():
+                raise PaginationError(
+                    OPERATION,
+                    task.chain.index,
+                    "UnsortedPage",
+                    detail="a createdAt window came back out of createdAt order; splitting it would lose rows",
+                )
         self._emit(task, table)
-        return None, None
+        with self._lock:
+            self._arrivals.append(time.monotonic())
+            segment = reader.segment
+            if rows:
+                first, last = created[0].as_py(), created[-1].as_py()
+                self._samples.extend((_micros(first), _micros(last)))
+                if rows > 1:
+                    span = abs((last - first).total_seconds())
+                    reader.density = (rows - 1) / max(span, 1e-6)
+                    reader.span = span
+                # the span read: from the previous page's end (from this page's first row on a
+                # reader's first page, whose query may start decades before the data)
+                since = reader.frontier if reader.read else first
+                self._rows_read += rows
+                self._seconds_read += abs((last - since).total_seconds())
+                reader.read = True
+                reader.frontier = last
+                if reader.descending:
+                    segment.high = min(segment.high, last)
+                else:
+                    segment.low = max(segment.low, last)
+            if token is None:
+                segment.closed = True  # the query covers the segment: nothing of it is left
+            other = segment.asc if reader.descending else segment.desc
+            stop = segment.complete
+            if (
+                not stop
+                and other is not None
+                and not other.sole
+                and not reader.sole
+                and segment.remaining_rows(self._overall(), most=True) < EARLY_STOP_ROWS
+            ):
+                other.sole = True  # its page in flight will most likely finish the segment
+                stop = True
+            covered: Window | None = None
+            task.pages += 1
+            handed: tuple[int, Window] | None = None
+            if not stop and task.pages % CHECKPOINT_PAGES == 0 and rows:
+                handed = self._roll_over(task, reader)
+            if stop:
+                if segment.asc is reader:
+                    segment.asc = None
+                if segment.desc is reader:
+                    segment.desc = None
+                if segment.complete:
+                    self._segments.discard(segment)
+                if token is None:
+                    covered = (reader.low, reader.high)
+                elif reader.descending:
+                    covered = (reader.frontier + _MICROSECOND, reader.high)
+                else:
+                    covered = (reader.low, reader.frontier - _MICROSECOND)
+            self._feed()
+        if handed is not None:  # outside the lock: the results queue may be full
+            self._put(
+                ("page", Page(task.chain.index, flatten.EMPTY_TABLE, handed[0], True, handed[1]))
+            )
+        return covered
 
-    def _may_split(self) -> bool:
-        """Split a window only while it adds throughput: idle workers, and a limiter with room.
+    def _roll_over(self, task: _Task, reader: _Reader) -> tuple[int, Window]:
+        """End the task (not the chain), returning its id and coverage; go on under a new id.
 
-        Every extra window costs at least one more request (its last page is part-empty), so once
-        the rate limit is the bottleneck a window keeps paging instead of splitting.
+        A reader can run for the whole scan; its coverage is what a checkpoint saves, so it is
+        handed over every few pages at no cost in requests (the same nextToken chain goes on).
         """
-        with self._lock:
-            idle = self.options.max_concurrency - self._outstanding
-        return idle > 0 and not (self._limiter is not None and self._limiter.saturated)
+        if reader.descending:
+            covered = (reader.frontier + _MICROSECOND, reader.high)
+            reader.high = reader.frontier
+        else:
+            covered = (reader.low, reader.frontier - _MICROSECOND)
+            reader.low = reader.frontier
+        ended = task.id
+        self._task_ids += 1
+        task.id = self._task_ids
+        return ended, covered
 
-    def _split(self, task: _Task, low: datetime, high: datetime) -> None:
-        seconds = int((high - low).total_seconds())
-        with self._lock:
-            busy = self._outstanding
-        parts = max(2, min(seconds, self.options.max_concurrency - busy + 1))
-        edges = sorted({low + timedelta(seconds=seconds * k // parts) for k in range(parts + 1)})
-        for a, b in itertools.pairwise(edges):
-            self._submit(_Task(task.chain, (a, b)))
+    def _feed(self) -> None:
+        """Start a reader if there is a free worker and pages arrive below the limiter's rate.
+
+        The segment with the most rows left gets its missing end, or, read from both ends
+        already, is split at a whole second between them (the dense side's next second, else
+        the middle) with a new reader at the split. Each reader costs about half a page more
+        (its last page is part-empty), so none starts for a segment with little left, nor once
+        the limiter is the bottleneck. Called with the lock held.
+        """
+        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+            return
+        # one reader per page that arrives: the rate is measured again before the next
+        overall = self._overall()
+        live = sorted(
+            (
+                (s.remaining_rows(overall), n, s)
+                for n, s in enumerate(self._segments)
+                if not s.complete
+            ),
+            key=lambda item: (item[0], item[1]),
+            reverse=True,
+        )
+        for left, _, segment in live:
+            if segment.asc is None or segment.desc is None:
+                if segment.remaining_rows(overall, most=True) >= ADD_READER_ROWS:
+                    self._add_reader(segment, descending=segment.desc is None)
+                    return
+                continue
+            if left < ADD_READER_ROWS:
+                continue
+            cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
+            if cut is not None:
+                self._split_at(segment, cut)
+                return
+
+    def _overall(self) -> float | None:
+        """Rows per second of createdAt over everything the windows have read so far."""
+        if self._rows_read < 2 * PAGE_ROWS or self._seconds_read <= 0:
+            return None
+        return self._rows_read / self._seconds_read
+
+    def _at_rate(self) -> bool:
+        """Whether pages already arrive at (nearly) the limiter's rate: no reader would help.
+
+        Measured over the last second of pages (since the start, during the first second).
+        """
+        if self._limiter is None:
+            return False
+        now = time.monotonic()
+        arrivals = self._arrivals
+        while arrivals and arrivals[0] < now - 1.0:
+            arrivals.popleft()
+        elapsed = min(1.0, now - self._began)
+        return elapsed > 0 and len(arrivals) / max(elapsed, 0.25) >= AT_RATE * self._limiter.rate
+
+    def _add_reader(self, segment: _Segment, descending: bool) -> None:
+        low, high = dates.floor_second(segment.low), dates.ceil_second(segment.high)
+        reader = _Reader(segment, descending, low, high, high if descending else low)
+        if descending:
+            segment.desc = reader
+        else:
+            segment.asc = reader
+        self._submit(_Task(segment.chain, (low, high), reader=reader))
+
+    def _split_at(self, segment: _Segment, cut: datetime) -> None:
+        """Split *segment* at *cut*: ``[cut, high]`` goes to a new segment.
+
+        The new segment takes the descending reader and gets a new ascending one from *cut*;
+        the ascending reader keeps ``[low, cut]``.
+        """
+        upper = _Segment(segment.chain, cut, segment.high, desc=segment.desc)
+        if segment.desc is not None:
+            segment.desc.segment = upper
+        segment.high, segment.desc = cut, None
+        self._segments.add(upper)
+        self._add_reader(upper, descending=False)
 
     def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
         return call_page(self.client, self._limiter, kwargs, chain, self._cancel)
+
+
+def _split_point(segment: _Segment) -> datetime | None:
+    """A whole second strictly between a segment's ends, or None (they are in the same second).
+
+    Where an end reads more than a page per second, the mass is there: cut at its next second,
+    so a burst's seconds get readers of their own. Otherwise cut in the middle.
+    """
+    first = dates.floor_second(segment.low) + _SECOND
+    last = dates.ceil_second(segment.high) - _SECOND
+    if first > last:
+        return None
+    up = segment.asc.density if segment.asc is not None and segment.asc.density else 0.0
+    down = segment.desc.density if segment.desc is not None and segment.desc.density else 0.0
+    if up >= PAGE_ROWS and up >= down:
+        return first
+    if down >= PAGE_ROWS:
+        return last
+    middle = dates.floor_second(segment.low + (segment.high - segment.low) / 2)
+    return min(max(middle, first), last)
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 _no_lean: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -7,8 +7,9 @@ Rules (see ``docs/queries.md``):
 - An IN list on the chosen ID fans out into one request chain per value.
 - Timestamps go out as whole seconds (botocore drops fractions), so bounds are widened to whole
   seconds; every predicate, pushed or not, is then applied exactly on the client.
-- A scan with no ID to pin is split into ``createdAt`` windows at run time (createdAt never changes,
-  so windows are stable while the datastore is written to).
+- A scan with no ID to pin reads a ``createdAt`` window, pre-split from statistics when there are
+  some (:func:`presplit`) and split further at run time (createdAt never changes, so windows are
+  stable while the datastore is written to).
 - Every chain pages in an order no update can change: ``createdAt`` ascending. The service's default
   (``updatedAt`` descending) would move an image set updated mid-query ahead of the cursor, where
   it is never returned. Only a query with a ``limit`` pushes its own sort down, to stop early.
@@ -18,9 +19,10 @@ The planner never sees a ``Query``: it takes the query's parts, so it sits below
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,8 +67,12 @@ class DatastoreStats:
     created_min: datetime | None = None
     created_max: datetime | None = None
     source: str = "given"
+    _: KW_ONLY  # what later releases add goes by name, so positional callers never shift
     # isPrimary=false image sets (what a QIDO-RS plan must sweep), None when not measured
     non_primary: int | None = None
+    # createdAt at evenly spaced ranks, oldest to newest (a full scan leaves 65, a probe 9):
+    # where a scan pre-splits its window so that each piece holds about as many image sets
+    created_quantiles: tuple[datetime, ...] = ()
 
     def share(self, low: datetime | None, high: datetime | None) -> float:
         """The fraction of image sets created in ``[low, high]``, assuming an even spread."""
@@ -97,6 +103,29 @@ class Candidate:
         return f"{self.name}: about {self.requests:,.0f} requests, {seconds:,.1f} s at {max_tps:g} TPS ({mark})"
 
 
+def rows_between(chain: Chain, low: datetime, high: datetime) -> float | None:
+    """Rows of the datastore created in ``[low, high]`` by *chain*'s profile, None without one.
+
+    The quantiles are evenly spaced in rank; rows are taken as spread evenly between two.
+    """
+    points = chain.profile
+    if len(points) < 2 or high < low:
+        return None if len(points) < 2 else 0.0
+    return chain.profile_rows * (_rank(points, high) - _rank(points, low))
+
+
+def _rank(points: tuple[datetime, ...], moment: datetime) -> float:
+    """The share of rows created before *moment* (0..1), interpolated between quantiles."""
+    if moment <= points[0]:
+        return 0.0
+    if moment >= points[-1]:
+        return 1.0
+    i = bisect.bisect_right(points, moment) - 1
+    width = (points[i + 1] - points[i]).total_seconds()
+    inside = (moment - points[i]).total_seconds() / width if width > 0 else 0.0
+    return (i + inside) / (len(points) - 1)
+
+
 @dataclass(frozen=True)
 class Chain:
     """One request chain: a request followed by its nextToken pages.
@@ -109,6 +138,11 @@ class Chain:
     filters: tuple[Filter, ...]
     sort: dict[str, str] | None
     window: tuple[datetime, datetime] | None = None
+    splits: tuple[datetime, ...] = ()  # whole seconds where the window starts pre-split
+    # createdAt quantiles of the datastore and its size (from statistics): how many rows a part
+    # of the window holds, for the fetcher's decisions to add readers or stop one
+    profile: tuple[datetime, ...] = field(default=(), repr=False)
+    profile_rows: int = 0
 
     def __repr__(self) -> str:
         keys = [next(iter(f["values"][0]), "?") for f in self.filters]
@@ -247,8 +281,8 @@ class Plan:
             low, high = window
             lines.append(
                 f"  exhaustive scan: createdAt {low:%Y-%m-%dT%H:%M:%SZ} .. {high:%Y-%m-%dT%H:%M:%SZ}"
-                " split at run time into windows (sorted createdAt ASC) while a window has more"
-                " pages; windows run concurrently under max_tps"
+                " read from both ends (createdAt ASC and DESC) and split at run time while workers"
+                " are free; windows run concurrently under max_tps"
             )
         client_side = [p for p in self.predicates if p not in self.pushed]
         lines.append("  applied on the client, exactly:")
@@ -508,6 +542,69 @@ def compile_plan(
     chosen = scan if use_scan else fan
     access: Strategy = "scan" if use_scan else "fanout"
     return replace(chosen, candidates=candidates, wants_statistics=wants, access=access)
+
+
+PRESPLIT_MIN_PAGES = 4  # fewer pages than this per piece: not worth a piece's part-empty page
+
+
+def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
+    """*plan* with each createdAt window split into up to *pieces* of about equal size.
+
+    From *stats*' createdAt quantiles (evenly in time between its oldest and newest image set
+    without them): the fetcher starts one reader per piece at once instead of discovering the
+    spread page by page, and the pieces then grow second readers, from their high end, and
+    split further as workers fall idle. Boundaries are whole seconds (what a request can say).
+    """
+    if not plan.windowed or pieces < 2 or plan.parts:
+        return plan
+    chains = []
+    for chain in plan.chains:
+        if chain.window is None:
+            chains.append(chain)
+            continue
+        low, high = chain.window
+        share = stats.share(low, high)
+        count = min(pieces, int(stats.image_sets * share / PAGE_ROWS / PRESPLIT_MIN_PAGES))
+        cuts = _cuts(stats, low, high, count)
+        chains.append(
+            replace(
+                chain,
+                splits=cuts,
+                profile=stats.created_quantiles,
+                profile_rows=stats.image_sets,
+            )
+        )
+    note = plan.note
+    if any(c.splits for c in chains):
+        parts = max(len(c.splits) + 1 for c in chains)
+        note = (
+            f"{note}; " if note else ""
+        ) + f"window pre-split into {parts} pieces from the {stats.source} statistics"
+    return replace(plan, chains=tuple(chains), note=note)
+
+
+def _cuts(stats: DatastoreStats, low: datetime, high: datetime, count: int) -> tuple[datetime, ...]:
+    """Whole seconds strictly inside ``(low, high)`` that cut it into *count* equal shares."""
+    if count < 2:
+        return ()
+    points = [q for q in stats.created_quantiles if low <= q <= high]
+    if len(points) < 2:
+        if stats.created_min is None or stats.created_max is None:
+            return ()
+        a, b = max(low, stats.created_min), min(high, stats.created_max)
+        points = [a, b] if b > a else []
+    if len(points) < 2:
+        return ()
+    last = len(points) - 1
+    cuts = set()
+    for k in range(1, count):
+        x = k * last / count
+        i = min(int(x), last - 1)
+        at = points[i] + (points[i + 1] - points[i]) * (x - i)
+        cut = dates.floor_second(at)
+        if low < cut < high:
+            cuts.add(cut)
+    return tuple(sorted(cuts))
 
 
 def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:

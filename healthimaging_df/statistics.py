@@ -59,6 +59,9 @@ def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
             _moment(data.get("created_max")),
             source=str(data.get("source", "cache")),
             non_primary=_count(data.get("non_primary")),
+            created_quantiles=tuple(
+                m for m in map(_moment, data.get("created_quantiles") or ()) if m is not None
+            ),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -73,6 +76,7 @@ def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
         "created_max": stats.created_max.isoformat() if stats.created_max else None,
         "source": stats.source,
         "non_primary": stats.non_primary,
+        "created_quantiles": [q.isoformat() for q in stats.created_quantiles],
         "measured_at": datetime.now(timezone.utc).isoformat(),
     }
     try:
@@ -100,6 +104,7 @@ def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> Da
     low, high = ends[0], ends[1] + timedelta(seconds=1)
     step = (high - low) / PROBE_WINDOWS
     total = 0.0
+    counts: list[float] = []
     for k in range(PROBE_WINDOWS):
         a, b = low + step * k, low + step * (k + 1)
         criteria = {
@@ -110,11 +115,34 @@ def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> Da
         table, token = call_page(client, limiter, kwargs)
         if token is None:
             total += table.num_rows
+            counts.append(float(table.num_rows))
             continue
         last = table.column("createdAt")[-1].as_py()
         covered = max((last - a).total_seconds(), 1e-3)
-        total += table.num_rows * max(1.0, (b - a).total_seconds() / covered)
-    return DatastoreStats(round(total), ends[0], ends[1], source="probe")
+        counts.append(table.num_rows * max(1.0, (b - a).total_seconds() / covered))
+        total += counts[-1]
+    quantiles = _quantiles(low, step, counts)
+    return DatastoreStats(
+        round(total), ends[0], ends[1], source="probe", created_quantiles=quantiles
+    )
+
+
+def _quantiles(low: datetime, step: timedelta, counts: list[float]) -> tuple[datetime, ...]:
+    """The createdAt at PROBE_WINDOWS + 1 even ranks, the rows spread evenly within each window."""
+    total = sum(counts)
+    if total <= 0:
+        return ()
+    out = [low]
+    seen, k = 0.0, 0
+    for n in range(1, PROBE_WINDOWS):
+        target = total * n / PROBE_WINDOWS
+        while k < len(counts) - 1 and seen + counts[k] < target:
+            seen += counts[k]
+            k += 1
+        inside = (target - seen) / counts[k] if counts[k] else 0.0
+        out.append(low + step * (k + min(max(inside, 0.0), 1.0)))
+    out.append(low + step * len(counts))
+    return tuple(out)
 
 
 def probe_chain(

@@ -7,11 +7,13 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 import pytest
 
+from healthimaging_df import Query
 from healthimaging_df.errors import (
     HealthImagingDFError,
     MetadataFetchError,
@@ -372,6 +374,57 @@ def test_retries_are_paced_by_the_limiter_too(
     assert time.perf_counter() - started < 0.45  # 10 calls at 20/s would need 0.45 s
 
 
+def test_pacing_at_the_quota_never_trips_a_strict_sliding_window(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    """A hair under a strict window's limit: no request of the enrichment is throttled.
+
+    The limiter never grants more than its paced rate in any second, late wakes caught up
+    included; max_tps=24 (23 granted per second) leaves the in-process server's own GIL jitter
+    two slots of room on a busy machine.
+    """
+    metadata_service.set_faults(window_tps=25)  # at most 25 requests in any one-second window
+    metadata_service.reset_stats()
+    subset = _frequent(metadata_frame).head(45)
+    got = subset.ahi.fetch_metadata(
+        client=metadata_service.client(), max_tps=24, max_concurrency=8, progress=False
+    )
+    assert got["imageSetId"].tolist() == subset["imageSetId"].tolist()
+    assert metadata_service.stats.by_operation.get("GetImageSetMetadata") == 45
+    assert metadata_service.stats.throttled == 0
+
+
+def test_retries_into_a_strict_sliding_window_take_a_token_each(
+    metadata_service: LocalService,
+    metadata_frame: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A max_tps above the window's limit gets throttled; botocore's retries wait their turn too."""
+    from botocore.retries import standard
+
+    from healthimaging_df import aws
+
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.0)
+    tokens = []
+    acquire = aws.RateLimiter.acquire
+
+    def counted(self: aws.RateLimiter) -> None:
+        acquire(self)
+        tokens.append(self.rate)
+
+    monkeypatch.setattr(aws.RateLimiter, "acquire", counted)
+    metadata_service.set_faults(window_tps=6)
+    metadata_service.reset_stats()
+    client = metadata_service.client(retries={"mode": "standard", "max_attempts": 40})
+    subset = _frequent(metadata_frame).head(20)
+    got = subset.ahi.fetch_metadata(client=client, max_tps=12, max_concurrency=4, progress=False)
+    assert got["imageSetId"].tolist() == subset["imageSetId"].tolist()
+    stats = metadata_service.stats
+    assert stats.throttled_by_limit.get("window", 0) > 0  # throttled, then retried...
+    assert stats.by_operation["GetImageSetMetadata"] == 20 + stats.throttled
+    assert len(tokens) == stats.requests  # ...and every attempt took a token first
+
+
 # -- the archive guard asks the service ------------------------------------------------------------
 
 
@@ -502,3 +555,129 @@ def test_look_ups_are_paced_under_get_image_set_quota(
     elapsed = time.perf_counter() - started
     assert metadata_service.stats.by_operation.get("GetImageSet") == 13
     assert elapsed >= 12 / 25  # evenly paced at 24/s (25 with headroom), though max_tps=None
+
+
+# -- large documents, flattened exactly ----------------------------------------------------------
+
+
+def _brute_rows(document: dict[str, Any], level: str) -> list[dict[str, Any]]:
+    """The flattening by definition, one (series, instance, keyword) at a time."""
+    rows: list[dict[str, Any]] = []
+    for series_uid, series in document["Study"]["Series"].items():
+        series_dicom = series.get("DICOM") or {}
+        dicoms = [i.get("DICOM") or {} for i in series.get("Instances", {}).values()]
+        if level == "instance":
+            for sop_uid, dicom in zip(series.get("Instances", {}), dicoms, strict=True):
+                row = {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid}
+                for source in (series_dicom, dicom):
+                    for keyword in source:
+                        if keyword not in row:
+                            row[keyword] = source[keyword]
+                rows.append(row)
+            continue
+        row = {"SeriesInstanceUID": series_uid, **series_dicom}
+        for keyword in dicoms[0] if dicoms else {}:
+            if keyword in ("SOPInstanceUID", "InstanceNumber") or keyword in row:
+                continue
+            if all(keyword in d and d[keyword] == dicoms[0][keyword] for d in dicoms):
+                row[keyword] = dicoms[0][keyword]
+        row["NumberOfSeriesRelatedInstances"] = len(dicoms)
+        rows.append(row)
+    return rows
+
+
+def _frame_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
+        {k: _plain(v) for k, v in row.items() if _plain(v) is not None and k != "version"}
+        for row in frame.astype(object).to_dict("records")
+    ]
+
+
+@pytest.fixture(scope="module")
+def large_series_service() -> Iterator[LocalService]:
+    """Image sets of 300-instance series, 44 attributes each (as a CT series)."""
+    with LocalService.seeded(
+        image_sets=6, seed=21, instances_per_series=300, attributes_per_instance=44
+    ) as service:
+        yield service
+
+
+@pytest.mark.parametrize("level", ["series", "instance"])
+def test_large_series_are_flattened_exactly(large_series_service: LocalService, level: Any) -> None:
+    """fetch_metadata over real calls equals a brute-force flatten of the documents by hand."""
+    service = large_series_service
+    client = service.client()
+    frame = Query(service.datastore_id or "").to_dataframe(
+        client=client, progress=False, max_tps=None
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ArchiveAccessWarning)
+        got = frame.ahi.fetch_metadata(
+            client=client, level=level, progress=False, allow_archive_access=True
+        )
+    expected = []
+    for image_set_id, version in zip(frame["imageSetId"], frame["version"], strict=True):
+        document = _document(client, service.datastore_id, image_set_id, int(version))
+        assert len(next(iter(document["Study"]["Series"].values()))["Instances"]) == 300
+        expected += [{"imageSetId": image_set_id, **row} for row in _brute_rows(document, level)]
+    assert len(got) == (len(frame) if level == "series" else 300 * len(frame))
+    assert _frame_rows(got) == expected
+    if level == "series":  # the instances' shared attributes made it, their own did not
+        assert {"Rows", "SliceThickness", "Manufacturer"} <= set(got.columns)
+        assert "SliceLocation" not in got.columns
+
+
+@pytest.mark.parametrize("level", ["series", "instance"])
+def test_irregular_large_documents_flatten_as_brute_force(
+    large_series_service: LocalService, level: Any
+) -> None:
+    """Instances that lack attributes, disagree, or add their own, in 500-instance series."""
+    import random
+
+    from healthimaging_df.local.documents import SeriesShape, metadata_json
+    from healthimaging_df.metadata import _blob_block, _collector_paused
+
+    rng = random.Random(8)
+    records = large_series_service.backend.image_sets(large_series_service.datastore_id or "")
+    for record, lacking in zip(records[:4], [40, 0, 1, 0], strict=True):
+        document = json.loads(metadata_json("d" * 32, record, SeriesShape(500, 44)))
+        (series,) = document["Study"]["Series"].values()
+        dicoms = [i["DICOM"] for i in series["Instances"].values()]
+        keywords = list(dicoms[0])
+        for dicom in rng.sample(dicoms, lacking):
+            dicom.pop(rng.choice(keywords[3:]))  # some instances lack an attribute
+        for dicom in rng.sample(dicoms, 3):
+            dicom[rng.choice(keywords[-20:])] = [rng.random()]  # one disagrees on a shared one
+        if lacking:
+            rng.choice(dicoms)["OnlyHere"] = "x"  # or has its own
+        series["DICOM"]["Rows"] = 1  # a series attribute wins over an instance one
+        document["Study"]["Series"]["9.9"] = {"DICOM": {"Modality": "SR"}, "Instances": {}}
+        with _collector_paused:
+            block = _blob_block(json.dumps(document).encode(), level)
+        rows = [
+            {k: v[i] for k, v in block.columns.items() if v[i] is not None}
+            for i in range(block.rows)
+        ]
+        brute = _brute_rows(document, level)
+        assert rows == [{k: v for k, v in row.items() if v is not None} for row in brute]
+        assert list(block.columns) == list(dict.fromkeys(k for row in brute for k in row))
+
+
+def test_the_collector_pause_nests_and_restores_the_collector() -> None:
+    import gc
+
+    from healthimaging_df.metadata import _collector_paused
+
+    assert gc.isenabled()
+    with _collector_paused:
+        with _collector_paused:
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # another parse still runs
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _collector_paused:
+            pass
+        assert not gc.isenabled()  # the process had it off: it stays off
+    finally:
+        gc.enable()

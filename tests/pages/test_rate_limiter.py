@@ -1,0 +1,158 @@
+"""aws.RateLimiter's schedule, on a fake clock: slots, catch-up after a late wake, bursts, windows.
+
+A fake clock is enough for the limiter's arithmetic (no request is sent here); that its pacing
+holds against a real strict sliding-window limiter is tested end to end in
+tests/accessor/test_metadata.py and tests/query/test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from healthimaging_df import aws
+
+
+class FakeClock:
+    """Monotonic time that moves only when slept on; each sleep may oversleep by ``late()``."""
+
+    def __init__(self, late: Callable[[], float] = lambda: 0.0) -> None:
+        self.now = 1000.0
+        self.late = late
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.sleeps += 1
+        self.now += seconds + self.late()
+
+
+def limiter(clock: FakeClock, rate: float = 50.0, **kwargs: object) -> aws.RateLimiter:
+    return aws.RateLimiter(rate, clock=clock, sleep=clock.sleep, **kwargs)  # type: ignore[arg-type]
+
+
+def grants(clock: FakeClock, bucket: aws.RateLimiter, n: int, work: float = 0.0) -> list[float]:
+    """Grant times of *n* acquisitions by one caller that works *work* seconds after each."""
+    times = []
+    for _ in range(n):
+        bucket.acquire()
+        times.append(clock.now)
+        clock.now += work
+    return times
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    best = 0
+    start = 0
+    for end, t in enumerate(times):
+        while t - times[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_even_pacing_at_headroom_times_the_rate() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock)
+    times = grants(clock, bucket, 97)
+    interval = 1 / (50 * aws.HEADROOM)
+    assert times[0] == 1000.0  # the first goes at once
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(g == pytest.approx(interval) for g in gaps)
+    assert bucket.acquired == 97
+    assert bucket.waiting == 0
+
+
+def test_a_late_wake_delays_only_its_own_request() -> None:
+    """Slot k+1 is slot k + 1/rate, whenever slot k's thread actually woke."""
+    lateness = iter([0.0, 0.012, 0.0, 0.0] + [0.0] * 10)
+    clock = FakeClock(late=lambda: next(lateness))
+    bucket = limiter(clock)
+    interval = 1 / bucket.rate
+    times = grants(clock, bucket, 5)
+    slots = [times[0] + k * interval for k in range(5)]
+    assert times[2] == pytest.approx(slots[2] + 0.012)  # this one woke 12 ms late...
+    assert times[3] == pytest.approx(slots[3])  # ...the next keeps its slot: no drift
+    assert times[4] == pytest.approx(slots[4])
+
+
+def test_oversleep_does_not_accumulate_over_a_long_run() -> None:
+    """Random late wakes (as under a busy GIL) cost well under 1% of the rate, not the lateness."""
+    rng = random.Random(4)
+    clock = FakeClock(late=lambda: rng.uniform(0, 0.008))  # up to 8 ms late, 40% of a slot
+    bucket = limiter(clock)
+    times = grants(clock, bucket, 2000)
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert rate >= 0.99 * bucket.rate
+    # The old bucket refilled from wake-up times would have paced at 1 / (interval + 4 ms).
+    assert rate > 1.05 / (1 / bucket.rate + 0.004)
+
+
+def test_no_window_of_one_second_holds_more_than_the_paced_rate() -> None:
+    rng = random.Random(5)
+    clock = FakeClock(late=lambda: rng.choice([0.0, 0.0, 0.0, 0.03]))  # some wake 30 ms late
+    bucket = limiter(clock)
+    assert bucket.window_limit == 49  # the even bucket's bound, a request under the quota
+    times = grants(clock, bucket, 1500, work=0.0)
+    assert max_in_window(times) <= 49
+
+
+def test_an_idle_limiter_banks_no_burst() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock)
+    grants(clock, bucket, 3)
+    clock.now += 60.0  # a minute idle
+    back = clock.now
+    times = grants(clock, bucket, 3)
+    assert times[0] == back  # at once...
+    assert times[1] - times[0] == pytest.approx(1 / bucket.rate)  # ...then paced again
+
+
+def test_burst_lets_that_many_through_at_once() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock, rate=10.0, burst=4)
+    times = grants(clock, bucket, 6)
+    assert times[:4] == [1000.0] * 4
+    assert times[4] > 1000.0
+    assert max_in_window(times) <= max(4, bucket.window_limit)
+
+
+def test_window_limit_follows_rate_and_headroom() -> None:
+    clock = FakeClock()
+    assert limiter(clock, rate=50.0).window_limit == 49  # 48 paced, one more leaves one spare
+    assert limiter(clock, rate=25.0).window_limit == 24  # 25 would leave none: the paced rate
+    assert limiter(clock, rate=10.0).window_limit == 10  # 9.6 per second, rounded up
+    assert limiter(clock, rate=0.5).window_limit == 1
+    assert limiter(clock, rate=50.0, headroom=1.0).window_limit == 50
+    assert limiter(clock, rate=100.0, burst=5).window_limit == 99
+
+
+def test_threads_get_distinct_slots_and_the_counters_add_up() -> None:
+    """Real threads on the fake clock: every acquisition is counted, nobody is left waiting."""
+    lock = threading.Lock()
+
+    class LockedClock(FakeClock):
+        def sleep(self, seconds: float) -> None:
+            with lock:
+                super().sleep(seconds)
+
+    clock = LockedClock()
+    bucket = limiter(clock)
+    workers = [
+        threading.Thread(target=lambda: [bucket.acquire() for _ in range(25)]) for _ in range(8)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert bucket.acquired == 200
+    assert bucket.waiting == 0
+    assert not bucket.saturated
