@@ -27,6 +27,7 @@ from healthimaging_df.frame import (
     Chunker,
     Collector,
     frame_of,
+    result_memory_pool,
     split_page,
 )
 from healthimaging_df.plan import DatastoreStats, Plan, compile_plan, presplit
@@ -129,13 +130,15 @@ def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:
 
     The table is handed over, not kept: each Arrow column is freed as it becomes pandas.
     """
-    holder, info = _collect(plan, query_json, run)
-    return frame_of(holder, run.dtype_backend, info)
+    with result_memory_pool():
+        holder, info = _collect(plan, query_json, run)
+        return frame_of(holder, run.dtype_backend, info)
 
 
 def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict[str, Any]]:
     """:func:`collect` as an Arrow table plus its provenance."""
-    holder, info = _collect(plan, query_json, run)
+    with result_memory_pool():
+        holder, info = _collect(plan, query_json, run)
     return holder.pop(), info
 
 
@@ -178,10 +181,11 @@ def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[
     started = datetime.now(timezone.utc)
     info = provenance.build(plan, query_json, run.client, started)
     chunker = Chunker(plan, chunk_rows, run.dtype_backend, info)
-    with stream(plan, run.client, run.fetch, run.progress) as pages:
-        for page in pages:
-            yield from chunker.add(page)
-    yield from chunker.flush()
+    with result_memory_pool():
+        with stream(plan, run.client, run.fetch, run.progress) as pages:
+            for page in pages:
+                yield from chunker.add(page)
+        yield from chunker.flush()
     if chunker.late_versions:
         log.info(
             "%d image set(s) were read again at a newer version after being yielded",
@@ -213,7 +217,7 @@ def export(
         table, info = collect_table(plan, query_json, run)
         return write(table, info)
     coverage = coverage if coverage is not None else Coverage()
-    with SpillDir(spill_parent, spill_prefix) as folder:
+    with result_memory_pool(), SpillDir(spill_parent, spill_prefix) as folder:
         matched: dict[int, TaskRows] = {}
         unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
         with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:

@@ -182,3 +182,24 @@ def test_read_once_with_rows_that_left_keeps_every_match_in_order() -> None:
     )
     stamps = kept.column("createdAt").to_pylist()
     assert stamps == sorted(stamps)
+
+
+def test_result_memory_pool_switches_to_the_system_allocator_and_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    before = pa.default_memory_pool().backend_name
+    with frame.result_memory_pool():
+        inside = pa.default_memory_pool().backend_name
+        with frame.result_memory_pool():  # nested (or a second thread's) call
+            pass
+        still = pa.default_memory_pool().backend_name
+    assert pa.default_memory_pool().backend_name == before
+    assert (inside, still) == (("system", "system") if before == "mimalloc" else (before, before))
+
+
+def test_result_memory_pool_leaves_a_chosen_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+    before = pa.default_memory_pool().backend_name
+    with frame.result_memory_pool():
+        assert pa.default_memory_pool().backend_name == before
