@@ -18,10 +18,17 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +41,8 @@ from healthimaging_df.plan import Plan
 SPILL_PREFIX = ".ahi-spill-"
 SPILL_ROWS = 5_000  # a task's matching rows go to its spill file this many at a time
 _POSITION = "__ahi_position"  # a bucket's column: the row's place in the output
+_LOCK = ".lock"  # held by the run that owns the folder
+_UNLOCKED_STALE_SECONDS = 3600  # a folder without a lock this old is taken for abandoned
 _SLICES = 8  # an output row group is gathered from this many bucket files, one at a time
 _MAX_BUCKETS = 256  # fewer slices per group when a result has more groups (open files)
 
@@ -47,7 +56,9 @@ class SpillDir:
     """A private temporary folder (mode 0700) for spill files; removed on :meth:`close`.
 
     Folders of the same *prefix* in *parent* (the system's temporary folder when None) that a
-    killed run of the same export left are removed first.
+    killed run of the same export left are removed first. A live run's folder is not: each run
+    holds an exclusive lock on a file in its folder for as long as it lives (where ``fcntl`` is
+    missing, only folders an hour old are taken for dead).
     """
 
     def __init__(self, parent: str | None = None, prefix: str = SPILL_PREFIX) -> None:
@@ -55,8 +66,10 @@ class SpillDir:
             Path(parent).mkdir(parents=True, exist_ok=True)
         root = Path(parent if parent is not None else tempfile.gettempdir())
         for stale in root.glob(f"{prefix}*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if _abandoned(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        self._lock = _hold(self.path / _LOCK)
 
     def file(self, kind: str) -> Path:
         """A new file name in the folder."""
@@ -65,6 +78,9 @@ class SpillDir:
     def close(self) -> None:
         """Delete the folder and every spill file in it."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> SpillDir:
         return self
@@ -76,6 +92,32 @@ class SpillDir:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _hold(path: Path) -> IO[bytes] | None:
+    """Open *path* and hold an exclusive lock on it (None where ``fcntl`` is missing)."""
+    if fcntl is None:
+        return None
+    handle = open(path, "wb")  # noqa: SIM115 (held open, with its lock, until close)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether a spill folder's run is gone: nobody holds its lock (or, without one, it is old)."""
+    lock = folder / _LOCK
+    try:
+        age = time.time() - folder.stat().st_mtime
+    except OSError:
+        return False
+    if fcntl is None or not lock.exists():
+        return age > _UNLOCKED_STALE_SECONDS
+    try:
+        with open(lock, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: a live run
+    return True
 
 
 class TaskRows:

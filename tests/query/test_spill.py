@@ -83,7 +83,9 @@ def test_spilled_final_pass_equals_the_in_memory_one(
         assert len(saved.parts) > 3
         result = spill.SortedRows(saved.rows_of, saved.seen(), saved.schema(), plan, folder)
         groups = list(result.groups(17))
-        assert not list(folder.path.iterdir())  # every spill file went once read
+        assert [p.name for p in folder.path.iterdir()] == [
+            ".lock"
+        ]  # every spill file went once read
     assert not list((tmp_path / "out").glob(".ahi-spill-*"))
     want = frame.latest_in_order(matched_all, unmatched_all, plan)
     assert want.num_rows > 17 * 2
@@ -118,7 +120,20 @@ def test_spill_folder_is_private_and_removed_on_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         fail()
     assert not folder.path.exists()
-    stale = tmp_path / ".ahi-spill-t-left"  # what a killed run leaves
+    stale = tmp_path / ".ahi-spill-t-left"  # what a killed run leaves: a lock nobody holds
     stale.mkdir()
+    (stale / ".lock").touch()
     with spill.SpillDir(str(tmp_path), ".ahi-spill-t-") as folder:
         assert not stale.exists()
+
+
+def test_a_live_runs_spill_folder_survives_a_second_run(tmp_path: Path) -> None:
+    """Two exports to one destination: the second must not delete the first's spilled rows."""
+    with spill.SpillDir(str(tmp_path), ".ahi-spill-t-") as first:
+        with spill.SpillDir(str(tmp_path), ".ahi-spill-t-") as second:
+            assert first.path.exists() and second.path != first.path
+        assert first.path.exists()
+        just_made = tmp_path / ".ahi-spill-t-new"  # no lock yet, and young: maybe a live run
+        just_made.mkdir()
+        with spill.SpillDir(str(tmp_path), ".ahi-spill-t-"):
+            assert just_made.exists()
