@@ -78,10 +78,12 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     whole: dict[int, float] = {}
+    peaks: dict[str, dict[int, float]] = {}
     for size in sizes:
         with served(size) as (endpoint, datastore):
             for mode in ("to_dataframe", "iter_dataframes", "to_parquet"):
                 r = _run(mode, endpoint, datastore)
+                peaks.setdefault(mode, {})[size] = r["peak"]
                 frame = r["frame_bytes"] or whole.get(size, 0.0)
                 if mode == "to_dataframe":
                     whole[size] = r["frame_bytes"]
@@ -94,6 +96,12 @@ def main() -> None:
                     f"{r['peak'] / 2**20:.0f} MiB | {frame / 2**20:.0f} MiB | {ratio} |"
                 )
                 print(lines[-1], flush=True)
+    if len(sizes) > 1:
+        low, high = min(sizes), max(sizes)
+        lines += ["", f"Growth of the peak per row added, {low:,} to {high:,} rows:"]
+        for mode, by_size in peaks.items():
+            per_row = (by_size[high] - by_size[low]) / (high - low)
+            lines.append(f"- `{mode}`: {per_row:.0f} bytes a row")
     lines += [
         "",
         "`to_parquet`'s ratio is against the whole result's frame (it never builds one). Targets "

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from healthimaging_df.fetch import Coverage
 from healthimaging_df.plan import Chain, Plan, Strategy
 from healthimaging_df.statistics import cache_dir
 from healthimaging_df.storage import Store, Target, local_store
-from healthimaging_df.tables import parquet_bytes
+from healthimaging_df.tables import parquet_bytes, write_parquet
 
+PART_ROWS = 50_000  # a part holds about this many rows (more only from an older checkpoint)
 log = logging.getLogger("healthimaging_df.snapshot")  # the logger these warnings always used
 
 
@@ -92,7 +94,8 @@ class Checkpoint:
         self.resumed_tasks = 0
         self.tasks = 0
         self.rows = 0
-        self._pending: list[pa.Table] = []
+        self._pending: list[str] = []  # parts written, not yet in the state file
+        self._pending_rows = 0
         self._pending_seen: list[pa.Table] = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
@@ -152,12 +155,18 @@ class Checkpoint:
                 coverage.windows[index] = list(self._saved_windows[key])
         return coverage
 
-    def add(self, table: pa.Table, seen: pa.Table, coverage: Coverage, interval: float) -> None:
+    def add(
+        self, tables: Iterable[pa.Table], seen: pa.Table, coverage: Coverage, interval: float
+    ) -> None:
         """Record one finished task; persist when *interval* seconds passed since the last save.
 
-        *table* holds the task's matching rows, *seen* the ranks of every row it read.
+        *tables* hold the task's matching rows (written to parts of about ``PART_ROWS`` rows as
+        they come, so a task's rows never sit in memory whole), *seen* the ranks of the rows it
+        read that did not match. The parts count once the state file names them (:meth:`flush`).
         """
-        self._pending.append(table)
+        rest = iter(tables)
+        while (first := next((t for t in rest if t.num_rows), None)) is not None:
+            self._pending.append(self._stream_part(first, rest))
         self._pending_seen.append(seen)
         self._pending_tasks += 1
         if time.monotonic() - self._flushed >= interval:
@@ -167,14 +176,12 @@ class Checkpoint:
         """Persist pending tasks; the state file written last is the commit point."""
         if not self._pending_tasks:
             return
-        rows = pa.concat_tables(self._pending)
-        if rows.num_rows:
-            self.parts.append(self._put_part(rows))
+        self.parts.extend(self._pending)
         seen = pa.concat_tables(self._pending_seen)
         if seen.num_rows:
             self.seen_parts.append(self._put_part(seen))
         self.tasks += self._pending_tasks
-        self.rows += rows.num_rows
+        self.rows += self._pending_rows
         state = {
             "format": "healthimaging_df.checkpoint",
             "fingerprint": self.fingerprint,
@@ -189,6 +196,7 @@ class Checkpoint:
         }
         self.store.put(self.state_rel, json.dumps(state).encode())  # the commit point
         self._pending = []
+        self._pending_rows = 0
         self._pending_seen = []
         self._pending_tasks = 0
         self._flushed = time.monotonic()
@@ -211,6 +219,26 @@ class Checkpoint:
             },
         }
 
+    def _stream_part(self, first: pa.Table, rest: Iterator[pa.Table]) -> str:
+        """Write *first* and tables of *rest* until ``PART_ROWS`` rows as one part, as they come."""
+        rows = 0
+
+        def tables() -> Iterator[pa.Table]:
+            nonlocal rows
+            table: pa.Table | None = first
+            while table is not None:
+                yield table
+                rows += table.num_rows
+                table = next(rest, None) if rows < PART_ROWS else None
+
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        self.store.put_stream(
+            f"{self.folder}/{name}",
+            lambda sink: write_parquet(sink, tables(), {}, "zstd", 128 * 1024),
+        )
+        self._pending_rows += rows
+        return name
+
     def _put_part(self, table: pa.Table) -> str:
         name = f"part-{uuid.uuid4().hex}.parquet"
         data = parquet_bytes(table, {}, "zstd", 128 * 1024)
@@ -226,11 +254,29 @@ class Checkpoint:
             saved.append(pq.read_table(pa.BufferReader(data)))
         return saved
 
-    def tables(self) -> tuple[list[pa.Table], list[pa.Table]]:
-        """Matching rows, and ranks read, of every saved and pending task."""
-        rows = self._read_parts(self.parts) + self._pending
-        seen = self._read_parts(self.seen_parts) + self._pending_seen
-        return rows, seen
+    def rows_of(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The matching rows of every saved task, one part at a time (only *columns* if given).
+
+        Always in the same order: call after :meth:`flush`.
+        """
+        for name in self.parts:
+            data = self.store.get(f"{self.folder}/{name}")
+            if data is None:
+                raise SnapshotError("a checkpoint part file is missing; rerun with resume=False")
+            yield pq.read_table(pa.BufferReader(data), columns=columns)
+
+    def schema(self) -> pa.Schema | None:
+        """The columns of the saved rows, or None when no task matched a row."""
+        if not self.parts:
+            return None
+        data = self.store.get(f"{self.folder}/{self.parts[0]}")
+        if data is None:
+            raise SnapshotError("a checkpoint part file is missing; rerun with resume=False")
+        return pq.read_schema(pa.BufferReader(data))
+
+    def seen(self) -> list[pa.Table]:
+        """Ranks of the rows read that did not match, of every saved task (after :meth:`flush`)."""
+        return self._read_parts(self.seen_parts)
 
     def discard(self) -> None:
         """Delete the checkpoint."""

@@ -27,16 +27,17 @@ from healthimaging_df.frame import (
     Chunker,
     Collector,
     frame_of,
-    latest_in_order,
+    result_memory_pool,
     split_page,
 )
 from healthimaging_df.plan import DatastoreStats, Plan, compile_plan, presplit
 from healthimaging_df.progress import Progress
+from healthimaging_df.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Writer = Callable[[pa.Table, dict[str, Any]], T]
+Writer = Callable[[pa.Table | SortedRows, dict[str, Any]], T]
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,15 @@ def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:
 
     The table is handed over, not kept: each Arrow column is freed as it becomes pandas.
     """
-    holder, info = _collect(plan, query_json, run)
-    return frame_of(holder, run.dtype_backend, info)
+    with result_memory_pool():
+        holder, info = _collect(plan, query_json, run)
+        return frame_of(holder, run.dtype_backend, info)
 
 
 def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict[str, Any]]:
     """:func:`collect` as an Arrow table plus its provenance."""
-    holder, info = _collect(plan, query_json, run)
+    with result_memory_pool():
+        holder, info = _collect(plan, query_json, run)
     return holder.pop(), info
 
 
@@ -178,10 +181,11 @@ def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[
     started = datetime.now(timezone.utc)
     info = provenance.build(plan, query_json, run.client, started)
     chunker = Chunker(plan, chunk_rows, run.dtype_backend, info)
-    with stream(plan, run.client, run.fetch, run.progress) as pages:
-        for page in pages:
-            yield from chunker.add(page)
-    yield from chunker.flush()
+    with result_memory_pool():
+        with stream(plan, run.client, run.fetch, run.progress) as pages:
+            for page in pages:
+                yield from chunker.add(page)
+        yield from chunker.flush()
     if chunker.late_versions:
         log.info(
             "%d image set(s) were read again at a newer version after being yielded",
@@ -197,37 +201,45 @@ def export(
     checkpoint: Checkpoint | None = None,
     coverage: Coverage | None = None,
     checkpoint_interval: float = 5.0,
+    spill_parent: str | None = None,
+    spill_prefix: str = SPILL_PREFIX,
 ) -> T:
     """Run *plan* and hand the whole result to *write*, checkpointing finished tasks as it goes.
 
     With a *checkpoint*, tasks that *coverage* (what it had saved) covers are skipped and every
     finished task is saved to it; the result equals an uninterrupted run, superseded
-    copies dropped across tasks exactly as :func:`collect` drops them.
+    copies dropped across tasks exactly as :func:`collect` drops them. Then *write* gets a
+    :class:`~healthimaging_df.spill.SortedRows`, not a table: matching rows wait on disk (in a
+    private folder named *spill_prefix* under *spill_parent*, or the system's temporary folder)
+    until it reads them in order, so memory does not grow with the result.
     """
     if plan.limit is not None or checkpoint is None:  # small and sorted, or not resumable
         table, info = collect_table(plan, query_json, run)
         return write(table, info)
     coverage = coverage if coverage is not None else Coverage()
-    matched: dict[int, Buffer] = {}
-    unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
-    with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:
-        for page in pages:
-            if not page.done:
-                hit, miss = split_page(page.table, plan.predicates)
-                matched.setdefault(page.task, Buffer()).append(hit)
-                unmatched.setdefault(page.task, Buffer()).append(miss)
-                continue
-            rows = _concat(matched.pop(page.task, Buffer()).take())
-            ranks = _concat(unmatched.pop(page.task, Buffer()).take(), _EMPTY_RANKS)
-            coverage.add(page)
-            checkpoint.add(rows, ranks, coverage, checkpoint_interval)
-    if any(b.rows for b in matched.values()) or any(b.rows for b in unmatched.values()):
-        raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
-    checkpoint.flush(coverage)
-    saved_rows, saved_seen = checkpoint.tables()
-    table = latest_in_order(saved_rows, saved_seen, plan)
-    info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
-    return write(table, info)
+    with result_memory_pool(), SpillDir(spill_parent, spill_prefix) as folder:
+        matched: dict[int, TaskRows] = {}
+        unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
+        with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:
+            for page in pages:
+                if not page.done:
+                    hit, miss = split_page(page.table, plan.predicates)
+                    matched.setdefault(page.task, TaskRows(folder)).append(hit)
+                    unmatched.setdefault(page.task, Buffer()).append(miss)
+                    continue
+                task = matched.pop(page.task, None)
+                ranks = _concat(unmatched.pop(page.task, Buffer()).take(), _EMPTY_RANKS)
+                coverage.add(page)
+                checkpoint.add(task.tables() if task else (), ranks, coverage, checkpoint_interval)
+        if any(t.rows for t in matched.values()) or any(b.rows for b in unmatched.values()):
+            raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
+        del matched, unmatched
+        checkpoint.flush(coverage)
+        result = SortedRows(
+            checkpoint.rows_of, checkpoint.seen(), checkpoint.schema(), plan, folder
+        )
+        info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
+        return write(result, info)
 
 
 def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa.Table:

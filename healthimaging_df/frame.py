@@ -8,7 +8,10 @@ when the newer one no longer matches (superseded copies are dropped before filte
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -34,6 +37,21 @@ _EMPTY_RANKS = flatten.EMPTY_TABLE.select(RANK_COLUMNS)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 Rank = tuple[int, int]
+
+
+def distinct_count(values: pa.ChunkedArray) -> int:
+    """How many distinct non-null values *values* holds.
+
+    By sorting, not hashing: Arrow's hash of a string column (``pc.count_distinct``) peaks at
+    about 240 bytes a row, a sort at about 15, and this runs over every row of a result.
+    """
+    values = values.drop_null()
+    if len(values) < 2:
+        return len(values)
+    ordered = values.take(pc.sort_indices(values)).combine_chunks()
+    return 1 + int(
+        pc.sum(pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))).as_py()
+    )
 
 
 def apply_predicates(table: pa.Table, predicates: tuple[Predicate, ...]) -> pa.Table:
@@ -92,7 +110,7 @@ def drop_superseded(matched: pa.Table, seen: pa.Table) -> pa.Table:
     """
     if matched.num_rows == 0:
         return matched
-    if pc.count_distinct(seen.column("imageSetId")).as_py() == seen.num_rows:
+    if distinct_count(seen.column("imageSetId")) == seen.num_rows:
         return matched  # every image set was read once: nothing is superseded
     latest = latest_rows(seen.select(RANK_COLUMNS)).rename_columns(["imageSetId", "_v", "_u"])
     joined = matched.join(latest, "imageSetId", join_type="inner")
@@ -161,6 +179,43 @@ class Buffer:
         return tables
 
 
+_pool_lock = threading.Lock()
+_pool_users = 0
+_pool_saved: pa.MemoryPool | None = None
+
+
+@contextmanager
+def result_memory_pool() -> Iterator[None]:
+    """Allocate Arrow memory from the system allocator while a large result is built.
+
+    mimalloc (pyarrow's default) keeps a segment's pages while any block in it lives; a result
+    built from thousands of short-lived page tables, compacted, gathered and converted to pandas,
+    leaves many such segments: peak resident memory of a 300,000-row ``to_dataframe`` was 1.87x
+    the frame under mimalloc and 1.44x under glibc's allocator (docs/benchmarks.md). pyarrow's
+    default pool is switched for the duration (it is process-wide: arrays made meanwhile by other
+    threads come from it too, which changes nothing but where their bytes live) and restored
+    when the last such call ends. Left alone when ``ARROW_DEFAULT_MEMORY_POOL`` is set or the
+    default is not mimalloc: a user's choice of allocator stands.
+    """
+    global _pool_users, _pool_saved
+    with _pool_lock:
+        if _pool_users == 0:
+            current = pa.default_memory_pool()
+            if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ and current.backend_name == "mimalloc":
+                _pool_saved = current
+                pa.set_memory_pool(pa.system_memory_pool())
+        _pool_users += 1
+    try:
+        yield
+    finally:
+        with _pool_lock:
+            _pool_users -= 1
+            if _pool_users == 0 and _pool_saved is not None:
+                if pa.default_memory_pool().backend_name == "system":  # else someone chose anew
+                    pa.set_memory_pool(_pool_saved)
+                _pool_saved = None
+
+
 def release_memory() -> None:
     """Hand memory Arrow's allocator holds but no longer uses back to the system.
 
@@ -179,10 +234,19 @@ def latest_in_order(matched: list[pa.Table], unmatched: list[pa.Table], plan: Pl
     gathered one column at a time, each source column let go once gathered, so that the peak is
     about one copy of the result plus a column (when nothing else holds the tables).
     """
-    keep = _latest_positions(matched, unmatched)
+    positions = result_positions(matched, unmatched, plan)
     unmatched.clear()
-    positions = _order_positions(matched, keep, plan)
     return _gather(matched, positions)
+
+
+def result_positions(matched: list[pa.Table], unmatched: list[pa.Table], plan: Plan) -> pa.Array:
+    """Positions, in the concatenation of *matched*, of the result's rows in the result's order.
+
+    Only the rank columns and the plan's sort column of *matched* are read, so a caller can pass
+    those alone (the export's final pass keeps its rows on disk).
+    """
+    keep = _latest_positions(matched, unmatched)
+    return _order_positions(matched, keep, plan)
 
 
 def _column(tables: list[pa.Table], name: str, kind: pa.DataType) -> pa.ChunkedArray:
@@ -199,13 +263,12 @@ def _latest_positions(matched: list[pa.Table], unmatched: list[pa.Table]) -> pa.
     if rows == 0:
         return None
     ranks = [t.select(RANK_COLUMNS) for t in (*matched, *unmatched) if t.num_rows]
-    ids = _column(ranks, "imageSetId", pa.string())
-    if ids.null_count == 0 and pc.count_distinct(ids).as_py() == len(ids):
-        return None  # every image set was read once: nothing is superseded
     table = pa.concat_tables(ranks)
-    del ranks, ids
+    del ranks
     # a stable sort: among equal ranks the earliest row comes first, and matched rows precede
-    # unmatched ones; nulls sort last in either direction, so a null rank is the lowest
+    # unmatched ones; nulls sort last in either direction, so a null rank is the lowest. (A sort
+    # rather than a hash for the common "every image set read once" case: a hash of the ids
+    # costs sixteen times the memory.)
     ordered = pc.sort_indices(
         table,
         sort_keys=[
@@ -218,6 +281,8 @@ def _latest_positions(matched: list[pa.Table], unmatched: list[pa.Table]) -> pa.
     del table
     differs = pc.fill_null(pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)), True)
     first = pc.and_(pc.is_valid(ids), pa.concat_arrays([pa.array([True]), differs]))
+    if ids.null_count == 0 and pc.all(first).as_py():
+        return None  # every image set was read once: nothing is superseded
     leaders = ordered.filter(first)
     kept = leaders.filter(pc.less(leaders, pa.scalar(rows, leaders.type)))
     return pc.take(kept, pc.sort_indices(kept))
@@ -363,7 +428,7 @@ class Collector:
             [*self._matched.chunks("imageSetId"), *self._unmatched.chunks("imageSetId")],
             pa.string(),
         )
-        return int(pc.count_distinct(ids).as_py())
+        return distinct_count(ids)
 
     def table(self) -> pa.Table:
         """The result as Arrow: latest copies only, matched, ordered, limited; the collector empties."""

@@ -34,10 +34,11 @@ import pyarrow.parquet as pq
 
 from healthimaging_df import delta, engine, provenance, schema
 from healthimaging_df._version import __version__
-from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_store
+from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_root, private_store
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.plan import Plan
 from healthimaging_df.redact import SHIFTED_COLUMNS, RedactionPolicy, apply_redaction
+from healthimaging_df.spill import SortedRows, spill_prefix
 from healthimaging_df.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
@@ -334,7 +335,7 @@ def redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[s
 def write_table(
     target: Target,
     display_path: str,
-    table: pa.Table,
+    table: pa.Table | SortedRows,
     provenance: dict[str, Any],
     partition_cols: Sequence[str] | None,
     compression: str = "zstd",
@@ -345,8 +346,15 @@ def write_table(
 
     A single file is written as a stream of row groups, never whole in memory; *redact* (single
     files only, and only one that leaves ``updatedAt`` as it is) is then applied one row group at
-    a time. Otherwise pass a table already redacted.
+    a time. Otherwise pass a table already redacted. A :class:`SortedRows` (an export's result,
+    on disk) is written to a single file a row group at a time; other targets read it whole.
     """
+    if isinstance(table, SortedRows):
+        if target.single_file:
+            return _write_sorted(
+                target, display_path, table, provenance, compression, row_group_size, redact
+            )
+        table = table.table()
     if redact is not None and not target.single_file:
         table, redact = redact(table), None
     parts = check_partition_cols(target, partition_cols)
@@ -361,23 +369,7 @@ def write_table(
 
     columns = table.column_names if redact is None else redact(table.slice(0, 0)).column_names
     watermark = table_watermark(table) if "updatedAt" in columns else None
-    prov = dict(provenance)
-    prov.setdefault("schema_version", schema.SCHEMA_VERSION)
-    prov.setdefault("library_version", __version__)
-    prov.setdefault("redaction", None)
-    prov["row_count"] = table.num_rows
-    prov["watermark"] = iso(watermark)
-    meta = {
-        "format": "healthimaging_df.snapshot",
-        "format_version": FORMAT_VERSION,
-        "written_at": datetime.now(timezone.utc).isoformat(),
-        "written_by": __version__,
-        "partition_cols": parts,
-        "derived_columns": derived,
-        "columns": [c for c in columns if c not in derived],
-        "provenance": prov,
-    }
-    file_meta = {METADATA_KEY.encode(): json.dumps(meta, sort_keys=True).encode()}
+    prov, file_meta = _file_metadata(provenance, table.num_rows, watermark, columns, parts, derived)
     store = target.store
     if target.single_file:
         groups = _row_groups(table, row_group_size, redact)
@@ -419,6 +411,60 @@ def write_table(
         prov,
         version=result.version,
         bytes_written=result.bytes_written,
+    )
+
+
+def _file_metadata(
+    provenance: dict[str, Any],
+    rows: int,
+    watermark: datetime | None,
+    columns: list[str],
+    parts: list[str],
+    derived: list[str],
+) -> tuple[dict[str, Any], dict[bytes, bytes]]:
+    """The completed provenance and the file's footer metadata."""
+    prov = dict(provenance)
+    prov.setdefault("schema_version", schema.SCHEMA_VERSION)
+    prov.setdefault("library_version", __version__)
+    prov.setdefault("redaction", None)
+    prov["row_count"] = rows
+    prov["watermark"] = iso(watermark)
+    meta = {
+        "format": "healthimaging_df.snapshot",
+        "format_version": FORMAT_VERSION,
+        "written_at": datetime.now(timezone.utc).isoformat(),
+        "written_by": __version__,
+        "partition_cols": parts,
+        "derived_columns": derived,
+        "columns": [c for c in columns if c not in derived],
+        "provenance": prov,
+    }
+    return prov, {METADATA_KEY.encode(): json.dumps(meta, sort_keys=True).encode()}
+
+
+def _write_sorted(
+    target: Target,
+    display_path: str,
+    rows: SortedRows,
+    provenance: dict[str, Any],
+    compression: str,
+    row_group_size: int,
+    redact: Callable[[pa.Table], pa.Table] | None,
+) -> SnapshotInfo:
+    """:func:`write_table` of an export's result on disk to a single file, a row group at a time."""
+    columns = rows.column_names if redact is None else redact(rows.empty()).column_names
+    watermark = rows.watermark if "updatedAt" in columns else None
+    prov, file_meta = _file_metadata(provenance, rows.num_rows, watermark, columns, [], [])
+    groups = rows.groups(row_group_size)
+    if redact is not None:
+        groups = (redact(group) for group in groups)
+    store = target.store
+    size = store.put_stream(
+        target.name,
+        lambda sink: write_parquet(sink, groups, file_meta, compression, row_group_size),
+    )
+    return SnapshotInfo(
+        display_path, rows.num_rows, (store.uri(target.name),), size, (), prov, bytes_written=size
     )
 
 
@@ -890,6 +936,10 @@ def export_query(
     (``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``), never at the destination. If
     the process dies, the same call resumes from there: the result equals an uninterrupted run.
     The checkpoint is deleted once the snapshot is written. It holds unredacted rows (PHI).
+    Matching rows wait on disk, not in memory, until the file is written in order a row group at a
+    time: in the checkpoint, and in a private spill folder (mode 0700) beside a local target, in
+    the private checkpoint folder for a redacted export, else the system's temporary folder. The
+    spill folder is removed when the export ends, or by the next run after a kill.
 
     Parameters
     ----------
@@ -930,14 +980,17 @@ def export_query(
     run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
     display = os.fspath(path)
 
-    def write(table: pa.Table, info: dict[str, Any]) -> SnapshotInfo:
+    def write(table: pa.Table | SortedRows, info: dict[str, Any]) -> SnapshotInfo:
         written = _finish_write(target, display, table, info, parts, redact, compression)
         return register_glue(target, written, glue_table)
 
     if query.row_limit is not None:  # a small, sorted result: no checkpoints needed
         return engine.export(query.compile(), query.to_json(), run, write)
-    # a redacted export's checkpoint holds raw rows: never beside the redacted target
+    # a redacted export's checkpoint and spill files hold raw rows: never beside the target
     location = private_store(target.store.uri(target.name)) if redact is not None else None
+    spill_parent = (
+        str(private_root()) if redact is not None else target.store.folder_of(target.name)
+    )
     checkpoint = Checkpoint(target, fingerprint(query.to_json()), location)
     coverage = checkpoint.load() if resume else None
     if not resume:
@@ -952,7 +1005,15 @@ def export_query(
     checkpoint.access = plan.access
     coverage = checkpoint.bind(plan, coverage)
     info = engine.export(
-        plan, query.to_json(), run, write, checkpoint, coverage, checkpoint_interval
+        plan,
+        query.to_json(),
+        run,
+        write,
+        checkpoint,
+        coverage,
+        checkpoint_interval,
+        spill_parent,
+        spill_prefix(target.store.uri(target.name)),
     )
     checkpoint.discard()
     if checkpoint.resumed_tasks:
@@ -963,7 +1024,7 @@ def export_query(
 def _finish_write(
     target: Target,
     display_path: str,
-    table: pa.Table,
+    table: pa.Table | SortedRows,
     prov: dict[str, Any],
     partition_cols: Sequence[str] | None,
     redact: RedactionPolicy | None,
@@ -979,7 +1040,7 @@ def _finish_write(
     prov = redacted_provenance(prov, policy)
     changed = set(policy.hash) | (set(SHIFTED_COLUMNS) if policy.shift_dates else set())
     if "updatedAt" in changed:  # the watermark is of redacted values: redact the whole first
-        table = redacted(table)
+        table = redacted(table.table() if isinstance(table, SortedRows) else table)
         return write_table(target, display_path, table, prov, partition_cols, compression)
     return write_table(
         target, display_path, table, prov, partition_cols, compression, redact=redacted

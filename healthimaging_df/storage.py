@@ -66,6 +66,10 @@ class _Store:
     def check_writable(self) -> None:
         """Raise ``SnapshotError`` now if writes are sure to fail (checked before any request)."""
 
+    def folder_of(self, rel: str) -> str | None:
+        """The local folder that holds *rel*, or None when the store is not local."""
+        return None
+
 
 class _LocalStore(_Store):
     def __init__(self, base: str) -> None:
@@ -92,6 +96,9 @@ class _LocalStore(_Store):
                 pass
         except OSError:
             raise QueryValidationError("path", "its folder is not writable") from None
+
+    def folder_of(self, rel: str) -> str | None:
+        return os.path.dirname(self._full(rel))
 
     def arrow_path(self, rel: str) -> str:
         return self._full(rel)

@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from healthimaging_df import Query, frame
 from healthimaging_df.fetch import Page
@@ -157,3 +159,47 @@ def test_rank_index_merges_levels_without_losing_an_id(monkeypatch: pytest.Monke
         np.array([truth[k][1] for k in keys]),
     )
     assert len(rows) == len(keys)  # every id found at its best rank
+
+
+@given(
+    st.lists(st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "d", ""])), max_size=9))
+)
+@settings(max_examples=200, deadline=None)
+def test_distinct_count_by_sorting_equals_a_set(chunks: list[list[str | None]]) -> None:
+    values = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], pa.string())
+    assert frame.distinct_count(values) == len({v for c in chunks for v in c if v is not None})
+
+
+def test_read_once_with_rows_that_left_keeps_every_match_in_order() -> None:
+    """The no-duplicates shortcut (every image set read once, some not matching) keeps all matches."""
+    items = generate_image_sets(60, seed=5)
+    table = summaries_to_table(items)
+    matched, unmatched = table.slice(0, 40), table.slice(40).select(frame.RANK_COLUMNS)
+    plan = Query("0" * 32).sort_by("createdAt").compile()
+    kept = frame.latest_in_order([matched], [unmatched], plan)
+    assert sorted(kept.column("imageSetId").to_pylist()) == sorted(
+        matched.column("imageSetId").to_pylist()
+    )
+    stamps = kept.column("createdAt").to_pylist()
+    assert stamps == sorted(stamps)
+
+
+def test_result_memory_pool_switches_to_the_system_allocator_and_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    before = pa.default_memory_pool().backend_name
+    with frame.result_memory_pool():
+        inside = pa.default_memory_pool().backend_name
+        with frame.result_memory_pool():  # nested (or a second thread's) call
+            pass
+        still = pa.default_memory_pool().backend_name
+    assert pa.default_memory_pool().backend_name == before
+    assert (inside, still) == (("system", "system") if before == "mimalloc" else (before, before))
+
+
+def test_result_memory_pool_leaves_a_chosen_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+    before = pa.default_memory_pool().backend_name
+    with frame.result_memory_pool():
+        assert pa.default_memory_pool().backend_name == before
