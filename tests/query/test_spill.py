@@ -131,7 +131,8 @@ def test_a_live_runs_spill_folder_survives_a_second_run(tmp_path: Path) -> None:
     """Two exports to one destination: the second must not delete the first's spilled rows."""
     with spill.SpillDir(str(tmp_path), ".ahi-spill-t-") as first:
         with spill.SpillDir(str(tmp_path), ".ahi-spill-t-") as second:
-            assert first.path.exists() and second.path != first.path
+            assert first.path.exists()
+            assert second.path != first.path
         assert first.path.exists()
         just_made = tmp_path / ".ahi-spill-t-new"  # no lock yet, and young: maybe a live run
         just_made.mkdir()
