@@ -100,3 +100,26 @@ def test_a_full_scan_leaves_an_exact_count_the_next_plan_uses(
     assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
     # no probe: the scan's count was cached; 1,500 image sets are a 30-page scan, not 200 chains
     assert service.stats.requests < 100  # a scan (30 pages, more as windows split), not 200 chains
+
+
+def test_a_probe_sends_its_window_requests_at_once(ahi_service_factory: Any) -> None:
+    from healthimaging_df import statistics
+
+    with ahi_service_factory(image_sets=2_000, seed=8) as service:
+        service.set_faults(latency_ms=100)
+        service.reset_stats()
+        stats = statistics.probe(service.client(), str(service.datastore_id), None)
+        assert service.stats.requests == 10
+        assert service.stats.peak_concurrency >= 4  # ten in a row would be one at a time
+        assert 1_000 <= stats.image_sets <= 4_000
+
+
+def test_a_probe_of_fifty_image_sets_or_fewer_counts_them_with_two_requests(
+    ahi_service_factory: Any,
+) -> None:
+    from healthimaging_df import statistics
+
+    with ahi_service_factory(image_sets=37, seed=8) as service:
+        stats = statistics.probe(service.client(), str(service.datastore_id), None)
+        assert service.stats.requests == 2
+        assert stats.image_sets == 37
