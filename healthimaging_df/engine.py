@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ import pyarrow as pa
 from healthimaging_df import aws, flatten, predicates, provenance, schema, statistics
 from healthimaging_df.checkpoint import Checkpoint
 from healthimaging_df.errors import QueryValidationError, SnapshotError
-from healthimaging_df.fetch import Coverage, FetchOptions, stream
+from healthimaging_df.fetch import Coverage, FetchOptions, Prefetched, stream
 from healthimaging_df.frame import (
     Buffer,
     Chunker,
@@ -30,7 +30,7 @@ from healthimaging_df.frame import (
     result_memory_pool,
     split_page,
 )
-from healthimaging_df.plan import DatastoreStats, Plan, compile_plan, presplit
+from healthimaging_df.plan import Chain, DatastoreStats, Plan, compile_plan, presplit, presplit_at
 from healthimaging_df.progress import Progress
 from healthimaging_df.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 
@@ -48,6 +48,8 @@ class Run:
     fetch: FetchOptions
     progress: Progress
     dtype_backend: schema.DtypeBackend
+    # first pages a probe read that the chosen scan starts from (see :func:`choose`)
+    prefetched: Prefetched = field(default_factory=dict, repr=False, compare=False)
 
 
 def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
@@ -88,6 +90,9 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     """The plan *compile* gives, with the datastore's size when the choice of path depends on it.
 
     The size comes from a previous scan's statistics, or from a probe of about ten requests.
+    The probe reads the first pages of the scan the query would run (``compile`` given an empty
+    datastore's statistics plans that scan), so when the scan wins it starts from them: a
+    probe then costs a scan two requests, and a fan-out about ten.
     """
     plan = compile(None)
     if plan.qido is not None:
@@ -97,9 +102,18 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
         stats = statistics.cached(run.client, plan.datastore_id)
         if stats is None:
             limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
-            stats = statistics.probe(run.client, plan.datastore_id, limiter)
+            scan = _whole_scan(compile(DatastoreStats(0)))
+            probed = statistics.probe_pieces(
+                run.client, plan.datastore_id, limiter, scan, run.fetch.page_size
+            )
+            stats = probed.stats
             statistics.remember(run.client, plan.datastore_id, stats)
-        plan = compile(stats)
+            plan = compile(stats)
+            if probed.pages and scan is not None and _whole_scan(plan) == scan:
+                run.prefetched.update(probed.pages)
+                return presplit_at(plan, stats, [probed.cuts], "at the probe's windows")
+        else:
+            plan = compile(stats)
     if plan.windowed:
         # a scan pre-splits from statistics it already has (never probed for: a scan without
         # them reads its window from both ends at once and splits as it learns the spread)
@@ -107,6 +121,15 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
         if stats is not None:
             plan = presplit(plan, stats, presplit_pieces(run.fetch, stats))
     return plan
+
+
+def _whole_scan(plan: Plan) -> Chain | None:
+    """*plan*'s one chain if it reads every image set, by createdAt windows, else None."""
+    if plan.parts or not plan.full_scan:
+        return None
+    chain = plan.chains[0]
+    whole = chain.window is not None and chain.window[1] >= datetime.now(timezone.utc)
+    return chain if whole else None
 
 
 def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:
@@ -145,7 +168,7 @@ def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict
 def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dict[str, Any]]:
     started = datetime.now(timezone.utc)
     collector = Collector(plan)
-    with stream(plan, run.client, run.fetch, run.progress) as pages:
+    with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
         for page in pages:
             if collector.add(page):
                 pages.stop_chain(page.chain)
@@ -182,7 +205,7 @@ def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[
     info = provenance.build(plan, query_json, run.client, started)
     chunker = Chunker(plan, chunk_rows, run.dtype_backend, info)
     with result_memory_pool():
-        with stream(plan, run.client, run.fetch, run.progress) as pages:
+        with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
             for page in pages:
                 yield from chunker.add(page)
         yield from chunker.flush()
@@ -220,7 +243,9 @@ def export(
     with result_memory_pool(), SpillDir(spill_parent, spill_prefix) as folder:
         matched: dict[int, TaskRows] = {}
         unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
-        with stream(plan, run.client, run.fetch, run.progress, resume=coverage) as pages:
+        with stream(
+            plan, run.client, run.fetch, run.progress, resume=coverage, prefetched=run.prefetched
+        ) as pages:
             for page in pages:
                 if not page.done:
                     hit, miss = split_page(page.table, plan.predicates)
@@ -250,7 +275,7 @@ def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa
     window = predicates.build("updatedAt", "between", (since, until))
     plan = compile_plan(datastore_id, (window,))
     collector = Collector(plan)
-    with stream(plan, run.client, run.fetch, run.progress) as pages:
+    with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
         for page in pages:
             collector.add(page)
     return collector.table()

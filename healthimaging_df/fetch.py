@@ -13,6 +13,7 @@ import array
 import collections
 import hashlib
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -40,6 +41,8 @@ from healthimaging_df.progress import Progress, ProgressReporter
 log = logging.getLogger(__name__)
 
 Window = tuple[datetime, datetime]
+# first pages already read, by request_key: what a probe hands the scan it decided on
+Prefetched = dict[str, tuple[pa.Table, str | None]]
 
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
@@ -237,9 +240,14 @@ def stream(
     options: FetchOptions,
     progress: Progress = None,
     resume: Coverage | None = None,
+    prefetched: Prefetched | None = None,
 ) -> PageStream:
-    """Start fetching *plan* (skipping what *resume* covers); iterate it for pages."""
-    return PageStream(plan, client, options, progress, resume)
+    """Start fetching *plan* (skipping what *resume* covers); iterate it for pages.
+
+    *prefetched*: first pages already read (by a probe), keyed by :func:`request_key`; a chain
+    whose first request is one of them starts from it instead of asking again.
+    """
+    return PageStream(plan, client, options, progress, resume, prefetched)
 
 
 class PageStream:
@@ -256,9 +264,11 @@ class PageStream:
         options: FetchOptions,
         progress: Progress = None,
         resume: Coverage | None = None,
+        prefetched: Prefetched | None = None,
     ) -> None:
         self.plan = plan
         self.resume = resume
+        self._prefetched = prefetched if prefetched is not None else {}
         self.client = client
         self.options = options
         self.counters = _Counters()
@@ -357,6 +367,8 @@ class PageStream:
                 continue
             elif chain.window is None:
                 tasks.append(_Task(chain))
+            elif chain.index not in self.resume.windows:  # nothing of it read: as planned
+                windows.append((chain, chain.window, chain.splits))
             else:
                 windows += [(chain, w, ()) for w in self.resume.remaining(chain)]
         if not tasks and not windows:
@@ -707,7 +719,17 @@ class PageStream:
         self._add_reader(upper, descending=False)
 
     def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
+        if self._prefetched and "nextToken" not in kwargs:
+            with self._lock:
+                ready = self._prefetched.pop(request_key(kwargs), None)
+            if ready is not None:
+                return ready
         return call_page(self.client, self._limiter, kwargs, chain, self._cancel)
+
+
+def request_key(kwargs: dict[str, Any]) -> str:
+    """A first request's exact identity: its keyword arguments as canonical JSON."""
+    return json.dumps(kwargs, sort_keys=True, default=lambda v: v.isoformat())
 
 
 def _split_point(segment: _Segment) -> datetime | None:

@@ -557,19 +557,31 @@ def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
     """
     if not plan.windowed or pieces < 2 or plan.parts:
         return plan
-    chains = []
+    cuts: list[tuple[datetime, ...]] = []
     for chain in plan.chains:
         if chain.window is None:
-            chains.append(chain)
+            cuts.append(())
             continue
         low, high = chain.window
         share = stats.share(low, high)
         count = min(pieces, int(stats.image_sets * share / PAGE_ROWS / PRESPLIT_MIN_PAGES))
-        cuts = _cuts(stats, low, high, count)
+        cuts.append(_cuts(stats, low, high, count))
+    return presplit_at(plan, stats, cuts, f"from the {stats.source} statistics")
+
+
+def presplit_at(
+    plan: Plan, stats: DatastoreStats, cuts: Sequence[tuple[datetime, ...]], why: str
+) -> Plan:
+    """*plan* with chain k's createdAt window starting pre-split at ``cuts[k]`` (whole seconds)."""
+    chains = []
+    for chain, at in zip(plan.chains, cuts, strict=True):
+        if chain.window is None:
+            chains.append(chain)
+            continue
         chains.append(
             replace(
                 chain,
-                splits=cuts,
+                splits=tuple(at),
                 profile=stats.created_quantiles,
                 profile_rows=stats.image_sets,
             )
@@ -577,9 +589,7 @@ def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
     note = plan.note
     if any(c.splits for c in chains):
         parts = max(len(c.splits) + 1 for c in chains)
-        note = (
-            f"{note}; " if note else ""
-        ) + f"window pre-split into {parts} pieces from the {stats.source} statistics"
+        note = (f"{note}; " if note else "") + f"window pre-split into {parts} pieces {why}"
     return replace(plan, chains=tuple(chains), note=note)
 
 

@@ -6,27 +6,29 @@ datastore; neither is PHI). Without one, :func:`probe` estimates the size with a
 in two rounds of concurrent requests: the oldest and newest ``createdAt`` (the oldest as a whole
 page: a datastore of 50 or fewer is counted by it), then one page in each of eight equal
 ``createdAt`` windows (a window that ends within its page is counted exactly, one that does not
-is extrapolated from the span its 50 rows cover). :func:`probe_chain` sizes one request chain with one or two
-requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a StudyDateTime-filtered
+is extrapolated from the span its 50 rows cover); when a scan follows, those pages are its first
+ones (:func:`probe_pieces`). :func:`probe_chain` sizes one request chain with one or two requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a StudyDateTime-filtered
 scan, reads).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from healthimaging_df import aws
-from healthimaging_df.fetch import call_page
+from healthimaging_df import aws, dates
+from healthimaging_df.fetch import Prefetched, call_page, request_key
 from healthimaging_df.plan import PAGE_ROWS, Chain, DatastoreStats
 
 log = logging.getLogger(__name__)
@@ -92,11 +94,34 @@ def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
         log.debug("statistics not cached: %s", type(exc).__name__)
 
 
-def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> DatastoreStats:
-    """Estimate the datastore's size with about ten requests (see the module docstring).
+@dataclass(frozen=True)
+class Probe:
+    """A probe's estimate, and the pages it read: the first pages of a scan cut at *cuts*."""
 
-    The requests go out at once where they can: the two ends together, then the eight windows
-    together, so a probe takes about two round trips (and ten of the quota's slots), not ten.
+    stats: DatastoreStats
+    cuts: tuple[datetime, ...] = ()
+    pages: Prefetched = field(default_factory=dict, repr=False)  # summaries are PHI
+
+
+def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> DatastoreStats:
+    """Estimate the datastore's size with about ten requests (see :func:`probe_pieces`)."""
+    return probe_pieces(client, datastore_id, limiter).stats
+
+
+def probe_pieces(
+    client: Any,
+    datastore_id: str,
+    limiter: aws.RateLimiter | None,
+    scan: Chain | None = None,
+    page_size: int = PAGE_ROWS,
+) -> Probe:
+    """Estimate the datastore's size with about ten requests, in two rounds sent at once.
+
+    The two ends first, then one page in each of eight windows cut at even whole seconds between
+    them. Given *scan* (an unfiltered chain whose createdAt window covers the datastore) the
+    windows are that chain's pieces cut at ``Probe.cuts`` and each page is the very first page
+    the fetcher would ask for (same request, *page_size* rows): a scan pre-split at those cuts
+    starts from them (``fetch.stream(prefetched=...)``), so the probe costs it two requests.
     """
 
     def ends(order: str) -> tuple[pa.Table, str | None]:
@@ -110,34 +135,44 @@ def probe(client: Any, datastore_id: str, limiter: aws.RateLimiter | None) -> Da
     with ThreadPoolExecutor(max_workers=PROBE_WINDOWS, thread_name_prefix="ahi-probe") as pool:
         (oldest, token), (newest, _) = pool.map(ends, ("ASC", "DESC"))
         if oldest.num_rows == 0 or newest.num_rows == 0:
-            return DatastoreStats(0, source="probe")
-        created = oldest.column("createdAt")
-        first, last = created[0].as_py(), newest.column("createdAt")[0].as_py()
+            return Probe(DatastoreStats(0, source="probe"))
+        first = oldest.column("createdAt")[0].as_py()
+        last = newest.column("createdAt")[0].as_py()
         if token is None:  # fifty image sets or fewer: the first page counted them all
-            return DatastoreStats(oldest.num_rows, first, last, source="probe")
+            return Probe(DatastoreStats(oldest.num_rows, first, last, source="probe"))
         low, high = first, last + timedelta(seconds=1)
+        window = scan.window if scan is not None and scan.window is not None else None
+        window = window or (dates.floor_second(low), dates.ceil_second(high))
         step = (high - low) / PROBE_WINDOWS
-        windows = [(low + step * k, low + step * (k + 1)) for k in range(PROBE_WINDOWS)]
-        counts = list(pool.map(lambda w: _window_count(client, datastore_id, limiter, *w), windows))
-    return DatastoreStats(
-        round(sum(counts)),
-        first,
-        last,
-        source="probe",
-        created_quantiles=_quantiles(low, step, counts),
+        seconds = {dates.floor_second(low + step * k) for k in range(1, PROBE_WINDOWS)}
+        cuts = sorted(c for c in seconds if window[0] < c < window[1])
+        edges = [window[0], *cuts, window[1]]
+        chain = scan if scan is not None else Chain(0, (), None, window=window)
+        requests = [
+            {**chain.request(datastore_id, piece), "maxResults": page_size}
+            for piece in itertools.pairwise(edges)
+        ]
+        pages = list(pool.map(lambda kwargs: call_page(client, limiter, kwargs), requests))
+    # what each piece really spans: the datastore's rows lie between its oldest and newest
+    spans = [(max(a, low), min(b, high)) for a, b in itertools.pairwise(edges)]
+    counts = [
+        _count_rows(table, token, *span) for (table, token), span in zip(pages, spans, strict=True)
+    ]
+    return Probe(
+        DatastoreStats(
+            round(sum(counts)),
+            first,
+            last,
+            source="probe",
+            created_quantiles=_quantiles(spans, counts),
+        ),
+        tuple(cuts),
+        {request_key(kwargs): page for kwargs, page in zip(requests, pages, strict=True)},
     )
 
 
-def _window_count(
-    client: Any, datastore_id: str, limiter: aws.RateLimiter | None, a: datetime, b: datetime
-) -> float:
+def _count_rows(table: pa.Table, token: str | None, a: datetime, b: datetime) -> float:
     """Image sets created in ``[a, b]``: exact when one page holds them, else extrapolated."""
-    criteria = {
-        "filters": [{"operator": "BETWEEN", "values": [{"createdAt": a}, {"createdAt": b}]}],
-        "sort": {"sortField": "createdAt", "sortOrder": "ASC"},
-    }
-    kwargs = {"datastoreId": datastore_id, "maxResults": PAGE_ROWS, "searchCriteria": criteria}
-    table, token = call_page(client, limiter, kwargs)
     if token is None:
         return float(table.num_rows)
     last = table.column("createdAt")[-1].as_py()
@@ -145,21 +180,23 @@ def _window_count(
     return float(table.num_rows * max(1.0, (b - a).total_seconds() / covered))
 
 
-def _quantiles(low: datetime, step: timedelta, counts: list[float]) -> tuple[datetime, ...]:
-    """The createdAt at PROBE_WINDOWS + 1 even ranks, the rows spread evenly within each window."""
+def _quantiles(spans: list[tuple[datetime, datetime]], counts: list[float]) -> tuple[datetime, ...]:
+    """The createdAt at ``len(counts) + 1`` even ranks, the rows spread evenly within each span."""
     total = sum(counts)
     if total <= 0:
         return ()
-    out = [low]
+    pieces = len(counts)
+    out = [spans[0][0]]
     seen, k = 0.0, 0
-    for n in range(1, PROBE_WINDOWS):
-        target = total * n / PROBE_WINDOWS
-        while k < len(counts) - 1 and seen + counts[k] < target:
+    for n in range(1, pieces):
+        target = total * n / pieces
+        while k < pieces - 1 and seen + counts[k] < target:
             seen += counts[k]
             k += 1
         inside = (target - seen) / counts[k] if counts[k] else 0.0
-        out.append(low + step * (k + min(max(inside, 0.0), 1.0)))
-    out.append(low + step * len(counts))
+        a, b = spans[k]
+        out.append(a + (b - a) * min(max(inside, 0.0), 1.0))
+    out.append(spans[-1][1])
     return tuple(out)
 
 

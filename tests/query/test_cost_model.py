@@ -123,3 +123,51 @@ def test_a_probe_of_fifty_image_sets_or_fewer_counts_them_with_two_requests(
         stats = statistics.probe(service.client(), str(service.datastore_id), None)
         assert service.stats.requests == 2
         assert stats.image_sets == 37
+
+
+@pytest.mark.parametrize("mode", ["to_dataframe", "iter_dataframes", "to_parquet"])
+def test_a_probed_scan_starts_from_the_probes_pages_and_stays_exact_while_updates_land(
+    ahi_service_factory: Any, stats_cache: Path, tmp_path: Path, mode: str
+) -> None:
+    import threading
+
+    from healthimaging_df.snapshot import read_snapshot
+
+    from .test_exactness import current, update_while_paging
+
+    with ahi_service_factory(image_sets=2_000, seed=8) as service:
+        records = service.backend.image_sets(service.datastore_id)
+        patients = sorted({flat_row(r)["PatientID"] for r in records if flat_row(r)["PatientID"]})
+        query = Query(service.datastore_id).where(PatientID=patients[:300])
+        seen: list[int] = []
+        options: dict[str, Any] = {
+            "client": service.client(),
+            "max_tps": None,
+            "progress": lambda pages, _rows: seen.append(pages),
+        }
+        service.set_faults(latency_ms=2.0)
+        service.reset_stats()
+        stop = threading.Event()
+        touched: list[str] = []
+        worker = threading.Thread(
+            target=lambda: touched.extend(update_while_paging(service, stop, 4))
+        )
+        worker.start()
+        try:
+            if mode == "to_dataframe":
+                got = list(query.to_dataframe(**options)["imageSetId"])
+            elif mode == "iter_dataframes":
+                chunks = query.iter_dataframes(chunk_rows=97, **options)
+                got = [i for chunk in chunks for i in chunk["imageSetId"]]
+            else:
+                query.to_parquet(str(tmp_path / "x.parquet"), checkpoint_interval=0, **options)
+                got = list(read_snapshot(tmp_path / "x.parquet")["imageSetId"])
+        finally:
+            stop.set()
+            worker.join()
+        assert touched  # the datastore changed while the probe and the scan read it
+        assert len(got) == len(set(got))
+        assert sorted(got) == sorted(brute_force(current(service), query))
+        # the probe's two ends are the only requests beyond the pages the scan consumed: its
+        # eight window pages were the scan's first pages, not asked for again
+        assert service.stats.requests == max(seen) + 2
