@@ -92,7 +92,9 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     The size comes from a previous scan's statistics, or from a probe of about ten requests.
     The probe reads the first pages of the scan the query would run (``compile`` given an empty
     datastore's statistics plans that scan), so when the scan wins it starts from them: a
-    probe then costs a scan two requests, and a fan-out about ten.
+    probe then costs a scan two requests, and a fan-out about ten. A first scan of the whole
+    datastore probes too, for those two requests: it starts in eight pieces at once instead of
+    from the window's two ends (a bursty datastore at 300 ms: 55% of the quota -> 75%).
     """
     plan = compile(None)
     if plan.qido is not None:
@@ -101,26 +103,38 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     if plan.wants_statistics:
         stats = statistics.cached(run.client, plan.datastore_id)
         if stats is None:
-            limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
             scan = _whole_scan(compile(DatastoreStats(0)))
-            probed = statistics.probe_pieces(
-                run.client, plan.datastore_id, limiter, scan, run.fetch.page_size
-            )
+            probed = _probe(run, plan.datastore_id, scan)
             stats = probed.stats
-            statistics.remember(run.client, plan.datastore_id, stats)
             plan = compile(stats)
             if probed.pages and scan is not None and _whole_scan(plan) == scan:
-                run.prefetched.update(probed.pages)
-                return presplit_at(plan, stats, [probed.cuts], "at the probe's windows")
+                return _start_from(plan, probed, run)
         else:
             plan = compile(stats)
     if plan.windowed:
-        # a scan pre-splits from statistics it already has (never probed for: a scan without
-        # them reads its window from both ends at once and splits as it learns the spread)
         stats = stats or statistics.cached(run.client, plan.datastore_id)
         if stats is not None:
-            plan = presplit(plan, stats, presplit_pieces(run.fetch, stats))
+            return presplit(plan, stats, presplit_pieces(run.fetch, stats))
+        scan = _whole_scan(plan)
+        if scan is not None:
+            probed = _probe(run, plan.datastore_id, scan)
+            if probed.pages:
+                return _start_from(plan, probed, run)
     return plan
+
+
+def _probe(run: Run, datastore_id: str, scan: Chain | None) -> statistics.Probe:
+    """Probe the datastore's size (its window pages are *scan*'s first pages); cache it."""
+    limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
+    probed = statistics.probe_pieces(run.client, datastore_id, limiter, scan, run.fetch.page_size)
+    statistics.remember(run.client, datastore_id, probed.stats)
+    return probed
+
+
+def _start_from(plan: Plan, probed: statistics.Probe, run: Run) -> Plan:
+    """*plan* pre-split at the probe's cuts, its first pages handed to the fetcher."""
+    run.prefetched.update(probed.pages)
+    return presplit_at(plan, probed.stats, [probed.cuts], "at the probe's windows")
 
 
 def _whole_scan(plan: Plan) -> Chain | None:
