@@ -142,6 +142,7 @@ def main() -> None:
     n = args.image_sets
     latencies = [float(x) for x in args.latencies.split(",")]
     rows = []
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     for distribution in args.distributions.split(","):
         with build_service(distribution, n) as service:
@@ -183,8 +184,8 @@ def main() -> None:
                 f"(throttled {p['throttled']}) | {p['seconds'] / c['seconds']:.1f}x |"
             )
     pages = -(-n // 50)
-    body = f"""Measured with `python -m bench scan_grid_bench` on {machine()}, **shared with other
-sessions' work** (quota shares are depressed by CPU contention; rerun on a quiet machine); the
+    body = f"""Measured with `python -m bench scan_grid_bench` on {machine()}, load average
+{load:.1f} at the start (quota shares drop under CPU contention: compare runs at like loads); the
 whole grid took {elapsed / 60:.1f} minutes. {n:,} image sets ({pages} pages of 50 at the
 minimum), `max_tps={MAX_TPS:g}`, `max_concurrency={MAX_CONCURRENCY}`; the client paces at
 {aws.HEADROOM:.0%} of `max_tps` ({MAX_TPS * aws.HEADROOM:g}/s).
@@ -209,8 +210,9 @@ the tail (the last pages of the last segments, serial); at 300 ms eight readers 
 round trip on this loaded machine give 23.5/s at best, so the 300 ms cells stay near 85% even in
 steady state. A first scan of bursty data at 300 ms is the weak cell: with no statistics its
 estimates of the rows left between two ends are poor, segments are read by fewer readers than
-needed for part of the scan. Starting from the probe's eight pieces took that cell from 55% to
-74-77% in a trial run (uniform and same-second at 300 ms moved by -4 to +1 points); steering the
+needed for part of the scan. Starting from the probe's eight pieces took that cell from 55% (the
+previous grid, both limiters) to 74-77% in a trial run and to 57% / 76% in the run above: better,
+and unstable (the uniform and same-second cells at 300 ms moved by -4 to +1 points); steering the
 fetcher by the probe's eight-window profile instead made it worse (33%), so a probe leaves no
 quantiles. The paced rate was not raised: at 98% the sliding window throttled
 once in 12 scans of a trial run on this machine, so 96% stays (not proven safe here either: the

@@ -94,7 +94,7 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     datastore's statistics plans that scan), so when the scan wins it starts from them: a
     probe then costs a scan two requests, and a fan-out about ten. A first scan of the whole
     datastore probes too, for those two requests: it starts in eight pieces at once instead of
-    from the window's two ends (a bursty datastore at 300 ms: 55% of the quota -> 75%).
+    from the window's two ends (a bursty first scan at 300 ms: 55% of the quota -> 57-77%).
     """
     plan = compile(None)
     if plan.qido is not None:
