@@ -8,8 +8,9 @@ page: a datastore of 50 or fewer is counted by it), then one page in each of eig
 ``createdAt`` windows (a window that ends within its page is counted exactly, one that does not
 is extrapolated from the span its 50 rows cover); when a scan follows, those pages are its first
 ones (:func:`probe_pieces`). A probe's estimate has no ``createdAt`` quantiles: eight pages say too
-little about bursty data to steer a scan by. :func:`probe_chain` sizes one request chain with one or two requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a StudyDateTime-filtered
-scan, reads).
+little about bursty data to steer a scan by. :func:`probe_chain` sizes one request chain with one
+or two requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a
+StudyDateTime-filtered scan, reads).
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ def probe_pieces(
         if token is None:  # fifty image sets or fewer: the first page counted them all
             return Probe(DatastoreStats(oldest.num_rows, first, last, source="probe"))
         low, high = first, last + timedelta(seconds=1)
-        window = scan.window if scan is not None and scan.window is not None else None
-        window = window or (dates.floor_second(low), dates.ceil_second(high))
+        window = (scan.window if scan is not None else None) or (
+            dates.floor_second(low),
+            dates.ceil_second(high),
+        )
         step = (high - low) / PROBE_WINDOWS
         seconds = {dates.floor_second(low + step * k) for k in range(1, PROBE_WINDOWS)}
         cuts = sorted(c for c in seconds if window[0] < c < window[1])
