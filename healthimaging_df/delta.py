@@ -541,6 +541,19 @@ def _check_table(argument: str, table: Any) -> pa.Table:
     return table
 
 
+def _check_data(data: Any, num_rows: Any) -> tuple[pa.Table | pa.RecordBatchReader, int]:
+    """*data* (a table, or a reader with its *num_rows*) and its row count, else a typed error."""
+    if isinstance(data, pa.RecordBatchReader):
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+            raise QueryValidationError("num_rows", "a reader needs its row count (an int >= 0)")
+        _check_table("table", data.schema.empty_table())
+        return data, num_rows
+    table = _check_table("table", data)
+    if num_rows is not None and num_rows != table.num_rows:
+        raise QueryValidationError("num_rows", "must be None or the table's row count")
+    return table, table.num_rows
+
+
 def _check_provenance(provenance: Any) -> dict[str, Any]:
     if not isinstance(provenance, Mapping):
         raise QueryValidationError("provenance", "must be a dict")
@@ -622,7 +635,7 @@ def _row_count(table: DeltaTable) -> int:
 
 def write_table(
     uri: str | os.PathLike[str],
-    table: pa.Table,
+    table: pa.Table | pa.RecordBatchReader,
     provenance: Mapping[str, Any],
     *,
     partition_by: Sequence[str] | None = None,
@@ -630,6 +643,7 @@ def write_table(
     mode: Literal["overwrite", "error"] = "overwrite",
     expected_version: int | None = None,
     target_file_size: int | None = None,
+    num_rows: int | None = None,
 ) -> WriteResult:
     """Create the Delta table at *uri*, or replace its content, in one commit.
 
@@ -639,7 +653,9 @@ def write_table(
         Local folder or ``s3://bucket/prefix``. An existing folder must be empty or a table of
         this library.
     table
-        The rows, with the Arrow types to keep (they read back exactly).
+        The rows, with the Arrow types to keep (they read back exactly): a table, or a
+        ``RecordBatchReader`` that delta-rs writes as it reads it (a result larger than memory),
+        with its row count in *num_rows*.
     provenance
         JSON-ready dict stored with the commit.
     partition_by
@@ -657,6 +673,9 @@ def write_table(
         Bytes at which a data file is closed and the next begun (delta-rs' default: 100 MiB).
         Smaller files, with rows in ``createdAt`` order, let a MERGE rewrite only the files that
         hold changed image sets.
+    num_rows
+        The rows a reader will yield (recorded in the commit before it is read); for a table,
+        None or its row count.
 
     Returns
     -------
@@ -665,7 +684,7 @@ def write_table(
     from deltalake import write_deltalake
 
     location = _location(uri)
-    table = _check_table("table", table)
+    table, rows = _check_data(table, num_rows)
     prov = _check_provenance(provenance)
     if mode not in ("overwrite", "error"):
         raise QueryValidationError("mode", "must be 'overwrite' or 'error'")
@@ -673,17 +692,17 @@ def write_table(
     parts = (
         None if partition_by is None else _check_names("partition_by", partition_by, table.schema)
     )
-    if parts is not None and parts and len(parts) >= table.num_columns:
+    if parts is not None and parts and len(parts) >= len(table.schema.names):
         raise QueryValidationError("partition_by", "cannot cover every column")
     options = _options(location, storage_options)
     action = "writing the snapshot"
     existing = _open(location, options, action=action, version=expected_version, missing_ok=True)
-    meta = {"operation": "write", "arrow_schema": _schema_b64(table.schema), "rows": table.num_rows}
+    meta = {"operation": "write", "arrow_schema": _schema_b64(table.schema), "rows": rows}
     if existing is None:
         if expected_version is not None:
             raise SnapshotError(f"{action}: there is no table at the expected version")
         parts = parts or []
-        meta.update(partition_by=parts, added=table.num_rows, updated=0, removed=0)
+        meta.update(partition_by=parts, added=rows, updated=0, removed=0)
         with _translated(action):
             try:
                 write_deltalake(
@@ -711,12 +730,12 @@ def write_table(
         old_parts = list(existing.metadata().partition_columns)
         if parts is None:
             parts = old_parts
-            missing = [c for c in parts if c not in table.column_names]
+            missing = [c for c in parts if c not in table.schema.names]
             if missing:
                 raise QueryValidationError(
                     "table", f"lacks the table's partition columns: {', '.join(missing)}"
                 )
-        dropped = [c for c in old_parts if c not in table.column_names]
+        dropped = [c for c in old_parts if c not in table.schema.names]
         if dropped:  # delta-rs 1.6 cannot overwrite a table without its partition columns
             raise SnapshotError(
                 f"{action}: the table is partitioned by {', '.join(dropped)}, which the new rows "
@@ -725,7 +744,7 @@ def write_table(
         before = _files(existing)
         old_rows = _row_count(existing)
         reshape = parts != old_parts or not _same_delta_schema(existing, table.schema)
-        meta.update(partition_by=parts, added=table.num_rows, updated=0, removed=old_rows)
+        meta.update(partition_by=parts, added=rows, updated=0, removed=old_rows)
         with _translated(action):
             write_deltalake(
                 existing,
@@ -741,7 +760,7 @@ def write_table(
     files = _files(written)
     return WriteResult(
         version=written.version(),
-        rows=table.num_rows,
+        rows=rows,
         files=tuple(written.file_uris()),
         bytes=sum(files.values()),
         bytes_written=sum(size for path, size in files.items() if path not in before),

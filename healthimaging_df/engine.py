@@ -240,6 +240,7 @@ def export(
     checkpoint_interval: float = 5.0,
     spill_parent: str | None = None,
     spill_prefix: str = SPILL_PREFIX,
+    order: tuple[str, bool] | None = None,
 ) -> T:
     """Run *plan* and hand the whole result to *write*, checkpointing finished tasks as it goes.
 
@@ -248,7 +249,8 @@ def export(
     copies dropped across tasks exactly as :func:`collect` drops them. Then *write* gets a
     :class:`~healthimaging_df.spill.SortedRows`, not a table: matching rows wait on disk (in a
     private folder named *spill_prefix* under *spill_parent*, or the system's temporary folder)
-    until it reads them in order, so memory does not grow with the result.
+    until it reads them in order, so memory does not grow with the result: in the plan's order,
+    or in *order* ``(column, ascending)`` when given (ties by imageSetId either way).
     """
     if plan.limit is not None or checkpoint is None:  # small and sorted, or not resumable
         table, info = collect_table(plan, query_json, run)
@@ -275,7 +277,7 @@ def export(
         del matched, unmatched
         checkpoint.flush(coverage)
         result = SortedRows(
-            checkpoint.rows_of, checkpoint.seen(), checkpoint.schema(), plan, folder
+            checkpoint.rows_of, checkpoint.seen(), checkpoint.schema(), plan, folder, order
         )
         info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
         return write(result, info)

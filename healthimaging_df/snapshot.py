@@ -19,6 +19,7 @@ incremental refresh is ``healthimaging_df.refresh``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -344,28 +345,26 @@ def write_table(
 ) -> SnapshotInfo:
     """Write *table* as the snapshot at *target*, its provenance completed (rows, watermark).
 
-    A single file is written as a stream of row groups, never whole in memory; *redact* (single
-    files only, and only one that leaves ``updatedAt`` as it is) is then applied one row group at
-    a time. Otherwise pass a table already redacted. A :class:`SortedRows` (an export's result,
-    on disk) is written to a single file a row group at a time; other targets read it whole.
+    A single file is written as a stream of row groups, never whole in memory; *redact* (only
+    one that leaves ``updatedAt`` as it is) is then applied one row group at a time. A
+    :class:`SortedRows` (an export's result, on disk) is read a row group at a time for either
+    kind of target: a single file in the result's order, a Delta table as an Arrow stream that
+    delta-rs writes as it reads (the rows must come in :data:`FILE_ORDER`).
     """
     if isinstance(table, SortedRows):
         if target.single_file:
             return _write_sorted(
                 target, display_path, table, provenance, compression, row_group_size, redact
             )
-        table = table.table()
+        return _write_sorted_delta(
+            target, display_path, table, provenance, partition_cols, row_group_size, redact
+        )
     if redact is not None and not target.single_file:
         table, redact = redact(table), None
     parts = check_partition_cols(target, partition_cols)
     derived = [name for name in parts if name not in table.column_names]
     table = derive_columns(table, derived)
-    for name in parts:
-        kind = table.schema.field(name).type
-        if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
-            raise SnapshotError(f"partition column {name!r} must hold text, integers or flags")
-    if len(parts) >= table.num_columns:
-        raise SnapshotError("partition_cols cannot cover every column")
+    _check_partition_types(table.schema, parts)
 
     columns = table.column_names if redact is None else redact(table.slice(0, 0)).column_names
     watermark = table_watermark(table) if "updatedAt" in columns else None
@@ -386,17 +385,37 @@ def write_table(
             prov,
             bytes_written=size,
         )
+    return _write_delta(target, display_path, file_order(table), table.num_rows, prov, parts)
 
+
+def _check_partition_types(table_schema: pa.Schema, parts: list[str]) -> None:
+    for name in parts:
+        kind = table_schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+            raise SnapshotError(f"partition column {name!r} must hold text, integers or flags")
+    if len(parts) >= len(table_schema.names):
+        raise SnapshotError("partition_cols cannot cover every column")
+
+
+def _write_delta(
+    target: Target,
+    display_path: str,
+    data: pa.Table | pa.RecordBatchReader,
+    rows: int,
+    prov: dict[str, Any],
+    parts: list[str],
+) -> SnapshotInfo:
+    """Commit *data* (*rows* rows, in file order) as the Delta table at *target*."""
     uri, options = delta_location(target)
-    table = file_order(table)
     try:
         result = delta.write_table(
             uri,
-            table,
+            data,
             prov,
             partition_by=parts,
             storage_options=options,
             target_file_size=TARGET_FILE_SIZE,
+            num_rows=rows,
         )
     except SnapshotConflictError:
         raise
@@ -412,6 +431,36 @@ def write_table(
         version=result.version,
         bytes_written=result.bytes_written,
     )
+
+
+def _write_sorted_delta(
+    target: Target,
+    display_path: str,
+    rows: SortedRows,
+    provenance: dict[str, Any],
+    partition_cols: Sequence[str] | None,
+    row_group_size: int,
+    redact: Callable[[pa.Table], pa.Table] | None,
+) -> SnapshotInfo:
+    """:func:`write_table` of an export's result on disk to a Delta table, streamed.
+
+    Each row group is redacted and given its derived columns as it is read; delta-rs consumes the
+    stream file by file, so memory holds a row group and delta-rs' open files, not the result.
+    """
+    parts = check_partition_cols(target, partition_cols)
+    columns = rows.column_names if redact is None else redact(rows.empty()).column_names
+    derived = [name for name in parts if name not in columns]
+    groups = rows.groups(row_group_size)
+    if redact is not None:
+        groups = (redact(group) for group in groups)
+    groups = (derive_columns(group, derived) for group in groups)
+    first = next(groups)  # the bucketing pass runs here; an empty result is one empty group
+    _check_partition_types(first.schema, parts)
+    watermark = rows.watermark if "updatedAt" in columns else None
+    prov, _ = _file_metadata(provenance, rows.num_rows, watermark, columns, parts, derived)
+    batches = (batch for group in itertools.chain([first], groups) for batch in group.to_batches())
+    reader = pa.RecordBatchReader.from_batches(first.schema, batches)
+    return _write_delta(target, display_path, reader, rows.num_rows, prov, parts)
 
 
 def _file_metadata(
@@ -492,13 +541,17 @@ def derive_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
     return table
 
 
+# A Delta snapshot's rows by createdAt (ties by imageSetId), whatever the query's order
+FILE_ORDER = ("createdAt", True)
+
+
 def file_order(table: pa.Table) -> pa.Table:
-    """Rows in ``createdAt`` order (then imageSetId): a refresh then rewrites few files.
+    """Rows in :data:`FILE_ORDER` (then imageSetId): a refresh then rewrites few files.
 
     Changes in HealthImaging concentrate on recently imported image sets; with rows in creation
     order they sit in the last files of each partition, and a MERGE rewrites only those.
     """
-    keys = [(c, "ascending") for c in ("createdAt", "imageSetId") if c in table.column_names]
+    keys = [(c, "ascending") for c in (FILE_ORDER[0], "imageSetId") if c in table.column_names]
     return table.sort_by(keys) if keys else table
 
 
@@ -1014,6 +1067,7 @@ def export_query(
         checkpoint_interval,
         spill_parent,
         spill_prefix(target.store.uri(target.name)),
+        order=None if target.single_file else FILE_ORDER,
     )
     checkpoint.discard()
     if checkpoint.resumed_tasks:

@@ -15,6 +15,7 @@ export, and are deleted when the export ends, whether it succeeded or not.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
@@ -167,7 +168,9 @@ class SortedRows:
 
     *parts* reads the matching rows of every finished task, one part at a time, in the same order
     each time (only *columns* when given); *seen* are the ranks of rows read that did not match.
-    The same rows in the same order as ``frame.latest_in_order`` of the concatenated parts.
+    The same rows in the same order as ``frame.latest_in_order`` of the concatenated parts, or,
+    with *order* ``(column, ascending)``, in that column's order instead of the plan's (a Delta
+    table's files keep rows in ``createdAt`` order whatever the query's sort).
     """
 
     def __init__(
@@ -177,7 +180,10 @@ class SortedRows:
         schema: pa.Schema | None,
         plan: Plan,
         folder: SpillDir,
+        order: tuple[str, bool] | None = None,
     ) -> None:
+        if order is not None:
+            plan = dataclasses.replace(plan, sort_column=order[0], ascending=order[1])
         self._parts = parts
         self._folder = folder
         self.schema = schema if schema is not None else flatten.EMPTY_TABLE.schema

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from healthimaging_df import Query, checkpoint, snapshot, spill
 from healthimaging_df.local import LocalService
@@ -191,3 +192,62 @@ def test_killed_single_file_export_resumes_to_the_same_file(
     assert resumed.rows == fresh.rows == len(got)
     assert not _spill_folders(tmp_path)
     assert not state.parent.exists()
+
+
+@pytest.fixture
+def no_whole_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export may not read its result whole: only the streamed paths are allowed."""
+
+    def whole(self: spill.SortedRows) -> Any:
+        raise AssertionError("the export read its whole result into memory")
+
+    monkeypatch.setattr(spill.SortedRows, "table", whole)
+
+
+@pytest.mark.parametrize(("redact", "parts"), [(False, None), (True, ["Modality"])])
+def test_streamed_delta_export_equals_to_dataframe_in_file_order(
+    ahi_local: LocalService,
+    ahi_client: Any,
+    tmp_path: Path,
+    small_spills: None,
+    no_whole_result: None,
+    redact: bool,
+    parts: list[str] | None,
+) -> None:
+    # sorted by another column: the table's files still keep rows in createdAt order
+    query = Query(ahi_local.datastore_id).where(isPrimary=True).sort_by("PatientID")
+    path = tmp_path / "snap"
+    policy = RedactionPolicy(key=generate_key()) if redact else None
+    info = query.to_parquet(
+        str(path), client=ahi_client, redact=policy, partition_cols=parts, **FAST
+    )
+    want = query.to_dataframe(client=ahi_client, **FAST)
+    if policy is not None:
+        want = apply_redaction(want, policy)
+    got = read_snapshot(path)
+    assert info.rows == len(got) == len(want) > 100
+    by_id = ["imageSetId"]
+    pd.testing.assert_frame_equal(
+        _plain(got[want.columns].sort_values(by_id, ignore_index=True)),
+        _plain(want.sort_values(by_id, ignore_index=True)),
+    )
+    files = DeltaTable(str(path)).file_uris()
+    assert len(files) > 1
+    for uri in files:
+        created = pq.read_table(uri, columns=["createdAt"]).column("createdAt").to_pylist()
+        assert created == sorted(created)
+    attrs = got.attrs["healthimaging_df"]
+    assert attrs["row_count"] == len(want)
+    assert attrs["watermark"] == want["updatedAt"].max().isoformat()
+    assert not _spill_folders(tmp_path, Path(os.environ["HEALTHIMAGING_DF_CACHE"]))
+
+
+def test_an_empty_streamed_delta_export_is_a_typed_empty_table(
+    ahi_local: LocalService, ahi_client: Any, tmp_path: Path, no_whole_result: None
+) -> None:
+    query = Query(ahi_local.datastore_id).where(PatientID="nobody-has-this-id")
+    info = query.to_parquet(str(tmp_path / "snap"), client=ahi_client, **FAST)
+    got = read_snapshot(tmp_path / "snap")
+    want = query.to_dataframe(client=ahi_client, **FAST)
+    assert info.rows == len(got) == 0
+    assert dict(got.dtypes) == dict(want.dtypes)
