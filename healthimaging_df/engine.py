@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from healthimaging_df import aws, flatten, predicates, provenance, schema, statistics
 from healthimaging_df.checkpoint import Checkpoint
@@ -186,17 +187,33 @@ def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dic
         for page in pages:
             if collector.add(page):
                 pages.stop_chain(page.chain)
+    seen = collector.distinct_seen() if plan.full_scan else 0  # before table() empties it
+    result = collector.table()
     if plan.full_scan:
         quantiles = pages.created_quantiles()
         counted = DatastoreStats(
-            collector.distinct_seen(),
+            seen,
             quantiles[0] if quantiles else None,
             quantiles[-1] if quantiles else None,
             source="scan",
+            non_primary=_non_primary(plan, result, run),
             created_quantiles=quantiles,
         )
         statistics.remember(run.client, plan.datastore_id, counted)
-    return [collector.table()], provenance.build(plan, query_json, run.client, started)
+    return [result], provenance.build(plan, query_json, run.client, started)
+
+
+def _non_primary(plan: Plan, result: pa.Table, run: Run) -> int | None:
+    """The ``isPrimary=false`` image sets a full scan saw, else the count a previous run left.
+
+    Counted when the result is every image set (no filter, no limit); a filtered scan keeps
+    only the ranks of the rows it drops, so the cached count (a QIDO-RS sweep's) stands.
+    """
+    if not plan.predicates and plan.limit is None:
+        flags = result.column("isPrimary")
+        return int(pc.sum(pc.equal(flags, False)).as_py() or 0)
+    previous = statistics.cached(run.client, plan.datastore_id)
+    return previous.non_primary if previous is not None else None
 
 
 def chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pd.DataFrame]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from healthimaging_df import Query
+from healthimaging_df import Query, statistics
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService
 from healthimaging_df.plan import DatastoreStats
@@ -100,6 +100,25 @@ def test_a_full_scan_leaves_an_exact_count_the_next_plan_uses(
     assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
     # no probe: the scan's count was cached; 1,500 image sets are a 30-page scan, not 200 chains
     assert service.stats.requests < 100  # a scan (30 pages, more as windows split), not 200 chains
+
+
+def test_a_full_scan_counts_non_primary_image_sets_and_a_filtered_one_keeps_the_count(
+    service: LocalService, records: list, stats_cache: Path
+) -> None:
+    client = service.client()
+    ds = service.datastore_id
+    flagged = sum(1 for r in records if r.get("isPrimary") is False)
+    assert 0 < flagged < len(records)
+    Query(ds).to_dataframe(client=client, progress=False, max_tps=None)
+    after_scan = statistics.cached(client, ds)
+    assert after_scan is not None
+    assert (after_scan.image_sets, after_scan.non_primary) == (len(records), flagged)
+    # a filtered full scan cannot count them (it keeps no flags of the rows it drops): the
+    # count stands, where a scan used to overwrite it with None
+    Query(ds).where_not(Modality="CT").to_dataframe(client=client, progress=False, max_tps=None)
+    after_filtered = statistics.cached(client, ds)
+    assert after_filtered is not None
+    assert after_filtered.non_primary == flagged
 
 
 def test_a_probe_sends_its_window_requests_at_once(ahi_service_factory: Any) -> None:
