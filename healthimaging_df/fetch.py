@@ -751,13 +751,12 @@ def next_reader(
 ) -> tuple[_Segment, str | datetime] | None:
     """The next reader: ``(segment, "asc" | "desc")``, an end; ``(segment, cut)``, a split.
 
-    None when no segment has enough left for one. The segment with the most rows left goes first. With readers *short*, both ends of a
-    segment may be inside one long import burst: they see dense pages while the *overall*
-    density says the gap between them is nearly empty, and trusting that left a bursty first
-    scan at 300 ms with two readers for half its time (55% of the quota). So the larger estimate
-    decides, and a segment is split down to a few pages (the tail's last reads get shorter). A
-    split that finds little costs a part-empty page, so otherwise the estimate is the cautious
-    one and a segment needs ``SPLIT_ROWS`` to be split.
+    None when no segment has enough left for one. The segment with the most rows left goes
+    first; a segment read from both ends is split once ``SPLIT_ROWS`` are left (a split that
+    finds little costs a part-empty page). With readers *short*, the larger estimate of the rows
+    left decides: both ends of a segment may be inside one long import burst, seeing dense pages
+    while the *overall* density says the gap between them is nearly empty, and trusting that
+    left a bursty first scan at 300 ms with two readers for half its time (55% of the quota).
     """
     live = sorted(
         ((s.remaining_rows(overall), n, s) for n, s in enumerate(segments) if not s.complete),
@@ -771,10 +770,7 @@ def next_reader(
             continue
         if short:
             left = segment.remaining_rows(overall, most=True)
-        if left < ADD_READER_ROWS:
-            continue
-        least = ADD_READER_ROWS if short else SPLIT_ROWS
-        cut = _split_point(segment) if least <= left < float("inf") else None
+        cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
         if cut is not None:
             return segment, cut
     return None

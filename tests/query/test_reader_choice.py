@@ -50,8 +50,8 @@ def test_with_readers_short_a_burst_between_two_ends_is_split() -> None:
     assert segment.low < cut < segment.high
 
 
-def test_a_gap_of_fewer_rows_than_a_reader_costs_is_left_to_the_ends() -> None:
-    narrow = _inside_one_burst(60)  # 120 rows left: under three pages
+def test_a_gap_of_a_few_pages_is_left_to_the_ends() -> None:
+    narrow = _inside_one_burst(140)  # 280 rows left: under six pages
     assert next_reader([narrow], SPARSE, short=True) is None
 
 
