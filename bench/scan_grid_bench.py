@@ -208,12 +208,21 @@ Where the share goes (read with the table): the pacing itself caps it at 96% (24
 leaves 1% for the ramp (the first pages take one latency before a scan knows where to split) and
 the tail (the last pages of the last segments, serial); at 300 ms eight readers at about 0.34 s a
 round trip on this loaded machine give 23.5/s at best, so the 300 ms cells stay near 85% even in
-steady state. A first scan of bursty data at 300 ms is the weak cell: with no statistics its
-estimates of the rows left between two ends are poor, segments are read by fewer readers than
-needed for part of the scan. Starting from the probe's eight pieces took that cell from 55% (the
-previous grid, both limiters) to 74-77% in a trial run and to 57% / 76% in the run above: better,
-and unstable (the uniform and same-second cells at 300 ms moved by -4 to +1 points); steering the
-fetcher by the probe's eight-window profile instead made it worse (33%), so a probe leaves no
+steady state, and a 200-page scan spends a round trip ramping and one on its last page, so its
+ceiling at 300 ms is about 93% (95% needs a scan of well over 1,000 pages). First scans at 300 ms
+are the weak cells. Bursty data: with no statistics, two ends inside one long import burst see
+dense pages while the density over everything read says the gap between them is nearly empty;
+the fetcher used to trust the latter and left two readers on the burst for half the scan (55%
+two grids ago; 57% / 76% in the last, with the probe's eight pieces). While a whole reader's
+worth of pages a second is missing (`fetch.readers_short`: the missing rate times the round
+trip), the larger estimate now decides a split: 83% / 81% above, and in a separate A/B of that
+cell alone (three runs each, token bucket) 15.0 / 15.3 / 10.8 s before against 10.8 / 11.6 / 10.9 s.
+Same-second data stays near 72%: a third of the datastore within 3 seconds can be split only at
+whole seconds (botocore up to 1.43 sends request timestamps as whole seconds), so that burst of
+3,333 rows has at most six readers, chains of 11 pages or more at 0.3 s a page. Rescans follow the
+cached quantiles, which the change does not touch; their requests move between runs (bursty
+100 ms sliding window: 205 before, 219 with 2 throttles here). Steering the fetcher by the
+probe's eight-window profile made the bursty cell worse (33%), so a probe leaves no
 quantiles. The paced rate was not raised: at 98% the sliding window throttled
 once in 12 scans of a trial run on this machine, so 96% stays (not proven safe here either: the
 window throttled once at 96% under a load average of 6). The paginator's throttles are its own
