@@ -3,7 +3,10 @@
 Search (``fetch``) and enrichment (``metadata``) share it. Every HTTP attempt, botocore's own retries
 included, takes a token from the caller's :class:`RateLimiter`: the limiter is armed per thread
 through botocore's ``before-send`` event, so a retry cannot overrun the quota that the first
-attempt respected, and a user's own client is paced only inside our calls.
+attempt respected, and a user's own client is paced only inside our calls. The quota is the
+account's, per operation, so :func:`limiter_for` hands every query of the process that calls one
+operation on one endpoint the same limiter: two queries at once, or one right after another,
+share the 25 TPS instead of sending 25 each.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ THROTTLING_CODES = frozenset(
     {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded"}
 )
 SERVICE = "medical-imaging"
+SEARCH = "SearchImageSets"  # the operation every search path paces (its own quota bucket)
 _HANDLER_ID = "healthimaging_df.aws.pace"
 # Requests go out a hair under the rate asked for: evenly paced at exactly 25/s, scheduling
 # jitter puts a 26th request into some one-second window, and a strict sliding-window limiter
@@ -87,6 +91,12 @@ class RateLimiter:
         """Some thread is waiting for its slot: more concurrency would not send more requests."""
         return self.waiting > 0
 
+    def recent(self) -> int:
+        """Requests granted in the last ``window`` seconds, by every caller of this limiter."""
+        with self._lock:
+            since = self._clock() - self.window
+            return sum(1 for granted in self._granted if granted > since)
+
     def acquire(self) -> None:
         """Block until a request may go out."""
         with self._lock:
@@ -119,6 +129,44 @@ class RateLimiter:
     def _wait_until(self, moment: float) -> None:
         while (left := moment - self._clock()) > 0:
             self._sleep(left)
+
+
+_SHARED_LIMITERS = 256  # endpoints x operations x rates kept; an evicted one is only unshared
+_shared: collections.OrderedDict[tuple[Any, ...], RateLimiter] = collections.OrderedDict()
+_shared_lock = threading.Lock()
+
+
+def limiter_for(
+    client: Any, operation: str, max_tps: float | None, burst: int | None = None
+) -> RateLimiter | None:
+    """The process's one limiter for *operation* at *max_tps* on *client*'s region and endpoint.
+
+    HealthImaging's quotas are per account and operation, so queries that run at the same time
+    (threads of a cohort script) or back to back (the next cell of a notebook, whose first second
+    still shares the service's window with the last one's) must draw from one schedule: with a
+    limiter each, two scans send 48 requests a second into a 25 TPS quota. Clients of one region
+    and endpoint share, whatever their credentials (two accounts in one process are paced as
+    one: slower, never throttled); a different rate or burst gets a limiter of its own. ``None``
+    without *max_tps*.
+    """
+    if not max_tps:
+        return None
+    meta = getattr(client, "meta", None)
+    where = (
+        (getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None))
+        if meta is not None
+        else ("client", id(client))
+    )
+    key = (*where, operation, float(max_tps), burst)
+    with _shared_lock:
+        limiter = _shared.get(key)
+        if limiter is None:
+            limiter = _shared[key] = RateLimiter(max_tps, burst)
+            while len(_shared) > _SHARED_LIMITERS:
+                _shared.popitem(last=False)
+        else:
+            _shared.move_to_end(key)
+        return limiter
 
 
 def make_client(

@@ -126,7 +126,7 @@ def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
 
 def _probe(run: Run, datastore_id: str, scan: Chain | None) -> statistics.Probe:
     """Probe the datastore's size (its window pages are *scan*'s first pages); cache it."""
-    limiter = aws.RateLimiter(run.fetch.max_tps) if run.fetch.max_tps else None
+    limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
     probed = statistics.probe_pieces(run.client, datastore_id, limiter, scan, run.fetch.page_size)
     statistics.remember(run.client, datastore_id, probed.stats)
     return probed

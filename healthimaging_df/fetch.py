@@ -46,7 +46,7 @@ Prefetched = dict[str, tuple[pa.Table, str | None]]
 
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
-OPERATION = "SearchImageSets"
+OPERATION = aws.SEARCH
 # A page cut in transit or not from the service is asked for again, like a 5xx, this many times.
 MALFORMED_ATTEMPTS = 4
 # Empty pages in a row (each with a fresh nextToken) before a chain is called stuck. A service that
@@ -272,7 +272,7 @@ class PageStream:
         self.client = client
         self.options = options
         self.counters = _Counters()
-        self._limiter = aws.RateLimiter(options.max_tps, options.burst) if options.max_tps else None
+        self._limiter = aws.limiter_for(client, OPERATION, options.max_tps, options.burst)
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._results: queue.Queue[tuple[str, Any]] = queue.Queue(
             maxsize=8 * options.max_concurrency
@@ -672,7 +672,9 @@ class PageStream:
     def _at_rate(self) -> bool:
         """Whether pages already arrive at (nearly) the limiter's rate: no reader would help.
 
-        Measured over the last second of pages (since the start, during the first second).
+        Measured over the last second of pages (since the start, during the first second), and
+        over the limiter's last second of grants: a query running beside this one on the shared
+        limiter takes its part of the rate, and a reader more would only wait for a slot.
         """
         if self._limiter is None:
             return False
@@ -681,7 +683,10 @@ class PageStream:
         while arrivals and arrivals[0] < now - 1.0:
             arrivals.popleft()
         elapsed = min(1.0, now - self._began)
-        return elapsed > 0 and len(arrivals) / max(elapsed, 0.25) >= AT_RATE * self._limiter.rate
+        at_rate = AT_RATE * self._limiter.rate
+        if self._limiter.recent() >= at_rate * self._limiter.window:
+            return True
+        return elapsed > 0 and len(arrivals) / max(elapsed, 0.25) >= at_rate
 
     def _readers_short(self) -> bool:
         """Whether a whole reader's worth of pages a second is missing (see readers_short)."""

@@ -50,7 +50,7 @@ import pandas as pd
 import pyarrow as pa
 
 from healthimaging_df import aws
-from healthimaging_df.aws import THROTTLING_CODES, RateLimiter, make_client
+from healthimaging_df.aws import THROTTLING_CODES, limiter_for, make_client
 from healthimaging_df.cohort import require, with_attrs
 from healthimaging_df.errors import (
     ArchiveAccessWarning,
@@ -583,7 +583,7 @@ def _lookup_tiers(
     progress: ProgressReporter,
 ) -> dict[int, str | None]:
     """Each target's tier by GetImageSet, paced at its quota (or *max_tps* if lower)."""
-    limiter = RateLimiter(min(TIER_TPS, max_tps) if max_tps else TIER_TPS)
+    limiter = limiter_for(client, TIER_OPERATION, min(TIER_TPS, max_tps) if max_tps else TIER_TPS)
     started = time.monotonic()
 
     def one(target: _Target) -> str | None:
@@ -876,7 +876,7 @@ def _fetch_all(
     Each document is flattened in the worker as it arrives and dropped: memory follows the
     output rows, not the documents.
     """
-    limiter = RateLimiter(max_tps) if max_tps else None
+    limiter = limiter_for(client, OPERATION, max_tps)
     blocks: dict[int, _Block] = {}
     failures: dict[int, str] = {}
     stop = threading.Event()

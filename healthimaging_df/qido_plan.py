@@ -301,7 +301,7 @@ def _scan_cost(
     """
     if len(plan.chains) != 1 or plan.chains[0].window is not None or not plan.chains[0].filters:
         return scan_requests(plan, stats)
-    limiter = aws.RateLimiter(max_tps) if max_tps else None
+    limiter = aws.limiter_for(client, aws.SEARCH, max_tps)
     image_sets, _ = statistics.probe_chain(client, plan.datastore_id, plan.chains[0], limiter)
     return float(max(1, math.ceil(image_sets / PAGE_ROWS)))
 
@@ -374,7 +374,7 @@ def _sweep(plan: Plan, client: Any, stats: DatastoreStats | None, max_tps: float
     if whole and stats is not None and stats.non_primary is not None:
         image_sets = stats.non_primary
     else:
-        limiter = aws.RateLimiter(max_tps) if max_tps else None
+        limiter = aws.limiter_for(client, aws.SEARCH, max_tps)
         image_sets, exact = statistics.probe_chain(client, plan.datastore_id, chain, limiter)
         if whole and stats is not None:
             statistics.remember(client, plan.datastore_id, replace(stats, non_primary=image_sets))
@@ -440,7 +440,7 @@ def _recompile(
     if resolved.wants_statistics and stats is None and measure:
         found = statistics.cached(client, plan.datastore_id)
         if found is None:
-            limiter = aws.RateLimiter(max_tps) if max_tps else None
+            limiter = aws.limiter_for(client, aws.SEARCH, max_tps)
             found = statistics.probe(client, plan.datastore_id, limiter)
             statistics.remember(client, plan.datastore_id, found)
         stats = found

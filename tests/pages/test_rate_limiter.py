@@ -156,3 +156,39 @@ def test_threads_get_distinct_slots_and_the_counters_add_up() -> None:
     assert bucket.acquired == 200
     assert bucket.waiting == 0
     assert not bucket.saturated
+
+
+def test_one_limiter_per_endpoint_operation_and_rate() -> None:
+    """Clients of one endpoint share a limiter per operation; another rate or operation does not."""
+    import boto3
+
+    def client(endpoint: str) -> object:
+        return boto3.client(
+            "medical-imaging",
+            region_name="us-east-1",
+            endpoint_url=endpoint,
+            aws_access_key_id="x",
+            aws_secret_access_key="y",
+        )
+
+    a, b, other = (
+        client("http://127.0.0.1:1"),
+        client("http://127.0.0.1:1"),
+        client("http://127.0.0.1:2"),
+    )
+    search = aws.limiter_for(a, aws.SEARCH, 25)
+    assert search is not None
+    assert aws.limiter_for(b, aws.SEARCH, 25) is search
+    assert aws.limiter_for(other, aws.SEARCH, 25) is not search
+    assert aws.limiter_for(a, "GetImageSetMetadata", 25) is not search
+    assert aws.limiter_for(a, aws.SEARCH, 10) is not search
+    assert aws.limiter_for(a, aws.SEARCH, None) is None
+
+
+def test_recent_counts_the_grants_of_the_last_window() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock, rate=10.0, headroom=1.0)
+    grants(clock, bucket, 5)
+    assert bucket.recent() == 5
+    clock.now += 2.0
+    assert bucket.recent() == 0

@@ -304,3 +304,22 @@ def test_pacing_at_the_quota_never_trips_a_strict_sliding_window(
     frame = run(service, Query(service.datastore_id), max_concurrency=8, max_tps=25)
     assert len(frame) == len(records)
     assert service.stats.throttled == 0
+
+
+def test_queries_at_once_share_the_quota_and_never_trip_a_strict_sliding_window(
+    service: LocalService, records: list
+) -> None:
+    """Two scans in threads, each with a client of its own: one quota, so one limiter for both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    service.set_faults(window_tps=25, latency_ms=20.0)
+    query = Query(service.datastore_id)
+    with ThreadPoolExecutor(2) as pool:
+        frames = list(
+            pool.map(lambda _: run(service, query, max_concurrency=8, max_tps=25), range(2))
+        )
+    service.set_faults(window_tps=None)
+    assert [len(frame) for frame in frames] == [len(records)] * 2
+    assert service.stats.throttled == 0
+    # both scans were paced together: about 24 requests a second between them, not 48
+    assert service.stats.peak_concurrency <= 4
