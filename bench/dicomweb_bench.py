@@ -279,9 +279,9 @@ def planner_100k() -> None:
         "| search only: s | auto / search requests | same rows |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for share, non_primary, label, n, q_req, q_qido, q_s, s_req, s_s, same in rows:
+    for share_text, non_primary, label, n, q_req, q_qido, q_s, s_req, s_s, same in rows:
         lines.append(
-            f"| {share} ({non_primary:,}) | {label} | {n:,} | {q_req:,} ({q_qido}) | {q_s:.1f} | "
+            f"| {share_text} ({non_primary:,}) | {label} | {n:,} | {q_req:,} ({q_qido}) | {q_s:.1f} | "
             f"{s_req:,} | {s_s:.1f} | {q_req / s_req:.2%} | {'yes' if same else 'NO'} |"
         )
     lines += [

@@ -123,7 +123,7 @@ def bench_scan() -> dict[str, dict[str, float]]:
         service.set_faults(latency_ms=100.0, tps=25.0, burst=50)
         service.reset_stats()
         t0 = time.perf_counter()
-        ids = set()
+        ids: set[str] = set()
         for page in client.get_paginator("search_image_sets").paginate(datastoreId=ds):
             ids.update(s["imageSetId"] for s in page["imageSetsMetadataSummaries"])
         seconds = time.perf_counter() - t0

@@ -52,8 +52,8 @@ def created_times(distribution: str, n: int, seed: int = 3) -> list[datetime]:
     if distribution == "same-second":
         burst = _START + _SPAN / 2
         third = n // 3
-        out = [burst + timedelta(seconds=3) * rng.random() for _ in range(third)]
-        return out + [uniform() for _ in range(n - third)]
+        same = [burst + timedelta(seconds=3) * rng.random() for _ in range(third)]
+        return same + [uniform() for _ in range(n - third)]
     if distribution == "bursty":
         out: list[datetime] = []
         while len(out) < n:

@@ -107,7 +107,7 @@ def markdown(results: list[dict[str, object]], rows: int, repeat: int, command: 
     lines.append("")
     for r in results[1:]:
         lines.append(
-            f"- {r['case'].split(' / ')[0]}: write {float(r['write_s']) / float(base['write_s']):.2f}x, "  # type: ignore[arg-type]
+            f"- {str(r['case']).split(' / ')[0]}: write {float(r['write_s']) / float(base['write_s']):.2f}x, "  # type: ignore[arg-type]
             f"read {float(r['read_s']) / float(base['read_s']):.2f}x, "  # type: ignore[arg-type]
             f"size {float(r['mb']) / float(base['mb']):.2f}x the `df.to_parquet` defaults."  # type: ignore[arg-type]
         )
