@@ -1,4 +1,5 @@
-"""Suite-wide: the planner's statistics cache lives in a temporary folder, never the user's."""
+"""Suite-wide: the planner's statistics cache lives in a temporary folder, never the user's;
+each test starts with fresh rate limiters (a throttle one test provokes widens a shared one)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ def _private_statistics_cache(tmp_path_factory: pytest.TempPathFactory) -> Itera
         os.environ.pop("HEALTHIMAGING_DF_CACHE", None)
     else:
         os.environ["HEALTHIMAGING_DF_CACHE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_limiters() -> Iterator[None]:
+    from healthimaging_df import aws
+
+    aws.forget_limiters()
+    yield
+    aws.forget_limiters()

@@ -323,6 +323,8 @@ class QidoClient:
                 if not isinstance(page, list) or not all(isinstance(r, dict) for r in page):
                     raise DICOMwebError(operation, None, "InvalidResponse")
                 return page, getattr(self._local, "warning", None)
+            if status in THROTTLE_STATUSES and self._limiter is not None:
+                self._limiter.throttled()  # leave the service more room from now on
             retriable = status is None or status in RETRY_STATUSES
             if not retriable or attempt == self.max_attempts:
                 throttled = status in THROTTLE_STATUSES

@@ -119,6 +119,26 @@ def test_throttling_is_retried_under_the_limiter(ahi_local: LocalService) -> Non
     assert caught.value.status == 429
 
 
+def test_a_throttle_widens_the_qido_limiters_margin(ahi_local: LocalService) -> None:
+    from botocore.credentials import Credentials
+
+    from healthimaging_df import aws
+    from healthimaging_df.local.server import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY
+
+    creds = Credentials(DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY)
+    ahi_local.set_faults(tps=20, burst=1)  # below the client's max_tps: 429s
+    qido = QidoClient(
+        ahi_local.endpoint_url, "us-east-1", lambda: creds, max_tps=100, retry_base=0.01
+    )
+    result = qido.search(_ds(ahi_local), "studies", {}, page_size=100)
+    assert len(result.records) > 500
+    limiter = qido._limiter
+    assert limiter is not None
+    assert ahi_local.stats.throttled > 0
+    assert limiter.throttles == ahi_local.stats.throttled
+    assert limiter.margin > aws.MARGIN
+
+
 def test_errors_and_logs_carry_no_query_values(
     ahi_local: LocalService, qido: QidoClient, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,6 +8,7 @@ tests/accessor/test_metadata.py and tests/query/test_end_to_end.py.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -31,7 +32,8 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         assert seconds > 0
         self.sleeps += 1
-        self.now += seconds + self.late()
+        # a real clock always moves on; a float sum can round back to now (then sleep forever)
+        self.now = max(self.now + seconds + self.late(), math.nextafter(self.now, math.inf))
 
 
 def limiter(clock: FakeClock, rate: float = 50.0, **kwargs: object) -> aws.RateLimiter:
@@ -96,13 +98,17 @@ def test_oversleep_does_not_accumulate_over_a_long_run() -> None:
     assert rate > 1.05 / (1 / bucket.rate + 0.004)
 
 
-def test_no_window_of_one_second_holds_more_than_the_paced_rate() -> None:
+def test_no_window_of_a_second_and_the_margin_holds_more_than_the_quota() -> None:
+    """Late wakes that catch up are held back: at most 50 grants in any 1 s + 20 ms at 50 TPS."""
     rng = random.Random(5)
     clock = FakeClock(late=lambda: rng.choice([0.0, 0.0, 0.0, 0.03]))  # some wake 30 ms late
     bucket = limiter(clock)
-    assert bucket.window_limit == 49  # the even bucket's bound, a request under the quota
+    assert bucket.window_limit == 50
+    assert bucket.span == pytest.approx(1.0 + aws.MARGIN)
     times = grants(clock, bucket, 1500, work=0.0)
-    assert max_in_window(times) <= 49
+    assert max_in_window(times, 1.0 + aws.MARGIN) <= 50
+    # so a service that counts each request up to 20 ms late still sees at most 50 in a second
+    assert max_in_window(times, 1.0) <= 50
 
 
 def test_an_idle_limiter_banks_no_burst() -> None:
@@ -125,14 +131,40 @@ def test_burst_lets_that_many_through_at_once() -> None:
     assert max_in_window(times) <= max(4, bucket.window_limit)
 
 
-def test_window_limit_follows_rate_and_headroom() -> None:
+def test_window_limit_is_the_quota_and_the_margin_sets_the_pace() -> None:
     clock = FakeClock()
-    assert limiter(clock, rate=50.0).window_limit == 49  # 48 paced, one more leaves one spare
-    assert limiter(clock, rate=25.0).window_limit == 24  # 25 would leave none: the paced rate
-    assert limiter(clock, rate=10.0).window_limit == 10  # 9.6 per second, rounded up
-    assert limiter(clock, rate=0.5).window_limit == 1
-    assert limiter(clock, rate=50.0, headroom=1.0).window_limit == 50
-    assert limiter(clock, rate=100.0, burst=5).window_limit == 99
+    for rate in (50.0, 25.0, 10.0):
+        bucket = limiter(clock, rate=rate)
+        assert bucket.window_limit == rate  # what a strict window admits in a second...
+        assert bucket.rate == pytest.approx(rate / 1.02)  # ...spread over 1 s + 20 ms
+        assert bucket.headroom == pytest.approx(aws.HEADROOM)
+    slow = limiter(clock, rate=0.5)  # under one a second: one per two seconds and the margin
+    assert (slow.window_limit, slow.span, slow.rate) == (1, pytest.approx(2.02), 1 / 2.02)
+    assert limiter(clock, rate=24.5).window_limit == 24  # a strict window admits whole requests
+    assert limiter(clock, rate=50.0, margin=0.0).rate == 50.0
+    assert limiter(clock, rate=100.0, burst=5).window_limit == 100
+    assert limiter(clock, rate=10.0, burst=40).window_limit == 40
+
+
+def test_a_throttle_widens_the_margin_and_clean_windows_narrow_it_back() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock, rate=25.0)
+    paced = bucket.rate
+    bucket.throttled()
+    assert bucket.throttles == 1
+    assert bucket.margin == pytest.approx(2 * aws.MARGIN)
+    assert bucket.rate == pytest.approx(25 / (1 + 2 * aws.MARGIN))
+    for _ in range(10):
+        bucket.throttled()
+    assert bucket.margin == aws.MAX_MARGIN  # never paced below 25 / 1.25 = 20 a second
+    times = grants(clock, bucket, 60)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) == pytest.approx((1 + aws.MAX_MARGIN) / 25)
+    grants(clock, bucket, aws.RECOVER_WINDOWS * 25)  # half a minute without a throttle
+    assert bucket.margin < aws.MAX_MARGIN
+    grants(clock, bucket, 20 * aws.RECOVER_WINDOWS * 25)
+    assert bucket.margin == pytest.approx(aws.MARGIN, abs=1e-4)
+    assert bucket.rate == pytest.approx(paced, rel=1e-3)
 
 
 def test_threads_get_distinct_slots_and_the_counters_add_up() -> None:
@@ -187,7 +219,7 @@ def test_one_limiter_per_endpoint_operation_and_rate() -> None:
 
 def test_recent_counts_the_grants_of_the_last_window() -> None:
     clock = FakeClock()
-    bucket = limiter(clock, rate=10.0, headroom=1.0)
+    bucket = limiter(clock, rate=10.0, margin=0.0)
     grants(clock, bucket, 5)
     assert bucket.recent() == 5
     clock.now += 2.0

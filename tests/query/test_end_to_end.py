@@ -306,6 +306,31 @@ def test_pacing_at_the_quota_never_trips_a_strict_sliding_window(
     assert service.stats.throttled == 0
 
 
+def test_a_throttle_widens_the_shared_limiters_margin(
+    service: LocalService, records: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quota below max_tps throttles; each 429 botocore retries is seen by the limiter.
+
+    The margin doubles per throttle (up to its cap), so the scan slows to what the service
+    admits instead of being throttled at the same rate all the way; the result stays exact.
+    """
+    from botocore.retries import standard
+
+    from healthimaging_df import aws
+
+    monkeypatch.setattr(standard.ExponentialBackoff, "delay_amount", lambda self, ctx: 0.0)
+    service.set_faults(window_tps=20)  # 20 a second: a client at 25 TPS is throttled
+    client = service.client(retries={"mode": "standard", "max_attempts": 40})
+    frame = Query(service.datastore_id).to_dataframe(client=client, max_tps=25, progress=False)
+    assert len(frame) == len(records) == frame["imageSetId"].nunique()
+    limiter = aws.limiter_for(client, aws.SEARCH, 25)
+    assert limiter is not None
+    assert service.stats.throttled > 0
+    assert limiter.throttles == service.stats.throttled  # every 429 reached the limiter
+    assert limiter.margin > aws.MARGIN
+    assert limiter.rate < 25 / (1 + aws.MARGIN)
+
+
 def _two_scans_at_once(service: LocalService) -> tuple[list[pd.DataFrame], float]:
     """Two full scans in threads, each with a client of its own; their frames and seconds."""
     import time
