@@ -63,7 +63,8 @@ EARLY_STOP_ROWS = 2 * PAGE_ROWS
 ADD_READER_ROWS = 3 * PAGE_ROWS
 SPLIT_ROWS = 6 * PAGE_ROWS
 CHECKPOINT_PAGES = 5  # a reader hands over what it covered every this many pages
-LOCAL_REACH = 20  # an end's density holds for this many times its last page's span
+LOCAL_REACH = 20  # an end's density holds for this many times its last page's span...
+LOCAL_REACH_SECONDS = 5.0  # ...and for at least this long (splits fall on whole seconds)
 AT_RATE = 0.97  # pages arriving at this share of the limiter's rate: no new reader
 STATS_QUANTILES = 64  # createdAt quantiles a full scan leaves for the next one's pre-split
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -208,9 +209,14 @@ class _Segment:
     def remaining_rows(self, overall: float | None = None, most: bool = False) -> float:
         """Rows left between the ends (inf when unknown).
 
-        By the chain's profile (statistics), else the gap at the ends' densities; a gap far
-        wider than the span the ends' last pages covered is taken at the *overall* density
-        read so far (an end in an import burst says little about the months after it).
+        By the chain's profile (statistics), else by the ends' densities: each end's density
+        holds for its reach (``LOCAL_REACH`` times the span its last page covered, at least
+        ``LOCAL_REACH_SECONDS``) into the gap, and the *overall* density read so far for the
+        rest. An end in an import burst says little about the months after it, but two ends
+        inside one long burst (or one same-second import) say the rows between them are dense:
+        a cut-off from "local" to "overall" at the reach left such a segment unsplit with two
+        readers for seconds. *most*: at least the local estimate, for decisions that would
+        leave one reader alone.
         """
         profiled = rows_between(self.chain, self.low, self.high)
         if profiled is not None:
@@ -220,10 +226,13 @@ class _Segment:
             return float("inf")
         gap = max((self.high - self.low).total_seconds(), 0.0)
         local = gap * sum(r.density or 0.0 for r in ends) / len(ends)
-        if overall is None or gap <= LOCAL_REACH * max(r.span for r in ends):
+        if overall is None:
             return local
-        # *most*: the larger of the two, for decisions that would leave one reader alone
-        return max(local, gap * overall) if most else gap * overall
+        share = gap / len(ends)  # the part of the gap each end reaches into at most
+        near = [min(max(LOCAL_REACH * r.span, LOCAL_REACH_SECONDS), share) for r in ends]
+        blended = sum((r.density or 0.0) * n for r, n in zip(ends, near, strict=True))
+        blended += overall * (gap - sum(near))
+        return max(local, blended) if most else blended
 
 
 @dataclass
@@ -670,23 +679,15 @@ class PageStream:
         return self._rows_read / self._seconds_read
 
     def _at_rate(self) -> bool:
-        """Whether pages already arrive at (nearly) the limiter's rate: no reader would help.
+        """Whether a reader more would only wait: some thread is waiting for the limiter's slot.
 
-        Measured over the last second of pages (since the start, during the first second), and
-        over the limiter's last second of grants: a query running beside this one on the shared
-        limiter takes its part of the rate, and a reader more would only wait for a slot.
+        The limiter's queue says it the moment it happens: when readers finish near the end of
+        a scan, nobody waits and slots go unused at once, while a count of the last second's
+        pages said "at rate" for up to a second longer (bursty first scan, 100 ms: the last
+        segment got its second reader 0.6 s after the others ended). Threads of a query running
+        beside this one on the shared limiter wait in the same queue.
         """
-        if self._limiter is None:
-            return False
-        now = time.monotonic()
-        arrivals = self._arrivals
-        while arrivals and arrivals[0] < now - 1.0:
-            arrivals.popleft()
-        elapsed = min(1.0, now - self._began)
-        at_rate = AT_RATE * self._limiter.rate
-        if self._limiter.recent() >= at_rate * self._limiter.window:
-            return True
-        return elapsed > 0 and len(arrivals) / max(elapsed, 0.25) >= at_rate
+        return self._limiter is not None and self._limiter.saturated
 
     def _readers_short(self) -> bool:
         """Whether a whole reader's worth of pages a second is missing (see readers_short)."""

@@ -1,17 +1,19 @@
 """Which reader a windowed scan starts next, from what its readers have seen so far.
 
-The scenario behind the rule: a first scan (no statistics) whose two ends are both inside one
+The scenario behind the rules: a first scan (no statistics) whose two ends are both inside one
 long import burst. Each end reads dense pages, while the density over everything read (months
-with nothing in them) says the gap between the ends is nearly empty. With readers to spare that
-gap is split anyway; the service-level effect is in docs/benchmarks.md (scan grid).
+with nothing in them) says the gap between the ends is nearly empty. Each end's density holds
+for its reach into the gap, the overall density beyond it, so that gap is split; the
+service-level effect is in docs/benchmarks.md (scan grid).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from healthimaging_df.fetch import (
-    ADD_READER_ROWS,
     _Reader,
     _Segment,
     next_reader,
@@ -36,12 +38,11 @@ def _inside_one_burst(seconds: int) -> _Segment:
     return segment
 
 
-def test_with_readers_short_a_burst_between_two_ends_is_split() -> None:
+def test_a_burst_between_two_ends_is_split() -> None:
     segment = _inside_one_burst(1200)  # 2,400 rows left at the ends' density
-    assert segment.remaining_rows(SPARSE) < ADD_READER_ROWS  # the overall density: ~1 row
-    assert next_reader([segment], SPARSE, short=False) is None
-
-    move = next_reader([segment], SPARSE, short=True)
+    # each end reaches 20 of its pages' spans (500 s) into the gap, the overall density the rest
+    assert segment.remaining_rows(SPARSE) == pytest.approx(2 * 2.0 * 500 + SPARSE * 200)
+    move = next_reader([segment], SPARSE, short=False)
     assert move is not None
     chosen, cut = move
     assert chosen is segment
@@ -50,17 +51,35 @@ def test_with_readers_short_a_burst_between_two_ends_is_split() -> None:
     assert segment.low < cut < segment.high
 
 
+def test_ends_in_bursts_months_apart_count_the_months_at_the_overall_density() -> None:
+    segment = _inside_one_burst(90 * 86_400)
+    gap = 90 * 86_400.0
+    local = gap * 2.0  # the ends' density all the way: 15.5 million rows, far from the truth
+    assert segment.remaining_rows(SPARSE) == pytest.approx(2 * 2.0 * 500 + SPARSE * (gap - 1000))
+    assert segment.remaining_rows(SPARSE, most=True) == pytest.approx(local)
+
+
+def test_a_same_second_burst_holds_its_density_for_whole_seconds() -> None:
+    """A page spanning 20 ms still reaches five seconds: splits can only fall on whole seconds."""
+    low = BURST
+    high = BURST + timedelta(seconds=2)
+    segment = _Segment(CHAIN, low, high)
+    segment.asc = _Reader(segment, False, low, high, low, density=2500.0, span=0.02, read=True)
+    segment.desc = _Reader(segment, True, low, high, high, density=2500.0, span=0.02, read=True)
+    assert segment.remaining_rows(SPARSE) == pytest.approx(5000.0)
+    assert next_reader([segment], SPARSE, short=False) == (segment, BURST + timedelta(seconds=1))
+
+
 def test_a_gap_of_a_few_pages_is_left_to_the_ends() -> None:
     narrow = _inside_one_burst(140)  # 280 rows left: under six pages
     assert next_reader([narrow], SPARSE, short=True) is None
 
 
-def test_a_segment_with_one_end_gets_the_other_first() -> None:
+def test_a_segment_with_one_end_gets_the_other() -> None:
     segment = _inside_one_burst(1200)
     segment.desc = None
-    wide = _inside_one_burst(1200)
-    move = next_reader([wide, segment], SPARSE, short=False)
-    assert move == (segment, "desc")
+    narrow = _inside_one_burst(140)
+    assert next_reader([narrow, segment], SPARSE, short=False) == (segment, "desc")
 
 
 def test_readers_are_short_when_a_reader_a_round_trip_is_missing() -> None:
