@@ -570,9 +570,12 @@ def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
 
 
 def presplit_at(
-    plan: Plan, stats: DatastoreStats, cuts: Sequence[tuple[datetime, ...]], why: str
+    plan: Plan, stats: DatastoreStats | None, cuts: Sequence[tuple[datetime, ...]], why: str
 ) -> Plan:
-    """*plan* with chain k's createdAt window starting pre-split at ``cuts[k]`` (whole seconds)."""
+    """*plan* with chain k's createdAt window starting pre-split at ``cuts[k]`` (whole seconds).
+
+    The chains take *stats*' createdAt quantiles as their profile (none without *stats*).
+    """
     chains = []
     for chain, at in zip(plan.chains, cuts, strict=True):
         if chain.window is None:
@@ -582,8 +585,8 @@ def presplit_at(
             replace(
                 chain,
                 splits=tuple(at),
-                profile=stats.created_quantiles,
-                profile_rows=stats.image_sets,
+                profile=stats.created_quantiles if stats is not None else (),
+                profile_rows=stats.image_sets if stats is not None else 0,
             )
         )
     note = plan.note

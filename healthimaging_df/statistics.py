@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PROBE_WINDOWS = 8
 MAX_AGE = timedelta(days=7)  # older counts are measured again
+_SECOND = timedelta(seconds=1)
 
 
 def cache_dir() -> Path:
@@ -125,31 +126,12 @@ def probe_pieces(
     the fetcher would ask for (same request, *page_size* rows): a scan pre-split at those cuts
     starts from them (``fetch.stream(prefetched=...)``), so the probe costs it two requests.
     """
-
-    def ends(order: str) -> tuple[pa.Table, str | None]:
-        kwargs = {
-            "datastoreId": datastore_id,
-            "maxResults": PAGE_ROWS if order == "ASC" else 1,
-            "searchCriteria": {"sort": {"sortField": "createdAt", "sortOrder": order}},
-        }
-        return call_page(client, limiter, kwargs)
-
     with ThreadPoolExecutor(max_workers=PROBE_WINDOWS, thread_name_prefix="ahi-probe") as pool:
-        (oldest, token), (newest, _) = pool.map(ends, ("ASC", "DESC"))
-        if oldest.num_rows == 0 or newest.num_rows == 0:
-            return Probe(DatastoreStats(0, source="probe"))
-        first = oldest.column("createdAt")[0].as_py()
-        last = newest.column("createdAt")[0].as_py()
-        if token is None:  # fifty image sets or fewer: the first page counted them all
-            return Probe(DatastoreStats(oldest.num_rows, first, last, source="probe"))
-        low, high = first, last + timedelta(seconds=1)
-        window = (scan.window if scan is not None else None) or (
-            dates.floor_second(low),
-            dates.ceil_second(high),
-        )
-        step = (high - low) / PROBE_WINDOWS
-        seconds = {dates.floor_second(low + step * k) for k in range(1, PROBE_WINDOWS)}
-        cuts = sorted(c for c in seconds if window[0] < c < window[1])
+        found = _ends(pool, client, datastore_id, limiter, scan)
+        if isinstance(found, Probe):
+            return found
+        first, last, window, cuts = found
+        low, high = first, last + _SECOND
         edges = [window[0], *cuts, window[1]]
         chain = scan if scan is not None else Chain(0, (), None, window=window)
         requests = [
@@ -169,6 +151,59 @@ def probe_pieces(
         tuple(cuts),
         {request_key(kwargs): page for kwargs, page in zip(requests, pages, strict=True)},
     )
+
+
+def probe_cuts(
+    client: Any, datastore_id: str, limiter: aws.RateLimiter | None, scan: Chain
+) -> tuple[datetime, ...]:
+    """Where a first scan of the whole datastore starts in pieces: the probe's cuts, two requests.
+
+    No window pages: a scan that reads every image set decides nothing on a count, and waiting
+    for eight pages before it starts held every reader back a round trip (at 100 ms, a third of
+    a point of the quota); the fetcher's first requests are those pages. No cuts for an empty
+    datastore or one of fifty image sets or fewer.
+    """
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ahi-probe") as pool:
+        found = _ends(pool, client, datastore_id, limiter, scan)
+    return () if isinstance(found, Probe) else tuple(found[3])
+
+
+def _ends(
+    pool: ThreadPoolExecutor,
+    client: Any,
+    datastore_id: str,
+    limiter: aws.RateLimiter | None,
+    scan: Chain | None,
+) -> Probe | tuple[datetime, datetime, tuple[datetime, datetime], list[datetime]]:
+    """The oldest and newest image set (two requests at once) and eight windows' cuts.
+
+    ``(oldest createdAt, newest createdAt, the window cut, cuts)``; a finished :class:`Probe` when
+    the first page already counts the datastore (empty, or fifty image sets or fewer).
+    """
+
+    def end(order: str) -> tuple[pa.Table, str | None]:
+        kwargs = {
+            "datastoreId": datastore_id,
+            "maxResults": PAGE_ROWS if order == "ASC" else 1,
+            "searchCriteria": {"sort": {"sortField": "createdAt", "sortOrder": order}},
+        }
+        return call_page(client, limiter, kwargs)
+
+    (oldest, token), (newest, _) = pool.map(end, ("ASC", "DESC"))
+    if oldest.num_rows == 0 or newest.num_rows == 0:
+        return Probe(DatastoreStats(0, source="probe"))
+    first = oldest.column("createdAt")[0].as_py()
+    last = newest.column("createdAt")[0].as_py()
+    if token is None:  # fifty image sets or fewer: the first page counted them all
+        return Probe(DatastoreStats(oldest.num_rows, first, last, source="probe"))
+    low, high = first, last + _SECOND
+    window = (scan.window if scan is not None else None) or (
+        dates.floor_second(low),
+        dates.ceil_second(high),
+    )
+    step = (high - low) / PROBE_WINDOWS
+    seconds = {dates.floor_second(low + step * k) for k in range(1, PROBE_WINDOWS)}
+    return first, last, window, sorted(c for c in seconds if window[0] < c < window[1])
 
 
 def _count_rows(table: pa.Table, token: str | None, a: datetime, b: datetime) -> float:
