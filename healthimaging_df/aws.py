@@ -12,6 +12,8 @@ share the 25 TPS instead of sending 25 each.
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import math
 import threading
 import time
@@ -84,6 +86,9 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue: list[list[float]] = []  # waiting callers: [-priority, ticket], a heap
+        self._tickets = itertools.count()
         self._set_margin(self.base_margin)
         self._next = clock() - self._tolerance  # the first free slot of the schedule
         self._granted: collections.deque[float] = collections.deque(maxlen=self.window_limit)
@@ -124,36 +129,62 @@ class RateLimiter:
             self._clean = 0
             self._set_margin(min(MAX_MARGIN, max(2.0 * self.margin, self.margin + 0.01)))
 
-    def acquire(self) -> None:
-        """Block until a request may go out."""
-        with self._lock:
-            now = self._clock()
-            slot = max(self._next, now - self._tolerance)
-            self._next = slot + self._interval
-            waited = slot > now
-            if waited:
-                self.waiting += 1
-        try:
-            while True:
-                if waited:
-                    self._wait_until(slot)
-                with self._lock:
-                    now = self._clock()
-                    granted = self._granted
-                    # the same sum as the slot waited for below: a difference could round the other way
-                    if len(granted) < self.window_limit or now >= granted[0] + self.span:
-                        granted.append(now)
-                        self.acquired += 1
-                        self._recover()
-                        return
-                    slot = granted[0] + self.span  # the window is full: wait for its oldest
+    def acquire(self, priority: float = 0.0) -> None:
+        """Block until a request may go out; of the callers waiting, the highest *priority* first.
+
+        Equal priorities go first come, first served. The caller at the head of the queue takes
+        the next slot of the schedule (and of the window guard) when it comes; one that arrives
+        with a higher priority meanwhile takes it instead. A scan gives the readers with the
+        most pages left the higher priority: the critical path is served first.
+        """
+        with self._cond:
+            ticket = [-priority, next(self._tickets)]
+            heapq.heappush(self._queue, ticket)
+            waited = False
+            scheduled, after = 0.0, None  # the head's slot, planned when self._next was *after*
+            try:
+                while True:
+                    moment = None
+                    if self._queue[0] is ticket:
+                        now = self._clock()
+                        if after != self._next:  # planned once: a late wake keeps its slot
+                            scheduled, after = max(self._next, now - self._tolerance), self._next
+                        moment = scheduled
+                        granted = self._granted
+                        if len(granted) >= self.window_limit:
+                            moment = max(moment, granted[0] + self.span)  # its oldest expires
+                        # compared as the same sums that were waited for: no rounding back
+                        if now >= moment:
+                            heapq.heappop(self._queue)
+                            self._next = scheduled + self._interval
+                            granted.append(now)
+                            self.acquired += 1
+                            self._recover()
+                            self._cond.notify_all()  # the next head takes the next slot
+                            return
                     if not waited:
                         waited = True
                         self.waiting += 1
-        finally:
-            if waited:
-                with self._lock:
+                    self._pause(moment)
+            finally:
+                if waited:
                     self.waiting -= 1
+                if ticket in self._queue:  # interrupted while waiting
+                    self._queue.remove(ticket)
+                    heapq.heapify(self._queue)
+                    self._cond.notify_all()
+
+    def _pause(self, moment: float | None) -> None:
+        """Wait, the lock released: until *moment* (the head), else until the head is served."""
+        if moment is None:
+            self._cond.wait()
+            return
+        self._lock.release()
+        try:
+            while (left := moment - self._clock()) > 0:
+                self._sleep(left)
+        finally:
+            self._lock.acquire()
 
     def _recover(self) -> None:
         """After RECOVER_WINDOWS windows of grants without a throttle, halve the added margin."""
@@ -163,10 +194,6 @@ class RateLimiter:
         if self._clean >= RECOVER_WINDOWS * self.window_limit:
             self._clean = 0
             self._set_margin(max(self.base_margin, (self.margin + self.base_margin) / 2))
-
-    def _wait_until(self, moment: float) -> None:
-        while (left := moment - self._clock()) > 0:
-            self._sleep(left)
 
 
 _SHARED_LIMITERS = 256  # endpoints x operations x rates kept; an evicted one is only unshared
@@ -245,7 +272,14 @@ _armed = threading.local()
 def _before_send(**_: Any) -> None:
     limiter: RateLimiter | None = getattr(_armed, "limiter", None)
     if limiter is not None:
-        limiter.acquire()
+        limiter.acquire(getattr(_armed, "priority", 0.0))
+        _armed.sent = time.monotonic()
+
+
+def sent_at() -> float | None:
+    """When this thread's last paced attempt went out (its slot granted), for round trips."""
+    sent: float | None = getattr(_armed, "sent", None)
+    return sent
 
 
 def _needs_retry(response: Any = None, **_: Any) -> None:
@@ -263,8 +297,10 @@ def _needs_retry(response: Any = None, **_: Any) -> None:
 
 
 @contextmanager
-def paced(client: Any, limiter: RateLimiter | None) -> Iterator[None]:
+def paced(client: Any, limiter: RateLimiter | None, priority: float = 0.0) -> Iterator[None]:
     """Within the block, every HTTP attempt this thread makes on *client* waits for *limiter*.
+
+    At *priority* (see :meth:`RateLimiter.acquire`).
 
     A throttled attempt also tells *limiter* (:meth:`RateLimiter.throttled`). The handlers are
     registered once per client (idempotent through their unique ids) and do nothing on threads
@@ -275,17 +311,17 @@ def paced(client: Any, limiter: RateLimiter | None) -> Iterator[None]:
         return
     events = getattr(getattr(client, "meta", None), "events", None)
     if events is None:  # not a botocore client: pace the call itself
-        limiter.acquire()
+        limiter.acquire(priority)
         yield
         return
     events.register("before-send", _before_send, unique_id=_HANDLER_ID)
     events.register("needs-retry", _needs_retry, unique_id=_THROTTLE_HANDLER_ID)
-    previous = getattr(_armed, "limiter", None)
-    _armed.limiter = limiter
+    previous = getattr(_armed, "limiter", None), getattr(_armed, "priority", 0.0)
+    _armed.limiter, _armed.priority = limiter, priority
     try:
         yield
     finally:
-        _armed.limiter = previous
+        _armed.limiter, _armed.priority = previous
 
 
 def error_code(exc: BaseException) -> tuple[str, int | None, str | None]:
