@@ -206,6 +206,11 @@ class _Segment:
     def complete(self) -> bool:
         return self.closed or self.low > self.high
 
+    @property
+    def readers(self) -> int:
+        """Ends reading it now (at least one: a segment without is about to get one)."""
+        return max(1, (self.asc is not None) + (self.desc is not None))
+
     def remaining_rows(self, overall: float | None = None, most: bool = False) -> float:
         """Rows left between the ends (inf when unknown).
 
@@ -293,7 +298,7 @@ class PageStream:
         self._segments: set[_Segment] = set()
         self._samples: array.array[int] = array.array("q")  # createdAt (us) of pages' ends
         self._arrivals: collections.deque[float] = collections.deque()  # windowed pages' times
-        self._round_trip: float | None = None  # seconds a request takes, a moving average
+        self._round_trip: float | None = None  # seconds from grant to page, a moving average
         self._began = time.monotonic()
         self._rows_read = 0
         self._seconds_read = 0.0
@@ -511,7 +516,7 @@ class PageStream:
         empty_run = 0
         page_number = 0
         while not self._halted(chain.index):
-            table, token = self._call(kwargs, chain.index)
+            table, token = self._call(kwargs, chain.index, self._priority(task))
             page_number += 1
             log.debug(
                 "chain %d page %d: %d image sets%s",
@@ -603,6 +608,7 @@ class PageStream:
             if (
                 not stop
                 and other is not None
+                and other.read  # else the estimate is this end's alone: a burst may lie beyond
                 and not other.sole
                 and not reader.sole
                 and segment.remaining_rows(self._overall(), most=True) < EARLY_STOP_ROWS
@@ -652,18 +658,30 @@ class PageStream:
         return ended, covered
 
     def _feed(self) -> None:
-        """Start a reader if there is a free worker and pages arrive below the limiter's rate.
+        """Start a reader if there is a free worker and it would shorten the scan.
 
-        The segment with the most rows left gets its missing end, or, read from both ends
-        already, is split at a whole second between them (the dense side's next second, else
-        the middle) with a new reader at the split. Each reader costs about half a page more
-        (its last page is part-empty), so none starts for a segment with little left, nor once
-        the limiter is the bottleneck. Called with the lock held.
+        Below the limiter's rate, the segment with the most rows left gets its missing end, or,
+        read from both ends already, is split at a whole second between them (the dense side's
+        next second, else the middle) with a new reader at the split. At the rate, only a
+        segment on the critical path does (see :func:`critical_reader`). Each reader costs about
+        half a page more (its last page is part-empty), so none starts for a segment with little
+        left. Called with the lock held.
         """
-        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+        if self._outstanding >= self.options.max_concurrency:
             return
         # one reader per page that arrives: the rate is measured again before the next
-        move = next_reader(self._segments, self._overall(), self._readers_short())
+        overall = self._overall()
+        limiter, round_trip = self._limiter, self._round_trip
+        if limiter is None or round_trip is None:  # unpaced, or no page back yet
+            busy = limiter is not None and self._at_rate()
+            move = None if busy else next_reader(self._segments, overall, self._readers_short())
+        elif self._at_rate() or self._outstanding >= limiter.rate * round_trip + 1:
+            # the limiter is busy, or readers enough to keep it busy are on their way (Little's
+            # law: rate x round trip in flight; its queue shows them a round trip later): only
+            # the critical path gets a reader more
+            move = critical_reader(self._segments, overall, limiter.rate, round_trip)
+        else:
+            move = next_reader(self._segments, overall, self._readers_short())
         if move is None:
             return
         segment, step = move
@@ -721,15 +739,33 @@ class PageStream:
         self._segments.add(upper)
         self._add_reader(upper, descending=False)
 
-    def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
+    def _priority(self, task: _Task) -> float:
+        """A reader's pages left (its segment's rows over its readers), its place at the limiter.
+
+        The longest chains go first, so the scan's critical path never waits behind readers
+        that will finish early anyway; a reader whose segment is not sized yet goes first too.
+        A plain chain (a fanned-out value) has no such estimate: first come, first served.
+        """
+        reader = task.reader
+        if reader is None:
+            return 0.0
+        with self._lock:
+            segment = reader.segment
+            return segment.remaining_rows(self._overall()) / PAGE_ROWS / segment.readers
+
+    def _call(
+        self, kwargs: dict[str, Any], chain: int, priority: float = 0.0
+    ) -> tuple[pa.Table, str | None]:
         if self._prefetched and "nextToken" not in kwargs:
             with self._lock:
                 ready = self._prefetched.pop(request_key(kwargs), None)
             if ready is not None:
                 return ready
-        sent = time.monotonic()
-        page = call_page(self.client, self._limiter, kwargs, chain, self._cancel)
-        took = time.monotonic() - sent
+        called = time.monotonic()
+        page = call_page(self.client, self._limiter, kwargs, chain, self._cancel, priority)
+        # the round trip from the slot's grant: the wait for the slot is the limiter's, and
+        # counting it made a ramp of eight paced first requests look like 0.5 s at 300 ms
+        took = time.monotonic() - max(called, aws.sent_at() or called)
         with self._lock:
             last = self._round_trip
             self._round_trip = took if last is None else 0.8 * last + 0.2 * took
@@ -744,7 +780,7 @@ def request_key(kwargs: dict[str, Any]) -> str:
 def readers_short(rate: float, arriving: float, round_trip: float) -> bool:
     """Whether at least one whole reader's worth of pages a second is missing.
 
-    A reader delivers a page a *round_trip* (seconds, the limiter's wait included); *arriving*
+    A reader delivers a page a *round_trip* (seconds from its slot's grant); *arriving*
     pages a second against the limiter's *rate*. When a reader's worth is missing (high latency,
     few segments) a segment is split by the larger of its two estimates of the rows left (see
     ``next_reader``).
@@ -770,16 +806,65 @@ def next_reader(
         reverse=True,
     )
     for left, _, segment in live:
-        if segment.asc is None or segment.desc is None:
-            if segment.remaining_rows(overall, most=True) >= ADD_READER_ROWS:
-                return segment, "desc" if segment.desc is None else "asc"
-            continue
-        if short:
-            left = segment.remaining_rows(overall, most=True)
-        cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
-        if cut is not None:
-            return segment, cut
+        move = _reader_for(segment, left, overall, short)
+        if move is not None:
+            return move
     return None
+
+
+def critical_reader(
+    segments: Iterable[_Segment], overall: float | None, rate: float, round_trip: float
+) -> tuple[_Segment, str | datetime] | None:
+    """A reader for the segment whose own chain would outlast the rest of the scan, or None.
+
+    At the limiter's rate a reader more sends no more requests, but a segment whose rows per
+    reader take longer to page through (a page per *round_trip*) than every row left takes at
+    *rate* is the critical path: the scan ends when it does. A reader more there shortens it,
+    and under a first-come limiter also gives that segment a larger share of the slots. A
+    same-second burst found late in a first scan at 300 ms kept two readers per second until
+    the others ended, then paged alone for three seconds.
+    """
+    live = [s for s in segments if not s.complete]
+    if overall is None or not live:
+        return None  # too little read to tell what the rest of the scan holds
+    # a segment none of whose ends has read a page yet: at the overall density
+    rows = [
+        r if r < float("inf") else overall * max((s.high - s.low).total_seconds(), 0.0)
+        for r, s in ((s.remaining_rows(overall), s) for s in live)
+    ]
+    scan_left = sum(rows) / PAGE_ROWS / rate
+    chains = sorted(
+        (
+            (r / PAGE_ROWS / s.readers * round_trip, n, r, s)
+            for n, (r, s) in enumerate(zip(rows, live, strict=True))
+        ),
+        key=lambda item: item[:2],
+        reverse=True,
+    )
+    for chain, _, left, segment in chains:
+        if chain <= scan_left:
+            return None
+        # the longest may have no reader to give (both ends inside one second): the next one
+        move = _reader_for(segment, left, overall, short=False)
+        if move is not None:
+            return move
+    return None
+
+
+def _reader_for(
+    segment: _Segment, left: float, overall: float | None, short: bool
+) -> tuple[_Segment, str | datetime] | None:
+    """*segment*'s missing end, else a split of it, if it has rows enough left for one."""
+    if segment.asc is None or segment.desc is None:
+        if segment.remaining_rows(overall, most=True) >= ADD_READER_ROWS:
+            return segment, "desc" if segment.desc is None else "asc"
+        return None
+    if not (segment.asc.read and segment.desc.read):
+        return None  # an end not yet read may show the segment ends far sooner (none beyond now)
+    if short:
+        left = segment.remaining_rows(overall, most=True)
+    cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
+    return (segment, cut) if cut is not None else None
 
 
 def _split_point(segment: _Segment) -> datetime | None:
@@ -823,8 +908,11 @@ def call_page(
     kwargs: dict[str, Any],
     chain: int | None = None,
     cancel: threading.Event | None = None,
+    priority: float = 0.0,
 ) -> tuple[pa.Table, str | None]:
     """One page, checked against the service model; a malformed page is asked for again.
+
+    Every attempt waits for *limiter* at *priority* (:meth:`aws.RateLimiter.acquire`).
 
     The body is parsed straight into Arrow columns (``pages``) where botocore allows it; a client
     that does not is parsed by botocore and checked by ``pagecheck``. Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
@@ -836,7 +924,7 @@ def call_page(
     cancel = cancel or threading.Event()
     for attempt in range(1, MALFORMED_ATTEMPTS + 1):
         try:
-            with aws.paced(client, limiter):
+            with aws.paced(client, limiter, priority):
                 if _lean(client):
                     try:
                         page = pages.fetch_page(client, kwargs, request_index=chain)
