@@ -53,10 +53,11 @@ class RateLimiter:
     never sees one too many. Slots are spaced to match: ``paced = limit / (window + margin)``
     per second (98% of 25 TPS with the default 20 ms).
 
-    Each caller reserves the next *slot* of an absolute schedule (slot k+1 = slot k + 1/paced)
-    and sleeps until it. A thread that wakes late (the GIL held by another thread's parse, a
-    busy machine) therefore delays only its own request: the next slot was fixed before, so the
-    schedule does not accumulate oversleep as a bucket refilled from wake-up times does. The
+    Callers queue by priority (:meth:`acquire`); the head takes the next *slot* of an absolute
+    schedule (slot k+1 = slot k + 1/paced) and sleeps until it. A thread that wakes late (the
+    GIL held by another thread's parse, a busy machine) therefore delays only its own request:
+    the next slot was fixed before, so the schedule does not accumulate oversleep as a bucket
+    refilled from wake-up times does. The
     schedule never runs behind the clock by more than ``burst - 1`` slots, so an idle limiter
     lets at most ``burst`` requests through at once (``burst=1``, the default: evenly paced);
     late requests that catch up are held back by the window guard.
@@ -115,12 +116,6 @@ class RateLimiter:
     def saturated(self) -> bool:
         """Some thread is waiting for its slot: more concurrency would not send more requests."""
         return self.waiting > 0
-
-    def recent(self) -> int:
-        """Requests granted in the last ``window`` seconds, by every caller of this limiter."""
-        with self._lock:
-            since = self._clock() - self.window
-            return sum(1 for granted in self._granted if granted > since)
 
     def throttled(self) -> None:
         """The service throttled a request sent through this limiter: leave more room."""

@@ -1,10 +1,11 @@
 """The executor: pages from a boto3 client, concurrently, under one client-side rate limit.
 
 Request chains (one per fanned-out value, or createdAt windows read from both ends and split while
-workers are free) run on a pool of threads sharing one client. A token bucket paces every call below ``max_tps``
-so we do not cause the throttling we would then retry. botocore's standard retry mode retries
-throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch stops: a fault
-we cannot recover from raises, it never returns half a result.
+workers are free) run on a pool of threads sharing one client. The shared rate limiter
+(``aws.RateLimiter``) paces every call below ``max_tps`` so we do not cause the throttling we would
+then retry, and serves the readers with the most pages left first. botocore's standard retry mode
+retries throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch
+stops: a fault we cannot recover from raises, it never returns half a result.
 """
 
 from __future__ import annotations
@@ -819,8 +820,8 @@ def critical_reader(
 
     At the limiter's rate a reader more sends no more requests, but a segment whose rows per
     reader take longer to page through (a page per *round_trip*) than every row left takes at
-    *rate* is the critical path: the scan ends when it does. A reader more there shortens it,
-    and under a first-come limiter also gives that segment a larger share of the slots. A
+    *rate* is the critical path: the scan ends when it does. A reader more there shortens it
+    (and the limiter serves the readers with the most pages left first, see ``_priority``). A
     same-second burst found late in a first scan at 300 ms kept two readers per second until
     the others ended, then paged alone for three seconds.
     """

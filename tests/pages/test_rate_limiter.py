@@ -217,15 +217,6 @@ def test_one_limiter_per_endpoint_operation_and_rate() -> None:
     assert aws.limiter_for(a, aws.SEARCH, None) is None
 
 
-def test_recent_counts_the_grants_of_the_last_window() -> None:
-    clock = FakeClock()
-    bucket = limiter(clock, rate=10.0, margin=0.0)
-    grants(clock, bucket, 5)
-    assert bucket.recent() == 5
-    clock.now += 2.0
-    assert bucket.recent() == 0
-
-
 def test_the_highest_priority_waiting_goes_first_and_equals_in_turn() -> None:
     """Real threads and clock, 100 ms slots: callers queued behind a slot, one with priority."""
     import time
