@@ -118,6 +118,7 @@ def child(implementation: str, instances: int) -> dict[str, Any]:
         old_aws = _module_at(OLD_REF, "healthimaging_df/aws.py", "old_aws")
         old = _module_at(OLD_REF, "healthimaging_df/metadata.py", "old_metadata")
         old.RateLimiter = old_aws.RateLimiter  # type: ignore[attr-defined]
+        old.aws = old_aws  # type: ignore[attr-defined]  # its own pacing hook for its own limiter
         fetch = old.fetch_metadata
     else:
         from healthimaging_df.metadata import fetch_metadata as fetch

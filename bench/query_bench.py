@@ -133,6 +133,7 @@ def bench_scan() -> dict[str, dict[str, float]]:
 
 def main() -> None:
     from bench._report import machine, write_section
+    from healthimaging_df import aws
 
     flat = bench_flatten()
     scan = bench_scan()
@@ -168,6 +169,10 @@ Both returned {o["rows"]:,} / {p["rows"]:,} distinct image sets. The limit allow
 fewest pages a scan can take is {N_SCAN // 50}, so {ideal:.0f} s is the floor at the limit: the scan
 ran at {ideal / o["seconds"] * 100:.0f}% of that ideal (target: within 20%, i.e. at least 80%). The
 extra requests are the windows' first pages, which overlap the page that split them.
+Requests are paced at {aws.HEADROOM:.1%} of `max_tps` (at most 25 in any second plus
+{aws.MARGIN * 1000:.0f} ms, so a strict sliding-window limiter is never overrun): at that pace the
+floor is {N_SCAN // 50 / (25 * aws.HEADROOM):.1f} s, and the scan ran at
+{N_SCAN // 50 / (25 * aws.HEADROOM) / o["seconds"]:.0%} of it.
 """
     print(body)
     write_section("Query layer (flattening and fetching)", body)

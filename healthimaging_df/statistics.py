@@ -8,10 +8,10 @@ page: a datastore of 50 or fewer is counted by it), then one page in each of eig
 ``createdAt`` windows (a window that ends within its page is counted exactly, one that does not
 is extrapolated from the span its 50 rows cover); when a scan follows, those pages are its first
 ones (:func:`probe_pieces`). A first scan of the whole datastore needs no count: it sends the two
-ends alone and starts at the probe's cuts (:func:`probe_cuts`). A probe's estimate has no ``createdAt`` quantiles: eight pages say too
-little about bursty data to steer a scan by. :func:`probe_chain` sizes one request chain with one
-or two requests (what a QIDO-RS plan's sweep of the non-primary image sets, or a
-StudyDateTime-filtered scan, reads).
+ends alone and starts at the probe's cuts (:func:`probe_cuts`). A probe's estimate has no
+``createdAt`` quantiles: eight pages say too little about bursty data to steer a scan by.
+:func:`probe_chain` sizes one request chain with one or two requests (what a QIDO-RS plan's
+sweep of the non-primary image sets, or a StudyDateTime-filtered scan, reads).
 """
 
 from __future__ import annotations
