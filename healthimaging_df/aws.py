@@ -80,9 +80,10 @@ class RateLimiter:
     ) -> None:
         self.quota = float(rate)
         self.capacity = float(burst if burst is not None else 1)
-        admitted = max(math.floor(self.quota * window + 1e-9), 1)  # per window, strictly
-        self.window = max(float(window), admitted / self.quota)  # under 1 TPS: 1 per 1/rate s
-        self.window_limit = max(int(self.capacity), admitted)
+        # whole requests a strict window admits (under 1 TPS: one per 1/rate s)
+        self._admitted = max(math.floor(self.quota * window + 1e-9), 1)
+        self.window = max(float(window), self._admitted / self.quota)
+        self.window_limit = max(int(self.capacity), self._admitted)
         self.base_margin = float(margin)
         self._clock = clock
         self._sleep = sleep
@@ -102,8 +103,7 @@ class RateLimiter:
         """Space slots and size the guard for *margin*; called with the lock held (or alone)."""
         self.margin = margin
         self.span = self.window + margin  # the guard's window
-        admitted = max(math.floor(self.quota * self.window + 1e-9), 1)
-        self.rate = admitted / self.span  # the paced rate, per second
+        self.rate = self._admitted / self.span  # the paced rate, per second
         self._interval = 1.0 / self.rate
         self._tolerance = (self.capacity - 1.0) * self._interval
 
@@ -135,7 +135,7 @@ class RateLimiter:
         with self._cond:
             ticket = [-priority, next(self._tickets)]
             heapq.heappush(self._queue, ticket)
-            waited = False
+            waited = served = False
             scheduled, after = 0.0, None  # the head's slot, planned when self._next was *after*
             try:
                 while True:
@@ -151,6 +151,7 @@ class RateLimiter:
                         # compared as the same sums that were waited for: no rounding back
                         if now >= moment:
                             heapq.heappop(self._queue)
+                            served = True
                             self._next = scheduled + self._interval
                             granted.append(now)
                             self.acquired += 1
@@ -164,7 +165,7 @@ class RateLimiter:
             finally:
                 if waited:
                     self.waiting -= 1
-                if ticket in self._queue:  # interrupted while waiting
+                if not served:  # interrupted while waiting
                     self._queue.remove(ticket)
                     heapq.heapify(self._queue)
                     self._cond.notify_all()

@@ -674,7 +674,7 @@ class PageStream:
         overall = self._overall()
         limiter, round_trip = self._limiter, self._round_trip
         if limiter is None or round_trip is None:  # unpaced, or no page back yet
-            busy = limiter is not None and self._at_rate()
+            busy = self._at_rate()  # False when unpaced
             move = None if busy else next_reader(self._segments, overall, self._readers_short())
         elif self._at_rate() or self._outstanding >= limiter.rate * round_trip + 1:
             # the limiter is busy, or readers enough to keep it busy are on their way (Little's
@@ -829,10 +829,11 @@ def critical_reader(
     if overall is None or not live:
         return None  # too little read to tell what the rest of the scan holds
     # a segment none of whose ends has read a page yet: at the overall density
-    rows = [
-        r if r < float("inf") else overall * max((s.high - s.low).total_seconds(), 0.0)
-        for r, s in ((s.remaining_rows(overall), s) for s in live)
-    ]
+    rows = []
+    for segment in live:
+        left = segment.remaining_rows(overall)
+        gap = max((segment.high - segment.low).total_seconds(), 0.0)
+        rows.append(left if left < float("inf") else overall * gap)
     scan_left = sum(rows) / PAGE_ROWS / rate
     chains = sorted(
         (

@@ -166,7 +166,10 @@ def probe_cuts(
     """
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ahi-probe") as pool:
         found = _ends(pool, client, datastore_id, limiter, scan)
-    return () if isinstance(found, Probe) else tuple(found[3])
+    if isinstance(found, Probe):
+        return ()
+    _first, _last, _window, cuts = found
+    return tuple(cuts)
 
 
 def _ends(
