@@ -30,7 +30,8 @@ from statistics import median as statistics_median
 from typing import Any
 
 from bench._report import machine, write_section
-from healthimaging_df import Query, statistics
+from healthimaging_df import Query
+from healthimaging_df.engine import statistics
 from healthimaging_df.local import LocalService
 
 TITLE = "IN lists: the planner's choice vs forced fan-out and a forced scan"

@@ -73,14 +73,14 @@ def client_for(endpoint: str) -> Any:
 
 
 def lean_page(client: Any, kwargs: dict[str, Any]) -> tuple[int, str | None]:
-    from healthimaging_df import pages
+    from healthimaging_df.engine import pages
 
     page = pages.fetch_page(client, kwargs)
     return page.num_rows, page.next_token
 
 
 def botocore_page(client: Any, kwargs: dict[str, Any]) -> tuple[int, str | None]:
-    from healthimaging_df import flatten
+    from healthimaging_df.engine import flatten
 
     response = client.search_image_sets(**kwargs)
     table = flatten.summaries_to_table(response["imageSetsMetadataSummaries"])
@@ -107,7 +107,7 @@ def one_round(
 def floor_and_parse(client: Any, datastore: str, repeat: int = 200) -> tuple[float, float]:
     """CPU ms of one call answering an empty page (botocore's request path alone), and of
     ``parse_page`` on a recorded 50-row body (the lean parse alone)."""
-    from healthimaging_df import pages
+    from healthimaging_df.engine import pages
 
     empty = {
         "datastoreId": datastore,

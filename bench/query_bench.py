@@ -38,7 +38,7 @@ def _botocore_like(n: int) -> list[dict[str, Any]]:
 
 def flatten_ours(items: list[dict[str, Any]]) -> Any:
     from healthimaging_df import schema
-    from healthimaging_df.flatten import summaries_to_table
+    from healthimaging_df.engine.flatten import summaries_to_table
 
     return schema.arrow_to_pandas(summaries_to_table(items))
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from healthimaging_df import flatten, schema
+from healthimaging_df import schema
+from healthimaging_df.engine import flatten
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
 

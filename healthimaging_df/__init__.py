@@ -14,24 +14,46 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
-from healthimaging_df.logs import redact_botocore_logs
+from healthimaging_df.core.logs import redact_botocore_logs
 
 if TYPE_CHECKING:
     __version__: str
 
     from healthimaging_df import errors, schema
+    from healthimaging_df.core import logs
+    from healthimaging_df.local import LocalService
+    from healthimaging_df.metadata import fetch_metadata
     from healthimaging_df.query import Query, search
-    from healthimaging_df.refresh import refresh_snapshot
-    from healthimaging_df.snapshot import read_snapshot, write_snapshot
+    from healthimaging_df.refresh import RefreshReport, refresh_snapshot
+    from healthimaging_df.snapshot import (
+        SnapshotInfo,
+        read_snapshot,
+        scan_snapshot,
+        snapshot_history,
+        snapshot_provenance,
+        vacuum_snapshot,
+        write_snapshot,
+    )
+    from healthimaging_df.store.redact import RedactionPolicy, generate_key
 
 _LAZY = {
+    "LocalService": "healthimaging_df.local",
     "Query": "healthimaging_df.query",
-    "search": "healthimaging_df.query",
+    "RedactionPolicy": "healthimaging_df.store.redact",
+    "RefreshReport": "healthimaging_df.refresh",
+    "SnapshotInfo": "healthimaging_df.snapshot",
+    "fetch_metadata": "healthimaging_df.metadata",
+    "generate_key": "healthimaging_df.store.redact",
     "read_snapshot": "healthimaging_df.snapshot",
     "refresh_snapshot": "healthimaging_df.refresh",
+    "scan_snapshot": "healthimaging_df.snapshot",
+    "search": "healthimaging_df.query",
+    "snapshot_history": "healthimaging_df.snapshot",
+    "snapshot_provenance": "healthimaging_df.snapshot",
+    "vacuum_snapshot": "healthimaging_df.snapshot",
     "write_snapshot": "healthimaging_df.snapshot",
 }
-_MODULES = ("errors", "schema")
+_MODULES = {"errors": "errors", "schema": "schema", "logs": "core.logs"}
 
 
 def __getattr__(name: str) -> Any:
@@ -40,7 +62,7 @@ def __getattr__(name: str) -> Any:
     elif name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name in _MODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
+        value = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -48,7 +70,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(__all__)
 
 
 redact_botocore_logs()
@@ -56,13 +78,24 @@ if "healthimaging_df_cli" not in sys.modules:  # the console script defers panda
     from healthimaging_df import accessor as _accessor  # noqa: F401  (registers df.ahi)
 
 __all__ = [
+    "LocalService",
     "Query",
+    "RedactionPolicy",
+    "RefreshReport",
+    "SnapshotInfo",
     "__version__",
     "errors",
+    "fetch_metadata",
+    "generate_key",
+    "logs",
     "read_snapshot",
     "redact_botocore_logs",
     "refresh_snapshot",
+    "scan_snapshot",
     "schema",
     "search",
+    "snapshot_history",
+    "snapshot_provenance",
+    "vacuum_snapshot",
     "write_snapshot",
 ]

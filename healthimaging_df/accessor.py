@@ -25,15 +25,16 @@ import pandas as pd
 # half-imported: only modules that import nothing of ours but errors are imported here (metadata
 # and schema load in the methods that use them).
 from healthimaging_df import cohort
+from healthimaging_df.core.frames import with_attrs
 from healthimaging_df.errors import QueryValidationError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from healthimaging_df import metadata
-    from healthimaging_df.redact import RedactionPolicy
     from healthimaging_df.refresh import RefreshReport
     from healthimaging_df.snapshot import SnapshotInfo
+    from healthimaging_df.store.redact import RedactionPolicy
 
 __all__ = ["AHIAccessor", "SQLQueryError"]
 
@@ -172,7 +173,7 @@ class AHIAccessor:
         from healthimaging_df import metadata
 
         frame = result.to_pandas(types_mapper=metadata._nullable)
-        return cohort.with_attrs(frame, self._frame)
+        return with_attrs(frame, self._frame)
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -311,15 +312,15 @@ class AHIAccessor:
         return refresh_frame(self._frame, client=client, **options)
 
     def redact(self, policy: RedactionPolicy) -> pd.DataFrame:
-        """A redacted copy under *policy* (``healthimaging_df.redact.RedactionPolicy``).
+        """A redacted copy under *policy* (``healthimaging_df.store.redact.RedactionPolicy``).
 
         The provenance in ``attrs`` is redacted too: the query's values (PHI) are replaced by
         counts and the policy (without its key) is recorded, as in a redacted snapshot.
         """
-        from healthimaging_df.redact import apply_redaction
         from healthimaging_df.snapshot import METADATA_KEY, redacted_provenance
+        from healthimaging_df.store.redact import apply_redaction
 
-        result = cohort.with_attrs(apply_redaction(self._frame, policy), self._frame)
+        result = with_attrs(apply_redaction(self._frame, policy), self._frame)
         provenance = result.attrs.get(METADATA_KEY)
         if isinstance(provenance, dict):
             result.attrs[METADATA_KEY] = redacted_provenance(provenance, policy)

@@ -108,7 +108,7 @@ class SnapshotConflictError(SnapshotError):
     """Another writer committed to the same Delta table first; this commit was not made.
 
     The table holds the other writer's version, whole and readable. Read it again and redo the
-    change (``healthimaging_df.delta.retry_on_conflict`` does this for a read-modify-write).
+    change (``healthimaging_df.store.delta.retry_on_conflict`` does this for a read-modify-write).
     """
 
 

@@ -51,7 +51,9 @@ import pyarrow as pa
 
 from healthimaging_df import aws
 from healthimaging_df.aws import THROTTLING_CODES, limiter_for, make_client
-from healthimaging_df.cohort import require, with_attrs
+from healthimaging_df.core.frames import require, with_attrs
+from healthimaging_df.core.progress import Progress, ProgressReporter
+from healthimaging_df.engine.fetch import FetchOptions
 from healthimaging_df.errors import (
     ArchiveAccessWarning,
     MetadataFetchError,
@@ -59,8 +61,6 @@ from healthimaging_df.errors import (
     SearchError,
     ThrottledError,
 )
-from healthimaging_df.fetch import FetchOptions
-from healthimaging_df.progress import Progress, ProgressReporter
 
 __all__ = [
     "ARCHIVED",

@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from healthimaging_df import predicates, schema
+from healthimaging_df import schema
+from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.plan import (
     STRATEGIES,
@@ -29,10 +30,10 @@ from healthimaging_df.plan import (
     Strategy,
     any_of,
     compile_plan,
+    predicates,
     union,
 )
-from healthimaging_df.predicates import Predicate
-from healthimaging_df.progress import Progress
+from healthimaging_df.plan.predicates import Predicate
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -16,11 +16,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthimaging_df import delta, engine, frame, provenance, schema
+from healthimaging_df import engine, schema
+from healthimaging_df.engine import frame, provenance
+from healthimaging_df.engine.provenance import KEY as METADATA_KEY
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
-from healthimaging_df.provenance import KEY as METADATA_KEY
 from healthimaging_df.query import Query
-from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.snapshot import (
     check_redact,
     delta_location,
@@ -29,8 +29,10 @@ from healthimaging_df.snapshot import (
     read_table,
     write_table,
 )
-from healthimaging_df.storage import open_target
-from healthimaging_df.tables import (
+from healthimaging_df.store import delta
+from healthimaging_df.store.redact import RedactionPolicy, apply_redaction
+from healthimaging_df.store.storage import open_target
+from healthimaging_df.store.tables import (
     dtype_backend_of,
     frame_to_table,
     iso,
@@ -40,7 +42,7 @@ from healthimaging_df.tables import (
 )
 
 if TYPE_CHECKING:
-    from healthimaging_df.progress import Progress
+    from healthimaging_df.core.progress import Progress
 
 DEFAULT_MARGIN = timedelta(minutes=5)
 

@@ -6,13 +6,13 @@ Layout (see ``docs/snapshots.md``):
   S3 makes visible all at once). Its provenance is in the file's key-value metadata (key
   ``healthimaging_df``).
 - any other path: a directory (or S3 prefix) holding a Delta Lake table written through
-  ``healthimaging_df.delta`` (atomic commits, optimistic concurrency, time travel, MERGE). Each
+  ``healthimaging_df.store.delta`` (atomic commits, optimistic concurrency, time travel, MERGE). Each
   commit carries the provenance; rows are written in ``createdAt`` order so a refresh's MERGE
   rewrites few files.
 
 ``read_snapshot`` puts the provenance back in ``df.attrs["healthimaging_df"]``. Single-file
-storage (local disk or S3) is in ``healthimaging_df.storage``, Arrow and Parquet conversions in
-``healthimaging_df.tables``; the fetch behind an export runs in ``healthimaging_df.engine`` and
+storage (local disk or S3) is in ``healthimaging_df.store.storage``, Arrow and Parquet conversions in
+``healthimaging_df.store.tables``; the fetch behind an export runs in ``healthimaging_df.engine`` and
 incremental refresh is ``healthimaging_df.refresh``.
 """
 
@@ -33,21 +33,23 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from healthimaging_df import delta, engine, provenance, schema
+from healthimaging_df import engine, schema
 from healthimaging_df._version import __version__
-from healthimaging_df.checkpoint import Checkpoint, fingerprint, private_root, private_store
+from healthimaging_df.engine import provenance
+from healthimaging_df.engine.checkpoint import Checkpoint, fingerprint, private_root, private_store
+from healthimaging_df.engine.spill import SortedRows, spill_prefix
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.plan import Plan
-from healthimaging_df.redact import SHIFTED_COLUMNS, RedactionPolicy, apply_redaction
-from healthimaging_df.spill import SortedRows, spill_prefix
-from healthimaging_df.storage import (
+from healthimaging_df.store import delta
+from healthimaging_df.store.redact import SHIFTED_COLUMNS, RedactionPolicy, apply_redaction
+from healthimaging_df.store.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
     S3Store,
     Target,
     open_target,
 )
-from healthimaging_df.tables import (
+from healthimaging_df.store.tables import (
     frame_to_table,
     iso,
     table_to_frame,
@@ -56,7 +58,7 @@ from healthimaging_df.tables import (
 )
 
 if TYPE_CHECKING:
-    from healthimaging_df.progress import Progress
+    from healthimaging_df.core.progress import Progress
 
 
 class ExportableQuery(Protocol):
@@ -183,7 +185,7 @@ def write_snapshot(
         Hive partition columns (directory snapshots only), e.g. ``["Modality"]``; ``"StudyYear"``
         is derived from ``StudyDateTime`` when the frame lacks it.
     redact
-        A :class:`~healthimaging_df.redact.RedactionPolicy` to apply first; None writes the frame
+        A :class:`~healthimaging_df.store.redact.RedactionPolicy` to apply first; None writes the frame
         as it is, PHI included.
     provenance
         Provenance to store; ``df.attrs["healthimaging_df"]`` when None.

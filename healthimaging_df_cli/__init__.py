@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def main() -> int:
-    """Run the command line (``healthimaging_df.cli.main``)."""
-    from healthimaging_df.cli import main as run
+    """Run the command line (``healthimaging_df.cli.app.main``)."""
+    from healthimaging_df.cli.app import main as run
 
     return run()

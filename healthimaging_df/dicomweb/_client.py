@@ -8,7 +8,7 @@ that moment from the boto3 session (so refreshed credentials are picked up as bo
 them). Its own retries are off: ours pace every attempt through the rate limiter.
 
 dicomweb-client logs request URLs (query values: PHI) and UIDs; a filter installed on its
-logger rewrites those records, as ``healthimaging_df.logs`` does for botocore.
+logger rewrites those records, as ``healthimaging_df.core.logs`` does for botocore.
 """
 
 from __future__ import annotations
@@ -448,7 +448,7 @@ def make_qido_client(
     is *dicomweb_endpoint_url*, else the client's custom endpoint (the local service), else
     ``https://dicom-medical-imaging.{region}.amazonaws.com``.
     """
-    from healthimaging_df import logs
+    from healthimaging_df.core import logs
 
     logs.refresh()
     credentials: Callable[[], Any]

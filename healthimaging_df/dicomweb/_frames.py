@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from healthimaging_df.cohort import require, with_attrs
+from healthimaging_df.core.frames import require, with_attrs
 from healthimaging_df.dicomweb._client import QidoClient, QidoResult, make_qido_client
 from healthimaging_df.dicomweb._model import (
     COLUMNS,

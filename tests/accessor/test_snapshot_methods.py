@@ -10,8 +10,8 @@ import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.local import LocalService
-from healthimaging_df.redact import RedactionPolicy
 from healthimaging_df.snapshot import read_snapshot
+from healthimaging_df.store.redact import RedactionPolicy
 
 KEY = "a test key of at least 32 bytes, 0123456789"
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 from botocore.exceptions import ClientError, NoCredentialsError
 
-from healthimaging_df import __version__, cli
-from healthimaging_df.commands.options import UsageError
+from healthimaging_df import __version__
+from healthimaging_df.cli import app as cli
+from healthimaging_df.cli.commands.options import UsageError
 from healthimaging_df.errors import MetadataFetchError, QueryValidationError, SearchError
 
 
@@ -124,7 +125,7 @@ def test_os_errors_name_only_paths_typed_on_the_command_line(filename: str, word
 def test_foreign_warnings_are_printed_without_their_message() -> None:
     import warnings
 
-    from healthimaging_df.commands.metadata import _warning_text
+    from healthimaging_df.cli.commands.metadata import _warning_text
     from healthimaging_df.errors import ArchiveAccessWarning
 
     with warnings.catch_warnings(record=True) as caught:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from healthimaging_df import cli
-from healthimaging_df.commands.building import read_ids
+from healthimaging_df.cli import app as cli
+from healthimaging_df.cli.commands.building import read_ids
 from healthimaging_df.local import LocalService
 
 from .conftest import ENTRY_POINT, Run, clean_env, ids, one_error_line

@@ -9,7 +9,7 @@ import sys
 
 
 def test_command_helpers_live_in_one_module_per_concern() -> None:
-    assert importlib.util.find_spec("healthimaging_df.commands.common") is None
+    assert importlib.util.find_spec("healthimaging_df.cli.commands.common") is None
     concerns = {
         "options": ("query_parent", "aws_parent", "common_parent", "UsageError"),
         "building": ("build_query", "read_ids", "typed_value", "parse_where"),
@@ -17,7 +17,7 @@ def test_command_helpers_live_in_one_module_per_concern() -> None:
         "output": ("output_format", "write_frame", "read_frame", "status"),
     }
     for name, members in concerns.items():
-        module = importlib.import_module(f"healthimaging_df.commands.{name}")
+        module = importlib.import_module(f"healthimaging_df.cli.commands.{name}")
         for member in members:
             assert hasattr(module, member), (name, member)
 
@@ -34,7 +34,7 @@ def test_help_imports_none_of_the_heavy_libraries() -> None:
     code = (
         "import sys\n"
         "import healthimaging_df_cli\n"  # what the console script imports first
-        "from healthimaging_df import cli\n"
+        "from healthimaging_df.cli import app as cli\n"
         "cli.build_parser().format_help()\n"
         "heavy = ('pandas', 'pyarrow', 'numpy', 'boto3', 'botocore', 'werkzeug', "
         "'importlib.metadata')\n"
@@ -63,7 +63,7 @@ def test_the_console_script_writes_json_lines(tmp_path: object) -> None:
         "import sys\n"
         "import healthimaging_df_cli\n"
         "from healthimaging_df.local import LocalService\n"
-        "from healthimaging_df import cli\n"
+        "from healthimaging_df.cli import app as cli\n"
         "with LocalService.seeded(image_sets=20, seed=1) as s:\n"
         "    import os; os.environ.update(s.env())\n"
         "    sys.exit(cli.main(['search', '--datastore-id', s.datastore_id, '--format', 'jsonl',"
@@ -76,7 +76,7 @@ def test_search_explain_imports_none_of_the_heavy_libraries() -> None:
     code = (
         "import sys, contextlib, io\n"
         "import healthimaging_df_cli\n"
-        "from healthimaging_df import cli\n"
+        "from healthimaging_df.cli import app as cli\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         "    code = cli.main(['search', '--datastore-id', '0' * 32, '--where', 'PatientID=P1',"

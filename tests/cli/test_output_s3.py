@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from healthimaging_df.commands import remote
+from healthimaging_df.cli.commands import remote
 from healthimaging_df.local import LocalService
 from healthimaging_df.snapshot import read_snapshot
 from tests.snapshot.conftest import S3

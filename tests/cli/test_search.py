@@ -212,7 +212,7 @@ def test_verbose_botocore_log_carries_no_phi(
     assert result.returncode == 0, result.stderr
     assert "botocore.parsers" in result.stderr
     assert "redacted by healthimaging_df" in result.stderr
-    assert "healthimaging_df.fetch" in result.stderr
+    assert "healthimaging_df.engine.fetch" in result.stderr
     secrets = {patient} | {r["PatientName"] for r in mine} | {r["StudyInstanceUID"] for r in mine}
     leaked = sorted(s for s in secrets if s and s in result.stderr)
     assert leaked == []

@@ -9,7 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from healthimaging_df import flatten, schema
+from healthimaging_df import schema
+from healthimaging_df.engine import flatten
 from healthimaging_df.local import generate_image_sets
 
 PROVENANCE: dict[str, Any] = {
@@ -97,7 +98,7 @@ class Moto:
         return name
 
     def options(self) -> dict[str, str]:
-        from healthimaging_df.delta import s3_storage_options
+        from healthimaging_df.store.delta import s3_storage_options
 
         return s3_storage_options(self.session, endpoint_url=self.endpoint_url)
 

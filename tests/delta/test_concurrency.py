@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from healthimaging_df import delta
 from healthimaging_df.errors import SnapshotConflictError, SnapshotError
+from healthimaging_df.store import delta
 
 from .conftest import PROVENANCE, Moto
 
@@ -28,7 +28,7 @@ WRITER = textwrap.dedent(
     """
     import json, sys
     import pyarrow as pa
-    from healthimaging_df import delta
+    from healthimaging_df.store import delta
     from healthimaging_df.errors import SnapshotConflictError
 
     uri, writer, rounds, options = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import write_deltalake
 
-from healthimaging_df import delta
 from healthimaging_df.errors import SnapshotConflictError, SnapshotError
+from healthimaging_df.store import delta
 
 from .conftest import PROVENANCE
 

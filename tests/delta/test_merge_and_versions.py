@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from healthimaging_df import delta
 from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.store import delta
 
 from .conftest import PROVENANCE, by_id, typed_table
 

@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from healthimaging_df import delta, schema
+from healthimaging_df import schema
 from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.store import delta
 
 from .conftest import PROVENANCE, by_id
 

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 from botocore.exceptions import ClientError
 
-from healthimaging_df import delta
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
+from healthimaging_df.store import delta
 
 from .conftest import PROVENANCE, Moto, by_id
 

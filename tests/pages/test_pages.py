@@ -16,7 +16,9 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from healthimaging_df import flatten, logs, pages, schema
+from healthimaging_df import schema
+from healthimaging_df.core import logs
+from healthimaging_df.engine import flatten, pages
 from healthimaging_df.errors import MalformedResponseError, SearchError
 from healthimaging_df.local import LocalService, generate_image_sets
 

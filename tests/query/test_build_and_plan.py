@@ -332,7 +332,7 @@ def test_study_dates_before_year_1000_keep_eight_digits() -> None:
 
 
 def test_equality_takes_exactly_one_value() -> None:
-    from healthimaging_df import predicates
+    from healthimaging_df.plan import predicates
 
     with pytest.raises(QueryValidationError, match="exactly one value"):
         predicates.build("PatientID", "eq", ())
@@ -341,7 +341,7 @@ def test_equality_takes_exactly_one_value() -> None:
 
 
 def test_a_redacted_query_cannot_be_rebuilt_into_an_empty_one() -> None:
-    from healthimaging_df.redact import redact_query_json
+    from healthimaging_df.store.redact import redact_query_json
 
     data = json.loads(redact_query_json(json.dumps(Query(DS).where(PatientID="P").to_dict())))
     with pytest.raises(QueryValidationError, match="redacted"):
@@ -445,7 +445,8 @@ def test_derived_values_are_validated(build, rule: str) -> None:
 def test_derived_masks_match_the_accessor() -> None:
     import pyarrow as pa
 
-    from healthimaging_df import cohort, predicates
+    from healthimaging_df import cohort
+    from healthimaging_df.plan import predicates
 
     table = pa.table(
         {

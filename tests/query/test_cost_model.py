@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from healthimaging_df import Query, statistics
+from healthimaging_df import Query
+from healthimaging_df.engine import statistics
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService
 from healthimaging_df.plan import DatastoreStats
@@ -122,7 +123,7 @@ def test_a_full_scan_counts_non_primary_image_sets_and_a_filtered_one_keeps_the_
 
 
 def test_a_probe_sends_its_window_requests_at_once(ahi_service_factory: Any) -> None:
-    from healthimaging_df import statistics
+    from healthimaging_df.engine import statistics
 
     with ahi_service_factory(image_sets=2_000, seed=8) as service:
         service.set_faults(latency_ms=100)
@@ -136,7 +137,7 @@ def test_a_probe_sends_its_window_requests_at_once(ahi_service_factory: Any) -> 
 def test_a_probe_of_fifty_image_sets_or_fewer_counts_them_with_two_requests(
     ahi_service_factory: Any,
 ) -> None:
-    from healthimaging_df import statistics
+    from healthimaging_df.engine import statistics
 
     with ahi_service_factory(image_sets=37, seed=8) as service:
         stats = statistics.probe(service.client(), str(service.datastore_id), None)

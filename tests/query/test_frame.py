@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from healthimaging_df import schema
-from healthimaging_df.flatten import study_datetime, summaries_to_table
+from healthimaging_df.engine.flatten import study_datetime, summaries_to_table
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.local.backend import study_datetime as backend_study_datetime
 
@@ -154,8 +154,8 @@ def _two_versions() -> tuple[dict, dict]:
 @pytest.mark.parametrize("order", ["old_first", "new_first"])
 def test_a_stale_copy_never_outlives_a_newer_one_that_left_the_cohort(order: str) -> None:
     from healthimaging_df import Query
-    from healthimaging_df.fetch import Page
-    from healthimaging_df.frame import Chunker, Collector
+    from healthimaging_df.engine.fetch import Page
+    from healthimaging_df.engine.frame import Chunker, Collector
 
     old, new = _two_versions()
     pages = [old, new] if order == "old_first" else [new, old]

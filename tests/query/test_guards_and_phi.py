@@ -18,9 +18,9 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from healthimaging_df import Query, redact_botocore_logs
+from healthimaging_df.engine.fetch import Page
+from healthimaging_df.engine.flatten import summaries_to_table
 from healthimaging_df.errors import PaginationError
-from healthimaging_df.fetch import Page
-from healthimaging_df.flatten import summaries_to_table
 from healthimaging_df.local import LocalService
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
 from tests.snapshot.conftest import S3, typed_frame
@@ -150,7 +150,7 @@ def test_errors_and_reprs_hold_no_phi(service: LocalService, records: list) -> N
 
 
 def test_unknown_botocore_templates_are_redacted_by_default() -> None:
-    from healthimaging_df import logs
+    from healthimaging_df.core import logs
 
     def passed(name: str, template: str, *args: object) -> str:
         record = logging.LogRecord(name, logging.DEBUG, __file__, 1, template, args, None)
@@ -166,7 +166,7 @@ def test_unknown_botocore_templates_are_redacted_by_default() -> None:
 
 
 def test_loggers_created_later_are_covered(service: LocalService) -> None:
-    from healthimaging_df import logs
+    from healthimaging_df.core import logs
 
     late = logging.getLogger("botocore.module_imported_later")
     assert logs._FILTER not in late.filters
@@ -257,7 +257,7 @@ def test_the_filter_is_what_keeps_s3_keys_out(
 
 
 def test_every_module_logger_of_the_sdk_is_covered_before_it_is_imported() -> None:
-    from healthimaging_df import logs
+    from healthimaging_df.core import logs
 
     names = logs.module_logger_names()
     for name in ("s3transfer.tasks", "s3transfer.futures", "boto3.s3.transfer", "botocore.regions"):
@@ -267,7 +267,7 @@ def test_every_module_logger_of_the_sdk_is_covered_before_it_is_imported() -> No
 
 
 def test_endpoint_parameters_f_strings_and_tracebacks_are_redacted() -> None:
-    from healthimaging_df import logs
+    from healthimaging_df.core import logs
 
     def shown(name: str, template: str, *args: object, exc: BaseException | None = None) -> str:
         info = (type(exc), exc, None) if exc is not None else None

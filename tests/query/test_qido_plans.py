@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from healthimaging_df import Query, engine, qido_plan
+from healthimaging_df import Query, engine
 from healthimaging_df.dicomweb import QidoClient, make_qido_client
+from healthimaging_df.engine import qido as qido_plan
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService
 from healthimaging_df.local.backend import Backend
@@ -242,7 +243,7 @@ def test_a_study_datetime_scan_is_sized_by_its_first_page(qido_service: LocalSer
 
 
 def test_a_sweep_as_dear_as_the_scan_sends_no_qido_request(qido_service: LocalService) -> None:
-    from healthimaging_df import statistics
+    from healthimaging_df.engine import statistics
 
     client = qido_service.client()
     assert qido_service.datastore_id is not None
@@ -422,7 +423,7 @@ def test_an_empty_qido_answer_reads_only_non_primary_image_sets(
 
 
 def test_stats_decide_fan_out_against_scan(qido_service: LocalService) -> None:
-    from healthimaging_df import statistics
+    from healthimaging_df.engine import statistics
 
     client = qido_service.client()
     assert qido_service.datastore_id is not None
@@ -523,7 +524,7 @@ def test_a_resumed_export_of_a_qido_plan_is_exact_when_qido_answers_otherwise(
 
 
 def test_probe_chain_counts_one_page_exactly_and_estimates_more(qido_service: LocalService) -> None:
-    from healthimaging_df import statistics
+    from healthimaging_df.engine import statistics
 
     client = qido_service.client()
     records = qido_service.backend.image_sets(qido_service.datastore_id)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from healthimaging_df.fetch import (
+from healthimaging_df.engine.fetch import (
     _Reader,
     _Segment,
     critical_reader,

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from healthimaging_df import Query, engine, statistics
+from healthimaging_df import Query, engine
+from healthimaging_df.engine import statistics
 from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.local.backend import Backend
 from healthimaging_df.plan import DatastoreStats, compile_plan, presplit, rows_between

@@ -15,11 +15,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from healthimaging_df import Query, checkpoint, frame, spill
-from healthimaging_df.fetch import Coverage
-from healthimaging_df.flatten import summaries_to_table
+from healthimaging_df import Query
+from healthimaging_df.engine import checkpoint, frame, spill
+from healthimaging_df.engine.fetch import Coverage
+from healthimaging_df.engine.flatten import summaries_to_table
 from healthimaging_df.local import generate_image_sets
-from healthimaging_df.storage import Target, local_store
+from healthimaging_df.store.storage import Target, local_store
 
 BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

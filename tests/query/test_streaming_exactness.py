@@ -17,9 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from healthimaging_df import Query, frame
-from healthimaging_df.fetch import Page
-from healthimaging_df.flatten import summaries_to_table
+from healthimaging_df import Query
+from healthimaging_df.engine import frame
+from healthimaging_df.engine.fetch import Page
+from healthimaging_df.engine.flatten import summaries_to_table
 from healthimaging_df.local import generate_image_sets
 
 BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)

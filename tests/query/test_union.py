@@ -17,9 +17,9 @@ from healthimaging_df import Query
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.plan import AnyOf, DatastoreStats
-from healthimaging_df.redact import redact_query_json
 from healthimaging_df.refresh import refresh_frame, refresh_snapshot
 from healthimaging_df.snapshot import read_snapshot
+from healthimaging_df.store.redact import redact_query_json
 
 from .conftest import brute_force, flat_row
 

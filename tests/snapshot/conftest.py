@@ -10,7 +10,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from healthimaging_df import flatten, schema
+from healthimaging_df import schema
+from healthimaging_df.engine import flatten
 from healthimaging_df.local import generate_image_sets
 
 

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from healthimaging_df import Query
+from healthimaging_df.engine.statistics import cache_dir
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import LocalService
-from healthimaging_df.redact import RedactionPolicy, generate_key
 from healthimaging_df.snapshot import (
     read_snapshot,
     scan_snapshot,
@@ -33,7 +33,7 @@ from healthimaging_df.snapshot import (
     vacuum_snapshot,
     write_snapshot,
 )
-from healthimaging_df.statistics import cache_dir
+from healthimaging_df.store.redact import RedactionPolicy, generate_key
 
 from .conftest import S3, typed_frame
 
@@ -42,7 +42,7 @@ FAST: dict[str, Any] = {"progress": False, "max_tps": None}
 _WRITER = """
 import sys
 from healthimaging_df import schema
-from healthimaging_df.delta import retry_on_conflict
+from healthimaging_df.store.delta import retry_on_conflict
 from healthimaging_df.snapshot import read_snapshot, write_snapshot
 sys.path.insert(0, sys.argv[3])
 from conftest import typed_frame
@@ -233,7 +233,7 @@ def test_damaged_or_foreign_snapshots_raise_snapshot_error_without_paths(tmp_pat
 _REDACTED_CHILD = """
 import json, sys
 from healthimaging_df import Query
-from healthimaging_df.redact import RedactionPolicy
+from healthimaging_df.store.redact import RedactionPolicy
 query = Query.from_dict(json.loads(sys.argv[1]))
 query.to_parquet(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
                  checkpoint_interval=0, partition_cols=["Modality"],
@@ -334,9 +334,9 @@ def test_a_refresh_that_loses_a_race_reads_the_winner_and_merges_again(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from healthimaging_df import delta
     from healthimaging_df.errors import SnapshotConflictError
     from healthimaging_df.refresh import refresh_snapshot
+    from healthimaging_df.store import delta
 
     service = ahi_service_factory(image_sets=200, seed=14)
     client = service.client()

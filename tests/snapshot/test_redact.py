@@ -14,13 +14,13 @@ import pytest
 from healthimaging_df import Query
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.local import LocalService
-from healthimaging_df.redact import (
+from healthimaging_df.snapshot import read_snapshot, write_snapshot
+from healthimaging_df.store.redact import (
     MIN_KEY_BYTES,
     RedactionPolicy,
     apply_redaction,
     generate_key,
 )
-from healthimaging_df.snapshot import read_snapshot, write_snapshot
 
 KEY = b"unit-test-key-with-enough-bytes-for-32"
 OTHER_KEY = b"another-unit-test-key-of-32-bytes+"

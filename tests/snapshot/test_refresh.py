@@ -13,9 +13,9 @@ import pytest
 from healthimaging_df import Query
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.local import LocalService, generate_image_sets
-from healthimaging_df.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.refresh import refresh_frame, refresh_snapshot
 from healthimaging_df.snapshot import read_snapshot, snapshot_history
+from healthimaging_df.store.redact import RedactionPolicy, apply_redaction
 
 FAST = {"progress": False, "max_tps": None}
 KEY = b"refresh-test-key-0123456789-abcdefghij"
@@ -165,8 +165,8 @@ def test_refresh_refuses_frames_without_provenance(ahi_client: Any) -> None:
 def test_latest_versions_orders_by_version_then_updated_at_nulls_lowest() -> None:
     import pyarrow as pa
 
-    from healthimaging_df.frame import latest_rows as _latest_versions
-    from healthimaging_df.frame import rank_of as _rank
+    from healthimaging_df.engine.frame import latest_rows as _latest_versions
+    from healthimaging_df.engine.frame import rank_of as _rank
 
     def at(hour: int) -> datetime:
         return datetime(2025, 1, 1, hour, tzinfo=timezone.utc)

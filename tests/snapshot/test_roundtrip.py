@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from healthimaging_df import flatten, schema
+from healthimaging_df import schema
+from healthimaging_df.engine import flatten
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import generate_image_sets
 from healthimaging_df.snapshot import (

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pandas as pd
 import pytest
 
-from healthimaging_df import Query, delta
+from healthimaging_df import Query
 from healthimaging_df.local import LocalService
 from healthimaging_df.refresh import refresh_snapshot
 from healthimaging_df.snapshot import (
@@ -17,7 +17,8 @@ from healthimaging_df.snapshot import (
     vacuum_snapshot,
     write_snapshot,
 )
-from healthimaging_df.tables import frame_to_table
+from healthimaging_df.store import delta
+from healthimaging_df.store.tables import frame_to_table
 
 from .conftest import S3
 

@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from healthimaging_df import Query, checkpoint, snapshot, spill
+from healthimaging_df import Query, snapshot
+from healthimaging_df.engine import checkpoint, spill
 from healthimaging_df.local import LocalService
-from healthimaging_df.redact import RedactionPolicy, apply_redaction, generate_key
 from healthimaging_df.snapshot import read_snapshot
+from healthimaging_df.store.redact import RedactionPolicy, apply_redaction, generate_key
 
 FAST = {"progress": False, "max_tps": None}
 
@@ -142,7 +143,8 @@ def test_a_failed_write_removes_its_spill_folder(
 
 _CHILD = """
 import json, sys
-from healthimaging_df import Query, checkpoint, spill
+from healthimaging_df import Query
+from healthimaging_df.engine import checkpoint, spill
 spill.SPILL_ROWS, checkpoint.PART_ROWS = 37, 101
 query = Query.from_dict(json.loads(sys.argv[1]))
 query.to_parquet(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,

@@ -1,0 +1,117 @@
+"""Where a command's requests go: a boto3 client for AWS, or the bundled local service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from healthimaging_df.cli.commands.options import (
+    LOCAL_IMAGE_SETS,
+    LOCAL_SEED,
+    ConfigError,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from healthimaging_df.local import LocalService
+
+log = logging.getLogger("healthimaging_df.cli")
+
+
+@dataclass
+class Connection:
+    """A ready ``medical-imaging`` client and the datastore the command works on ("" if unknown)."""
+
+    client: Any
+    datastore_id: str
+
+
+class Target:
+    """Where requests go: AWS (profile, region, endpoint) or an in-process local service.
+
+    The datastore is known before connecting, so a query is validated before any set-up.
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, datastore_id: str | None = None, *, required: bool = True
+    ) -> None:
+        self.args = args
+        self._local: LocalService | None = None
+        given = datastore_id or getattr(args, "datastore_id", None)
+        if args.local:
+            if args.endpoint_url or args.profile:
+                raise UsageError("--local runs without AWS: leave out --endpoint-url and --profile")
+            from healthimaging_df.local import LocalService
+
+            self._local = LocalService.seeded(image_sets=LOCAL_IMAGE_SETS, seed=LOCAL_SEED)
+            given = given or self._local.datastore_id
+        if required and not given:
+            raise UsageError("--datastore-id is required (or --local to try the bundled service)")
+        self.datastore_id: str = given or ""
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """Yield a client; a local service runs for the duration of the ``with`` block."""
+        if self._local is not None:
+            with self._local as service:
+                log.info("local service at %s", service.endpoint_url)
+                yield Connection(service.client(), self.datastore_id)
+            return
+        yield Connection(aws_client(self.args), self.datastore_id)
+
+
+def aws_client(args: argparse.Namespace) -> Any:
+    """A ``medical-imaging`` client from --profile, --region and --endpoint-url (or the env)."""
+    import boto3
+    from botocore.exceptions import NoRegionError, ProfileNotFound
+
+    from healthimaging_df.aws import make_client
+
+    try:
+        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+    except ProfileNotFound:
+        raise ConfigError("the profile given by --profile or AWS_PROFILE does not exist") from None
+    try:
+        client = make_client(None, session, args.max_concurrency, endpoint_url=args.endpoint_url)
+    except NoRegionError:
+        raise ConfigError(
+            "no AWS region: pass --region, set AWS_DEFAULT_REGION, or set region in the "
+            "profile (~/.aws/config, AWS_PROFILE)"
+        ) from None
+    except ValueError:
+        raise ConfigError("--endpoint-url is not a valid URL") from None
+    _check_host_prefix(client, args)
+    if session.get_credentials() is None:
+        raise ConfigError(
+            "no AWS credentials: pass --profile, or set AWS_PROFILE or AWS_ACCESS_KEY_ID"
+        )
+    log.info(
+        "client: region %s, endpoint %s",
+        client.meta.region_name,
+        client.meta.endpoint_url,
+    )
+    return client
+
+
+def _check_host_prefix(client: Any, args: argparse.Namespace) -> None:
+    """Refuse a custom endpoint botocore would prefix with ``runtime-`` (it cannot resolve).
+
+    ``AWS_ENDPOINT_URL_MEDICAL_IMAGING`` (or ``endpoint_url`` in the profile) points botocore at
+    a custom host, but SearchImageSets' ``runtime-`` host prefix is still injected unless
+    ``AWS_DISABLE_HOST_PREFIX_INJECTION`` is set: every request would fail and be retried.
+    """
+    if args.endpoint_url or not client.meta.config.inject_host_prefix:
+        return
+    host = urlsplit(client.meta.endpoint_url).hostname or ""
+    if host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws")):
+        return
+    raise ConfigError(
+        "the endpoint from AWS_ENDPOINT_URL_MEDICAL_IMAGING (or the profile) is not an AWS host, "
+        "and botocore would send to runtime-<host>: set AWS_DISABLE_HOST_PREFIX_INJECTION=true, "
+        "or pass the endpoint as --endpoint-url"
+    )

@@ -1,0 +1,171 @@
+"""``healthimaging-df metadata``: series- or instance-level DICOM attributes of a cohort."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any
+
+from healthimaging_df.cli.commands import options, output
+
+EXAMPLES = """\
+examples:
+  # series-level attributes (SeriesDescription, Manufacturer, SliceThickness...) of a cohort file
+  healthimaging-df search --datastore-id ID --ids-from patients.txt --out cohort.parquet
+  healthimaging-df metadata --from cohort.parquet --out series.parquet
+
+  # how many GetImageSetMetadata calls, and how many archived image sets they would touch
+  healthimaging-df metadata --from cohort.parquet --dry-run
+
+  # or straight from a query, one row per instance, failures as rows instead of an error
+  healthimaging-df metadata --datastore-id ID --where StudyInstanceUID=1.2.3 --level instance \\
+      --on-error report --out instances.csv
+
+  # from S3 to S3 (the same --profile and --region; --s3-endpoint-url or AWS_ENDPOINT_URL_S3)
+  healthimaging-df metadata --from s3://bucket/cohort.parquet --out s3://bucket/series.parquet
+
+Each call counts as an access: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent
+(more expensive) tier. The command warns on stderr when the cohort shows archived image sets.
+Image sets whose tier the cohort does not tell (no storageTier column, or a file written more than
+15 minutes ago) are looked up first with GetImageSet, which is not an access; if any of them is
+archived the command refuses (exit 2) before any GetImageSetMetadata call, unless
+--allow-archive-access. --refuse-archive-access refuses any archived image set.
+"""
+
+
+def register(commands: Any) -> None:
+    """Add the ``metadata`` command."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "metadata",
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
+        help="GetImageSetMetadata for a cohort: series or instance attributes",
+        description="Call GetImageSetMetadata for each image set of a cohort (a file written by "
+        "search or snapshot, or a query) and write one row per series or instance.",
+        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    group = parser.add_argument_group("metadata")
+    group.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="image sets to read: a .parquet, .csv or .jsonl file (local or s3://bucket/key) "
+        "with an imageSetId column (and version); the query options are not used then",
+    )
+    group.add_argument(
+        "--level",
+        choices=("series", "instance"),
+        default="series",
+        help="one row per series (default) or per instance",
+    )
+    group.add_argument(
+        "--on-error",
+        choices=("raise", "report"),
+        default="raise",
+        help="raise: exit 1 listing the error codes if any image set failed (default); report: "
+        "write failed image sets as rows with a metadataError column",
+    )
+    group.add_argument(
+        "--dry-run", action="store_true", help="say how many calls would be made; send nothing"
+    )
+    archive = group.add_mutually_exclusive_group()
+    archive.add_argument(
+        "--allow-archive-access",
+        dest="allow_archive_access",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read archived image sets too (each moves to FREQUENT_ACCESS); no tier look-ups",
+    )
+    archive.add_argument(
+        "--refuse-archive-access",
+        dest="allow_archive_access",
+        action="store_const",
+        const=False,
+        help="refuse if any image set is archived, even one the cohort shows",
+    )
+    group.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; a table on "
+        "stdout if left out",
+    )
+    group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
+    output.add_mkdir(group)
+    output.add_s3_options(group)
+    # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
+    parser.set_defaults(handler=run, max_tps=50.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``metadata``; return the exit code."""
+    from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.metadata import fetch_metadata
+
+    fmt = output.output_format(args.out, args.format)
+    output.check_destination(args.out, args.mkdir)
+    s3 = output.s3_settings(args)
+    if args.source is not None:
+        if building.has_query_options(args):
+            raise options.UsageError("--from reads image sets from a file: leave out query options")
+        cohort = output.read_frame(args.source, s3)
+        if "imageSetId" not in cohort.columns:
+            raise options.UsageError(f"--from {args.source} has no imageSetId column")
+        given = args.datastore_id or _provenance_datastore(cohort)
+        target = connect.Target(args, given)
+    else:
+        target = connect.Target(args)
+        query = building.build_query(args, target.datastore_id)
+        cohort = None
+    with target.connect() as connection:
+        if cohort is None:
+            cohort = query.to_dataframe(
+                client=connection.client,
+                progress=output.progress(args),
+                max_concurrency=args.max_concurrency,
+                max_tps=min(args.max_tps, options.SEARCH_TPS),
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fetch_metadata(
+                cohort,
+                client=connection.client,
+                level=args.level,
+                max_tps=args.max_tps,
+                max_concurrency=args.max_concurrency,
+                progress=output.progress(args),
+                dry_run=args.dry_run,
+                on_error=args.on_error,
+                datastore_id=target.datastore_id,
+                allow_archive_access=args.allow_archive_access,
+            )
+        for warning in caught:
+            print(f"healthimaging-df metadata: warning: {_warning_text(warning)}", file=sys.stderr)
+    if not hasattr(result, "columns"):  # a dry run's MetadataPlan
+        print(result)
+        return 0
+    output.write_frame(result, args.out, fmt, s3=s3)
+    where = args.out if args.out not in (None, "-") else "stdout"
+    output.status(args, f"{len(result)} {args.level} rows from {len(cohort)} image sets -> {where}")
+    if "metadataError" in result.columns:
+        failed = int(result["metadataError"].notna().sum())
+        if failed:
+            output.status(args, f"{failed} image set(s) failed: see the metadataError column")
+    return 0
+
+
+def _warning_text(warning: warnings.WarningMessage) -> str:
+    """Our warnings' words (written without values); any other warning by its category only."""
+    from healthimaging_df.errors import HealthImagingDFWarning
+
+    if issubclass(warning.category, HealthImagingDFWarning):
+        return str(warning.message)
+    return f"{warning.category.__name__} (message withheld: it may quote values)"
+
+
+def _provenance_datastore(frame: Any) -> str | None:
+    provenance = frame.attrs.get("healthimaging_df")
+    if isinstance(provenance, dict) and provenance.get("datastore_id"):
+        return str(provenance["datastore_id"])
+    return None

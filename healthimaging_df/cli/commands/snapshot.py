@@ -1,0 +1,426 @@
+"""``snapshot``, ``refresh``, ``history``, ``vacuum`` and ``keygen``: snapshots and their keys."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from healthimaging_df.cli.commands import options, output
+
+if TYPE_CHECKING:
+    from healthimaging_df.query import Query
+    from healthimaging_df.store.redact import RedactionPolicy
+
+KEY_ENV = "HEALTHIMAGING_DF_REDACTION_KEY"
+
+SNAPSHOT_EXAMPLES = """\
+examples:
+  # one Parquet file; resumes from a checkpoint if an earlier run was interrupted
+  healthimaging-df snapshot cohort.parquet --datastore-id ID --where Modality=CT \\
+      --between StudyDateTime 2020 2024
+
+  # a Delta Lake table (Modality=CT/... and _delta_log/), for DuckDB, Spark, Athena or Trino;
+  # every rerun or refresh adds a version (see: healthimaging-df history cohort/)
+  healthimaging-df snapshot cohort/ --datastore-id ID --partition-by Modality
+
+  # on S3, registered in Glue for Athena and EMR
+  healthimaging-df snapshot s3://bucket/cohorts/ct/ --datastore-id ID --glue-table imaging.ct
+
+  # pseudonymized for export: names dropped, IDs and UIDs keyed-hashed, dates shifted per patient
+  export HEALTHIMAGING_DF_REDACTION_KEY=...   # from your secrets manager, 32+ bytes (healthimaging-df keygen)
+  healthimaging-df snapshot s3://bucket/cohort/ --datastore-id ID --redact --kms-key-id alias/k
+"""
+
+REFRESH_EXAMPLES = """\
+examples:
+  # fetch what changed since the snapshot was taken: a file is rewritten atomically, a
+  # directory (Delta table) gets one MERGE commit that rewrites only the files it touches
+  healthimaging-df refresh cohort.parquet
+
+  # a redacted snapshot keeps no query values: give the query and the same key again
+  healthimaging-df refresh cohort/ --datastore-id ID --where Modality=CT --redact
+
+The report (added, updated, removed image sets) goes to stdout.
+"""
+
+
+def register(commands: Any) -> None:
+    """Add the ``snapshot`` and ``refresh`` commands."""
+    snapshot: argparse.ArgumentParser = commands.add_parser(
+        "snapshot",
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
+        help="run a query into a Parquet snapshot (file or partitioned directory)",
+        description="Run a query and write its result as a snapshot: one .parquet file, or a "
+        "directory (local or s3://) holding a Delta Lake table, where each write is a new "
+        "version. Writes are atomic and checkpointed: rerun the same command after an "
+        "interruption to resume.",
+        epilog=f"{SNAPSHOT_EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    snapshot.add_argument("path", metavar="PATH", help="FILE.parquet, a directory, or s3://...")
+    group = snapshot.add_argument_group("snapshot")
+    group.add_argument(
+        "--partition-by",
+        action="append",
+        metavar="COL",
+        help="Hive partition column (directories only); repeat for several; StudyYear is derived",
+    )
+    group.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore a checkpoint of an interrupted run and start afresh",
+    )
+    group.add_argument(
+        "--glue-table",
+        metavar="DB.TABLE",
+        help="create or update this Glue table for the snapshot (s3:// directories only)",
+    )
+    _storage_options(group)
+    _redaction_options(snapshot)
+    snapshot.set_defaults(handler=run_snapshot)
+
+    refresh: argparse.ArgumentParser = commands.add_parser(
+        "refresh",
+        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
+        help="bring a snapshot up to date with what changed since it was taken",
+        description="Fetch the image sets updated since a snapshot was taken, upsert them, drop "
+        "those that no longer match its query, and rewrite the snapshot atomically. The query "
+        "comes from the snapshot; query options are needed only for a redacted snapshot.",
+        epilog=f"{REFRESH_EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    refresh.add_argument("path", metavar="PATH", help="a snapshot: FILE.parquet, a directory...")
+    group = refresh.add_argument_group("refresh")
+    group.add_argument(
+        "--margin-minutes",
+        type=float,
+        default=5.0,
+        metavar="M",
+        help="also re-read updates from M minutes before the last fetch (clock skew; default 5)",
+    )
+    _storage_options(group)
+    _redaction_options(refresh)
+    refresh.set_defaults(handler=run_refresh)
+
+    history: argparse.ArgumentParser = commands.add_parser(
+        "history",
+        parents=[_s3_parent(), options.common_parent()],
+        help="list the versions of a directory snapshot (Delta table)",
+        description="List every version of a directory snapshot, newest first: when, what "
+        "(WRITE, MERGE, VACUUM), rows added, updated and removed, and the query behind it. "
+        "read_snapshot(path, version=N) reads a version back.",
+        epilog=f"{HISTORY_EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    history.add_argument("path", metavar="PATH", help="a directory snapshot, local or s3://")
+    history.set_defaults(handler=run_history)
+
+    vacuum: argparse.ArgumentParser = commands.add_parser(
+        "vacuum",
+        parents=[_s3_parent(), options.common_parent()],
+        help="delete files of snapshot versions older than a retention",
+        description="Delete the data files that no version of the last H hours needs (and "
+        "debris of interrupted writes). Versions older than that can no longer be read: keep "
+        "H longer than your longest job and than any version a paper cites.",
+        epilog=f"{VACUUM_EXAMPLES}\n{options.EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vacuum.add_argument("path", metavar="PATH", help="a directory snapshot, local or s3://")
+    vacuum.add_argument(
+        "--retain-hours",
+        type=float,
+        required=True,
+        metavar="H",
+        help="keep every version of the last H hours readable (rounded up to whole hours)",
+    )
+    vacuum.add_argument(
+        "--dry-run", action="store_true", help="only count the files that would be deleted"
+    )
+    vacuum.set_defaults(handler=run_vacuum)
+
+    keygen: argparse.ArgumentParser = commands.add_parser(
+        "keygen",
+        help="print a new random redaction key",
+        description=f"Print a new random key for --redact (32 random bytes, URL-safe text). "
+        f"Keep it in a secrets manager; pass it in ${KEY_ENV}.",
+    )
+    keygen.set_defaults(handler=run_keygen)
+
+
+HISTORY_EXAMPLES = """\
+examples:
+  healthimaging-df history cohort/
+  healthimaging-df history s3://bucket/cohorts/ct/ --profile research
+"""
+
+VACUUM_EXAMPLES = """\
+examples:
+  # how many files a 30-day retention would delete
+  healthimaging-df vacuum cohort/ --retain-hours 720 --dry-run
+  healthimaging-df vacuum cohort/ --retain-hours 720
+"""
+
+
+def _s3_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("S3")
+    group.add_argument("--profile", help="named profile from ~/.aws/config (s3:// paths)")
+    group.add_argument("--region", help="AWS region of the bucket")
+    group.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint")
+    parent.set_defaults(local=False, kms_key_id=None)
+    return parent
+
+
+def run_history(args: argparse.Namespace) -> int:
+    """Run ``history``: one line per version on stdout."""
+    from healthimaging_df.snapshot import snapshot_history
+
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    frame = snapshot_history(_directory(args.path), **storage)
+    print("version  timestamp (UTC)                operation   added  updated  removed  rows")
+    for record in frame.to_dict("records"):
+        prov = record["provenance"] or {}
+        moment = str(record["timestamp"].isoformat())
+        print(
+            f"{record['version']:>7}  {moment:<30} {record['operation']:<10} "
+            f"{record['rows_added']:>6} {record['rows_updated']:>8} {record['rows_removed']:>8}  "
+            f"{prov.get('row_count', '')}"
+        )
+    return 0
+
+
+def run_vacuum(args: argparse.Namespace) -> int:
+    """Run ``vacuum``: how many files were (or would be) deleted, on stdout."""
+    from healthimaging_df.snapshot import vacuum_snapshot
+
+    if not args.retain_hours >= 0 or args.retain_hours == float("inf"):
+        raise options.UsageError("--retain-hours must be a number of hours >= 0")
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    count = vacuum_snapshot(
+        _directory(args.path),
+        retain=timedelta(hours=args.retain_hours),
+        dry_run=args.dry_run,
+        **storage,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {count} file(s) no version of the last {args.retain_hours:g} hours needs")
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    """Run ``keygen``: a new key on stdout."""
+    from healthimaging_df.store.redact import generate_key
+
+    print(generate_key())
+    return 0
+
+
+def _directory(path: str) -> str:
+    if str(path).rstrip("/").endswith(".parquet"):
+        raise options.UsageError(
+            f"{path} is a single-file snapshot: history and vacuum need a directory snapshot"
+        )
+    return path
+
+
+def _storage_options(group: Any) -> None:
+    group.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint")
+    group.add_argument(
+        "--kms-key-id", metavar="KEY", help="SSE-KMS key (ID, alias or ARN) for s3:// objects"
+    )
+
+
+def _redaction_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "redaction",
+        "--redact pseudonymizes before writing: by default PatientName dropped; PatientID,\n"
+        "AccessionNumber, StudyID and the UIDs replaced by keyed HMACs (joins across exports\n"
+        "still work); birth date cut to its year; study dates shifted per patient. The key is\n"
+        f"read from the environment (never the command line): ${KEY_ENV}\n"
+        "unless --key-env names another variable.",
+    )
+    group.add_argument("--redact", action="store_true", help="apply the redaction policy")
+    group.add_argument(
+        "--key-env", default=KEY_ENV, metavar="VAR", help="environment variable holding the key"
+    )
+    group.add_argument(
+        "--drop", action="append", metavar="COL", help="columns to drop (replaces the default)"
+    )
+    group.add_argument(
+        "--hash", action="append", metavar="COL", help="columns to hash (replaces the default)"
+    )
+    group.add_argument(
+        "--keep-birth-date", action="store_true", help="do not cut PatientBirthDate to its year"
+    )
+    group.add_argument("--no-date-shift", action="store_true", help="do not shift study dates")
+
+
+def _policy(args: argparse.Namespace) -> RedactionPolicy | None:
+    if not args.redact:
+        if args.drop or args.hash or args.keep_birth_date or args.no_date_shift:
+            raise options.UsageError("redaction options need --redact")
+        return None
+    from healthimaging_df.store.redact import DEFAULT_DROP, DEFAULT_HASH, RedactionPolicy
+
+    key = os.environ.get(args.key_env)
+    if not key:
+        raise options.UsageError(
+            f"--redact needs the key in the environment variable {args.key_env}"
+        )
+    try:
+        key_bytes = key.encode("utf-8")
+    except UnicodeError:  # its message quotes characters of the key
+        raise options.UsageError(f"the key in {args.key_env} is not valid text") from None
+    try:
+        return RedactionPolicy(
+            key=key_bytes,
+            drop=tuple(_names(args.drop) if args.drop else DEFAULT_DROP),
+            hash=tuple(_names(args.hash) if args.hash else DEFAULT_HASH),
+            birth_date_to_year=not args.keep_birth_date,
+            shift_dates=not args.no_date_shift,
+        )
+    except ValueError as exc:  # names columns or the key length, never the key
+        raise options.UsageError(f"redaction policy: {exc}") from None
+
+
+def _names(specs: list[str]) -> list[str]:
+    return [name.strip() for spec in specs for name in spec.split(",") if name.strip()]
+
+
+def _storage(args: argparse.Namespace) -> dict[str, Any]:
+    """S3 settings: the same profile and region as the service client (not with --local)."""
+    session = None
+    if str(args.path).startswith("s3://") and not args.local:
+        import boto3
+
+        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+    return {
+        "boto3_session": session,
+        "region": args.region,
+        "s3_endpoint_url": args.s3_endpoint_url,
+        "kms_key_id": args.kms_key_id,
+    }
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    """Run ``snapshot``; return the exit code."""
+    from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.snapshot import export_query
+
+    policy = _policy(args)
+    target = connect.Target(args)
+    query = building.build_query(args, target.datastore_id)
+    with target.connect() as connection:
+        info = export_query(
+            query,
+            args.path,
+            client=connection.client,
+            progress=output.progress(args),
+            max_concurrency=args.max_concurrency,
+            max_tps=args.max_tps,
+            partition_cols=_names(args.partition_by) if args.partition_by else None,
+            redact=policy,
+            resume=not args.no_resume,
+            glue_table=args.glue_table,
+            **_storage(args),
+        )
+    output.status(args, str(info))
+    if info.glue:
+        output.status(args, f"Glue table {args.glue_table} {info.glue}")
+    return 0
+
+
+def run_refresh(args: argparse.Namespace) -> int:
+    """Run ``refresh``; print what changed on stdout; return the exit code."""
+    from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.refresh import refresh_snapshot
+
+    policy = _policy(args)
+    query: Query | None = None
+    _check_refresh(args, policy)
+    if building.has_query_options(args) or policy is not None:
+        # a redacted snapshot keeps no query values: the query comes from the command line
+        target = connect.Target(args)
+        query = building.build_query(args, target.datastore_id)
+    else:
+        target = connect.Target(args, required=False)  # the query is the snapshot's own
+    with target.connect() as connection:
+        report = refresh_snapshot(
+            args.path,
+            client=connection.client,
+            query=query,
+            redact=policy,
+            margin=timedelta(minutes=args.margin_minutes),
+            progress=output.progress(args),
+            max_concurrency=args.max_concurrency,
+            max_tps=args.max_tps,
+            **_storage(args),
+        )
+    print(report)
+    return 0
+
+
+def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> None:
+    """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take."""
+    import json
+
+    from healthimaging_df.cli.commands import building
+    from healthimaging_df.errors import SnapshotError
+    from healthimaging_df.snapshot import snapshot_provenance
+
+    if args.limit is not None:
+        raise options.UsageError(
+            "--limit: a query with a limit cannot be refreshed (its first N rows can change in "
+            "ways an update scan does not show); run snapshot again"
+        )
+    storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    try:
+        provenance = snapshot_provenance(args.path, **storage)
+    except (SnapshotError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        raise options.UsageError(
+            f"{args.path} is not a snapshot (snapshot or search --out FILE.parquet writes one)"
+        ) from None
+    recorded = provenance.get("redaction")
+    if recorded:
+        if policy is None or not building.has_query_options(args):
+            raise options.UsageError(
+                f"{args.path} is redacted and keeps no query values: give the query options "
+                "again (--datastore-id, --where...) and --redact with the same key"
+            )
+        try:
+            described = json.loads(recorded) if isinstance(recorded, str) else recorded
+        except ValueError:
+            described = None
+        if isinstance(described, dict):
+            fingerprints = provenance.get("redaction_fingerprints")
+            if not isinstance(fingerprints, dict):
+                raise options.UsageError(
+                    f"{args.path} keeps no redaction fingerprints (an older version wrote it): "
+                    "export it again"
+                )
+            try:
+                policy.check_fingerprints(fingerprints, None)  # the key; the query later
+            except SnapshotError:
+                raise options.UsageError(
+                    f"the key in {args.key_env} is not the one {args.path} was made with"
+                ) from None
+            if described != policy.describe():
+                raise options.UsageError(
+                    f"the redaction options (--drop, --hash, --keep-birth-date, --no-date-shift) "
+                    f"differ from those {args.path} was made with"
+                )
+    elif policy is not None:
+        raise options.UsageError(f"{args.path} is not redacted: leave out --redact")
+    query = provenance.get("query")
+    if not building.has_query_options(args) and isinstance(query, str):
+        try:
+            limited = json.loads(query).get("limit") is not None
+        except (ValueError, AttributeError):
+            return  # refresh itself reports a damaged provenance
+        if limited:
+            raise options.UsageError(
+                f"{args.path} was made by a query with --limit, which cannot be refreshed; run "
+                "snapshot again"
+            )

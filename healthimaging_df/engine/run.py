@@ -1,0 +1,334 @@
+"""The engine: the one place where fetching, framing and storage meet.
+
+Every way of running a query goes through the same pipeline: checked pages from ``fetch``, exact
+filtering and the latest version of each image set from ``frame``, provenance from ``provenance``.
+``collect`` returns one frame, ``chunks`` a bounded stream of frames, ``export`` a checkpointed write
+through a caller-given writer, ``changes`` a refresh's delta. The engine takes a ``Plan`` and the
+query's JSON, never a ``Query``: the builder sits above it and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthimaging_df import aws, schema
+from healthimaging_df.core.progress import Progress
+from healthimaging_df.engine import flatten, provenance, statistics
+from healthimaging_df.engine.checkpoint import Checkpoint
+from healthimaging_df.engine.fetch import Coverage, FetchOptions, Prefetched, stream
+from healthimaging_df.engine.frame import (
+    Buffer,
+    Chunker,
+    Collector,
+    frame_of,
+    result_memory_pool,
+    split_page,
+)
+from healthimaging_df.engine.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
+from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.plan import (
+    Chain,
+    DatastoreStats,
+    Plan,
+    compile_plan,
+    predicates,
+    presplit,
+    presplit_at,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Writer = Callable[[pa.Table | SortedRows, dict[str, Any]], T]
+
+
+@dataclass(frozen=True)
+class Run:
+    """How to run a plan: checked by :func:`prepare` before any request is sent."""
+
+    client: Any
+    fetch: FetchOptions
+    progress: Progress
+    dtype_backend: schema.DtypeBackend
+    # first pages a probe read that the chosen scan starts from (see :func:`choose`)
+    prefetched: Prefetched = field(default_factory=dict, repr=False, compare=False)
+
+
+def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
+    """*dtype_backend* if it is one pandas and we both support, else a typed error."""
+    if dtype_backend not in schema.DTYPE_BACKENDS:
+        raise QueryValidationError(
+            "dtype_backend", f"must be one of {', '.join(schema.DTYPE_BACKENDS)}"
+        )
+    backend: schema.DtypeBackend = dtype_backend
+    return backend
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """*value* if it is a positive integer (not a bool), else a typed error naming *name*."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QueryValidationError(name, "must be a positive integer")
+    return value
+
+
+def prepare(
+    client: Any = None,
+    boto3_session: Any = None,
+    progress: Progress = None,
+    max_concurrency: int = 8,
+    max_tps: float | None = 25.0,
+    dtype_backend: schema.DtypeBackend = "numpy_nullable",
+) -> Run:
+    """Check every run option and make the client; no request is sent."""
+    backend = check_dtype_backend(dtype_backend)
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise QueryValidationError("progress", "must be True, False, None or a callable")
+    options = FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
+    made = aws.make_client(client, boto3_session, max_concurrency)
+    return Run(made, options, progress, backend)
+
+
+def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
+    """The plan *compile* gives, with the datastore's size when the choice of path depends on it.
+
+    The size comes from a previous scan's statistics, or from a probe of about ten requests.
+    The probe reads the first pages of the scan the query would run (``compile`` given an empty
+    datastore's statistics plans that scan), so when the scan wins it starts from them: a
+    probe then costs a scan two requests, and a fan-out about ten. A first scan of the whole
+    datastore finds its two ends (two requests) and starts in the probe's eight pieces at once
+    instead of from the window's two ends (a bursty first scan at 300 ms: 55% of the quota ->
+    57-77%); it asks for their first pages itself, so no reader waits for the slowest of them.
+    """
+    plan = compile(None)
+    if plan.qido is not None:
+        return _qido(plan, run)
+    stats = None
+    if plan.wants_statistics:
+        stats = statistics.cached(run.client, plan.datastore_id)
+        if stats is None:
+            scan = _whole_scan(compile(DatastoreStats(0)))
+            probed = _probe(run, plan.datastore_id, scan)
+            stats = probed.stats
+            plan = compile(stats)
+            if probed.pages and scan is not None and _whole_scan(plan) == scan:
+                return _start_from(plan, probed, run)
+        else:
+            plan = compile(stats)
+    if plan.windowed:
+        stats = stats or statistics.cached(run.client, plan.datastore_id)
+        if stats is not None:
+            return presplit(plan, stats, presplit_pieces(run.fetch, stats))
+        scan = _whole_scan(plan)
+        if scan is not None:
+            limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
+            cuts = statistics.probe_cuts(run.client, plan.datastore_id, limiter, scan)
+            if cuts:
+                return presplit_at(plan, None, [cuts], "at the probe's windows")
+    return plan
+
+
+def _probe(run: Run, datastore_id: str, scan: Chain | None) -> statistics.Probe:
+    """Probe the datastore's size (its window pages are *scan*'s first pages); cache it."""
+    limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
+    probed = statistics.probe_pieces(run.client, datastore_id, limiter, scan, run.fetch.page_size)
+    statistics.remember(run.client, datastore_id, probed.stats)
+    return probed
+
+
+def _start_from(plan: Plan, probed: statistics.Probe, run: Run) -> Plan:
+    """*plan* pre-split at the probe's cuts, its first pages handed to the fetcher."""
+    run.prefetched.update(probed.pages)
+    return presplit_at(plan, probed.stats, [probed.cuts], "at the probe's windows")
+
+
+def _whole_scan(plan: Plan) -> Chain | None:
+    """*plan*'s one chain if it reads every image set, by createdAt windows, else None."""
+    if plan.parts or not plan.full_scan:
+        return None
+    chain = plan.chains[0]
+    whole = chain.window is not None and chain.window[1] >= datetime.now(timezone.utc)
+    return chain if whole else None
+
+
+def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:
+    """Pieces a scan starts with: half the workers (each piece soon reads from both ends).
+
+    A small datastore gets fewer: every piece costs about half a page more (its last page).
+    """
+    pages = stats.image_sets // options.page_size
+    return max(2, min(options.max_concurrency // 2, pages // 16))
+
+
+def _qido(plan: Plan, run: Run) -> Plan:
+    """Run *plan*'s QIDO-RS step and return the SearchImageSets plan built on its answer."""
+    from healthimaging_df.engine import (
+        qido as qido_plan,  # the optional dicomweb extra, only when QIDO is used
+    )
+
+    return qido_plan.resolve(plan, run.client, run.fetch.max_tps)
+
+
+def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:
+    """Every matching image set once, at its latest version read, as one typed frame.
+
+    The table is handed over, not kept: each Arrow column is freed as it becomes pandas.
+    """
+    with result_memory_pool():
+        holder, info = _collect(plan, query_json, run)
+        return frame_of(holder, run.dtype_backend, info)
+
+
+def collect_table(plan: Plan, query_json: str, run: Run) -> tuple[pa.Table, dict[str, Any]]:
+    """:func:`collect` as an Arrow table plus its provenance."""
+    with result_memory_pool():
+        holder, info = _collect(plan, query_json, run)
+    return holder.pop(), info
+
+
+def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dict[str, Any]]:
+    started = datetime.now(timezone.utc)
+    collector = Collector(plan)
+    with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
+        for page in pages:
+            if collector.add(page):
+                pages.stop_chain(page.chain)
+    seen = collector.distinct_seen() if plan.full_scan else 0  # before table() empties it
+    result = collector.table()
+    if plan.full_scan:
+        quantiles = pages.created_quantiles()
+        counted = DatastoreStats(
+            seen,
+            quantiles[0] if quantiles else None,
+            quantiles[-1] if quantiles else None,
+            source="scan",
+            non_primary=_non_primary(plan, result, run),
+            created_quantiles=quantiles,
+        )
+        statistics.remember(run.client, plan.datastore_id, counted)
+    return [result], provenance.build(plan, query_json, run.client, started)
+
+
+def _non_primary(plan: Plan, result: pa.Table, run: Run) -> int | None:
+    """The ``isPrimary=false`` image sets a full scan saw, else the count a previous run left.
+
+    Counted when the result is every image set (no filter, no limit); a filtered scan keeps
+    only the ranks of the rows it drops, so the cached count (a QIDO-RS sweep's) stands.
+    """
+    if not plan.predicates and plan.limit is None:
+        flags = result.column("isPrimary")
+        return int(pc.sum(pc.equal(flags, False)).as_py() or 0)
+    previous = statistics.cached(run.client, plan.datastore_id)
+    return previous.non_primary if previous is not None else None
+
+
+def chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Typed frames of about *chunk_rows* rows as pages arrive; each image set once.
+
+    Arguments are checked here, before the first chunk is asked for. With a ``limit`` the whole
+    (small, sorted) result is computed first and then yielded in chunks.
+    """
+    check_positive_int("chunk_rows", chunk_rows)
+    return _chunks(plan, query_json, run, chunk_rows)
+
+
+def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    if plan.limit is not None:
+        whole = collect(plan, query_json, run)
+        for start in range(0, max(len(whole), 1), chunk_rows):
+            yield whole.iloc[start : start + chunk_rows]
+        return
+    started = datetime.now(timezone.utc)
+    info = provenance.build(plan, query_json, run.client, started)
+    chunker = Chunker(plan, chunk_rows, run.dtype_backend, info)
+    with result_memory_pool():
+        with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
+            for page in pages:
+                yield from chunker.add(page)
+        yield from chunker.flush()
+    if chunker.late_versions:
+        log.info(
+            "%d image set(s) were read again at a newer version after being yielded",
+            chunker.late_versions,
+        )
+
+
+def export(
+    plan: Plan,
+    query_json: str,
+    run: Run,
+    write: Writer[T],
+    checkpoint: Checkpoint | None = None,
+    coverage: Coverage | None = None,
+    checkpoint_interval: float = 5.0,
+    spill_parent: str | None = None,
+    spill_prefix: str = SPILL_PREFIX,
+    order: tuple[str, bool] | None = None,
+) -> T:
+    """Run *plan* and hand the whole result to *write*, checkpointing finished tasks as it goes.
+
+    With a *checkpoint*, tasks that *coverage* (what it had saved) covers are skipped and every
+    finished task is saved to it; the result equals an uninterrupted run, superseded
+    copies dropped across tasks exactly as :func:`collect` drops them. Then *write* gets a
+    :class:`~healthimaging_df.engine.spill.SortedRows`, not a table: matching rows wait on disk (in a
+    private folder named *spill_prefix* under *spill_parent*, or the system's temporary folder)
+    until it reads them in order, so memory does not grow with the result: in the plan's order,
+    or in *order* ``(column, ascending)`` when given (ties by imageSetId either way).
+    """
+    if plan.limit is not None or checkpoint is None:  # small and sorted, or not resumable
+        table, info = collect_table(plan, query_json, run)
+        return write(table, info)
+    coverage = coverage if coverage is not None else Coverage()
+    with result_memory_pool(), SpillDir(spill_parent, spill_prefix) as folder:
+        matched: dict[int, TaskRows] = {}
+        unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
+        with stream(
+            plan, run.client, run.fetch, run.progress, resume=coverage, prefetched=run.prefetched
+        ) as pages:
+            for page in pages:
+                if not page.done:
+                    hit, miss = split_page(page.table, plan.predicates)
+                    matched.setdefault(page.task, TaskRows(folder)).append(hit)
+                    unmatched.setdefault(page.task, Buffer()).append(miss)
+                    continue
+                task = matched.pop(page.task, None)
+                ranks = _concat(unmatched.pop(page.task, Buffer()).take(), _EMPTY_RANKS)
+                coverage.add(page)
+                checkpoint.add(task.tables() if task else (), ranks, coverage, checkpoint_interval)
+        if any(t.rows for t in matched.values()) or any(b.rows for b in unmatched.values()):
+            raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
+        del matched, unmatched
+        checkpoint.flush(coverage)
+        result = SortedRows(
+            checkpoint.rows_of, checkpoint.seen(), checkpoint.schema(), plan, folder, order
+        )
+        info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
+        return write(result, info)
+
+
+def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa.Table:
+    """The latest version of every image set updated in ``[since, until]``, unfiltered.
+
+    A refresh's delta: the same checked, createdAt-ordered pipeline as any query.
+    """
+    window = predicates.build("updatedAt", "between", (since, until))
+    plan = compile_plan(datastore_id, (window,))
+    collector = Collector(plan)
+    with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
+        for page in pages:
+            collector.add(page)
+    return collector.table()
+
+
+_EMPTY_RANKS = flatten.EMPTY_TABLE.select(["imageSetId", "version", "updatedAt"])
+
+
+def _concat(tables: list[pa.Table], empty: pa.Table = flatten.EMPTY_TABLE) -> pa.Table:
+    return pa.concat_tables(tables) if tables else empty
