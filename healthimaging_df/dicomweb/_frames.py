@@ -297,6 +297,15 @@ for _function in (search_studies, search_series, search_instances):
 # -- series enrichment ---------------------------------------------------------------------------
 
 
+def _series_by_study(frame: pd.DataFrame) -> dict[str, set[str]]:
+    """The frame's SeriesInstanceUIDs per StudyInstanceUID (rows missing either left out)."""
+    pairs = frame[_KEYS].dropna().astype(str).drop_duplicates()
+    found: dict[str, set[str]] = {}
+    for study, series in zip(pairs["StudyInstanceUID"], pairs["SeriesInstanceUID"], strict=True):
+        found.setdefault(study, set()).add(series)
+    return found
+
+
 def _frame_datastore(frame: pd.DataFrame, datastore_id: str | None) -> str:
     if datastore_id is not None:
         return _check_datastore(datastore_id)
@@ -385,11 +394,20 @@ def fetch_series_attributes(
             client, boto3_session, dicomweb_endpoint_url=dicomweb_endpoint_url, max_tps=max_tps
         )
     params = {"includefield": wanted}
+    series = _series_by_study(frame)
 
     def one(study_uid: str | None) -> list[dict[str, Any]]:
         assert qido is not None
+        # the frame's series are what is wanted: once all have come, the page was the last
+        # needed (a study's series are mostly one page, so this spares the empty page after)
+        needed = series.get(study_uid) if study_uid is not None else set().union(*series.values())
         result = qido.search(
-            store, "series", params, study_uid=study_uid, on_truncation=on_truncation
+            store,
+            "series",
+            params,
+            study_uid=study_uid,
+            on_truncation=on_truncation,
+            wanted=needed,
         )
         rows = []
         for record in result.records:

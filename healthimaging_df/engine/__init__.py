@@ -16,6 +16,7 @@ from healthimaging_df.engine.run import (
     collect,
     collect_table,
     export,
+    facts_for,
     prepare,
     presplit_pieces,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "collect",
     "collect_table",
     "export",
+    "facts_for",
     "prepare",
     "presplit_pieces",
 ]

@@ -76,9 +76,10 @@ def test_query_is_signed_as_sigv4_canonicalizes_it() -> None:
     )
 
 
-def test_endpoint_resolution(ahi_local: LocalService) -> None:
+def test_endpoint_resolution(ahi_local: LocalService, monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
 
+    monkeypatch.delenv(dicomweb.ENV_VAR, raising=False)
     session = boto3.Session(
         aws_access_key_id="a", aws_secret_access_key="b", region_name="eu-west-1"
     )
@@ -86,9 +87,27 @@ def test_endpoint_resolution(ahi_local: LocalService) -> None:
     assert (
         dicomweb.dicomweb_endpoint(aws) == "https://dicom-medical-imaging.eu-west-1.amazonaws.com"
     )
-    assert dicomweb.dicomweb_endpoint(ahi_local.client()) == ahi_local.endpoint_url
+    # a custom endpoint says nothing about where DICOMweb is: the environment does
+    with pytest.raises(QueryValidationError, match="dicomweb_endpoint_url"):
+        dicomweb.dicomweb_endpoint(ahi_local.client())
+    assert dicomweb.resolve_endpoint(ahi_local.client()).source == "unknown"
+    vpce = session.client(
+        "medical-imaging",
+        endpoint_url="https://vpce-1a2b.medical-imaging.eu-west-1.vpce.amazonaws.com",
+    )
+    assert dicomweb.resolve_endpoint(vpce).url is None  # an endpoint-specific VPC name: unknown
+    fips = session.client(
+        "medical-imaging", endpoint_url="https://medical-imaging-fips.us-east-1.amazonaws.com"
+    )
+    assert (
+        dicomweb.dicomweb_endpoint(fips) == "https://dicom-medical-imaging.us-east-1.amazonaws.com"
+    )
+    monkeypatch.setenv(dicomweb.ENV_VAR, "http://127.0.0.1:9/")
+    assert dicomweb.dicomweb_endpoint(ahi_local.client()) == "http://127.0.0.1:9"
+    assert dicomweb.dicomweb_endpoint(aws) == "http://127.0.0.1:9"  # the environment first
     override = "https://proxy.example/dicomweb/"
     assert dicomweb.dicomweb_endpoint(aws, dicomweb_endpoint_url=override) == override.rstrip("/")
+    monkeypatch.delenv(dicomweb.ENV_VAR)
     qido = make_qido_client(boto3_session=session)
     assert qido.endpoint_url.startswith("https://dicom-medical-imaging.eu-west-1.")
     assert qido.region == "eu-west-1"
