@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     __version__: str
 
     from healthimaging_df import errors, schema
+    from healthimaging_df.checkup import doctor
     from healthimaging_df.core import logs
     from healthimaging_df.local import LocalService
     from healthimaging_df.metadata import fetch_metadata
@@ -42,6 +43,7 @@ _LAZY = {
     "RedactionPolicy": "healthimaging_df.store.redact",
     "RefreshReport": "healthimaging_df.refresh",
     "SnapshotInfo": "healthimaging_df.snapshot",
+    "doctor": "healthimaging_df.checkup",
     "fetch_metadata": "healthimaging_df.metadata",
     "generate_key": "healthimaging_df.store.redact",
     "read_snapshot": "healthimaging_df.snapshot",
@@ -84,6 +86,7 @@ __all__ = [
     "RefreshReport",
     "SnapshotInfo",
     "__version__",
+    "doctor",
     "errors",
     "fetch_metadata",
     "generate_key",

@@ -478,13 +478,15 @@ class QidoClient:
         on_truncation: str = "raise",
         required: Sequence[str] | None = None,
         wanted: Collection[str] | None = None,
+        on_page: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> QidoResult:
         """Every page of one search (limit/offset), each checked, with truncation detection.
 
         The search ends on an empty page (200 ``[]`` or 204), never on a short one: a server
         that caps pages below ``limit`` costs one request more, never rows. Or on a proven
         final page: once every UID in *wanted* (the level's UIDs the caller needs) has come,
-        nothing it needs is left to read. A result "may be
+        nothing it needs is left to read. *on_page* sees the records after each page (it may
+        raise to stop the search: the caller's own budget). A result "may be
         truncated" when the service stops at exactly the older revision's 10,000-record cap,
         when the largest offset (1,000,000) is passed, or when a page carries a ``Warning``
         header (PS3.18 6.7.1.2). ``on_truncation="raise"`` raises
@@ -526,6 +528,8 @@ class QidoClient:
                 break
             if not pages.add(page, warning, self.record_cap):
                 break
+            if on_page is not None:
+                on_page(pages.records)
             if wanted is not None and pages.seen.issuperset(wanted):
                 break  # a proven final page: nothing the caller needs is left
         result = QidoResult(

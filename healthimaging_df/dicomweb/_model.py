@@ -174,6 +174,12 @@ def _match_value(name: str, value: MatchValue) -> str:
         raise QueryValidationError(name, f"must be at most {_MAX_VALUE} printable characters")
     if text == "":
         return text  # universal matching
+    _check_by_vr(name, vr, text)
+    return text
+
+
+def _check_by_vr(name: str, vr: str, text: str) -> None:
+    """Refuse match text its VR cannot hold (dates, times, UIDs, integers; no wildcards)."""
     if vr in ("DA", "TM"):
         pattern = _DA_RE if vr == "DA" else _TM_RE
         parts = text.split("-")
@@ -186,7 +192,6 @@ def _match_value(name: str, value: MatchValue) -> str:
             raise QueryValidationError(name, "must be a UID: digits and dots, no wildcards")
     elif vr in _INT_VRS and not (text.isascii() and text.lstrip("+-").isdigit()):
         raise QueryValidationError(name, "must be an integer")
-    return text
 
 
 def query_params(

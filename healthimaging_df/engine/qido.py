@@ -47,7 +47,7 @@ from healthimaging_df.plan import (
     resolve,
     whole_scan,
 )
-from healthimaging_df.plan.qido import RESOLVE_TAGS
+from healthimaging_df.plan.qido import RESOLVE_TAGS, answer_keys
 
 if TYPE_CHECKING:
     from healthimaging_df.engine.run import Run
@@ -88,13 +88,32 @@ class _Abandon(Exception):
 
 
 class _Budget:
-    def __init__(self, records: int | None) -> None:
-        self.records = records
+    """What a step may read before the plan it replaces is cheaper, and what it sent so far.
+
+    Records (a budget for when that plan's cost is unknown), and chains its answer needs.
+    """
+
+    def __init__(self, step: QidoStep) -> None:
+        self.records = step.budget
+        replaced = None if step.forced else step.replaced  # forced: never abandoned for cost
+        self.chains = None if replaced is None else replaced - step.sweep.requests
+        self.level = step.level
         self.read = 0
         self.requests = 0
+        self.keys: dict[str, set[str]] = {}
 
     def remaining(self) -> int | None:
         return None if self.records is None else max(self.records - self.read, 0) + 1
+
+    def check(self, records: list[dict[str, Any]]) -> None:
+        """Stop as soon as the answer so far needs more chains than the replaced plan costs."""
+        if self.chains is None:
+            return
+        for column, values in answer_keys(records, self.level).items():
+            self.keys.setdefault(column, set()).update(values)
+        if self.keys and min(len(v) for v in self.keys.values()) >= self.chains:
+            fewest = min(len(v) for v in self.keys.values())
+            raise _Abandon(f"its answer needs {fewest:,}+ chains: the plan it replaces is cheaper")
 
 
 def run_step(plan: Plan, run: Run) -> Plan:
@@ -105,15 +124,15 @@ def run_step(plan: Plan, run: Run) -> Plan:
     if access.state in ("no_endpoint", "not_installed"):  # only a forced step gets this far
         raise DICOMwebUnavailableError(access.reason or access.state)
     qido = CLIENT_FACTORY(run)
-    budget = _Budget(step.budget)
+    budget = _Budget(step)
     try:
         records = _run(step, qido, plan.datastore_id, budget)
     except _Abandon as stop:
         if step.forced and stop.truncated:
             raise DICOMwebTruncatedError("SearchDICOM", budget.read, stop.reason) from None
-        log.info("QIDO-RS step abandoned after %d request(s): %s", budget.requests, stop.reason)
+        log.info("QIDO-RS step abandoned after %d request(s): %s", qido.requests_sent, stop.reason)
         return fall_back(
-            plan, f"QIDO-RS abandoned after {budget.requests} request(s) ({stop.reason})"
+            plan, f"QIDO-RS abandoned after {qido.requests_sent} request(s) ({stop.reason})"
         )
     except DICOMwebError as error:
         if step.forced:
@@ -196,6 +215,7 @@ def _search(
         max_records=budget.remaining(),
         on_truncation="report",
         required=required,
+        on_page=budget.check,
     )
     budget.requests += result.requests
     budget.read += len(result.records)

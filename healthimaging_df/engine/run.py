@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -43,7 +43,6 @@ from healthimaging_df.plan import (
     compile_plan,
     compile_spec,
     predicates,
-    whole_scan,
 )
 from healthimaging_df.plan import presplit_pieces as _pieces
 
@@ -107,6 +106,12 @@ def prepare(
     return Run(made, options, progress, backend, dicomweb_endpoint_url=dicomweb_endpoint_url)
 
 
+# Measuring happens in at most two rounds: what settles the plan the query would otherwise run
+# (the datastore's size, a filtered scan's first page), then what only matters when QIDO-RS can
+# still be cheaper than that plan (the sweep of the non-primary image sets).
+MEASURING_ROUNDS = 2
+
+
 def choose(query: Spec | Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
     """The plan that runs: facts gathered in one step, compiled once, QIDO-RS answered.
 
@@ -118,8 +123,10 @@ def choose(query: Spec | Callable[[DatastoreStats | None], Plan], run: Run) -> P
     3. :func:`statistics.gather` measures all of it at once: the datastore's size (a probe of
        about ten requests whose window pages are the scan's first pages: a scan that wins starts
        from them), the two ends of a first whole scan (where it starts in pieces), chains sized
-       by their first page (the non-primary sweep, a StudyDateTime-filtered scan);
-    4. the planner compiles once from the facts (pre-split scans included);
+       by their first page (a StudyDateTime-filtered scan; then, only if QIDO-RS can still win,
+       the non-primary sweep); every page read is a first page the fetcher then does not ask
+       for again;
+    4. the planner compiles from the facts (pre-split scans included);
     5. a QIDO-RS step, if the plan has one, runs its searches and its answer becomes the
        SearchImageSets plan (``engine.qido``); if QIDO-RS is denied, absent or broken, the plan
        it replaces runs instead, said once in a warning.
@@ -134,11 +141,15 @@ def choose(query: Spec | Callable[[DatastoreStats | None], Plan], run: Run) -> P
         dicomweb_endpoint_url=run.dicomweb_endpoint_url,
     )
     plan = compile_spec(spec, known)
-    if not plan.needs.empty:
+    facts = known
+    for _ in range(MEASURING_ROUNDS):
+        if plan.needs.empty:
+            break
         limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
-        gathered = statistics.gather(run.client, spec.datastore_id, plan.needs, known, limiter)
-        plan = compile_spec(spec, gathered.facts)
-        _hand_over(plan, gathered, run)
+        gathered = statistics.gather(run.client, spec.datastore_id, plan.needs, facts, limiter)
+        run.prefetched.update(gathered.pages)  # each is used only by its very request
+        facts = gathered.facts
+        plan = compile_spec(spec, facts)
     if plan.qido is not None:
         from healthimaging_df.engine import qido  # the optional dicomweb extra, when QIDO runs
 
@@ -163,16 +174,6 @@ def _spec_of(compile: Callable[[DatastoreStats | None], Plan]) -> Spec:
     if plan.spec is None:
         raise TypeError("choose() needs a Spec, or a function returning a compiled Plan")
     return plan.spec
-
-
-def _hand_over(plan: Plan, gathered: statistics.Gathered, run: Run) -> None:
-    """Give the fetcher the probe's pages when the plan is the scan they are the first pages of."""
-    scan = whole_scan(plan)
-    if not gathered.pages or scan is None or gathered.probe_scan is None:
-        return
-    bare = replace(scan, splits=(), profile=(), profile_rows=0)
-    if bare == gathered.probe_scan and scan.splits == gathered.facts.probe_cuts:
-        run.prefetched.update(gathered.pages)
 
 
 def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:

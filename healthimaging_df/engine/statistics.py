@@ -49,6 +49,7 @@ from healthimaging_df.plan import (
     Needs,
     QidoAccess,
     chain_key,
+    rows_between,
 )
 
 log = logging.getLogger(__name__)
@@ -242,20 +243,39 @@ def probe_chain(
     chain: Chain,
     limiter: aws.RateLimiter | None,
 ) -> tuple[int, bool]:
+    """How many image sets *chain* reads: (count, exact); see :func:`size_chain`."""
+    size, _, _ = size_chain(client, datastore_id, chain, limiter)
+    return size.image_sets, size.exact
+
+
+def size_chain(
+    client: Any,
+    datastore_id: str,
+    chain: Chain,
+    limiter: aws.RateLimiter | None,
+    page_size: int = PAGE_ROWS,
+    stats: DatastoreStats | None = None,
+) -> tuple[ChainSize, str, tuple[pa.Table, str | None]]:
     """How many image sets *chain* reads, from its first page: (count, exact).
 
     A chain pages by ``createdAt`` ascending: a first page without a nextToken is the whole
     answer (one request, exact). Else one more request (the same criteria, newest first, one
     row) finds the chain's last ``createdAt``, and the count is extrapolated from the span the
     first page covers to it. An estimate decides costs and chain shapes only, never what a
-    query returns.
+    query returns. The first page is returned with its request's key: it is the first page
+    the fetcher asks for when the chain runs (``fetch.stream(prefetched=...)``), so sizing a
+    chain that then runs costs its second request at most.
     """
-    kwargs = {**chain.request(datastore_id), "maxResults": PAGE_ROWS}
-    table, token = call_page(client, limiter, kwargs)
+    kwargs = {**chain.request(datastore_id), "maxResults": page_size}
+    first = call_page(client, limiter, kwargs)
+    key = request_key(kwargs)
+    table, token = first
     if token is None:
-        return table.num_rows, True
+        return ChainSize(table.num_rows, True), key, first
     if table.num_rows < 2:
-        return PAGE_ROWS + 1, False
+        return ChainSize(PAGE_ROWS + 1, False), key, first
+    if stats is not None and stats.created_max is not None:
+        return _by_statistics(table, stats), key, first
     newest = chain.request(datastore_id)
     criteria = dict(newest.get("searchCriteria", {}))
     criteria["sort"] = {"sortField": "createdAt", "sortOrder": "DESC"}
@@ -263,11 +283,37 @@ def probe_chain(
         client, limiter, {**newest, "searchCriteria": criteria, "maxResults": 1}
     )
     created = table.column("createdAt")
-    first, last = created[0].as_py(), created[-1].as_py()
+    oldest, last = created[0].as_py(), created[-1].as_py()
     end = last_page.column("createdAt")[0].as_py() if last_page.num_rows else last
-    covered = max((last - first).total_seconds(), 1e-3)
-    span = max((end - first).total_seconds(), covered)
-    return max(table.num_rows + 1, round(table.num_rows * span / covered)), False
+    covered = max((last - oldest).total_seconds(), 1e-3)
+    span = max((end - oldest).total_seconds(), covered)
+    count = max(table.num_rows + 1, round(table.num_rows * span / covered))
+    return ChainSize(count, False), key, first
+
+
+def _by_statistics(table: pa.Table, stats: DatastoreStats) -> ChainSize:
+    """A chain's size from its first page and the datastore's createdAt profile, no request more.
+
+    The page's rows are the chain's oldest by createdAt; the share of the datastore created in
+    the span they cover is the chain's density there, applied to what was created after.
+    """
+    created = table.column("createdAt")
+    oldest, last = created[0].as_py(), created[-1].as_py()
+    after = _created(stats, oldest, stats.created_max)
+    within = max(_created(stats, oldest, last), float(table.num_rows))
+    count = max(table.num_rows + 1, round(table.num_rows * after / within))
+    return ChainSize(count, False)
+
+
+def _created(stats: DatastoreStats, low: Any, high: Any) -> float:
+    """Image sets of the datastore created in ``[low, high]``: by quantiles, else evenly."""
+    points = stats.created_quantiles
+    if len(points) >= 2:
+        probe = Chain(0, (), None, profile=points, profile_rows=stats.image_sets)
+        found = rows_between(probe, low, high)
+        if found is not None:
+            return found
+    return stats.image_sets * stats.share(low, high)
 
 
 def _count(value: Any) -> int | None:
@@ -303,11 +349,15 @@ def known(
 
 @dataclass(frozen=True)
 class Gathered:
-    """Facts after measuring, and the pages a probe read (the first pages of the scan it cut)."""
+    """Facts after measuring, and the pages measuring read.
+
+    Each page is keyed by its request (``fetch.request_key``): the first page of a chain that
+    was sized, or of a piece of the scan a probe cut. The fetcher uses a page only for the very
+    same first request, so pages of chains that do not run are simply never read.
+    """
 
     facts: Facts
     pages: Prefetched = field(default_factory=dict, repr=False)  # summaries are PHI
-    probe_scan: Chain | None = None  # the scan those pages belong to
 
 
 def gather(
@@ -328,10 +378,17 @@ def gather(
         elif needs.cuts is not None:
             ends = pool.submit(probe_cuts, client, datastore_id, limiter, needs.cuts)
         sized = {
-            chain_key(chain): pool.submit(probe_chain, client, datastore_id, chain, limiter)
+            chain_key(chain): pool.submit(
+                size_chain, client, datastore_id, chain, limiter, facts.page_size, facts.stats
+            )
             for chain in needs.chains
         }
-        sizes = {key: ChainSize(*job.result()) for key, job in sized.items()}
+        pages: Prefetched = {}
+        sizes: dict[str, ChainSize] = {}
+        for key, job in sized.items():
+            size, request, page = job.result()
+            sizes[key] = size
+            pages[request] = page
         out = facts.with_sizes(sizes)
         if probe is not None:
             found = probe.result()
@@ -340,14 +397,10 @@ def gather(
             if needs.probe_scan is not None and found.pages:
                 window = needs.probe_scan.window
                 out = replace(out, probe_window=window, probe_cuts=found.cuts)
-                return Gathered(
-                    _with_non_primary(client, datastore_id, out, needs),
-                    found.pages,
-                    needs.probe_scan,
-                )
+                pages.update(found.pages)
         if ends is not None and needs.cuts is not None:
             out = replace(out, probe_window=needs.cuts.window, probe_cuts=ends.result())
-    return Gathered(_with_non_primary(client, datastore_id, out, needs))
+    return Gathered(_with_non_primary(client, datastore_id, out, needs), pages)
 
 
 def _with_non_primary(client: Any, datastore_id: str, facts: Facts, needs: Needs) -> Facts:

@@ -38,6 +38,7 @@ from healthimaging_df.plan.limits import (
     DEFAULT_SORT,
     PAGE_ROWS,
     PRESPLIT_MIN_PAGES,
+    QIDO_MARGIN,
     QIDO_RECORDS,
     STABLE_SORT,
     STRATEGIES,
@@ -217,7 +218,7 @@ def _with_qido(
         budget=None if forced else costs.qido_budget(replaced, sweep.requests),
     )
     qido_cost = costs.qido_requests(step)
-    use_qido = forced or replaced is None or qido_cost < replaced
+    use_qido = forced or replaced is None or qido_cost * QIDO_MARGIN <= replaced
     candidates = (
         Candidate(
             f"QIDO-RS: {len(step.searches)} search(es) at {QIDO_RECORDS:,} records a request "
@@ -268,9 +269,9 @@ def _sweep(spec: Spec, preds: tuple[Predicate, ...], facts: Facts) -> Sweep:
         count, exact = stats.non_primary, False
     elif measured is not None:
         count, exact = measured.image_sets, measured.exact
-    else:
+    else:  # not measured yet: at least its first page
         estimate = costs.sweep_requests(preds, stats)
-        return Sweep(chains, estimate or 0.0, None)
+        return Sweep(chains, max(estimate or 0.0, 1.0), None)
     if exact and count == 0:
         return Sweep((), 0.0, 0, True)  # its first page was the whole (empty) answer
     pages = math.ceil(count / PAGE_ROWS)
@@ -465,16 +466,18 @@ def _needs(plan: Plan, spec: Spec, facts: Facts) -> Needs:
     cuts = None
     if not size and facts.stats is None and facts.probe_window is None and plan.qido is None:
         cuts = whole_scan(plan, spec.now)
-    chains: list[Chain] = []
-    non_primary = None
     step = plan.qido
-    if step is not None and step.sweep.image_sets is None and len(step.sweep.chains) == 1:
-        chains.append(step.sweep.chains[0])
-        if sweep_is_whole(step.sweep.chains[0], spec.groups[0]):
-            non_primary = step.sweep.chains[0]
-    if step is not None and step.replaced is None and _sizable(plan):
-        chains.append(plan.chains[0])
-    return Needs(size, probe_scan, cuts, tuple(chains), non_primary)
+    if step is None:
+        return Needs(size, probe_scan, cuts)
+    if step.replaced is None and _sizable(plan):
+        # first what the plan QIDO-RS would replace costs: its first page is its first page
+        return Needs(size, probe_scan, cuts, (plan.chains[0],))
+    sweep = step.sweep
+    if sweep.image_sets is None and len(sweep.chains) == 1:
+        # then, QIDO-RS still cheaper, the sweep it needs (its first page, the sweep's first)
+        whole = sweep_is_whole(sweep.chains[0], spec.groups[0])
+        return Needs(size, probe_scan, cuts, sweep.chains, sweep.chains[0] if whole else None)
+    return Needs(size, probe_scan, cuts)
 
 
 def _sizable(plan: Plan) -> bool:

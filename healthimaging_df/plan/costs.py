@@ -50,7 +50,11 @@ def scan_requests(scan: Plan, stats: DatastoreStats | None) -> float | None:
 
 
 def chain_requests(chain: Chain, facts: Facts) -> float | None:
-    """Requests one chain needs: measured, by the statistics, or one for an ID chain."""
+    """Requests one chain needs: measured, by the statistics, or one for an ID chain.
+
+    A chain narrowed by a range the statistics cannot weigh (StudyDateTime, updatedAt) is
+    unknown until its first page sizes it (``Plan.needs``).
+    """
     measured = facts.size(chain)
     if measured is not None:
         return pages(measured.image_sets, chain.window is not None)
@@ -61,7 +65,9 @@ def chain_requests(chain: Chain, facts: Facts) -> float | None:
         return pages(stats.image_sets * stats.share(*chain.window), windowed=True)
     if any(next(iter(f["values"][0]), None) in _ID_KEYS for f in chain.filters):
         return 1.0  # an ID pins a few image sets: one page, mostly
-    return None if stats is None else pages(stats.image_sets, windowed=False)
+    if not chain.filters and stats is not None:
+        return pages(stats.image_sets, windowed=False)
+    return None
 
 
 def plan_requests(plan: Plan, facts: Facts) -> float | None:

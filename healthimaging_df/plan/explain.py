@@ -136,10 +136,12 @@ def _cost(plan: Plan, tps: float | None) -> list[str]:
         seconds = "" if tps is None else f", about {plan.estimate / tps:,.1f} s"
         return [f"  expected requests: about {plan.estimate:,.0f}{extra} ({pace}{seconds})"]
     more = "; more as windows split" if plan.windowed else ""
-    return [
-        f"  expected requests: at least {count} (50 image sets per page{more}); the "
-        "datastore's size is unknown here (pass client= to read the run's cached statistics)"
-    ]
+    why = (
+        "a size is unknown until measured"
+        if plan.facts.for_run
+        else "the size is unknown here (pass client= to read the run's cached statistics)"
+    )
+    return [f"  expected requests: at least {count} (50 image sets per page{more}); {why}"]
 
 
 def _union(plan: Plan, show_values: bool, tps: float | None) -> str:

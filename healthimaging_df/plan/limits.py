@@ -32,6 +32,10 @@ CHAIN_PROBE_REQUESTS = 2  # sizing one chain: its first page, and its newest row
 QIDO_RECORDS = 1000  # records a QIDO-RS request returns at most
 # IN lists of QIDO-able columns multiply into searches; past this, fewer keys
 QIDO_MAX_SEARCHES = 16
+# QIDO-RS is chosen when its lower bound (searches, the empty pages ending them, the sweep, one
+# chain) times this is at most the plan it replaces: its answer's chains are unknown until it
+# answers, and a lost bet costs that plan plus the finding out (a page, a sweep's first page).
+QIDO_MARGIN = 2.5
 RECORDS_PER_SCAN_REQUEST = 10  # QIDO-RS budget: records worth one request of the plan replaced
 NO_STATS_RECORDS = 10_000  # records read before giving up when the replaced plan's cost is unknown
 # A sweep estimated at most this many pages runs as one chain: every page full, no window's

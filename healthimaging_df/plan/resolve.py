@@ -96,7 +96,8 @@ def fall_back(plan: Plan, reason: str) -> Plan:
 
 def _fallback(plan: Plan, note: str, candidates: tuple[Candidate, ...]) -> Plan:
     fallback = presplit_for_run(fallback_of(plan), plan.facts)
-    return replace(fallback, access="qido", note=note, candidates=candidates)
+    estimate = costs.plan_requests(fallback, plan.facts)
+    return replace(fallback, access="qido", note=note, candidates=candidates, estimate=estimate)
 
 
 def _only_sweep(plan: Plan, step: QidoStep, found: Candidate, requests: int) -> Plan:

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
     if args.explain:
-        print(query.explain(show_values=args.show_values))
+        print(_explained(query, target, args))
         return 0
     fetch: dict[str, Any] = {
         "progress": output.progress(args),
@@ -141,6 +141,21 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_if_empty and count == 0:
         return EXIT_EMPTY
     return 0
+
+
+def _explained(query: Any, target: Any, args: argparse.Namespace) -> str:
+    """What the run would do, from what it knows (cached statistics); no request is sent.
+
+    Without AWS configuration (no region or credentials) the plan is explained as it stands.
+    """
+    options_ = {"max_tps": args.max_tps, "max_concurrency": args.max_concurrency}
+    try:
+        with target.connect() as connection:
+            return str(
+                query.explain(show_values=args.show_values, client=connection.client, **options_)
+            )
+    except options.ConfigError:
+        return str(query.explain(show_values=args.show_values, **options_))
 
 
 def _check_writable(out: str | None) -> None:
