@@ -384,6 +384,26 @@ def check_qido_json(target: Target) -> Check:
     return Check(name, "ok", f"{len(two)} record(s): DICOM JSON; limit and offset honoured")
 
 
+def check_series_order(target: Target) -> Check:
+    """A study's series come by SeriesNumber ascending (documented for ``/studies/{S}/series``)."""
+    name = "qido.series_order"
+    skipped = _qido(target, name)
+    if skipped is not None:
+        return skipped
+    try:
+        studies, _ = target.qido.get(target.datastore_id, "studies", {}, limit=1)
+        if not studies:
+            return Check(name, "warn", "untested: QIDO-RS found no study")
+        study = _first(studies[0].get("0020000D"))
+        series, _ = target.qido.get(target.datastore_id, "series", {}, study_uid=study, limit=100)
+    except DICOMwebError as error:
+        return Check(name, "warn", f"QIDO-RS unavailable: {error.code} (HTTP {error.status})")
+    numbers = [int(n) for n in (_first(r.get("00200011")) for r in series) if n is not None]
+    if numbers != sorted(numbers):
+        return Check(name, "warn", "a study's series are not in SeriesNumber order")
+    return Check(name, "ok", f"{len(series)} series of a study, by SeriesNumber ascending")
+
+
 def check_series_are_image_sets(target: Target) -> Check:
     """A QIDO-RS series record carries its primary image set's series-level values.
 
@@ -485,6 +505,7 @@ CHECKS: dict[str, Callable[[Target], Check]] = {
     "metadata.gzip_json": check_metadata,
     "studies.consistent": check_consistent_studies,
     "qido.dicom_json": check_qido_json,
+    "qido.series_order": check_series_order,
     "qido.series_are_image_sets": check_series_are_image_sets,
     "qido.signing": check_qido_signing,
     "qido.api_host_404": check_api_host_has_no_dicomweb,

@@ -46,7 +46,11 @@ def _known(plan: Plan) -> list[str]:
 
 
 def _size(stats: DatastoreStats) -> str:
-    how = "exact, from a full scan" if stats.source == "scan" else f"from the {stats.source}"
+    how = {
+        "scan": "exact, from a full scan",
+        "probe": "estimated by a probe",
+        "given": "as given",
+    }.get(stats.source, f"from {stats.source}")
     extra = ""
     if stats.non_primary is not None:
         extra = f", {stats.non_primary:,} of them non-primary"

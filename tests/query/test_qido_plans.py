@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from healthimaging_df import Query, engine
-from healthimaging_df.dicomweb import QidoClient, make_qido_client
+from healthimaging_df.dicomweb import QidoClient
 from healthimaging_df.engine import qido as qido_plan
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService
@@ -41,16 +41,6 @@ def trusted(query: Query) -> Query:
 def dicomweb_url(service: LocalService) -> str:
     """Where the service answers QIDO-RS (its own DICOMweb address, when it has one)."""
     return str(getattr(service, "dicomweb_endpoint_url", service.endpoint_url))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_capabilities() -> Iterator[None]:
-    from healthimaging_df.engine import qido, statistics
-
-    statistics.forget_capabilities()
-    qido.forget_warnings()
-    yield
-    statistics.forget_capabilities()
 
 
 def step_of(query: Query) -> Any:
@@ -625,3 +615,149 @@ def test_probe_chain_counts_one_page_exactly_and_estimates_more(qido_service: Lo
     assert exact
     assert count == sum(r["DICOMTags"].get("DICOMPatientId") == pid for r in records)
     assert qido_service.stats.requests == 1
+
+
+# -- what was seen on a real account (issue 25), each a test that failed before ------------------
+
+
+def _quiet(query: Query, service: LocalService, dicomweb: str) -> tuple[list[str], list[str]]:
+    """The query's ids and the warnings it gave, DICOMweb looked for at *dicomweb*."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = query.to_dataframe(
+            client=service.client(), progress=False, max_tps=None, dicomweb_endpoint_url=dicomweb
+        )
+    return list(frame["imageSetId"]), [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+@pytest.fixture
+def quick_qido(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's QIDO-RS client backs off in milliseconds (a refused path is retried)."""
+    monkeypatch.setattr(qido_plan, "RETRY_BASE", 0.01)
+
+
+@pytest.mark.parametrize("where", ["absent", "refused"])
+def test_dicomweb_absent_or_unreachable_falls_back_once_and_forced_qido_raises(
+    qido_service: LocalService, quick_qido: None, where: str
+) -> None:
+    """Item 1: a 404 (no DICOMweb here) or a refused connection ran into DICOMwebError."""
+    from healthimaging_df.errors import DICOMwebError, DICOMwebUnavailableWarning
+
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    query = Query(qido_service.datastore_id).where(Modality="NM")
+    url = (
+        f"{qido_service.endpoint_url}/no-dicomweb-here"
+        if where == "absent"
+        else "http://127.0.0.1:9"
+    )
+    got, said = _quiet(query, qido_service, url)
+    assert got == brute_force(records, query)
+    assert len(said) == 1
+    assert said[0].startswith("DICOMwebUnavailableWarning: QIDO-RS unavailable")
+    assert "HTTP 404" in said[0] if where == "absent" else "ConnectionError" in said[0]
+    # remembered: the next query sends no DICOMweb request and says nothing more
+    qido_service.reset_stats()
+    again, said_again = _quiet(query, qido_service, url)
+    assert again == got
+    assert said_again == []
+    assert not any("DICOM" in k for k in qido_service.stats.by_operation)
+    text = query.explain(client=qido_service.client(), dicomweb_endpoint_url=url)
+    assert "QIDO-RS not weighed: unavailable here" in text
+    with pytest.raises(DICOMwebError):  # forced: the typed error, not a silent fallback
+        query.using("qido").to_dataframe(
+            client=qido_service.client(), progress=False, max_tps=None, dicomweb_endpoint_url=url
+        )
+    assert issubclass(DICOMwebUnavailableWarning, Warning)
+
+
+def test_an_unknown_dicomweb_endpoint_leaves_qido_out_silently(qido_service: LocalService) -> None:
+    """A custom endpoint_url says nothing of where DICOMweb is: not weighed, no warning."""
+    from healthimaging_df.errors import DICOMwebUnavailableError
+
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    query = Query(qido_service.datastore_id).where(Modality="NM")
+    frame = query.to_dataframe(client=qido_service.client(), progress=False, max_tps=None)
+    assert list(frame["imageSetId"]) == brute_force(records, query)
+    text = query.explain(client=qido_service.client())
+    assert "QIDO-RS not weighed: a custom endpoint_url gives no DICOMweb address" in text
+    with pytest.raises(DICOMwebUnavailableError):
+        query.using("qido").to_dataframe(client=qido_service.client(), progress=False)
+
+
+def test_a_study_whose_image_sets_disagree_is_exact_by_default(ahi_service_factory: Any) -> None:
+    """Item 2: one UpdateImageSetMetadata, no includeStudyImageSets: rows went missing."""
+    import json
+
+    service = ahi_service_factory(image_sets=400, seed=12)
+    client = service.client()
+    ds = service.datastore_id
+    records = service.backend.image_sets(ds)
+    studies = Counter(
+        r["DICOMTags"]["DICOMStudyInstanceUID"]
+        for r in records
+        if r["isPrimary"] and r["DICOMTags"].get("DICOMStudyDescription")
+    )
+    study = max(studies, key=lambda s: (studies[s], s))
+    members = [
+        r
+        for r in records
+        if r["DICOMTags"].get("DICOMStudyInstanceUID") == study and r["isPrimary"]
+    ]
+    assert len(members) >= 3
+    old = members[0]["DICOMTags"]["DICOMStudyDescription"]
+    changed = members[len(members) // 2]
+    client.update_image_set_metadata(
+        datastoreId=ds,
+        imageSetId=changed["imageSetId"],
+        latestVersionId=str(changed["version"]),
+        updateImageSetMetadataUpdates={
+            "DICOMUpdates": {
+                "updatableAttributes": json.dumps(
+                    {"SchemaVersion": 1.1, "Study": {"DICOM": {"StudyDescription": "REVISED X"}}}
+                )
+            }
+        },
+    )  # one image set only: the study's image sets now disagree, as AWS allows
+    now = service.backend.image_sets(ds)
+    url = dicomweb_url(service)
+    for value in (old, "REVISED X"):
+        query = Query(ds).where(StudyDescription=value)
+        expected = brute_force(now, query)
+        assert expected
+        got, said = _quiet(query, service, url)
+        assert got == expected, value  # sound by default: not matched by QIDO-RS per study
+        assert said == []
+        assert "StudyDescription (study-level)" in query.explain(
+            client=client, dicomweb_endpoint_url=url
+        )
+    trusted_query = trusted(Query(ds).where(StudyDescription=old))
+    assert "assume_consistent_studies=True in force" in trusted_query.explain()
+
+
+def test_a_rare_modality_in_two_years_is_priced_against_the_date_range_scan() -> None:
+    """Item 4: QIDO-RS plus the sweep (52 requests) were chosen over the date-range scan (30)."""
+    import warnings
+
+    records = copy.deepcopy(generate_image_sets(10_000, seed=4))
+    backend = Backend()
+    ds = backend.create_datastore("rare")
+    backend.add_image_sets(ds, records)
+    service = LocalService(backend)
+    service.datastore_id = ds
+    with service:
+        client = service.client()
+        Query(ds).to_dataframe(client=client, progress=False, max_tps=None)  # exact statistics
+        for years in (("2015-01-01", "2016-12-31"), ("2010-01-01", "2011-12-31")):
+            query = Query(ds).where(Modality="CR").between("StudyDateTime", *years)
+            expected = brute_force(records, query)
+            counts = []
+            for how in (query, query.using("search"), query.using("qido")):
+                service.reset_stats()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    assert ids(how, service) == expected
+                counts.append(service.stats.requests)
+            auto, search, forced = counts
+            assert auto <= 1.2 * min(search, forced), (years, counts)
