@@ -21,6 +21,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from healthimaging_df import schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.plan import (
@@ -144,10 +146,12 @@ class Query:
 
     def contains(self, column: str, text: str, *, case: bool = True) -> Query:
         """Keep rows whose text column contains *text*."""
+        case = checks.flag("case", case)
         return self._with(predicates.build(column, "contains", (text,), case=case))
 
     def matches(self, column: str, pattern: str, *, case: bool = True) -> Query:
         """Keep rows whose text column matches the Python regular expression *pattern* (search)."""
+        case = checks.flag("case", case)
         return self._with(predicates.build(column, "regex", (pattern,), case=case))
 
     def is_null(self, *columns: str) -> Query:
@@ -164,13 +168,11 @@ class Query:
         Without ``sort_by`` the result is ordered as the API orders it: updatedAt, newest first.
         """
         predicates.known_column(column)
-        return replace(self, sort_column=column, ascending=bool(ascending))
+        return replace(self, sort_column=column, ascending=checks.flag("ascending", ascending))
 
     def limit(self, n: int) -> Query:
         """Return at most *n* rows: the first *n* in sort order (default updatedAt, newest first)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise QueryValidationError("limit", "must be a positive integer")
-        return replace(self, row_limit=n)
+        return replace(self, row_limit=checks.positive_int("limit", n))
 
     def using(self, strategy: Strategy) -> Query:
         """Force an access path: ``"fanout"`` (a chain per IN value) or ``"scan"``; or ``"auto"``.
@@ -240,7 +242,7 @@ class Query:
         else:
             query = replace(query, predicates=tuple(built))
         if data.get("sort_by"):
-            query = query.sort_by(data["sort_by"], ascending=bool(data.get("ascending")))
+            query = query.sort_by(data["sort_by"], ascending=data.get("ascending", True))
         if data.get("limit") is not None:
             query = query.limit(int(data["limit"]))
         if data.get("strategy"):
@@ -307,7 +309,7 @@ class Query:
         boto3_session: Any = None,
         progress: Progress = None,
         max_concurrency: int = 8,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
     ) -> pd.DataFrame:
         """Run the query and return every matching image set as a typed DataFrame.
@@ -345,7 +347,7 @@ class Query:
         boto3_session: Any = None,
         progress: Progress = None,
         max_concurrency: int = 8,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
     ) -> Iterator[pd.DataFrame]:
         """Yield typed frames of about *chunk_rows* rows as pages arrive, for results beyond memory.
