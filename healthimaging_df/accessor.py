@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import pandas as pd
 
 # Imported by the package once pandas has loaded, possibly while another of our modules is
-# half-imported: only modules that import nothing of ours but errors are imported here (metadata
-# and schema load in the methods that use them).
-from healthimaging_df import cohort
+# half-imported: only bottom-layer modules, cohort and the quota table (which import only those)
+# are imported here; metadata and the rest load in the methods that use them.
+from healthimaging_df import cohort, schema
+from healthimaging_df.aws.quotas import METADATA_TPS, QIDO_TPS
 from healthimaging_df.core.frames import with_attrs
 from healthimaging_df.errors import QueryValidationError
 
@@ -170,9 +171,7 @@ class AHIAccessor:
                 raise SQLQueryError(type(exc).__name__, str(exc)) from None
         finally:
             connection.close()
-        from healthimaging_df import metadata
-
-        frame = result.to_pandas(types_mapper=metadata._nullable)
+        frame = result.to_pandas(types_mapper=schema.pandas_type)
         return with_attrs(frame, self._frame)
 
     # -- metadata ------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ class AHIAccessor:
         client: Any = None,
         boto3_session: Any = None,
         level: metadata.Level = "series",
-        max_tps: float | None = 50.0,
+        max_tps: float | None = METADATA_TPS,
         max_concurrency: int = 8,
         progress: metadata.MetadataProgress = None,
         dry_run: bool = False,
@@ -232,8 +231,9 @@ class AHIAccessor:
         Bad options raise ``QueryValidationError`` before any call, dry run or not.
         """
         from healthimaging_df import metadata
+        from healthimaging_df.core import checks
 
-        if dry_run:  # the options are checked as for a real run
+        if checks.flag("dry_run", dry_run):  # the options are checked as for a real run
             return metadata.fetch_metadata(
                 self._frame,
                 level=level,
@@ -262,7 +262,7 @@ class AHIAccessor:
         client: Any = None,
         boto3_session: Any = None,
         dicomweb_endpoint_url: str | None = None,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = QIDO_TPS,
         max_concurrency: int = 8,
         on_truncation: Literal["raise", "report"] = "raise",
         scope: Literal["study", "datastore"] = "study",

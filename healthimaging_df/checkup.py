@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from healthimaging_df import aws, conformance
+from healthimaging_df.aws.errors import failure
 from healthimaging_df.conformance import Check
 from healthimaging_df.errors import DICOMwebError, QueryValidationError
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 _DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
 SEARCHING = ("credentials", "region", "SearchImageSets")  # what searching needs
+CHECK_TPS = 5.0  # doctor's own pace for its DICOMweb searches: a few requests, gently
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def doctor(
     boto3_session: Any = None,
     dicomweb_endpoint_url: str | None = None,
     conformance_checks: bool = False,
-    max_tps: float | None = 5.0,
+    max_tps: float | None = CHECK_TPS,
 ) -> Report:
     """Check a live setup, read-only, in a few requests; see the module's description.
 
@@ -200,10 +202,8 @@ def _setup(client: Any) -> list[Check]:
 
 
 def _code(error: Exception) -> str:
-    response = getattr(error, "response", None) or {}
-    code = response.get("Error", {}).get("Code") or type(error).__name__
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return f"{code} (HTTP {status})" if status else str(code)
+    found = failure(error)
+    return f"{found.code} (HTTP {found.status})" if found.status else found.code
 
 
 def _datastore(client: Any, datastore_id: str, probe: _Probe) -> Check:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
+from healthimaging_df.aws.errors import failure
 from healthimaging_df.errors import DICOMwebError
 
 Status = Literal["ok", "warn", "fail"]
@@ -69,14 +70,11 @@ class Target:
 
 
 def _code(error: Exception) -> str:
-    response = getattr(error, "response", None) or {}
-    return str(response.get("Error", {}).get("Code") or type(error).__name__)
+    return failure(error).code
 
 
 def _status_code(error: Exception) -> int | None:
-    response = getattr(error, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return int(status) if isinstance(status, int) else None
+    return failure(error).status
 
 
 def _refused(target: Target, kwargs: dict[str, Any]) -> str | None:
@@ -242,7 +240,7 @@ def check_error_messages(target: Target) -> Check:
     try:
         target.search(searchCriteria={"filters": [_equal("DICOMSeriesInstanceUID", marker)]})
     except ClientError as error:
-        message = str(error.response.get("Error", {}).get("Message") or "")
+        message = failure(error).message or ""
         if marker.strip(".") in message:
             return Check("search.error_messages", "warn", "the message quotes the value sent")
         return Check("search.error_messages", "ok", f"{_code(error)}, the value not quoted")
@@ -573,8 +571,10 @@ def request_study_datetime(value: dict[str, str]) -> datetime:
 def _utc(value: datetime | str | int | float) -> datetime:
     if isinstance(value, (int, float)):
         return datetime.fromtimestamp(value, UTC)
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if isinstance(value, str):  # the guide's examples: "1985-04-12T23:20:50.52Z"
+        from dateutil.parser import isoparse
+
+        value = isoparse(value)
     value = value.replace(tzinfo=UTC) if value.tzinfo is None else value
     return value.astimezone(UTC)
 

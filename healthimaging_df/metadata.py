@@ -49,17 +49,21 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 
-from healthimaging_df import aws
-from healthimaging_df.aws import THROTTLING_CODES, limiter_for, make_client
-from healthimaging_df.core.frames import require, with_attrs
+from healthimaging_df import aws, schema
+from healthimaging_df.aws import limiter_for, make_client
+from healthimaging_df.core import checks, dates
+from healthimaging_df.core.frames import (
+    provenance_datastore,
+    provenance_of,
+    require,
+    with_attrs,
+)
 from healthimaging_df.core.progress import Progress, ProgressReporter
 from healthimaging_df.engine.fetch import FetchOptions
 from healthimaging_df.errors import (
     ArchiveAccessWarning,
     MetadataFetchError,
     QueryValidationError,
-    SearchError,
-    ThrottledError,
 )
 
 __all__ = [
@@ -79,29 +83,12 @@ FREQUENT = "FREQUENT_ACCESS"
 ERROR_COLUMN = "metadataError"
 OPERATION = "GetImageSetMetadata"
 TIER_OPERATION = "GetImageSet"  # returns storageTier and is not an access
-TIER_TPS = 25.0  # GetImageSet's default quota (its own bucket, apart from GetImageSetMetadata's)
+TIER_TPS = aws.GET_IMAGE_SET_TPS  # its own bucket, apart from GetImageSetMetadata's
 TIER_MAX_AGE = timedelta(minutes=15)  # a frame's storageTier is current for this long after a fetch
 _CLOCK_SKEW = timedelta(minutes=1)  # a fetch time this far in the future still counts as now
 Level = Literal["series", "instance"]
 OnError = Literal["raise", "report"]
 MetadataProgress = Progress  # a callable gets (done, total)
-
-# Codes that say nothing about one image set but about every call: stop at once.
-_FATAL_CODES = frozenset(
-    {
-        "AccessDeniedException",
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "ExpiredTokenException",
-        "InvalidClientTokenId",
-        "NoCredentialsError",
-        "NoRegionError",
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "PartialCredentialsError",
-    }
-    | THROTTLING_CODES
-)
 
 
 @dataclass(frozen=True)
@@ -195,17 +182,16 @@ def _observed_at(frame: pd.DataFrame) -> datetime | None:
     A refreshed snapshot re-read only the rows that changed, so its other rows' tiers are as old as
     its first export: None then, as for a frame without provenance.
     """
-    provenance = frame.attrs.get("healthimaging_df")
-    if not isinstance(provenance, dict) or provenance.get("refreshed_since"):
+    provenance = provenance_of(frame)
+    if provenance is None or provenance.get("refreshed_since"):
         return None
     for key in ("fetch_started_at", "fetched_at"):
         value = provenance.get(key)
         if isinstance(value, str):
             try:
-                moment = datetime.fromisoformat(value)
-            except ValueError:
+                return dates.read_iso(value)
+            except dates.TimestampError:  # damaged provenance: the tiers' age is unknown
                 return None
-            return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
     return None
 
 
@@ -230,17 +216,13 @@ def _stale(targets: list[_Target], current: bool) -> list[_Target]:
 
 def _fetch_options(max_concurrency: int, max_tps: float | None) -> FetchOptions:
     """Validate the pacing options as the search does (``QueryValidationError`` if bad)."""
-    try:
-        return FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-    except TypeError:  # max_tps that is not a number cannot be compared with 0
-        raise QueryValidationError("max_tps", "must be a positive number or None") from None
+    return FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
 
 
 def _datastore_id(frame: pd.DataFrame, datastore_id: str | None) -> str:
     if datastore_id is not None:
         return datastore_id
-    provenance = frame.attrs.get("healthimaging_df")
-    found = provenance.get("datastore_id") if isinstance(provenance, dict) else None
+    found = provenance_datastore(frame)
     if not found:
         raise QueryValidationError(
             "datastore_id",
@@ -409,7 +391,7 @@ def _blocks_to_frame(blocks: list[_Block], keys: list[str]) -> pd.DataFrame:
             values.extend(column if column is not None else [None] * block.rows)
         arrays.append(_column(values))
     table = pa.Table.from_arrays(arrays, names=names)
-    frame: pd.DataFrame = table.to_pandas(types_mapper=_nullable)
+    frame: pd.DataFrame = table.to_pandas(types_mapper=schema.pandas_type)
     if "version" in frame.columns:
         frame["version"] = frame["version"].astype("Int64")
     return frame
@@ -427,20 +409,6 @@ def _column(values: list[Any]) -> pa.Array:
     if pa.types.is_null(array.type):  # every value missing
         return array.cast(pa.string())
     return array
-
-
-def _nullable(arrow_type: pa.DataType) -> Any:
-    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        return pd.StringDtype("pyarrow")
-    if pa.types.is_integer(arrow_type):
-        return pd.Int64Dtype()
-    if pa.types.is_boolean(arrow_type):
-        return pd.BooleanDtype()
-    if pa.types.is_floating(arrow_type):
-        return pd.Float64Dtype()
-    if pa.types.is_nested(arrow_type):
-        return pd.ArrowDtype(arrow_type)
-    return None
 
 
 # -- calling -------------------------------------------------------------------------------------
@@ -463,21 +431,15 @@ def _loads(blob: bytes) -> Any:
 
 def _get_blob(client: Any, datastore_id: str, target: _Target) -> bytes:
     """The document's JSON bytes, gunzipped (zlib releases the GIL while it inflates)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     kwargs: dict[str, Any] = {"datastoreId": datastore_id, "imageSetId": target.image_set_id}
     if target.version is not None:
         kwargs["versionId"] = str(target.version)
     try:
         response = client.get_image_set_metadata(**kwargs)
         blob: bytes = response["imageSetMetadataBlob"].read()
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-        raise _Failure(code, code in _FATAL_CODES) from None
-    except BotoCoreError as exc:
-        # botocore's messages can quote request values: keep only the kind of error.
-        code = type(exc).__name__
-        raise _Failure(code, code in _FATAL_CODES) from None
+    except aws.aws_errors() as exc:  # botocore's text can quote request values: the code only
+        found = aws.failure(exc)
+        raise _Failure(found.code, found.fatal) from None
     try:
         if blob[:2] == b"\x1f\x8b" or response.get("contentEncoding") == "gzip":
             blob = gzip.decompress(blob)
@@ -545,21 +507,16 @@ _collector_paused = _CollectorPause()
 
 def _get_tier(client: Any, datastore_id: str, target: _Target) -> str | None:
     """The image set's storageTier from GetImageSet (not an access); None if there is no such set."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         response = client.get_image_set(datastoreId=datastore_id, imageSetId=target.image_set_id)
-    except (ClientError, BotoCoreError) as exc:
-        code, status, message = aws.error_code(exc)
-        if code == "ResourceNotFoundException":  # nothing to access; its metadata call fails too
+    except aws.aws_errors() as exc:
+        found = aws.failure(exc)
+        if found.code == "ResourceNotFoundException":  # nothing to access; its metadata call too
             return None
-        cls = ThrottledError if code in THROTTLING_CODES else SearchError
-        raise cls(
+        raise aws.service_error(
             TIER_OPERATION,
             target.position,
-            code,
-            status,
-            server_message=message,
+            found,
             detail="the storage tier could not be checked (allow_archive_access=True skips the "
             "check, and reads archived image sets too)",
         ) from None
@@ -734,7 +691,7 @@ def fetch_metadata(
     client: Any = None,
     boto3_session: Any = None,
     level: Level = "series",
-    max_tps: float | None = 50.0,
+    max_tps: float | None = aws.METADATA_TPS,
     max_concurrency: int = 8,
     progress: MetadataProgress = None,
     dry_run: bool = False,
@@ -805,13 +762,11 @@ def fetch_metadata(
         Once, when archived image sets are about to be read (each call moves one to the
         frequent tier), or unchecked ones with ``allow_archive_access=True``.
     """
-    if level not in ("series", "instance"):
-        raise QueryValidationError("level", "must be 'series' or 'instance'")
-    if on_error not in ("raise", "report"):
-        raise QueryValidationError("on_error", "must be 'raise' or 'report'")
+    checks.one_of("level", level, ("series", "instance"))
+    checks.one_of("on_error", on_error, ("raise", "report"))
     _fetch_options(max_concurrency, max_tps)
-    if allow_archive_access is not None and not isinstance(allow_archive_access, bool):
-        raise QueryValidationError("allow_archive_access", "must be None, True or False")
+    checks.flag("dry_run", dry_run)
+    checks.optional_flag("allow_archive_access", allow_archive_access)
     require(frame, ("imageSetId",), "fetch_metadata()")
     targets = _targets(frame)
     stale = _stale(targets, tier_is_current(frame))
@@ -905,11 +860,10 @@ def _fetch_all(
             except _Failure as failure:
                 if failure.fatal:
                     stop.set()
-                    cls = ThrottledError if failure.code in THROTTLING_CODES else SearchError
-                    raise cls(
+                    raise aws.service_error(
                         OPERATION,
                         target.position,
-                        failure.code,
+                        aws.Failure(failure.code),
                         detail="stopped: this error concerns every call, not one image set",
                     ) from None
                 failures[target.position] = failure.code

@@ -21,11 +21,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from healthimaging_df import schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.plan import (
     CONSISTENT_OPTION,
-    DEFAULT_TPS,
     STRATEGIES,
     DatastoreStats,
     Facts,
@@ -151,10 +152,12 @@ class Query:
 
     def contains(self, column: str, text: str, *, case: bool = True) -> Query:
         """Keep rows whose text column contains *text*."""
+        case = checks.flag("case", case)
         return self._with(predicates.build(column, "contains", (text,), case=case))
 
     def matches(self, column: str, pattern: str, *, case: bool = True) -> Query:
         """Keep rows whose text column matches the Python regular expression *pattern* (search)."""
+        case = checks.flag("case", case)
         return self._with(predicates.build(column, "regex", (pattern,), case=case))
 
     def is_null(self, *columns: str) -> Query:
@@ -171,13 +174,11 @@ class Query:
         Without ``sort_by`` the result is ordered as the API orders it: updatedAt, newest first.
         """
         predicates.known_column(column)
-        return replace(self, sort_column=column, ascending=bool(ascending))
+        return replace(self, sort_column=column, ascending=checks.flag("ascending", ascending))
 
     def limit(self, n: int) -> Query:
         """Return at most *n* rows: the first *n* in sort order (default updatedAt, newest first)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise QueryValidationError("limit", "must be a positive integer")
-        return replace(self, row_limit=n)
+        return replace(self, row_limit=checks.positive_int("limit", n))
 
     def using(
         self, strategy: Strategy = "auto", *, assume_consistent_studies: bool | None = None
@@ -273,7 +274,7 @@ class Query:
         else:
             query = replace(query, predicates=tuple(built))
         if data.get("sort_by"):
-            query = query.sort_by(data["sort_by"], ascending=bool(data.get("ascending")))
+            query = query.sort_by(data["sort_by"], ascending=data.get("ascending", True))
         if data.get("limit") is not None:
             query = query.limit(int(data["limit"]))
         if data.get("strategy"):
@@ -324,7 +325,7 @@ class Query:
         self,
         client: Any = None,
         boto3_session: Any = None,
-        max_tps: float | None = DEFAULT_TPS,
+        max_tps: float | None = SEARCH_TPS,
         max_concurrency: int = 8,
         dicomweb_endpoint_url: str | None = None,
     ) -> list[dict[str, Any]]:
@@ -344,7 +345,7 @@ class Query:
         *,
         client: Any = None,
         boto3_session: Any = None,
-        max_tps: float | None = DEFAULT_TPS,
+        max_tps: float | None = SEARCH_TPS,
         max_concurrency: int = 8,
         dicomweb_endpoint_url: str | None = None,
     ) -> str:
@@ -393,7 +394,7 @@ class Query:
         boto3_session: Any = None,
         progress: Progress = None,
         max_concurrency: int = 8,
-        max_tps: float | None = DEFAULT_TPS,
+        max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
         dicomweb_endpoint_url: str | None = None,
     ) -> pd.DataFrame:
@@ -443,7 +444,7 @@ class Query:
         boto3_session: Any = None,
         progress: Progress = None,
         max_concurrency: int = 8,
-        max_tps: float | None = DEFAULT_TPS,
+        max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
         dicomweb_endpoint_url: str | None = None,
     ) -> Iterator[pd.DataFrame]:

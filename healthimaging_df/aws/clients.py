@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from healthimaging_df._version import __version__
 from healthimaging_df.aws.errors import THROTTLING_CODES
 from healthimaging_df.aws.limiter import RateLimiter
 from healthimaging_df.core import logs
@@ -33,6 +32,8 @@ def make_client(
         return client
     import boto3
     from botocore.config import Config
+
+    from healthimaging_df._version import __version__  # importlib.metadata: not at import time
 
     session = boto3_session if boto3_session is not None else boto3.Session()
     settings: dict[str, Any] = {

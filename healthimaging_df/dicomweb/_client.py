@@ -14,7 +14,6 @@ logger rewrites those records, as ``healthimaging_df.core.logs`` does for botoco
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -26,6 +25,10 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 import orjson
 
 from healthimaging_df.aws import RateLimiter
+from healthimaging_df.aws.errors import http_failure
+from healthimaging_df.aws.quotas import QIDO_TPS
+from healthimaging_df.aws.retry import SERVICE_BACKOFF, Backoff
+from healthimaging_df.core import checks
 from healthimaging_df.dicomweb._endpoint import resolve_endpoint
 from healthimaging_df.dicomweb._model import (
     MAX_LIMIT,
@@ -306,7 +309,7 @@ class QidoClient:
         region: str,
         credentials: Callable[[], Any],
         *,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = QIDO_TPS,
         max_attempts: int = 10,
         timeout: float = 30.0,
         retry_base: float = 1.0,
@@ -314,8 +317,7 @@ class QidoClient:
     ) -> None:
         if max_tps is not None and not (isinstance(max_tps, (int, float)) and max_tps > 0):
             raise QueryValidationError("max_tps", "must be a positive number or None")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise QueryValidationError("max_attempts", "must be a positive integer")
+        checks.positive_int("max_attempts", max_attempts)
         self.endpoint_url = endpoint_url.rstrip("/")
         self.region = region
         self._credentials = credentials
@@ -435,11 +437,11 @@ class QidoClient:
             return _Failure("MalformedResponse", bad.status, malformed=bad.rule)
         except requests.HTTPError as exc:
             response = exc.response
-            status = response.status_code if response is not None else None
-            header = response.headers.get("x-amzn-ErrorType", "") if response is not None else ""
-            code = header.split(":")[0] or f"HTTP{status}"
-            message = response.text[:1000] if response is not None else None
-            return _Failure(code, status, message, status is None or status in RETRY_STATUSES)
+            if response is None:
+                return _Failure("HTTPError")
+            found = http_failure(response.status_code, response.headers, response.text)
+            retriable = found.status is None or found.status in RETRY_STATUSES
+            return _Failure(found.code, found.status, found.message, retriable)
         except requests.exceptions.SSLError:
             return _Failure("SSLError", retriable=False)
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -461,7 +463,7 @@ class QidoClient:
             raise cls(
                 operation, None, failure.code, failure.status, failure.server_message, detail
             ) from None
-        delay = random.random() * min(20.0, self._retry_base * 2 ** (attempt - 1))
+        delay = Backoff(self.max_attempts, self._retry_base, SERVICE_BACKOFF.cap).delay(attempt)
         log.debug("%s: %s, retry %d in %.2f s", operation, failure.code, attempt, delay)
         time.sleep(delay)
 
@@ -495,10 +497,7 @@ class QidoClient:
         """
         if on_truncation not in ("raise", "report"):
             raise QueryValidationError("on_truncation", "must be 'raise' or 'report'")
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise QueryValidationError("page_size", f"must be an integer from 1 to {MAX_LIMIT}")
-        if not 1 <= page_size <= MAX_LIMIT:
-            raise QueryValidationError("page_size", f"must be an integer from 1 to {MAX_LIMIT}")
+        checks.integer("page_size", page_size, minimum=1, maximum=MAX_LIMIT)
         operation = OPERATIONS[level]
         key_tag = _tag(ROW_KEY[level])
         pages = _Pages(key_tag)
@@ -612,7 +611,7 @@ def make_qido_client(
     boto3_session: Any = None,
     *,
     dicomweb_endpoint_url: str | None = None,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = QIDO_TPS,
     max_attempts: int = 10,
     retry_base: float = 1.0,
 ) -> QidoClient:

@@ -30,13 +30,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df import aws
-from healthimaging_df.core import dates
+from healthimaging_df.core import checks, dates
 from healthimaging_df.core.progress import Progress, ProgressReporter
 from healthimaging_df.engine import flatten, pagecheck, pages
 from healthimaging_df.errors import (
     MalformedResponseError,
     PaginationError,
-    QueryValidationError,
     SearchError,
 )
 from healthimaging_df.plan import Chain, Plan, rows_between
@@ -50,8 +49,6 @@ Prefetched = dict[str, tuple[pa.Table, str | None]]
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
 OPERATION = aws.SEARCH
-# A page cut in transit or not from the service is asked for again, like a 5xx, this many times.
-MALFORMED_ATTEMPTS = 4
 # Empty pages in a row (each with a fresh nextToken) before a chain is called stuck. A service that
 # filters while it scans can answer a few empty pages in a row; 50 is far beyond that (a healthy
 # chain has never been seen to need more than a handful) yet stops a runaway chain within about
@@ -91,23 +88,14 @@ class FetchOptions:
     """
 
     max_concurrency: int = 8
-    max_tps: float | None = 25.0
+    max_tps: float | None = aws.SEARCH_TPS
     burst: int | None = None
     page_size: int = 50
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int):
-            raise QueryValidationError("max_concurrency", "must be a positive integer")
-        if self.max_concurrency < 1:
-            raise QueryValidationError("max_concurrency", "must be a positive integer")
-        if self.max_tps is not None and (
-            isinstance(self.max_tps, bool)
-            or not isinstance(self.max_tps, (int, float))
-            or not 0 < self.max_tps < float("inf")
-        ):
-            raise QueryValidationError("max_tps", "must be a positive number or None")
-        if not 1 <= self.page_size <= 50:
-            raise QueryValidationError("page_size", "the API allows 1 to 50")
+        checks.positive_int("max_concurrency", self.max_concurrency)
+        checks.optional_positive_number("max_tps", self.max_tps)
+        checks.integer("page_size", self.page_size, minimum=1, maximum=50)
 
 
 @dataclass
@@ -922,11 +910,11 @@ def call_page(
     that does not is parsed by botocore and checked by ``pagecheck``. Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
     limiter, so a retry never overruns the quota.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
     from botocore.parsers import ResponseParserError
 
     cancel = cancel or threading.Event()
-    for attempt in range(1, MALFORMED_ATTEMPTS + 1):
+
+    def attempt(_: int) -> tuple[pa.Table, str | None]:
         try:
             with aws.paced(client, limiter, priority):
                 if _lean(client):
@@ -940,21 +928,24 @@ def call_page(
                 response = client.search_image_sets(**kwargs)
             items, token = pagecheck.check_page(response, chain)
             return flatten.summaries_to_table(items), token
-        except ClientError as exc:
-            raise aws.search_error(OPERATION, chain, exc) from None
-        except BotoCoreError as exc:
-            # botocore's messages can quote request values (PHI): keep only the error's kind.
-            raise SearchError(OPERATION, chain, type(exc).__name__) from None
-        except (MalformedResponseError, ResponseParserError, ValueError, TypeError) as exc:
+        except aws.aws_errors() as exc:
+            raise aws.service_error(OPERATION, chain, exc) from None
+        except (ResponseParserError, ValueError, TypeError):
             # a body botocore could not read (a bad timestamp) or that broke the model
-            error = (
-                exc
-                if isinstance(exc, MalformedResponseError)
-                else pagecheck.malformed(chain, "botocore could not parse the response")
-            )
-            log.debug("chain %s: malformed page (attempt %d): %s", chain, attempt, error.code)
-            if attempt == MALFORMED_ATTEMPTS:
-                raise error from None
-            if cancel.wait(min(0.05 * 2**attempt, 1.0)):
-                break
-    raise SearchError(OPERATION, chain, "Cancelled")
+            raise pagecheck.malformed(chain, "botocore could not parse the response") from None
+
+    def malformed(exc: BaseException) -> bool:
+        if not isinstance(exc, MalformedResponseError):
+            return False
+        log.debug("chain %s: malformed page: %s", chain, exc.rule)
+        return True
+
+    try:
+        return aws.retrying(
+            attempt,
+            retry_if=malformed,
+            backoff=aws.MALFORMED,
+            wait=cancel.wait,
+        )
+    except aws.RetryCancelled:
+        raise SearchError(OPERATION, chain, "Cancelled") from None

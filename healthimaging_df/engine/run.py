@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df import aws, schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.engine import flatten, provenance, statistics
 from healthimaging_df.engine.checkpoint import Checkpoint
@@ -35,7 +37,6 @@ from healthimaging_df.engine.frame import (
 from healthimaging_df.engine.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.plan import (
-    DEFAULT_TPS,
     DatastoreStats,
     Facts,
     Plan,
@@ -77,9 +78,7 @@ def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
 
 def check_positive_int(name: str, value: Any) -> int:
     """*value* if it is a positive integer (not a bool), else a typed error naming *name*."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise QueryValidationError(name, "must be a positive integer")
-    return value
+    return checks.positive_int(name, value)
 
 
 def prepare(
@@ -87,7 +86,7 @@ def prepare(
     boto3_session: Any = None,
     progress: Progress = None,
     max_concurrency: int = 8,
-    max_tps: float | None = DEFAULT_TPS,
+    max_tps: float | None = SEARCH_TPS,
     dtype_backend: schema.DtypeBackend = "numpy_nullable",
     dicomweb_endpoint_url: str | None = None,
 ) -> Run:

@@ -78,7 +78,7 @@ def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
     """Statistics a previous run left, if fresh enough."""
     try:
         data = json.loads(_path(client, datastore_id).read_text())
-        measured = datetime.fromisoformat(data["measured_at"])
+        measured = dates.read_iso(data["measured_at"])
         if datetime.now(timezone.utc) - measured > MAX_AGE:
             return None
         return DatastoreStats(
@@ -321,7 +321,7 @@ def _count(value: Any) -> int | None:
 
 
 def _moment(text: Any) -> datetime | None:
-    return datetime.fromisoformat(text) if isinstance(text, str) else None
+    return dates.read_iso(text) if isinstance(text, str) else None
 
 
 # -- the facts of a run: known without a request, then measured at once ----------------------------
@@ -450,9 +450,9 @@ def remembered_access(endpoint: str, region: str) -> QidoAccess | None:
         try:
             data = json.loads(_capability_path(key).read_text())
             found = QidoAccess(
-                data["state"], data.get("reason"), "cached", datetime.fromisoformat(data["until"])
+                data["state"], data.get("reason"), "cached", dates.read_iso(data["until"])
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, dates.TimestampError):
             return None
     if found.until is not None and found.until <= now:
         return None

@@ -35,7 +35,6 @@ from healthimaging_df.plan.facts import (
     chain_key,
 )
 from healthimaging_df.plan.limits import (
-    DEFAULT_TPS,
     PAGE_ROWS,
     QIDO_RECORDS,
     SCAN_OVERHEAD,
@@ -55,7 +54,6 @@ from healthimaging_df.plan.resolve import Resolution, fall_back, resolve
 
 __all__ = [
     "CONSISTENT_OPTION",
-    "DEFAULT_TPS",
     "PAGE_ROWS",
     "QIDO_RECORDS",
     "SCAN_OVERHEAD",

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Literal
 
 from healthimaging_df.plan.limits import (
     CHAIN_PROBE_REQUESTS,
-    DEFAULT_TPS,
     ENDS_REQUESTS,
     PAGE_ROWS,
     PROBE_REQUESTS,
@@ -117,7 +116,7 @@ class Facts:
     probe_window: tuple[datetime, datetime] | None = None
     probe_cuts: tuple[datetime, ...] = ()
     qido: QidoAccess = field(default_factory=QidoAccess)
-    max_tps: float | None = DEFAULT_TPS
+    max_tps: float | None = None  # the run's pace (aws.quotas); None: unpaced, or not known
     max_concurrency: int = 8
     page_size: int = PAGE_ROWS
     for_run: bool = False  # compiled as the run starts it (pre-split scans, the run's pace)

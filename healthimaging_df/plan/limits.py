@@ -19,9 +19,6 @@ STABLE_SORT = {"sortField": "createdAt", "sortOrder": "ASC"}  # no update moves 
 WINDOW_FLOOR = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 PAGE_ROWS = 50  # SearchImageSets' largest page
-# The documented default quota of SearchImageSets (requests per second): what a run paces at
-# unless told otherwise, and what ``explain()`` prices at when it is given no ``max_tps``.
-DEFAULT_TPS = 25.0
 # An IN list this short always fans out: even a one-page scan would not save a request worth a
 # probe of the datastore's size.
 ALWAYS_FAN_OUT = 10

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from healthimaging_df.plan import explain as _explain
 from healthimaging_df.plan.facts import Facts, Needs, Spec
-from healthimaging_df.plan.limits import DEFAULT_TPS, WINDOW_FLOOR, Filter, Strategy
+from healthimaging_df.plan.limits import WINDOW_FLOOR, Filter, Strategy
 from healthimaging_df.plan.predicates import Predicate
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ class Candidate:
     requests: float | None  # None: unknown without statistics
     chosen: bool = False
 
-    def describe(self, max_tps: float | None = DEFAULT_TPS) -> str:
-        """A line of ``explain()``, priced at *max_tps* (the run's pace)."""
+    def describe(self, max_tps: float | None = None) -> str:
+        """A line of ``explain()``, priced at *max_tps* (the run's pace; None: unpaced)."""
         mark = "chosen" if self.chosen else "not chosen"
         if self.requests is None:
             return f"{self.name}: size unknown ({mark})"

@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Any
 
+from healthimaging_df.aws import quotas
 from healthimaging_df.cli.commands import options, output
 
 EXAMPLES = """\
@@ -94,13 +95,14 @@ def register(commands: Any) -> None:
     group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
     output.add_mkdir(group)
     output.add_s3_options(group)
-    # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
-    parser.set_defaults(handler=run, max_tps=50.0)
+    # GetImageSetMetadata's own quota; a query run first stays under SearchImageSets'.
+    parser.set_defaults(handler=run, max_tps=quotas.METADATA_TPS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``metadata``; return the exit code."""
     from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.core.frames import provenance_datastore
     from healthimaging_df.metadata import fetch_metadata
 
     fmt = output.output_format(args.out, args.format)
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         cohort = output.read_frame(args.source, s3)
         if "imageSetId" not in cohort.columns:
             raise options.UsageError(f"--from {args.source} has no imageSetId column")
-        given = args.datastore_id or _provenance_datastore(cohort)
+        given = args.datastore_id or provenance_datastore(cohort)
         target = connect.Target(args, given)
     else:
         target = connect.Target(args)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                 client=connection.client,
                 progress=output.progress(args),
                 max_concurrency=args.max_concurrency,
-                max_tps=min(args.max_tps, options.SEARCH_TPS),
+                max_tps=min(args.max_tps, quotas.SEARCH_TPS),
             )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -162,10 +164,3 @@ def _warning_text(warning: warnings.WarningMessage) -> str:
     if issubclass(warning.category, HealthImagingDFWarning):
         return str(warning.message)
     return f"{warning.category.__name__} (message withheld: it may quote values)"
-
-
-def _provenance_datastore(frame: Any) -> str | None:
-    provenance = frame.attrs.get("healthimaging_df")
-    if isinstance(provenance, dict) and provenance.get("datastore_id"):
-        return str(provenance["datastore_id"])
-    return None

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from healthimaging_df.aws.quotas import SEARCH_TPS
+
 LOCAL_IMAGE_SETS = 5_000  # the synthetic datastore behind --local: the demo's data
 LOCAL_SEED = 42
-SEARCH_TPS = 25.0  # SearchImageSets' default quota, requests per second
 
 EXIT_STATUS = """\
 exit status:

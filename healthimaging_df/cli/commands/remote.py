@@ -235,12 +235,14 @@ def get(url: str, settings: S3Settings, option: str = "--from") -> bytes:
     """The object *url*'s bytes; ``UsageError`` naming *url* if there is no such object."""
     from botocore.exceptions import ClientError
 
+    from healthimaging_df import aws
+
     bucket, key = split(url, option)
     client = settings.client()
     try:
         response = client.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = aws.failure(exc).code
         if code in ("NoSuchKey", "404", "NotFound"):
             raise UsageError(f"no such object: {url}") from None
         if code == "NoSuchBucket":

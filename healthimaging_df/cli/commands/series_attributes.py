@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from healthimaging_df.aws import quotas
 from healthimaging_df.cli.commands import options, output
 
 EXAMPLES = """\
@@ -70,6 +71,7 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``series-attributes``; return the exit code."""
     from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.core.frames import provenance_datastore
 
     try:
         from healthimaging_df.dicomweb import fetch_series_attributes
@@ -84,12 +86,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [c for c in ("StudyInstanceUID", "SeriesInstanceUID") if c not in cohort]
         if missing:
             raise options.UsageError(f"--from {args.source} has no {missing[0]} column")
-        provenance = cohort.attrs.get("healthimaging_df")
-        given = args.datastore_id or (
-            str(provenance["datastore_id"])
-            if isinstance(provenance, dict) and provenance.get("datastore_id")
-            else None
-        )
+        given = args.datastore_id or provenance_datastore(cohort)
         target = connect.Target(args, given)
     else:
         target = connect.Target(args)
@@ -101,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 client=connection.client,
                 progress=output.progress(args),
                 max_concurrency=args.max_concurrency,
-                max_tps=min(args.max_tps, options.SEARCH_TPS),
+                max_tps=min(args.max_tps, quotas.SEARCH_TPS),
             )
         result = fetch_series_attributes(
             cohort,
