@@ -761,3 +761,139 @@ def test_a_rare_modality_in_two_years_is_priced_against_the_date_range_scan() ->
                 counts.append(service.stats.requests)
             auto, search, forced = counts
             assert auto <= 1.2 * min(search, forced), (years, counts)
+
+
+# -- done when: auto is exact, or a typed error, whatever DICOMweb does --------------------------
+
+CONDITIONS = ("denied", "absent", "disagree", "malformed", "short-pages", "cap-on", "cap-off")
+
+
+def _disagreeing(service: LocalService, studies: int = 12) -> None:
+    """UpdateImageSetMetadata on one image set of each of *studies* studies (no
+    includeStudyImageSets): their image sets now disagree on StudyDescription and PatientName."""
+    import json
+
+    client = service.client()
+    records = service.backend.image_sets(service.datastore_id)
+    by_study: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        uid = record["DICOMTags"].get("DICOMStudyInstanceUID")
+        if uid and record["isPrimary"]:
+            by_study.setdefault(uid, []).append(record)
+    chosen = [members for members in by_study.values() if len(members) >= 2][:studies]
+    for number, members in enumerate(chosen):
+        target = members[-1]
+        client.update_image_set_metadata(
+            datastoreId=service.datastore_id,
+            imageSetId=target["imageSetId"],
+            latestVersionId=str(target["version"]),
+            updateImageSetMetadataUpdates={
+                "DICOMUpdates": {
+                    "updatableAttributes": json.dumps(
+                        {
+                            "SchemaVersion": 1.1,
+                            "Patient": {"DICOM": {"PatientName": f"CHANGED^{number}"}},
+                            "Study": {"DICOM": {"StudyDescription": f"CHANGED {number}"}},
+                        }
+                    )
+                }
+            },
+        )
+
+
+@contextmanager
+def dicomweb_condition(condition: str) -> Iterator[tuple[LocalService, str]]:
+    """A strict local service in *condition*, and where the library is told DICOMweb lives."""
+    options: dict[str, Any] = {}
+    if condition == "denied":
+        options["deny"] = [
+            "medical-imaging:SearchDICOMStudies",
+            "medical-imaging:SearchDICOMSeries",
+            "medical-imaging:SearchDICOMInstances",
+        ]
+    with LocalService.seeded(image_sets=1_500, seed=23, **options) as service:
+        url = dicomweb_url(service)
+        if condition == "absent":
+            url = service.endpoint_url  # the API address: 404 for DICOMweb paths, as on AWS
+        elif condition == "disagree":
+            _disagreeing(service)
+        elif condition == "malformed":
+            service.set_faults(qido_malformed_rate=0.3, fault_seed=5)
+        elif condition == "short-pages":
+            service.set_faults(qido_short_rate=0.5, qido_page_cap=7, fault_seed=5)
+        elif condition == "cap-on":
+            service.qido.record_cap = 60
+        elif condition == "cap-off":
+            service.qido.record_cap = None
+        yield service, url
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_auto_is_exact_or_a_typed_error_whatever_dicomweb_does(
+    condition: str, quick_qido: None
+) -> None:
+    import warnings
+
+    from healthimaging_df.errors import DICOMwebUnavailableWarning, HealthImagingDFError
+
+    with (
+        dicomweb_condition(condition) as (service, url),
+        qido_cap(60 if condition == "cap-on" else None),
+    ):
+        records = service.backend.image_sets(service.datastore_id)
+        client = service.client()
+        outcomes: Counter[str] = Counter()
+
+        @settings(
+            max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        )
+        @given(query=qido_queries(records, service.datastore_id))
+        def check(query: Query) -> None:
+            current = service.backend.image_sets(service.datastore_id)
+            # the caller's word that studies agree holds here unless they were made to disagree
+            for how in (query,) if condition == "disagree" else (query, trusted(query)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DICOMwebUnavailableWarning)
+                    try:
+                        frame = how.to_dataframe(
+                            client=client, progress=False, max_tps=None, dicomweb_endpoint_url=url
+                        )
+                    except HealthImagingDFError as error:  # typed: allowed, counted
+                        outcomes[type(error).__name__] += 1
+                        continue
+                assert list(frame["imageSetId"]) == brute_force(current, how)
+                outcomes["exact"] += 1
+
+        service.reset_stats()
+        check()
+        assert outcomes["exact"] >= 1, outcomes
+        qido_requests = sum(v for k, v in service.stats.by_operation.items() if "DICOM" in k)
+        if condition in ("disagree", "malformed", "short-pages", "cap-on", "cap-off"):
+            assert qido_requests > 0  # QIDO-RS did take part: its answers were checked
+
+
+@pytest.mark.parametrize("condition", ["denied", "absent", "malformed"])
+def test_forced_qido_raises_a_typed_error_where_auto_falls_back(
+    condition: str, quick_qido: None
+) -> None:
+    import warnings
+
+    from healthimaging_df.errors import DICOMwebError, DICOMwebUnavailableWarning
+
+    with dicomweb_condition(condition) as (service, url):
+        if condition == "malformed":
+            service.set_faults(qido_malformed_rate=1.0)
+        records = service.backend.image_sets(service.datastore_id)
+        query = Query(service.datastore_id).where(Modality="NM")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            frame = query.to_dataframe(
+                client=service.client(), progress=False, max_tps=None, dicomweb_endpoint_url=url
+            )
+        assert list(frame["imageSetId"]) == brute_force(records, query)
+        assert [w.category for w in said] == [DICOMwebUnavailableWarning]
+        with pytest.raises(DICOMwebError):
+            query.using("qido").to_dataframe(
+                client=service.client(), progress=False, max_tps=None, dicomweb_endpoint_url=url
+            )
