@@ -897,3 +897,46 @@ def test_forced_qido_raises_a_typed_error_where_auto_falls_back(
             query.using("qido").to_dataframe(
                 client=service.client(), progress=False, max_tps=None, dicomweb_endpoint_url=url
             )
+
+
+def test_search_command_with_dicomweb_absent_exits_0_with_the_exact_rows(
+    qido_service: LocalService, tmp_path: Any
+) -> None:
+    """Item 1 on the command line: ``search --where Modality=CT`` exited 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    records = qido_service.backend.image_sets(qido_service.datastore_id)
+    query = Query(qido_service.datastore_id).where(Modality="CT")
+    out = tmp_path / "ct.csv"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **qido_service.env(), "PYTHONPATH": str(root)}
+    env.pop("AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "healthimaging_df",
+            "search",
+            "--datastore-id",
+            str(qido_service.datastore_id),
+            "--where",
+            "Modality=CT",
+            "--dicomweb-endpoint-url",
+            f"{qido_service.endpoint_url}/no-dicomweb-here",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DICOMwebUnavailableWarning" in done.stderr
+    assert sorted(pd.read_csv(out)["imageSetId"]) == sorted(brute_force(records, query))
