@@ -413,7 +413,10 @@ def _union(spec: Spec, facts: Facts) -> Plan:
     """Every query's plan, renumbered into one; ``AnyOf`` the groups applied on the client."""
 
     def plan_all(forced: Sequence[Strategy]) -> list[Plan]:
-        return [_single(spec, g, s, facts) for g, s in zip(spec.groups, forced, strict=True)]
+        return [
+            _search_only(_single(spec, g, s, facts))
+            for g, s in zip(spec.groups, forced, strict=True)
+        ]
 
     parts = plan_all(spec.strategies)
     accesses = {p.access for p in parts if p.access != "auto"}
@@ -442,6 +445,14 @@ def _union(spec: Spec, facts: Facts) -> Plan:
         access=access,
         parts=tuple(numbered),
     )
+
+
+def _search_only(part: Plan) -> Plan:
+    """A union's query as SearchImageSets alone: a union runs no QIDO-RS step (yet)."""
+    if part.qido is None:
+        return part
+    note = "QIDO-RS is not used inside a union: SearchImageSets alone"
+    return replace(part, qido=None, access="search", access_notes=(*part.access_notes, note))
 
 
 # -- what the run measures first --------------------------------------------------------------------

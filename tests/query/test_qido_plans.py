@@ -158,6 +158,16 @@ def test_in_lists_multiply_into_searches_up_to_a_cap() -> None:
     assert all(dict(s.match).keys() == {"Modality"} for s in many.searches)
 
 
+def test_a_union_says_it_runs_no_qido_step() -> None:
+    union = Query(DS).where(Modality="MG") | Query(DS).where(Modality="NM")
+    plan = union.compile()
+    assert plan.qido is None
+    assert all(part.qido is None for part in plan.parts)
+    text = plan.explain()
+    assert "QIDO-RS step" not in text
+    assert "QIDO-RS is not used inside a union" in text
+
+
 def test_qido_plan_is_pure_and_deterministic() -> None:
     query = trusted(Query(DS).where(StudyDescription="CT HEAD")).between(
         "StudyDateTime", "2020", "2021"
@@ -818,9 +828,9 @@ def dicomweb_condition(condition: str) -> Iterator[tuple[LocalService, str]]:
         elif condition == "disagree":
             _disagreeing(service)
         elif condition == "malformed":
-            service.set_faults(qido_malformed_rate=0.3, fault_seed=5)
+            service.set_faults(qido_malformed_rate=0.3, seed=5)
         elif condition == "short-pages":
-            service.set_faults(qido_short_rate=0.5, qido_page_cap=7, fault_seed=5)
+            service.set_faults(qido_short_rate=0.5, qido_page_cap=7, seed=5)
         elif condition == "cap-on":
             service.qido.record_cap = 60
         elif condition == "cap-off":
