@@ -143,7 +143,8 @@ def _cost(plan: Plan, tps: float | None) -> list[str]:
     why = (
         "a size is unknown until measured"
         if plan.facts.for_run
-        else "the size is unknown here (pass client= to read the run's cached statistics)"
+        else "the datastore's size is not known to this explain (with client=, explain() reads "
+        "the statistics a run would)"
     )
     return [f"  expected requests: at least {count} (50 image sets per page{more}); {why}"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -277,27 +276,13 @@ def test_explain_says_when_the_size_is_unknown_and_shows_the_probe(
     assert "the datastore's two ends (2 requests)" in whole
 
 
-def test_cli_explain_uses_the_cached_statistics_and_max_tps(
-    service: LocalService, stats_cache: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_explain_prices_at_the_given_max_tps(capsys: pytest.CaptureFixture[str]) -> None:
     from healthimaging_df.cli.app import main
 
-    client = service.client()
-    Query(service.datastore_id).to_dataframe(client=client, progress=False, max_tps=None)
-    env = service.env()
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        code = main(
-            ["search", "--datastore-id", str(service.datastore_id), "--explain", "--max-tps", "5"]
-        )
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    code = main(
+        ["search", "--datastore-id", DS, "--where", "PatientID=P1", "--explain", "--max-tps", "5"]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    assert "datastore size: 1,500 image sets" in out
     assert "at 5 TPS" in out
+    assert "at 25 TPS" not in out

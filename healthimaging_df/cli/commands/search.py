@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
     if args.explain:
-        print(_explained(query, target, args))
+        print(_explained(query, args))
         return 0
     fetch: dict[str, Any] = {
         "progress": output.progress(args),
@@ -143,19 +143,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explained(query: Any, target: Any, args: argparse.Namespace) -> str:
-    """What the run would do, from what it knows (cached statistics); no request is sent.
+def _explained(query: Any, args: argparse.Namespace) -> str:
+    """The plan, priced at the run's --max-tps; no request is sent and no AWS library loaded.
 
-    Without AWS configuration (no region or credentials) the plan is explained as it stands.
+    ``--explain`` stays instant, so it reads no statistics (they are kept by endpoint, which
+    takes botocore to resolve): ``Query.explain(client=...)`` in Python does.
     """
-    options_ = {"max_tps": args.max_tps, "max_concurrency": args.max_concurrency}
-    try:
-        with target.connect() as connection:
-            return str(
-                query.explain(show_values=args.show_values, client=connection.client, **options_)
-            )
-    except options.ConfigError:
-        return str(query.explain(show_values=args.show_values, **options_))
+    return str(
+        query.explain(
+            show_values=args.show_values,
+            max_tps=args.max_tps,
+            max_concurrency=args.max_concurrency,
+        )
+    )
 
 
 def _check_writable(out: str | None) -> None:
