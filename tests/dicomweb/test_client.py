@@ -282,3 +282,36 @@ def test_series_attributes_input_checks(ahi_local: LocalService, qido: QidoClien
     with pytest.raises(QueryValidationError, match="fields"):
         dicomweb.fetch_series_attributes(frame, "Manufacturer", qido=qido)  # type: ignore[arg-type]
     assert ahi_local.stats.requests == 0
+
+
+# -- item 3 of issue 25: every page checked, a search ends on an empty page only ------------------
+
+
+def test_a_server_that_caps_its_pages_costs_requests_never_records(
+    ahi_local: LocalService, qido: QidoClient, truth: dict[str, Any]
+) -> None:
+    """Was: a page shorter than ``limit`` read as the last one (0 of 513 series)."""
+    ahi_local.set_faults(qido_page_cap=7)
+    every = qido.search(_ds(ahi_local), "series", {}, page_size=1000)
+    assert len(every.records) == len(truth["series"])
+    ahi_local.set_faults(qido_page_cap=None, qido_short_rate=0.6, seed=3)
+    again = qido.search(_ds(ahi_local), "studies", {}, page_size=200)
+    assert len(again.records) == len(truth["studies"])
+
+
+@pytest.mark.parametrize("kind", ["empty", "object", "not_list", "not_objects", "missing_uid"])
+def test_a_malformed_page_is_retried_then_a_typed_error(
+    ahi_local: LocalService, truth: dict[str, Any], kind: str
+) -> None:
+    """Was: a zero-byte 200 or ``{}`` read as "no more matches" (0 of 95 rows)."""
+    from healthimaging_df.errors import DICOMwebMalformedError
+
+    qido = make_qido_client(ahi_local.client(), max_tps=None, retry_base=0.01)
+    ahi_local.set_faults(qido_malformed_every=2, qido_malformed_kinds=(kind,))
+    found = qido.search(_ds(ahi_local), "studies", {}, page_size=300)
+    assert len(found.records) == len(truth["studies"])  # each bad page asked for again
+    ahi_local.set_faults(qido_malformed_every=None, qido_malformed_rate=1.0)
+    with pytest.raises(DICOMwebMalformedError) as caught:
+        qido.search(_ds(ahi_local), "studies", {}, page_size=300)
+    assert caught.value.code == "MalformedResponse"
+    assert "attempt" in str(caught.value)
