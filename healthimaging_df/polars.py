@@ -48,10 +48,12 @@ from healthimaging_df.query import Query, run_batches
 __all__ = [
     "PolarsSQLError",
     "Translation",
+    "collect_sql",
     "explain",
     "polars_schema",
     "scan_image_sets",
     "sql",
+    "sql_frame",
     "translate",
 ]
 
@@ -800,6 +802,11 @@ def sql(
         max_concurrency=max_concurrency,
         max_tps=max_tps,
     )
+    return collect_sql(frame)
+
+
+def collect_sql(frame: pl.LazyFrame) -> pl.DataFrame:
+    """Collect a :func:`sql_frame`; a Polars error becomes :class:`PolarsSQLError`."""
     result = _sql_call(frame.collect)
     assert isinstance(result, pl.DataFrame)
     return result
