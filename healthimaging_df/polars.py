@@ -101,6 +101,7 @@ class _Cond:
     values: tuple[Any, ...] = ()
     strict: bool = False
     exact_unit: bool = True  # the literal's precision is the column's (a strict bound can step)
+    pair: bool = False  # one end of an is_between: its own between(), as Query.between is
 
 
 @dataclass
@@ -433,8 +434,12 @@ def _apply(query: Query, conds: list[_Cond], now: datetime) -> Query:
     """*query* with *conds* (ranges on a column merged into one ``between``)."""
     lows: dict[str, list[Any]] = {}
     highs: dict[str, list[Any]] = {}
-    for c in conds:
-        if c.op in _LOWER:
+    ends = iter(conds)
+    for c in ends:
+        if c.pair:  # an is_between: its two ends are the next two conditions
+            upper = next(ends)
+            query = query.between(c.column, _bound(c, upper=False), _bound(upper, upper=True))
+        elif c.op in _LOWER:
             lows.setdefault(c.column, []).append(_bound(c, upper=False))
         elif c.op in _UPPER:
             highs.setdefault(c.column, []).append(_bound(c, upper=True))
@@ -461,6 +466,12 @@ def _apply(query: Query, conds: list[_Cond], now: datetime) -> Query:
     for column in sorted({*lows, *highs}):
         low = max(lows[column]) if column in lows else _open_end(column, False, now)
         high = min(highs[column]) if column in highs else _open_end(column, True, now)
+        if low > high and column in lows and column in highs:
+            # bounds that cannot both hold: each with its open end, as two between() calls
+            # state them; the planner sends nothing for ranges that do not meet
+            query = query.between(column, low, _open_end(column, True, now))
+            query = query.between(column, _open_end(column, False, now), high)
+            continue
         query = query.between(column, low, high)
     return query
 
