@@ -966,7 +966,7 @@ def _provenance_shown(prov: Any) -> str:
     if not isinstance(prov, dict):
         return "(none)"
     shown = [f"{k}={prov[k]}" for k in _SHOWN_PROVENANCE if prov.get(k) not in (None, "")]
-    return "; ".join([*shown, "query and requests withheld (PHI)"])
+    return "; ".join(["query withheld (PHI)", *shown])
 
 
 def vacuum_snapshot(

@@ -270,7 +270,7 @@ def test_pushed_filter_sends_fewer_requests_than_polars_alone(
 
 
 def test_errors_are_typed_and_run_options_checked_before_any_request(service: LocalService) -> None:
-    with pytest.raises(QueryValidationError, match="max_concurrency|max_tps|positive"):
+    with pytest.raises(QueryValidationError, match=r"max_concurrency|max_tps|positive"):
         scan_image_sets(service.datastore_id, client=service.client(), max_concurrency=0)
     with pytest.raises(QueryValidationError, match="datastore_id"):
         scan_image_sets("nope", client=service.client())

@@ -253,7 +253,8 @@ def test_dates_are_whole_days_and_supersets() -> None:
     # a date against a timestamp: Polars compares the cast midnight; the query's end of day
     # is a superset either way, and the source re-applies the predicate exactly
     values = [p.values for p in t.query.predicates]
-    assert values and values[0][1] >= datetime(2024, 1, 1, tzinfo=UTC)
+    assert values
+    assert values[0][1] >= datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def _schema() -> dict[str, Any]:
