@@ -8,6 +8,7 @@ that cannot be translated are still exact: the oracle is Polars filtering the wh
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from .conftest import FreshStatistics
 
 Atom = tuple[pl.Expr, Callable[[Query], Query]]
 SLOW = settings(
-    max_examples=25,
+    max_examples=int(os.environ.get("AHI_POLARS_EXAMPLES", "25")),  # make polars-matrix: fewer
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
