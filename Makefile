@@ -30,7 +30,7 @@ test: lint
 # changes between them): a venv each under .venvs/, PyPI only, the project from this checkout.
 POLARS_VERSIONS ?= 1.26.0 1.33.0 1.39.3 1.44.2 2.1.0
 POLARS_DEPS := cloudpickle pandas pyarrow numpy orjson python-dateutil tqdm boto3 werkzeug \
-	pytest hypothesis
+	pytest hypothesis dicomweb-client pydicom requests
 polars-matrix:
 	@set -e; for v in $(POLARS_VERSIONS); do \
 	  venv=.venvs/polars-$$v; \

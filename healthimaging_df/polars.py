@@ -607,11 +607,13 @@ class _Source:
         self._run: Any = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
         self.max_tps = max_tps
         self.reports: list[Translation] | None = None  # a dry copy records here
+        self.failure: Exception | None = None  # the last error a run raised
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_run"] = None  # a client does not pickle; a copy made by explain() needs none
         state["reports"] = None
+        state["failure"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -651,6 +653,15 @@ class _Source:
             yield empty.select(columns) if columns is not None else empty
             return
         rows = batch_size or DEFAULT_BATCH_ROWS
+        try:
+            yield from self._frames(translation, columns, rows)
+        except Exception as exc:  # Polars before 2.0 wraps it in a ComputeError: sql() unwraps
+            self.failure = exc
+            raise
+
+    def _frames(
+        self, translation: Translation, columns: list[str] | None, rows: int
+    ) -> Iterator[pl.DataFrame]:
         for batch in run_batches(translation.query, self.run(), rows):
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
@@ -702,7 +713,9 @@ def scan_image_sets(
     >>> lf.filter(pl.col("Modality") == "CT").collect()  # doctest: +SKIP
     """
     source = _Source(datastore_id, client, boto3_session, progress, max_concurrency, max_tps)
-    return _register(source)
+    frame = _register(source)
+    frame._ahi_source = source  # type: ignore[attr-defined]  # sql() re-raises its typed error
+    return frame
 
 
 def explain(lf: pl.LazyFrame, *, max_tps: float | None = None) -> str:
@@ -783,6 +796,7 @@ def sql_frame(
     )
     context = pl.SQLContext(frames={"image_sets": scan})
     frame: pl.LazyFrame = _sql_call(lambda: context.execute(query, eager=False))
+    frame._ahi_source = scan._ahi_source  # type: ignore[attr-defined]
     return frame
 
 
@@ -818,13 +832,19 @@ def sql(
 
 def collect_sql(frame: pl.LazyFrame) -> pl.DataFrame:
     """Collect a :func:`sql_frame`; a Polars error becomes :class:`PolarsSQLError`."""
-    result = _sql_call(frame.collect)
+    source = getattr(frame, "_ahi_source", None)
+    result = _sql_call(frame.collect, source)
     assert isinstance(result, pl.DataFrame)
     return result
 
 
-def _sql_call(call: Callable[[], Any]) -> Any:
+def _sql_call(call: Callable[[], Any], source: _Source | None = None) -> Any:
+    """*call*'s result; the scan's own typed error if it failed, else a :class:`PolarsSQLError`."""
+    if source is not None:
+        source.failure = None
     try:
         return call()
     except pl.exceptions.PolarsError as exc:
+        if source is not None and source.failure is not None:  # Polars < 2 wrapped our error
+            raise source.failure from None
         raise PolarsSQLError(type(exc).__name__, str(exc)) from None
