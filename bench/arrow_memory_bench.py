@@ -15,13 +15,52 @@ import json
 import subprocess
 import sys
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from bench._report import machine, write_section
-from bench.page_bench import served
 
 SIZES = (300_000,)
 MODES = ("to_dataframe", "to_arrow", "iter_batches")
 CHUNK_ROWS = 50_000
 TITLE = "Peak client memory: to_arrow against to_dataframe"
+
+
+@contextmanager
+def served(image_sets: int) -> Iterator[tuple[str, str]]:
+    """``page_bench.served`` with a patient stop: a 300,000-set server takes a while to exit."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "healthimaging_df",
+            "local",
+            "serve",
+            "--image-sets",
+            str(image_sets),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        endpoint = datastore = ""
+        for line in process.stdout:
+            if line.startswith("endpoint_url:"):
+                endpoint = line.split()[1]
+            if line.startswith("datastore_id:"):
+                datastore = line.split()[1]
+                break
+        yield endpoint, datastore
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _child(mode: str, endpoint: str, datastore: str) -> None:

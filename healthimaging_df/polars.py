@@ -172,7 +172,13 @@ def _const(tree: Any) -> tuple[list[Any], pl.DataType]:
         raise _Untranslatable
     series = pl.select(_expr(tree)).to_series()
     if series.dtype.base_type() in (pl.List, pl.Array):
-        series = series.explode()
+        # 1.44 warns that the default of empty_as_null changes in 2.0: either way an empty
+        # list gives no value (a null is dropped), so say it where the parameter exists
+        explode = series.explode
+        if "empty_as_null" in inspect.signature(explode).parameters:
+            series = explode(empty_as_null=False)
+        else:
+            series = explode()
     return series.to_list(), series.dtype
 
 
@@ -326,21 +332,10 @@ def _function(node: dict[str, Any]) -> list[_Cond]:
     if isinstance(boolean, dict) and "IsBetween" in boolean:
         closed = str(boolean["IsBetween"].get("closed", "Both"))
         (low, low_type), (high, high_type) = (_const(a) for a in args)
+        low_strict, high_strict = closed in ("Right", "None"), closed in ("Left", "None")
         return [
-            _Cond(
-                column,
-                "ge",
-                (_one(low, column),),
-                closed in ("Right", "None"),
-                _exact_unit(low_type),
-            ),
-            _Cond(
-                column,
-                "le",
-                (_one(high, column),),
-                closed in ("Left", "None"),
-                _exact_unit(high_type),
-            ),
+            _Cond(column, "ge", (_one(low, column),), low_strict, _exact_unit(low_type), True),
+            _Cond(column, "le", (_one(high, column),), high_strict, _exact_unit(high_type), True),
         ]
     if text is not None and schema.BY_NAME[column].kind == "string":
         [(value, _)] = [_const(a) for a in args]

@@ -20,9 +20,10 @@ def query_of(service: LocalService) -> Query:
 
 
 def baseline(service: LocalService, query: Query) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The query's frame and requests; one worker, so a windowed scan splits the same each run."""
     with FreshStatistics():
         service.reset_stats()
-        frame = query.to_dataframe(client=service.client(), progress=False)
+        frame = query.to_dataframe(client=service.client(), progress=False, max_concurrency=1)
         return frame, service.stats.by_operation
 
 
@@ -31,7 +32,7 @@ def test_to_arrow_is_to_dataframe_with_the_declared_schema(service: LocalService
     frame, sent = baseline(service, query)
     with FreshStatistics():
         service.reset_stats()
-        table = query.to_arrow(client=service.client(), progress=False)
+        table = query.to_arrow(client=service.client(), progress=False, max_concurrency=1)
         assert service.stats.by_operation == sent
     assert table.schema.equals(schema.arrow_schema())  # metadata aside
     assert b"healthimaging_df" in table.schema.metadata
@@ -94,7 +95,7 @@ def test_a_reader_runs_the_query_once_per_consumption(service: LocalService, con
     query = query_of(service)
     frame, sent = baseline(service, query)
     with FreshStatistics():
-        reader = query.reader(client=service.client(), progress=False)
+        reader = query.reader(client=service.client(), progress=False, max_concurrency=1)
         reader.__arrow_c_schema__()  # answered from the schema
         service.reset_stats()
         rows = consume(reader)
