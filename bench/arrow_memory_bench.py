@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
-
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
