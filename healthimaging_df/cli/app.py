@@ -33,7 +33,7 @@ configuration error."""
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every command."""
     from healthimaging_df.cli import demo
-    from healthimaging_df.cli.commands import metadata, search, series_attributes, snapshot
+    from healthimaging_df.cli.commands import metadata, search, series_attributes, snapshot, sql
     from healthimaging_df.local import cli as local_cli
 
     parser = argparse.ArgumentParser(
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.register(commands)
     metadata.register(commands)
     series_attributes.register(commands)
+    sql.register(commands)
     demo.register(commands)
     local_cli.register(commands)
     return parser
