@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from healthimaging_df.core import logs
     from healthimaging_df.local import LocalService
     from healthimaging_df.metadata import fetch_metadata
+    from healthimaging_df.polars import scan_image_sets, sql
     from healthimaging_df.query import Query, search
     from healthimaging_df.refresh import RefreshReport, refresh_snapshot
     from healthimaging_df.snapshot import (
@@ -49,7 +50,9 @@ _LAZY = {
     "read_snapshot": "healthimaging_df.snapshot",
     "refresh_snapshot": "healthimaging_df.refresh",
     "scan_snapshot": "healthimaging_df.snapshot",
+    "scan_image_sets": "healthimaging_df.polars",
     "search": "healthimaging_df.query",
+    "sql": "healthimaging_df.polars",
     "snapshot_history": "healthimaging_df.snapshot",
     "snapshot_provenance": "healthimaging_df.snapshot",
     "vacuum_snapshot": "healthimaging_df.snapshot",
@@ -94,11 +97,13 @@ __all__ = [
     "read_snapshot",
     "redact_botocore_logs",
     "refresh_snapshot",
+    "scan_image_sets",
     "scan_snapshot",
     "schema",
     "search",
     "snapshot_history",
     "snapshot_provenance",
+    "sql",
     "vacuum_snapshot",
     "write_snapshot",
 ]

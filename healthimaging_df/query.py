@@ -41,6 +41,8 @@ from healthimaging_df.plan.predicates import Predicate
 
 if TYPE_CHECKING:
     import pandas as pd
+    import polars as pl
+    import pyarrow as pa
 
     from healthimaging_df import snapshot
 
@@ -469,11 +471,202 @@ class Query:
         plan = engine.choose(self.spec(), run)
         return engine.chunks(plan, self.to_json(), run, chunk_rows)
 
+    def to_arrow(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+    ) -> pa.Table:
+        """Run the query and return the result as an Arrow table of the declared schema.
+
+        The same rows, order, exactness and errors as :meth:`to_dataframe`, without pandas on
+        the way: pages are Arrow tables, and the result is gathered from them column by column.
+        Provenance is in the schema's metadata under ``b"healthimaging_df"`` (JSON; the query's
+        values are PHI, as in ``df.attrs``). Arguments as :meth:`to_dataframe`.
+        """
+        from healthimaging_df import engine
+
+        run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+        plan = engine.choose(lambda stats: self.compile(stats=stats), run)
+        table, info = engine.collect_table(plan, self.to_json(), run)
+        return _with_provenance(table, info)
+
+    def iter_batches(
+        self,
+        chunk_rows: int = 50_000,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+    ) -> Iterator[pa.RecordBatch]:
+        """Yield Arrow record batches of about *chunk_rows* rows as pages arrive (bounded memory).
+
+        What :meth:`iter_dataframes` yields, as Arrow: arrival order, each image set once, an
+        empty result as one empty batch of the declared schema. Arguments are checked here,
+        before the first batch is asked for.
+        """
+        from healthimaging_df import engine
+
+        engine.check_positive_int("chunk_rows", chunk_rows)
+        run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+        return run_batches(self, run, chunk_rows)
+
+    def to_polars(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+    ) -> pl.DataFrame:
+        """:meth:`to_arrow` as a Polars DataFrame (needs the ``polars`` extra).
+
+        For a lazy frame whose filters reach the planner, see
+        ``healthimaging_df.polars.scan_image_sets``.
+        """
+        try:
+            import polars as pl
+        except ImportError:
+            raise ImportError(
+                'to_polars() needs polars, an optional extra: pip install "healthimaging-df[polars]"'
+            ) from None
+        table = self.to_arrow(client, boto3_session, progress, max_concurrency, max_tps)
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def reader(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+        chunk_rows: int = 50_000,
+    ) -> QueryReader:
+        """The query as an Arrow stream: ``pa.table(r)``, ``pl.DataFrame(r)``, DuckDB's ``FROM r``.
+
+        Each consumption runs the query once (the Arrow PyCapsule interface: a consumer asks
+        ``__arrow_c_schema__``, answered from the declared schema without a request, then
+        ``__arrow_c_stream__``, which runs the query). Run options are checked and the client
+        made here, before any request.
+        """
+        from healthimaging_df import engine
+
+        engine.check_positive_int("chunk_rows", chunk_rows)
+        run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+        return QueryReader(self, run, chunk_rows)
+
+    # -- display ------------------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """The query in a notebook: its conditions (no values) and the plan it compiles to."""
+        from healthimaging_df.core import display
+
+        rows = [("datastore", self.datastore_id)]
+        members = self.parts or (self,)
+        for number, q in enumerate(members, 1):
+            label = f"query {number} of the union" if self.parts else "conditions"
+            rows.append((label, "; ".join(map(repr, q.predicates)) or "(none: every image set)"))
+        if self.sort_column:
+            rows.append(("sort", f"{self.sort_column} {'asc' if self.ascending else 'desc'}"))
+        if self.row_limit is not None:
+            rows.append(("limit", str(self.row_limit)))
+        if self.strategy != "auto":
+            rows.append(("strategy", self.strategy))
+        return display.section("Query", rows) + self.compile().to_html(SEARCH_TPS)
+
     def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
         """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""
         from healthimaging_df import snapshot
 
         return snapshot.export_query(self, path, **options)
+
+
+class QueryReader:
+    """A query as an Arrow stream (the PyCapsule interface); see :meth:`Query.reader`.
+
+    ``__arrow_c_schema__`` answers from the declared schema (consumers such as DuckDB ask it
+    several times while binding: no request is sent). Every ``__arrow_c_stream__`` runs the
+    query anew: the first batch is computed before the stream is handed over, so a failure to
+    start (a bad datastore, denied access, throttling) raises its typed error to the caller; a
+    failure after that reaches the consumer as its own error type, naming ours and its message.
+    """
+
+    def __init__(self, query: Query, run: Any, chunk_rows: int) -> None:
+        self.query = query
+        self._run = run
+        self._chunk_rows = chunk_rows
+        self.runs = 0  # how many times a consumer opened the stream (each one runs the query)
+
+    def __repr__(self) -> str:
+        return f"QueryReader({self.query!r}, runs={self.runs})"
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The declared Arrow schema of every batch."""
+        return schema.arrow_schema()
+
+    def __arrow_c_schema__(self) -> object:
+        """The declared schema as an ArrowSchema capsule; no request is sent."""
+        return schema.arrow_schema().__arrow_c_schema__()
+
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
+        """Run the query and return an ArrowArrayStream capsule of its record batches."""
+        import pyarrow as pa
+
+        self.runs += 1
+        batches = run_batches(self.query, self._run, self._chunk_rows)
+        first = next(batches)  # raises a typed error if the run cannot start
+
+        def rest() -> Iterator[pa.RecordBatch]:
+            yield first
+            yield from batches
+
+        stream = pa.RecordBatchReader.from_batches(schema.arrow_schema(), rest())
+        return stream.__arrow_c_stream__(requested_schema)
+
+    def to_pyarrow(self) -> pa.RecordBatchReader:
+        """Run the query once as a ``pyarrow.RecordBatchReader``."""
+        import pyarrow as pa
+
+        return pa.RecordBatchReader.from_stream(self)
+
+
+def run_batches(query: Query, run: Any, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """Plan *query* now (statistics probed here, as ``iter_dataframes`` does); its batches.
+
+    What ``iter_batches``, a reader and the Polars source run (*run*: ``engine.prepare``'s).
+
+    Each call plans and runs on a copy of *run* with nothing prefetched, so a reader opened
+    twice runs twice from scratch.
+    """
+    from healthimaging_df import engine
+
+    fresh = replace(run, prefetched={})
+    plan = engine.choose(lambda stats: query.compile(stats=stats), fresh)
+    return _as_batches(engine.table_chunks(plan, query.to_json(), fresh, chunk_rows))
+
+
+def _as_batches(tables: Iterator[pa.Table]) -> Iterator[pa.RecordBatch]:
+    for table in tables:
+        yield from table.to_batches() or [_empty_batch()]
+
+
+def _empty_batch() -> pa.RecordBatch:
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_pylist([], schema=schema.arrow_schema())
+
+
+def _with_provenance(table: pa.Table, info: dict[str, Any]) -> pa.Table:
+    """*table* with the run's provenance in its schema metadata (JSON under the library's key)."""
+    from healthimaging_df.engine.provenance import KEY
+
+    return table.replace_schema_metadata({KEY.encode(): json.dumps(info).encode()})
 
 
 def _to_json(value: Any) -> Any:

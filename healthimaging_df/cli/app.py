@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         search,
         series_attributes,
         snapshot,
+        sql,
     )
     from healthimaging_df.local import cli as local_cli
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.register(commands)
     metadata.register(commands)
     series_attributes.register(commands)
+    sql.register(commands)
     doctor.register(commands)
     demo.register(commands)
     local_cli.register(commands)

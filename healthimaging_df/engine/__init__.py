@@ -19,6 +19,7 @@ from healthimaging_df.engine.run import (
     facts_for,
     prepare,
     presplit_pieces,
+    table_chunks,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "facts_for",
     "prepare",
     "presplit_pieces",
+    "table_chunks",
 ]

@@ -658,10 +658,16 @@ class Chunker:
             self.late_versions += self._index.fold(*rank_arrays(table))
 
     def _emit(self) -> Iterator[pd.DataFrame]:
+        holder = self._fresh()
+        if holder:
+            yield frame_of(holder, self.dtype_backend, self.provenance)
+
+    def _fresh(self) -> list[pa.Table]:
+        """The pending rows to yield (in a holder list, or none): latest copies, once each."""
         self._fold()
         tables = self._pending.take()
         if not tables:
-            return
+            return []
         table = pa.concat_tables(tables)
         del tables
         if table.column("imageSetId").null_count:
@@ -669,8 +675,27 @@ class Chunker:
         rows = self._index.claim(*rank_arrays(table))
         if len(rows) < table.num_rows:  # else every row is fresh: no copy needed
             table = table.take(pa.array(rows, pa.int64()))
-        holder = [table]
-        del table
-        if holder[0].num_rows:
+        if not table.num_rows:
+            return []
+        self._any = True
+        return [table]
+
+
+class TableChunker(Chunker):
+    """A :class:`Chunker` that yields Arrow tables of the declared schema: no pandas on the way."""
+
+    def add(self, page: Page) -> Iterator[pa.Table]:
+        """Take one page; yield a table when enough matching rows are buffered."""
+        return super().add(page)
+
+    def flush(self) -> Iterator[pa.Table]:
+        """Yield what is left; an empty result still yields one empty, typed table."""
+        yield from self._emit()
+        if not self._any:
             self._any = True
-            yield frame_of(holder, self.dtype_backend, self.provenance)
+            yield flatten.EMPTY_TABLE
+
+    def _emit(self) -> Iterator[pa.Table]:
+        holder = self._fresh()
+        if holder:
+            yield holder.pop().combine_chunks()

@@ -221,6 +221,24 @@ class Plan:
         """
         return _explain.explain(self, show_values, max_tps)
 
+    def summary(self, max_tps: float | None = None) -> str:
+        """The plan in a few value-free lines: paths weighed, requests and seconds at *max_tps*.
+
+        *max_tps* defaults to the pace the plan was compiled for (none: seconds unknown).
+        """
+        from healthimaging_df.plan import display
+
+        return display.text(self, max_tps if max_tps is not None else self.facts.max_tps)
+
+    def to_html(self, max_tps: float | None = None) -> str:
+        """:meth:`summary` as an HTML table (what a notebook shows)."""
+        from healthimaging_df.plan import display
+
+        return display.html(self, max_tps if max_tps is not None else self.facts.max_tps)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
 
 @dataclass(frozen=True, repr=False)
 class AnyOf(Predicate):
