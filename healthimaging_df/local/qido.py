@@ -110,16 +110,22 @@ class QidoSettings:
     refuse_past_cap: bool = False
     series_study_values: str = "own"
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` for settings that cannot be honoured."""
-        if self.record_cap is not None and (
-            isinstance(self.record_cap, bool)
-            or not isinstance(self.record_cap, int)
-            or self.record_cap < 1
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Check a setting as it is assigned (settings change at runtime)."""
+        if (
+            name == "record_cap"
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
         ):
             raise ValueError("record_cap must be an int >= 1 (or None for no cap)")
-        if self.series_study_values not in SERIES_STUDY_VALUES:
+        if name == "series_study_values" and value not in SERIES_STUDY_VALUES:
             raise ValueError(f"series_study_values must be one of {SERIES_STUDY_VALUES}")
+        super().__setattr__(name, value)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings that cannot be honoured."""
+        for name in ("record_cap", "series_study_values"):
+            setattr(self, name, getattr(self, name))
 
 
 @dataclass
@@ -227,8 +233,7 @@ class QidoApp:
         return {STUDIES: self._studies, SERIES: self._series, INSTANCES: self._instances}
 
     def _settle(self) -> None:
-        """Check the live settings (assigned at runtime) and hand the index its part."""
-        self.settings.validate()
+        """Hand the index its part of the live settings."""
         self.index.series_study_values = self.settings.series_study_values
 
     def _page(self, rows: list[Any], parsed: _Request) -> list[Any]:

@@ -294,6 +294,7 @@ class LocalService:
         )
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
+        self._exported: tuple[str | None] | None = None
         self._events: EventSink | None = None
         self._event_settings: dict[str, Any] | None = None
         if events_queue_url is not None:
@@ -392,6 +393,7 @@ class LocalService:
             server.server_close()
         for thread in threads:
             thread.join(timeout=5)
+        self._unexport()
         if self._events is not None:
             self._events.flush()
 
@@ -597,6 +599,29 @@ class LocalService:
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
             "AWS_DEFAULT_REGION": REGION,
         }
+
+    def export_dicomweb_endpoint(self) -> str:
+        """Set :data:`DICOMWEB_ENDPOINT_ENV` to this service's DICOMweb address until :meth:`stop`.
+
+        For a notebook or script that starts the service and then runs queries in the same
+        process (the context-manager form is :meth:`dicomweb_environment`). Returns the address.
+        """
+        if self._exported is None:
+            self._exported = (os.environ.get(DICOMWEB_ENDPOINT_ENV),)
+        os.environ[DICOMWEB_ENDPOINT_ENV] = self.dicomweb_endpoint_url
+        return self.dicomweb_endpoint_url
+
+    def _unexport(self) -> None:
+        if self._exported is None:
+            return
+        (previous,) = self._exported
+        self._exported = None
+        if os.environ.get(DICOMWEB_ENDPOINT_ENV) != self.dicomweb_endpoint_url:
+            return  # someone else set it since: theirs stays
+        if previous is None:
+            os.environ.pop(DICOMWEB_ENDPOINT_ENV, None)
+        else:
+            os.environ[DICOMWEB_ENDPOINT_ENV] = previous
 
     @contextlib.contextmanager
     def dicomweb_environment(self) -> Iterator[str]:

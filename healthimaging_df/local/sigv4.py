@@ -397,8 +397,8 @@ def sign_request(
     signer = SigV4Auth(Credentials(*credentials), SERVICE, region)
     # SigV4Auth.add_auth, with the timestamp ours to choose.
     request.context["timestamp"] = amz_date or datetime.now(timezone.utc).strftime(_AMZ_DATE)
-    signer._modify_request_before_signing(request)
+    signer._modify_request_before_signing(request)  # type: ignore[attr-defined]
     canonical = signer.canonical_request(request)
     signature = signer.signature(signer.string_to_sign(request, canonical), request)
-    signer._inject_signature_to_request(request, signature)
+    signer._inject_signature_to_request(request, signature)  # type: ignore[attr-defined]
     return {name: str(value) for name, value in request.headers.items()}
