@@ -117,8 +117,10 @@ class _Body:
 def read_body(request: Request, cap: int) -> _Body:
     """Read the request body as it streams, never holding more than ``cap`` + one chunk.
 
-    Past the cap the rest is read and discarded up to a bound (so the client, still sending,
-    reads our 413 on a kept connection), then the connection is given up.
+    A declared ``Content-Length`` past the cap is read and discarded up to a bound, so the
+    client, still sending, reads our 413 on a kept connection. A chunked body is read until
+    it passes the cap, then the connection is given up (its length is unknown: draining it
+    could take forever).
     """
     declared = request.content_length
     stream = request.stream
@@ -134,22 +136,14 @@ def read_body(request: Request, cap: int) -> _Body:
     size = 0
     try:
         while True:
-            chunk = stream.read(_CHUNK)
+            chunk = stream.read(min(_CHUNK, cap + 1 - size))
             if not chunk:
                 return _Body(b"".join(parts), False, True)
             size += len(chunk)
             if size > cap:
-                break
+                return _Body(b"", True, False)
             parts.append(chunk)
-        parts.clear()
-        drained = 0
-        while drained < _DRAIN_BYTES:
-            chunk = stream.read(_CHUNK)
-            if not chunk:
-                return _Body(b"", True, True)
-            drained += len(chunk)
-        return _Body(b"", True, False)
-    except (OSError, ValueError):  # a malformed chunked encoding
+    except (OSError, ValueError, HTTPException):  # bad chunks, or a body cut short
         return _Body(b"", False, False, broken=True)
 
 

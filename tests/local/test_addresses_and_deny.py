@@ -244,3 +244,20 @@ def test_each_local_dataset_has_its_own_datastore_id() -> None:
     again = LocalService.seeded(image_sets=10, seed=0)
     assert again.datastore_id == seeded_datastore_id(10, 0)
     assert LocalService.seeded(image_sets=10, seed=0, non_primary=0.5).datastore_id not in ids
+
+
+def test_the_cli_local_service_reaches_dicomweb_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``healthimaging-df ... --local``: its QIDO-RS requests find the DICOMweb address."""
+    import argparse
+
+    from healthimaging_df.cli.commands.connect import Target
+    from healthimaging_df.dicomweb import make_qido_client
+
+    monkeypatch.delenv(DICOMWEB_ENDPOINT_ENV, raising=False)
+    args = argparse.Namespace(local=True, endpoint_url=None, profile=None, datastore_id=None)
+    target = Target(args)
+    with target.connect() as connection:
+        qido = make_qido_client(connection.client, max_tps=None)
+        assert qido.endpoint_url == os.environ[DICOMWEB_ENDPOINT_ENV]
+        assert qido.get(target.datastore_id, "studies", {}, limit=1)[0]
+    assert DICOMWEB_ENDPOINT_ENV not in os.environ
