@@ -208,9 +208,12 @@ def _sqs_client(
     ):
         region = pieces[1]
     endpoint = endpoint_url or f"{parts.scheme}://{parts.netloc}"
+    endpoint_host = urlsplit(endpoint).hostname or ""
+    loopback = endpoint_host in ("127.0.0.1", "localhost", "::1")
     session = boto3.session.Session(region_name=region)
-    if credentials is None and session.get_credentials() is None:
-        # No credentials in the environment: a loopback SQS stand-in (moto) accepts any.
+    if credentials is None and (loopback or session.get_credentials() is None):
+        # A loopback SQS stand-in (moto) accepts any credentials; asking boto3's chain would
+        # only risk a wait on the instance-metadata endpoint.
         credentials = ("local", "local")
     key, secret = credentials if credentials is not None else (None, None)
     return session.client(
@@ -242,8 +245,8 @@ class EventSink:
     options
         The events' shape.
     credentials
-        ``(access key id, secret)`` for SQS; by default boto3's chain, or a dummy pair when it
-        finds none (a loopback stand-in accepts any).
+        ``(access key id, secret)`` for SQS; by default a dummy pair for a loopback endpoint
+        (moto accepts any), else boto3's chain (a dummy pair if it finds none).
     record
         Called with counter increments (``emitted=``, ``lost=``, ...); the service's stats.
     client
