@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import fields, replace
 from datetime import timedelta
@@ -72,6 +73,8 @@ DICOMWEB_ENDPOINT_ENV = "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING"
 """Where the library looks for the DICOMweb address (``AWS_ENDPOINT_URL_`` + the DICOMweb host's
 service name), as botocore reads ``AWS_ENDPOINT_URL_MEDICAL_IMAGING`` for the API's."""
 _FAULT_FIELDS = frozenset(f.name for f in fields(Faults))
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 4 << 20
 
 
 def seeded_datastore_id(image_sets: int, seed: int, non_primary: float = NON_PRIMARY) -> str:
@@ -153,6 +156,27 @@ class _KeepAliveHandler(WSGIRequestHandler):
         if environ["REQUEST_METHOD"] != "HEAD":
             self.wfile.write(body)
         self.wfile.flush()
+        if self.close_connection and not environ.get(BODY_CONSUMED_KEY):
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close gently when the request body was left unread (refused past the cap).
+
+        Closing a socket with unread data makes the kernel send a reset, which can destroy our
+        answer before the client reads it. So: end our side, then read and discard what the
+        client is still sending, for at most ``_LINGER_SECONDS`` and ``_LINGER_BYTES``.
+        """
+        connection = self.connection
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(_LINGER_SECONDS)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            discarded = 0
+            while discarded < _LINGER_BYTES and time.monotonic() < deadline:
+                chunk = connection.recv(1 << 16)
+                if not chunk:
+                    break
+                discarded += len(chunk)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
