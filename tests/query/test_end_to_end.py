@@ -254,7 +254,8 @@ def test_any_query_equals_brute_force(cohort_service: LocalService, faults: dict
         assert got == expected
 
     try:
-        check()
+        with cohort_service.dicomweb_environment():
+            check()
     finally:
         cohort_service.set_faults(latency_ms=0.0, tps=None, burst=None, error_rate=0.0)
 

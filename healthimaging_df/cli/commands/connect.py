@@ -58,7 +58,8 @@ class Target:
     def connect(self) -> Iterator[Connection]:
         """Yield a client; a local service runs for the duration of the ``with`` block."""
         if self._local is not None:
-            with self._local as service:
+            # QIDO-RS lives on the service's own DICOMweb address, found through the env.
+            with self._local as service, service.dicomweb_environment():
                 log.info("local service at %s", service.endpoint_url)
                 yield Connection(service.client(), self.datastore_id)
             return
