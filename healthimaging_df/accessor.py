@@ -277,6 +277,11 @@ class AHIAccessor:
             from healthimaging_df import dicomweb
         except ImportError:
             raise _missing_extra("dicomweb-client", "dicomweb", "fetch_series_attributes") from None
+        from healthimaging_df import aws
+
+        # The search client of the session, made as every client is (its endpoint, region and
+        # refreshing credentials sign the QIDO-RS requests): AWS_ENDPOINT_URL_MEDICAL_IMAGING holds.
+        client = aws.make_client(client, boto3_session, max_concurrency)
         return dicomweb.fetch_series_attributes(
             self._frame,
             fields,

@@ -1,4 +1,4 @@
-"""The boto3 client factory and the per-thread arming of a limiter on botocore's events."""
+"""The per-thread arming of a limiter on botocore's events: pacing a client inside our calls."""
 
 from __future__ import annotations
 
@@ -10,40 +10,11 @@ from typing import Any
 
 from healthimaging_df.aws.errors import THROTTLING_CODES
 from healthimaging_df.aws.limiter import RateLimiter
-from healthimaging_df.core import logs
 
 SERVICE = "medical-imaging"
 SEARCH = "SearchImageSets"  # the operation every search path paces (its own quota bucket)
 _HANDLER_ID = "healthimaging_df.aws.pace"
 _THROTTLE_HANDLER_ID = "healthimaging_df.aws.throttled"
-
-
-def make_client(
-    client: Any, boto3_session: Any, max_concurrency: int = 8, endpoint_url: str | None = None
-) -> Any:
-    """Return *client*, or a ``medical-imaging`` client from *boto3_session* (default session).
-
-    The client made here retries in botocore's standard mode (throttling and 5xx, 10 attempts),
-    has a connection pool large enough for *max_concurrency*, and names us in its user agent.
-    An *endpoint_url* (a local service) also turns off the ``runtime-`` host prefix.
-    """
-    logs.refresh()  # loggers of botocore modules imported since then are covered too
-    if client is not None:
-        return client
-    import boto3
-    from botocore.config import Config
-
-    from healthimaging_df._version import __version__  # importlib.metadata: not at import time
-
-    session = boto3_session if boto3_session is not None else boto3.Session()
-    settings: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 10},
-        "max_pool_connections": max(10, max_concurrency + 2),
-        "user_agent_extra": f"healthimaging-df/{__version__}",
-    }
-    if endpoint_url:
-        settings["inject_host_prefix"] = False
-    return session.client("medical-imaging", endpoint_url=endpoint_url, config=Config(**settings))
 
 
 _armed = threading.local()

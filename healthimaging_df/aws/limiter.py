@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from healthimaging_df.aws.session import identity
+
 # The quota's window is given this much room for the jitter between our grant (botocore's
 # before-send) and the service's count of the request: at most Q requests in any 1 s + MARGIN,
 # so pacing runs at 1 / (1 + MARGIN) of the quota (98%). Measured on this 2-core machine with
@@ -186,23 +188,24 @@ _shared_lock = threading.Lock()
 def limiter_for(
     client: Any, operation: str, max_tps: float | None, burst: int | None = None
 ) -> RateLimiter | None:
-    """The process's one limiter for *operation* at *max_tps* on *client*'s region and endpoint.
+    """The process's one limiter for *operation* at *max_tps* on *client*'s account and endpoint.
 
-    HealthImaging's quotas are per account and operation, so queries that run at the same time
-    (threads of a cohort script) or back to back (the next cell of a notebook, whose first second
-    still shares the service's window with the last one's) must draw from one schedule: with a
-    limiter each, two scans send 48 requests a second into a 25 TPS quota. Clients of one region
-    and endpoint share, whatever their credentials (two accounts in one process are paced as
-    one: slower, never throttled); a different rate or burst gets a limiter of its own. ``None``
-    without *max_tps*.
+    HealthImaging's quotas are per account, region and operation, so queries that run at the same
+    time (threads of a cohort script) or back to back (the next cell of a notebook, whose first
+    second still shares the service's window with the last one's) must draw from one schedule:
+    with a limiter each, two scans send 48 requests a second into a 25 TPS quota. Clients of one
+    account (:func:`healthimaging_df.aws.session.identity`: the account when the credentials name
+    it, else the access key), region and endpoint share; two accounts in one process are two
+    quotas, paced apart. A different rate or burst gets a limiter of its own. ``None`` without
+    *max_tps*.
     """
     if not max_tps:
         return None
     meta = getattr(client, "meta", None)
     where = (
-        (getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None))
+        (identity(client), getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None))
         if meta is not None
-        else ("client", id(client))
+        else ("client", id(client), None)
     )
     key = (*where, operation, float(max_tps), burst)
     with _shared_lock:
