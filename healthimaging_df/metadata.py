@@ -780,20 +780,21 @@ def fetch_metadata(
         )
     store = _datastore_id(frame, datastore_id)
     client = make_client(client, boto3_session, max_concurrency)
-    warning = _archive_guard(
-        client, store, targets, stale, allow_archive_access, max_tps, max_concurrency, progress
-    )
-    if warning is not None:
-        warnings.warn(warning, ArchiveAccessWarning, stacklevel=3)
-    blocks, failures = _fetch_all(
-        client,
-        store,
-        targets,
-        level,
-        max_tps,
-        max_concurrency,
-        ProgressReporter(progress, OPERATION, " image sets", total=len(targets)),
-    )
+    with aws.pacing(client):  # our botocore handlers stay on the client for this call only
+        warning = _archive_guard(
+            client, store, targets, stale, allow_archive_access, max_tps, max_concurrency, progress
+        )
+        if warning is not None:
+            warnings.warn(warning, ArchiveAccessWarning, stacklevel=3)
+        blocks, failures = _fetch_all(
+            client,
+            store,
+            targets,
+            level,
+            max_tps,
+            max_concurrency,
+            ProgressReporter(progress, OPERATION, " image sets", total=len(targets)),
+        )
     if failures and on_error == "raise":
         raise MetadataFetchError({targets[p].image_set_id: code for p, code in failures.items()})
     keys = ["imageSetId", "version", "SeriesInstanceUID"]

@@ -1,11 +1,19 @@
-"""The per-thread arming of a limiter on botocore's events: pacing a client inside our calls."""
+"""Pacing a client inside our calls: botocore event handlers that live only as long as the call.
+
+A handler registered on a client stays there for the client's life, and the client may be the
+user's. So every handler of ours is registered by :func:`hooked` for the block that needs it,
+counted per client (concurrent and nested blocks share one registration) and unregistered when
+the last block leaves, also by an exception: after our call the user's client has no handler
+of ours. A run registers once for its whole life (``PageStream``, ``fetch_metadata``); each
+request's :func:`paced` block then only counts.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from healthimaging_df.aws.errors import THROTTLING_CODES
@@ -18,6 +26,45 @@ _THROTTLE_HANDLER_ID = "healthimaging_df.aws.throttled"
 
 
 _armed = threading.local()
+_hooks_lock = threading.Lock()
+_hook_users: dict[tuple[int, str], int] = {}  # (id(client), handler id) -> blocks inside
+
+
+@contextmanager
+def hooked(client: Any, event: str, handler: Any, unique_id: str) -> Iterator[None]:
+    """Within the block, *handler* is registered on *client*'s *event*; gone after the last block.
+
+    Counted per client and *unique_id*: a block entered while another holds the registration
+    only counts; the last to leave unregisters, exception or not. Nothing happens for an object
+    that is not a botocore client.
+    """
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is None:
+        yield
+        return
+    key = (id(client), unique_id)
+    with _hooks_lock:
+        users = _hook_users.get(key, 0)
+        if users == 0:
+            events.register(event, handler, unique_id=unique_id)
+        _hook_users[key] = users + 1
+    try:
+        yield
+    finally:
+        with _hooks_lock:
+            _hook_users[key] -= 1
+            if _hook_users[key] == 0:
+                del _hook_users[key]
+                events.unregister(event, handler, unique_id=unique_id)
+
+
+@contextmanager
+def pacing(client: Any) -> Iterator[None]:
+    """Keep the pacing handlers on *client* for a run; :func:`paced` blocks inside only count."""
+    with ExitStack() as stack:
+        stack.enter_context(hooked(client, "before-send", _before_send, _HANDLER_ID))
+        stack.enter_context(hooked(client, "needs-retry", _needs_retry, _THROTTLE_HANDLER_ID))
+        yield
 
 
 def _before_send(**_: Any) -> None:
@@ -54,8 +101,8 @@ def paced(client: Any, limiter: RateLimiter | None, priority: float = 0.0) -> It
     At *priority* (see :meth:`RateLimiter.acquire`).
 
     A throttled attempt also tells *limiter* (:meth:`RateLimiter.throttled`). The handlers are
-    registered once per client (idempotent through their unique ids) and do nothing on threads
-    that are not inside this block.
+    on the client while a block is (see :func:`hooked`: wrap a run in :func:`pacing` to register
+    them once) and do nothing on threads that are not inside this block.
     """
     if limiter is None:
         yield
@@ -65,11 +112,10 @@ def paced(client: Any, limiter: RateLimiter | None, priority: float = 0.0) -> It
         limiter.acquire(priority)
         yield
         return
-    events.register("before-send", _before_send, unique_id=_HANDLER_ID)
-    events.register("needs-retry", _needs_retry, unique_id=_THROTTLE_HANDLER_ID)
     previous = getattr(_armed, "limiter", None), getattr(_armed, "priority", 0.0)
-    _armed.limiter, _armed.priority = limiter, priority
-    try:
-        yield
-    finally:
-        _armed.limiter, _armed.priority = previous
+    with pacing(client):
+        _armed.limiter, _armed.priority = limiter, priority
+        try:
+            yield
+        finally:
+            _armed.limiter, _armed.priority = previous

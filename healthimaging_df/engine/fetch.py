@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -299,6 +300,7 @@ class PageStream:
             progress, "SearchImageSets", " pages", postfix="{} image sets"
         )
         self._started = False
+        self._hooks = contextlib.ExitStack()  # our botocore handlers, for the stream's life
 
     # -- consumer side ------------------------------------------------------------------------
 
@@ -348,6 +350,7 @@ class PageStream:
                 w.join(timeout=0.01)
         self._workers.clear()
         self._progress.close()
+        self._hooks.close()  # the client is left as it was given
 
     def _drain(self) -> None:
         try:
@@ -360,6 +363,9 @@ class PageStream:
         if self._started:
             return
         self._started = True
+        self._hooks.enter_context(aws.pacing(self.client))  # once, not per page
+        if _lean(self.client):
+            self._hooks.enter_context(pages.hooked(self.client))
         self._began = time.monotonic()
         tasks: list[_Task] = []
         windows: list[tuple[Chain, Window, tuple[datetime, ...]]] = []
