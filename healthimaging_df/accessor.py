@@ -31,8 +31,10 @@ from healthimaging_df.errors import QueryValidationError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from typing_extensions import Unpack
 
     from healthimaging_df import metadata
+    from healthimaging_df.options import WriteOptions
     from healthimaging_df.refresh import RefreshReport
     from healthimaging_df.snapshot import SnapshotInfo
     from healthimaging_df.store.redact import RedactionPolicy
@@ -297,10 +299,13 @@ class AHIAccessor:
 
     # -- snapshots (shared with healthimaging_df.snapshot) ------------------------------------
 
-    def to_parquet(self, path: str | os.PathLike[str], **options: Any) -> SnapshotInfo:
+    def to_parquet(
+        self, path: str | os.PathLike[str], **options: Unpack[WriteOptions]
+    ) -> SnapshotInfo:
         """Write a snapshot (a ``.parquet`` file, or a Delta table for a directory) with provenance.
 
-        ``snapshot.write_snapshot`` takes *options*. Read it back with
+        *options* are :class:`~healthimaging_df.options.WriteOptions`, as
+        ``snapshot.write_snapshot`` takes them. Read it back with
         ``healthimaging_df.snapshot.read_snapshot(path)``.
         """
         from healthimaging_df.snapshot import write_snapshot

@@ -39,8 +39,10 @@ from healthimaging_df.plan.predicates import Predicate
 
 if TYPE_CHECKING:
     import pandas as pd
+    from typing_extensions import Unpack
 
     from healthimaging_df import snapshot
+    from healthimaging_df.options import ExportOptions
 
 _DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
 
@@ -365,8 +367,12 @@ class Query:
         plan = engine.choose(lambda stats: self.compile(stats=stats), run)
         return engine.chunks(plan, self.to_json(), run, chunk_rows)
 
-    def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
-        """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""
+    def to_parquet(self, path: str, **options: Unpack[ExportOptions]) -> snapshot.SnapshotInfo:
+        """Run the query and write a snapshot; see ``healthimaging_df.snapshot.export_query``.
+
+        *options* are :class:`~healthimaging_df.options.ExportOptions`: the run's (``client``,
+        ``max_tps``...) and the store's (``partition_cols``, ``redact``, ``resume``...).
+        """
         from healthimaging_df import snapshot
 
         return snapshot.export_query(self, path, **options)
