@@ -25,7 +25,7 @@ import pandas as pd
 # half-imported: only bottom-layer modules, cohort and the quota table (which import only those)
 # are imported here; metadata and the rest load in the methods that use them.
 from healthimaging_df import cohort, schema
-from healthimaging_df.aws.quotas import METADATA_TPS, QIDO_TPS
+from healthimaging_df.aws.quotas import QIDO_TPS
 from healthimaging_df.core.frames import with_attrs
 from healthimaging_df.errors import QueryValidationError
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from healthimaging_df import metadata
-    from healthimaging_df.options import WriteOptions
+    from healthimaging_df.options import MetadataOptions, WriteOptions
     from healthimaging_df.refresh import RefreshReport
     from healthimaging_df.snapshot import SnapshotInfo
     from healthimaging_df.store.redact import RedactionPolicy
@@ -180,49 +180,16 @@ class AHIAccessor:
 
     @overload
     def fetch_metadata(
-        self,
-        *,
-        client: Any = ...,
-        boto3_session: Any = ...,
-        level: metadata.Level = ...,
-        max_tps: float | None = ...,
-        max_concurrency: int = ...,
-        progress: metadata.MetadataProgress = ...,
-        dry_run: Literal[False] = ...,
-        on_error: metadata.OnError = ...,
-        datastore_id: str | None = ...,
-        allow_archive_access: bool | None = ...,
+        self, *, dry_run: Literal[False] = ..., **options: Unpack[MetadataOptions]
     ) -> pd.DataFrame: ...
 
     @overload
     def fetch_metadata(
-        self,
-        *,
-        client: Any = ...,
-        boto3_session: Any = ...,
-        level: metadata.Level = ...,
-        max_tps: float | None = ...,
-        max_concurrency: int = ...,
-        progress: metadata.MetadataProgress = ...,
-        dry_run: Literal[True],
-        on_error: metadata.OnError = ...,
-        datastore_id: str | None = ...,
-        allow_archive_access: bool | None = ...,
+        self, *, dry_run: Literal[True], **options: Unpack[MetadataOptions]
     ) -> metadata.MetadataPlan: ...
 
     def fetch_metadata(
-        self,
-        *,
-        client: Any = None,
-        boto3_session: Any = None,
-        level: metadata.Level = "series",
-        max_tps: float | None = METADATA_TPS,
-        max_concurrency: int = 8,
-        progress: metadata.MetadataProgress = None,
-        dry_run: bool = False,
-        on_error: metadata.OnError = "raise",
-        datastore_id: str | None = None,
-        allow_archive_access: bool | None = None,
+        self, *, dry_run: bool = False, **options: Unpack[MetadataOptions]
     ) -> pd.DataFrame | metadata.MetadataPlan:
         """GetImageSetMetadata per image set; see :func:`healthimaging_df.metadata.fetch_metadata`.
 
@@ -230,32 +197,12 @@ class AHIAccessor:
         SOPInstanceUID at ``level="instance"``), ready to merge on ``imageSetId``; or, with
         ``dry_run=True``, a :class:`~healthimaging_df.metadata.MetadataPlan` (nothing sent).
         Warns once (``ArchiveAccessWarning``) when archived image sets would be accessed.
-        Bad options raise ``QueryValidationError`` before any call, dry run or not.
+        Bad options raise ``QueryValidationError`` before any call, dry run or not. *options*
+        are :class:`~healthimaging_df.options.MetadataOptions`.
         """
         from healthimaging_df import metadata
-        from healthimaging_df.core import checks
 
-        if checks.flag("dry_run", dry_run):  # the options are checked as for a real run
-            return metadata.fetch_metadata(
-                self._frame,
-                level=level,
-                max_tps=max_tps,
-                max_concurrency=max_concurrency,
-                on_error=on_error,
-                dry_run=True,
-            )
-        return metadata.fetch_metadata(
-            self._frame,
-            client=client,
-            boto3_session=boto3_session,
-            level=level,
-            max_tps=max_tps,
-            max_concurrency=max_concurrency,
-            progress=progress,
-            on_error=on_error,
-            datastore_id=datastore_id,
-            allow_archive_access=allow_archive_access,
-        )
+        return metadata.fetch_metadata(self._frame, dry_run=dry_run, **options)
 
     def fetch_series_attributes(
         self,

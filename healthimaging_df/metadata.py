@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pandas as pd
 
@@ -56,6 +56,11 @@ from healthimaging_df.engine.enrichment import (
     tier_is_current,
 )
 from healthimaging_df.errors import ArchiveAccessWarning, MetadataFetchError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from healthimaging_df.options import MetadataOptions
 
 __all__ = [
     "ARCHIVED",
@@ -128,36 +133,20 @@ class MetadataPlan:
 
 @overload
 def fetch_metadata(
-    frame: pd.DataFrame,
-    *,
-    client: Any = ...,
-    boto3_session: Any = ...,
-    level: Level = ...,
-    max_tps: float | None = ...,
-    max_concurrency: int = ...,
-    progress: MetadataProgress = ...,
-    dry_run: Literal[False] = ...,
-    on_error: OnError = ...,
-    datastore_id: str | None = ...,
-    allow_archive_access: bool | None = ...,
+    frame: pd.DataFrame, *, dry_run: Literal[False] = ..., **options: Unpack[MetadataOptions]
 ) -> pd.DataFrame: ...
 
 
 @overload
 def fetch_metadata(
-    frame: pd.DataFrame,
-    *,
-    client: Any = ...,
-    boto3_session: Any = ...,
-    level: Level = ...,
-    max_tps: float | None = ...,
-    max_concurrency: int = ...,
-    progress: MetadataProgress = ...,
-    dry_run: Literal[True],
-    on_error: OnError = ...,
-    datastore_id: str | None = ...,
-    allow_archive_access: bool | None = ...,
+    frame: pd.DataFrame, *, dry_run: Literal[True], **options: Unpack[MetadataOptions]
 ) -> MetadataPlan: ...
+
+
+@overload
+def fetch_metadata(
+    frame: pd.DataFrame, *, dry_run: bool, **options: Unpack[MetadataOptions]
+) -> pd.DataFrame | MetadataPlan: ...
 
 
 def fetch_metadata(

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from healthimaging_df.core.progress import Progress
+    from healthimaging_df.engine.document_rows import Level
+    from healthimaging_df.engine.enrichment import OnError
     from healthimaging_df.store.redact import RedactionPolicy
 
-__all__ = ["ExportOptions", "RunOptions", "StoreOptions", "WriteOptions"]
+__all__ = ["ExportOptions", "MetadataOptions", "RunOptions", "StoreOptions", "WriteOptions"]
 
 
 class RunOptions(TypedDict, total=False):
@@ -49,6 +51,20 @@ class ExportOptions(RunOptions, StoreOptions, total=False):
 
     resume: bool
     checkpoint_interval: float
+
+
+class MetadataOptions(TypedDict, total=False):
+    """``fetch_metadata`` and ``df.ahi.fetch_metadata``, ``dry_run`` aside (it picks the result)."""
+
+    client: Any
+    boto3_session: Any
+    level: Level
+    max_tps: float | None
+    max_concurrency: int
+    progress: Progress
+    on_error: OnError
+    datastore_id: str | None
+    allow_archive_access: bool | None
 
 
 class WriteOptions(StoreOptions, total=False):

@@ -240,22 +240,6 @@ class _Counters:
     image_sets: int = 0
 
 
-def stream(
-    plan: Plan,
-    client: Any,
-    options: FetchOptions,
-    progress: Progress = None,
-    resume: Coverage | None = None,
-    prefetched: Prefetched | None = None,
-) -> PageStream:
-    """Start fetching *plan* (skipping what *resume* covers); iterate it for pages.
-
-    *prefetched*: first pages already read (by a probe), keyed by :func:`request_key`; a chain
-    whose first request is one of them starts from it instead of asking again.
-    """
-    return PageStream(plan, client, options, progress, resume, prefetched)
-
-
 class PageStream:
     """Pages of a plan as they arrive from worker threads.
 
@@ -600,18 +584,7 @@ class PageStream:
                     segment.low = max(segment.low, last)
             if token is None:
                 segment.closed = True  # the query covers the segment: nothing of it is left
-            other = segment.asc if reader.descending else segment.desc
-            stop = segment.complete
-            if (
-                not stop
-                and other is not None
-                and other.read  # else the estimate is this end's alone: a burst may lie beyond
-                and not other.sole
-                and not reader.sole
-                and segment.remaining_rows(self._overall(), most=True) < EARLY_STOP_ROWS
-            ):
-                other.sole = True  # its page in flight will most likely finish the segment
-                stop = True
+            stop = segment.complete or self._leave_to_other_end(segment, reader)
             covered: Window | None = None
             task.pages += 1
             handed: tuple[int, Window] | None = None
@@ -636,6 +609,24 @@ class PageStream:
                 ("page", Page(task.chain.index, flatten.EMPTY_TABLE, handed[0], True, handed[1]))
             )
         return covered
+
+    def _leave_to_other_end(self, segment: _Segment, reader: _Reader) -> bool:
+        """Whether *reader* stops early: the other end's page in flight will likely finish it.
+
+        Only once both ends have read (else the estimate is this end's alone: a burst may lie
+        beyond), neither end already the sole one, and little is left. Called with the lock held.
+        """
+        other = segment.asc if reader.descending else segment.desc
+        if (
+            other is None
+            or not other.read
+            or other.sole
+            or reader.sole
+            or segment.remaining_rows(self._overall(), most=True) >= EARLY_STOP_ROWS
+        ):
+            return False
+        other.sole = True  # its page in flight will most likely finish the segment
+        return True
 
     def _roll_over(self, task: _Task, reader: _Reader) -> tuple[int, Window]:
         """End the task (not the chain), returning its id and coverage; go on under a new id.
@@ -767,6 +758,14 @@ class PageStream:
             last = self._round_trip
             self._round_trip = took if last is None else 0.8 * last + 0.2 * took
         return page
+
+
+stream = PageStream
+"""Start fetching a plan (skipping what *resume* covers); iterate it for pages.
+
+*prefetched*: first pages already read (by a probe), keyed by :func:`request_key`; a chain whose
+first request is one of them starts from it instead of asking again.
+"""
 
 
 def request_key(kwargs: dict[str, Any]) -> str:

@@ -37,7 +37,15 @@ def test_star_import_binds_the_public_names_only() -> None:
     assert got == sorted(n for n in healthimaging_df.__all__ if n != "__version__")
 
 
+def _without_dry_run(frame: Any, **options: Any) -> Any:  # pragma: no cover (a signature)
+    raise NotImplementedError
+
+
 def _keywords(function: Callable[..., Any]) -> set[str]:
+    if function is _without_dry_run:
+        from healthimaging_df.metadata import fetch_metadata
+
+        return _keywords(fetch_metadata) - {"dry_run"}
     parameters = inspect.signature(function).parameters.values()
     return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
@@ -47,6 +55,7 @@ def _keywords(function: Callable[..., Any]) -> set[str]:
     [
         (options.ExportOptions, snapshot.export_query),
         (options.WriteOptions, snapshot.write_snapshot),
+        (options.MetadataOptions, _without_dry_run),
     ],
 )
 def test_option_groups_are_the_keywords_of_the_function_that_takes_them(
@@ -73,3 +82,4 @@ def test_the_methods_are_typed_with_the_groups() -> None:
 
     assert "Unpack[ExportOptions]" in str(inspect.signature(Query.to_parquet))
     assert "Unpack[WriteOptions]" in str(inspect.signature(AHIAccessor.to_parquet))
+    assert "Unpack[MetadataOptions]" in str(inspect.signature(AHIAccessor.fetch_metadata))
