@@ -32,6 +32,7 @@ __all__ = [
     "identity",
     "is_aws_endpoint",
     "make_client",
+    "named",
     "resolve",
     "s3_filesystem",
 ]
@@ -44,6 +45,21 @@ def resolve(boto3_session: Any = None) -> Any:
     import boto3
 
     return boto3.Session()
+
+
+def named(profile: str | None = None, region: str | None = None) -> Any:
+    """A boto3 session of *profile* and *region* (the environment's for None): a caller's session.
+
+    The command line makes its session here from ``--profile`` and ``--region``; an unknown
+    profile is a ``QueryValidationError`` (field ``profile``).
+    """
+    import boto3
+    from botocore.exceptions import ProfileNotFound
+
+    try:
+        return boto3.Session(profile_name=profile, region_name=region)
+    except ProfileNotFound:
+        raise QueryValidationError("profile", "no such profile in the AWS configuration") from None
 
 
 def is_aws_endpoint(url: str | None) -> bool:

@@ -66,15 +66,15 @@ class Target:
 
 def aws_client(args: argparse.Namespace) -> Any:
     """A ``medical-imaging`` client from --profile, --region and --endpoint-url (or the env)."""
-    import boto3
-    from botocore.exceptions import NoRegionError, ProfileNotFound
+    from botocore.exceptions import NoRegionError
 
     from healthimaging_df.aws import make_client
+    from healthimaging_df.aws import session as aws_session
     from healthimaging_df.errors import QueryValidationError
 
     try:
-        session = boto3.Session(profile_name=args.profile, region_name=args.region)
-    except ProfileNotFound:
+        session = aws_session.named(args.profile, args.region)
+    except QueryValidationError:
         raise ConfigError("the profile given by --profile or AWS_PROFILE does not exist") from None
     try:
         client = make_client(None, session, args.max_concurrency, endpoint_url=args.endpoint_url)

@@ -65,12 +65,12 @@ class S3Settings:
 
     def session(self) -> Any:
         """A boto3 session of the profile and region (``ConfigError`` if the profile is unknown)."""
-        import boto3
-        from botocore.exceptions import ProfileNotFound
+        from healthimaging_df.aws import session
+        from healthimaging_df.errors import QueryValidationError
 
         try:
-            return boto3.Session(profile_name=self.profile, region_name=self.region)
-        except ProfileNotFound:
+            return session.named(self.profile, self.region)
+        except QueryValidationError:
             raise ConfigError(
                 "the profile given by --profile or AWS_PROFILE does not exist"
             ) from None

@@ -291,9 +291,9 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
     """S3 settings: the same profile and region as the service client (not with --local)."""
     session = None
     if str(args.path).startswith("s3://") and not args.local:
-        import boto3
+        from healthimaging_df.aws.session import named
 
-        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+        session = named(args.profile, args.region)
     return {
         "boto3_session": session,
         "region": args.region,
