@@ -9,14 +9,18 @@ run as three variants of the same fetcher, interleaved so that each repeat meets
 
 The critical-path layer (a reader more at the limiter's rate for a segment whose own chain would
 outlast the rest, and the limiter serving readers with the most pages left first) was measured
-here as a third variant and removed: repeated runs showed no gain beyond the spread between
-repeats (docs/benchmarks.md, this section; the commit that removed it gives the figures).
+here as a third variant, *no critical path*, and removed: over two runs of three repeats (load
+average 4-21), the paired differences "no critical path minus full" were, in points of the quota:
+bursty 100 ms -3, -13, 0, -16, -12, +4; bursty 300 ms +5, +2, +15, -3, +8, +12; same-second 100 ms
++13, +6, -6, +4, -7, -4; same-second 300 ms +1, +2, -8, +5, +3, +6; uniform 100 ms +14, +7, 0,
++3, +1, -15; uniform 300 ms -2, -2, -14, -5, -2, -9. No cell gained beyond the spread between its
+repeats, and the cells the layer was built for (bursts at 300 ms) did better without it.
 
 The figure is the share of the quota: requests / seconds / ``max_tps`` over the whole
 ``to_dataframe`` call, and seconds. The machine is shared: compare the variants within a repeat
 (same minute, same load), and judge a difference by the spread across repeats.
 
-Run: ``python -m bench scan_ablation_bench`` (about 10 minutes: 3 distributions x 2 latencies x
+Run: ``python -m bench scan_ablation_bench`` (about 12 minutes: 3 distributions x 2 latencies x
 2 variants x 3 repeats of 10,000 image sets); ``--repeats``, ``--image-sets``, ``--latencies``,
 ``--distributions``, ``--no-write``.
 """
@@ -54,24 +58,8 @@ def _static() -> Iterator[None]:
         fetch.PageStream._feed = feed  # type: ignore[method-assign]
 
 
-@contextlib.contextmanager
-def _no_critical_path() -> Iterator[None]:
-    """No reader added at the limiter's rate, and the limiter first come, first served."""
-    from healthimaging_df.engine import fetch
-
-    critical, priority = fetch.critical_reader, fetch.PageStream._priority
-    fetch.critical_reader = lambda *args, **kwargs: None
-    fetch.PageStream._priority = lambda self, task: 0.0  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        fetch.critical_reader = critical
-        fetch.PageStream._priority = priority  # type: ignore[method-assign]
-
-
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "full": contextlib.nullcontext,
-    "no critical path": _no_critical_path,
     "static": _static,
 }
 
@@ -123,7 +111,7 @@ def main() -> None:
                             got = scan(service, latency, n)
                         results.setdefault((distribution, latency, variant), []).append(got)
                         print(
-                            f"{distribution:12s} {latency:4.0f} ms #{repeat + 1} {variant:16s} "
+                            f"{distribution:12s} {latency:4.0f} ms #{repeat + 1} {variant:7s} "
                             f"{got['seconds']:5.1f} s {got['share']:.1%} "
                             f"{got['requests']:.0f} req thr {got['throttled']:.0f}",
                             flush=True,

@@ -70,7 +70,7 @@ def pacing(client: Any) -> Iterator[None]:
 def _before_send(**_: Any) -> None:
     limiter: RateLimiter | None = getattr(_armed, "limiter", None)
     if limiter is not None:
-        limiter.acquire(getattr(_armed, "priority", 0.0))
+        limiter.acquire()
         _armed.sent = time.monotonic()
 
 
@@ -95,10 +95,8 @@ def _needs_retry(response: Any = None, **_: Any) -> None:
 
 
 @contextmanager
-def paced(client: Any, limiter: RateLimiter | None, priority: float = 0.0) -> Iterator[None]:
+def paced(client: Any, limiter: RateLimiter | None) -> Iterator[None]:
     """Within the block, every HTTP attempt this thread makes on *client* waits for *limiter*.
-
-    At *priority* (see :meth:`RateLimiter.acquire`).
 
     A throttled attempt also tells *limiter* (:meth:`RateLimiter.throttled`). The handlers are
     on the client while a block is (see :func:`hooked`: wrap a run in :func:`pacing` to register
@@ -109,13 +107,13 @@ def paced(client: Any, limiter: RateLimiter | None, priority: float = 0.0) -> It
         return
     events = getattr(getattr(client, "meta", None), "events", None)
     if events is None:  # not a botocore client: pace the call itself
-        limiter.acquire(priority)
+        limiter.acquire()
         yield
         return
-    previous = getattr(_armed, "limiter", None), getattr(_armed, "priority", 0.0)
+    previous = getattr(_armed, "limiter", None)
     with pacing(client):
-        _armed.limiter, _armed.priority = limiter, priority
+        _armed.limiter = limiter
         try:
             yield
         finally:
-            _armed.limiter, _armed.priority = previous
+            _armed.limiter = previous

@@ -10,8 +10,6 @@ instead of sending 25 each.
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
 import math
 import threading
 import time
@@ -41,8 +39,8 @@ class RateLimiter:
     never sees one too many. Slots are spaced to match: ``paced = limit / (window + margin)``
     per second (98% of 25 TPS with the default 20 ms).
 
-    Callers queue by priority (:meth:`acquire`); the head takes the next *slot* of an absolute
-    schedule (slot k+1 = slot k + 1/paced) and sleeps until it. A thread that wakes late (the
+    Callers queue first come, first served (:meth:`acquire`); the head takes the next *slot* of
+    an absolute schedule (slot k+1 = slot k + 1/paced) and sleeps until it. A thread that wakes late (the
     GIL held by another thread's parse, a busy machine) therefore delays only its own request:
     the next slot was fixed before, so the schedule does not accumulate oversleep as a bucket
     refilled from wake-up times does. The
@@ -77,8 +75,7 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._queue: list[list[float]] = []  # waiting callers: [-priority, ticket], a heap
-        self._tickets = itertools.count()
+        self._queue: collections.deque[object] = collections.deque()  # waiting callers, in turn
         self._set_margin(self.base_margin)
         self._next = clock() - self._tolerance  # the first free slot of the schedule
         self._granted: collections.deque[float] = collections.deque(maxlen=self.window_limit)
@@ -112,17 +109,15 @@ class RateLimiter:
             self._clean = 0
             self._set_margin(min(MAX_MARGIN, max(2.0 * self.margin, self.margin + 0.01)))
 
-    def acquire(self, priority: float = 0.0) -> None:
-        """Block until a request may go out; of the callers waiting, the highest *priority* first.
+    def acquire(self) -> None:
+        """Block until a request may go out; callers are served first come, first served.
 
-        Equal priorities go first come, first served. The caller at the head of the queue takes
-        the next slot of the schedule (and of the window guard) when it comes; one that arrives
-        with a higher priority meanwhile takes it instead. A scan gives the readers with the
-        most pages left the higher priority: the critical path is served first.
+        The caller at the head of the queue takes the next slot of the schedule (and of the
+        window guard) when it comes.
         """
         with self._cond:
-            ticket = [-priority, next(self._tickets)]
-            heapq.heappush(self._queue, ticket)
+            ticket = object()
+            self._queue.append(ticket)
             waited = served = False
             scheduled, after = 0.0, None  # the head's slot, planned when self._next was *after*
             try:
@@ -138,7 +133,7 @@ class RateLimiter:
                             moment = max(moment, granted[0] + self.span)  # its oldest expires
                         # compared as the same sums that were waited for: no rounding back
                         if now >= moment:
-                            heapq.heappop(self._queue)
+                            self._queue.popleft()
                             served = True
                             self._next = scheduled + self._interval
                             granted.append(now)
@@ -155,7 +150,6 @@ class RateLimiter:
                     self.waiting -= 1
                 if not served:  # interrupted while waiting
                     self._queue.remove(ticket)
-                    heapq.heapify(self._queue)
                     self._cond.notify_all()
 
     def _pause(self, moment: float | None) -> None:

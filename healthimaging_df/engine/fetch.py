@@ -3,7 +3,7 @@
 Request chains (one per fanned-out value, or createdAt windows read from both ends and split while
 workers are free) run on a pool of threads sharing one client. The shared rate limiter
 (``aws.RateLimiter``) paces every call below ``max_tps`` so we do not cause the throttling we would
-then retry, and serves the readers with the most pages left first. botocore's standard retry mode
+then retry, first come, first served. botocore's standard retry mode
 retries throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch
 stops: a fault we cannot recover from raises, it never returns half a result.
 """
@@ -197,11 +197,6 @@ class _Segment:
     @property
     def complete(self) -> bool:
         return self.closed or self.low > self.high
-
-    @property
-    def readers(self) -> int:
-        """Ends reading it now (at least one: a segment without is about to get one)."""
-        return max(1, (self.asc is not None) + (self.desc is not None))
 
     def remaining_rows(self, overall: float | None = None, most: bool = False) -> float:
         """Rows left between the ends (inf when unknown).
@@ -497,7 +492,7 @@ class PageStream:
         empty_run = 0
         page_number = 0
         while not self._halted(chain.index):
-            table, token = self._call(kwargs, chain.index, self._priority(task))
+            table, token = self._call(kwargs, chain.index)
             page_number += 1
             log.debug(
                 "chain %d page %d: %d image sets%s",
@@ -650,26 +645,24 @@ class PageStream:
 
         Below the limiter's rate, the segment with the most rows left gets its missing end, or,
         read from both ends already, is split at a whole second between them (the dense side's
-        next second, else the middle) with a new reader at the split. At the rate, only a
-        segment on the critical path does (see :func:`critical_reader`). Each reader costs about
-        half a page more (its last page is part-empty), so none starts for a segment with little
-        left. Called with the lock held.
+        next second, else the middle) with a new reader at the split. At the rate, none does:
+        a reader more would only wait for the limiter. Each reader costs about half a page more
+        (its last page is part-empty), so none starts for a segment with little left. Called
+        with the lock held.
         """
-        if self._outstanding >= self.options.max_concurrency:
+        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+            return
+        limiter, round_trip = self._limiter, self._round_trip
+        if (
+            limiter is not None
+            and round_trip is not None
+            and self._outstanding >= limiter.rate * round_trip + 1
+        ):
+            # readers enough to keep the limiter busy are on their way (Little's law: rate x
+            # round trip in flight; its queue shows them a round trip later)
             return
         # one reader per page that arrives: the rate is measured again before the next
-        overall = self._overall()
-        limiter, round_trip = self._limiter, self._round_trip
-        if limiter is None or round_trip is None:  # unpaced, or no page back yet
-            busy = self._at_rate()  # False when unpaced
-            move = None if busy else next_reader(self._segments, overall, self._readers_short())
-        elif self._at_rate() or self._outstanding >= limiter.rate * round_trip + 1:
-            # the limiter is busy, or readers enough to keep it busy are on their way (Little's
-            # law: rate x round trip in flight; its queue shows them a round trip later): only
-            # the critical path gets a reader more
-            move = critical_reader(self._segments, overall, limiter.rate, round_trip)
-        else:
-            move = next_reader(self._segments, overall, self._readers_short())
+        move = next_reader(self._segments, self._overall(), self._readers_short())
         if move is None:
             return
         segment, step = move
@@ -727,30 +720,14 @@ class PageStream:
         self._segments.add(upper)
         self._add_reader(upper, descending=False)
 
-    def _priority(self, task: _Task) -> float:
-        """A reader's pages left (its segment's rows over its readers), its place at the limiter.
-
-        The longest chains go first, so the scan's critical path never waits behind readers
-        that will finish early anyway; a reader whose segment is not sized yet goes first too.
-        A plain chain (a fanned-out value) has no such estimate: first come, first served.
-        """
-        reader = task.reader
-        if reader is None:
-            return 0.0
-        with self._lock:
-            segment = reader.segment
-            return segment.remaining_rows(self._overall()) / PAGE_ROWS / segment.readers
-
-    def _call(
-        self, kwargs: dict[str, Any], chain: int, priority: float = 0.0
-    ) -> tuple[pa.Table, str | None]:
+    def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
         if self._prefetched and "nextToken" not in kwargs:
             with self._lock:
                 ready = self._prefetched.pop(request_key(kwargs), None)
             if ready is not None:
                 return ready
         called = time.monotonic()
-        page = call_page(self.client, self._limiter, kwargs, chain, self._cancel, priority)
+        page = call_page(self.client, self._limiter, kwargs, chain, self._cancel)
         # the round trip from the slot's grant: the wait for the slot is the limiter's, and
         # counting it made a ramp of eight paced first requests look like 0.5 s at 300 ms
         took = time.monotonic() - max(called, aws.sent_at() or called)
@@ -803,46 +780,6 @@ def next_reader(
     )
     for left, _, segment in live:
         move = _reader_for(segment, left, overall, short)
-        if move is not None:
-            return move
-    return None
-
-
-def critical_reader(
-    segments: Iterable[_Segment], overall: float | None, rate: float, round_trip: float
-) -> tuple[_Segment, str | datetime] | None:
-    """A reader for the segment whose own chain would outlast the rest of the scan, or None.
-
-    At the limiter's rate a reader more sends no more requests, but a segment whose rows per
-    reader take longer to page through (a page per *round_trip*) than every row left takes at
-    *rate* is the critical path: the scan ends when it does. A reader more there shortens it
-    (and the limiter serves the readers with the most pages left first, see ``_priority``). A
-    same-second burst found late in a first scan at 300 ms kept two readers per second until
-    the others ended, then paged alone for three seconds.
-    """
-    live = [s for s in segments if not s.complete]
-    if overall is None or not live:
-        return None  # too little read to tell what the rest of the scan holds
-    # a segment none of whose ends has read a page yet: at the overall density
-    rows = []
-    for segment in live:
-        left = segment.remaining_rows(overall)
-        gap = max((segment.high - segment.low).total_seconds(), 0.0)
-        rows.append(left if left < float("inf") else overall * gap)
-    scan_left = sum(rows) / PAGE_ROWS / rate
-    chains = sorted(
-        (
-            (r / PAGE_ROWS / s.readers * round_trip, n, r, s)
-            for n, (r, s) in enumerate(zip(rows, live, strict=True))
-        ),
-        key=lambda item: item[:2],
-        reverse=True,
-    )
-    for chain, _, left, segment in chains:
-        if chain <= scan_left:
-            return None
-        # the longest may have no reader to give (both ends inside one second): the next one
-        move = _reader_for(segment, left, overall, short=False)
         if move is not None:
             return move
     return None
@@ -905,11 +842,10 @@ def call_page(
     kwargs: dict[str, Any],
     chain: int | None = None,
     cancel: threading.Event | None = None,
-    priority: float = 0.0,
 ) -> tuple[pa.Table, str | None]:
     """One page, checked against the service model; a malformed page is asked for again.
 
-    Every attempt waits for *limiter* at *priority* (:meth:`aws.RateLimiter.acquire`).
+    Every attempt waits for *limiter* (:meth:`aws.RateLimiter.acquire`).
 
     The body is parsed straight into Arrow columns (``pages``) where botocore allows it; a client
     that does not is parsed by botocore and checked by ``pagecheck``. Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
@@ -921,7 +857,7 @@ def call_page(
 
     def attempt(_: int) -> tuple[pa.Table, str | None]:
         try:
-            with aws.paced(client, limiter, priority):
+            with aws.paced(client, limiter):
                 if _lean(client):
                     try:
                         page = pages.fetch_page(client, kwargs, request_index=chain)

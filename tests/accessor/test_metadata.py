@@ -404,8 +404,8 @@ def test_retries_into_a_strict_sliding_window_take_a_token_each(
     tokens = []
     acquire = aws.RateLimiter.acquire
 
-    def counted(self: aws.RateLimiter, priority: float = 0.0) -> None:
-        acquire(self, priority)
+    def counted(self: aws.RateLimiter) -> None:
+        acquire(self)
         tokens.append(self.rate)
 
     monkeypatch.setattr(aws.RateLimiter, "acquire", counted)
