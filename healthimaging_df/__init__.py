@@ -19,7 +19,7 @@ from healthimaging_df.core.logs import redact_botocore_logs
 if TYPE_CHECKING:
     __version__: str
 
-    from healthimaging_df import errors, schema
+    from healthimaging_df import dicomweb, errors, options, schema
     from healthimaging_df.checkup import doctor
     from healthimaging_df.core import logs
     from healthimaging_df.local import LocalService
@@ -58,7 +58,13 @@ _LAZY = {
     "vacuum_snapshot": "healthimaging_df.snapshot",
     "write_snapshot": "healthimaging_df.snapshot",
 }
-_MODULES = {"errors": "errors", "schema": "schema", "logs": "core.logs"}
+_MODULES = {
+    "dicomweb": "dicomweb",  # QIDO-RS (the dicomweb extra)
+    "errors": "errors",
+    "logs": "core.logs",
+    "options": "options",  # the typed option groups of to_parquet
+    "schema": "schema",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -89,11 +95,13 @@ __all__ = [
     "RefreshReport",
     "SnapshotInfo",
     "__version__",
+    "dicomweb",
     "doctor",
     "errors",
     "fetch_metadata",
     "generate_key",
     "logs",
+    "options",
     "read_snapshot",
     "redact_botocore_logs",
     "refresh_snapshot",

@@ -13,12 +13,11 @@ with them pandas and pyarrow) load when a query first runs, so building and expl
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from healthimaging_df import schema
 from healthimaging_df.aws.quotas import SEARCH_TPS
@@ -37,16 +36,18 @@ from healthimaging_df.plan import (
     compile_spec,
     predicates,
 )
-from healthimaging_df.plan.predicates import Predicate
+from healthimaging_df.plan.predicates import Op, Predicate
+
+OPS: tuple[str, ...] = get_args(Op)  # every predicate operator (the JSON form's "op")
 
 if TYPE_CHECKING:
     import pandas as pd
     import polars as pl
     import pyarrow as pa
+    from typing_extensions import Unpack
 
     from healthimaging_df import snapshot
-
-_DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
+    from healthimaging_df.options import ExportOptions
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,7 @@ class Query:
     assume_consistent_studies: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.datastore_id, str) or not _DATASTORE_ID.fullmatch(self.datastore_id):
-            raise QueryValidationError("datastore_id", "must be 32 characters of [0-9a-z]")
+        checks.resource_id("datastore_id", self.datastore_id)
         if self.parts:  # what the client applies: any part's predicates (refresh reads this)
             groups = tuple(q.predicates for q in self.parts)
             object.__setattr__(self, "predicates", (any_of(groups),))
@@ -259,6 +259,9 @@ class Query:
                 "query", "its values were redacted; pass the original query instead"
             )
         items = data.get("predicates", ())
+        for position, p in enumerate(items):  # an unknown op would fail only when run
+            if p.get("op") not in OPS:
+                raise QueryValidationError("op", f"must be one of {', '.join(OPS)}", position)
         built = [
             predicates.build(p["column"], p["op"], p.get("values", ()), case=p.get("case", True))
             for p in items
@@ -579,8 +582,12 @@ class Query:
             rows.append(("strategy", self.strategy))
         return display.section("Query", rows) + self.compile().to_html(SEARCH_TPS)
 
-    def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
-        """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""
+    def to_parquet(self, path: str, **options: Unpack[ExportOptions]) -> snapshot.SnapshotInfo:
+        """Run the query and write a snapshot; see ``healthimaging_df.snapshot.export_query``.
+
+        *options* are :class:`~healthimaging_df.options.ExportOptions`: the run's (``client``,
+        ``max_tps``...) and the store's (``partition_cols``, ``redact``, ``resume``...).
+        """
         from healthimaging_df import snapshot
 
         return snapshot.export_query(self, path, **options)

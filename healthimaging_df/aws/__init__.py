@@ -8,7 +8,8 @@ first attempt respected, and a user's own client is paced only inside our calls.
 
 from __future__ import annotations
 
-from healthimaging_df.aws.clients import SEARCH, SERVICE, make_client, paced, sent_at
+from healthimaging_df.aws import session
+from healthimaging_df.aws.clients import SEARCH, SERVICE, hooked, paced, pacing, sent_at
 from healthimaging_df.aws.errors import (
     FATAL_CODES,
     THROTTLING_CODES,
@@ -48,6 +49,7 @@ from healthimaging_df.aws.retry import (
     RetryCancelled,
     retrying,
 )
+from healthimaging_df.aws.session import make_client
 
 __all__ = [
     "CONFLICT",
@@ -77,13 +79,16 @@ __all__ = [
     "error_code",
     "failure",
     "forget_limiters",
+    "hooked",
     "http_failure",
     "is_aws_error",
     "limiter_for",
     "make_client",
     "paced",
+    "pacing",
     "retrying",
     "search_error",
     "sent_at",
     "service_error",
+    "session",
 ]

@@ -10,12 +10,14 @@ as yes).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from healthimaging_df.errors import QueryValidationError
 
 T = TypeVar("T")
+_RESOURCE_ID = re.compile(r"[0-9a-z]{32}")  # a datastore's or an image set's ID (service model)
 
 __all__ = [
     "flag",
@@ -27,6 +29,8 @@ __all__ = [
     "optional_positive_int",
     "optional_positive_number",
     "positive_int",
+    "resource_id",
+    "resource_ids",
 ]
 
 
@@ -116,6 +120,22 @@ def optional_flag(name: str, value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise QueryValidationError(name, "must be None, True or False")
+
+
+def resource_id(name: str, value: Any, position: int | None = None) -> str:
+    """*value* if it is a HealthImaging ID (a datastore's, an image set's): 32 of ``[0-9a-z]``."""
+    if isinstance(value, str) and _RESOURCE_ID.fullmatch(value):
+        return value
+    raise QueryValidationError(name, "must be 32 characters of [0-9a-z]", position)
+
+
+def resource_ids(name: str, values: Iterable[Any]) -> None:
+    """Check every one of *values* with :func:`resource_id`.
+
+    The error names the first bad one's position (counted from 1 in the message), never its value.
+    """
+    for position, value in enumerate(values):
+        resource_id(name, value, position)
 
 
 def one_of(name: str, value: Any, choices: Iterable[T]) -> T:

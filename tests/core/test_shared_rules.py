@@ -147,13 +147,10 @@ def test_signatures_take_their_default_from_the_quota_table() -> None:
     import inspect
 
     from healthimaging_df import metadata
-    from healthimaging_df.accessor import AHIAccessor
 
     assert inspect.signature(Query.to_dataframe).parameters["max_tps"].default == aws.SEARCH_TPS
     got = inspect.signature(metadata.fetch_metadata).parameters["max_tps"].default
     assert got == aws.METADATA_TPS
-    accessor = inspect.signature(AHIAccessor.fetch_metadata).parameters
-    assert accessor["max_tps"].default == aws.METADATA_TPS
 
 
 # -- error translation ----------------------------------------------------------------------------

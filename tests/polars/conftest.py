@@ -75,8 +75,11 @@ class FreshStatistics:
 
 @pytest.fixture(scope="session")
 def polars_service() -> Iterator[LocalService]:
-    """A local service of 1,200 image sets (seed 11) for the Polars tests."""
-    with LocalService.seeded(image_sets=1200, seed=11) as service:
+    """A local service of 1,200 image sets (seed 11) for the Polars tests.
+
+    QIDO-RS is on the service's own DICOMweb address, as on AWS, so the environment names it.
+    """
+    with LocalService.seeded(image_sets=1200, seed=11) as service, service.dicomweb_environment():
         yield service
 
 

@@ -218,7 +218,7 @@ def ids(query: Query, service: LocalService) -> list[str]:
 
 @pytest.fixture(scope="module")
 def qido_service() -> Iterator[LocalService]:
-    with LocalService.seeded(image_sets=2500, seed=11) as service:
+    with LocalService.seeded(image_sets=2500, seed=11) as service, service.dicomweb_environment():
         yield service
 
 
@@ -561,7 +561,7 @@ def test_a_resumed_export_of_a_qido_plan_is_exact_when_qido_answers_otherwise(
 
     name = "COHORT^RESUME"
     service, records = _cohort_datastore(name)
-    with service:
+    with service, service.dicomweb_environment():
         client = service.client()
         query = trusted(Query(service.datastore_id).where(PatientName=name))
         plan = chosen(query, service)

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "polars",
         "checkup",
         "conformance",
+        "options",
     ),
     ("refresh",),
     ("accessor",),
