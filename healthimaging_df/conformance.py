@@ -9,7 +9,7 @@ the same checks against the bundled local service. Details name counts and error
 values (PHI).
 
 >>> sorted(CHECKS)[:2]
-['metadata.gzip_json', 'qido.dicom_json']
+['metadata.gzip_json', 'qido.api_host_404']
 """
 
 from __future__ import annotations

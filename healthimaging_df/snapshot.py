@@ -1020,6 +1020,7 @@ def export_query(
     kms_key_id: str | None = None,
     compression: str = "zstd",
     glue_table: str | None = None,
+    dicomweb_endpoint_url: str | None = None,
 ) -> SnapshotInfo:
     """Run *query* and write its result as a snapshot at *path*, checkpointing as it goes.
 
@@ -1072,7 +1073,14 @@ def export_query(
     parts = check_partition_cols(target, partition_cols)
     _check_schema_partitions(parts)
     target.store.check_writable()
-    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+    run = engine.prepare(
+        client,
+        boto3_session,
+        progress,
+        max_concurrency,
+        max_tps,
+        dicomweb_endpoint_url=dicomweb_endpoint_url,
+    )
     display = os.fspath(path)
 
     def write(table: pa.Table | SortedRows, info: dict[str, Any]) -> SnapshotInfo:

@@ -682,8 +682,11 @@ def test_dicomweb_absent_or_unreachable_falls_back_once_and_forced_qido_raises(
     assert issubclass(DICOMwebUnavailableWarning, Warning)
 
 
-def test_an_unknown_dicomweb_endpoint_leaves_qido_out_silently(qido_service: LocalService) -> None:
+def test_an_unknown_dicomweb_endpoint_leaves_qido_out_silently(
+    qido_service: LocalService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A custom endpoint_url says nothing of where DICOMweb is: not weighed, no warning."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING", raising=False)
     from healthimaging_df.errors import DICOMwebUnavailableError
 
     records = qido_service.backend.image_sets(qido_service.datastore_id)

@@ -49,7 +49,7 @@ PENDING: dict[str, set[str]] = {
     "ISO timestamps read by hand": {"store/tables.py"},
     "a pandas type mapper": set(),
     "botocore's error dict read by hand": set(),
-    "an exponential backoff by hand": {"dicomweb/_client.py", "store/delta.py"},
+    "an exponential backoff by hand": {"store/delta.py"},
     "a boto3 session or client made by hand": {
         "dicomweb/_client.py",
         "store/delta.py",
