@@ -342,7 +342,7 @@ def planner_100k() -> None:
         "client and the scan runs. Each runs as planned, then forced to each path, same run; the "
         "statistics cache starts empty.",
         "",
-        "| non-primary " + TABLE_HEAD[0][1:],
+        "| non-primary |" + TABLE_HEAD[0][1:],
         "|---" + TABLE_HEAD[1],
         *(f"| {share} " + _row(label, found) for share, label, found in rows),
         "",

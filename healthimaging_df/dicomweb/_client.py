@@ -633,9 +633,9 @@ def make_qido_client(
         credentials = get_credentials
         region = getattr(client.meta, "region_name", None)
     else:
-        import boto3
+        from healthimaging_df.aws import session as aws_session
 
-        session = boto3_session if boto3_session is not None else boto3.Session()
+        session = aws_session.resolve(boto3_session)
         credentials = session.get_credentials
         region = getattr(getattr(client, "meta", None), "region_name", None) or session.region_name
     endpoint = dicomweb_endpoint(client, region, dicomweb_endpoint_url)

@@ -51,7 +51,6 @@ PENDING: dict[str, set[str]] = {
     "botocore's error dict read by hand": set(),
     "an exponential backoff by hand": {"store/delta.py"},
     "a boto3 session or client made by hand": {
-        "dicomweb/_client.py",
         "store/delta.py",
         "store/storage.py",
     },
