@@ -303,6 +303,16 @@ def check_names(argument: str, names: Any, table_schema: pa.Schema) -> list[str]
     return out
 
 
+def check_partition_types(table_schema: pa.Schema, parts: Sequence[str]) -> None:
+    """Partition columns must hold text, integers or flags (a folder per value of anything else)."""
+    for position, name in enumerate(parts):
+        kind = table_schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+            raise QueryValidationError(
+                "partition_by", f"{name!r} must hold text, integers or flags", position
+            )
+
+
 def check_version(version: Any, as_of: Any) -> None:
     """Refuse a version that is not an int >= 0, an as_of that is not a datetime, or both."""
     if version is not None and (

@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +29,7 @@ from healthimaging_df.snapshot import (
     vacuum_snapshot,
     write_snapshot,
 )
+from healthimaging_df.store.delta import encoding
 
 from .conftest import typed_frame
 
@@ -66,10 +68,12 @@ def test_every_commit_carries_provenance_and_files_the_declared_schema(
     info = write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
     assert info.version == 0
     assert len(info.files) == sample_frame["Modality"].nunique(dropna=False)
-    declared = schema.arrow_schema()
+    # the declared types, but StudyDateTime (naive) labelled UTC: reader 1 / writer 2
+    stored = encoding.storage_schema(schema.arrow_schema())
+    assert stored.field("StudyDateTime").type == pa.timestamp("us", tz="UTC")
     for path in info.files:
         file_schema = pq.read_schema(path)
-        expected = [f for f in declared if f.name != "Modality"]
+        expected = [f for f in stored if f.name != "Modality"]
         assert [(f.name, f.type) for f in file_schema] == [(f.name, f.type) for f in expected]
     log = (tmp_path / "snap" / "_delta_log" / f"{0:020d}.json").read_text(encoding="utf-8")
     commit = next(json.loads(line) for line in log.splitlines() if "commitInfo" in line)
@@ -311,10 +315,12 @@ def test_plain_pandas_reads_the_declared_dtypes(tmp_path: Path, sample_frame: pd
     write_snapshot(sample_frame, str(tmp_path / "one.parquet"))
     plain = pd.read_parquet(tmp_path / "one.parquet")
     assert plain.dtypes.to_dict() == schema.pandas_dtypes()
-    # a directory snapshot is a Delta table: deltalake alone reads it with the declared types
+    # a directory snapshot is a Delta table: deltalake alone reads it with the declared types,
+    # but for StudyDateTime, a wall-clock time stored labelled UTC (and marked so in the log)
     write_snapshot(sample_frame, str(tmp_path / "parts"), partition_cols=["Modality"])
     parts = DeltaTable(str(tmp_path / "parts")).to_pyarrow_table()
     declared = {f.name: f.type for f in schema.arrow_schema()}
+    declared["StudyDateTime"] = pa.timestamp("us", tz="UTC")
     assert {f.name: f.type for f in parts.schema} == declared
     assert parts.num_rows == len(sample_frame)
 

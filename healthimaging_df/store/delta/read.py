@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from healthimaging_df.errors import SnapshotError
 from healthimaging_df.store.delta.log import (
     State,
-    files_of,
     log_fs,
     open_table,
     options_for,
@@ -56,6 +56,52 @@ def opened_state(
     return opened, state, table_fs
 
 
+def checked_dataset(
+    table: DeltaTable, state: State, table_fs: Any, action: str, *, footers: bool = False
+) -> pads.Dataset:
+    """The loaded version as a dataset in its written types, once its files match the log.
+
+    Every data file named by the log must lie inside the table (no absolute path, no ``..``),
+    be there, and have the size the log records (one listing, no data read); with *footers*,
+    each file's Parquet footer must also count the rows the log records (one footer read a
+    file: a file replaced by another of the same size). A mismatch raises ``SnapshotError``.
+    """
+    from pyarrow import fs as pafs
+
+    damaged = f"{action} failed: a data file is damaged or truncated (it does not match the log)"
+    with translated(action):
+        actions = pa.table(table.get_add_actions(flatten=True))
+    paths = actions.column("path").to_pylist()
+    sizes = actions.column("size_bytes").to_pylist()
+    counts = (
+        actions.column("num_records").to_pylist()
+        if "num_records" in actions.column_names
+        else [None] * len(paths)
+    )
+    # the log stores paths percent-encoded (partition values); the file system wants them raw
+    expected: dict[str, tuple[int, int | None]] = {}
+    for path, size, count in zip(paths, sizes, counts, strict=True):
+        raw = unquote(str(path))
+        if "://" in raw or raw.startswith(("/", "\\")) or ".." in raw.replace("\\", "/").split("/"):
+            raise SnapshotError(f"{action}: the log names a data file outside the table")
+        expected[raw] = (int(size), None if count is None else int(count))
+    with translated(action):
+        infos = table_fs.get_file_info(list(expected))
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            raise SnapshotError(f"{action} failed: {kind(FileNotFoundError())}")
+        if info.size != expected[info.path][0]:
+            raise SnapshotError(damaged)
+    with translated(action):
+        scan = table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
+        if footers:
+            for fragment in scan.get_fragments():
+                want = expected.get(str(fragment.path), (0, None))[1]
+                if want is not None and fragment.metadata.num_rows != want:
+                    raise SnapshotError(damaged)
+    return scan
+
+
 def dataset(
     uri: str | os.PathLike[str],
     *,
@@ -66,28 +112,13 @@ def dataset(
     """A ``pyarrow.dataset.Dataset`` of one version (latest by default), typed as written.
 
     DuckDB (``duckdb.arrow(ds)``), Polars (``pl.scan_pyarrow_dataset(ds)``) and Dask read it
-    lazily, with partition pruning. Every data file is checked to be there with the size the log
-    records (one listing, no data read), so a deleted or truncated file raises ``SnapshotError``
-    here; damage inside a file of the right size fails later, in the reader, with pyarrow's
-    message (which can quote a path).
+    lazily, with partition pruning. Every data file is checked against the log first (see
+    :func:`checked_dataset`); damage inside a file of the right size fails later, in the reader
+    (``snapshot.scan_snapshot`` wraps the dataset so that error is typed and names no path).
     """
     action = "scanning the snapshot"
     table, state, table_fs = opened_state(uri, version, as_of, storage_options, action)
-    with translated(action):
-        scan = table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
-        # the log stores paths percent-encoded (partition values); the file system wants them raw
-        expected = {unquote(path): size for path, size in files_of(table).items()}
-        infos = table_fs.get_file_info(list(expected))
-    from pyarrow import fs as pafs
-
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            raise SnapshotError(f"{action} failed: {kind(FileNotFoundError())}")
-        if info.size != expected[info.path]:
-            raise SnapshotError(
-                f"{action} failed: a data file of the table is damaged or truncated"
-            )
-    return scan
+    return checked_dataset(table, state, table_fs, action)
 
 
 def read_table(
@@ -121,6 +152,7 @@ def read_table(
     -------
     TableVersion
         ``(table, provenance, version, timestamp, partition_by)``; rows in no particular order.
+        Every data file is checked against the log first, footers included.
     """
     action = "reading the snapshot"
     opened, state, table_fs = opened_state(uri, version, as_of, storage_options, action)
@@ -130,9 +162,15 @@ def read_table(
         wanted = check_names("columns", columns, full_schema)
     expression = filter_expression(filters)
     check_filter(expression, full_schema)
-    with translated(action):
-        scan = opened.to_pyarrow_dataset(schema=full_schema, filesystem=table_fs)
-        table = scan.to_table(columns=wanted, filter=expression)
+    nothing = isinstance(filters, pc.Expression) and filters.equals(pc.scalar(False))
+    if nothing:  # the schema and provenance only: no file is opened
+        table = full_schema.empty_table()
+        if wanted is not None:
+            table = table.select(wanted)
+    else:
+        scan = checked_dataset(opened, state, table_fs, action, footers=True)
+        with translated(action):
+            table = scan.to_table(columns=wanted, filter=expression)
     expected = full_schema if wanted is None else pa.schema([full_schema.field(c) for c in wanted])
     if table.schema.remove_metadata() != expected:
         with translated(action):

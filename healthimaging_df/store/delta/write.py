@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
+from healthimaging_df.store.delta import encoding
 from healthimaging_df.store.delta.log import (
     FORMAT,
     FORMAT_VERSION,
@@ -29,12 +30,13 @@ from healthimaging_df.store.table_format import (
     WriteResult,
     check_data,
     check_names,
+    check_partition_types,
     check_provenance,
     check_version,
 )
 
 if TYPE_CHECKING:
-    from deltalake import DeltaTable
+    pass
 
 # -- write ----------------------------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ def write_table(
     )
     if parts is not None and parts and len(parts) >= len(table.schema.names):
         raise QueryValidationError("partition_by", "cannot cover every column")
+    check_partition_types(table.schema, parts or [])
     options = options_for(location, storage_options)
     action = "writing the snapshot"
     existing = open_table(
@@ -111,11 +114,12 @@ def write_table(
             raise SnapshotError(f"{action}: there is no table at the expected version")
         parts = parts or []
         meta.update(partition_by=parts, added=rows, updated=0, removed=0)
+        stored = encoding.storage_schema(table.schema)
         with translated(action):
             try:
                 write_deltalake(
                     location,
-                    table,
+                    _encoded(table, stored),
                     partition_by=parts or None,
                     mode="error",
                     description=_description(),
@@ -151,12 +155,14 @@ def write_table(
             )
         before = files_of(existing)
         old_rows = row_count(existing)
-        reshape = parts != old_parts or not _same_delta_schema(existing, table.schema)
+        current = encoding.table_schema(existing.schema())
+        data = _encoded(table, current)
+        reshape = parts != old_parts or not _same_delta_schema(current, data.schema)
         meta.update(partition_by=parts, added=rows, updated=0, removed=old_rows)
         with translated(action):
             write_deltalake(
                 existing,
-                table,
+                data,
                 partition_by=parts or None,
                 mode="overwrite",
                 schema_mode="overwrite" if reshape else None,
@@ -191,6 +197,14 @@ def _description() -> str:
     )
 
 
-def _same_delta_schema(existing: DeltaTable, arrow_schema: pa.Schema) -> bool:
-    current = pa.schema(existing.schema().to_arrow())
+def _same_delta_schema(current: pa.Schema, arrow_schema: pa.Schema) -> bool:
     return [(f.name, str(f.type)) for f in current] == [(f.name, str(f.type)) for f in arrow_schema]
+
+
+def _encoded(
+    data: pa.Table | pa.RecordBatchReader, stored: pa.Schema
+) -> pa.Table | pa.RecordBatchReader:
+    """*data* in the table's stored types (see ``encoding``): cast before every write."""
+    if isinstance(data, pa.RecordBatchReader):
+        return encoding.reader_to_storage(data, stored)
+    return encoding.to_storage(data, stored)
