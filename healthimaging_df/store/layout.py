@@ -131,13 +131,20 @@ def _between(
     return any(high > start for _, high in blocked[:stop])
 
 
-def span_filter(spans: Sequence[Span], partition_by: Sequence[str]) -> pc.Expression:
-    """The spans as a ``pyarrow.compute`` expression (the rows a merge reads and replaces)."""
+def span_filter(
+    spans: Sequence[Span], partition_by: Sequence[str], order: str | None = ORDER_COLUMN
+) -> pc.Expression:
+    """The spans as a ``pyarrow.compute`` expression (the rows a merge reads and replaces).
+
+    Without an *order* column (a table of other rows) a span is its whole partition.
+    """
     terms = []
     for span in spans:
-        term = (pc.field(ORDER_COLUMN) >= pa.scalar(span.low, _UTC)) & (
-            pc.field(ORDER_COLUMN) < pa.scalar(span.high, _UTC)
-        )
+        term = pc.scalar(True)
+        if order is not None:
+            term = (pc.field(order) >= pa.scalar(span.low, _UTC)) & (
+                pc.field(order) < pa.scalar(span.high, _UTC)
+            )
         for name, value in zip(partition_by, span.partition, strict=True):
             term &= pc.field(name).is_null() if value is None else pc.field(name) == value
         terms.append(term)

@@ -58,6 +58,8 @@ def history(
             meta = ours(info) or {}
             metrics = info.get("operationMetrics") or {}
             operation = str(info.get("operation", ""))
+            if meta.get("operation") == "merge":
+                operation = "MERGE"  # our merge commits through a predicate overwrite
             counts = _counts(operation, meta, metrics)
             rows.append(
                 {
@@ -104,7 +106,7 @@ def _provenance_or_none(fs: Any, version: int) -> dict[str, Any] | None:
 
 
 def _counts(operation: str, meta: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, int]:
-    if operation == "MERGE":
+    if operation == "MERGE" and "added" not in meta:
         return {
             "rows_added": int(metrics.get("num_target_rows_inserted", 0)),
             "rows_updated": int(metrics.get("num_target_rows_updated", 0)),

@@ -1,15 +1,30 @@
-"""Delta merges: upsert by ``imageSetId`` and delete by ID in one commit."""
+"""Delta merges: upsert by ``imageSetId`` and delete by ID in one commit, rewriting few files.
+
+delta-rs' own MERGE prunes target files only by the min/max of the source's keys: 1% of the rows
+changed at random rewrote 10 files of 10 into one unsorted file, after which every refresh
+rewrote the whole table. So a merge here works out itself which rows change (in Arrow: the
+touched rows are read by key), which files hold them, and the ``createdAt`` spans of those files
+(``layout.cover``); it then replaces exactly those spans in one commit with
+``write_deltalake(mode="overwrite", predicate=...)``: delta-rs removes the files inside them
+(and rewrites a neighbour that only partly overlaps), and the new rows go in sorted, at the
+target file size. Files outside the spans are not read or written, so the ``createdAt`` layout
+survives every merge. delta-rs checks that every written row satisfies the predicate.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.store import layout
+from healthimaging_df.store.delta import encoding
 from healthimaging_df.store.delta.log import (
     commit_properties,
     files_of,
@@ -22,6 +37,7 @@ from healthimaging_df.store.delta.log import (
     table_location,
     writer_properties,
 )
+from healthimaging_df.store.delta.read import checked_dataset
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.table_format import (
     MergeResult,
@@ -31,9 +47,14 @@ from healthimaging_df.store.table_format import (
     check_version,
 )
 
-_DELETE_FLAG = "__healthimaging_df_delete"
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
 
-# -- merge ----------------------------------------------------------------------------------------
+# statistics keep milliseconds: a file's last row can lie up to 1 ms past its recorded max
+_STATS_PRECISION = timedelta(milliseconds=1)
+# a file without statistics is taken to span every plausible createdAt
+_EARLIEST = datetime(1900, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
 
 
 def merge_table(
@@ -45,13 +66,15 @@ def merge_table(
     key: str = "imageSetId",
     expected_version: int | None = None,
     storage_options: Mapping[str, str] | None = None,
+    target_file_size: int | None = None,
 ) -> MergeResult:
-    """Upsert *incoming* by *key* and delete *removed_ids*, in one MERGE commit.
+    """Upsert *incoming* by *key* and delete *removed_ids*, in one commit.
 
     A row of *incoming* replaces the table's row with the same key when its ``(version,
     updatedAt)`` is newer (nulls lowest), or equal with any other column different; an older state
-    never replaces a newer one. Keys not in the table are inserted. Only the data files holding
-    touched rows are rewritten.
+    never replaces a newer one. Keys not in the table are inserted; removed keys not in it are
+    ignored. Only the files holding touched rows are rewritten (see the module's docstring);
+    nothing is committed when nothing changes.
 
     Parameters
     ----------
@@ -60,7 +83,8 @@ def merge_table(
     incoming
         Rows to upsert, with exactly the table's columns (any order); keys unique and non-null.
     removed_ids
-        Keys to delete (rows that left the cohort); none of them may be in *incoming*.
+        Keys to delete (rows that left the cohort, image sets deleted from the datastore); none
+        of them may be in *incoming*.
     provenance
         JSON-ready dict stored with the commit (the new version's provenance).
     key
@@ -68,7 +92,9 @@ def merge_table(
     expected_version
         The version the caller read; a table that moved past it raises ``SnapshotConflictError``.
     storage_options
-        As in :func:`write_table`.
+        As in ``write_table``.
+    target_file_size
+        Bytes at which a rewritten file is closed (delta-rs' default when None).
 
     Returns
     -------
@@ -78,23 +104,120 @@ def merge_table(
     incoming = check_table("incoming", incoming)
     prov = check_provenance(provenance)
     check_version(expected_version, None)
+    removed = _check_removed(removed_ids)
+    options = options_for(location, storage_options)
+    action = "merging into the snapshot"
+    existing = open_table(location, options, action=action, version=expected_version)
+    assert existing is not None
+    table_fs = log_fs(location, options)
+    state = state_at(table_fs, existing.version())
+    target_schema = state.arrow_schema
+    incoming = _check_incoming(incoming, target_schema, key, removed, action)
+    parts = list(existing.metadata().partition_columns)
+    if incoming.num_rows == 0 and not removed:
+        return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
+
+    scan = checked_dataset(existing, state, table_fs, action)
+    touched_keys = pa.concat_arrays(
+        [incoming.column(key).combine_chunks(), pa.array(removed, target_schema.field(key).type)]
+    )
+    with translated(action):
+        old = _rows_with_files(scan, pc.field(key).isin(touched_keys))
+    replacing = _replacing(incoming, old, key, target_schema.names)
+    present = pc.is_in(incoming.column(key), value_set=old.column(key))
+    inserted = incoming.filter(pc.invert(present))
+    updated = incoming.filter(replacing)
+    gone = pc.is_in(old.column(key), value_set=pa.array(removed, target_schema.field(key).type))
+    going = pc.or_(gone, pc.is_in(old.column(key), value_set=updated.column(key)))
+    if inserted.num_rows == 0 and updated.num_rows == 0 and not pc.any(gone).as_py():
+        return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
+
+    new_rows = pa.concat_tables([updated, inserted])
+    order = layout.ORDER_COLUMN if layout.ORDER_COLUMN in target_schema.names else None
+    files = _file_spans(existing, parts, order)
+    touched_files = {str(path) for path in old.filter(going).column("__file").to_pylist()}
+    points = _points(new_rows, parts, order)
+    spans = layout.cover(files, touched_files, points)
+    with translated(action):
+        kept = scan.to_table(filter=layout.span_filter(spans, parts, order))
+    leaving = pc.is_in(kept.column(key), value_set=old.filter(going).column(key))
+    if pc.sum(leaving.cast(pa.int64())).as_py() != old.filter(going).num_rows:
+        raise SnapshotError(  # the log's statistics do not cover a row they should: refuse
+            f"{action}: the table's file statistics disagree with its rows; run optimize first"
+        )
+    data = pa.concat_tables([kept.filter(pc.invert(leaving)), new_rows.select(kept.column_names)])
+    data = encoding.to_storage(layout.file_order(data), encoding.table_schema(existing.schema()))
+    before = files_of(existing)
+    deleted = int(pc.sum(gone.cast(pa.int64())).as_py() or 0)
+    meta = {
+        "operation": "merge",
+        "arrow_schema": schema_b64(target_schema),
+        "partition_by": parts,
+        "added": inserted.num_rows,
+        "updated": updated.num_rows,
+        "removed": deleted,
+        "rewritten_rows": data.num_rows,
+    }
+    from deltalake import write_deltalake
+
+    with translated(action):
+        write_deltalake(
+            existing,
+            data,
+            mode="overwrite",
+            predicate=_span_sql(spans, parts, target_schema, order),
+            partition_by=parts or None,
+            target_file_size=target_file_size,
+            writer_properties=writer_properties(),
+            commit_properties=commit_properties(prov, meta),
+        )
+    after = files_of(existing)
+    return MergeResult(
+        version=existing.version(),
+        added=inserted.num_rows,
+        updated=updated.num_rows,
+        removed=deleted,
+        rows=row_count(existing),
+        files_added=len(set(after) - set(before)),
+        files_removed=len(set(before) - set(after)),
+        bytes_written=sum(size for path, size in after.items() if path not in before),
+    )
+
+
+def _rows_with_files(scan: Any, expression: pc.Expression) -> pa.Table:
+    """The rows of *scan* matching *expression*, each with its file's path in ``__file``."""
+    pieces = []
+    for fragment in scan.get_fragments(filter=expression):
+        piece = fragment.to_table(schema=scan.schema, filter=expression)
+        if piece.num_rows:
+            path = pa.array([str(fragment.path)] * piece.num_rows, pa.string())
+            pieces.append(piece.append_column("__file", path))
+    if not pieces:
+        return scan.schema.empty_table().append_column("__file", pa.array([], pa.string()))
+    return pa.concat_tables(pieces)
+
+
+def _check_removed(removed_ids: Any) -> list[str]:
     if isinstance(removed_ids, (str, bytes)):
         raise QueryValidationError("removed_ids", "must be a list of keys, not one string")
     removed = list(removed_ids)
     for position, value in enumerate(removed):
         if not isinstance(value, str):
             raise QueryValidationError("removed_ids", "keys must be strings", position)
-    options = options_for(location, storage_options)
-    action = "merging into the snapshot"
-    existing = open_table(location, options, action=action, version=expected_version)
-    assert existing is not None
-    state = state_at(log_fs(location, options), existing.version())
-    target_schema = state.arrow_schema
+    if len(set(removed)) != len(removed):
+        raise QueryValidationError("removed_ids", "has repeated keys")
+    return removed
+
+
+def _check_incoming(
+    incoming: pa.Table, target_schema: pa.Schema, key: str, removed: list[str], action: str
+) -> pa.Table:
+    """*incoming* in the table's column order and types, its keys checked."""
     if key not in target_schema.names:
         raise QueryValidationError("key", f"column {key!r} is not in the table")
     for needed in ("version", "updatedAt"):
         if needed not in target_schema.names:
-            raise SnapshotError(f"{action}: the table has no {needed} column to rank states by")
+            raise SnapshotError(f"{action}: the table has no {needed} column")
     if set(incoming.column_names) != set(target_schema.names):
         raise QueryValidationError("incoming", "must have exactly the table's columns")
     try:
@@ -108,74 +231,119 @@ def merge_table(
         raise QueryValidationError("incoming", f"has rows without a {key}")
     if pc.count_distinct(keys).as_py() != incoming.num_rows:
         raise QueryValidationError("incoming", f"has repeated {key} values")
-    if len(set(removed)) != len(removed):
-        raise QueryValidationError("removed_ids", "has repeated keys")
+    order = layout.ORDER_COLUMN
+    if order in incoming.column_names and incoming.column(order).null_count:
+        raise QueryValidationError("incoming", f"has rows without a {layout.ORDER_COLUMN}")
     if removed and pc.any(pc.is_in(keys, value_set=pa.array(removed, pa.string()))).as_py():
         raise QueryValidationError("removed_ids", "names keys that are also in incoming")
-    if incoming.num_rows == 0 and not removed:
-        return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
+    return incoming
 
-    source = incoming.append_column(_DELETE_FLAG, pa.array([False] * incoming.num_rows, pa.bool_()))
-    if removed:
-        leavers = {
-            name: pa.nulls(len(removed), type=target_schema.field(name).type)
-            for name in target_schema.names
-        }
-        leavers[key] = pa.array(removed, type=target_schema.field(key).type)
-        gone = pa.table({**leavers, _DELETE_FLAG: pa.array([True] * len(removed), pa.bool_())})
-        source = pa.concat_tables([source, gone])
-    columns = [c for c in target_schema.names if c != key]
-    before = files_of(existing)
-    meta = {
-        "operation": "merge",
-        "arrow_schema": schema_b64(target_schema),
-        "partition_by": list(existing.metadata().partition_columns),
-    }
-    flag = f"s.`{_DELETE_FLAG}`"
-    with translated(action):
-        metrics = (
-            existing.merge(
-                source,
-                predicate=f"t.`{key}` = s.`{key}`",
-                source_alias="s",
-                target_alias="t",
-                streamed_exec=False,  # the source is small: materialized, it prunes files
-                writer_properties=writer_properties(),
-                commit_properties=commit_properties(prov, meta),
+
+def _distinct(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """``a IS DISTINCT FROM b``, element-wise."""
+    both = pc.and_(pc.is_valid(a), pc.is_valid(b))
+    return pc.if_else(both, pc.not_equal(a, b), pc.xor(pc.is_null(a), pc.is_null(b)))
+
+
+def _newer(new: pa.ChunkedArray | pa.Array, old: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """``new`` ranks above ``old`` (nulls lowest)."""
+    return pc.fill_null(
+        pc.or_(pc.and_(pc.is_null(old), pc.is_valid(new)), pc.greater(new, old)), False
+    )
+
+
+def _replacing(incoming: pa.Table, old: pa.Table, key: str, columns: Sequence[str]) -> pa.Array:
+    """Which rows of *incoming* replace the stored row of their key (False where none is)."""
+    where = pc.index_in(incoming.column(key), value_set=old.column(key))
+    present = pc.is_valid(where)
+    if not pc.any(present).as_py():
+        return pa.array([False] * incoming.num_rows, pa.bool_())
+    stored = old.take(pc.fill_null(where, 0))
+
+    def same(name: str) -> pa.Array:
+        return pc.invert(_distinct(incoming.column(name), stored.column(name)))
+
+    differs = [_distinct(incoming.column(c), stored.column(c)) for c in columns if c != key]
+    any_diff = differs[0] if differs else pa.array([False] * incoming.num_rows)
+    for item in differs[1:]:
+        any_diff = pc.or_(any_diff, item)
+    newer_version = _newer(incoming.column("version"), stored.column("version"))
+    newer_time = _newer(incoming.column("updatedAt"), stored.column("updatedAt"))
+    same_version = same("version")
+    result = pc.or_(
+        newer_version,
+        pc.or_(
+            pc.and_(same_version, newer_time),
+            pc.and_(pc.and_(same_version, same("updatedAt")), any_diff),
+        ),
+    )
+    return pc.and_(present, pc.fill_null(result, False))
+
+
+def _file_spans(
+    table: DeltaTable, parts: Sequence[str], column: str | None
+) -> list[layout.FileSpan]:
+    """Every data file's partition values and ``createdAt`` range, from the log's statistics."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return []
+    names = actions.column_names if column is not None else []
+    lows = actions.column(f"min.{column}").to_pylist() if f"min.{column}" in names else None
+    highs = actions.column(f"max.{column}").to_pylist() if f"max.{column}" in names else None
+    values = [actions.column(f"partition.{p}").to_pylist() for p in parts]
+    spans = []
+    for index, path in enumerate(actions.column("path").to_pylist()):
+        low = lows[index] if lows is not None else None
+        high = highs[index] if highs is not None else None
+        spans.append(
+            layout.FileSpan(
+                unquote(str(path)),
+                tuple(v[index] for v in values),
+                _utc(low) if low is not None else _EARLIEST,
+                _utc(high) + _STATS_PRECISION if high is not None else _LATEST,
             )
-            .when_matched_delete(predicate=flag)
-            .when_matched_update_all(
-                predicate=f"NOT {flag} AND ({_replaces(columns)})", except_cols=[_DELETE_FLAG]
-            )
-            .when_not_matched_insert_all(predicate=f"NOT {flag}", except_cols=[_DELETE_FLAG])
-            .execute()
         )
-    added = int(metrics.get("num_target_rows_inserted", 0))
-    updated = int(metrics.get("num_target_rows_updated", 0))
-    deleted = int(metrics.get("num_target_rows_deleted", 0))
-    after = files_of(existing)
-    changed = bool(added or updated or deleted or set(after) != set(before))
-    return MergeResult(
-        version=existing.version() if changed else None,
-        added=added,
-        updated=updated,
-        removed=deleted,
-        rows=row_count(existing),
-        files_added=int(metrics.get("num_target_files_added", 0)),
-        files_removed=int(metrics.get("num_target_files_removed", 0)),
-        bytes_written=sum(size for path, size in after.items() if path not in before),
-    )
+    return spans
 
 
-def _replaces(columns: Sequence[str]) -> str:
-    """SQL: the source row's state is newer than the target's, or equal with other content."""
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
-    def newer(c: str) -> str:
-        return f"((t.`{c}` IS NULL) AND (s.`{c}` IS NOT NULL)) OR (s.`{c}` > t.`{c}`)"
 
-    same = "(s.`{0}` IS NOT DISTINCT FROM t.`{0}`)"
-    differs = any_of([f"(s.`{c}` IS DISTINCT FROM t.`{c}`)" for c in columns])
-    return (
-        f"({newer('version')}) OR ({same.format('version')} AND ({newer('updatedAt')})) OR "
-        f"({same.format('version')} AND {same.format('updatedAt')} AND ({differs}))"
-    )
+def _points(
+    rows: pa.Table, parts: Sequence[str], column: str | None
+) -> list[tuple[tuple[Any, ...], datetime]]:
+    """(partition values, createdAt) of every row written anew."""
+    moments = rows.column(column).to_pylist() if column else [_EARLIEST] * rows.num_rows
+    values = [rows.column(p).to_pylist() for p in parts]
+    return [(tuple(v[index] for v in values), _utc(moment)) for index, moment in enumerate(moments)]
+
+
+def _span_sql(
+    spans: Sequence[layout.Span], parts: Sequence[str], schema: pa.Schema, order: str | None
+) -> str:
+    """The spans as the SQL predicate delta-rs replaces (a balanced OR of ranges)."""
+    terms = []
+    for span in spans:
+        term = []
+        if order is not None:
+            term += [f"`{order}` >= {_timestamp(span.low)}", f"`{order}` < {_timestamp(span.high)}"]
+        for name, value in zip(parts, span.partition, strict=True):
+            term.append(_equals(name, value, schema.field(name).type))
+        terms.append("(" + " AND ".join(term or ["TRUE"]) + ")")
+    return any_of(terms)
+
+
+def _timestamp(moment: datetime) -> str:
+    return "'" + moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ") + "'"
+
+
+def _equals(name: str, value: Any, kind: pa.DataType) -> str:
+    if value is None:
+        return f"`{name}` IS NULL"
+    if pa.types.is_boolean(kind):
+        return f"`{name}` = {'true' if value else 'false'}"
+    if pa.types.is_integer(kind):
+        return f"`{name}` = {int(value)}"
+    text = str(value).replace("'", "''")
+    return f"`{name}` = '{text}'"
