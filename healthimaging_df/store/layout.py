@@ -30,6 +30,9 @@ ORDER_COLUMN = FILE_ORDER[0]
 DERIVED_COLUMNS: dict[str, str] = {
     "StudyYear": "year of StudyDate, partial dates included (core/derived.py: study_year)"
 }
+# data files are closed at this size (about 1,500 rows): small enough that a merge rewrites a
+# small part of a large table, large enough for scans
+DEFAULT_TARGET_FILE_SIZE = 128 * 1024
 _MICROSECOND = timedelta(microseconds=1)
 
 

@@ -31,9 +31,10 @@ Error messages never quote a path inside the table: partition folders are named 
 
 from healthimaging_df.store.delta.glue import register_glue_table
 from healthimaging_df.store.delta.log import COMMIT_KEY, FORMAT, FORMAT_VERSION, s3_storage_options
-from healthimaging_df.store.delta.maintenance import history, vacuum
+from healthimaging_df.store.delta.maintenance import downgrade, history, info, optimize, vacuum
 from healthimaging_df.store.delta.merge import merge_table
 from healthimaging_df.store.delta.read import dataset, read_table
+from healthimaging_df.store.delta.table import DeltaFormat
 from healthimaging_df.store.delta.write import write_table
 from healthimaging_df.store.table_format import (
     MergeResult,
@@ -48,14 +49,18 @@ __all__ = [
     "COMMIT_KEY",
     "FORMAT",
     "FORMAT_VERSION",
+    "DeltaFormat",
     "MergeResult",
     "TableVersion",
     "WriteResult",
     "check_filter",
     "dataset",
+    "downgrade",
     "filter_expression",
     "history",
+    "info",
     "merge_table",
+    "optimize",
     "read_table",
     "register_glue_table",
     "retry_on_conflict",

@@ -14,15 +14,19 @@ from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.store.delta.log import (
     commit_info,
     commit_properties,
+    files_of,
     log_fs,
     open_table,
     options_for,
     ours,
+    row_count,
     state_at,
     table_location,
     timestamp_of,
+    writer_properties,
 )
 from healthimaging_df.store.errors import translated
+from healthimaging_df.store.layout import DEFAULT_TARGET_FILE_SIZE, ORDER_COLUMN, file_order
 
 # -- history and vacuum ---------------------------------------------------------------------------
 
@@ -168,3 +172,164 @@ def vacuum(
             commit_properties=commit_properties(state.provenance, meta, retries=None),
         )
     return len(removed)
+
+
+def protocol(table: Any) -> tuple[dict[str, int], tuple[str, ...]]:
+    """A loaded table's protocol versions and its table features (reader and writer, sorted)."""
+    found = table.protocol()
+    versions = {
+        "min_reader_version": int(found.min_reader_version),
+        "min_writer_version": int(found.min_writer_version),
+    }
+    features = set(found.reader_features or ()) | set(found.writer_features or ())
+    return versions, tuple(sorted(features))
+
+
+def info(uri: str | os.PathLike[str], *, storage_options: Mapping[str, str] | None = None) -> Any:
+    """Format, version, protocol, features, size and provenance of the latest version."""
+    from healthimaging_df.store.table_format import TableInfo
+
+    action = "describing the snapshot"
+    location = table_location(uri)
+    options = options_for(location, storage_options)
+    opened = open_table(location, options, action=action)
+    assert opened is not None
+    state = state_at(log_fs(location, options), opened.version())
+    with translated(action):
+        versions, features = protocol(opened)
+        files = files_of(opened)
+        rows = row_count(opened)
+    return TableInfo(
+        format="delta",
+        version=opened.version(),
+        rows=rows,
+        files=len(files),
+        bytes=sum(files.values()),
+        partition_by=tuple(opened.metadata().partition_columns),
+        protocol=versions,
+        features=features,
+        provenance=state.provenance,
+    )
+
+
+def optimize(
+    uri: str | os.PathLike[str],
+    provenance: Mapping[str, Any] | None = None,
+    *,
+    target_file_size: int | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> Any:
+    """Rewrite the files of every partition into ``createdAt``-sorted files of the target size.
+
+    Merges keep the layout, but small files pile up over many small refreshes: this is the
+    compaction to run on request (``delta-rs``' ``z_order`` on ``createdAt`` alone, which sorts).
+    Rows and provenance do not change; the protocol stays at reader 1 / writer 2.
+    """
+    from healthimaging_df.store.table_format import MergeResult
+
+    action = "optimizing the snapshot"
+    location = table_location(uri)
+    options = options_for(location, storage_options)
+    opened = open_table(location, options, action=action)
+    assert opened is not None
+    state = state_at(log_fs(location, options), opened.version())
+    prov = dict(provenance) if provenance is not None else state.provenance
+    meta = {
+        "operation": "optimize",
+        "arrow_schema": state.meta.get("arrow_schema"),
+        "partition_by": state.meta.get("partition_by", []),
+    }
+    before = files_of(opened)
+    with translated(action):
+        opened.optimize.z_order(
+            [ORDER_COLUMN] if ORDER_COLUMN in state.arrow_schema.names else [],
+            target_size=target_file_size,
+            writer_properties=writer_properties(),
+            commit_properties=commit_properties(prov, meta),
+        )
+        opened.update_incremental()
+        after = files_of(opened)
+    changed = set(after) != set(before)
+    return MergeResult(
+        version=opened.version() if changed else None,
+        added=0,
+        updated=0,
+        removed=0,
+        rows=row_count(opened),
+        files_added=len(set(after) - set(before)),
+        files_removed=len(set(before) - set(after)),
+        bytes_written=sum(size for path, size in after.items() if path not in before),
+    )
+
+
+def downgrade(
+    uri: str | os.PathLike[str], *, storage_options: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """Rewrite a reader-3 table (``timestamp_ntz``) in place at reader 1 / writer 2, once.
+
+    delta-rs has no drop-feature operation, and a plain overwrite keeps the protocol. A
+    ``CREATE OR REPLACE`` (``DeltaTable.create(mode="overwrite")``) writes a new protocol: it
+    commits an empty version with a new table id, and the rows come back in the next commit,
+    encoded for reader 1 (naive times labelled UTC). The path stays the same, so a Glue table or
+    a job pointing at it needs no change (on S3 there is no atomic rename to swap a copy in),
+    and every earlier version still reads (``read_snapshot(version=N)``). Between the two
+    commits a reader sees no rows: run it when nothing reads the table. A table already at
+    reader 1 is left alone.
+
+    Returns
+    -------
+    dict
+        The protocol after (``min_reader_version``, ``min_writer_version``).
+    """
+    from deltalake import DeltaTable, write_deltalake
+
+    from healthimaging_df.store.delta import encoding
+    from healthimaging_df.store.delta.read import checked_dataset
+
+    action = "downgrading the snapshot"
+    location = table_location(uri)
+    options = options_for(location, storage_options)
+    opened = open_table(location, options, action=action)
+    assert opened is not None
+    fs = log_fs(location, options)
+    state = state_at(fs, opened.version())
+    versions, _ = protocol(opened)
+    if versions["min_reader_version"] == 1 and versions["min_writer_version"] <= 2:
+        return versions
+    expected = opened.version()
+    with translated(action):
+        rows = checked_dataset(opened, state, fs, action, footers=True).to_table()
+    stored = encoding.storage_schema(state.arrow_schema)
+    parts = list(opened.metadata().partition_columns)
+    meta = {
+        "operation": "downgrade",
+        "arrow_schema": state.meta.get("arrow_schema"),
+        "partition_by": parts,
+    }
+    with translated(action):
+        current = DeltaTable(location, storage_options=options)
+        if current.version() != expected:
+            from healthimaging_df.errors import SnapshotConflictError
+            from healthimaging_df.store.errors import CONFLICT_HELP
+
+            raise SnapshotConflictError(f"{action}: {CONFLICT_HELP}")
+        replaced = DeltaTable.create(
+            location,
+            schema=stored,
+            mode="overwrite",
+            partition_by=parts or None,
+            description=opened.metadata().description,
+            storage_options=options,
+            commit_properties=commit_properties(state.provenance, {**meta, "rows": 0}),
+        )
+        write_deltalake(
+            replaced,
+            encoding.to_storage(file_order(rows), stored),
+            mode="append",
+            partition_by=parts or None,
+            target_file_size=DEFAULT_TARGET_FILE_SIZE,
+            writer_properties=writer_properties(),
+            commit_properties=commit_properties(state.provenance, meta),
+        )
+        after, _ = protocol(replaced)
+    return after
