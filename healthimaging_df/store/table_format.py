@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 T = TypeVar("T")
+# the columns of every format's history, newest version first
+HISTORY_COLUMNS = [
+    "version",
+    "timestamp",
+    "operation",
+    "rows_added",
+    "rows_updated",
+    "rows_removed",
+    "provenance",
+]
 KEY = "imageSetId"
 # the columns a merge ranks states by, and that current_ids() returns with the key
 STATE_COLUMNS = (KEY, "version", "updatedAt")

@@ -27,6 +27,7 @@ from healthimaging_df.store.delta.log import (
 )
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.layout import DEFAULT_TARGET_FILE_SIZE, ORDER_COLUMN, file_order
+from healthimaging_df.store.table_format import HISTORY_COLUMNS
 
 # -- history and vacuum ---------------------------------------------------------------------------
 
@@ -76,18 +77,7 @@ def history(
             )
     if all(row["provenance"] is None for row in rows):
         state_at(fs, opened.version())  # raises: not a table of this library
-    frame = pd.DataFrame(
-        rows,
-        columns=[
-            "version",
-            "timestamp",
-            "operation",
-            "rows_added",
-            "rows_updated",
-            "rows_removed",
-            "provenance",
-        ],
-    )
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     typed: pd.DataFrame = frame.astype(
         {
             "version": "Int64",

@@ -20,9 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.store import layout
 from healthimaging_df.store.delta import encoding
 from healthimaging_df.store.delta.log import (
@@ -39,6 +37,7 @@ from healthimaging_df.store.delta.log import (
 )
 from healthimaging_df.store.delta.read import checked_dataset
 from healthimaging_df.store.errors import translated
+from healthimaging_df.store.merging import check_incoming, check_removed, plan_merge, replace_going
 from healthimaging_df.store.table_format import (
     MergeResult,
     any_of,
@@ -104,7 +103,7 @@ def merge_table(
     incoming = check_table("incoming", incoming)
     prov = check_provenance(provenance)
     check_version(expected_version, None)
-    removed = _check_removed(removed_ids)
+    removed = check_removed(removed_ids)
     options = options_for(location, storage_options)
     action = "merging into the snapshot"
     existing = open_table(location, options, action=action, version=expected_version)
@@ -112,43 +111,26 @@ def merge_table(
     table_fs = log_fs(location, options)
     state = state_at(table_fs, existing.version())
     target_schema = state.arrow_schema
-    incoming = _check_incoming(incoming, target_schema, key, removed, action)
+    incoming = check_incoming(incoming, target_schema, key, removed, action)
     parts = list(existing.metadata().partition_columns)
     if incoming.num_rows == 0 and not removed:
         return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
 
     scan = checked_dataset(existing, state, table_fs, action)
-    touched_keys = pa.concat_arrays(
-        [incoming.column(key).combine_chunks(), pa.array(removed, target_schema.field(key).type)]
-    )
     with translated(action):
-        old = _rows_with_files(scan, pc.field(key).isin(touched_keys))
-    replacing = _replacing(incoming, old, key, target_schema.names)
-    present = pc.is_in(incoming.column(key), value_set=old.column(key))
-    inserted = incoming.filter(pc.invert(present))
-    updated = incoming.filter(replacing)
-    gone = pc.is_in(old.column(key), value_set=pa.array(removed, target_schema.field(key).type))
-    going = pc.or_(gone, pc.is_in(old.column(key), value_set=updated.column(key)))
-    if inserted.num_rows == 0 and updated.num_rows == 0 and not pc.any(gone).as_py():
+        plan = plan_merge(scan, incoming, removed, key, target_schema)
+    if plan.empty:
         return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
 
-    new_rows = pa.concat_tables([updated, inserted])
     order = layout.ORDER_COLUMN if layout.ORDER_COLUMN in target_schema.names else None
     files = _file_spans(existing, parts, order)
-    touched_files = {str(path) for path in old.filter(going).column("__file").to_pylist()}
-    points = _points(new_rows, parts, order)
-    spans = layout.cover(files, touched_files, points)
+    spans = layout.cover(files, plan.files, _points(plan.new_rows, parts, order))
     with translated(action):
         kept = scan.to_table(filter=layout.span_filter(spans, parts, order))
-    leaving = pc.is_in(kept.column(key), value_set=old.filter(going).column(key))
-    if pc.sum(leaving.cast(pa.int64())).as_py() != old.filter(going).num_rows:
-        raise SnapshotError(  # the log's statistics do not cover a row they should: refuse
-            f"{action}: the table's file statistics disagree with its rows; run optimize first"
-        )
-    data = pa.concat_tables([kept.filter(pc.invert(leaving)), new_rows.select(kept.column_names)])
+    data = replace_going(kept, plan, key, action)
     data = encoding.to_storage(layout.file_order(data), encoding.table_schema(existing.schema()))
     before = files_of(existing)
-    deleted = int(pc.sum(gone.cast(pa.int64())).as_py() or 0)
+    inserted, updated, deleted = plan.inserted, plan.updated, plan.deleted
     meta = {
         "operation": "merge",
         "arrow_schema": schema_b64(target_schema),
@@ -182,102 +164,6 @@ def merge_table(
         files_removed=len(set(before) - set(after)),
         bytes_written=sum(size for path, size in after.items() if path not in before),
     )
-
-
-def _rows_with_files(scan: Any, expression: pc.Expression) -> pa.Table:
-    """The rows of *scan* matching *expression*, each with its file's path in ``__file``."""
-    pieces = []
-    for fragment in scan.get_fragments(filter=expression):
-        piece = fragment.to_table(schema=scan.schema, filter=expression)
-        if piece.num_rows:
-            path = pa.array([str(fragment.path)] * piece.num_rows, pa.string())
-            pieces.append(piece.append_column("__file", path))
-    if not pieces:
-        return scan.schema.empty_table().append_column("__file", pa.array([], pa.string()))
-    return pa.concat_tables(pieces)
-
-
-def _check_removed(removed_ids: Any) -> list[str]:
-    if isinstance(removed_ids, (str, bytes)):
-        raise QueryValidationError("removed_ids", "must be a list of keys, not one string")
-    removed = list(removed_ids)
-    for position, value in enumerate(removed):
-        if not isinstance(value, str):
-            raise QueryValidationError("removed_ids", "keys must be strings", position)
-    if len(set(removed)) != len(removed):
-        raise QueryValidationError("removed_ids", "has repeated keys")
-    return removed
-
-
-def _check_incoming(
-    incoming: pa.Table, target_schema: pa.Schema, key: str, removed: list[str], action: str
-) -> pa.Table:
-    """*incoming* in the table's column order and types, its keys checked."""
-    if key not in target_schema.names:
-        raise QueryValidationError("key", f"column {key!r} is not in the table")
-    for needed in ("version", "updatedAt"):
-        if needed not in target_schema.names:
-            raise SnapshotError(f"{action}: the table has no {needed} column")
-    if set(incoming.column_names) != set(target_schema.names):
-        raise QueryValidationError("incoming", "must have exactly the table's columns")
-    try:
-        incoming = incoming.select(target_schema.names).cast(target_schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        raise QueryValidationError(
-            "incoming", "a column cannot be cast to the table's type"
-        ) from None
-    keys = incoming.column(key)
-    if keys.null_count:
-        raise QueryValidationError("incoming", f"has rows without a {key}")
-    if pc.count_distinct(keys).as_py() != incoming.num_rows:
-        raise QueryValidationError("incoming", f"has repeated {key} values")
-    order = layout.ORDER_COLUMN
-    if order in incoming.column_names and incoming.column(order).null_count:
-        raise QueryValidationError("incoming", f"has rows without a {layout.ORDER_COLUMN}")
-    if removed and pc.any(pc.is_in(keys, value_set=pa.array(removed, pa.string()))).as_py():
-        raise QueryValidationError("removed_ids", "names keys that are also in incoming")
-    return incoming
-
-
-def _distinct(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """``a IS DISTINCT FROM b``, element-wise."""
-    both = pc.and_(pc.is_valid(a), pc.is_valid(b))
-    return pc.if_else(both, pc.not_equal(a, b), pc.xor(pc.is_null(a), pc.is_null(b)))
-
-
-def _newer(new: pa.ChunkedArray | pa.Array, old: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """``new`` ranks above ``old`` (nulls lowest)."""
-    return pc.fill_null(
-        pc.or_(pc.and_(pc.is_null(old), pc.is_valid(new)), pc.greater(new, old)), False
-    )
-
-
-def _replacing(incoming: pa.Table, old: pa.Table, key: str, columns: Sequence[str]) -> pa.Array:
-    """Which rows of *incoming* replace the stored row of their key (False where none is)."""
-    where = pc.index_in(incoming.column(key), value_set=old.column(key))
-    present = pc.is_valid(where)
-    if not pc.any(present).as_py():
-        return pa.array([False] * incoming.num_rows, pa.bool_())
-    stored = old.take(pc.fill_null(where, 0))
-
-    def same(name: str) -> pa.Array:
-        return pc.invert(_distinct(incoming.column(name), stored.column(name)))
-
-    differs = [_distinct(incoming.column(c), stored.column(c)) for c in columns if c != key]
-    any_diff = differs[0] if differs else pa.array([False] * incoming.num_rows)
-    for item in differs[1:]:
-        any_diff = pc.or_(any_diff, item)
-    newer_version = _newer(incoming.column("version"), stored.column("version"))
-    newer_time = _newer(incoming.column("updatedAt"), stored.column("updatedAt"))
-    same_version = same("version")
-    result = pc.or_(
-        newer_version,
-        pc.or_(
-            pc.and_(same_version, newer_time),
-            pc.and_(pc.and_(same_version, same("updatedAt")), any_diff),
-        ),
-    )
-    return pc.and_(present, pc.fill_null(result, False))
 
 
 def _file_spans(
