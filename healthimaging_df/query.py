@@ -364,10 +364,39 @@ class Query:
         return engine.chunks(plan, self.to_json(), run, chunk_rows)
 
     def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
-        """Run the query and write a Parquet snapshot; see ``healthimaging_df.snapshot``."""
+        """Run the query and write one Parquet file (``….parquet``); see ``snapshot.export_query``.
+
+        A directory path still writes a Delta table, with a ``DeprecationWarning``: that is
+        :meth:`to_delta` now.
+        """
         from healthimaging_df import snapshot
 
+        snapshot._deprecated_directory(path)
         return snapshot.export_query(self, path, **options)
+
+    def to_delta(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
+        """Run the query into a Delta table at *path* (a folder or ``s3://bucket/prefix``).
+
+        Reader 1 / writer 2, one commit per write, time travel; see ``snapshot.export_query``.
+        """
+        from healthimaging_df import snapshot
+
+        snapshot.check_table_path(path, "to_delta")
+        return snapshot.export_query(self, path, **options)
+
+    def to_iceberg(
+        self, iceberg_table: str, *, catalog: str, warehouse: str | None = None, **options: Any
+    ) -> snapshot.SnapshotInfo:
+        """Run the query into the Iceberg table ``NAMESPACE.TABLE`` of *catalog*.
+
+        *catalog* is ``sqlite:///…`` (SQL), ``glue`` (AWS Glue) or ``http(s)://…`` (REST);
+        new tables' files go under *warehouse*. See ``snapshot.export_query``.
+        """
+        from healthimaging_df import snapshot
+
+        return snapshot.export_query(
+            self, iceberg_table=iceberg_table, catalog=catalog, warehouse=warehouse, **options
+        )
 
 
 def _to_json(value: Any) -> Any:

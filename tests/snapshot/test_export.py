@@ -36,7 +36,8 @@ def test_export_equals_to_dataframe(
 ) -> None:
     query = Query(ahi_local.datastore_id).where(isPrimary=True).where_not(Modality="SR")
     path = tmp_path / ("snap" if partition_cols else "snap.parquet")
-    info = query.to_parquet(str(path), client=ahi_client, partition_cols=partition_cols, **FAST)
+    export = query.to_delta if partition_cols else query.to_parquet
+    info = export(str(path), client=ahi_client, partition_cols=partition_cols, **FAST)
     want = query.to_dataframe(client=ahi_client, **FAST)
     got = read_snapshot(path)
     pd.testing.assert_frame_equal(_without_attrs(got), _without_attrs(want))
@@ -84,8 +85,8 @@ _CHILD = """
 import json, sys
 from healthimaging_df import Query
 query = Query.from_dict(json.loads(sys.argv[1]))
-query.to_parquet(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
-                 checkpoint_interval=0, partition_cols=["Modality"])
+query.to_delta(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
+               checkpoint_interval=0, partition_cols=["Modality"])
 """
 
 
@@ -129,12 +130,12 @@ def test_killed_export_resumes_to_the_same_result(
     service.set_faults(latency_ms=0)
     service.reset_stats()
     client = service.client()
-    resumed = query.to_parquet(str(target), client=client, partition_cols=["Modality"], **FAST)
+    resumed = query.to_delta(str(target), client=client, partition_cols=["Modality"], **FAST)
     resumed_requests = service.stats.requests
     assert resumed.resumed_tasks >= checkpointed
 
     service.reset_stats()
-    fresh = query.to_parquet(str(tmp_path / "fresh"), client=client, **FAST)
+    fresh = query.to_delta(str(tmp_path / "fresh"), client=client, **FAST)
     assert resumed_requests < service.stats.requests  # checkpointed windows were not fetched again
     got = read_snapshot(target)
     want = read_snapshot(tmp_path / "fresh")

@@ -20,6 +20,7 @@ import pytest
 from deltalake import DeltaTable
 
 from healthimaging_df import schema
+from healthimaging_df.core.derived import study_year
 from healthimaging_df.engine import flatten
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import generate_image_sets
@@ -133,7 +134,7 @@ def test_columns_and_filters(tmp_path: Path, sample_frame: pd.DataFrame) -> None
     subset = read_snapshot(tmp_path / "snap", columns=["PatientID", "imageSetId", "StudyYear"])
     assert list(subset.columns) == ["PatientID", "imageSetId", "StudyYear"]
     assert str(subset["StudyYear"].dtype) == "Int64"
-    years = sample_frame["StudyDateTime"].dt.year
+    years = study_year(sample_frame)  # the year of StudyDate, as where(StudyYear=...) means it
     assert subset["StudyYear"].value_counts().to_dict() == years.value_counts().to_dict()
 
     ct = read_snapshot(
@@ -212,15 +213,16 @@ def test_a_crashed_write_leaves_the_previous_snapshot(
         write_snapshot(other, target, partition_cols=["Modality"])
     assert str(target) not in str(caught.value)
     monkeypatch.undo()
-    from healthimaging_df import snapshot as snapshot_module
+    from healthimaging_df.store import single as single_module
 
     def half_written(sink: Any, *args: object) -> None:
         sink.write(b"PAR1 half a file")  # the disk fills up in the middle of the stream
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(snapshot_module, "write_parquet", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(single_module, "write_parquet", half_written)
+    with pytest.raises(SnapshotError, match="no space left") as caught:
         write_snapshot(other, single)
+    assert str(tmp_path) not in str(caught.value)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".one")) == []
 
@@ -247,8 +249,9 @@ def test_a_temporary_file_is_never_visible(
         raise OSError("power cut")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="power cut"):
+    with pytest.raises(SnapshotError, match="writing the snapshot failed") as caught:
         write_snapshot(typed_frame(50, seed=2), single)
+    assert str(tmp_path) not in str(caught.value)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["one.parquet"]
     pd.testing.assert_frame_equal(read_snapshot(single), sample_frame)
