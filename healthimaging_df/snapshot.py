@@ -433,6 +433,7 @@ def write_snapshot(
     partition_cols
         Hive partition columns (tables only), e.g. ``["Modality"]``; ``"StudyYear"`` (the year
         of StudyDate, as ``where(StudyYear=...)`` means it) is derived when the frame lacks it.
+        None keeps an existing table's partitioning (none for a new one).
     redact
         A :class:`~healthimaging_df.store.redact.RedactionPolicy` to apply first; None writes the frame
         as it is, PHI included.
@@ -480,7 +481,8 @@ def write_snapshot(
             raise SnapshotError("the frame is already redacted; pass redact=None")
         df = apply_redaction(df, redact)
         prov = redacted_provenance(prov, redact)
-    info = write_table(where, frame_to_table(df), prov, parts, compression, row_group_size)
+    del parts  # checked; None (keep a table's partitioning) is passed on as None
+    info = write_table(where, frame_to_table(df), prov, partition_cols, compression, row_group_size)
     return register_glue(where, info, glue_table)
 
 
@@ -514,6 +516,8 @@ def write_table(
         return SnapshotInfo(
             where.display, rows.num_rows, (uri,), size, (), prov, bytes_written=size
         )
+    if partition_cols is None and where.table is not None and where.table.exists():
+        parts = list(where.table.head().partition_by)  # None keeps the table's partitioning
     return _write_table_format(where, rows, provenance, parts, row_group_size, redact)
 
 
@@ -1132,7 +1136,7 @@ def export_query(
     run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
 
     def write(table: pa.Table | RowGroups, info: dict[str, Any]) -> SnapshotInfo:
-        written = _finish_write(where, table, info, parts, redact, compression)
+        written = _finish_write(where, table, info, partition_cols, redact, compression)
         return register_glue(where, written, glue_table)
 
     if query.row_limit is not None:  # a small, sorted result: no checkpoints needed

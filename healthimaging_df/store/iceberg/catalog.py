@@ -52,7 +52,10 @@ class IcebergTarget:
         check_identifier(self.identifier)
         if not isinstance(self.catalog, str) or not self.catalog:
             raise QueryValidationError("catalog", "must be a catalog URI")
-        kind_of(self.catalog)
+        if kind_of(self.catalog) == "sql" and self.warehouse is None:
+            raise QueryValidationError(
+                "warehouse", "a SQL catalog needs one (a folder, file:///... or s3://bucket/prefix)"
+            )
         if self.warehouse is not None and (
             not isinstance(self.warehouse, str) or not self.warehouse
         ):
