@@ -133,8 +133,10 @@ def test_time_travel_reads_every_version_back_as_written(tmp_path: Path) -> None
     with pytest.raises(QueryValidationError, match="directory"):
         read_snapshot(tmp_path / "x.parquet", version=0)
     with pytest.raises(SnapshotError, match="partitioned by StudyYear"):  # delta-rs cannot drop it
-        write_snapshot(typed_frame(10, seed=5), target)
+        write_snapshot(typed_frame(10, seed=5), target, partition_cols=[])
     assert snapshot_history(target)["version"].iloc[0] == 3  # nothing committed
+    kept = write_snapshot(typed_frame(10, seed=5), target)  # None keeps the partitioning
+    assert "StudyYear" in kept.partition_cols
 
 
 def test_chunked_reads_are_typed_and_complete(tmp_path: Path) -> None:
