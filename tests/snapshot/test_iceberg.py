@@ -149,7 +149,9 @@ def test_export_and_refresh_equal_a_fresh_export(
     )
     ids = [s["imageSetId"] for s in service.backend.image_sets(service.datastore_id)]
     service.backend.update_image_set(service.datastore_id, ids[0], is_primary=False)
-    service.backend.update_image_set(service.datastore_id, ids[1], tags={"DICOMSeriesModality": "ZZ"})
+    service.backend.update_image_set(
+        service.datastore_id, ids[1], tags={"DICOMSeriesModality": "ZZ"}
+    )
     report = refresh_snapshot(client=client, **where, **FAST)
     assert report.changed
     pd.testing.assert_frame_equal(
