@@ -95,7 +95,7 @@ def describe(target: Target) -> dict[str, Any]:
         ) from None
     meta = _footer(file_schema.metadata)
     missing = [c for c in meta["columns"] if c not in file_schema.names]
-    if missing or "imageSetId" not in file_schema.names:
+    if missing or not meta["columns"] or len(file_schema.names) != len(meta["columns"]):
         raise SnapshotError(
             "the file's columns are not those its healthimaging_df metadata lists: it is not a "
             "snapshot of this library (read it with pandas)"

@@ -122,7 +122,18 @@ def write_parquet(
 
 
 def _pandas_metadata(table: pa.Table) -> bytes:
-    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean."""
+    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean.
+
+    A dtype pandas cannot name again (``list<item: string>[pyarrow]``, a rollup's list column)
+    is noted as ``object``: pandas would otherwise refuse to read the file.
+    """
+    import json
+
     empty = schema.arrow_to_pandas(table.slice(0, 0))
-    note: bytes = pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"]
-    return note
+    note = json.loads(pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"])
+    for column in note.get("columns", ()):
+        try:
+            pd.api.types.pandas_dtype(column.get("numpy_type"))
+        except TypeError:
+            column["numpy_type"] = "object"
+    return json.dumps(note).encode()
