@@ -118,6 +118,13 @@ class Checkpoint:
             log.warning("ignoring the export checkpoint: it is of another query")
             self.discard()
             return None
+        present = set(self.store.list(self.folder))
+        listed = [f"{self.folder}/{name}" for name in [*state["parts"], *state["seen_parts"]]]
+        if any(name not in present for name in listed):
+            # a run killed while it deleted a finished export's checkpoint: nothing to resume
+            log.warning("ignoring the export checkpoint: its part files are gone")
+            self.discard()
+            return None
         self.now = datetime.fromisoformat(state["now"])
         self.started_at = datetime.fromisoformat(state["started_at"])
         self.parts = list(state["parts"])
@@ -279,5 +286,6 @@ class Checkpoint:
         return self._read_parts(self.seen_parts)
 
     def discard(self) -> None:
-        """Delete the checkpoint."""
+        """Delete the checkpoint: its state first, so a kill midway leaves no state without parts."""
+        self.store.delete([self.state_rel])
         self.store.delete(self.store.list(self.folder))

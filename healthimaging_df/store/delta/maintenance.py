@@ -288,7 +288,7 @@ def downgrade(
         return versions
     expected = opened.version()
     with translated(action):
-        rows = checked_dataset(opened, state, fs, action, footers=True).to_table()
+        rows = checked_dataset(opened, state, fs, action, footers=True)[0].to_table()
     stored = encoding.storage_schema(state.arrow_schema)
     parts = list(opened.metadata().partition_columns)
     meta = {

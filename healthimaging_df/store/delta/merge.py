@@ -116,7 +116,7 @@ def merge_table(
     if incoming.num_rows == 0 and not removed:
         return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
 
-    scan = checked_dataset(existing, state, table_fs, action)
+    scan, names = checked_dataset(existing, state, table_fs, action)
     with translated(action):
         plan = plan_merge(scan, incoming, removed, key, target_schema)
     if plan.empty:
@@ -124,7 +124,8 @@ def merge_table(
 
     order = layout.ORDER_COLUMN if layout.ORDER_COLUMN in target_schema.names else None
     files = _file_spans(existing, parts, order)
-    spans = layout.cover(files, plan.files, _points(plan.new_rows, parts, order))
+    touched = {names[name] for name in plan.files}
+    spans = layout.cover(files, touched, _points(plan.new_rows, parts, order))
     with translated(action):
         kept = scan.to_table(filter=layout.span_filter(spans, parts, order))
     data = replace_going(kept, plan, key, action)

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from healthimaging_df.errors import SnapshotError
+from healthimaging_df.store import opaque
 from healthimaging_df.store.delta.log import (
     State,
     log_fs,
@@ -58,13 +59,15 @@ def opened_state(
 
 def checked_dataset(
     table: DeltaTable, state: State, table_fs: Any, action: str, *, footers: bool = False
-) -> pads.Dataset:
+) -> tuple[pads.Dataset, dict[str, str]]:
     """The loaded version as a dataset in its written types, once its files match the log.
 
     Every data file named by the log must lie inside the table (no absolute path, no ``..``),
     be there, and have the size the log records (one listing, no data read); with *footers*,
     each file's Parquet footer must also count the rows the log records (one footer read a
     file: a file replaced by another of the same size). A mismatch raises ``SnapshotError``.
+    The dataset names its files opaquely (``store/opaque.py``); the map to the real paths is
+    returned with it.
     """
     from pyarrow import fs as pafs
 
@@ -78,13 +81,18 @@ def checked_dataset(
         if "num_records" in actions.column_names
         else [None] * len(paths)
     )
+    parts = [str(c) for c in state.meta.get("partition_by") or ()]
+    values = {p: actions.column(f"partition.{p}").to_pylist() for p in parts}
     # the log stores paths percent-encoded (partition values); the file system wants them raw
     expected: dict[str, tuple[int, int | None]] = {}
-    for path, size, count in zip(paths, sizes, counts, strict=True):
+    files = []
+    for index, (path, size, count) in enumerate(zip(paths, sizes, counts, strict=True)):
         raw = unquote(str(path))
         if "://" in raw or raw.startswith(("/", "\\")) or ".." in raw.replace("\\", "/").split("/"):
             raise SnapshotError(f"{action}: the log names a data file outside the table")
         expected[raw] = (int(size), None if count is None else int(count))
+        partition = {p: values[p][index] for p in parts}
+        files.append((raw, opaque.partition_expression(partition, state.arrow_schema)))
     with translated(action):
         infos = table_fs.get_file_info(list(expected))
     for info in infos:
@@ -93,13 +101,13 @@ def checked_dataset(
         if info.size != expected[info.path][0]:
             raise SnapshotError(damaged)
     with translated(action):
-        scan = table.to_pyarrow_dataset(schema=state.arrow_schema, filesystem=table_fs)
+        scan, names = opaque.dataset(table_fs, files, state.arrow_schema)
         if footers:
             for fragment in scan.get_fragments():
-                want = expected.get(str(fragment.path), (0, None))[1]
+                want = expected[names[str(fragment.path)]][1]
                 if want is not None and fragment.metadata.num_rows != want:
                     raise SnapshotError(damaged)
-    return scan
+    return scan, names
 
 
 def dataset(
@@ -118,7 +126,7 @@ def dataset(
     """
     action = "scanning the snapshot"
     table, state, table_fs = opened_state(uri, version, as_of, storage_options, action)
-    return checked_dataset(table, state, table_fs, action)
+    return checked_dataset(table, state, table_fs, action)[0]
 
 
 def read_table(
@@ -168,7 +176,7 @@ def read_table(
         if wanted is not None:
             table = table.select(wanted)
     else:
-        scan = checked_dataset(opened, state, table_fs, action, footers=True)
+        scan = checked_dataset(opened, state, table_fs, action, footers=True)[0]
         with translated(action):
             table = scan.to_table(columns=wanted, filter=expression)
     expected = full_schema if wanted is None else pa.schema([full_schema.field(c) for c in wanted])

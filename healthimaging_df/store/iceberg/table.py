@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
-from healthimaging_df.store import layout
+from healthimaging_df.store import layout, opaque
 from healthimaging_df.store.errors import CONFLICT_HELP, kind, translated
 from healthimaging_df.store.iceberg.catalog import IcebergTarget
 from healthimaging_df.store.merging import (
@@ -200,12 +200,12 @@ class IcebergFormat(TableFormat):
             if info.size != files[info.path].file_size_in_bytes:
                 raise SnapshotError(damaged)
         with translated(action):
-            scan = pads.dataset(list(files), schema=schema, filesystem=filesystem, format="parquet")
+            scan, names = opaque.dataset(filesystem, [(path, None) for path in files], schema)
             if footers:
                 for fragment in scan.get_fragments():
-                    if fragment.metadata.num_rows != files[str(fragment.path)].record_count:
+                    if fragment.metadata.num_rows != files[names[str(fragment.path)]].record_count:
                         raise SnapshotError(damaged)
-        return scan, files
+        return scan, {name: files[path] for name, path in names.items()}
 
     def exists(self) -> bool:
         """Whether the catalog has the table."""
@@ -423,13 +423,14 @@ class IcebergFormat(TableFormat):
             return MergeResult(None, 0, 0, 0, rows_before, 0, 0, 0)
         touched = sorted(plan.files)
         with translated(action):
-            kept = (
-                scan.filter(pc.scalar(False)).to_table()
-                if not touched
-                else pads.dataset(
-                    touched, schema=schema, filesystem=scan.filesystem, format="parquet"
+            kept = scan.to_table(filter=pc.scalar(False))
+            if touched:
+                kept = pads.FileSystemDataset(
+                    [f for f in scan.get_fragments() if str(f.path) in plan.files],
+                    schema,
+                    scan.format,
+                    scan.filesystem,
                 ).to_table()
-            )
         data = replace_going(kept, plan, key, action).cast(schema)
         merge_meta = {
             "operation": "merge",
