@@ -112,7 +112,12 @@ def dataset(
     """
     names = {f"part-{index:05d}.parquet": path for index, (path, _) in enumerate(files)}
     filesystem = pafs.PyFileSystem(_Handler(base, names))
-    parquet = pads.ParquetFileFormat()
+    # pages written with checksums (single-file snapshots) are checked as they are decoded
+    parquet = pads.ParquetFileFormat(
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+            page_checksum_verification=True
+        )
+    )
     fragments = [
         parquet.make_fragment(
             name,

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from healthimaging_df import schema
 from healthimaging_df._version import __version__
 from healthimaging_df.errors import SnapshotError
+from healthimaging_df.store import opaque
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.rows import RowGroups
 from healthimaging_df.store.storage import FORMAT_VERSION, Target
@@ -140,6 +141,7 @@ def read_file(
             columns=None if columns is None else list(columns),
             filters=expression,
             partitioning=None,
+            page_checksum_verification=True,
         )
     return table.replace_schema_metadata(None), meta
 
@@ -147,10 +149,13 @@ def read_file(
 def dataset(target: Target) -> pads.Dataset:
     """The file as a lazy dataset (its description checked first)."""
     describe(target)
+    store = target.store
+    location = store.arrow_path(target.name)
     with translated("scanning the snapshot"):
-        return pads.dataset(
-            target.store.arrow_path(target.name), filesystem=target.store.arrow_fs, format="parquet"
-        )
+        file_schema = pq.read_schema(location, filesystem=store.arrow_fs)
+        # named opaquely: pyarrow's errors quote the file's path, which a caller may have
+        # named after a patient
+        return opaque.dataset(store.arrow_fs, [(location, None)], file_schema)[0]
 
 
 def row_groups(

@@ -110,8 +110,12 @@ def write_parquet(
         for table in tables:
             if writer is None:
                 meta = {**metadata, b"pandas": _pandas_metadata(table)}
+                # page checksums: a flipped bit in a page is an error on read, not another value
                 writer = pq.ParquetWriter(
-                    sink, table.schema.with_metadata(meta), compression=compression
+                    sink,
+                    table.schema.with_metadata(meta),
+                    compression=compression,
+                    write_page_checksum=True,
                 )
             writer.write_table(
                 table.replace_schema_metadata(writer.schema.metadata), row_group_size
