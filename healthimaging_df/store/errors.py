@@ -35,6 +35,17 @@ def _conflict_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+_OUTAGE = "the storage did not answer (network or S3 outage); try again"
+# botocore's exceptions for a storage that does not answer (by name: no botocore import here)
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "HTTPClientError",
+}
+
+
 @contextlib.contextmanager
 def translated(action: str) -> Iterator[None]:
     """Turn table-library, pyarrow, OS and botocore errors into ``SnapshotError`` (no text)."""
@@ -65,6 +76,10 @@ def kind(exc: BaseException) -> str:
     text = str(exc).lower()
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "no space left" in text:
         return "no space left on the device"
+    lineage = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, ConnectionError) or lineage & _UNREACHABLE:
+        # before the words below: botocore's text quotes the URL, and so any key's words
+        return _OUTAGE
     if "json" in text or "_delta_log" in text or "checkpoint" in text or "log segment" in text:
         return "the table's transaction log is damaged"
     damaged = ("magic bytes", "corrupt", "truncated", "out of specification", "eof")
@@ -78,5 +93,5 @@ def kind(exc: BaseException) -> str:
         return "a data file of the table is damaged or truncated"
     outage = ("timeout", "timed out", "connect", "dns", "503", "endpoint", "unreachable")
     if any(word in text for word in outage):
-        return "the storage did not answer (network or S3 outage); try again"
+        return _OUTAGE
     return f"{type(exc).__name__} from the storage layer"
