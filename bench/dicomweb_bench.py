@@ -56,7 +56,10 @@ def main() -> None:
     from healthimaging_df.metadata import ArchiveAccessWarning
 
     rows = []
-    with LocalService.seeded(image_sets=N_IMAGE_SETS, seed=1) as service:
+    with (
+        LocalService.seeded(image_sets=N_IMAGE_SETS, seed=1) as service,
+        service.dicomweb_environment(),
+    ):
         assert service.datastore_id is not None
         client = service.client()
         frame = Query(service.datastore_id).to_dataframe(client=client, progress=False)
@@ -141,7 +144,10 @@ def planner() -> None:
 
     os.environ["HEALTHIMAGING_DF_CACHE"] = tempfile.mkdtemp(prefix="ahi-bench-")  # no stats yet
     rows = []
-    with LocalService.seeded(image_sets=PLANNER_IMAGE_SETS, seed=4) as service:
+    with (
+        LocalService.seeded(image_sets=PLANNER_IMAGE_SETS, seed=4) as service,
+        service.dicomweb_environment(),
+    ):
         assert service.datastore_id is not None
         ds = service.datastore_id
         client = service.client()
@@ -231,7 +237,7 @@ def planner_100k() -> None:
         stores.append((share, datastore_id))
     generated = time.perf_counter() - started
     rows = []
-    with LocalService(backend) as service:
+    with LocalService(backend) as service, service.dicomweb_environment():
         client = service.client()
         service.set_faults(latency_ms=LATENCY_MS, tps=MAX_TPS, burst=2 * MAX_TPS)
         for share, ds in stores:

@@ -62,12 +62,14 @@ def client_for(endpoint: str) -> Any:
     import boto3
     from botocore.config import Config
 
+    from healthimaging_df.local.sigv4 import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+
     return boto3.session.Session().client(
         "medical-imaging",
         endpoint_url=endpoint,
         region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_access_key_id=ACCESS_KEY_ID,  # the local service verifies SigV4 with its own keys
+        aws_secret_access_key=SECRET_ACCESS_KEY,
         config=Config(inject_host_prefix=False, retries={"mode": "standard"}),
     )
 

@@ -236,13 +236,12 @@ that ceiling is under 95%, no client reaches 95% at that latency and size. What 
 decides moves a cell below its
 ceiling: how soon a dense burst gets the readers it needs (requests can only name whole seconds,
 so a second of a same-second import is two request chains, one from each end, and at 300 ms each
-takes about 0.3 s a page), and how many requests are part-empty last pages. Three rules address
+takes about 0.3 s a page), and how many requests are part-empty last pages. Two rules address
 those: an end's density holds for its reach into a gap (at least 5 s) and the overall density for
-the rest; at the limiter's rate a segment whose own chain would outlast the rest of the scan still
-gets a reader, and the limiter serves the readers with the most pages left first; a segment is
-split, and one of its ends stopped early, only once both ends have read. `max_concurrency` bounds
-what the critical path can get: a same-second first scan at 300 ms needs eight readers for the
-rate and six more for its burst's three seconds. The paginator's throttles are its own (it is
+the rest; a segment is split, and one of its ends stopped early, only once both ends have read.
+At the limiter's rate no reader is added (a critical-path rule that did was measured and removed:
+`scan_ablation_bench`). `max_concurrency` bounds what a burst can get: a same-second first scan at
+300 ms needs eight readers for the rate and six more for its burst's three seconds. The paginator's throttles are its own (it is
 not paced).
 """
     print(body)

@@ -19,10 +19,11 @@ from healthimaging_df.core.logs import redact_botocore_logs
 if TYPE_CHECKING:
     __version__: str
 
-    from healthimaging_df import errors, schema
+    from healthimaging_df import dicomweb, errors, options, schema
     from healthimaging_df.core import logs
     from healthimaging_df.local import LocalService
     from healthimaging_df.metadata import fetch_metadata
+    from healthimaging_df.polars import scan_image_sets, sql
     from healthimaging_df.query import Query, search
     from healthimaging_df.refresh import RefreshReport, refresh_snapshot
     from healthimaging_df.snapshot import (
@@ -50,7 +51,9 @@ _LAZY = {
     "read_snapshot": "healthimaging_df.snapshot",
     "refresh_snapshot": "healthimaging_df.refresh",
     "scan_snapshot": "healthimaging_df.snapshot",
+    "scan_image_sets": "healthimaging_df.polars",
     "search": "healthimaging_df.query",
+    "sql": "healthimaging_df.polars",
     "snapshot_history": "healthimaging_df.snapshot",
     "snapshot_info": "healthimaging_df.snapshot",
     "optimize_snapshot": "healthimaging_df.snapshot",
@@ -59,7 +62,13 @@ _LAZY = {
     "vacuum_snapshot": "healthimaging_df.snapshot",
     "write_snapshot": "healthimaging_df.snapshot",
 }
-_MODULES = {"errors": "errors", "schema": "schema", "logs": "core.logs"}
+_MODULES = {
+    "dicomweb": "dicomweb",  # QIDO-RS (the dicomweb extra)
+    "errors": "errors",
+    "logs": "core.logs",
+    "options": "options",  # the typed option groups of to_parquet
+    "schema": "schema",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -90,21 +99,25 @@ __all__ = [
     "RefreshReport",
     "SnapshotInfo",
     "__version__",
+    "dicomweb",
     "downgrade_snapshot",
     "errors",
     "fetch_metadata",
     "generate_key",
     "logs",
     "optimize_snapshot",
+    "options",
     "read_snapshot",
     "redact_botocore_logs",
     "refresh_snapshot",
+    "scan_image_sets",
     "scan_snapshot",
     "schema",
     "search",
     "snapshot_history",
     "snapshot_info",
     "snapshot_provenance",
+    "sql",
     "vacuum_snapshot",
     "write_snapshot",
 ]

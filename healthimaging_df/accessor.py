@@ -22,16 +22,19 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import pandas as pd
 
 # Imported by the package once pandas has loaded, possibly while another of our modules is
-# half-imported: only modules that import nothing of ours but errors are imported here (metadata
-# and schema load in the methods that use them).
-from healthimaging_df import cohort
+# half-imported: only bottom-layer modules, cohort and the quota table (which import only those)
+# are imported here; metadata and the rest load in the methods that use them.
+from healthimaging_df import cohort, schema
+from healthimaging_df.aws.quotas import QIDO_TPS
 from healthimaging_df.core.frames import with_attrs
 from healthimaging_df.errors import QueryValidationError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from typing_extensions import Unpack
 
     from healthimaging_df import metadata
+    from healthimaging_df.options import MetadataOptions, WriteOptions
     from healthimaging_df.refresh import RefreshReport
     from healthimaging_df.snapshot import SnapshotInfo
     from healthimaging_df.store.redact import RedactionPolicy
@@ -170,58 +173,23 @@ class AHIAccessor:
                 raise SQLQueryError(type(exc).__name__, str(exc)) from None
         finally:
             connection.close()
-        from healthimaging_df import metadata
-
-        frame = result.to_pandas(types_mapper=metadata._nullable)
+        frame = result.to_pandas(types_mapper=schema.pandas_type)
         return with_attrs(frame, self._frame)
 
     # -- metadata ------------------------------------------------------------------------------
 
     @overload
     def fetch_metadata(
-        self,
-        *,
-        client: Any = ...,
-        boto3_session: Any = ...,
-        level: metadata.Level = ...,
-        max_tps: float | None = ...,
-        max_concurrency: int = ...,
-        progress: metadata.MetadataProgress = ...,
-        dry_run: Literal[False] = ...,
-        on_error: metadata.OnError = ...,
-        datastore_id: str | None = ...,
-        allow_archive_access: bool | None = ...,
+        self, *, dry_run: Literal[False] = ..., **options: Unpack[MetadataOptions]
     ) -> pd.DataFrame: ...
 
     @overload
     def fetch_metadata(
-        self,
-        *,
-        client: Any = ...,
-        boto3_session: Any = ...,
-        level: metadata.Level = ...,
-        max_tps: float | None = ...,
-        max_concurrency: int = ...,
-        progress: metadata.MetadataProgress = ...,
-        dry_run: Literal[True],
-        on_error: metadata.OnError = ...,
-        datastore_id: str | None = ...,
-        allow_archive_access: bool | None = ...,
+        self, *, dry_run: Literal[True], **options: Unpack[MetadataOptions]
     ) -> metadata.MetadataPlan: ...
 
     def fetch_metadata(
-        self,
-        *,
-        client: Any = None,
-        boto3_session: Any = None,
-        level: metadata.Level = "series",
-        max_tps: float | None = 50.0,
-        max_concurrency: int = 8,
-        progress: metadata.MetadataProgress = None,
-        dry_run: bool = False,
-        on_error: metadata.OnError = "raise",
-        datastore_id: str | None = None,
-        allow_archive_access: bool | None = None,
+        self, *, dry_run: bool = False, **options: Unpack[MetadataOptions]
     ) -> pd.DataFrame | metadata.MetadataPlan:
         """GetImageSetMetadata per image set; see :func:`healthimaging_df.metadata.fetch_metadata`.
 
@@ -229,31 +197,12 @@ class AHIAccessor:
         SOPInstanceUID at ``level="instance"``), ready to merge on ``imageSetId``; or, with
         ``dry_run=True``, a :class:`~healthimaging_df.metadata.MetadataPlan` (nothing sent).
         Warns once (``ArchiveAccessWarning``) when archived image sets would be accessed.
-        Bad options raise ``QueryValidationError`` before any call, dry run or not.
+        Bad options raise ``QueryValidationError`` before any call, dry run or not. *options*
+        are :class:`~healthimaging_df.options.MetadataOptions`.
         """
         from healthimaging_df import metadata
 
-        if dry_run:  # the options are checked as for a real run
-            return metadata.fetch_metadata(
-                self._frame,
-                level=level,
-                max_tps=max_tps,
-                max_concurrency=max_concurrency,
-                on_error=on_error,
-                dry_run=True,
-            )
-        return metadata.fetch_metadata(
-            self._frame,
-            client=client,
-            boto3_session=boto3_session,
-            level=level,
-            max_tps=max_tps,
-            max_concurrency=max_concurrency,
-            progress=progress,
-            on_error=on_error,
-            datastore_id=datastore_id,
-            allow_archive_access=allow_archive_access,
-        )
+        return metadata.fetch_metadata(self._frame, dry_run=dry_run, **options)
 
     def fetch_series_attributes(
         self,
@@ -262,7 +211,7 @@ class AHIAccessor:
         client: Any = None,
         boto3_session: Any = None,
         dicomweb_endpoint_url: str | None = None,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = QIDO_TPS,
         max_concurrency: int = 8,
         on_truncation: Literal["raise", "report"] = "raise",
         scope: Literal["study", "datastore"] = "study",
@@ -277,6 +226,11 @@ class AHIAccessor:
             from healthimaging_df import dicomweb
         except ImportError:
             raise _missing_extra("dicomweb-client", "dicomweb", "fetch_series_attributes") from None
+        from healthimaging_df import aws
+
+        # The search client of the session, made as every client is (its endpoint, region and
+        # refreshing credentials sign the QIDO-RS requests): AWS_ENDPOINT_URL_MEDICAL_IMAGING holds.
+        client = aws.make_client(client, boto3_session, max_concurrency)
         return dicomweb.fetch_series_attributes(
             self._frame,
             fields,
@@ -292,10 +246,13 @@ class AHIAccessor:
 
     # -- snapshots (shared with healthimaging_df.snapshot) ------------------------------------
 
-    def to_parquet(self, path: str | os.PathLike[str], **options: Any) -> SnapshotInfo:
+    def to_parquet(
+        self, path: str | os.PathLike[str], **options: Unpack[WriteOptions]
+    ) -> SnapshotInfo:
         """Write the frame as one Parquet file (``….parquet``) with its provenance.
 
-        ``snapshot.write_snapshot`` takes *options*; read it back with ``read_snapshot(path)``.
+        *options* are :class:`~healthimaging_df.options.WriteOptions`, as
+        ``snapshot.write_snapshot`` takes them; read it back with ``read_snapshot(path)``.
         A directory path still writes a Delta table, with a ``DeprecationWarning``: use
         :meth:`to_delta`.
         """
@@ -304,7 +261,9 @@ class AHIAccessor:
         _deprecated_directory(path)
         return write_snapshot(self._frame, path, **options)
 
-    def to_delta(self, path: str | os.PathLike[str], **options: Any) -> SnapshotInfo:
+    def to_delta(
+        self, path: str | os.PathLike[str], **options: Unpack[WriteOptions]
+    ) -> SnapshotInfo:
         """Write the frame as a Delta table at *path* (a folder or ``s3://bucket/prefix``)."""
         from healthimaging_df.snapshot import check_table_path, write_snapshot
 

@@ -22,9 +22,9 @@ import pandas as pd
 import pyarrow as pa
 
 from healthimaging_df import schema
+from healthimaging_df.core import checks
 from healthimaging_df.core.derived import age_at_study, study_year
 from healthimaging_df.core.frames import require, with_attrs
-from healthimaging_df.errors import QueryValidationError
 
 __all__ = [
     "AGE_BAND_WIDTH",
@@ -158,8 +158,7 @@ def age_band(age: pd.Series, width: int = AGE_BAND_WIDTH) -> pd.Series:
     >>> age_band(pd.Series([4, 45, 97, None], dtype="Int64")).tolist()
     ['0-9', '40-49', '90+', <NA>]
     """
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise QueryValidationError("width", "must be a positive integer")
+    checks.positive_int("width", width)
     low = (age // width * width).clip(upper=_OLDEST_BAND)
     labels = {b: f"{b}-{b + width - 1}" for b in range(0, _OLDEST_BAND, width)}
     labels[_OLDEST_BAND] = f"{_OLDEST_BAND}+"

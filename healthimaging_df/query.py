@@ -13,14 +13,15 @@ with them pandas and pyarrow) load when a query first runs, so building and expl
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from healthimaging_df import schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.plan import (
@@ -33,14 +34,18 @@ from healthimaging_df.plan import (
     predicates,
     union,
 )
-from healthimaging_df.plan.predicates import Predicate
+from healthimaging_df.plan.predicates import Op, Predicate
+
+OPS: tuple[str, ...] = get_args(Op)  # every predicate operator (the JSON form's "op")
 
 if TYPE_CHECKING:
     import pandas as pd
+    import polars as pl
+    import pyarrow as pa
+    from typing_extensions import Unpack
 
     from healthimaging_df import snapshot
-
-_DATASTORE_ID = re.compile(r"[0-9a-z]{32}")
+    from healthimaging_df.options import ExportOptions
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,7 @@ class Query:
     parts: tuple[Query, ...] = ()  # a union's queries (none a union, none with sort or limit)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.datastore_id, str) or not _DATASTORE_ID.fullmatch(self.datastore_id):
-            raise QueryValidationError("datastore_id", "must be 32 characters of [0-9a-z]")
+        checks.resource_id("datastore_id", self.datastore_id)
         if self.parts:  # what the client applies: any part's predicates (refresh reads this)
             groups = tuple(q.predicates for q in self.parts)
             object.__setattr__(self, "predicates", (any_of(groups),))
@@ -144,10 +148,12 @@ class Query:
 
     def contains(self, column: str, text: str, *, case: bool = True) -> Query:
         """Keep rows whose text column contains *text*."""
+        case = checks.flag("case", case)
         return self._with(predicates.build(column, "contains", (text,), case=case))
 
     def matches(self, column: str, pattern: str, *, case: bool = True) -> Query:
         """Keep rows whose text column matches the Python regular expression *pattern* (search)."""
+        case = checks.flag("case", case)
         return self._with(predicates.build(column, "regex", (pattern,), case=case))
 
     def is_null(self, *columns: str) -> Query:
@@ -164,13 +170,11 @@ class Query:
         Without ``sort_by`` the result is ordered as the API orders it: updatedAt, newest first.
         """
         predicates.known_column(column)
-        return replace(self, sort_column=column, ascending=bool(ascending))
+        return replace(self, sort_column=column, ascending=checks.flag("ascending", ascending))
 
     def limit(self, n: int) -> Query:
         """Return at most *n* rows: the first *n* in sort order (default updatedAt, newest first)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise QueryValidationError("limit", "must be a positive integer")
-        return replace(self, row_limit=n)
+        return replace(self, row_limit=checks.positive_int("limit", n))
 
     def using(self, strategy: Strategy) -> Query:
         """Force an access path: ``"fanout"`` (a chain per IN value) or ``"scan"``; or ``"auto"``.
@@ -223,6 +227,9 @@ class Query:
                 "query", "its values were redacted; pass the original query instead"
             )
         items = data.get("predicates", ())
+        for position, p in enumerate(items):  # an unknown op would fail only when run
+            if p.get("op") not in OPS:
+                raise QueryValidationError("op", f"must be one of {', '.join(OPS)}", position)
         built = [
             predicates.build(p["column"], p["op"], p.get("values", ()), case=p.get("case", True))
             for p in items
@@ -240,7 +247,7 @@ class Query:
         else:
             query = replace(query, predicates=tuple(built))
         if data.get("sort_by"):
-            query = query.sort_by(data["sort_by"], ascending=bool(data.get("ascending")))
+            query = query.sort_by(data["sort_by"], ascending=data.get("ascending", True))
         if data.get("limit") is not None:
             query = query.limit(int(data["limit"]))
         if data.get("strategy"):
@@ -307,7 +314,7 @@ class Query:
         boto3_session: Any = None,
         progress: Progress = None,
         max_concurrency: int = 8,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
     ) -> pd.DataFrame:
         """Run the query and return every matching image set as a typed DataFrame.
@@ -345,7 +352,7 @@ class Query:
         boto3_session: Any = None,
         progress: Progress = None,
         max_concurrency: int = 8,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
     ) -> Iterator[pd.DataFrame]:
         """Yield typed frames of about *chunk_rows* rows as pages arrive, for results beyond memory.
@@ -363,10 +370,120 @@ class Query:
         plan = engine.choose(lambda stats: self.compile(stats=stats), run)
         return engine.chunks(plan, self.to_json(), run, chunk_rows)
 
-    def to_parquet(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
-        """Run the query and write one Parquet file (``….parquet``); see ``snapshot.export_query``.
+    def to_arrow(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+    ) -> pa.Table:
+        """Run the query and return the result as an Arrow table of the declared schema.
 
-        A directory path still writes a Delta table, with a ``DeprecationWarning``: that is
+        The same rows, order, exactness and errors as :meth:`to_dataframe`, without pandas on
+        the way: pages are Arrow tables, and the result is gathered from them column by column.
+        Provenance is in the schema's metadata under ``b"healthimaging_df"`` (JSON; the query's
+        values are PHI, as in ``df.attrs``). Arguments as :meth:`to_dataframe`.
+        """
+        from healthimaging_df import engine
+
+        run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+        plan = engine.choose(lambda stats: self.compile(stats=stats), run)
+        table, info = engine.collect_table(plan, self.to_json(), run)
+        return _with_provenance(table, info)
+
+    def iter_batches(
+        self,
+        chunk_rows: int = 50_000,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+    ) -> Iterator[pa.RecordBatch]:
+        """Yield Arrow record batches of about *chunk_rows* rows as pages arrive (bounded memory).
+
+        What :meth:`iter_dataframes` yields, as Arrow: arrival order, each image set once, an
+        empty result as one empty batch of the declared schema. Arguments are checked here,
+        before the first batch is asked for.
+        """
+        from healthimaging_df import engine
+
+        engine.check_positive_int("chunk_rows", chunk_rows)
+        run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+        return run_batches(self, run, chunk_rows)
+
+    def to_polars(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+    ) -> pl.DataFrame:
+        """:meth:`to_arrow` as a Polars DataFrame (needs the ``polars`` extra).
+
+        For a lazy frame whose filters reach the planner, see
+        ``healthimaging_df.polars.scan_image_sets``.
+        """
+        try:
+            import polars as pl
+        except ImportError:
+            raise ImportError(
+                'to_polars() needs polars, an optional extra: pip install "healthimaging-df[polars]"'
+            ) from None
+        table = self.to_arrow(client, boto3_session, progress, max_concurrency, max_tps)
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def reader(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        progress: Progress = None,
+        max_concurrency: int = 8,
+        max_tps: float | None = SEARCH_TPS,
+        chunk_rows: int = 50_000,
+    ) -> QueryReader:
+        """The query as an Arrow stream: ``pa.table(r)``, ``pl.DataFrame(r)``, DuckDB's ``FROM r``.
+
+        Each consumption runs the query once (the Arrow PyCapsule interface: a consumer asks
+        ``__arrow_c_schema__``, answered from the declared schema without a request, then
+        ``__arrow_c_stream__``, which runs the query). Run options are checked and the client
+        made here, before any request.
+        """
+        from healthimaging_df import engine
+
+        engine.check_positive_int("chunk_rows", chunk_rows)
+        run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+        return QueryReader(self, run, chunk_rows)
+
+    # -- display ------------------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """The query in a notebook: its conditions (no values) and the plan it compiles to."""
+        from healthimaging_df.core import display
+
+        rows = [("datastore", self.datastore_id)]
+        members = self.parts or (self,)
+        for number, q in enumerate(members, 1):
+            label = f"query {number} of the union" if self.parts else "conditions"
+            rows.append((label, "; ".join(map(repr, q.predicates)) or "(none: every image set)"))
+        if self.sort_column:
+            rows.append(("sort", f"{self.sort_column} {'asc' if self.ascending else 'desc'}"))
+        if self.row_limit is not None:
+            rows.append(("limit", str(self.row_limit)))
+        if self.strategy != "auto":
+            rows.append(("strategy", self.strategy))
+        return display.section("Query", rows) + self.compile().to_html()
+
+    def to_parquet(self, path: str, **options: Unpack[ExportOptions]) -> snapshot.SnapshotInfo:
+        """Run the query and write a snapshot; see ``healthimaging_df.snapshot.export_query``.
+
+        *options* are :class:`~healthimaging_df.options.ExportOptions`: the run's (``client``,
+        ``max_tps``...) and the store's (``partition_cols``, ``redact``, ``resume``...). A
+        directory path still writes a Delta table, with a ``DeprecationWarning``: that is
         :meth:`to_delta` now.
         """
         from healthimaging_df import snapshot
@@ -374,7 +491,7 @@ class Query:
         snapshot._deprecated_directory(path)
         return snapshot.export_query(self, path, **options)
 
-    def to_delta(self, path: str, **options: Any) -> snapshot.SnapshotInfo:
+    def to_delta(self, path: str, **options: Unpack[ExportOptions]) -> snapshot.SnapshotInfo:
         """Run the query into a Delta table at *path* (a folder or ``s3://bucket/prefix``).
 
         Reader 1 / writer 2, one commit per write, time travel; see ``snapshot.export_query``.
@@ -397,6 +514,89 @@ class Query:
         return snapshot.export_query(
             self, iceberg_table=iceberg_table, catalog=catalog, warehouse=warehouse, **options
         )
+
+
+class QueryReader:
+    """A query as an Arrow stream (the PyCapsule interface); see :meth:`Query.reader`.
+
+    ``__arrow_c_schema__`` answers from the declared schema (consumers such as DuckDB ask it
+    several times while binding: no request is sent). Every ``__arrow_c_stream__`` runs the
+    query anew: the first batch is computed before the stream is handed over, so a failure to
+    start (a bad datastore, denied access, throttling) raises its typed error to the caller; a
+    failure after that reaches the consumer as its own error type, naming ours and its message.
+    """
+
+    def __init__(self, query: Query, run: Any, chunk_rows: int) -> None:
+        self.query = query
+        self._run = run
+        self._chunk_rows = chunk_rows
+        self.runs = 0  # how many times a consumer opened the stream (each one runs the query)
+
+    def __repr__(self) -> str:
+        return f"QueryReader({self.query!r}, runs={self.runs})"
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The declared Arrow schema of every batch."""
+        return schema.arrow_schema()
+
+    def __arrow_c_schema__(self) -> object:
+        """The declared schema as an ArrowSchema capsule; no request is sent."""
+        return schema.arrow_schema().__arrow_c_schema__()
+
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
+        """Run the query and return an ArrowArrayStream capsule of its record batches."""
+        import pyarrow as pa
+
+        self.runs += 1
+        batches = run_batches(self.query, self._run, self._chunk_rows)
+        first = next(batches)  # raises a typed error if the run cannot start
+
+        def rest() -> Iterator[pa.RecordBatch]:
+            yield first
+            yield from batches
+
+        stream = pa.RecordBatchReader.from_batches(schema.arrow_schema(), rest())
+        return stream.__arrow_c_stream__(requested_schema)
+
+    def to_pyarrow(self) -> pa.RecordBatchReader:
+        """Run the query once as a ``pyarrow.RecordBatchReader``."""
+        import pyarrow as pa
+
+        return pa.RecordBatchReader.from_stream(self)
+
+
+def run_batches(query: Query, run: Any, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """Plan *query* now (statistics probed here, as ``iter_dataframes`` does); its batches.
+
+    What ``iter_batches``, a reader and the Polars source run (*run*: ``engine.prepare``'s).
+
+    Each call plans and runs on a copy of *run* with nothing prefetched, so a reader opened
+    twice runs twice from scratch.
+    """
+    from healthimaging_df import engine
+
+    fresh = replace(run, prefetched={})
+    plan = engine.choose(lambda stats: query.compile(stats=stats), fresh)
+    return _as_batches(engine.table_chunks(plan, query.to_json(), fresh, chunk_rows))
+
+
+def _as_batches(tables: Iterator[pa.Table]) -> Iterator[pa.RecordBatch]:
+    for table in tables:
+        yield from table.to_batches() or [_empty_batch()]
+
+
+def _empty_batch() -> pa.RecordBatch:
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_pylist([], schema=schema.arrow_schema())
+
+
+def _with_provenance(table: pa.Table, info: dict[str, Any]) -> pa.Table:
+    """*table* with the run's provenance in its schema metadata (JSON under the library's key)."""
+    from healthimaging_df.engine.provenance import KEY
+
+    return table.replace_schema_metadata({KEY.encode(): json.dumps(info).encode()})
 
 
 def _to_json(value: Any) -> Any:

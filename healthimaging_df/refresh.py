@@ -88,6 +88,30 @@ class RefreshReport:
             f"({self.fetched} image sets updated since {self.since.isoformat()}; {self.rows} rows)"
         )
 
+    def __repr__(self) -> str:
+        return (
+            f"RefreshReport(added={len(self.added)}, updated={len(self.updated)}, "
+            f"removed={len(self.removed)}, fetched={self.fetched}, rows={self.rows}, "
+            f"since={self.since.isoformat()}, watermark="
+            f"{self.watermark.isoformat() if self.watermark else None})"
+        )
+
+    def _rows(self) -> list[tuple[str, str]]:
+        return [
+            ("added", f"{len(self.added):,} image set(s)"),
+            ("updated", f"{len(self.updated):,} image set(s)"),
+            ("removed", f"{len(self.removed):,} image set(s) (no longer match)"),
+            ("fetched", f"{self.fetched:,} image set(s) updated since {self.since.isoformat()}"),
+            ("rows", f"{self.rows:,} in the refreshed result"),
+            ("watermark", self.watermark.isoformat() if self.watermark else "(none)"),
+        ]
+
+    def _repr_html_(self) -> str:
+        """Counts and moments only (the ids are in ``added``, ``updated``, ``removed``)."""
+        from healthimaging_df.core import display
+
+        return display.section("RefreshReport", self._rows())
+
 
 def refresh_frame(
     df: pd.DataFrame,

@@ -386,7 +386,7 @@ def arrow_to_pandas(
     if dtype_backend == "pyarrow":
         frame = table.to_pandas(types_mapper=pd.ArrowDtype, **options)
     else:
-        frame = table.to_pandas(types_mapper=_nullable_mapper, **options)
+        frame = table.to_pandas(types_mapper=pandas_type, **options)
     ordered = [n for n in COLUMN_NAMES if n in frame.columns]
     rest = [n for n in frame.columns if n not in BY_NAME]
     frame = frame[ordered + rest]
@@ -394,7 +394,14 @@ def arrow_to_pandas(
     return typed
 
 
-def _nullable_mapper(arrow_type: pa.DataType) -> object | None:
+def pandas_type(arrow_type: pa.DataType) -> object | None:
+    """The nullable pandas dtype of an Arrow type: the ``types_mapper`` every frame is built with.
+
+    Text -> ``string[pyarrow]``, integers -> ``Int64``, booleans -> ``boolean``, floats ->
+    ``Float64``, dates and nested types (lists, structs) -> ``pd.ArrowDtype``; None (pyarrow's own
+    mapping) for the rest, timestamps included, which :func:`arrow_to_pandas` types from the schema.
+    The one mapper of the package: frames, enrichment and QIDO-RS results share it.
+    """
     import pandas as pd
     import pyarrow as pa
 
@@ -404,6 +411,10 @@ def _nullable_mapper(arrow_type: pa.DataType) -> object | None:
         return pd.Int64Dtype()
     if pa.types.is_boolean(arrow_type):
         return pd.BooleanDtype()
+    if pa.types.is_floating(arrow_type):
+        return pd.Float64Dtype()
+    if pa.types.is_nested(arrow_type) or pa.types.is_date(arrow_type):
+        return pd.ArrowDtype(arrow_type)
     return None
 
 

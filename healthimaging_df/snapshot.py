@@ -90,6 +90,7 @@ __all__ = [
     "METADATA_KEY",
     "TARGET_FILE_SIZE",
     "Location",
+    "SnapshotHistory",
     "SnapshotInfo",
     "TableInfo",
     "downgrade_snapshot",
@@ -940,7 +941,9 @@ def snapshot_history(
         "warehouse": warehouse,
         "catalog_properties": catalog_properties,
     }
-    return _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).history()
+    rows = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).history()
+    history: pd.DataFrame = SnapshotHistory(rows)
+    return history
 
 
 def snapshot_info(
@@ -968,6 +971,44 @@ def snapshot_info(
         "catalog_properties": catalog_properties,
     }
     return _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).info()
+
+
+# provenance entries shown in a history's display: none holds a value of the query
+_SHOWN_PROVENANCE = ("fetched_at", "refreshed_since", "library_version", "redacted")
+
+
+class SnapshotHistory(pd.DataFrame):
+    """:func:`snapshot_history`'s frame; shown (repr, notebook) without provenance values.
+
+    A plain DataFrame in every other way (selections stay a ``SnapshotHistory``). Its
+    ``provenance`` column holds the query and requests of each version (PHI, like the rows):
+    the display replaces each dict by its value-free entries; ``frame["provenance"]`` still
+    gives the dicts.
+    """
+
+    @property
+    def _constructor(self) -> type[SnapshotHistory]:
+        return SnapshotHistory
+
+    def _shown(self) -> pd.DataFrame:
+        frame: pd.DataFrame = pd.DataFrame(self)
+        if "provenance" in frame.columns:
+            frame["provenance"] = [_provenance_shown(p) for p in frame["provenance"]]
+        return frame
+
+    def __repr__(self) -> str:
+        return repr(self._shown())
+
+    def _repr_html_(self) -> str | None:
+        shown = getattr(self._shown(), "_repr_html_")()  # noqa: B009 - not in pandas-stubs
+        return None if shown is None else str(shown)
+
+
+def _provenance_shown(prov: Any) -> str:
+    if not isinstance(prov, dict):
+        return "(none)"
+    shown = [f"{k}={prov[k]}" for k in _SHOWN_PROVENANCE if prov.get(k) not in (None, "")]
+    return "; ".join(["query withheld (PHI)", *shown])
 
 
 def vacuum_snapshot(

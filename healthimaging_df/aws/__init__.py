@@ -8,8 +8,21 @@ first attempt respected, and a user's own client is paced only inside our calls.
 
 from __future__ import annotations
 
-from healthimaging_df.aws.clients import SEARCH, SERVICE, make_client, paced, sent_at
-from healthimaging_df.aws.errors import THROTTLING_CODES, error_code, search_error
+from healthimaging_df.aws import session
+from healthimaging_df.aws.clients import SEARCH, SERVICE, hooked, paced, pacing, sent_at
+from healthimaging_df.aws.errors import (
+    FATAL_CODES,
+    THROTTLING_CODES,
+    Failure,
+    aws_errors,
+    describe,
+    error_code,
+    failure,
+    http_failure,
+    is_aws_error,
+    search_error,
+    service_error,
+)
 from healthimaging_df.aws.limiter import (
     HEADROOM,
     MARGIN,
@@ -19,21 +32,63 @@ from healthimaging_df.aws.limiter import (
     forget_limiters,
     limiter_for,
 )
+from healthimaging_df.aws.quotas import (
+    GET_IMAGE_SET_TPS,
+    METADATA_TPS,
+    QIDO_TPS,
+    QUOTAS,
+    SEARCH_TPS,
+    Quota,
+    default_tps,
+)
+from healthimaging_df.aws.retry import (
+    CONFLICT,
+    MALFORMED,
+    SERVICE_BACKOFF,
+    Backoff,
+    RetryCancelled,
+    retrying,
+)
+from healthimaging_df.aws.session import make_client
 
 __all__ = [
+    "CONFLICT",
+    "FATAL_CODES",
+    "GET_IMAGE_SET_TPS",
     "HEADROOM",
+    "MALFORMED",
     "MARGIN",
     "MAX_MARGIN",
+    "METADATA_TPS",
+    "QIDO_TPS",
+    "QUOTAS",
     "RECOVER_WINDOWS",
     "SEARCH",
+    "SEARCH_TPS",
     "SERVICE",
+    "SERVICE_BACKOFF",
     "THROTTLING_CODES",
+    "Backoff",
+    "Failure",
+    "Quota",
     "RateLimiter",
+    "RetryCancelled",
+    "aws_errors",
+    "default_tps",
+    "describe",
     "error_code",
+    "failure",
     "forget_limiters",
+    "hooked",
+    "http_failure",
+    "is_aws_error",
     "limiter_for",
     "make_client",
     "paced",
+    "pacing",
+    "retrying",
     "search_error",
     "sent_at",
+    "service_error",
+    "session",
 ]

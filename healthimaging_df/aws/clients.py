@@ -1,17 +1,23 @@
-"""The boto3 client factory and the per-thread arming of a limiter on botocore's events."""
+"""Pacing a client inside our calls: botocore event handlers that live only as long as the call.
+
+A handler registered on a client stays there for the client's life, and the client may be the
+user's. So every handler of ours is registered by :func:`hooked` for the block that needs it,
+counted per client (concurrent and nested blocks share one registration) and unregistered when
+the last block leaves, also by an exception: after our call the user's client has no handler
+of ours. A run registers once for its whole life (``PageStream``, ``fetch_metadata``); each
+request's :func:`paced` block then only counts.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from healthimaging_df._version import __version__
 from healthimaging_df.aws.errors import THROTTLING_CODES
 from healthimaging_df.aws.limiter import RateLimiter
-from healthimaging_df.core import logs
 
 SERVICE = "medical-imaging"
 SEARCH = "SearchImageSets"  # the operation every search path paces (its own quota bucket)
@@ -19,39 +25,52 @@ _HANDLER_ID = "healthimaging_df.aws.pace"
 _THROTTLE_HANDLER_ID = "healthimaging_df.aws.throttled"
 
 
-def make_client(
-    client: Any, boto3_session: Any, max_concurrency: int = 8, endpoint_url: str | None = None
-) -> Any:
-    """Return *client*, or a ``medical-imaging`` client from *boto3_session* (default session).
-
-    The client made here retries in botocore's standard mode (throttling and 5xx, 10 attempts),
-    has a connection pool large enough for *max_concurrency*, and names us in its user agent.
-    An *endpoint_url* (a local service) also turns off the ``runtime-`` host prefix.
-    """
-    logs.refresh()  # loggers of botocore modules imported since then are covered too
-    if client is not None:
-        return client
-    import boto3
-    from botocore.config import Config
-
-    session = boto3_session if boto3_session is not None else boto3.Session()
-    settings: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 10},
-        "max_pool_connections": max(10, max_concurrency + 2),
-        "user_agent_extra": f"healthimaging-df/{__version__}",
-    }
-    if endpoint_url:
-        settings["inject_host_prefix"] = False
-    return session.client("medical-imaging", endpoint_url=endpoint_url, config=Config(**settings))
-
-
 _armed = threading.local()
+_hooks_lock = threading.Lock()
+_hook_users: dict[tuple[int, str], int] = {}  # (id(client), handler id) -> blocks inside
+
+
+@contextmanager
+def hooked(client: Any, event: str, handler: Any, unique_id: str) -> Iterator[None]:
+    """Within the block, *handler* is registered on *client*'s *event*; gone after the last block.
+
+    Counted per client and *unique_id*: a block entered while another holds the registration
+    only counts; the last to leave unregisters, exception or not. Nothing happens for an object
+    that is not a botocore client.
+    """
+    events = getattr(getattr(client, "meta", None), "events", None)
+    if events is None:
+        yield
+        return
+    key = (id(client), unique_id)
+    with _hooks_lock:
+        users = _hook_users.get(key, 0)
+        if users == 0:
+            events.register(event, handler, unique_id=unique_id)
+        _hook_users[key] = users + 1
+    try:
+        yield
+    finally:
+        with _hooks_lock:
+            _hook_users[key] -= 1
+            if _hook_users[key] == 0:
+                del _hook_users[key]
+                events.unregister(event, handler, unique_id=unique_id)
+
+
+@contextmanager
+def pacing(client: Any) -> Iterator[None]:
+    """Keep the pacing handlers on *client* for a run; :func:`paced` blocks inside only count."""
+    with ExitStack() as stack:
+        stack.enter_context(hooked(client, "before-send", _before_send, _HANDLER_ID))
+        stack.enter_context(hooked(client, "needs-retry", _needs_retry, _THROTTLE_HANDLER_ID))
+        yield
 
 
 def _before_send(**_: Any) -> None:
     limiter: RateLimiter | None = getattr(_armed, "limiter", None)
     if limiter is not None:
-        limiter.acquire(getattr(_armed, "priority", 0.0))
+        limiter.acquire()
         _armed.sent = time.monotonic()
 
 
@@ -76,28 +95,25 @@ def _needs_retry(response: Any = None, **_: Any) -> None:
 
 
 @contextmanager
-def paced(client: Any, limiter: RateLimiter | None, priority: float = 0.0) -> Iterator[None]:
+def paced(client: Any, limiter: RateLimiter | None) -> Iterator[None]:
     """Within the block, every HTTP attempt this thread makes on *client* waits for *limiter*.
 
-    At *priority* (see :meth:`RateLimiter.acquire`).
-
     A throttled attempt also tells *limiter* (:meth:`RateLimiter.throttled`). The handlers are
-    registered once per client (idempotent through their unique ids) and do nothing on threads
-    that are not inside this block.
+    on the client while a block is (see :func:`hooked`: wrap a run in :func:`pacing` to register
+    them once) and do nothing on threads that are not inside this block.
     """
     if limiter is None:
         yield
         return
     events = getattr(getattr(client, "meta", None), "events", None)
     if events is None:  # not a botocore client: pace the call itself
-        limiter.acquire(priority)
+        limiter.acquire()
         yield
         return
-    events.register("before-send", _before_send, unique_id=_HANDLER_ID)
-    events.register("needs-retry", _needs_retry, unique_id=_THROTTLE_HANDLER_ID)
-    previous = getattr(_armed, "limiter", None), getattr(_armed, "priority", 0.0)
-    _armed.limiter, _armed.priority = limiter, priority
-    try:
-        yield
-    finally:
-        _armed.limiter, _armed.priority = previous
+    previous = getattr(_armed, "limiter", None)
+    with pacing(client):
+        _armed.limiter = limiter
+        try:
+            yield
+        finally:
+            _armed.limiter = previous

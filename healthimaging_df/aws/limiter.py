@@ -10,13 +10,13 @@ instead of sending 25 each.
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
 import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from healthimaging_df.aws.session import identity
 
 # The quota's window is given this much room for the jitter between our grant (botocore's
 # before-send) and the service's count of the request: at most Q requests in any 1 s + MARGIN,
@@ -39,8 +39,8 @@ class RateLimiter:
     never sees one too many. Slots are spaced to match: ``paced = limit / (window + margin)``
     per second (98% of 25 TPS with the default 20 ms).
 
-    Callers queue by priority (:meth:`acquire`); the head takes the next *slot* of an absolute
-    schedule (slot k+1 = slot k + 1/paced) and sleeps until it. A thread that wakes late (the
+    Callers queue first come, first served (:meth:`acquire`); the head takes the next *slot* of
+    an absolute schedule (slot k+1 = slot k + 1/paced) and sleeps until it. A thread that wakes late (the
     GIL held by another thread's parse, a busy machine) therefore delays only its own request:
     the next slot was fixed before, so the schedule does not accumulate oversleep as a bucket
     refilled from wake-up times does. The
@@ -75,8 +75,7 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._queue: list[list[float]] = []  # waiting callers: [-priority, ticket], a heap
-        self._tickets = itertools.count()
+        self._queue: collections.deque[object] = collections.deque()  # waiting callers, in turn
         self._set_margin(self.base_margin)
         self._next = clock() - self._tolerance  # the first free slot of the schedule
         self._granted: collections.deque[float] = collections.deque(maxlen=self.window_limit)
@@ -110,17 +109,15 @@ class RateLimiter:
             self._clean = 0
             self._set_margin(min(MAX_MARGIN, max(2.0 * self.margin, self.margin + 0.01)))
 
-    def acquire(self, priority: float = 0.0) -> None:
-        """Block until a request may go out; of the callers waiting, the highest *priority* first.
+    def acquire(self) -> None:
+        """Block until a request may go out; callers are served first come, first served.
 
-        Equal priorities go first come, first served. The caller at the head of the queue takes
-        the next slot of the schedule (and of the window guard) when it comes; one that arrives
-        with a higher priority meanwhile takes it instead. A scan gives the readers with the
-        most pages left the higher priority: the critical path is served first.
+        The caller at the head of the queue takes the next slot of the schedule (and of the
+        window guard) when it comes.
         """
         with self._cond:
-            ticket = [-priority, next(self._tickets)]
-            heapq.heappush(self._queue, ticket)
+            ticket = object()
+            self._queue.append(ticket)
             waited = served = False
             scheduled, after = 0.0, None  # the head's slot, planned when self._next was *after*
             try:
@@ -136,7 +133,7 @@ class RateLimiter:
                             moment = max(moment, granted[0] + self.span)  # its oldest expires
                         # compared as the same sums that were waited for: no rounding back
                         if now >= moment:
-                            heapq.heappop(self._queue)
+                            self._queue.popleft()
                             served = True
                             self._next = scheduled + self._interval
                             granted.append(now)
@@ -153,7 +150,6 @@ class RateLimiter:
                     self.waiting -= 1
                 if not served:  # interrupted while waiting
                     self._queue.remove(ticket)
-                    heapq.heapify(self._queue)
                     self._cond.notify_all()
 
     def _pause(self, moment: float | None) -> None:
@@ -186,23 +182,24 @@ _shared_lock = threading.Lock()
 def limiter_for(
     client: Any, operation: str, max_tps: float | None, burst: int | None = None
 ) -> RateLimiter | None:
-    """The process's one limiter for *operation* at *max_tps* on *client*'s region and endpoint.
+    """The process's one limiter for *operation* at *max_tps* on *client*'s account and endpoint.
 
-    HealthImaging's quotas are per account and operation, so queries that run at the same time
-    (threads of a cohort script) or back to back (the next cell of a notebook, whose first second
-    still shares the service's window with the last one's) must draw from one schedule: with a
-    limiter each, two scans send 48 requests a second into a 25 TPS quota. Clients of one region
-    and endpoint share, whatever their credentials (two accounts in one process are paced as
-    one: slower, never throttled); a different rate or burst gets a limiter of its own. ``None``
-    without *max_tps*.
+    HealthImaging's quotas are per account, region and operation, so queries that run at the same
+    time (threads of a cohort script) or back to back (the next cell of a notebook, whose first
+    second still shares the service's window with the last one's) must draw from one schedule:
+    with a limiter each, two scans send 48 requests a second into a 25 TPS quota. Clients of one
+    account (:func:`healthimaging_df.aws.session.identity`: the account when the credentials name
+    it, else the access key), region and endpoint share; two accounts in one process are two
+    quotas, paced apart. A different rate or burst gets a limiter of its own. ``None`` without
+    *max_tps*.
     """
     if not max_tps:
         return None
     meta = getattr(client, "meta", None)
     where = (
-        (getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None))
+        (identity(client), getattr(meta, "region_name", None), getattr(meta, "endpoint_url", None))
         if meta is not None
-        else ("client", id(client))
+        else ("client", id(client), None)
     )
     key = (*where, operation, float(max_tps), burst)
     with _shared_lock:

@@ -33,7 +33,7 @@ configuration error."""
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every command."""
     from healthimaging_df.cli import demo
-    from healthimaging_df.cli.commands import metadata, search, series_attributes, snapshot
+    from healthimaging_df.cli.commands import metadata, search, series_attributes, snapshot, sql
     from healthimaging_df.local import cli as local_cli
 
     parser = argparse.ArgumentParser(
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.register(commands)
     metadata.register(commands)
     series_attributes.register(commands)
+    sql.register(commands)
     demo.register(commands)
     local_cli.register(commands)
     return parser
@@ -172,14 +173,10 @@ def describe(exc: BaseException, given_paths: Sequence[str] = ()) -> tuple[int, 
         return EXIT_SERVICE, f"{exc}{hint}"
     if isinstance(exc, HealthImagingDFError):
         return EXIT_SERVICE, str(exc)
-    from botocore.exceptions import BotoCoreError, ClientError
+    from healthimaging_df import aws
 
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        operation = getattr(exc, "operation_name", "request")
-        return EXIT_SERVICE, f"{operation} failed with {error.get('Code', 'an unknown error')}"
-    if isinstance(exc, BotoCoreError):
-        return EXIT_SERVICE, f"AWS SDK error: {type(exc).__name__}"
+    if aws.is_aws_error(exc):
+        return EXIT_SERVICE, aws.describe(exc)
     if isinstance(exc, OSError):
         where = _file_named(exc.filename, given_paths) if exc.filename else ""
         return EXIT_SERVICE, f"{exc.strerror or type(exc).__name__}{where}"

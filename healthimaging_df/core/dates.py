@@ -74,6 +74,31 @@ def parse_instant(value: Any, *, wallclock: bool) -> datetime:
     return parse_bound(value, upper=False, wallclock=wallclock)
 
 
+class TimestampError(ValueError):
+    """A timestamp the library wrote (provenance, a checkpoint, a cache) is not ISO 8601 text."""
+
+
+def read_iso(text: Any) -> datetime:
+    """The timezone-aware instant in ISO 8601 *text* that the library wrote; naive text is UTC.
+
+    The one reader of our own timestamps (provenance, checkpoints, cached statistics): anything
+    else (not a string, not ISO 8601) raises :class:`TimestampError`, whose message holds no
+    value; each caller says what a damaged file means for it.
+    """
+    if not isinstance(text, str):
+        raise TimestampError(f"a timestamp must be ISO 8601 text, not {type(text).__name__}")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise TimestampError("a timestamp is not ISO 8601 text") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def read_iso_or_none(text: Any) -> datetime | None:
+    """:func:`read_iso` of *text*, or None when *text* is None (a timestamp not recorded)."""
+    return None if text is None else read_iso(text)
+
+
 def whole_period(value: Any, *, wallclock: bool) -> tuple[datetime, datetime] | None:
     """The bounds of the day (month, year) *value* names, or None when it names one moment.
 

@@ -1,13 +1,30 @@
-"""Small pandas helpers every public face shares: provenance carried over, required columns."""
+"""Small pandas helpers every public face shares: provenance's key and access, required columns."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 
 from healthimaging_df.errors import QueryValidationError
+
+PROVENANCE_KEY = "healthimaging_df"
+"""Where a frame's provenance lives: ``df.attrs[PROVENANCE_KEY]``, and the snapshot metadata key."""
+
+
+def provenance_of(frame: pd.DataFrame) -> dict[str, Any] | None:
+    """*frame*'s provenance (``attrs[PROVENANCE_KEY]``), or None when it carries none."""
+    provenance = frame.attrs.get(PROVENANCE_KEY)
+    return provenance if isinstance(provenance, dict) else None
+
+
+def provenance_datastore(frame: pd.DataFrame) -> str | None:
+    """The datastore ID *frame*'s provenance names, or None (no provenance, or none recorded)."""
+    provenance = provenance_of(frame)
+    found = provenance.get("datastore_id") if provenance is not None else None
+    return str(found) if found else None
 
 
 def with_attrs(result: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ logger rewrites those records, as ``healthimaging_df.core.logs`` does for botoco
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -147,16 +148,26 @@ class QidoResult:
 _STANDARD_HOST_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
 
 
+DICOMWEB_ENDPOINT_ENV = "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING"
+"""The DICOMweb address's environment variable, in the style of ``AWS_ENDPOINT_URL_*``."""
+
+
 def dicomweb_endpoint(
     client: Any = None, region: str | None = None, dicomweb_endpoint_url: str | None = None
 ) -> str:
-    """The DICOMweb base URL: the override, the client's custom endpoint, or the AWS host.
+    """The DICOMweb base URL: the override, the environment, the client's endpoint, the AWS host.
+
+    The environment variable is ``AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING``
+    (:data:`DICOMWEB_ENDPOINT_ENV`), as botocore reads ``AWS_ENDPOINT_URL_MEDICAL_IMAGING``.
 
     >>> dicomweb_endpoint(region="eu-west-1")
     'https://dicom-medical-imaging.eu-west-1.amazonaws.com'
     """
     if dicomweb_endpoint_url:
         return dicomweb_endpoint_url.rstrip("/")
+    from_env = os.environ.get(DICOMWEB_ENDPOINT_ENV)
+    if from_env:
+        return from_env.rstrip("/")
     meta = getattr(client, "meta", None)
     endpoint = getattr(meta, "endpoint_url", None)
     region = region or getattr(meta, "region_name", None)

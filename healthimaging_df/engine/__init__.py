@@ -18,6 +18,7 @@ from healthimaging_df.engine.run import (
     export,
     prepare,
     presplit_pieces,
+    table_chunks,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "export",
     "prepare",
     "presplit_pieces",
+    "table_chunks",
 ]

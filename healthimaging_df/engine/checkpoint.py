@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from healthimaging_df import schema
+from healthimaging_df.core import dates
 from healthimaging_df.engine.fetch import Coverage
 from healthimaging_df.engine.statistics import cache_dir
 from healthimaging_df.errors import SnapshotError
@@ -113,27 +114,36 @@ class Checkpoint:
         raw = self.store.get(self.state_rel)
         if raw is None:
             return None
-        state = json.loads(raw)
-        if state.get("fingerprint") != self.fingerprint or "seen_parts" not in state:
-            log.warning("ignoring the export checkpoint: it is of another query")
-            self.discard()
-            return None
-        present = set(self.store.list(self.folder))
-        listed = [f"{self.folder}/{name}" for name in [*state["parts"], *state["seen_parts"]]]
-        if any(name not in present for name in listed):
-            # a run killed while it deleted a finished export's checkpoint: nothing to resume
-            log.warning("ignoring the export checkpoint: its part files are gone")
-            self.discard()
-            return None
-        self.now = datetime.fromisoformat(state["now"])
-        self.started_at = datetime.fromisoformat(state["started_at"])
+        try:
+            state = json.loads(raw)
+            if state.get("fingerprint") != self.fingerprint or "seen_parts" not in state:
+                log.warning("ignoring the export checkpoint: it is of another query")
+                self.discard()
+                return None
+            present = set(self.store.list(self.folder))
+            listed = [f"{self.folder}/{name}" for name in [*state["parts"], *state["seen_parts"]]]
+            if any(name not in present for name in listed):
+                # a run killed while it deleted a finished export's checkpoint: nothing to resume
+                log.warning("ignoring the export checkpoint: its part files are gone")
+                self.discard()
+                return None
+            return self._restore(state)
+        except (ValueError, KeyError, TypeError, AttributeError):  # dates.TimestampError too
+            raise SnapshotError(
+                "the export checkpoint is damaged; pass resume=False to start afresh"
+            ) from None
+
+    def _restore(self, state: dict[str, Any]) -> Coverage:
+        """Coverage and counters from a checkpoint's state of this query."""
+        self.now = dates.read_iso(state["now"])
+        self.started_at = dates.read_iso(state["started_at"])
         self.parts = list(state["parts"])
         self.seen_parts = list(state.get("seen_parts", ()))
         self.access = state.get("access", "auto")
         self.tasks = self.resumed_tasks = int(state["tasks"])
         self.rows = int(state["rows"])
         spans = {
-            str(chain): [(datetime.fromisoformat(a), datetime.fromisoformat(b)) for a, b in spans]
+            str(chain): [(dates.read_iso(a), dates.read_iso(b)) for a, b in spans]
             for chain, spans in state["windows"].items()
         }
         if state.get("chain_keys"):

@@ -3,7 +3,7 @@
 Request chains (one per fanned-out value, or createdAt windows read from both ends and split while
 workers are free) run on a pool of threads sharing one client. The shared rate limiter
 (``aws.RateLimiter``) paces every call below ``max_tps`` so we do not cause the throttling we would
-then retry, and serves the readers with the most pages left first. botocore's standard retry mode
+then retry, first come, first served. botocore's standard retry mode
 retries throttling and 5xx; anything it gives up on becomes a typed error and the whole fetch
 stops: a fault we cannot recover from raises, it never returns half a result.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -30,13 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df import aws
-from healthimaging_df.core import dates
+from healthimaging_df.core import checks, dates
 from healthimaging_df.core.progress import Progress, ProgressReporter
 from healthimaging_df.engine import flatten, pagecheck, pages
 from healthimaging_df.errors import (
     MalformedResponseError,
     PaginationError,
-    QueryValidationError,
     SearchError,
 )
 from healthimaging_df.plan import Chain, Plan, rows_between
@@ -50,8 +50,6 @@ Prefetched = dict[str, tuple[pa.Table, str | None]]
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
 OPERATION = aws.SEARCH
-# A page cut in transit or not from the service is asked for again, like a 5xx, this many times.
-MALFORMED_ATTEMPTS = 4
 # Empty pages in a row (each with a fresh nextToken) before a chain is called stuck. A service that
 # filters while it scans can answer a few empty pages in a row; 50 is far beyond that (a healthy
 # chain has never been seen to need more than a handful) yet stops a runaway chain within about
@@ -91,23 +89,14 @@ class FetchOptions:
     """
 
     max_concurrency: int = 8
-    max_tps: float | None = 25.0
+    max_tps: float | None = aws.SEARCH_TPS
     burst: int | None = None
     page_size: int = 50
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int):
-            raise QueryValidationError("max_concurrency", "must be a positive integer")
-        if self.max_concurrency < 1:
-            raise QueryValidationError("max_concurrency", "must be a positive integer")
-        if self.max_tps is not None and (
-            isinstance(self.max_tps, bool)
-            or not isinstance(self.max_tps, (int, float))
-            or not 0 < self.max_tps < float("inf")
-        ):
-            raise QueryValidationError("max_tps", "must be a positive number or None")
-        if not 1 <= self.page_size <= 50:
-            raise QueryValidationError("page_size", "the API allows 1 to 50")
+        checks.positive_int("max_concurrency", self.max_concurrency)
+        checks.optional_positive_number("max_tps", self.max_tps)
+        checks.integer("page_size", self.page_size, minimum=1, maximum=50)
 
 
 @dataclass
@@ -209,11 +198,6 @@ class _Segment:
     def complete(self) -> bool:
         return self.closed or self.low > self.high
 
-    @property
-    def readers(self) -> int:
-        """Ends reading it now (at least one: a segment without is about to get one)."""
-        return max(1, (self.asc is not None) + (self.desc is not None))
-
     def remaining_rows(self, overall: float | None = None, most: bool = False) -> float:
         """Rows left between the ends (inf when unknown).
 
@@ -249,22 +233,6 @@ class _Counters:
 
     pages: int = 0
     image_sets: int = 0
-
-
-def stream(
-    plan: Plan,
-    client: Any,
-    options: FetchOptions,
-    progress: Progress = None,
-    resume: Coverage | None = None,
-    prefetched: Prefetched | None = None,
-) -> PageStream:
-    """Start fetching *plan* (skipping what *resume* covers); iterate it for pages.
-
-    *prefetched*: first pages already read (by a probe), keyed by :func:`request_key`; a chain
-    whose first request is one of them starts from it instead of asking again.
-    """
-    return PageStream(plan, client, options, progress, resume, prefetched)
 
 
 class PageStream:
@@ -311,6 +279,7 @@ class PageStream:
             progress, "SearchImageSets", " pages", postfix="{} image sets"
         )
         self._started = False
+        self._hooks = contextlib.ExitStack()  # our botocore handlers, for the stream's life
 
     # -- consumer side ------------------------------------------------------------------------
 
@@ -360,6 +329,7 @@ class PageStream:
                 w.join(timeout=0.01)
         self._workers.clear()
         self._progress.close()
+        self._hooks.close()  # the client is left as it was given
 
     def _drain(self) -> None:
         try:
@@ -372,6 +342,9 @@ class PageStream:
         if self._started:
             return
         self._started = True
+        self._hooks.enter_context(aws.pacing(self.client))  # once, not per page
+        if _lean(self.client):
+            self._hooks.enter_context(pages.hooked(self.client))
         self._began = time.monotonic()
         tasks: list[_Task] = []
         windows: list[tuple[Chain, Window, tuple[datetime, ...]]] = []
@@ -519,7 +492,7 @@ class PageStream:
         empty_run = 0
         page_number = 0
         while not self._halted(chain.index):
-            table, token = self._call(kwargs, chain.index, self._priority(task))
+            table, token = self._call(kwargs, chain.index)
             page_number += 1
             log.debug(
                 "chain %d page %d: %d image sets%s",
@@ -606,18 +579,7 @@ class PageStream:
                     segment.low = max(segment.low, last)
             if token is None:
                 segment.closed = True  # the query covers the segment: nothing of it is left
-            other = segment.asc if reader.descending else segment.desc
-            stop = segment.complete
-            if (
-                not stop
-                and other is not None
-                and other.read  # else the estimate is this end's alone: a burst may lie beyond
-                and not other.sole
-                and not reader.sole
-                and segment.remaining_rows(self._overall(), most=True) < EARLY_STOP_ROWS
-            ):
-                other.sole = True  # its page in flight will most likely finish the segment
-                stop = True
+            stop = segment.complete or self._leave_to_other_end(segment, reader)
             covered: Window | None = None
             task.pages += 1
             handed: tuple[int, Window] | None = None
@@ -643,6 +605,24 @@ class PageStream:
             )
         return covered
 
+    def _leave_to_other_end(self, segment: _Segment, reader: _Reader) -> bool:
+        """Whether *reader* stops early: the other end's page in flight will likely finish it.
+
+        Only once both ends have read (else the estimate is this end's alone: a burst may lie
+        beyond), neither end already the sole one, and little is left. Called with the lock held.
+        """
+        other = segment.asc if reader.descending else segment.desc
+        if (
+            other is None
+            or not other.read
+            or other.sole
+            or reader.sole
+            or segment.remaining_rows(self._overall(), most=True) >= EARLY_STOP_ROWS
+        ):
+            return False
+        other.sole = True  # its page in flight will most likely finish the segment
+        return True
+
     def _roll_over(self, task: _Task, reader: _Reader) -> tuple[int, Window]:
         """End the task (not the chain), returning its id and coverage; go on under a new id.
 
@@ -665,26 +645,24 @@ class PageStream:
 
         Below the limiter's rate, the segment with the most rows left gets its missing end, or,
         read from both ends already, is split at a whole second between them (the dense side's
-        next second, else the middle) with a new reader at the split. At the rate, only a
-        segment on the critical path does (see :func:`critical_reader`). Each reader costs about
-        half a page more (its last page is part-empty), so none starts for a segment with little
-        left. Called with the lock held.
+        next second, else the middle) with a new reader at the split. At the rate, none does:
+        a reader more would only wait for the limiter. Each reader costs about half a page more
+        (its last page is part-empty), so none starts for a segment with little left. Called
+        with the lock held.
         """
-        if self._outstanding >= self.options.max_concurrency:
+        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+            return
+        limiter, round_trip = self._limiter, self._round_trip
+        if (
+            limiter is not None
+            and round_trip is not None
+            and self._outstanding >= limiter.rate * round_trip + 1
+        ):
+            # readers enough to keep the limiter busy are on their way (Little's law: rate x
+            # round trip in flight; its queue shows them a round trip later)
             return
         # one reader per page that arrives: the rate is measured again before the next
-        overall = self._overall()
-        limiter, round_trip = self._limiter, self._round_trip
-        if limiter is None or round_trip is None:  # unpaced, or no page back yet
-            busy = self._at_rate()  # False when unpaced
-            move = None if busy else next_reader(self._segments, overall, self._readers_short())
-        elif self._at_rate() or self._outstanding >= limiter.rate * round_trip + 1:
-            # the limiter is busy, or readers enough to keep it busy are on their way (Little's
-            # law: rate x round trip in flight; its queue shows them a round trip later): only
-            # the critical path gets a reader more
-            move = critical_reader(self._segments, overall, limiter.rate, round_trip)
-        else:
-            move = next_reader(self._segments, overall, self._readers_short())
+        move = next_reader(self._segments, self._overall(), self._readers_short())
         if move is None:
             return
         segment, step = move
@@ -742,30 +720,14 @@ class PageStream:
         self._segments.add(upper)
         self._add_reader(upper, descending=False)
 
-    def _priority(self, task: _Task) -> float:
-        """A reader's pages left (its segment's rows over its readers), its place at the limiter.
-
-        The longest chains go first, so the scan's critical path never waits behind readers
-        that will finish early anyway; a reader whose segment is not sized yet goes first too.
-        A plain chain (a fanned-out value) has no such estimate: first come, first served.
-        """
-        reader = task.reader
-        if reader is None:
-            return 0.0
-        with self._lock:
-            segment = reader.segment
-            return segment.remaining_rows(self._overall()) / PAGE_ROWS / segment.readers
-
-    def _call(
-        self, kwargs: dict[str, Any], chain: int, priority: float = 0.0
-    ) -> tuple[pa.Table, str | None]:
+    def _call(self, kwargs: dict[str, Any], chain: int) -> tuple[pa.Table, str | None]:
         if self._prefetched and "nextToken" not in kwargs:
             with self._lock:
                 ready = self._prefetched.pop(request_key(kwargs), None)
             if ready is not None:
                 return ready
         called = time.monotonic()
-        page = call_page(self.client, self._limiter, kwargs, chain, self._cancel, priority)
+        page = call_page(self.client, self._limiter, kwargs, chain, self._cancel)
         # the round trip from the slot's grant: the wait for the slot is the limiter's, and
         # counting it made a ramp of eight paced first requests look like 0.5 s at 300 ms
         took = time.monotonic() - max(called, aws.sent_at() or called)
@@ -773,6 +735,14 @@ class PageStream:
             last = self._round_trip
             self._round_trip = took if last is None else 0.8 * last + 0.2 * took
         return page
+
+
+stream = PageStream
+"""Start fetching a plan (skipping what *resume* covers); iterate it for pages.
+
+*prefetched*: first pages already read (by a probe), keyed by :func:`request_key`; a chain whose
+first request is one of them starts from it instead of asking again.
+"""
 
 
 def request_key(kwargs: dict[str, Any]) -> str:
@@ -810,46 +780,6 @@ def next_reader(
     )
     for left, _, segment in live:
         move = _reader_for(segment, left, overall, short)
-        if move is not None:
-            return move
-    return None
-
-
-def critical_reader(
-    segments: Iterable[_Segment], overall: float | None, rate: float, round_trip: float
-) -> tuple[_Segment, str | datetime] | None:
-    """A reader for the segment whose own chain would outlast the rest of the scan, or None.
-
-    At the limiter's rate a reader more sends no more requests, but a segment whose rows per
-    reader take longer to page through (a page per *round_trip*) than every row left takes at
-    *rate* is the critical path: the scan ends when it does. A reader more there shortens it
-    (and the limiter serves the readers with the most pages left first, see ``_priority``). A
-    same-second burst found late in a first scan at 300 ms kept two readers per second until
-    the others ended, then paged alone for three seconds.
-    """
-    live = [s for s in segments if not s.complete]
-    if overall is None or not live:
-        return None  # too little read to tell what the rest of the scan holds
-    # a segment none of whose ends has read a page yet: at the overall density
-    rows = []
-    for segment in live:
-        left = segment.remaining_rows(overall)
-        gap = max((segment.high - segment.low).total_seconds(), 0.0)
-        rows.append(left if left < float("inf") else overall * gap)
-    scan_left = sum(rows) / PAGE_ROWS / rate
-    chains = sorted(
-        (
-            (r / PAGE_ROWS / s.readers * round_trip, n, r, s)
-            for n, (r, s) in enumerate(zip(rows, live, strict=True))
-        ),
-        key=lambda item: item[:2],
-        reverse=True,
-    )
-    for chain, _, left, segment in chains:
-        if chain <= scan_left:
-            return None
-        # the longest may have no reader to give (both ends inside one second): the next one
-        move = _reader_for(segment, left, overall, short=False)
         if move is not None:
             return move
     return None
@@ -912,23 +842,22 @@ def call_page(
     kwargs: dict[str, Any],
     chain: int | None = None,
     cancel: threading.Event | None = None,
-    priority: float = 0.0,
 ) -> tuple[pa.Table, str | None]:
     """One page, checked against the service model; a malformed page is asked for again.
 
-    Every attempt waits for *limiter* at *priority* (:meth:`aws.RateLimiter.acquire`).
+    Every attempt waits for *limiter* (:meth:`aws.RateLimiter.acquire`).
 
     The body is parsed straight into Arrow columns (``pages``) where botocore allows it; a client
     that does not is parsed by botocore and checked by ``pagecheck``. Every attempt, botocore's own retries of throttling and 5xx included, waits for the rate
     limiter, so a retry never overruns the quota.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
     from botocore.parsers import ResponseParserError
 
     cancel = cancel or threading.Event()
-    for attempt in range(1, MALFORMED_ATTEMPTS + 1):
+
+    def attempt(_: int) -> tuple[pa.Table, str | None]:
         try:
-            with aws.paced(client, limiter, priority):
+            with aws.paced(client, limiter):
                 if _lean(client):
                     try:
                         page = pages.fetch_page(client, kwargs, request_index=chain)
@@ -940,21 +869,24 @@ def call_page(
                 response = client.search_image_sets(**kwargs)
             items, token = pagecheck.check_page(response, chain)
             return flatten.summaries_to_table(items), token
-        except ClientError as exc:
-            raise aws.search_error(OPERATION, chain, exc) from None
-        except BotoCoreError as exc:
-            # botocore's messages can quote request values (PHI): keep only the error's kind.
-            raise SearchError(OPERATION, chain, type(exc).__name__) from None
-        except (MalformedResponseError, ResponseParserError, ValueError, TypeError) as exc:
+        except aws.aws_errors() as exc:
+            raise aws.service_error(OPERATION, chain, exc) from None
+        except (ResponseParserError, ValueError, TypeError):
             # a body botocore could not read (a bad timestamp) or that broke the model
-            error = (
-                exc
-                if isinstance(exc, MalformedResponseError)
-                else pagecheck.malformed(chain, "botocore could not parse the response")
-            )
-            log.debug("chain %s: malformed page (attempt %d): %s", chain, attempt, error.code)
-            if attempt == MALFORMED_ATTEMPTS:
-                raise error from None
-            if cancel.wait(min(0.05 * 2**attempt, 1.0)):
-                break
-    raise SearchError(OPERATION, chain, "Cancelled")
+            raise pagecheck.malformed(chain, "botocore could not parse the response") from None
+
+    def malformed(exc: BaseException) -> bool:
+        if not isinstance(exc, MalformedResponseError):
+            return False
+        log.debug("chain %s: malformed page: %s", chain, exc.rule)
+        return True
+
+    try:
+        return aws.retrying(
+            attempt,
+            retry_if=malformed,
+            backoff=aws.MALFORMED,
+            wait=cancel.wait,
+        )
+    except aws.RetryCancelled:
+        raise SearchError(OPERATION, chain, "Cancelled") from None

@@ -1,5 +1,9 @@
 """The frame stage: filter exactly, keep the latest version of each image set, order, limit.
 
+Ranks (which copy of an image set is the latest, and the index a chunked run keeps of them) are
+``engine.ranks``; how a large result is held in memory (compacted buffers, the allocator) is
+``engine.memory``.
+
 Every path that turns pages into rows (a whole result, chunks, a checkpointed export, a refresh's
 change scan) goes through these functions, so they share one rule: an image set is represented by
 the highest ``(version, updatedAt)`` read of it, and a stale copy never outlives a newer one, even
@@ -8,12 +12,8 @@ when the newer one no longer matches (superseded copies are dropped before filte
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -24,23 +24,47 @@ import pyarrow.compute as pc
 from healthimaging_df import schema
 from healthimaging_df.engine import flatten
 from healthimaging_df.engine.fetch import Page
+from healthimaging_df.engine.memory import Buffer, release_memory, result_memory_pool
 from healthimaging_df.engine.provenance import KEY as provenance_key
+from healthimaging_df.engine.ranks import (
+    RANK_COLUMNS,
+    Rank,
+    RankIndex,
+    rank_arrays,
+    rank_of,
+    ranks,
+)
 from healthimaging_df.plan import Plan
 from healthimaging_df.plan.predicates import Predicate
 
-RANK_COLUMNS = ["imageSetId", "version", "updatedAt"]
-# page tables are joined into one contiguous table every this many rows: a 50-row page costs about
-# 30 KB of buffer and object headers besides its data, a few thousand rows in one table do not
-_COMPACT_ROWS = 5_000
-RANK_SHARD_BITS = 4
-RANK_SHARDS = 1 << RANK_SHARD_BITS  # a RankIndex's shards: a merge copies 1/16 of the ids
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top bits of id words * this
+# Names that moved to engine.ranks and engine.memory stay importable from here.
+__all__ = [
+    "RANK_COLUMNS",
+    "Buffer",
+    "Chunker",
+    "Collector",
+    "Rank",
+    "RankIndex",
+    "apply_predicates",
+    "distinct_count",
+    "drop_superseded",
+    "frame_of",
+    "latest_in_order",
+    "latest_rows",
+    "order",
+    "predicate_mask",
+    "rank_arrays",
+    "rank_of",
+    "ranks",
+    "release_memory",
+    "result_memory_pool",
+    "result_positions",
+    "split_page",
+    "to_frame",
+]
+
 _FOLD_ROWS = 50_000  # a Chunker folds the ranks it has read into its index every this many rows
-_NULL_RANK = np.iinfo(np.int64).min  # a null version or updatedAt: lower than any value
 _EMPTY_RANKS = flatten.EMPTY_TABLE.select(RANK_COLUMNS)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MICROSECOND = timedelta(microseconds=1)
-Rank = tuple[int, int]
 
 
 def distinct_count(values: pa.ChunkedArray) -> int:
@@ -141,92 +165,6 @@ def order(table: pa.Table, plan: Plan) -> pa.Table:
     if plan.limit is not None:
         table = table.slice(0, plan.limit)
     return table
-
-
-class Buffer:
-    """Tables appended a page at a time, joined into contiguous tables every ``_COMPACT_ROWS`` rows.
-
-    Thousands of 50-row tables cost a buffer and object header per column each; a few large ones
-    do not. :meth:`take` hands everything over as a list of tables and forgets it.
-    """
-
-    def __init__(self) -> None:
-        self._tables: list[pa.Table] = []
-        self._tail: list[pa.Table] = []
-        self._tail_rows = 0
-        self.rows = 0
-
-    def append(self, table: pa.Table) -> None:
-        """Add *table* (of the same columns as the others)."""
-        if table.num_rows == 0:
-            return
-        self._tail.append(table)
-        self._tail_rows += table.num_rows
-        self.rows += table.num_rows
-        if self._tail_rows >= _COMPACT_ROWS:
-            self._compact()
-
-    def _compact(self) -> None:
-        if self._tail:
-            self._tables.append(pa.concat_tables(self._tail).combine_chunks())
-            self._tail, self._tail_rows = [], 0
-            release_memory()
-
-    def chunks(self, name: str) -> list[pa.Array]:
-        """The chunks of column *name* of every table added (nothing is copied)."""
-        return [c for t in (*self._tables, *self._tail) for c in t.column(name).chunks]
-
-    def take(self) -> list[pa.Table]:
-        """Every table added, compacted; the buffer is empty afterwards."""
-        self._compact()
-        tables, self._tables, self.rows = self._tables, [], 0
-        return tables
-
-
-_pool_lock = threading.Lock()
-_pool_users = 0
-_pool_saved: pa.MemoryPool | None = None
-
-
-@contextmanager
-def result_memory_pool() -> Iterator[None]:
-    """Allocate Arrow memory from the system allocator while a large result is built.
-
-    mimalloc (pyarrow's default) keeps a segment's pages while any block in it lives; a result
-    built from thousands of short-lived page tables, compacted, gathered and converted to pandas,
-    leaves many such segments: peak resident memory of a 300,000-row ``to_dataframe`` was 1.87x
-    the frame under mimalloc and 1.44x under glibc's allocator (docs/benchmarks.md). pyarrow's
-    default pool is switched for the duration (it is process-wide: arrays made meanwhile by other
-    threads come from it too, which changes nothing but where their bytes live) and restored
-    when the last such call ends. Left alone when ``ARROW_DEFAULT_MEMORY_POOL`` is set or the
-    default is not mimalloc: a user's choice of allocator stands.
-    """
-    global _pool_users, _pool_saved
-    with _pool_lock:
-        if _pool_users == 0:
-            current = pa.default_memory_pool()
-            if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ and current.backend_name == "mimalloc":
-                _pool_saved = current
-                pa.set_memory_pool(pa.system_memory_pool())
-        _pool_users += 1
-    try:
-        yield
-    finally:
-        with _pool_lock:
-            _pool_users -= 1
-            if _pool_users == 0 and _pool_saved is not None:
-                if pa.default_memory_pool().backend_name == "system":  # else someone chose anew
-                    pa.set_memory_pool(_pool_saved)
-                _pool_saved = None
-
-
-def release_memory() -> None:
-    """Hand memory Arrow's allocator holds but no longer uses back to the system.
-
-    mimalloc (pyarrow's default) keeps freed pages for reuse; between the page-sized tables a
-    compaction frees and the large ones it makes, that can be tens of MiB of resident memory.
-    """
-    pa.default_memory_pool().release_unused()
 
 
 def latest_in_order(matched: list[pa.Table], unmatched: list[pa.Table], plan: Plan) -> pa.Table:
@@ -352,25 +290,6 @@ def frame_of(
     return frame
 
 
-def rank_of(version: int | None, updated_at: datetime | None) -> Rank:
-    """Order of two states of one image set: version, then updatedAt; a null is lowest."""
-    micros = -1
-    if updated_at is not None:
-        aware = updated_at if updated_at.tzinfo else updated_at.replace(tzinfo=timezone.utc)
-        micros = (aware - _EPOCH) // _MICROSECOND
-    return (-1 if version is None else version, micros)
-
-
-def ranks(table: pa.Table) -> Iterator[tuple[str, Rank]]:
-    """``(imageSetId, rank)`` of every row (ids present)."""
-    ids = table.column("imageSetId").to_pylist()
-    versions = table.column("version").to_pylist()
-    micros = pc.cast(table.column("updatedAt"), pa.int64()).to_pylist()
-    for image_set, version, stamp in zip(ids, versions, micros, strict=True):
-        if image_set is not None:
-            yield image_set, (-1 if version is None else version, -1 if stamp is None else stamp)
-
-
 @dataclass
 class _ChainLimit:
     keys: list[Any] = field(default_factory=list)  # matched, non-null sort keys, in chain order
@@ -447,165 +366,6 @@ class Collector:
         return frame_of([self.table()], dtype_backend, provenance)
 
 
-def rank_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(imageSetId, version, updatedAt)`` of *table* as numpy arrays.
-
-    Ids become fixed-width bytes, the rank int64 with nulls lowest. Rows must have an id (pages
-    are checked for one).
-    """
-    column = table.column("imageSetId").combine_chunks()
-    ids = np.asarray(column.cast(pa.binary()).to_numpy(zero_copy_only=False), dtype=np.bytes_)
-    if table.num_rows == 0:
-        ids = ids.astype("S32")
-    versions = pc.fill_null(table.column("version"), _NULL_RANK).to_numpy()
-    stamps = pc.cast(table.column("updatedAt"), pa.int64())
-    return ids, versions.astype(np.int64), pc.fill_null(stamps, _NULL_RANK).to_numpy()
-
-
-class _Level:
-    """Image sets sorted by id, with their highest rank read and whether they were yielded."""
-
-    def __init__(self) -> None:
-        self.ids = np.empty(0, "S32")
-        self.versions = np.empty(0, np.int64)
-        self.stamps = np.empty(0, np.int64)
-        self.done = np.empty(0, np.bool_)
-
-    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Where each of *ids* is (or would go), and whether it is there."""
-        at = np.searchsorted(self.ids, ids)
-        found = at < len(self.ids)
-        found[found] = self.ids[at[found]] == ids[found]
-        return at, found
-
-    def insert(self, at: np.ndarray, ids: np.ndarray, v: np.ndarray, t: np.ndarray) -> None:
-        """Insert sorted, absent *ids* at positions *at* (from :meth:`find`), not yet yielded."""
-        self.ids = np.insert(self.ids, at, ids)
-        self.versions = np.insert(self.versions, at, v)
-        self.stamps = np.insert(self.stamps, at, t)
-        self.done = np.insert(self.done, at, np.zeros(len(ids), np.bool_))
-
-    def absorb(self, other: _Level) -> None:
-        """Merge *other* (disjoint ids) into this level."""
-        at, _ = self.find(other.ids)
-        self.ids = np.insert(self.ids, at, other.ids)
-        self.versions = np.insert(self.versions, at, other.versions)
-        self.stamps = np.insert(self.stamps, at, other.stamps)
-        self.done = np.insert(self.done, at, other.done)
-
-
-class _Shard:
-    """One shard of a :class:`RankIndex`: a large level and a small one, both sorted by id.
-
-    New ids go to the small level, merged into the large one when it reaches a quarter of its
-    size, so a fold costs the size of what it adds, not of the whole shard.
-    """
-
-    def __init__(self) -> None:
-        self._main = _Level()
-        self._recent = _Level()
-
-    def __len__(self) -> int:
-        return len(self._main.ids) + len(self._recent.ids)
-
-    def fold(self, ids: np.ndarray, versions: np.ndarray, stamps: np.ndarray) -> int:
-        """Record ranks read; return how many raised the rank of an image set already yielded."""
-        if len(ids) == 0:
-            return 0
-        order = np.lexsort((stamps, versions, ids))  # by id, then rank: the last of each is best
-        ids, versions, stamps = ids[order], versions[order], stamps[order]
-        last = np.ones(len(ids), np.bool_)
-        last[:-1] = ids[1:] != ids[:-1]
-        ids, versions, stamps = ids[last], versions[last], stamps[last]
-        late = 0
-        rest = np.ones(len(ids), np.bool_)
-        for level in (self._main, self._recent):
-            at, found = level.find(ids)
-            found &= rest
-            where, v, t = at[found], versions[found], stamps[found]
-            newer = (v > level.versions[where]) | (
-                (v == level.versions[where]) & (t > level.stamps[where])
-            )
-            late += int(np.count_nonzero(newer & level.done[where]))
-            level.versions[where[newer]] = v[newer]
-            level.stamps[where[newer]] = t[newer]
-            rest &= ~found
-        if rest.any():
-            at, _ = self._recent.find(ids[rest])
-            self._recent.insert(at, ids[rest], versions[rest], stamps[rest])
-            if len(self._recent.ids) > max(4096, len(self._main.ids) // 4):
-                self._main.absorb(self._recent)
-                self._recent = _Level()
-        return late
-
-    def claim(self, ids: np.ndarray, versions: np.ndarray, stamps: np.ndarray) -> np.ndarray:
-        """Which rows to yield; their image sets are marked yielded.
-
-        A row is yielded when it is the latest copy read of an image set not yielded yet, and the
-        first of identical copies. Every id must have been folded.
-        """
-        fresh = np.zeros(len(ids), np.bool_)
-        for level in (self._main, self._recent):
-            at, found = level.find(ids)
-            where = at[found]
-            fresh[found] = (
-                ~level.done[where]
-                & (level.versions[where] == versions[found])
-                & (level.stamps[where] == stamps[found])
-            )
-        rows = np.flatnonzero(fresh)
-        _, first = np.unique(ids[rows], return_index=True)
-        rows = np.sort(rows[first])
-        for level in (self._main, self._recent):
-            at, found = level.find(ids[rows])
-            level.done[at[found]] = True
-        return rows
-
-
-class RankIndex:
-    """The highest ``(version, updatedAt)`` read of every image set, and which were yielded.
-
-    Numpy arrays sorted by id, about 49 bytes per image set (a dict of tuples costs ten times
-    that), in :data:`RANK_SHARDS` shards by a hash of the id: merging a shard's levels copies
-    that shard only, so the index never needs twice its size for a moment (one array of every
-    id did: 80 bytes a row at the peak instead of 49).
-    """
-
-    def __init__(self) -> None:
-        self._shards = [_Shard() for _ in range(RANK_SHARDS)]
-
-    def __len__(self) -> int:
-        return sum(len(shard) for shard in self._shards)
-
-    def fold(self, ids: np.ndarray, versions: np.ndarray, stamps: np.ndarray) -> int:
-        """Record ranks read; return how many raised the rank of an image set already yielded."""
-        late = 0
-        for shard, rows in self._split(ids):
-            late += shard.fold(ids[rows], versions[rows], stamps[rows])
-        return late
-
-    def claim(self, ids: np.ndarray, versions: np.ndarray, stamps: np.ndarray) -> np.ndarray:
-        """Which rows to yield, in order; their image sets are marked yielded (see ``_Shard``)."""
-        kept = [
-            rows[shard.claim(ids[rows], versions[rows], stamps[rows])]
-            for shard, rows in self._split(ids)
-        ]
-        return np.sort(np.concatenate(kept)) if kept else np.empty(0, np.intp)
-
-    def _split(self, ids: np.ndarray) -> Iterator[tuple[_Shard, np.ndarray]]:
-        """Each shard with the positions of *ids* that belong to it (an id's copies stay together)."""
-        if len(ids) == 0:
-            return
-        words = np.ascontiguousarray(ids, "S32").view(np.uint64).reshape(-1, 4)
-        mixed = (words[:, 0] ^ words[:, 1] ^ words[:, 2] ^ words[:, 3]) * _GOLDEN
-        shards = (mixed >> np.uint64(64 - RANK_SHARD_BITS)).astype(np.intp)
-        order = np.argsort(shards, kind="stable")
-        bounds = np.searchsorted(shards[order], np.arange(RANK_SHARDS + 1))
-        for n in range(RANK_SHARDS):
-            if bounds[n] < bounds[n + 1]:
-                yield self._shards[n], order[bounds[n] : bounds[n + 1]]
-
-
 class Chunker:
     """Turns pages into frames of about ``chunk_rows`` matching rows, each image set once.
 
@@ -658,10 +418,16 @@ class Chunker:
             self.late_versions += self._index.fold(*rank_arrays(table))
 
     def _emit(self) -> Iterator[pd.DataFrame]:
+        holder = self._fresh()
+        if holder:
+            yield frame_of(holder, self.dtype_backend, self.provenance)
+
+    def _fresh(self) -> list[pa.Table]:
+        """The pending rows to yield (in a holder list, or none): latest copies, once each."""
         self._fold()
         tables = self._pending.take()
         if not tables:
-            return
+            return []
         table = pa.concat_tables(tables)
         del tables
         if table.column("imageSetId").null_count:
@@ -669,8 +435,27 @@ class Chunker:
         rows = self._index.claim(*rank_arrays(table))
         if len(rows) < table.num_rows:  # else every row is fresh: no copy needed
             table = table.take(pa.array(rows, pa.int64()))
-        holder = [table]
-        del table
-        if holder[0].num_rows:
+        if not table.num_rows:
+            return []
+        self._any = True
+        return [table]
+
+
+class TableChunker(Chunker):
+    """A :class:`Chunker` that yields Arrow tables of the declared schema: no pandas on the way."""
+
+    def add(self, page: Page) -> Iterator[pa.Table]:
+        """Take one page; yield a table when enough matching rows are buffered."""
+        return super().add(page)
+
+    def flush(self) -> Iterator[pa.Table]:
+        """Yield what is left; an empty result still yields one empty, typed table."""
+        yield from self._emit()
+        if not self._any:
             self._any = True
-            yield frame_of(holder, self.dtype_backend, self.provenance)
+            yield flatten.EMPTY_TABLE
+
+    def _emit(self) -> Iterator[pa.Table]:
+        holder = self._fresh()
+        if holder:
+            yield holder.pop().combine_chunks()

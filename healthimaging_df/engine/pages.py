@@ -23,8 +23,8 @@ from __future__ import annotations
 import functools
 import re
 import threading
-import weakref
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from healthimaging_df import schema
+from healthimaging_df import aws, schema
 from healthimaging_df.core import logs
 from healthimaging_df.errors import MalformedResponseError, SearchError
 
@@ -42,7 +42,7 @@ __all__ = [
     "MalformedResponseError",
     "ParsedPage",
     "fetch_page",
-    "install",
+    "hooked",
     "parse_page",
     "wallclock_us",
 ]
@@ -341,8 +341,6 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
 # -- the botocore hook ---------------------------------------------------------------------------
 
 _state = threading.local()
-_installed: weakref.WeakSet[Any] = weakref.WeakSet()
-_install_lock = threading.Lock()
 
 
 def _before_parse(
@@ -379,19 +377,14 @@ def _content_length(headers: Any) -> int | None:
         raise MalformedResponseError("the Content-Length header is not a number") from None
 
 
-def install(client: Any) -> None:
-    """Register the page handler on *client*'s events (idempotent; inert until armed).
+def hooked(client: Any) -> AbstractContextManager[None]:
+    """The page handler on *client*'s events for the block (gone after it; inert until armed).
 
-    :func:`fetch_page` calls this itself; it also makes sure botocore's loggers are redacted.
+    :func:`fetch_page` enters it itself; a run wraps its whole life in it, so each page only
+    counts (:func:`healthimaging_df.aws.hooked`).
     """
-    if client in _installed:
-        return
-    with _install_lock:
-        if client in _installed:
-            return
-        logs.refresh()
-        client.meta.events.register(EVENT, _before_parse, unique_id=_UNIQUE_ID)
-        _installed.add(client)
+    logs.refresh()
+    return aws.hooked(client, EVENT, _before_parse, _UNIQUE_ID)
 
 
 def fetch_page(
@@ -422,11 +415,11 @@ def fetch_page(
     """
     from botocore.exceptions import ConnectionClosedError, IncompleteReadError
 
-    install(client)
     previous = getattr(_state, "armed", False)
     _state.armed = True
     try:
-        response: dict[str, Any] = client.search_image_sets(**kwargs)
+        with hooked(client):
+            response: dict[str, Any] = client.search_image_sets(**kwargs)
     except (IncompleteReadError, ConnectionClosedError) as exc:
         if isinstance(exc, ConnectionClosedError) and not _cut_body(exc):
             raise

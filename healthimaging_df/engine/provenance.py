@@ -13,10 +13,11 @@ from typing import Any
 
 from healthimaging_df import schema
 from healthimaging_df._version import __version__
+from healthimaging_df.core.frames import PROVENANCE_KEY
 from healthimaging_df.plan import Plan
 from healthimaging_df.store.redact import RedactionPolicy, redact_query_json
 
-KEY = "healthimaging_df"
+KEY = PROVENANCE_KEY  # defined at the bottom layer, where every face can read it
 
 
 def build(plan: Plan, query_json: str, client: Any, started: datetime) -> dict[str, Any]:

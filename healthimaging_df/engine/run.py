@@ -28,6 +28,7 @@ from healthimaging_df.engine.frame import (
     Buffer,
     Chunker,
     Collector,
+    TableChunker,
     frame_of,
     result_memory_pool,
     split_page,
@@ -253,6 +254,38 @@ def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[
             for page in pages:
                 yield from chunker.add(page)
         yield from chunker.flush()
+    if chunker.late_versions:
+        log.info(
+            "%d image set(s) were read again at a newer version after being yielded",
+            chunker.late_versions,
+        )
+
+
+def table_chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pa.Table]:
+    """:func:`chunks` as Arrow tables of the declared schema (no pandas), each image set once.
+
+    The same pipeline and memory bound as :func:`chunks`: at most one chunk's matching rows
+    plus the rank index. With a ``limit`` the whole (small, sorted) result is computed first.
+    An empty result yields one empty table. Arguments are checked here, before the first table.
+    """
+    check_positive_int("chunk_rows", chunk_rows)
+    return _table_chunks(plan, query_json, run, chunk_rows)
+
+
+def _table_chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pa.Table]:
+    if plan.limit is not None:
+        whole, _ = collect_table(plan, query_json, run)
+        whole = whole.combine_chunks()
+        for start in range(0, max(whole.num_rows, 1), chunk_rows):
+            yield whole.slice(start, chunk_rows)
+        return
+    started = datetime.now(timezone.utc)
+    info = provenance.build(plan, query_json, run.client, started)
+    chunker = TableChunker(plan, chunk_rows, run.dtype_backend, info)
+    with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
+        for page in pages:
+            yield from chunker.add(page)
+    yield from chunker.flush()
     if chunker.late_versions:
         log.info(
             "%d image set(s) were read again at a newer version after being yielded",

@@ -36,7 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df.engine import flatten
-from healthimaging_df.engine.frame import RANK_COLUMNS, Buffer, release_memory, result_positions
+from healthimaging_df.engine.frame import result_positions
+from healthimaging_df.engine.memory import Buffer, release_memory
+from healthimaging_df.engine.ranks import RANK_COLUMNS
 from healthimaging_df.plan import Plan
 
 SPILL_PREFIX = ".ahi-spill-"

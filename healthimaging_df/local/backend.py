@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from healthimaging_df.local.changes import Change
 from healthimaging_df.local.churn import random_update
 from healthimaging_df.local.documents import (
     SeriesShape,
@@ -39,13 +40,20 @@ from healthimaging_df.local.errors import (
     ValidationError,
 )
 from healthimaging_df.local.search import check_max_results, page, parse_criteria
-from healthimaging_df.local.state import Datastore, copy_summary, normalize_record, properties
+from healthimaging_df.local.state import (
+    FREQUENT,
+    Datastore,
+    copy_summary,
+    normalize_record,
+    properties,
+)
 from healthimaging_df.local.tokens import TokenSigner
 from healthimaging_df.local.updates import parse_dicom_updates
 from healthimaging_df.local.values import (
     ACCOUNT,
     BETWEEN_ATTRIBUTES,
     EQUAL_ATTRIBUTES,
+    ID_RE,
     LOSSLESS_STORAGE_FORMATS,
     MAX_RESULTS,
     MAX_STRING,
@@ -55,6 +63,7 @@ from healthimaging_df.local.values import (
     SORT_FIELDS,
     SORT_ORDERS,
     UTC,
+    load_json,
     parse_timestamp,
     study_datetime,
 )
@@ -63,6 +72,7 @@ __all__ = [
     "ACCOUNT",
     "BETWEEN_ATTRIBUTES",
     "EQUAL_ATTRIBUTES",
+    "GROUPING_TAGS",
     "MAX_RESULTS",
     "MAX_STRING",
     "MAX_TOKEN",
@@ -71,6 +81,7 @@ __all__ = [
     "SORT_ORDERS",
     "Backend",
     "BackendError",
+    "Change",
     "ConflictError",
     "ResourceNotFound",
     "SeriesShape",
@@ -81,6 +92,29 @@ __all__ = [
     "parse_timestamp",
     "study_datetime",
 ]
+
+GROUPING_TAGS = (
+    "DICOMPatientId",
+    "DICOMStudyInstanceUID",
+    "DICOMStudyId",
+    "DICOMAccessionNumber",
+    "DICOMStudyDate",
+    "DICOMSeriesInstanceUID",
+)
+"""Summary tags of the elements HealthImaging groups image sets by (developer guide,
+"DICOM elements used for image set creation"): a copy into an image set that disagrees on one
+of them needs ``force``."""
+
+Listener = Callable[[list[Change]], None]
+
+
+def _conflicts(source: dict[str, Any], target: dict[str, Any]) -> bool:
+    return any(
+        source.get(tag) is not None
+        and target.get(tag) is not None
+        and source.get(tag) != target.get(tag)
+        for tag in GROUPING_TAGS
+    )
 
 
 class Backend:
@@ -132,23 +166,72 @@ class Backend:
         self._datastores: dict[str, Datastore] = {}
         self._created = 0
         self._endless = 0
+        self._copies = 0
+        self._listeners: list[Listener] = []
+
+    # -- change listeners -------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(changes)`` after every write, in write order, outside the lock."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (no error if it was not subscribed)."""
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _publish(self, changes: list[Change]) -> None:
+        if not changes:
+            return
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(changes)
+
+    @staticmethod
+    def _change(kind: str, datastore_id: str, record: dict[str, Any], **extra: Any) -> Change:
+        return Change(
+            kind,
+            datastore_id,
+            record["imageSetId"],
+            record["version"],
+            bool(record.get("isPrimary", True)),
+            **extra,
+        )
 
     # -- datastores -----------------------------------------------------------------------
 
-    def create_datastore(self, name: str, lossless_storage_format: str = "HTJ2K") -> str:
-        """Create an empty ACTIVE datastore; return its id (deterministic in creation order).
+    def create_datastore(
+        self,
+        name: str,
+        lossless_storage_format: str = "HTJ2K",
+        *,
+        datastore_id: str | None = None,
+    ) -> str:
+        """Create an empty ACTIVE datastore; return its id.
 
+        The id is ``datastore_id`` when given (32 ``[0-9a-z]``; ``LocalService.seeded`` derives
+        one from the data's seed and size), else deterministic in creation order and name.
         ``lossless_storage_format`` (HTJ2K, the service default, or JPEG_2000_LOSSLESS) is
         reported by GetDatastore.
         """
+        if datastore_id is not None and (
+            not isinstance(datastore_id, str) or ID_RE.fullmatch(datastore_id) is None
+        ):
+            raise ValueError("datastore_id must be 32 characters [0-9a-z]")
         if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
             raise ValueError("datastore name must match [A-Za-z0-9._/#-]{1,256}")
         if lossless_storage_format not in LOSSLESS_STORAGE_FORMATS:
             raise ValueError(f"lossless_storage_format must be one of {LOSSLESS_STORAGE_FORMATS}")
         with self._lock:
             self._created += 1
-            digest = hashlib.sha256(f"datastore:{self._created}:{name}".encode()).hexdigest()
-            datastore_id = digest[:32]
+            if datastore_id is None:
+                digest = hashlib.sha256(f"datastore:{self._created}:{name}".encode()).hexdigest()
+                datastore_id = digest[:32]
+            if datastore_id in self._datastores:
+                raise ValueError("a datastore with that id already exists")
             now = self._clock()
             self._datastores[datastore_id] = Datastore(
                 datastore_id, name, now, now, lossless_storage_format=lossless_storage_format
@@ -215,6 +298,9 @@ class Backend:
         prepared = [normalize_record(record) for record in records]
         with self._lock:
             self._datastore(datastore_id).add(prepared, self._clock())
+            watched = bool(self._listeners)
+        if watched:
+            self._publish([self._change("created", datastore_id, r) for r in prepared])
 
     def image_sets(self, datastore_id: str) -> list[dict[str, Any]]:
         """Return copies of every current summary (for brute-force checks in tests)."""
@@ -242,7 +328,11 @@ class Backend:
             new = store.update(
                 image_set_id, is_primary=is_primary, tags=tags, now=now, clock_now=self._clock()
             )
-            return copy_summary(new)
+            result = copy_summary(new)
+        self._publish(
+            [self._change("updated", datastore_id, new, previous_version=new["version"] - 1)]
+        )
+        return result
 
     def get_image_set(
         self, datastore_id: str, image_set_id: str, version: int | str | None = None
@@ -335,19 +425,22 @@ class Backend:
     ) -> dict[str, Any]:
         """UpdateImageSetMetadata: a new version from DICOMUpdates or a revert; an access.
 
-        Applied at once (the response shows the final ACTIVE / UPDATED state). With
-        ``include_study_image_sets`` every other image set of the same study gets a new
-        version with the patient- and study-level changes too (series-level ones name this
-        image set's series only). Each updated image set is accessed: ``lastAccessedAt`` =
-        its new ``updatedAt``, tier FREQUENT_ACCESS.
+        Applied at once (the response shows the final ACTIVE / UPDATED state). Without
+        ``include_study_image_sets`` only this image set changes, study- and patient-level
+        attributes included, so a study's image sets may disagree afterwards (as AWS allows).
+        With it, the patient- and study-level changes are applied atomically to every other
+        *primary* image set of the same study too (series-level ones name this image set's
+        series only), each getting a new version; it cannot be combined with a revert. Each
+        updated image set is accessed: ``lastAccessedAt`` = its new ``updatedAt``, tier
+        FREQUENT_ACCESS.
 
         Raises
         ------
         ConflictError
             ``latest_version`` is not the current version.
         ValidationError
-            Malformed updates, a forced attribute without ``force``, or both or neither of
-            DICOMUpdates and a revert.
+            Malformed updates, a forced attribute without ``force``, both or neither of
+            DICOMUpdates and a revert, or a revert with ``include_study_image_sets``.
         ResourceNotFound
             Unknown datastore, image set or revert version.
         """
@@ -356,12 +449,15 @@ class Backend:
                 "updateImageSetMetadataUpdates must set exactly one of DICOMUpdates and "
                 "revertToVersionId"
             )
+        if revert_to_version is not None and include_study_image_sets:
+            raise ValidationError("includeStudyImageSets is not supported with revertToVersionId")
         if not (
             isinstance(latest_version, str)
             and latest_version.isascii()
             and latest_version.isdigit()
         ):
             raise ValidationError("latestVersion must match \\d+")
+        changes: list[Change] = []
         with self._lock:
             store = self._datastore(datastore_id)
             current = store.image_set(image_set_id)
@@ -374,15 +470,21 @@ class Backend:
                 study = {name: None for name in tags if name not in target}
                 study.update(target)
             else:
-                changes = parse_dicom_updates(
+                parsed = parse_dicom_updates(
                     updatable, removable, tags.get("DICOMSeriesInstanceUID")
                 )
-                if changes.needs_force and not force:
+                if parsed.needs_force and not force:
                     raise ValidationError(
                         "updating StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID or "
                         "StudyID requires force=true"
                     )
-                study, series = changes.study, changes.series
+                study, series = parsed.study, parsed.series
+            siblings: list[str] = []
+            study_uid = tags.get("DICOMStudyInstanceUID")
+            if include_study_image_sets and isinstance(study_uid, str):
+                primary = store.equal_index["isPrimary"].get(True, set())
+                same = store.equal_index["DICOMStudyInstanceUID"].get(study_uid, set())
+                siblings = sorted((same & primary) - {image_set_id})
             now = self._clock()
             result = store.update(
                 image_set_id,
@@ -392,13 +494,19 @@ class Backend:
                 clock_now=now,
                 accessed=True,
             )
-            study_uid = tags.get("DICOMStudyInstanceUID")
-            if include_study_image_sets and isinstance(study_uid, str):
-                siblings = store.equal_index["DICOMStudyInstanceUID"].get(study_uid, set())
-                for sibling in sorted(siblings - {image_set_id}):
-                    store.update(
-                        sibling, is_primary=None, tags=study, now=None, clock_now=now, accessed=True
+            changes.append(
+                self._change("updated", datastore_id, result, previous_version=current["version"])
+            )
+            for sibling in siblings:
+                updated = store.update(
+                    sibling, is_primary=None, tags=study, now=None, clock_now=now, accessed=True
+                )
+                changes.append(
+                    self._change(
+                        "updated", datastore_id, updated, previous_version=updated["version"] - 1
                     )
+                )
+        self._publish(changes)
         return {
             "datastoreId": datastore_id,
             "imageSetId": image_set_id,
@@ -408,6 +516,159 @@ class Backend:
             "createdAt": result["createdAt"],
             "updatedAt": result["updatedAt"],
         }
+
+    def delete_image_set(self, datastore_id: str, image_set_id: str) -> dict[str, Any]:
+        """DeleteImageSet: the image set and its versions are gone at once.
+
+        Later reads answer ``ResourceNotFound``, searches no longer return it, and its id is
+        never reused. The response shows the final state (DELETED / DELETED; the real service
+        answers LOCKED / DELETING and finishes asynchronously).
+        """
+        with self._lock:
+            store = self._datastore(datastore_id)
+            record = store.delete(image_set_id, self._clock())
+        self._publish([self._change("deleted", datastore_id, record)])
+        return {
+            "datastoreId": datastore_id,
+            "imageSetId": image_set_id,
+            "imageSetState": "DELETED",
+            "imageSetWorkflowStatus": "DELETED",
+        }
+
+    def copy_image_set(
+        self,
+        datastore_id: str,
+        source_image_set_id: str,
+        source_latest_version: str,
+        *,
+        destination: tuple[str, str] | None = None,
+        copiable_attributes: str | None = None,
+        force: bool = False,
+        promote_to_primary: bool = False,
+    ) -> dict[str, Any]:
+        """CopyImageSet, applied at once (local semantics, documented in docs/local-service.md).
+
+        - ``source_latest_version`` must be the source's current version (else
+          :class:`ConflictError`); the source is read (an access), not changed.
+        - ``copiable_attributes`` (a JSON document in the metadata layout selecting instances)
+          is validated; every summary tag is copied whatever it selects.
+        - Without ``destination``: a new image set (version 1, the source's tags), non-primary;
+          with ``promote_to_primary``, merged into the primary image set of the same series
+          (version + 1) if one exists, else a new primary image set.
+        - With ``destination`` ``(imageSetId, latestVersionId)``: that image set, at that
+          version (else :class:`ConflictError`), gets version + 1 with the source's tags;
+          ``promote_to_primary`` makes it primary.
+        - Copying into an image set that disagrees on a grouping element
+          (:data:`GROUPING_TAGS`) needs ``force`` (else :class:`ConflictError`).
+        """
+        with self._lock:
+            store = self._datastore(datastore_id)
+            source = store.image_set(source_image_set_id)
+            if int(source_latest_version) != source["version"]:
+                raise ConflictError("sourceImageSet.latestVersionId is not the latest version")
+            tags = source["DICOMTags"]
+            if copiable_attributes is not None:
+                self._check_copiable(copiable_attributes, tags.get("DICOMSeriesInstanceUID"))
+            now = self._clock()
+            target_id: str | None = None
+            if destination is not None:
+                target_id, target_version = destination
+                target = store.image_set(target_id)
+                if target_id == source_image_set_id:
+                    raise ValidationError("the destination image set must differ from the source")
+                if int(target_version) != target["version"]:
+                    raise ConflictError(
+                        "destinationImageSet.latestVersionId is not the latest version"
+                    )
+            elif promote_to_primary:
+                series_uid = tags.get("DICOMSeriesInstanceUID")
+                same = store.equal_index["DICOMSeriesInstanceUID"].get(series_uid, set())
+                primary = store.equal_index["isPrimary"].get(True, set())
+                target_id = min(((same & primary) - {source_image_set_id}), default=None)
+            changes = [self._change("copy_source", datastore_id, source)]
+            if target_id is not None:
+                target = store.image_set(target_id)
+                if _conflicts(tags, target["DICOMTags"]) and not force:
+                    raise ConflictError(
+                        "the source and destination disagree on Patient, Study or Series "
+                        "grouping attributes; set force=true to copy anyway"
+                    )
+                removed = {name: None for name in target["DICOMTags"] if name not in tags}
+                result = store.update(
+                    target_id,
+                    is_primary=True if promote_to_primary else None,
+                    tags={**removed, **tags},
+                    now=None,
+                    clock_now=now,
+                    accessed=True,
+                )
+                previous: int | None = target["version"]
+            else:
+                self._copies += 1
+                seed = (
+                    f"copy:{datastore_id}:{source_image_set_id}:{source['version']}:{self._copies}"
+                )
+                new_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
+                moment = max(now, source["createdAt"])
+                result = normalize_record(
+                    {
+                        "imageSetId": new_id,
+                        "version": 1,
+                        "createdAt": moment,
+                        "updatedAt": moment,
+                        "lastAccessedAt": moment,
+                        "storageTier": FREQUENT,
+                        "isPrimary": promote_to_primary,
+                        "DICOMTags": dict(tags),
+                    }
+                )
+                store.add([result], now)
+                previous = None
+            store.touch(source_image_set_id, now)
+            source = store.image_set(source_image_set_id)
+            changes.append(
+                self._change(
+                    "copied",
+                    datastore_id,
+                    result,
+                    previous_version=previous,
+                    source_image_set_id=source_image_set_id,
+                )
+            )
+        self._publish(changes)
+        return {
+            "datastoreId": datastore_id,
+            "sourceImageSetProperties": self._copy_properties(store, source),
+            "destinationImageSetProperties": self._copy_properties(store, result),
+        }
+
+    @staticmethod
+    def _copy_properties(store: Datastore, record: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "imageSetId": record["imageSetId"],
+            "latestVersionId": str(record["version"]),
+            "imageSetState": "ACTIVE",
+            "imageSetWorkflowStatus": "COPIED",
+            "createdAt": record["createdAt"],
+            "updatedAt": record["updatedAt"],
+            "imageSetArn": f"{store.arn}/imageset/{record['imageSetId']}",
+        }
+
+    @staticmethod
+    def _check_copiable(text: str, series_uid: Any) -> None:
+        document = load_json(text, "copiableAttributes")
+        if not isinstance(document, dict):
+            raise ValidationError("copiableAttributes must be a JSON object")
+        if set(document) - {"SchemaVersion", "Patient", "Study"}:
+            raise ValidationError("copiableAttributes has unknown member(s)")
+        study = document.get("Study", {})
+        if not isinstance(study, dict):
+            raise ValidationError("copiableAttributes.Study must be an object")
+        series = study.get("Series", {})
+        if not isinstance(series, dict):
+            raise ValidationError("copiableAttributes.Study.Series must be an object")
+        if any(uid != series_uid for uid in series):
+            raise ValidationError("copiableAttributes names a series not in the source image set")
 
     # -- search ------------------------------------------------------------------------------
 
@@ -498,10 +759,21 @@ class Backend:
         probability ``change_rate``); see :mod:`~healthimaging_df.local.churn`.
         """
         out: list[tuple[str, bool]] = []
+        changes: list[Change] = []
         with self._lock:
             store = self._datastore(datastore_id)
             for _ in range(count):
                 done = random_update(store, rng, change_tags, change_rate, self._clock())
                 if done is not None:
                     out.append(done)
+                    record = store.current[done[0]]
+                    changes.append(
+                        self._change(
+                            "updated",
+                            datastore_id,
+                            record,
+                            previous_version=record["version"] - 1,
+                        )
+                    )
+        self._publish(changes)
         return out

@@ -8,6 +8,7 @@ imported only when a command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import signal
 import sys
 import threading
@@ -26,12 +27,63 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     serve_parser = sub.add_parser(
         "serve",
         help="serve a seeded datastore on 127.0.0.1 until interrupted",
-        description="Serve a generated datastore over the medical-imaging REST API on "
-        "127.0.0.1, print the endpoint and the environment to export, run until Ctrl-C.",
+        description="Serve a generated datastore on 127.0.0.1 over the medical-imaging REST API "
+        "and, on a second address, DICOMweb QIDO-RS; print both addresses, the credentials "
+        "requests must be signed with, and the environment to export; run until Ctrl-C.",
     )
     _generator_options(serve_parser)
     serve_parser.add_argument(
-        "--port", type=int, default=0, metavar="P", help="TCP port on 127.0.0.1; 0 = any free one"
+        "--port",
+        type=_port,
+        default=0,
+        metavar="P",
+        help="TCP port of the API address on 127.0.0.1 (0 to 65535; 0 = any free one)",
+    )
+    serve_parser.add_argument(
+        "--dicomweb-port",
+        type=_port,
+        default=0,
+        metavar="P",
+        help="TCP port of the DICOMweb (QIDO-RS) address (0 to 65535; 0 = any free one)",
+    )
+    serve_parser.add_argument(
+        "--access-key-id",
+        default=None,
+        metavar="ID",
+        help="the access key id requests must be signed with (default: the documented "
+        "local pair, AKIALOCALHEALTHIMAGING)",
+    )
+    serve_parser.add_argument(
+        "--secret-access-key",
+        default=None,
+        metavar="SECRET",
+        help="its secret (default: local-healthimaging-secret)",
+    )
+    serve_parser.add_argument(
+        "--deny",
+        action="append",
+        default=[],
+        metavar="ACTION",
+        help="answer 403 AccessDeniedException for this IAM action, e.g. "
+        "medical-imaging:SearchDICOMStudies (repeatable; the prefix is optional)",
+    )
+    serve_parser.add_argument(
+        "--no-qido-cap",
+        action="store_true",
+        help="serve every QIDO-RS record (default: at most 10,000 per query, as the older "
+        "developer guide states)",
+    )
+    serve_parser.add_argument(
+        "--events-queue-url",
+        default=None,
+        metavar="URL",
+        help="send every image-set change as an EventBridge-shaped event to this SQS queue",
+    )
+    serve_parser.add_argument(
+        "--sqs-endpoint-url",
+        default=None,
+        metavar="URL",
+        help="the SQS endpoint for --events-queue-url (default: the queue URL's host)",
     )
     serve_parser.add_argument(
         "--latency-ms",
@@ -111,6 +163,17 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     dump_parser.set_defaults(handler=dump)
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port from 0 to 65535 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an integer from 0 to 65535") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be an integer from 0 to 65535")
+    return value
+
+
 def _generator_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-sets",
@@ -152,10 +215,11 @@ def dump(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> int:
     """Run the service for ``args``; return 0 on SIGINT/SIGTERM (or when ``stop`` is set)."""
-    from healthimaging_df.local.backend import Backend
+    from healthimaging_df.local.backend import Backend, BackendError
     from healthimaging_df.local.faults import Faults
     from healthimaging_df.local.generate import generate_image_sets, load_jsonl
-    from healthimaging_df.local.server import LocalService
+    from healthimaging_df.local.qido import OLDER_RECORD_CAP
+    from healthimaging_df.local.server import LocalService, seeded_datastore_id
 
     try:
         faults = Faults(
@@ -174,19 +238,58 @@ def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> i
     if args.image_sets < 0:
         print("healthimaging-df local serve: --image-sets must be >= 0", file=sys.stderr)
         return 2
+    if (args.access_key_id is None) != (args.secret_access_key is None):
+        print(
+            "healthimaging-df local serve: give --access-key-id and --secret-access-key together",
+            file=sys.stderr,
+        )
+        return 2
+    if args.sqs_endpoint_url is not None and args.events_queue_url is None:
+        print(
+            "healthimaging-df local serve: --sqs-endpoint-url needs --events-queue-url",
+            file=sys.stderr,
+        )
+        return 2
     backend = Backend()
-    datastore_id = backend.create_datastore("seeded")
     if args.data is not None:
         try:
             records = load_jsonl(args.data)
+            digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()
         except (OSError, ValueError) as error:  # names the file and line, never a value
             reason = error.strerror if isinstance(error, OSError) else str(error)
             print(f"healthimaging-df local serve: --data {args.data}: {reason}", file=sys.stderr)
             return 2
+        datastore_id = hashlib.sha256(f"data:{digest}".encode()).hexdigest()[:32]
     else:
         records = generate_image_sets(args.image_sets, args.seed)
-    backend.add_image_sets(datastore_id, records)
-    service = LocalService(backend, port=args.port, faults=faults)
+        datastore_id = seeded_datastore_id(args.image_sets, args.seed)
+    backend.create_datastore("seeded", datastore_id=datastore_id)
+    try:
+        backend.add_image_sets(datastore_id, records)
+    except (ValueError, BackendError) as error:  # a malformed or repeated record
+        print(f"healthimaging-df local serve: --data {args.data}: {error}", file=sys.stderr)
+        return 2
+    credentials = {}
+    if args.access_key_id is not None:
+        credentials = {
+            "access_key_id": args.access_key_id,
+            "secret_access_key": args.secret_access_key,
+        }
+    try:
+        service = LocalService(
+            backend,
+            port=args.port,
+            dicomweb_port=args.dicomweb_port,
+            faults=faults,
+            deny=args.deny,
+            qido_record_cap=None if args.no_qido_cap else OLDER_RECORD_CAP,
+            events_queue_url=args.events_queue_url,
+            sqs_endpoint_url=args.sqs_endpoint_url,
+            **credentials,
+        )
+    except ValueError as error:
+        print(f"healthimaging-df local serve: {error}", file=sys.stderr)
+        return 2
     service.datastore_id = datastore_id
     done = stop or threading.Event()
 
@@ -198,10 +301,20 @@ def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> i
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
     try:
+        try:
+            service.start()
+        except OSError as error:  # the port is taken or not ours to bind
+            print(f"healthimaging-df local serve: cannot listen: {error.strerror}", file=sys.stderr)
+            return 2
         with service:
+            access_key_id, secret = service.credentials
             print(f"endpoint_url: {service.endpoint_url}")
             print(f"datastore_id: {datastore_id}  ({len(records)} image sets)")
-            print("export these to point an unmodified boto3 client at it:")
+            print(f"dicomweb_endpoint_url: {service.dicomweb_endpoint_url}")
+            print(f"credentials: {access_key_id} / {secret}  (requests must be SigV4-signed)")
+            if service.deny:
+                print(f"denied: {', '.join(sorted('medical-imaging:' + a for a in service.deny))}")
+            print("export these to point an unmodified boto3 client (and healthimaging-df) at it:")
             for name, value in service.env().items():
                 print(f"  export {name}={value}")
             print("Ctrl-C to stop.", flush=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "DOCUMENTED_QUOTAS",
     "MALFORMED_KINDS",
+    "QIDO_MALFORMED_KINDS",
     "Faults",
     "SlidingWindow",
     "Stats",
@@ -37,6 +38,18 @@ MALFORMED_KINDS = (
     "bad_timestamp",
 )
 """Kinds of malformed HTTP 200 SearchImageSets bodies, see :class:`Faults`."""
+
+QIDO_MALFORMED_KINDS = (
+    "empty",
+    "object",
+    "not_list",
+    "not_objects",
+    "missing_uid",
+    "missing_study_uid",
+    "truncated",
+    "html",
+)
+"""Kinds of malformed HTTP 200 QIDO-RS bodies, see :class:`Faults`."""
 
 DOCUMENTED_QUOTAS: dict[str, tuple[float, int]] = {
     "SearchImageSets": (25.0, 50),
@@ -99,6 +112,23 @@ class Faults:
         one differs; empty (default) keeps the tags, so only updatedAt and version move.
     update_tags_rate
         Fraction (0..1) of updates that change ``update_tags``; the rest keep the tags.
+    qido_malformed_rate
+        Fraction of QIDO-RS answers (0..1) sent as a malformed HTTP 200 body.
+    qido_malformed_every
+        Or: every n-th QIDO-RS answer (n, 2n, ...) is malformed; ``None`` = off.
+    qido_malformed_kinds
+        Kinds used, in turn, from :data:`QIDO_MALFORMED_KINDS`: ``empty`` (a zero-byte 200),
+        ``object`` (``{}``), ``not_list`` (``{"results": [...]}``: the page, not a list),
+        ``not_objects`` (one item ``null``), ``missing_uid`` (one record without the level's
+        UID: StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID), ``missing_study_uid`` (one
+        record without StudyInstanceUID), ``truncated`` (JSON cut short), ``html`` (a text/html
+        502 page). An empty page gets a placeholder record for the record kinds.
+    qido_page_cap
+        Every QIDO-RS page silently holds at most this many records, whatever ``limit`` asked,
+        while more exist (the next offset continues after them); ``None`` = off.
+    qido_short_rate
+        Fraction (0..1) of QIDO-RS pages of two or more records silently cut to a random
+        shorter length (at least one record) while more exist.
     seed
         Seed of the random generators (one per fault, so enabling one does not shift the
         draws of another). Serial requests give the same outcome on every run.
@@ -119,6 +149,11 @@ class Faults:
     update_rate: float = 0.0
     update_tags: tuple[str, ...] = ()
     update_tags_rate: float = 1.0
+    qido_malformed_rate: float = 0.0
+    qido_malformed_every: int | None = None
+    qido_malformed_kinds: tuple[str, ...] = QIDO_MALFORMED_KINDS
+    qido_page_cap: int | None = None
+    qido_short_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,13 +173,33 @@ class Faults:
         for operation, quota in (self.operation_quotas or {}).items():
             if not isinstance(quota, tuple) or len(quota) != 2 or quota[0] <= 0 or quota[1] < 1:
                 raise ValueError(f"operation_quotas[{operation}] must be (rate > 0, burst >= 1)")
-        for name in ("error_rate", "malformed_rate", "update_tags_rate"):
+        for name in (
+            "error_rate",
+            "malformed_rate",
+            "update_tags_rate",
+            "qido_malformed_rate",
+            "qido_short_rate",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
         if self.malformed_every is not None and self.malformed_every < 1:
             raise ValueError("malformed_every must be >= 1 (or None)")
         if not self.malformed_kinds or not set(self.malformed_kinds) <= set(MALFORMED_KINDS):
             raise ValueError(f"malformed_kinds must be a non-empty subset of {MALFORMED_KINDS}")
+        if self.qido_malformed_every is not None and self.qido_malformed_every < 1:
+            raise ValueError("qido_malformed_every must be >= 1 (or None)")
+        if not self.qido_malformed_kinds or not set(self.qido_malformed_kinds) <= set(
+            QIDO_MALFORMED_KINDS
+        ):
+            raise ValueError(
+                f"qido_malformed_kinds must be a non-empty subset of {QIDO_MALFORMED_KINDS}"
+            )
+        if self.qido_page_cap is not None and (
+            isinstance(self.qido_page_cap, bool)
+            or not isinstance(self.qido_page_cap, int)
+            or self.qido_page_cap < 1
+        ):
+            raise ValueError("qido_page_cap must be an int >= 1 (or None)")
         if not (self.update_rate >= 0.0 and math.isfinite(self.update_rate)):
             raise ValueError("update_rate must be a finite number >= 0")
         for tag in self.update_tags:
@@ -271,6 +326,27 @@ class Stats:
         ``{imageSetId: changed}`` for every image set ``update_rate`` updated; ``changed`` is
         True if any of its updates changed a tag or isPrimary (so its match may have changed),
         False if only version and updatedAt moved.
+    auth_failures
+        Requests answered 403 for their signature, per error code
+        (``{"InvalidSignatureException": n, ...}``).
+    denied
+        Requests answered 403 ``AccessDeniedException`` by the deny list, per IAM action.
+    qido_malformed_sent
+        QIDO-RS answers sent malformed.
+    qido_malformed_by_kind
+        The same, per kind.
+    qido_short_pages_sent
+        QIDO-RS pages silently cut short (``qido_page_cap`` or ``qido_short_rate``).
+    events_emitted
+        Change events the backend produced (before loss and duplication).
+    events_lost
+        Events dropped by ``EventFaults.loss_rate``.
+    events_duplicated
+        Extra copies sent by ``EventFaults.duplicate_rate``.
+    events_delivered
+        SQS messages sent (duplicates included).
+    events_failed
+        Events not delivered because SQS refused them after retries.
     """
 
     requests: int = 0
@@ -285,6 +361,19 @@ class Stats:
     empty_pages_sent: int = 0
     updates_applied: int = 0
     updated_image_sets: dict[str, bool] = field(default_factory=dict)
+    auth_failures: dict[str, int] = field(default_factory=dict)
+    denied: dict[str, int] = field(default_factory=dict)
+    qido_malformed_sent: int = 0
+    qido_malformed_by_kind: dict[str, int] = field(default_factory=dict)
+    qido_short_pages_sent: int = 0
+    events_emitted: int = 0
+    events_lost: int = 0
+    events_duplicated: int = 0
+    events_delivered: int = 0
+    events_failed: int = 0
+
+
+_EVENT_COUNTERS = ("emitted", "lost", "duplicated", "delivered", "failed")
 
 
 def _bump(counter: dict[str, int], key: str) -> None:
@@ -317,6 +406,13 @@ class StatsRecorder:
         self._updates = 0
         self._updated: dict[str, bool] = {}
         self._searches = 0
+        self._auth_failures: dict[str, int] = {}
+        self._denied: dict[str, int] = {}
+        self._qido_answers = 0
+        self._qido_malformed = 0
+        self._qido_malformed_by_kind: dict[str, int] = {}
+        self._qido_short = 0
+        self._events: dict[str, int] = dict.fromkeys(_EVENT_COUNTERS, 0)
 
     def _reset_limiters(self) -> None:
         self._bucket: TokenBucket | None = None
@@ -332,6 +428,9 @@ class StatsRecorder:
         self._malformed_rng = random.Random(f"{seed}:malformed")
         self._update_rng = random.Random(f"{seed}:updates")
         self._malformed_turn = 0
+        self._qido_malformed_rng = random.Random(f"{seed}:qido-malformed")
+        self._qido_short_rng = random.Random(f"{seed}:qido-short")
+        self._qido_malformed_turn = 0
 
     def replace_faults(self, faults: Faults) -> None:
         """Install new settings; reset the rate limiters and the random generators."""
@@ -459,6 +558,61 @@ class StatsRecorder:
                 self._updates += 1
                 self._updated[image_set_id] = self._updated.get(image_set_id, False) or changed
 
+    def draw_qido_malformed(self) -> tuple[str, random.Random] | None:
+        """For one QIDO-RS answer: the malformed kind to send (and a generator), or None."""
+        faults = self.faults
+        with self._lock:
+            self._check_seed()
+            self._qido_answers += 1
+            if faults.qido_malformed_every is not None:
+                chosen = self._qido_answers % faults.qido_malformed_every == 0
+            elif faults.qido_malformed_rate > 0.0:
+                chosen = self._qido_malformed_rng.random() < faults.qido_malformed_rate
+            else:
+                return None
+            if not chosen:
+                return None
+            kinds = faults.qido_malformed_kinds
+            kind = kinds[self._qido_malformed_turn % len(kinds)]
+            self._qido_malformed_turn += 1
+            self._qido_malformed += 1
+            _bump(self._qido_malformed_by_kind, kind)
+            return kind, random.Random(self._qido_malformed_rng.getrandbits(64))
+
+    def draw_qido_short(self, length: int) -> int | None:
+        """How many records of a QIDO-RS page of ``length`` (>= 2) to send, or None for all."""
+        faults = self.faults
+        with self._lock:
+            self._check_seed()
+            keep = length
+            if faults.qido_page_cap is not None:
+                keep = min(keep, faults.qido_page_cap)
+            if (
+                faults.qido_short_rate > 0.0
+                and self._qido_short_rng.random() < faults.qido_short_rate
+            ):
+                keep = min(keep, self._qido_short_rng.randrange(1, length))
+            if keep >= length:
+                return None
+            self._qido_short += 1
+            return keep
+
+    def record_auth_failure(self, code: str) -> None:
+        """Count a request refused for its signature."""
+        with self._lock:
+            _bump(self._auth_failures, code)
+
+    def record_denied(self, action: str) -> None:
+        """Count a request refused by the deny list."""
+        with self._lock:
+            _bump(self._denied, action)
+
+    def record_events(self, **counts: int) -> None:
+        """Add to the event counters (``emitted``, ``lost``, ``duplicated``, ``delivered``, ``failed``)."""
+        with self._lock:
+            for name, count in counts.items():
+                self._events[name] += count
+
     def record_empty_page(self) -> None:
         """Count one page sent by ``endless_empty_pages``."""
         with self._lock:
@@ -480,6 +634,16 @@ class StatsRecorder:
                 empty_pages_sent=self._empty_pages,
                 updates_applied=self._updates,
                 updated_image_sets=dict(self._updated),
+                auth_failures=dict(self._auth_failures),
+                denied=dict(self._denied),
+                qido_malformed_sent=self._qido_malformed,
+                qido_malformed_by_kind=dict(self._qido_malformed_by_kind),
+                qido_short_pages_sent=self._qido_short,
+                events_emitted=self._events["emitted"],
+                events_lost=self._events["lost"],
+                events_duplicated=self._events["duplicated"],
+                events_delivered=self._events["delivered"],
+                events_failed=self._events["failed"],
             )
 
     def reset(self) -> None:

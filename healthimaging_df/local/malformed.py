@@ -1,4 +1,4 @@
-"""Malformed HTTP 200 SearchImageSets bodies, one builder per kind of :data:`MALFORMED_KINDS`.
+"""Malformed HTTP 200 bodies: SearchImageSets pages (:data:`MALFORMED_KINDS`) and QIDO-RS pages.
 
 Each is something a client meets in production: a body cut short by a proxy or a dropped
 connection, an HTML error page from a load balancer, an empty body, and pages that parse as
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["MalformedBody", "malformed_body"]
+__all__ = ["MalformedBody", "malformed_body", "malformed_qido_body"]
 
 _HTML = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -80,3 +80,35 @@ def malformed_body(kind: str, result: dict[str, Any], rng: random.Random) -> Mal
         item["createdAt"] = "not-a-timestamp"
         return MalformedBody(_encode(spoiled))
     raise ValueError(f"unknown malformed kind {kind!r}")
+
+
+def malformed_qido_body(
+    kind: str, datasets: list[dict[str, Any]], uid_tag: str, rng: random.Random
+) -> MalformedBody:
+    """Spoil a QIDO-RS page (a list of DICOM JSON objects) the way ``kind`` says.
+
+    ``uid_tag`` is the level's row key (``0020000D`` studies, ``0020000E`` series, ``00080018``
+    instances), the UID a client's next step needs.
+    """
+    dicom = "application/dicom+json"
+    if kind == "empty":
+        return MalformedBody(b"", content_type=dicom)
+    if kind == "object":
+        return MalformedBody(b"{}", content_type=dicom)
+    if kind == "not_list":
+        return MalformedBody(_encode({"results": datasets}), content_type=dicom)
+    if kind == "truncated":
+        return MalformedBody(_cut(_encode(datasets), rng), content_type=dicom)
+    if kind == "html":
+        return MalformedBody(_HTML, content_type="text/html")
+    items = [dict(item) for item in datasets] or [{"00080060": {"vr": "CS", "Value": ["CT"]}}]
+    victim = rng.randrange(len(items))
+    if kind == "not_objects":
+        items[victim] = None  # type: ignore[call-overload]
+    elif kind == "missing_uid":
+        items[victim].pop(uid_tag, None)
+    elif kind == "missing_study_uid":
+        items[victim].pop("0020000D", None)
+    else:
+        raise ValueError(f"unknown malformed QIDO-RS kind {kind!r}")
+    return MalformedBody(_encode(items), content_type=dicom)

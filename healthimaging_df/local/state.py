@@ -158,6 +158,7 @@ class Datastore:
     sort_index: dict[str, SortIndex] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # ids in insertion order, for random picks
     lossless_storage_format: str = "HTJ2K"
+    deleted: set[str] = field(default_factory=set)  # ids of deleted image sets (never reused)
 
     @property
     def arn(self) -> str:
@@ -183,7 +184,7 @@ class Datastore:
         """Insert normalized records; raise :class:`ConflictError` on a repeated id."""
         prepared = list(prepared)
         ids = [record["imageSetId"] for record in prepared]
-        if len(set(ids)) != len(ids) or any(i in self.current for i in ids):
+        if len(set(ids)) != len(ids) or any(i in self.current or i in self.deleted for i in ids):
             raise ConflictError("image set id already exists in the datastore")
         incremental = bool(self.sort_index) and len(prepared) <= 1000
         if not incremental:
@@ -258,6 +259,24 @@ class Datastore:
         self.history[image_set_id].append(new)
         self.updated_at = clock_now
         return new
+
+    def delete(self, image_set_id: str, now: datetime) -> dict[str, Any]:
+        """Remove an image set, its history and its index entries; return its last record.
+
+        Its id stays taken (:attr:`deleted`): a later insert of the same id conflicts.
+        """
+        record = self.image_set(image_set_id)
+        keys = self.keys.pop(image_set_id)
+        for attribute, value in equal_values(record):
+            self.equal_index[attribute][value].discard(image_set_id)
+        for name, index in self.sort_index.items():
+            index.remove(keys[name], image_set_id)
+        del self.current[image_set_id]
+        del self.history[image_set_id]
+        self.order.remove(image_set_id)
+        self.deleted.add(image_set_id)
+        self.updated_at = now
+        return record
 
     def touch(self, image_set_id: str, now: datetime) -> None:
         """Record an access: ``lastAccessedAt`` = now (never earlier), tier FREQUENT_ACCESS."""

@@ -9,11 +9,11 @@ nothing we keep (the generated metadata documents are derived from the summary).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from healthimaging_df.local.errors import ValidationError
+from healthimaging_df.local.values import load_json
 
 __all__ = ["MAX_ATTRIBUTES_BYTES", "TagChanges", "parse_dicom_updates"]
 
@@ -71,11 +71,7 @@ def _apply(
 ) -> None:
     if not 1 <= len(blob) <= MAX_ATTRIBUTES_BYTES:
         raise ValidationError(f"{where} must be 1 to {MAX_ATTRIBUTES_BYTES} bytes")
-    try:
-        document = json.loads(blob)
-    except ValueError:
-        raise ValidationError(f"{where} is not valid JSON") from None
-    document = _object(document, where)
+    document = _object(load_json(blob, where), where)
     unknown = set(document) - {"SchemaVersion", "Patient", "Study"}
     if unknown:
         raise ValidationError(f"{where} has {len(unknown)} unknown member(s)")

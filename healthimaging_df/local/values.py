@@ -6,6 +6,7 @@ date-times as microseconds since 0001-01-01 wall clock (``study_key``).
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -16,6 +17,7 @@ __all__ = [
     "ACCOUNT",
     "BETWEEN_ATTRIBUTES",
     "EQUAL_ATTRIBUTES",
+    "MAX_JSON_DEPTH",
     "MAX_RESULTS",
     "MAX_STRING",
     "MAX_TOKEN",
@@ -25,6 +27,7 @@ __all__ = [
     "SORT_ORDERS",
     "UTC",
     "from_us",
+    "load_json",
     "parse_timestamp",
     "study_datetime",
     "study_key",
@@ -56,6 +59,8 @@ MAX_STRING = 512
 MAX_RESULTS = 50
 MAX_TOKEN = 8192
 LOSSLESS_STORAGE_FORMATS = ("HTJ2K", "JPEG_2000_LOSSLESS")
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects and arrays a request JSON document may have (local choice)."""
 
 UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 ID_RE = re.compile(r"[0-9a-z]{32}")
@@ -169,3 +174,39 @@ def study_key(tags: dict[str, Any]) -> int | None:
 def wall_clock_key(moment: datetime) -> int:
     """The :func:`study_key` of a naive wall-clock datetime."""
     return (moment - NAIVE_EPOCH) // ONE_US
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(text: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` outside JSON strings."""
+    depth = peak = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', text)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            peak = max(peak, depth)
+        else:
+            depth -= 1
+    return peak
+
+
+def load_json(text: bytes | str, where: str) -> Any:
+    """Parse request JSON; :class:`ValidationError` naming ``where`` if malformed or too deep.
+
+    Nesting deeper than :data:`MAX_JSON_DEPTH` is refused before parsing, so a hostile body
+    costs a linear scan, never a ``RecursionError``.
+
+    >>> load_json(b"[" * 65 + b"]" * 65, "body")
+    Traceback (most recent call last):
+    ...
+    healthimaging_df.local.errors.ValidationError: body nests objects and arrays deeper than 64
+    """
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw) > MAX_JSON_DEPTH:
+        raise ValidationError(f"{where} nests objects and arrays deeper than {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValidationError(f"{where} is not valid JSON") from None

@@ -313,6 +313,21 @@ class Plan:
             )
         return "\n".join(lines)
 
+    def summary(self, max_tps: float | None = 25.0) -> str:
+        """The plan in a few value-free lines: paths weighed, requests and seconds at *max_tps*."""
+        from healthimaging_df.plan import display
+
+        return display.text(self, max_tps)
+
+    def to_html(self, max_tps: float | None = 25.0) -> str:
+        """:meth:`summary` as an HTML table (what a notebook shows)."""
+        from healthimaging_df.plan import display
+
+        return display.html(self, max_tps)
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
     def _explain_union(self, show_values: bool) -> str:
         """Each query's chains and client-side predicates, then what the union applies."""
         count = len(self.chains)

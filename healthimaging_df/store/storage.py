@@ -221,28 +221,25 @@ class _S3Store(_Store):
         endpoint_url: str | None,
         kms_key_id: str | None,
     ) -> None:
-        import boto3
-        from pyarrow import fs as pafs
+        from healthimaging_df.aws import session as aws_session
 
-        session = boto3_session if boto3_session is not None else boto3.Session()
-        self.session = session
+        self.session = aws_session.resolve(boto3_session)
         self.region = region
         self.endpoint_url = endpoint_url
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.kms_key_id = kms_key_id
-        self.client = session.client("s3", region_name=region, endpoint_url=endpoint_url)
-        credentials = session.get_credentials()
-        frozen = credentials.get_frozen_credentials() if credentials is not None else None
-        endpoint = urlparse(self.client.meta.endpoint_url)
-        self.arrow_fs = pafs.S3FileSystem(
-            access_key=frozen.access_key if frozen else None,
-            secret_key=frozen.secret_key if frozen else None,
-            session_token=frozen.token if frozen else None,
-            anonymous=frozen is None,
-            region=self.client.meta.region_name,
-            endpoint_override=endpoint.netloc,
-            scheme=endpoint.scheme or "https",
+        self.client = aws_session.client(
+            "s3", self.session, region=region, endpoint_url=endpoint_url
+        )
+
+    @property
+    def arrow_fs(self) -> Any:
+        """The pyarrow S3 file system with the session's current credentials (per use)."""
+        from healthimaging_df.aws import session as aws_session
+
+        return aws_session.s3_filesystem(
+            self.session, region=self.region, endpoint_url=self.endpoint_url
         )
 
     def _key(self, rel: str) -> str:

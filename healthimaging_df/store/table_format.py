@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import abc
 import json
-import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from healthimaging_df.core import checks
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError
 
 if TYPE_CHECKING:
@@ -274,8 +273,9 @@ def check_table(argument: str, table: Any) -> pa.Table:
 def check_data(data: Any, num_rows: Any) -> tuple[pa.Table | pa.RecordBatchReader, int]:
     """*data* (a table, or a reader with its *num_rows*) and its row count, else a typed error."""
     if isinstance(data, pa.RecordBatchReader):
-        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
-            raise QueryValidationError("num_rows", "a reader needs its row count (an int >= 0)")
+        checks.integer(
+            "num_rows", num_rows, minimum=0, rule="a reader needs its row count (an int >= 0)"
+        )
         check_table("table", data.schema.empty_table())
         return data, num_rows
     table = check_table("table", data)
@@ -325,10 +325,8 @@ def check_partition_types(table_schema: pa.Schema, parts: Sequence[str]) -> None
 
 def check_version(version: Any, as_of: Any) -> None:
     """Refuse a version that is not an int >= 0, an as_of that is not a datetime, or both."""
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int) or version < 0
-    ):
-        raise QueryValidationError("version", "must be a non-negative integer")
+    if version is not None:
+        checks.non_negative_int("version", version)
     if as_of is not None and not isinstance(as_of, datetime):
         raise QueryValidationError("as_of", "must be a datetime (naive means UTC)")
     if version is not None and as_of is not None:
@@ -394,17 +392,16 @@ def retry_on_conflict(
     attempts
         Calls in all (at least 1); the last conflict is raised.
     base_delay, max_delay
-        Seconds: the n-th retry waits a random time up to ``min(max_delay, base_delay * 2**n)``.
+        Seconds: the n-th retry waits a random time up to ``min(max_delay, base_delay * 2**(n-1))``
+        (``aws.retry``'s full jitter).
     """
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise QueryValidationError("attempts", "must be a positive integer")
+    from healthimaging_df.aws.retry import Backoff, retrying
+
+    checks.positive_int("attempts", attempts)
     if base_delay < 0 or max_delay < 0:
         raise QueryValidationError("base_delay", "delays must be zero or more")
-    for attempt in range(attempts):
-        try:
-            return action()
-        except SnapshotConflictError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
-    raise AssertionError("unreachable")  # pragma: no cover
+    return retrying(
+        lambda _attempt: action(),
+        retry_if=lambda exc: isinstance(exc, SnapshotConflictError),
+        backoff=Backoff(attempts=attempts, base=base_delay, cap=max_delay),
+    )

@@ -19,7 +19,8 @@ KEY = "a test key of at least 32 bytes, 0123456789"
 @pytest.fixture
 def small_service() -> LocalService:
     service = LocalService.seeded(image_sets=150, seed=4).start()
-    yield service  # type: ignore[misc]
+    with service.dicomweb_environment():  # QIDO-RS is on the service's own DICOMweb address
+        yield service  # type: ignore[misc]
     service.stop()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +103,8 @@ def test_custom_endpoint_without_host_prefix_switch_is_caught_at_once(
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    started = time.monotonic()
     code, err = run_inline(capsys, "search", "--datastore-id", DS)
-    assert time.monotonic() - started < 5
-    assert code == 2
+    assert code == 2  # a usage error, before any request (one sent would end in exit 1)
     line = one_error_line(err)
     assert "AWS_DISABLE_HOST_PREFIX_INJECTION=true" in line
     assert "runtime-" in line

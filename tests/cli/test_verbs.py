@@ -15,6 +15,7 @@ import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.local import LocalService, load_jsonl
+from healthimaging_df.local.sigv4 import sign_request
 
 from .conftest import ENTRY_POINT, Run, clean_env, ids, runner
 
@@ -134,10 +135,9 @@ def test_local_dump_then_serve_data(tmp_path: Path) -> None:
         line = proc.stdout.readline()
         datastore_id = line.split()[1]
         assert "(30 image sets)" in line
+        url = f"{endpoint}/datastore/{datastore_id}/searchImageSets?maxResults=50"
         request = urllib.request.Request(
-            f"{endpoint}/datastore/{datastore_id}/searchImageSets?maxResults=50",
-            data=b"{}",
-            method="POST",
+            url, data=b"{}", method="POST", headers=sign_request("POST", url, b"{}")
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             served = json.loads(response.read())["imageSetsMetadataSummaries"]

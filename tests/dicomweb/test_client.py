@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -34,13 +35,23 @@ def test_unsigned_or_wrongly_scoped_requests_are_refused(ahi_local: LocalService
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    url = f"{ahi_local.endpoint_url}/datastore/{_ds(ahi_local)}/studies?limit=1"
-    assert requests.get(url, timeout=5).status_code == 403
+    url = f"{ahi_local.dicomweb_endpoint_url}/datastore/{_ds(ahi_local)}/studies?limit=1"
+
+    def code(response: requests.Response) -> tuple[int, str]:
+        return response.status_code, response.headers.get("x-amzn-ErrorType", "")
+
+    assert code(requests.get(url, timeout=5)) == (403, "MissingAuthenticationTokenException")
+    known = Credentials(*ahi_local.credentials)
     signed = AWSRequest("GET", url, headers={"Accept": "application/dicom+json"})
-    SigV4Auth(Credentials("AK", "SK"), "execute-api", "us-east-1").add_auth(signed)
-    assert requests.get(url, headers=dict(signed.headers), timeout=5).status_code == 403
+    SigV4Auth(known, "execute-api", "us-east-1").add_auth(signed)
+    answer = requests.get(url, headers=dict(signed.headers), timeout=5)
+    assert code(answer) == (403, "InvalidSignatureException")
     signed = AWSRequest("GET", url, headers={"Accept": "application/dicom+json"})
     SigV4Auth(Credentials("AK", "SK"), "medical-imaging", "us-east-1").add_auth(signed)
+    answer = requests.get(url, headers=dict(signed.headers), timeout=5)
+    assert code(answer) == (403, "UnrecognizedClientException")
+    signed = AWSRequest("GET", url, headers={"Accept": "application/dicom+json"})
+    SigV4Auth(known, "medical-imaging", "us-east-1").add_auth(signed)
     assert requests.get(url, headers=dict(signed.headers), timeout=5).status_code == 200
 
 
@@ -53,9 +64,11 @@ def test_client_signs_every_request_with_fresh_credentials(ahi_local: LocalServi
     def credentials() -> Credentials:
         nonlocal calls
         calls += 1
+        # Rotated session credentials: the service knows each set once it is issued.
+        ahi_local.add_credentials(f"AKIA{calls:04d}", "secret", f"token-{calls}")
         return Credentials(f"AKIA{calls:04d}", "secret", token=f"token-{calls}")
 
-    qido = QidoClient(ahi_local.endpoint_url, "us-east-1", credentials, max_tps=None)
+    qido = QidoClient(ahi_local.dicomweb_endpoint_url, "us-east-1", credentials, max_tps=None)
     session = qido._web(_ds(ahi_local))._session
     session.hooks["response"].append(lambda r, *a, **k: seen.append(dict(r.request.headers)))
     result = qido.search(_ds(ahi_local), "studies", {}, page_size=200)
@@ -76,19 +89,24 @@ def test_query_is_signed_as_sigv4_canonicalizes_it() -> None:
     )
 
 
-def test_endpoint_resolution(ahi_local: LocalService) -> None:
+def test_endpoint_resolution(ahi_local: LocalService, monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
 
     session = boto3.Session(
         aws_access_key_id="a", aws_secret_access_key="b", region_name="eu-west-1"
     )
     aws = session.client("medical-imaging")
+    # The plugin's ahi_local names the local DICOMweb address in the environment.
+    assert os.environ["AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING"] == ahi_local.dicomweb_endpoint_url
+    assert dicomweb.dicomweb_endpoint(ahi_local.client()) == ahi_local.dicomweb_endpoint_url
+    assert dicomweb.dicomweb_endpoint(aws) == ahi_local.dicomweb_endpoint_url
+    override = "https://proxy.example/dicomweb/"
+    assert dicomweb.dicomweb_endpoint(aws, dicomweb_endpoint_url=override) == override.rstrip("/")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING")
     assert (
         dicomweb.dicomweb_endpoint(aws) == "https://dicom-medical-imaging.eu-west-1.amazonaws.com"
     )
     assert dicomweb.dicomweb_endpoint(ahi_local.client()) == ahi_local.endpoint_url
-    override = "https://proxy.example/dicomweb/"
-    assert dicomweb.dicomweb_endpoint(aws, dicomweb_endpoint_url=override) == override.rstrip("/")
     qido = make_qido_client(boto3_session=session)
     assert qido.endpoint_url.startswith("https://dicom-medical-imaging.eu-west-1.")
     assert qido.region == "eu-west-1"
@@ -102,14 +120,14 @@ def test_throttling_is_retried_under_the_limiter(ahi_local: LocalService) -> Non
     creds = Credentials(DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY)
     ahi_local.set_faults(tps=20, burst=1)
     qido = QidoClient(
-        ahi_local.endpoint_url, "us-east-1", lambda: creds, max_tps=None, retry_base=0.05
+        ahi_local.dicomweb_endpoint_url, "us-east-1", lambda: creds, max_tps=None, retry_base=0.05
     )
     result = qido.search(_ds(ahi_local), "studies", {}, page_size=100)
     assert len(result.records) > 500
     assert ahi_local.stats.throttled > 0
     assert result.requests > 6
     impatient = QidoClient(
-        ahi_local.endpoint_url, "us-east-1", lambda: creds, max_tps=None, max_attempts=1
+        ahi_local.dicomweb_endpoint_url, "us-east-1", lambda: creds, max_tps=None, max_attempts=1
     )
     ahi_local.set_faults(tps=0.01, burst=1)
     impatient.get(_ds(ahi_local), "studies", {}, limit=1)  # takes the only token
@@ -128,7 +146,7 @@ def test_a_throttle_widens_the_qido_limiters_margin(ahi_local: LocalService) -> 
     creds = Credentials(DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY)
     ahi_local.set_faults(tps=20, burst=1)  # below the client's max_tps: 429s
     qido = QidoClient(
-        ahi_local.endpoint_url, "us-east-1", lambda: creds, max_tps=100, retry_base=0.01
+        ahi_local.dicomweb_endpoint_url, "us-east-1", lambda: creds, max_tps=100, retry_base=0.01
     )
     result = qido.search(_ds(ahi_local), "studies", {}, page_size=100)
     assert len(result.records) > 500

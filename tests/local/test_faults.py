@@ -40,11 +40,13 @@ def once(service: LocalService) -> Any:
 
 
 def raw_search(service: LocalService) -> tuple[dict[str, str], bytes]:
-    """One SearchImageSets over a bare socket: headers and every byte received until EOF."""
+    """One signed SearchImageSets over a bare socket: headers and every byte until EOF."""
+    path = f"/datastore/{service.datastore_id}/searchImageSets?maxResults=5"
+    signed = service.sign("POST", f"http://local{path}", headers={"Host": "local"})
+    lines = "".join(f"{name}: {value}\r\n" for name, value in signed.items())
     with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
         sock.sendall(
-            f"POST /datastore/{service.datastore_id}/searchImageSets?maxResults=5 HTTP/1.1\r\n"
-            "Host: local\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            f"POST {path} HTTP/1.1\r\n{lines}Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
         )
         data = b""
         while chunk := sock.recv(65536):

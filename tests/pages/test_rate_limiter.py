@@ -215,25 +215,3 @@ def test_one_limiter_per_endpoint_operation_and_rate() -> None:
     assert aws.limiter_for(a, "GetImageSetMetadata", 25) is not search
     assert aws.limiter_for(a, aws.SEARCH, 10) is not search
     assert aws.limiter_for(a, aws.SEARCH, None) is None
-
-
-def test_the_highest_priority_waiting_goes_first_and_equals_in_turn() -> None:
-    """Real threads and clock, 100 ms slots: callers queued behind a slot, one with priority."""
-    import time
-
-    bucket = aws.RateLimiter(10.0, margin=0.0)
-    bucket.acquire()  # the next slot is 100 ms away
-    order: list[str] = []
-
-    def caller(name: str, priority: float) -> threading.Thread:
-        thread = threading.Thread(target=lambda: (bucket.acquire(priority), order.append(name)))
-        thread.start()
-        time.sleep(0.01)  # queued before the next one arrives
-        return thread
-
-    threads = [caller("first", 0.0), caller("second", 0.0), caller("urgent", 5.0)]
-    assert bucket.waiting == 3
-    for thread in threads:
-        thread.join()
-    assert order == ["urgent", "first", "second"]
-    assert bucket.waiting == 0

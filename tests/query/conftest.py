@@ -94,8 +94,14 @@ def cohort_service() -> Iterator[LocalService]:
 
 
 @pytest.fixture
-def service(cohort_service: LocalService) -> Iterator[LocalService]:
+def service(
+    cohort_service: LocalService, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LocalService]:
     cohort_service.set_faults(latency_ms=0.0, tps=None, burst=None, error_rate=0.0)
+    # QIDO-RS is served on the service's own DICOMweb address, found through the env.
+    monkeypatch.setenv(
+        "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING", cohort_service.dicomweb_endpoint_url
+    )
     cohort_service.reset_stats()
     yield cohort_service
     cohort_service.set_faults(latency_ms=0.0, tps=None, burst=None, error_rate=0.0)

@@ -96,7 +96,8 @@ def _handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
                 payload = {"imageSetsMetadataSummaries": [], "nextToken": uuid.uuid4().hex}
                 self._send(200, "application/json", json.dumps(payload).encode(), None)
                 return
-            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            # Host goes through unchanged, as a transparent proxy's must: it is signed (SigV4).
+            headers = dict(self.headers.items())
             status, reply_headers, reply = proxy.forward(method, self.path, headers, body)
             kind = proxy.damage(number) if search and status == 200 else None
             if kind is None:

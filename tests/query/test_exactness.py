@@ -26,6 +26,7 @@ from healthimaging_df.errors import (
     QueryValidationError,
 )
 from healthimaging_df.local import LocalService
+from healthimaging_df.local.server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
 from healthimaging_df.refresh import refresh_snapshot
 from healthimaging_df.snapshot import read_snapshot
 
@@ -38,8 +39,8 @@ def client_for(url: str, **config: Any) -> Any:
         "medical-imaging",
         endpoint_url=url,
         region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
+        aws_access_key_id=ACCESS_KEY_ID,  # the local service's known credentials
+        aws_secret_access_key=SECRET_ACCESS_KEY,
         config=Config(inject_host_prefix=False, retries={"mode": "standard"}, **config),
     )
 
@@ -214,7 +215,7 @@ def test_endless_empty_pages_raise_instead_of_paging_forever(service: LocalServi
         (lambda q, c, p: q.to_dataframe(client=c, max_tps=0), "max_tps"),
         (lambda q, c, p: q.to_dataframe(client=c, max_concurrency=0), "max_concurrency"),
         (
-            lambda q, c, p: q.to_parquet(str(p / "d"), client=c, partition_cols=["Bogus"]),
+            lambda q, c, p: q.to_delta(str(p / "d"), client=c, partition_cols=["Bogus"]),
             "partition_cols",
         ),
         (lambda q, c, p: q.to_parquet(str(p / "f.txt" / "x.parquet"), client=c), "path"),

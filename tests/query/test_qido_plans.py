@@ -151,11 +151,13 @@ def qido_cap(cap: int | None) -> Iterator[None]:
 
 def chosen(query: Query, service: LocalService) -> Plan:
     run = engine.prepare(service.client(), progress=False, max_tps=None)
-    return engine.choose(lambda stats: query.compile(stats=stats), run)
+    with service.dicomweb_environment():  # QIDO-RS is on the service's own DICOMweb address
+        return engine.choose(lambda stats: query.compile(stats=stats), run)
 
 
 def ids(query: Query, service: LocalService) -> list[str]:
-    frame = query.to_dataframe(client=service.client(), progress=False, max_tps=None)
+    with service.dicomweb_environment():
+        frame = query.to_dataframe(client=service.client(), progress=False, max_tps=None)
     got = list(frame["imageSetId"])
     assert len(got) == len(set(got))
     return got
@@ -163,7 +165,7 @@ def ids(query: Query, service: LocalService) -> list[str]:
 
 @pytest.fixture(scope="module")
 def qido_service() -> Iterator[LocalService]:
-    with LocalService.seeded(image_sets=2500, seed=11) as service:
+    with LocalService.seeded(image_sets=2500, seed=11) as service, service.dicomweb_environment():
         yield service
 
 
@@ -481,7 +483,7 @@ def test_a_resumed_export_of_a_qido_plan_is_exact_when_qido_answers_otherwise(
 
     name = "COHORT^RESUME"
     service, records = _cohort_datastore(name)
-    with service:
+    with service, service.dicomweb_environment():
         client = service.client()
         query = Query(service.datastore_id).where(PatientName=name)
         plan = chosen(query, service)

@@ -16,7 +16,6 @@ import pytest
 from healthimaging_df.engine.fetch import (
     _Reader,
     _Segment,
-    critical_reader,
     next_reader,
     readers_short,
 )
@@ -100,35 +99,8 @@ def _same_second(second: int, asc_read: bool = True) -> _Segment:
     return segment
 
 
-def test_at_rate_only_a_segment_that_outlasts_the_rest_of_the_scan_gets_a_reader() -> None:
-    burst = _same_second(0)  # 4,900 rows, two readers: 49 pages each, 15 s at 300 ms a page
-    quiet = _inside_one_burst(1200)  # 2,000 rows, two readers: 20 pages each
-    rate = 24.5  # every row left, 138 pages, takes 5.6 s at the limiter's rate
-    move = critical_reader([quiet, burst], SPARSE, rate, round_trip=0.3)
-    assert move == (burst, BURST + timedelta(seconds=1))
-    # at 100 ms a page the burst's readers finish within the scan's time: nothing to add
-    assert critical_reader([quiet, burst], SPARSE, rate, round_trip=0.1) is None
-    # nothing is known yet of how dense the rest is: no judgement
-    assert critical_reader([quiet, burst], None, rate, round_trip=0.3) is None
-
-
-def test_the_critical_segment_that_cannot_take_a_reader_passes_to_the_next() -> None:
-    inside = _same_second(0)
-    inside.high = BURST + timedelta(milliseconds=990)  # both ends in one second: no split
-    for end in (inside.asc, inside.desc):
-        assert end is not None
-        end.density = 10_000.0  # 9,700 rows: the longest chain of the two
-    burst = _same_second(2)
-    assert inside.remaining_rows(SPARSE) > burst.remaining_rows(SPARSE)
-    assert critical_reader([inside, burst], SPARSE, 24.5, round_trip=0.3) == (
-        burst,
-        BURST + timedelta(seconds=3),
-    )
-
-
 def test_a_segment_is_split_only_once_both_ends_have_read() -> None:
     """An end whose first page is still out may show the data ends far sooner (at now)."""
     unread = _same_second(0, asc_read=False)
     assert next_reader([unread], SPARSE, short=True) is None
-    assert critical_reader([unread], SPARSE, 24.5, round_trip=0.3) is None
     assert next_reader([_same_second(0)], SPARSE, short=True) is not None

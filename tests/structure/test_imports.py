@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("aws",),
     ("dicomweb", "store"),
     ("engine",),
-    ("query", "snapshot", "metadata", "redact", "cohort", "plot"),
+    ("query", "snapshot", "metadata", "redact", "cohort", "plot", "polars", "options"),
     ("refresh",),
     ("accessor",),
     ("cli", "__main__", NAME),

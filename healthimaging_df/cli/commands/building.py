@@ -11,7 +11,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,8 @@ from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.plan import predicates
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from healthimaging_df.query import Query
 
 log = logging.getLogger("healthimaging_df.cli")
@@ -202,3 +204,39 @@ def parse_columns(specs: Sequence[str] | None) -> list[str] | None:
         return None
     names = [name.strip() for spec in specs for name in spec.split(",") if name.strip()]
     return list(dict.fromkeys(known_column(name) for name in names))
+
+
+def cohort_source(
+    args: argparse.Namespace, columns: Sequence[str], s3: Any = None
+) -> tuple[Any, Callable[[Any], pd.DataFrame]]:
+    """Where an enrichment verb's image sets come from: ``(target, cohort)``.
+
+    ``--from FILE`` (which must have *columns*; its provenance names the datastore unless
+    ``--datastore-id`` does), or the verb's query options run against the target once connected:
+    ``cohort(connection)`` returns the frame either way. Checked before anything is sent.
+    """
+    from healthimaging_df.aws import quotas
+    from healthimaging_df.cli.commands import connect, output
+    from healthimaging_df.core.frames import provenance_datastore
+
+    if args.source is None:
+        target = connect.Target(args)
+        query = build_query(args, target.datastore_id)
+
+        def run(connection: Any) -> pd.DataFrame:
+            return query.to_dataframe(
+                client=connection.client,
+                progress=output.progress(args),
+                max_concurrency=args.max_concurrency,
+                max_tps=min(args.max_tps, quotas.SEARCH_TPS),
+            )
+
+        return target, run
+    if has_query_options(args):
+        raise UsageError("--from reads image sets from a file: leave out query options")
+    frame = output.read_frame(args.source, s3)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UsageError(f"--from {args.source} has no {missing[0]} column")
+    target = connect.Target(args, args.datastore_id or provenance_datastore(frame))
+    return target, lambda connection: frame

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from healthimaging_df.cli.commands.options import (
     LOCAL_IMAGE_SETS,
@@ -58,7 +57,8 @@ class Target:
     def connect(self) -> Iterator[Connection]:
         """Yield a client; a local service runs for the duration of the ``with`` block."""
         if self._local is not None:
-            with self._local as service:
+            # QIDO-RS lives on the service's own DICOMweb address, found through the env.
+            with self._local as service, service.dicomweb_environment():
                 log.info("local service at %s", service.endpoint_url)
                 yield Connection(service.client(), self.datastore_id)
             return
@@ -67,14 +67,15 @@ class Target:
 
 def aws_client(args: argparse.Namespace) -> Any:
     """A ``medical-imaging`` client from --profile, --region and --endpoint-url (or the env)."""
-    import boto3
-    from botocore.exceptions import NoRegionError, ProfileNotFound
+    from botocore.exceptions import NoRegionError
 
     from healthimaging_df.aws import make_client
+    from healthimaging_df.aws import session as aws_session
+    from healthimaging_df.errors import QueryValidationError
 
     try:
-        session = boto3.Session(profile_name=args.profile, region_name=args.region)
-    except ProfileNotFound:
+        session = aws_session.named(args.profile, args.region)
+    except QueryValidationError:
         raise ConfigError("the profile given by --profile or AWS_PROFILE does not exist") from None
     try:
         client = make_client(None, session, args.max_concurrency, endpoint_url=args.endpoint_url)
@@ -83,9 +84,10 @@ def aws_client(args: argparse.Namespace) -> Any:
             "no AWS region: pass --region, set AWS_DEFAULT_REGION, or set region in the "
             "profile (~/.aws/config, AWS_PROFILE)"
         ) from None
+    except QueryValidationError as exc:  # a configured endpoint botocore would prefix
+        raise ConfigError(exc.rule.replace("endpoint_url", "--endpoint-url")) from None
     except ValueError:
         raise ConfigError("--endpoint-url is not a valid URL") from None
-    _check_host_prefix(client, args)
     if session.get_credentials() is None:
         raise ConfigError(
             "no AWS credentials: pass --profile, or set AWS_PROFILE or AWS_ACCESS_KEY_ID"
@@ -96,22 +98,3 @@ def aws_client(args: argparse.Namespace) -> Any:
         client.meta.endpoint_url,
     )
     return client
-
-
-def _check_host_prefix(client: Any, args: argparse.Namespace) -> None:
-    """Refuse a custom endpoint botocore would prefix with ``runtime-`` (it cannot resolve).
-
-    ``AWS_ENDPOINT_URL_MEDICAL_IMAGING`` (or ``endpoint_url`` in the profile) points botocore at
-    a custom host, but SearchImageSets' ``runtime-`` host prefix is still injected unless
-    ``AWS_DISABLE_HOST_PREFIX_INJECTION`` is set: every request would fail and be retried.
-    """
-    if args.endpoint_url or not client.meta.config.inject_host_prefix:
-        return
-    host = urlsplit(client.meta.endpoint_url).hostname or ""
-    if host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws")):
-        return
-    raise ConfigError(
-        "the endpoint from AWS_ENDPOINT_URL_MEDICAL_IMAGING (or the profile) is not an AWS host, "
-        "and botocore would send to runtime-<host>: set AWS_DISABLE_HOST_PREFIX_INJECTION=true, "
-        "or pass the endpoint as --endpoint-url"
-    )

@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Any
 
+from healthimaging_df.aws import quotas
 from healthimaging_df.cli.commands import options, output
 
 EXAMPLES = """\
@@ -36,23 +37,16 @@ archived the command refuses (exit 2) before any GetImageSetMetadata call, unles
 
 def register(commands: Any) -> None:
     """Add the ``metadata`` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = options.add_command(
+        commands,
         "metadata",
-        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="GetImageSetMetadata for a cohort: series or instance attributes",
         description="Call GetImageSetMetadata for each image set of a cohort (a file written by "
         "search or snapshot, or a query) and write one row per series or instance.",
-        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     group = parser.add_argument_group("metadata")
-    group.add_argument(
-        "--from",
-        dest="source",
-        metavar="FILE",
-        help="image sets to read: a .parquet, .csv or .jsonl file (local or s3://bucket/key) "
-        "with an imageSetId column (and version); the query options are not used then",
-    )
+    options.add_source(group, "(local or s3://bucket/key) with an imageSetId column (and version)")
     group.add_argument(
         "--level",
         choices=("series", "instance"),
@@ -94,42 +88,25 @@ def register(commands: Any) -> None:
     group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
     output.add_mkdir(group)
     output.add_s3_options(group)
-    # GetImageSetMetadata's default quota is 50/s; a query run first stays under SearchImageSets' 25.
-    parser.set_defaults(handler=run, max_tps=50.0)
+    # GetImageSetMetadata's own quota; a query run first stays under SearchImageSets'.
+    parser.set_defaults(handler=run, max_tps=quotas.METADATA_TPS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``metadata``; return the exit code."""
-    from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.cli.commands import building
     from healthimaging_df.metadata import fetch_metadata
 
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
     s3 = output.s3_settings(args)
-    if args.source is not None:
-        if building.has_query_options(args):
-            raise options.UsageError("--from reads image sets from a file: leave out query options")
-        cohort = output.read_frame(args.source, s3)
-        if "imageSetId" not in cohort.columns:
-            raise options.UsageError(f"--from {args.source} has no imageSetId column")
-        given = args.datastore_id or _provenance_datastore(cohort)
-        target = connect.Target(args, given)
-    else:
-        target = connect.Target(args)
-        query = building.build_query(args, target.datastore_id)
-        cohort = None
+    target, cohort = building.cohort_source(args, ("imageSetId",), s3)
     with target.connect() as connection:
-        if cohort is None:
-            cohort = query.to_dataframe(
-                client=connection.client,
-                progress=output.progress(args),
-                max_concurrency=args.max_concurrency,
-                max_tps=min(args.max_tps, options.SEARCH_TPS),
-            )
+        frame = cohort(connection)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = fetch_metadata(
-                cohort,
+                frame,
                 client=connection.client,
                 level=args.level,
                 max_tps=args.max_tps,
@@ -147,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     output.write_frame(result, args.out, fmt, s3=s3)
     where = args.out if args.out not in (None, "-") else "stdout"
-    output.status(args, f"{len(result)} {args.level} rows from {len(cohort)} image sets -> {where}")
+    output.status(args, f"{len(result)} {args.level} rows from {len(frame)} image sets -> {where}")
     if "metadataError" in result.columns:
         failed = int(result["metadataError"].notna().sum())
         if failed:
@@ -162,10 +139,3 @@ def _warning_text(warning: warnings.WarningMessage) -> str:
     if issubclass(warning.category, HealthImagingDFWarning):
         return str(warning.message)
     return f"{warning.category.__name__} (message withheld: it may quote values)"
-
-
-def _provenance_datastore(frame: Any) -> str | None:
-    provenance = frame.attrs.get("healthimaging_df")
-    if isinstance(provenance, dict) and provenance.get("datastore_id"):
-        return str(provenance["datastore_id"])
-    return None

@@ -6,10 +6,12 @@ Nothing here imports pandas, pyarrow or boto3: ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from healthimaging_df.aws.quotas import SEARCH_TPS
 
 LOCAL_IMAGE_SETS = 5_000  # the synthetic datastore behind --local: the demo's data
 LOCAL_SEED = 42
-SEARCH_TPS = 25.0  # SearchImageSets' default quota, requests per second
 
 EXIT_STATUS = """\
 exit status:
@@ -178,3 +180,40 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError("expects a positive number")
     return value
+
+
+def add_command(
+    commands: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    examples: str,
+    parents: list[argparse.ArgumentParser] | None = None,
+) -> argparse.ArgumentParser:
+    """A verb's parser: *examples* and the exit status after its options, layout kept.
+
+    *parents* default to a query verb's: the query, AWS and common options.
+    """
+    if parents is None:
+        parents = [query_parent(), aws_parent(), common_parent()]
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        parents=parents,
+        help=help,
+        description=description,
+        epilog=f"{examples}\n{EXIT_STATUS}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def add_source(group: Any, needs: str) -> None:
+    """``--from FILE``: the image sets an enrichment verb reads instead of running its query."""
+    group.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help=f"image sets to read: a .parquet, .csv or .jsonl file {needs}; the query options "
+        "are not used then",
+    )

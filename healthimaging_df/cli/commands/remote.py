@@ -65,19 +65,19 @@ class S3Settings:
 
     def session(self) -> Any:
         """A boto3 session of the profile and region (``ConfigError`` if the profile is unknown)."""
-        import boto3
-        from botocore.exceptions import ProfileNotFound
+        from healthimaging_df.aws import session
+        from healthimaging_df.errors import QueryValidationError
 
         try:
-            return boto3.Session(profile_name=self.profile, region_name=self.region)
-        except ProfileNotFound:
+            return session.named(self.profile, self.region)
+        except QueryValidationError:
             raise ConfigError(
                 "the profile given by --profile or AWS_PROFILE does not exist"
             ) from None
 
     def client(self) -> Any:
         """An S3 client; ``ConfigError`` before any request if there are no credentials."""
-        from healthimaging_df.core import logs
+        from healthimaging_df.aws import session as aws_session
 
         session = self.session()
         if session.get_credentials() is None:
@@ -85,11 +85,9 @@ class S3Settings:
                 "no AWS credentials for S3: pass --profile, or set AWS_PROFILE or AWS_ACCESS_KEY_ID"
             )
         try:
-            client = session.client("s3", endpoint_url=self.endpoint_url)
+            return aws_session.client("s3", session, endpoint_url=self.endpoint_url)
         except ValueError:
             raise ConfigError("--s3-endpoint-url is not a valid URL") from None
-        logs.refresh()  # s3transfer and boto3 loggers created since are covered too
-        return client
 
     def snapshot_options(self) -> dict[str, Any]:
         """Keyword arguments of ``write_snapshot`` / ``read_snapshot`` for these settings."""
@@ -235,12 +233,14 @@ def get(url: str, settings: S3Settings, option: str = "--from") -> bytes:
     """The object *url*'s bytes; ``UsageError`` naming *url* if there is no such object."""
     from botocore.exceptions import ClientError
 
+    from healthimaging_df import aws
+
     bucket, key = split(url, option)
     client = settings.client()
     try:
         response = client.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = aws.failure(exc).code
         if code in ("NoSuchKey", "404", "NotFound"):
             raise UsageError(f"no such object: {url}") from None
         if code == "NoSuchBucket":

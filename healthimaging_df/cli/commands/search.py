@@ -40,14 +40,13 @@ STREAM_CHUNK_ROWS = 200  # rows per chunk written while streaming: about 4 pages
 
 def register(commands: Any) -> None:
     """Add the ``search`` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = options.add_command(
+        commands,
         "search",
-        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="run a query; write Parquet, CSV, JSON Lines or a table",
         description="Run a SearchImageSets query (fanned out, paged and filtered exactly, as "
         "Query.to_dataframe does) and write the matching image sets.",
-        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     out = parser.add_argument_group("result")
     out.add_argument(

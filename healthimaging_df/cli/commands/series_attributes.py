@@ -24,24 +24,17 @@ command, whose every GetImageSetMetadata call is an access).
 
 def register(commands: Any) -> None:
     """Add the ``series-attributes`` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = options.add_command(
+        commands,
         "series-attributes",
-        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="series attributes of a cohort through QIDO-RS (no archive access)",
         description="Join series attributes the summaries lack (SeriesDescription, "
         "Manufacturer, ...) onto a cohort (a file written by search or snapshot, or a query), "
         "read through DICOMweb QIDO-RS includefield, many series a request.",
-        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     group = parser.add_argument_group("series attributes")
-    group.add_argument(
-        "--from",
-        dest="source",
-        metavar="FILE",
-        help="image sets to read: a .parquet, .csv or .jsonl file with StudyInstanceUID and "
-        "SeriesInstanceUID columns; the query options are not used then",
-    )
+    options.add_source(group, "with StudyInstanceUID and SeriesInstanceUID columns")
     group.add_argument(
         "--field",
         dest="fields",
@@ -75,7 +68,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``series-attributes``; return the exit code."""
-    from healthimaging_df.cli.commands import building, connect
+    from healthimaging_df.cli.commands import building
 
     try:
         from healthimaging_df.dicomweb import fetch_series_attributes
@@ -83,34 +76,10 @@ def run(args: argparse.Namespace) -> int:
         raise options.UsageError(str(exc)) from None
     fmt = output.output_format(args.out, args.format)
     output.check_destination(args.out, args.mkdir)
-    if args.source is not None:
-        if building.has_query_options(args):
-            raise options.UsageError("--from reads image sets from a file: leave out query options")
-        cohort = output.read_frame(args.source)
-        missing = [c for c in ("StudyInstanceUID", "SeriesInstanceUID") if c not in cohort]
-        if missing:
-            raise options.UsageError(f"--from {args.source} has no {missing[0]} column")
-        provenance = cohort.attrs.get("healthimaging_df")
-        given = args.datastore_id or (
-            str(provenance["datastore_id"])
-            if isinstance(provenance, dict) and provenance.get("datastore_id")
-            else None
-        )
-        target = connect.Target(args, given)
-    else:
-        target = connect.Target(args)
-        query = building.build_query(args, target.datastore_id)
-        cohort = None
+    target, cohort = building.cohort_source(args, ("StudyInstanceUID", "SeriesInstanceUID"))
     with target.connect() as connection:
-        if cohort is None:
-            cohort = query.to_dataframe(
-                client=connection.client,
-                progress=output.progress(args),
-                max_concurrency=args.max_concurrency,
-                max_tps=min(args.max_tps, options.SEARCH_TPS),
-            )
         result = fetch_series_attributes(
-            cohort,
+            cohort(connection),
             args.fields,
             client=connection.client,
             dicomweb_endpoint_url=args.dicomweb_endpoint_url,

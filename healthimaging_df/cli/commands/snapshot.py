@@ -55,16 +55,15 @@ The report (added, updated, removed image sets) goes to stdout.
 
 def register(commands: Any) -> None:
     """Add the ``snapshot`` and ``refresh`` commands."""
-    snapshot: argparse.ArgumentParser = commands.add_parser(
+    snapshot = options.add_command(
+        commands,
         "snapshot",
-        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="run a query into a Parquet snapshot (file or partitioned directory)",
         description="Run a query and write its result as a snapshot: one .parquet file, or a "
         "directory (local or s3://) holding a Delta Lake table, where each write is a new "
         "version. Writes are atomic and checkpointed: rerun the same command after an "
         "interruption to resume.",
-        epilog=f"{SNAPSHOT_EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=SNAPSHOT_EXAMPLES,
     )
     snapshot.add_argument(
         "path", metavar="PATH", nargs="?", help="FILE.parquet, a directory, or s3://..."
@@ -91,15 +90,14 @@ def register(commands: Any) -> None:
     _redaction_options(snapshot)
     snapshot.set_defaults(handler=run_snapshot)
 
-    refresh: argparse.ArgumentParser = commands.add_parser(
+    refresh = options.add_command(
+        commands,
         "refresh",
-        parents=[options.query_parent(), options.aws_parent(), options.common_parent()],
         help="bring a snapshot up to date with what changed since it was taken",
         description="Fetch the image sets updated since a snapshot was taken, upsert them, drop "
         "those that no longer match its query, and rewrite the snapshot atomically. The query "
         "comes from the snapshot; query options are needed only for a redacted snapshot.",
-        epilog=f"{REFRESH_EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=REFRESH_EXAMPLES,
     )
     refresh.add_argument(
         "path", metavar="PATH", nargs="?", help="a snapshot: FILE.parquet, a directory..."
@@ -117,15 +115,15 @@ def register(commands: Any) -> None:
     _redaction_options(refresh)
     refresh.set_defaults(handler=run_refresh)
 
-    history: argparse.ArgumentParser = commands.add_parser(
+    history = options.add_command(
+        commands,
         "history",
-        parents=[_s3_parent(), options.common_parent()],
         help="list the versions of a directory snapshot (Delta table)",
         description="List every version of a directory snapshot, newest first: when, what "
         "(WRITE, MERGE, VACUUM), rows added, updated and removed, and the query behind it. "
         "read_snapshot(path, version=N) reads a version back.",
-        epilog=f"{HISTORY_EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=HISTORY_EXAMPLES,
+        parents=[_s3_parent(), options.common_parent()],
     )
     history.add_argument(
         "path", metavar="PATH", nargs="?", help="a directory snapshot, local or s3://"
@@ -133,15 +131,15 @@ def register(commands: Any) -> None:
     _iceberg_options(history)
     history.set_defaults(handler=run_history)
 
-    vacuum: argparse.ArgumentParser = commands.add_parser(
+    vacuum = options.add_command(
+        commands,
         "vacuum",
-        parents=[_s3_parent(), options.common_parent()],
         help="delete files of snapshot versions older than a retention",
         description="Delete the data files that no version of the last H hours needs (and "
         "debris of interrupted writes). Versions older than that can no longer be read: keep "
         "H longer than your longest job and than any version a paper cites.",
-        epilog=f"{VACUUM_EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=VACUUM_EXAMPLES,
+        parents=[_s3_parent(), options.common_parent()],
     )
     vacuum.add_argument(
         "path", metavar="PATH", nargs="?", help="a directory snapshot, local or s3://"
@@ -358,9 +356,9 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
     remote = str(args.path).startswith("s3://") or getattr(args, "catalog", None) == "glue"
     remote = remote or str(getattr(args, "warehouse", None) or "").startswith("s3://")
     if remote and not args.local:
-        import boto3
+        from healthimaging_df.aws.session import named
 
-        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+        session = named(args.profile, args.region)
     return {
         "boto3_session": session,
         "region": args.region,

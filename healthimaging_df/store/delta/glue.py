@@ -68,7 +68,7 @@ def register_glue_table(
     -------
     ``"created"`` or ``"updated"``
     """
-    import boto3
+    from healthimaging_df.aws import session as aws_session
 
     if not isinstance(database_table, str) or database_table.count(".") != 1:
         raise QueryValidationError("glue_table", "must be 'database.table'")
@@ -84,8 +84,7 @@ def register_glue_table(
     if not isinstance(schema, pa.Schema):
         raise QueryValidationError("schema", "must be a pyarrow.Schema")
     parts = check_names("partition_by", partition_by, schema)
-    session = boto3_session if boto3_session is not None else boto3.Session()
-    glue = session.client("glue", region_name=region, endpoint_url=endpoint_url)
+    glue = aws_session.client("glue", boto3_session, region=region, endpoint_url=endpoint_url)
     columns = [{"Name": f.name, "Type": _hive_type(f.type)} for f in schema if f.name not in parts]
     table_input = {
         "Name": name,

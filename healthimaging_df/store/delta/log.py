@@ -66,8 +66,8 @@ def s3_storage_options(
     Parameters
     ----------
     boto3_session
-        Credentials and region come from it (frozen now: temporary credentials are not renewed
-        during one call).
+        Credentials and region come from it (as of now: call it per operation), through
+        ``aws.session.delta_storage_options``.
     endpoint_url
         An S3-compatible endpoint (moto, MinIO); else the client's endpoint when boto3 was pointed
         elsewhere (``AWS_ENDPOINT_URL_S3``), else AWS.
@@ -81,30 +81,14 @@ def s3_storage_options(
     -------
     dict of str to str
     """
-    import boto3
+    from healthimaging_df.aws import session as aws_session
 
-    session = boto3_session if boto3_session is not None else boto3.Session()
-    client = session.client("s3", region_name=region, endpoint_url=endpoint_url)
-    options: dict[str, str] = {"AWS_REGION": str(client.meta.region_name or "us-east-1")}
-    credentials = session.get_credentials()
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        options["AWS_ACCESS_KEY_ID"] = str(frozen.access_key)
-        options["AWS_SECRET_ACCESS_KEY"] = str(frozen.secret_key)
-        if frozen.token:
-            options["AWS_SESSION_TOKEN"] = str(frozen.token)
-    endpoint = str(client.meta.endpoint_url or "")
-    host = urlparse(endpoint).hostname or ""
-    if endpoint_url is not None or (endpoint and not host.endswith("amazonaws.com")):
-        options["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            options["AWS_ALLOW_HTTP"] = "true"
-    if dynamodb_lock_table is not None:
-        options["AWS_S3_LOCKING_PROVIDER"] = "dynamodb"
-        options["DELTA_DYNAMO_TABLE_NAME"] = dynamodb_lock_table
-    else:
-        options["conditional_put"] = "etag"
-    return options
+    return aws_session.delta_storage_options(
+        boto3_session,
+        region=region,
+        endpoint_url=endpoint_url,
+        dynamodb_lock_table=dynamodb_lock_table,
+    )
 
 
 def options_for(location: str, storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -290,6 +274,9 @@ def _all_written_by_delta_rs(
     return True
 
 
+_LOG_ENTRY = re.compile(r"\d{20}\.(json|checkpoint(\.\d+\.\d+)?\.parquet)|_last_checkpoint")
+
+
 def classify(location: str, options: dict[str, str] | None) -> str:
     """What is at *location*: ``"empty"``, ``"table"``, ``"debris"``, ``"creating"``, ``"other"``.
 
@@ -299,17 +286,26 @@ def classify(location: str, options: dict[str, str] | None) -> str:
     if not files:
         return "empty"
     paths = [info.path.replace("\\", "/") for info in files]
-    if any(path.split("/")[-2:-1] == ["_delta_log"] for path in paths):
+    logged = [path.rsplit("/", 1)[-1] for path in paths if path.split("/")[-2:-1] == ["_delta_log"]]
+    if any(_LOG_ENTRY.fullmatch(name) for name in logged):
         return "table"
+    if logged:  # no commit yet: a first commit under way (fresh), or debris of one
+        return "creating" if _fresh(files) else "other"
     if all(_DELTA_PART.fullmatch(path.rsplit("/", 1)[-1]) for path in paths):
         if _all_written_by_delta_rs(location, options, paths):
             return "debris"
-        newest = max((info.mtime for info in files if info.mtime is not None), default=None)
-        if newest is not None:
-            moment = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
-            if datetime.now(timezone.utc) - moment < _CREATION_GRACE:
-                return "creating"
+        if _fresh(files):
+            return "creating"
     return "other"
+
+
+def _fresh(files: Sequence[Any]) -> bool:
+    """Whether the newest of *files* is younger than the grace given a first commit under way."""
+    newest = max((info.mtime for info in files if info.mtime is not None), default=None)
+    if newest is None:
+        return False
+    moment = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
+    return bool(datetime.now(timezone.utc) - moment < _CREATION_GRACE)
 
 
 def open_table(

@@ -105,16 +105,15 @@ class IcebergTarget:
         needs_s3 = kind == "glue" or (self.warehouse or "").startswith("s3://")
         if not needs_s3 and self.boto3_session is None and self.s3_endpoint_url is None:
             return {}
-        import boto3
+        from healthimaging_df.aws import session as aws_session
 
-        session = self.boto3_session if self.boto3_session is not None else boto3.Session()
+        session = aws_session.resolve(self.boto3_session)
         props: dict[str, str] = {}
         region = self.region or session.region_name
         if region:
             props["client.region"] = str(region)
-        credentials = session.get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
+        frozen = aws_session.credentials(session)
+        if frozen is not None:
             props["client.access-key-id"] = str(frozen.access_key)
             props["client.secret-access-key"] = str(frozen.secret_key)
             if frozen.token:
