@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from healthimaging_df import schema
+from healthimaging_df.core import dates
 from healthimaging_df.errors import SnapshotError
 
 
@@ -78,10 +79,9 @@ def parse_iso(text: Any) -> datetime | None:
     if not isinstance(text, str):
         return None
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+        return dates.read_iso(text)
+    except dates.TimestampError:
         raise SnapshotError("the provenance holds a timestamp that is not ISO 8601") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def parquet_bytes(
@@ -110,8 +110,12 @@ def write_parquet(
         for table in tables:
             if writer is None:
                 meta = {**metadata, b"pandas": _pandas_metadata(table)}
+                # page checksums: a flipped bit in a page is an error on read, not another value
                 writer = pq.ParquetWriter(
-                    sink, table.schema.with_metadata(meta), compression=compression
+                    sink,
+                    table.schema.with_metadata(meta),
+                    compression=compression,
+                    write_page_checksum=True,
                 )
             writer.write_table(
                 table.replace_schema_metadata(writer.schema.metadata), row_group_size
@@ -122,7 +126,18 @@ def write_parquet(
 
 
 def _pandas_metadata(table: pa.Table) -> bytes:
-    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean."""
+    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean.
+
+    A dtype pandas cannot name again (``list<item: string>[pyarrow]``, a rollup's list column)
+    is noted as ``object``: pandas would otherwise refuse to read the file.
+    """
+    import json
+
     empty = schema.arrow_to_pandas(table.slice(0, 0))
-    note: bytes = pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"]
-    return note
+    note = json.loads(pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"])
+    for column in note.get("columns", ()):
+        try:
+            pd.api.types.pandas_dtype(column.get("numpy_type"))
+        except TypeError:
+            column["numpy_type"] = "object"
+    return json.dumps(note).encode()
