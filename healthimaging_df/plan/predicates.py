@@ -102,7 +102,9 @@ class Predicate:
             value_set = pa.array(list(self.values), type=col.arrow_type)
             hit = pc.is_in(values, value_set=value_set)
             if self.op in ("ne", "not_in"):
-                return pc.or_kleene(pc.invert(hit), pc.is_null(values)).combine_chunks()
+                kept = pc.or_kleene(pc.invert(hit), pc.is_null(values))
+                # a derived value is one Array, a table's column a ChunkedArray
+                return kept.combine_chunks() if isinstance(kept, pa.ChunkedArray) else kept
             return pc.fill_null(hit, False)
         if self.op == "between":
             low, high = (pa.scalar(v, type=col.arrow_type) for v in self.values)
