@@ -153,6 +153,10 @@ class ApiHandlers:
             result = self.backend.empty_page(datastore_id, criteria, max_results, token)
             recorder.record_empty_page()
             return json_response(result)
+        if faults.stuck_cursor:
+            return json_response(
+                self.backend.stuck_page(datastore_id, criteria, max_results, token)
+            )
 
         def updates() -> None:
             count, rng = recorder.draw_updates()
