@@ -238,7 +238,7 @@ class _Counters:
 
 
 class _RecentIds:
-    """The image set ids of a chain's last *pages* pages: does a page bring a new one?"""
+    """The image set ids of a chain's last *pages* pages, to tell whether a page brings a new one."""
 
     def __init__(self, pages: int) -> None:
         self._pages: collections.deque[list[str]] = collections.deque(maxlen=pages)

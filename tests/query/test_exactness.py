@@ -220,7 +220,7 @@ def test_a_cursor_that_does_not_advance_raises_after_a_bounded_number_of_pages(
             query.to_dataframe(
                 client=service.client(), progress=False, max_tps=None, max_concurrency=1
             )
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:  # handed to the test thread
             outcome.append(exc)
 
     service.set_faults(stuck_cursor=True)
@@ -230,7 +230,8 @@ def test_a_cursor_that_does_not_advance_raises_after_a_bounded_number_of_pages(
     # a runaway run ends once the fault is off: its token is then no cursor (ValidationException)
     service.set_faults(stuck_cursor=False)
     assert not worker.is_alive(), "still paging after 60 s"
-    assert len(outcome) == 1 and isinstance(outcome[0], PaginationError), outcome
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], PaginationError), outcome
     assert outcome[0].code == "NoProgress"
     assert "no new image set" in str(outcome[0])
     assert service.stats.by_operation["SearchImageSets"] <= 120
