@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from healthimaging_df import engine, schema
 from healthimaging_df._version import __version__
+from healthimaging_df.core import checks
 from healthimaging_df.engine import provenance
 from healthimaging_df.engine.checkpoint import Checkpoint, fingerprint, private_root, private_store
 from healthimaging_df.engine.spill import SortedRows, spill_prefix
@@ -1058,6 +1059,7 @@ def export_query(
     check_redact(redact)
     check_glue_table(glue_table, path)
     _check_parquet_options(compression, 128 * 1024)
+    checks.flag("resume", resume)
     if isinstance(checkpoint_interval, bool) or not (
         isinstance(checkpoint_interval, (int, float)) and 0 <= checkpoint_interval < float("inf")
     ):

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 from healthimaging_df import schema
-from healthimaging_df.core import dates
+from healthimaging_df.core import checks, dates
 from healthimaging_df.errors import QueryValidationError
 
 Op = Literal["eq", "in", "ne", "not_in", "between", "contains", "regex", "is_null", "not_null"]
@@ -161,6 +161,7 @@ def _derived_values(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
 def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True) -> Predicate:
     """Validate and type *values* for *column*; raise ``QueryValidationError`` on any fault."""
     col = column_of(column)
+    case = checks.flag("case", case)  # "no" is truthy: a flag takes True or False only
     items = tuple(values)
     if column in DERIVED and op not in _DERIVED_OPS:
         raise QueryValidationError(column, f"'{op}' needs a text column; {column} is a number")
