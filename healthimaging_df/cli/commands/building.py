@@ -150,15 +150,25 @@ def read_ids(source: str, column: str) -> list[str]:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
             raise UsageError(f"cannot read --ids-from {source}: {reason}") from None
         suffix = path.suffix.lower()
+    if "\x00" in text:  # valid UTF-8, but no ID holds NUL: UTF-16 (or UTF-32) without a BOM
+        raise UsageError(
+            f"cannot read --ids-from {source}: it holds NUL bytes, as UTF-16 text without a byte "
+            "order mark does; save it as UTF-8"
+        )
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(
+            io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",", strict=True
+        )
         try:
             headers = list(reader.fieldnames or [])
             if column not in headers:
                 raise UsageError(_missing_column(source, column, headers))
             values = [(row.get(column) or "").strip() for row in reader]
-        except csv.Error:  # its message can quote a cell
-            raise UsageError(f"--ids-from {source} is not a well-formed CSV file") from None
+        except csv.Error as exc:  # its message can quote a cell: only known ones are described
+            raise UsageError(
+                f"--ids-from {source} is not a well-formed CSV file: {_csv_problem(exc)} "
+                f"(line {reader.line_num})"
+            ) from None
     else:
         # Only \n, \r\n and \r end a line: str.splitlines() also splits at U+2028, form
         # feeds and other separators an ID may hold.
@@ -168,6 +178,18 @@ def read_ids(source: str, column: str) -> list[str]:
     if not ids:
         raise UsageError(f"--ids-from {source} holds no IDs")
     return ids
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """What is wrong with a CSV file, in words of ours: the csv module's may quote a cell."""
+    text = str(exc)
+    if "unexpected end of data" in text or "EOF inside string" in text:
+        return "a quote is opened and never closed"
+    if "expected after" in text:
+        return "text follows a closing quote in the same cell"
+    if "field larger than field limit" in text:
+        return "a cell is longer than the csv module's limit (an unclosed quote?)"
+    return "a quote or delimiter out of place"
 
 
 def _missing_column(source: str, column: str, headers: list[str]) -> str:

@@ -21,6 +21,7 @@ exit status:
   2  usage or configuration error (bad option or value, unknown column, unreadable --ids-from
      file, no region or credentials); nothing was sent
   3  search --fail-if-empty, and nothing matched
+  130  interrupted (Ctrl-C or SIGTERM); an export writes its checkpoint first
 
 Errors are one line on stderr naming the problem, never a DICOM value. Progress goes to stderr
 when it is a terminal; results go to stdout or the --out file."""
@@ -61,7 +62,7 @@ def aws_parent() -> argparse.ArgumentParser:
     group = parent.add_argument_group(
         "AWS",
         "Credentials, region and endpoint come from the usual places unless given here:\n"
-        "AWS_PROFILE, AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
+        "AWS_PROFILE, AWS_DEFAULT_REGION (what botocore reads), AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
         "~/.aws/config, instance roles...",
     )
     group.add_argument("--profile", help="named profile from ~/.aws/config")
