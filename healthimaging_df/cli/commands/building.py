@@ -64,7 +64,7 @@ def typed_value(column: str, text: str, position: int | None = None) -> Any:
     return text
 
 
-def parse_where(text: str) -> tuple[str, str, str]:
+def parse_where(text: str, option: str = "--where") -> tuple[str, str, str]:
     """Split ``COL=VALUE``, ``COL!=VALUE`` or ``COL~TEXT`` into (column, operator, value).
 
     >>> parse_where("Modality=CT"), parse_where("StudyDescription~chest")
@@ -72,38 +72,55 @@ def parse_where(text: str) -> tuple[str, str, str]:
     """
     match = _WHERE.fullmatch(text)
     if match is None:
-        raise UsageError("--where expects COL=VALUE, COL!=VALUE or COL~TEXT")
+        raise UsageError(f"{option} expects COL=VALUE, COL!=VALUE or COL~TEXT")
     column, op, value = match.groups()
     column = predicates.column_of(column).name
     if value != value.strip():
         raise UsageError(
-            f"--where {column}{op}...: the value has spaces around it, which no stored value "
-            f"keeps; write --where {column}{op}VALUE with no spaces around {op!r}"
+            f"{option} {column}{op}...: the value has spaces around it, which no stored value "
+            f"keeps; write {option} {column}{op}VALUE with no spaces around {op!r}"
         )
     return column, op, value
 
 
-def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
-    """The ``Query`` the query options describe; raises before anything is sent."""
-    from healthimaging_df.query import Query
-
-    query = Query(datastore_id)
+def _with_conditions(
+    query: Query, texts: Sequence[str], ignore_case: bool, option: str = "--where"
+) -> Query:
+    """*query* narrowed by ``--where``-style conditions (a column repeated with ``=`` is IN)."""
     equal: dict[str, list[Any]] = {}
     unequal: dict[str, list[Any]] = {}
-    for text in args.where:
-        column, op, value = parse_where(text)
+    for text in texts:
+        column, op, value = parse_where(text, option)
         if op == "~":
-            query = query.contains(column, value, case=not args.ignore_case)
+            query = query.contains(column, value, case=not ignore_case)
             continue
         bucket = equal if op == "=" else unequal
         bucket.setdefault(column, []).append(value)
-    for column, texts in equal.items():
-        if args.ignore_case and column in predicates.CODE_STRINGS:  # IDs stay exact
-            query = query.matches(column, _any_of(texts), case=False)
+    for column, values in equal.items():
+        if ignore_case and column in predicates.CODE_STRINGS:  # IDs stay exact
+            query = query.matches(column, _any_of(values), case=False)
         else:
-            query = query.where(**{column: _typed_values(column, texts)})
-    for column, texts in unequal.items():
-        query = query.where_not(**{column: _typed_values(column, texts)})
+            query = query.where(**{column: _typed_values(column, values)})
+    for column, values in unequal.items():
+        query = query.where_not(**{column: _typed_values(column, values)})
+    return query
+
+
+def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
+    """The ``Query`` the query options describe; raises before anything is sent.
+
+    Each ``--any`` group is a query of its own (its conditions ANDed); the groups are ORed
+    (``Query.union``), and every other option narrows each group alike.
+    """
+    from healthimaging_df.query import Query
+
+    query = Query(datastore_id)
+    groups = getattr(args, "any", None) or []
+    if groups:
+        query = Query.union(
+            *(_with_conditions(query, group, args.ignore_case, "--any") for group in groups)
+        )
+    query = _with_conditions(query, args.where, args.ignore_case)
     for column, low, high in args.between:
         query = query.between(column, typed_value(column, low, 0), typed_value(column, high, 1))
     if args.null:
@@ -211,6 +228,7 @@ def has_query_options(args: argparse.Namespace) -> bool:
     """Whether any query option other than --datastore-id was given."""
     return bool(
         args.where
+        or getattr(args, "any", None)
         or args.between
         or args.null
         or args.not_null

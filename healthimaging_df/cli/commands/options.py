@@ -102,7 +102,8 @@ def query_parent() -> argparse.ArgumentParser:
     group = parent.add_argument_group(
         "query",
         "COL is a column name as in the frame (docs/schema.md): PatientID, Modality,\n"
-        "StudyDateTime, createdAt... Every condition must hold (AND).",
+        "StudyDateTime, createdAt... Every condition must hold (AND), except that each --any\n"
+        "group is one alternative: a row is kept when it meets one group (OR) and the rest.",
     )
     group.add_argument(
         "--datastore-id",
@@ -117,6 +118,16 @@ def query_parent() -> argparse.ArgumentParser:
         metavar="COL=VALUE",
         help="COL=VALUE equals (repeat a column for any of several values: IN); "
         "COL!=VALUE differs (rows missing COL are kept); COL~TEXT contains TEXT",
+    )
+    group.add_argument(
+        "--any",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="COND",
+        help="one alternative of an OR: COND... in the --where forms, all of which must hold "
+        "(AND); repeat --any for each alternative. --any Modality=CT --any PatientID=P1 keeps "
+        "CT image sets and all of P1's (Query.union in Python)",
     )
     group.add_argument(
         "--between",
