@@ -148,3 +148,10 @@ def test_the_readme_patients_have_ct_or_mr_in_every_local_dataset() -> None:
         }
         for patient in patients:
             assert {(patient, "CT"), (patient, "MR")} & found, (patient, image_sets, seed)
+
+
+def test_the_readme_says_when_to_use_each_local_service() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Without AWS", 1)[1].split("\n## ", 1)[0]
+    for way in ("`--local`", "`healthimaging-df local serve`", "`LocalService.seeded(...)`"):
+        assert way in section
