@@ -86,8 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(verbose)
     try:
         result: int = args.handler(args)
-    except KeyboardInterrupt:
-        print("healthimaging-df: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # an export's own message says what its checkpoint holds (counts, never values)
+        detail = f": {exc}" if str(exc) else ""
+        print(f"healthimaging-df: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _closed_pipe()

@@ -286,6 +286,7 @@ class PageStream:
             maxsize=8 * options.max_concurrency
         )
         self._cancel = threading.Event()
+        self._winding = threading.Event()  # wind_down(): no new page; tasks hand over, then end
         self._stopped: set[int] = set()
         self._lock = threading.RLock()  # re-entrant: a reader's page handling submits new readers
         self._outstanding = 0
@@ -335,6 +336,19 @@ class PageStream:
                 raise payload
             else:
                 return
+
+    def wind_down(self) -> None:
+        """Send no new request; end the stream once the pages in flight are in.
+
+        Each window's reader hands over the range it has read: what the consumer got is then all
+        that finished (an interrupted export checkpoints it); a plain chain left unfinished is not.
+        """
+        self._winding.set()
+
+    @property
+    def winding_down(self) -> bool:
+        """Whether :meth:`wind_down` was called."""
+        return self._winding.is_set()
 
     def stop_chain(self, index: int) -> None:
         """Fetch no further pages for chain *index*."""
@@ -459,7 +473,13 @@ class PageStream:
                 self._outstanding -= 1
                 finished = self._outstanding == 0
                 unread = any(not s.complete for s in self._segments)
-            if finished and unread and not self._cancel.is_set() and not self._stopped:
+            if (
+                finished
+                and unread
+                and not self._cancel.is_set()
+                and not self._stopped
+                and not self._winding.is_set()
+            ):
                 self._cancel.set()
                 self._put(
                     (
@@ -516,6 +536,10 @@ class PageStream:
         empty_run = 0
         page_number = 0
         while not self._halted(chain.index):
+            if self._winding.is_set():
+                if task.reader is not None:
+                    self._hand_over(task, task.reader)
+                return
             table, token = self._call(kwargs, chain.index)
             page_number += 1
             log.debug(
@@ -647,6 +671,14 @@ class PageStream:
             return False
         other.sole = True  # its page in flight will most likely finish the segment
         return True
+
+    def _hand_over(self, task: _Task, reader: _Reader) -> None:
+        """On :meth:`wind_down`: end *task*, handing over the range its reader has read."""
+        with self._lock:
+            if not reader.read:
+                return
+            ended, covered = self._roll_over(task, reader)
+        self._put(("page", Page(task.chain.index, flatten.EMPTY_TABLE, ended, True, covered)))
 
     def _roll_over(self, task: _Task, reader: _Reader) -> tuple[int, Window]:
         """End the task (not the chain), returning its id and coverage; go on under a new id.
