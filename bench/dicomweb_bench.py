@@ -91,7 +91,9 @@ def main() -> None:
             (
                 "`fetch_metadata` (one GetImageSetMetadata per image set)",
                 "GetImageSetMetadata",
-                lambda: frame.ahi.fetch_metadata(client=client, max_tps=MAX_TPS, progress=False),
+                lambda: frame.ahi.fetch_metadata(
+                    client=client, max_tps=MAX_TPS, progress=False, allow_archive_access=True
+                ),
             ),
         ]
         for label, operation, run in runs:

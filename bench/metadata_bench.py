@@ -53,7 +53,9 @@ def main() -> None:
         started = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ArchiveAccessWarning)
-            ours = frame.ahi.fetch_metadata(client=client, max_tps=MAX_TPS, progress=False)
+            ours = frame.ahi.fetch_metadata(
+                client=client, max_tps=MAX_TPS, progress=False, allow_archive_access=True
+            )
         ours_seconds = time.perf_counter() - started
         stats = service.stats
         calls = stats.by_operation.get("GetImageSetMetadata", 0)

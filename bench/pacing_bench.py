@@ -55,7 +55,11 @@ def _runs(service: Any, frame: Any) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ArchiveAccessWarning)
             frame.ahi.fetch_metadata(
-                client=service.client(), max_tps=24, max_concurrency=8, progress=False
+                client=service.client(),
+                max_tps=24,
+                max_concurrency=8,
+                progress=False,
+                allow_archive_access=True,
             )
 
     return {

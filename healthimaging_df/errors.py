@@ -33,6 +33,19 @@ class QueryValidationError(HealthImagingDFError, ValueError):
         super().__init__(f"{field}{where}: {rule}")
 
 
+class ArchiveAccessError(QueryValidationError):
+    """``fetch_metadata`` refused: image sets are archived and reading one would move it back.
+
+    Every GetImageSetMetadata call is an access that moves an ARCHIVE_INSTANT_ACCESS image set to
+    the frequent (more expensive) tier; that happens only with ``allow_archive_access=True``.
+    Raised before any such call. ``archived`` counts them; the message names no image set.
+    """
+
+    def __init__(self, archived: int, rule: str) -> None:
+        self.archived = archived
+        super().__init__("allow_archive_access", rule)
+
+
 class SearchError(HealthImagingDFError):
     """A request to the service failed and could not be recovered by retrying.
 

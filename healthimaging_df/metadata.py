@@ -20,12 +20,13 @@ expensive) tier. The archive guard therefore knows every image set's tier before
 - every other tier (no ``storageTier`` column, a missing value, or a FREQUENT_ACCESS that is not
   current) is *stale* and is looked up first with GetImageSet, which returns ``storageTier`` and is
   not an access, paced under its own quota (25 calls/s);
-- archived image sets the frame showed make ``fetch_metadata`` warn once and go on (the caller
-  could see them); archived image sets it did not show make it refuse, before any
-  GetImageSetMetadata call, unless ``allow_archive_access=True`` (which skips the look-ups and
-  reads everything); ``allow_archive_access=False`` refuses any archived image set.
+- any archived image set, shown by the frame or found by a look-up, makes ``fetch_metadata``
+  refuse (``ArchiveAccessError``, naming the count) before any GetImageSetMetadata call: never
+  without explicit opt-in. ``allow_archive_access=True`` is that opt-in: it skips the look-ups,
+  reads everything and warns once of what may move.
 
-``dry_run=True`` counts the calls and the look-ups without sending any.
+``dry_run=True`` counts the calls, the look-ups, and the archived image sets an opt-in would move,
+without sending any.
 
 This module is the public face (options, dry run, the call); the run is ``engine.enrichment``,
 the documents' calls and parsing ``aws.documents``, documents to rows ``engine.document_rows``.
@@ -98,6 +99,9 @@ class MetadataPlan:
         ``allow_archive_access=True``.
     lookups
         GetImageSet calls a real run makes first (not accesses), at up to 25/s.
+    allowed
+        Whether the run would opt in (``allow_archive_access=True``): without it, any archived
+        image set makes the run refuse; ``archived`` is what an opt-in would move.
     """
 
     calls: int
@@ -105,6 +109,7 @@ class MetadataPlan:
     max_tps: float
     stale: int = 0
     lookups: int = 0
+    allowed: bool = False
 
     @property
     def estimated_seconds(self) -> float:
@@ -117,6 +122,10 @@ class MetadataPlan:
             f"{self.max_tps:g}/s (at least {self.estimated_seconds:.1f} s); {self.archived} "
             "archived image set(s) would move to FREQUENT_ACCESS"
         )
+        if self.archived and not self.allowed:
+            text += (
+                " with allow_archive_access=True; without it the run refuses them before any call"
+            )
         if self.lookups:
             text += (
                 f"; {self.lookups} image set(s) without a current storageTier would first be "
@@ -161,7 +170,7 @@ def fetch_metadata(
     dry_run: bool = False,
     on_error: OnError = "raise",
     datastore_id: str | None = None,
-    allow_archive_access: bool | None = None,
+    allow_archive_access: bool = False,
 ) -> pd.DataFrame | MetadataPlan:
     """Call GetImageSetMetadata for each image set of *frame* and return its DICOM attributes.
 
@@ -194,11 +203,11 @@ def fetch_metadata(
     datastore_id
         Defaults to the one in the frame's provenance (``attrs``).
     allow_archive_access
-        The archive guard (module docstring). None (default): image sets without a current
-        ``storageTier`` are looked up with GetImageSet (not an access, up to 25/s) first; archived
-        ones the frame shows are read with a warning, archived ones it does not show make the call
-        refuse. True: no look-ups, every image set is read (with a warning). False: refuse if any
-        image set is archived.
+        The archive guard (module docstring). False (default): any archived image set makes the
+        call refuse before any GetImageSetMetadata call; image sets without a current
+        ``storageTier`` are looked up with GetImageSet (not an access, up to 25/s) first. True:
+        the opt-in: no look-ups, every image set is read (with a warning), archived ones move
+        to FREQUENT_ACCESS.
 
     Returns
     -------
@@ -210,9 +219,10 @@ def fetch_metadata(
     ------
     QueryValidationError
         A bad option, a frame without ``imageSetId``, or no datastore_id to be found; raised
-        before any call (also with ``dry_run=True``). Also (field ``allow_archive_access``)
-        when the guard refuses: archived image sets the frame did not show, before any
-        GetImageSetMetadata call.
+        before any call (also with ``dry_run=True``).
+    ArchiveAccessError
+        (A ``QueryValidationError``, field ``allow_archive_access``.) Archived image sets and no
+        opt-in: raised before any GetImageSetMetadata call, naming their count.
     MetadataFetchError
         Some image sets failed and ``on_error="raise"``.
     SearchError
@@ -223,15 +233,15 @@ def fetch_metadata(
     Warns
     -----
     ArchiveAccessWarning
-        Once, when archived image sets are about to be read (each call moves one to the
-        frequent tier), or unchecked ones with ``allow_archive_access=True``.
+        Once, with ``allow_archive_access=True``, when archived or unchecked image sets are
+        about to be read (each call moves an archived one to the frequent tier).
     """
     checks.one_of("level", level, ("series", "instance"))
     checks.one_of("on_error", on_error, ("raise", "report"))
     checks.positive_int("max_concurrency", max_concurrency)
     checks.optional_positive_number("max_tps", max_tps)
     checks.flag("dry_run", dry_run)
-    checks.optional_flag("allow_archive_access", allow_archive_access)
+    checks.flag("allow_archive_access", allow_archive_access)
     require(frame, ("imageSetId",), "fetch_metadata()")
     targets = enrichment.targets_of(frame)
     stale = enrichment.stale_targets(targets, tier_is_current(frame))
@@ -241,7 +251,8 @@ def fetch_metadata(
             archived=sum(t.tier == ARCHIVED for t in targets),
             max_tps=max_tps or float("inf"),
             stale=len(stale),
-            lookups=0 if allow_archive_access is True else len(stale),
+            lookups=0 if allow_archive_access else len(stale),
+            allowed=allow_archive_access,
         )
     store = enrichment.datastore_of(frame, datastore_id)
     client = aws.make_client(client, boto3_session, max_concurrency)

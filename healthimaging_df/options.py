@@ -73,7 +73,7 @@ class MetadataOptions(TypedDict, total=False):
     progress: Progress
     on_error: OnError
     datastore_id: str | None
-    allow_archive_access: bool | None
+    allow_archive_access: bool
 
 
 class WriteOptions(StoreOptions, total=False):

@@ -1149,6 +1149,7 @@ def export_query(
     """
     check_redact(redact)
     _check_parquet_options(compression, 128 * 1024)
+    checks.flag("resume", resume)
     if isinstance(checkpoint_interval, bool) or not (
         isinstance(checkpoint_interval, (int, float)) and 0 <= checkpoint_interval < float("inf")
     ):

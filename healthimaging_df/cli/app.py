@@ -26,8 +26,11 @@ quick start:
   healthimaging-df search --datastore-id ID --profile p --region us-east-1 \\
       --ids-from patients.txt --out cohort.parquet         # the same against AWS
 
+Credentials, region and endpoint come from the usual places (AWS_PROFILE, AWS_DEFAULT_REGION,
+AWS_ENDPOINT_URL_MEDICAL_IMAGING, ~/.aws/config) unless given as options.
+
 Every command has --help with examples. Exit status: 0 success, 1 service error, 2 usage or
-configuration error."""
+configuration error, 3 search --fail-if-empty and nothing matched, 130 interrupted."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +85,7 @@ class _Version(argparse.Action):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 service error, 2 usage error)."""
+    """Run the command line; return the exit code (see EPILOG: 0, 1, 2, 3 or 130)."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # argparse would quote them all, and a stray word is often a value (PHI)
@@ -91,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(verbose)
     try:
         result: int = args.handler(args)
-    except KeyboardInterrupt:
-        print("healthimaging-df: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # an export's own message says what its checkpoint holds (counts, never values)
+        detail = f": {exc}" if str(exc) else ""
+        print(f"healthimaging-df: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _closed_pipe()

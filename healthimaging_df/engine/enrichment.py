@@ -37,7 +37,7 @@ from healthimaging_df.core import checks, dates
 from healthimaging_df.core.frames import provenance_datastore, provenance_of
 from healthimaging_df.core.progress import Progress, ProgressReporter
 from healthimaging_df.engine.document_rows import Block, Level, blob_block, blocks_to_frame
-from healthimaging_df.errors import QueryValidationError
+from healthimaging_df.errors import ArchiveAccessError, QueryValidationError
 
 __all__ = [
     "ARCHIVED",
@@ -200,15 +200,20 @@ def archive_guard(
     datastore_id: str,
     targets: list[Target],
     stale: list[Target],
-    allow: bool | None,
+    allow: bool,
     max_tps: float | None,
     max_concurrency: int,
     progress: Progress,
 ) -> str | None:
-    """Refuse, or return the warning to give (None: nothing archived), before any access."""
+    """Refuse archived image sets unless *allow*; return the warning to give (None: none).
+
+    Without *allow*, image sets the frame shows archived are refused at once, and those whose
+    tier it does not tell are looked up first (GetImageSet, not an access): nothing archived is
+    ever read. With *allow*, no look-ups, and a warning of what may move.
+    """
     shown = sum(t.tier == ARCHIVED for t in targets)
     total = len(targets)
-    if allow is True:  # the caller accepts accesses: no look-ups, a warning of what may move
+    if allow:  # the caller accepts accesses: no look-ups, a warning of what may move
         parts = [f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS"] if shown else []
         if stale:
             parts.append(
@@ -216,12 +221,19 @@ def archive_guard(
                 "allow_archive_access=True)"
             )
         return _archive_warning("; ".join(parts)) if parts else None
-    if allow is False and shown:
-        raise QueryValidationError(
-            "allow_archive_access",
-            f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS and "
-            f"allow_archive_access=False refuses any: each {OPERATION} call would move one back "
-            "to FREQUENT_ACCESS; filter on storageTier first",
+    if shown:
+        unknown = (
+            f" ({len(stale)} more have no current storageTier and were not looked up)"
+            if stale
+            else ""
+        )
+        raise ArchiveAccessError(
+            shown,
+            f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS{unknown}: each "
+            f"{OPERATION} call would move one back to FREQUENT_ACCESS (billed at the "
+            "frequent-access rate). Nothing was accessed. Filter on storageTier first, or pass "
+            "allow_archive_access=True (command line: --allow-archive-access) to read them; "
+            "dry_run=True counts what it would move",
         )
     found = 0
     if stale:
@@ -234,8 +246,8 @@ def archive_guard(
         tiers = _lookup_tiers(client, datastore_id, stale, max_tps, max_concurrency, reporter)
         found = sum(tier is not None and tier != FREQUENT for tier in tiers.values())
     if found:
-        raise QueryValidationError(
-            "allow_archive_access",
+        raise ArchiveAccessError(
+            found,
             f"{found} of {total} image sets are archived (ARCHIVE_INSTANT_ACCESS per "
             f"{TIER_OPERATION}) although the frame does not show it (its storageTier is missing, "
             f"or from a fetch more than {TIER_MAX_AGE.seconds // 60} minutes old or refreshed): "
@@ -243,11 +255,7 @@ def archive_guard(
             "accessed. Fetch the frame again and filter on storageTier, or pass "
             "allow_archive_access=True (command line: --allow-archive-access) to read them",
         )
-    return (
-        _archive_warning(f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS")
-        if shown
-        else None
-    )
+    return None
 
 
 def _archive_warning(counts: str) -> str:

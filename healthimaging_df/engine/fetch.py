@@ -50,10 +50,12 @@ Prefetched = dict[str, tuple[pa.Table, str | None]]
 _SECOND = timedelta(seconds=1)
 _MICROSECOND = timedelta(microseconds=1)
 OPERATION = aws.SEARCH
-# Empty pages in a row (each with a fresh nextToken) before a chain is called stuck. A service that
-# filters while it scans can answer a few empty pages in a row; 50 is far beyond that (a healthy
-# chain has never been seen to need more than a handful) yet stops a runaway chain within about
-# two seconds at the default quota, instead of paging forever.
+# Pages in a row that bring no new image set (empty, or holding only image sets the chain's recent
+# pages held), each with a fresh nextToken, before a chain is called stuck. A service that filters
+# while it scans can answer a few empty pages in a row; 50 is far beyond that (a healthy chain has
+# never been seen to need more than a handful) yet stops a runaway chain within about two seconds
+# at the default quota, instead of paging forever. The ids of the last EMPTY_PAGE_LIMIT pages are
+# remembered (at most 2,500), so a cursor repeating a page, or cycling over up to 50, is caught.
 EMPTY_PAGE_LIMIT = 50
 # Windowed scans (see PageStream._feed): a segment's two ends stop reading from one side once
 # fewer rows than this are left between them (the other end's page in flight reads them); a
@@ -235,6 +237,27 @@ class _Counters:
     image_sets: int = 0
 
 
+class _RecentIds:
+    """The image set ids of a chain's last *pages* pages, to tell whether a page brings a new one."""
+
+    def __init__(self, pages: int) -> None:
+        self._pages: collections.deque[list[str]] = collections.deque(maxlen=pages)
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, table: pa.Table) -> bool:
+        """Remember *table*'s ids; True if one of them was not among the remembered ones."""
+        ids = table.column("imageSetId").to_pylist() if table.num_rows else []
+        new = any(i not in self._counts for i in ids)
+        if len(self._pages) == self._pages.maxlen:
+            for old in self._pages[0]:
+                self._counts[old] -= 1
+                if not self._counts[old]:
+                    del self._counts[old]
+        self._pages.append(ids)
+        self._counts.update(ids)
+        return new
+
+
 class PageStream:
     """Pages of a plan as they arrive from worker threads.
 
@@ -263,6 +286,7 @@ class PageStream:
             maxsize=8 * options.max_concurrency
         )
         self._cancel = threading.Event()
+        self._winding = threading.Event()  # wind_down(): no new page; tasks hand over, then end
         self._stopped: set[int] = set()
         self._lock = threading.RLock()  # re-entrant: a reader's page handling submits new readers
         self._outstanding = 0
@@ -312,6 +336,19 @@ class PageStream:
                 raise payload
             else:
                 return
+
+    def wind_down(self) -> None:
+        """Send no new request; end the stream once the pages in flight are in.
+
+        Each window's reader hands over the range it has read: what the consumer got is then all
+        that finished (an interrupted export checkpoints it); a plain chain left unfinished is not.
+        """
+        self._winding.set()
+
+    @property
+    def winding_down(self) -> bool:
+        """Whether :meth:`wind_down` was called."""
+        return self._winding.is_set()
 
     def stop_chain(self, index: int) -> None:
         """Fetch no further pages for chain *index*."""
@@ -436,7 +473,13 @@ class PageStream:
                 self._outstanding -= 1
                 finished = self._outstanding == 0
                 unread = any(not s.complete for s in self._segments)
-            if finished and unread and not self._cancel.is_set() and not self._stopped:
+            if (
+                finished
+                and unread
+                and not self._cancel.is_set()
+                and not self._stopped
+                and not self._winding.is_set()
+            ):
                 self._cancel.set()
                 self._put(
                     (
@@ -489,9 +532,14 @@ class PageStream:
         if task.reader is not None and task.reader.descending:
             kwargs["searchCriteria"]["sort"] = {"sortField": "createdAt", "sortOrder": "DESC"}
         tokens: set[bytes] = set()  # digests: a chain of 100,000 pages must not keep 8 KB each
+        recent = _RecentIds(EMPTY_PAGE_LIMIT)
         empty_run = 0
         page_number = 0
         while not self._halted(chain.index):
+            if self._winding.is_set():
+                if task.reader is not None:
+                    self._hand_over(task, task.reader)
+                return
             table, token = self._call(kwargs, chain.index)
             page_number += 1
             log.debug(
@@ -511,13 +559,14 @@ class PageStream:
                         detail="the service returned a nextToken it had already given",
                     )
                 tokens.add(digest)
-                empty_run = empty_run + 1 if table.num_rows == 0 else 0
+                empty_run = 0 if recent.add(table) else empty_run + 1
                 if empty_run >= EMPTY_PAGE_LIMIT:
                     raise PaginationError(
                         OPERATION,
                         chain.index,
                         "NoProgress",
-                        detail=f"{empty_run} empty pages in a row, each with a new nextToken",
+                        detail=f"{empty_run} pages in a row brought no new image set (empty "
+                        "pages in a row, or the same image sets again), each with a new nextToken",
                     )
             if task.reader is None:
                 self._emit(task, table)
@@ -622,6 +671,14 @@ class PageStream:
             return False
         other.sole = True  # its page in flight will most likely finish the segment
         return True
+
+    def _hand_over(self, task: _Task, reader: _Reader) -> None:
+        """On :meth:`wind_down`: end *task*, handing over the range its reader has read."""
+        with self._lock:
+            if not reader.read:
+                return
+            ended, covered = self._roll_over(task, reader)
+        self._put(("page", Page(task.chain.index, flatten.EMPTY_TABLE, ended, True, covered)))
 
     def _roll_over(self, task: _Task, reader: _Reader) -> tuple[int, Window]:
         """End the task (not the chain), returning its id and coverage; go on under a new id.

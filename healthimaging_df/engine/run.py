@@ -9,7 +9,11 @@ query's JSON, never a ``Query``: the builder sits above it and calls it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +29,7 @@ from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.engine import flatten, provenance, statistics
 from healthimaging_df.engine.checkpoint import Checkpoint
-from healthimaging_df.engine.fetch import Coverage, FetchOptions, Prefetched, stream
+from healthimaging_df.engine.fetch import Coverage, FetchOptions, PageStream, Prefetched, stream
 from healthimaging_df.engine.frame import (
     Buffer,
     Chunker,
@@ -326,9 +330,17 @@ def export(
     with result_memory_pool(), SpillDir(spill_parent, spill_prefix) as folder:
         matched: dict[int, TaskRows] = {}
         unmatched: dict[int, Buffer] = {}  # ranks of rows read that did not match
-        with stream(
-            plan, run.client, run.fetch, run.progress, resume=coverage, prefetched=run.prefetched
-        ) as pages:
+        with (
+            stream(
+                plan,
+                run.client,
+                run.fetch,
+                run.progress,
+                resume=coverage,
+                prefetched=run.prefetched,
+            ) as pages,
+            _wind_down_on_signals(pages) as signals,
+        ):
             for page in pages:
                 if not page.done:
                     hit, miss = split_page(page.table, plan.predicates)
@@ -339,6 +351,14 @@ def export(
                 ranks = _concat(unmatched.pop(page.task, Buffer()).take(), _EMPTY_RANKS)
                 coverage.add(page)
                 checkpoint.add(task.tables() if task else (), ranks, coverage, checkpoint_interval)
+        if signals:  # the pages in flight finished and were handed over: keep them, then stop
+            checkpoint.flush(coverage)
+            name = signal.Signals(signals[0]).name
+            raise KeyboardInterrupt(
+                f"{name}: stopped after the pages in flight; the checkpoint holds "
+                f"{checkpoint.tasks} finished task(s), {checkpoint.rows} matching row(s): run "
+                "the same export again to resume"
+            )
         if any(t.rows for t in matched.values()) or any(b.rows for b in unmatched.values()):
             raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
         del matched, unmatched
@@ -348,6 +368,38 @@ def export(
         )
         info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
         return write(result, info)
+
+
+@contextlib.contextmanager
+def _wind_down_on_signals(pages: PageStream) -> Iterator[list[int]]:
+    """While an export streams: SIGINT or SIGTERM winds the stream down instead of killing it.
+
+    The pages in flight finish, every reader hands over what it read, and the export writes its
+    checkpoint before it raises ``KeyboardInterrupt`` (so a resume redoes little; dying mid-page
+    kept only what the last periodic save had). The signals that came are yielded; a second one
+    interrupts at once. Outside the main thread (where Python delivers signals) nothing changes.
+    """
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def handle(signum: int, frame: types.FrameType | None) -> None:
+        if came:  # asked twice: stop now
+            raise KeyboardInterrupt
+        came.append(signum)
+        log.warning(
+            "%s: finishing the pages in flight, then writing the checkpoint",
+            signal.Signals(signum).name,
+        )
+        pages.wind_down()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa.Table:

@@ -55,6 +55,9 @@ from healthimaging_df.plan import (
 log = logging.getLogger(__name__)
 
 PROBE_WINDOWS = 8
+# An empty page may carry a nextToken (legal): an end of the datastore is looked for past at most
+# this many such pages before the probe gives up on counting it.
+EMPTY_PAGES_FOLLOWED = 5
 MAX_AGE = timedelta(days=7)  # older counts are measured again
 _SECOND = timedelta(seconds=1)
 
@@ -157,7 +160,8 @@ def probe_pieces(
             {**chain.request(datastore_id, piece), "maxResults": page_size}
             for piece in itertools.pairwise(edges)
         ]
-        pages = list(pool.map(lambda kwargs: call_page(client, limiter, kwargs), requests))
+        # past an empty page with a nextToken: the page kept for the scan is then its first rows
+        pages = list(pool.map(lambda kwargs: _first_rows(client, limiter, kwargs), requests))
     # what each piece really spans: the datastore's rows lie between its oldest and newest
     spans = [(max(a, low), min(b, high)) for a, b in itertools.pairwise(edges)]
     counts = [
@@ -204,16 +208,19 @@ def _ends(
     """
 
     def end(order: str) -> tuple[pa.Table, str | None]:
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "datastoreId": datastore_id,
             "maxResults": PAGE_ROWS if order == "ASC" else 1,
             "searchCriteria": {"sort": {"sortField": "createdAt", "sortOrder": order}},
         }
-        return call_page(client, limiter, kwargs)
+        return _first_rows(client, limiter, kwargs)
 
-    (oldest, token), (newest, _) = pool.map(end, ("ASC", "DESC"))
+    (oldest, token), (newest, newest_token) = pool.map(end, ("ASC", "DESC"))
     if oldest.num_rows == 0 or newest.num_rows == 0:
-        return Probe(DatastoreStats(0, source="probe"))
+        if token is None and newest_token is None:
+            return Probe(DatastoreStats(0, source="probe"))
+        # only empty pages, each with a nextToken: more than a page, size unknown
+        return Probe(DatastoreStats(PAGE_ROWS + 1, source="probe"))
     first = oldest.column("createdAt")[0].as_py()
     last = newest.column("createdAt")[0].as_py()
     if token is None:  # fifty image sets or fewer: the first page counted them all
@@ -228,10 +235,27 @@ def _ends(
     return first, last, window, sorted(c for c in seconds if window[0] < c < window[1])
 
 
+def _first_rows(
+    client: Any, limiter: aws.RateLimiter | None, kwargs: dict[str, Any]
+) -> tuple[pa.Table, str | None]:
+    """The first page of *kwargs* that holds a row (past a few empty pages with a nextToken)."""
+    table, token = call_page(client, limiter, kwargs)
+    for _ in range(EMPTY_PAGES_FOLLOWED):
+        if table.num_rows or token is None:
+            break
+        table, token = call_page(client, limiter, {**kwargs, "nextToken": token})
+    return table, token
+
+
 def _count_rows(table: pa.Table, token: str | None, a: datetime, b: datetime) -> float:
-    """Image sets created in ``[a, b]``: exact when one page holds them, else extrapolated."""
+    """Image sets created in ``[a, b]``: exact when one page holds them, else extrapolated.
+
+    An empty page with a nextToken (legal) says nothing of its window: a page's worth is assumed.
+    """
     if token is None:
         return float(table.num_rows)
+    if table.num_rows == 0:
+        return float(PAGE_ROWS)
     last = table.column("createdAt")[-1].as_py()
     covered = max((last - a).total_seconds(), 1e-3)
     return float(table.num_rows * max(1.0, (b - a).total_seconds() / covered))

@@ -153,6 +153,12 @@ class ApiHandlers:
             result = self.backend.empty_page(datastore_id, criteria, max_results, token)
             recorder.record_empty_page()
             return json_response(result)
+        if faults.empty_first_page and token is None:
+            return json_response(self.backend.start_page(datastore_id, criteria, max_results))
+        if faults.stuck_cursor:
+            return json_response(
+                self.backend.stuck_page(datastore_id, criteria, max_results, token)
+            )
 
         def updates() -> None:
             count, rng = recorder.draw_updates()

@@ -745,6 +745,46 @@ class Backend:
             result["sort"] = dict(query.sort_given)
         return result
 
+    def start_page(
+        self, datastore_id: str, criteria: dict[str, Any] | None, max_results: int = MAX_RESULTS
+    ) -> dict[str, Any]:
+        """An empty first page whose token resumes at the query's start (``empty_first_page``).
+
+        Legal: the service may answer an empty page with a nextToken. Checked as :meth:`search`.
+        """
+        with self._lock:
+            self._datastore(datastore_id)
+        check_max_results(max_results)
+        query = parse_criteria(criteria, datastore_id)
+        result: dict[str, Any] = {
+            "imageSetsMetadataSummaries": [],
+            "nextToken": self._tokens.encode_start(query.canonical),
+        }
+        if query.sort_given is not None:
+            result["sort"] = dict(query.sort_given)
+        return result
+
+    def stuck_page(
+        self,
+        datastore_id: str,
+        criteria: dict[str, Any] | None,
+        max_results: int = MAX_RESULTS,
+        next_token: str | None = None,
+    ) -> dict[str, Any]:
+        """The query's first page again, with a fresh, never-repeated token (``stuck_cursor``).
+
+        The request is checked as :meth:`empty_page` checks it.
+        """
+        query = parse_criteria(criteria, datastore_id)
+        if next_token is not None:
+            self._tokens.check_scope(next_token, query.canonical)
+        result = self.search(datastore_id, criteria, max_results)
+        with self._lock:
+            self._endless += 1
+            serial = self._endless
+        result["nextToken"] = self._tokens.encode_endless(serial, query.canonical)
+        return result
+
     def apply_random_updates(
         self,
         datastore_id: str,

@@ -103,6 +103,12 @@ class Faults:
     endless_empty_pages
         SearchImageSets answers every page with zero items and a fresh, never-repeated
         nextToken (the request is still validated).
+    empty_first_page
+        SearchImageSets answers every first page (a request without a nextToken) with no items
+        and a nextToken that resumes at the query's start: legal, and rare.
+    stuck_cursor
+        SearchImageSets answers every page with the query's first page (the same items each
+        time) and a fresh, never-repeated nextToken: a cursor that does not advance.
     update_rate
         Image sets updated before each SearchImageSets page is computed: the integer part
         always, the fraction as a probability (0.25: one update on a quarter of requests;
@@ -146,6 +152,8 @@ class Faults:
     malformed_every: int | None = None
     malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
     endless_empty_pages: bool = False
+    stuck_cursor: bool = False
+    empty_first_page: bool = False
     update_rate: float = 0.0
     update_tags: tuple[str, ...] = ()
     update_tags_rate: float = 1.0

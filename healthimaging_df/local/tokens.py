@@ -66,11 +66,17 @@ class TokenSigner:
         """A search token resuming after ``entry`` of the query ``canonical``."""
         return self.sign({"q": _digest(canonical), "c": list(entry)})
 
-    def decode_cursor(self, token: str, canonical: str) -> Entry:
-        """The cursor of a search token issued for the query ``canonical``."""
+    def encode_start(self, canonical: str) -> str:
+        """A search token resuming at the start of the query ``canonical`` (``empty_first_page``)."""
+        return self.sign({"q": _digest(canonical), "s": 1})
+
+    def decode_cursor(self, token: str, canonical: str) -> Entry | None:
+        """The cursor of a search token issued for the query ``canonical`` (None: its start)."""
         payload = self.verify(token)
         if payload.get("q") != _digest(canonical):
             raise ValidationError("nextToken was issued for a different query")
+        if payload.get("s") == 1:
+            return None
         entry = payload.get("c")
         if (
             not isinstance(entry, list)

@@ -102,7 +102,9 @@ class Predicate:
             value_set = pa.array(list(self.values), type=col.arrow_type)
             hit = pc.is_in(values, value_set=value_set)
             if self.op in ("ne", "not_in"):
-                return pc.or_kleene(pc.invert(hit), pc.is_null(values)).combine_chunks()
+                kept = pc.or_kleene(pc.invert(hit), pc.is_null(values))
+                # a derived value is one Array, a table's column a ChunkedArray
+                return kept.combine_chunks() if isinstance(kept, pa.ChunkedArray) else kept
             return pc.fill_null(hit, False)
         if self.op == "between":
             low, high = (pa.scalar(v, type=col.arrow_type) for v in self.values)
@@ -159,6 +161,7 @@ def _derived_values(table: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
 def build(column: str, op: Op, values: Iterable[Any] = (), *, case: bool = True) -> Predicate:
     """Validate and type *values* for *column*; raise ``QueryValidationError`` on any fault."""
     col = column_of(column)
+    case = checks.flag("case", case)  # "no" is truthy: a flag takes True or False only
     items = tuple(values)
     if column in DERIVED and op not in _DERIVED_OPS:
         raise QueryValidationError(column, f"'{op}' needs a text column; {column} is a number")

@@ -58,6 +58,10 @@ _CHECK_DOMAIN = b"healthimaging_df/key-check\x00"
 _QUERY_DOMAIN = b"healthimaging_df/query\x00"
 # scrypt's interactive parameters: 16 MiB and tens of milliseconds per guess
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+# The largest date shift: 100 years. Every study date from 1778 to 2162 then stays a valid pandas
+# timestamp (1677-09-21..2262-04-11, nanoseconds) and a four-digit DICOM year; a shift of millions
+# of days wrote years -5630..10070, or overflowed pandas only after the whole fetch.
+MAX_SHIFT_DAYS = 36_500
 _SCRYPT_MAXMEM = 256 * 1024 * 1024
 
 
@@ -91,7 +95,8 @@ class RedactionPolicy:
         Shift ``StudyDate`` and ``StudyDateTime`` by a per-patient keyed offset of 1 to
         ``max_shift_days`` days, earlier or later; unparseable ``StudyDate`` values become null.
     max_shift_days
-        Largest shift, in days.
+        Largest shift, in days: 1 to ``MAX_SHIFT_DAYS`` (36,500, 100 years), so every study date
+        from 1778 to 2162 stays a valid pandas timestamp.
     """
 
     key: bytes = field(repr=False)
@@ -141,6 +146,12 @@ class RedactionPolicy:
         days = self.max_shift_days
         if isinstance(days, bool) or not isinstance(days, int) or days < 1:
             raise QueryValidationError("max_shift_days", "must be a positive integer")
+        if days > MAX_SHIFT_DAYS:
+            raise QueryValidationError(
+                "max_shift_days",
+                f"must be at most {MAX_SHIFT_DAYS} (100 years; MAX_SHIFT_DAYS), so every shifted "
+                "study date stays a valid pandas timestamp",
+            )
 
     # -- primitives ------------------------------------------------------------------------------
 

@@ -105,15 +105,36 @@ def test_instance_level_has_one_row_per_instance(
         assert ct["ImagePositionPatient"].map(len).eq(3).all()
 
 
-def test_archived_image_sets_warn_once_and_move_to_frequent(
+def test_archived_image_sets_are_refused_by_default_and_read_only_on_opt_in(
     metadata_service: LocalService, metadata_frame: pd.DataFrame
 ) -> None:
+    """The docs' rule: never move an archived image set without explicit opt-in."""
+    from healthimaging_df.errors import ArchiveAccessError
+
     archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(10)
     frequent = _frequent(metadata_frame).head(5)
     subset = pd.concat([archived, frequent])
     assert len(archived) == 10
-    with pytest.warns(ArchiveAccessWarning) as caught:
+    before = _tiers(metadata_service)
+    metadata_service.reset_stats()
+    with pytest.raises(ArchiveAccessError) as refused:
         subset.ahi.fetch_metadata(client=metadata_service.client(), progress=False)
+    assert isinstance(refused.value, QueryValidationError)
+    assert refused.value.field == "allow_archive_access"
+    assert refused.value.archived == 10
+    assert "10 of 15 image sets are ARCHIVE_INSTANT_ACCESS" in str(refused.value)
+    assert "allow_archive_access=True" in str(refused.value)
+    assert not any(i in str(refused.value) for i in subset["imageSetId"])
+    assert metadata_service.stats.by_operation.get("GetImageSetMetadata", 0) == 0
+    assert _tiers(metadata_service) == before  # nothing touched
+    plan = subset.ahi.fetch_metadata(dry_run=True)
+    assert plan.archived == 10
+    assert "10 archived image set(s) would move to FREQUENT_ACCESS" in str(plan)
+    assert "refuse" in str(plan)
+    with pytest.warns(ArchiveAccessWarning) as caught:
+        subset.ahi.fetch_metadata(
+            client=metadata_service.client(), progress=False, allow_archive_access=True
+        )
     assert len(caught) == 1
     assert "10 of 15 image sets are ARCHIVE_INSTANT_ACCESS" in str(caught[0].message)
     assert caught[0].filename == __file__  # points at the caller's line
@@ -504,10 +525,9 @@ def test_allow_archive_access_skips_the_look_ups_and_false_refuses_any(
 
     archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(3)
     metadata_service.reset_stats()
-    with pytest.raises(QueryValidationError, match="allow_archive_access=False refuses any"):
-        fetch_metadata(
-            archived, client=metadata_service.client(), allow_archive_access=False, progress=False
-        )
+    for refusing in ({"allow_archive_access": False}, {}):  # the default refuses too
+        with pytest.raises(QueryValidationError, match="3 of 3 image sets are ARCHIVE_INSTANT"):
+            fetch_metadata(archived, client=metadata_service.client(), progress=False, **refusing)
     assert metadata_service.stats.requests == 0
     bare = archived.drop(columns="storageTier")
     with pytest.warns(ArchiveAccessWarning, match="3 of 3 have no current storageTier"):
@@ -533,7 +553,7 @@ def test_dry_run_counts_the_look_ups_and_bad_guard_values_fail_first(
     unchecked = fetch_metadata(bare, dry_run=True, allow_archive_access=True)
     assert unchecked.lookups == 0
     assert "read unchecked" in str(unchecked)
-    for value in ("yes", 1, 0):
+    for value in ("yes", 1, 0, None):
         with pytest.raises(QueryValidationError, match=r"^allow_archive_access: must be"):
             fetch_metadata(bare, client=metadata_service.client(), allow_archive_access=value)
     assert metadata_service.stats.requests == 0

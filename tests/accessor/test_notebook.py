@@ -55,7 +55,11 @@ def test_notebook_executes_and_shows_the_plot(tmp_path: Path) -> None:
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "CohortSummary(" in text
     assert "GetImageSetMetadata call(s)" in text  # the dry run
-    assert "ArchiveAccessWarning" in text  # the archive warning is visible to the reader
+    # the enrichment example touches no archived image set: none in its cohort, no opt-in
+    assert "0 archived image set(s) would move" in text
+    assert "ArchiveAccessWarning" not in text
+    sources = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    assert "allow_archive_access=True" not in sources
     assert "1 updated" in text  # the refresh saw the amended image set
     stderr = "\n".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
     assert "Traceback" not in stderr

@@ -197,3 +197,61 @@ def test_an_out_path_in_a_read_only_place_fails_before_any_request(
     assert result.returncode == 2
     assert "not writable" in result.stderr
     assert service.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "problem"),
+    [
+        ("ids.txt", "P1\nP2\nSECRET-ID\n".encode("utf-16-le"), "UTF-16"),
+        ("ids.txt", "P1\nP2\nSECRET-ID\n".encode("utf-16-be"), "UTF-16"),
+        ("ids.csv", "PatientID\nP1\n".encode("utf-16-le"), "UTF-16"),
+        ("ids.csv", b'PatientID\nP1\n"SECRET-ID\nP2\n', "quote"),
+        ("ids.csv", b'PatientID\n"SECRET-ID"x\nP2\n', "quote"),
+    ],
+    ids=["utf16le-txt", "utf16be-txt", "utf16le-csv", "unclosed-quote", "text-after-quote"],
+)
+def test_an_id_file_that_is_not_utf8_text_or_well_formed_csv_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, data: bytes, problem: str
+) -> None:
+    source = tmp_path / name
+    source.write_bytes(data)
+    code, err = run_inline(
+        capsys, "search", "--datastore-id", DS, "--ids-from", str(source), "--explain"
+    )
+    assert code == 2, err
+    line = one_error_line(err)
+    assert problem in line
+    assert name in line
+    assert "SECRET" not in line
+
+
+def test_a_refresh_given_another_query_is_a_usage_error(
+    cli: Run, datastore_id: str, service: LocalService
+) -> None:
+    made = cli(
+        "snapshot", "ct.parquet", "--datastore-id", datastore_id, "--where", "Modality=CT", "-q"
+    )
+    assert made.returncode == 0, made.stderr
+    service.reset_stats()
+    other = cli(
+        "refresh", "ct.parquet", "--datastore-id", datastore_id, "--where", "Modality=MR", "-q"
+    )
+    assert other.returncode == 2, other.stderr
+    assert "not the query" in one_error_line(other.stderr)
+    assert service.stats.requests == 0
+    same = cli(
+        "refresh", "ct.parquet", "--datastore-id", datastore_id, "--where", "Modality=CT", "-q"
+    )
+    assert same.returncode == 0, same.stderr
+
+
+def test_help_names_the_region_variable_botocore_reads_and_every_exit_status() -> None:
+    env = clean_env()
+    for argv in (["--help"], ["search", "--help"]):
+        shown = subprocess.run(
+            [str(ENTRY_POINT), *argv], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        assert "AWS_DEFAULT_REGION" in shown, argv
+        assert "AWS_REGION," not in shown, argv  # botocore does not read it for the region
+        assert "3 " in shown.split("xit status")[-1], argv
+        assert "--fail-if-empty" in shown.split("xit status")[-1], argv

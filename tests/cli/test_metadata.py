@@ -92,13 +92,23 @@ def test_dry_run_counts_calls_and_archived_image_sets(small_cli: Run, small: Loc
     assert small.stats.by_operation.get("GetImageSetMetadata", 0) == 0
 
 
-def test_instances_from_a_query_warn_about_archived_image_sets(
+def test_instances_from_a_query_refuse_archived_image_sets_unless_allowed(
     small_cli: Run, small: LocalService, tmp_path: Path
 ) -> None:
     mr = [r for r in records(small) if row(r)["Modality"] == "MR"]
-    result = small_cli(
+    archived = sum(r["storageTier"] == "ARCHIVE_INSTANT_ACCESS" for r in mr)
+    refused = small_cli(
         "metadata", "--datastore-id", str(small.datastore_id), "--where", "Modality=MR",
         "--level", "instance", "--out", "instances.csv",
+    )  # fmt: skip
+    assert refused.returncode == 2  # archived image sets, no opt-in: refused, nothing touched
+    line = one_error_line(refused.stderr)
+    assert f"{archived} of {len(mr)} image sets are ARCHIVE_INSTANT_ACCESS" in line
+    assert "--allow-archive-access" in line
+    assert small.stats.by_operation.get("GetImageSetMetadata", 0) == 0
+    result = small_cli(
+        "metadata", "--datastore-id", str(small.datastore_id), "--where", "Modality=MR",
+        "--level", "instance", "--out", "instances.csv", "--allow-archive-access",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if "warning" in line]

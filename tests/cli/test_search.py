@@ -352,3 +352,45 @@ def test_a_stray_word_is_not_echoed_by_argparse(
     assert "1 unrecognized argument(s), not shown" in last
     assert "DOE^JANE" not in result.stderr
     assert service.stats.by_operation.get("SearchImageSets", 0) == 0
+
+
+def test_any_groups_are_an_or_of_ands_through_query_union(
+    cli: Run, datastore_id: str, rows: list[dict[str, Any]]
+) -> None:
+    """--any A B --any C --where D keeps (A and B and D) or (C and D): exact, as Query.union."""
+    patient = sorted({r["PatientID"] for r in rows if r["PatientID"]})[0]
+    expected = {
+        r["imageSetId"]
+        for r in rows
+        if r["isPrimary"] is True
+        and (
+            (r["Modality"] == "CT" and r["BodyPartExamined"] == "CHEST")
+            or r["PatientID"] == patient
+        )
+    }
+    argv = [
+        "search", "--datastore-id", datastore_id,
+        "--any", "Modality=CT", "BodyPartExamined=CHEST", "--any", f"PatientID={patient}",
+        "--where", "isPrimary=true",
+    ]  # fmt: skip
+    result = cli(*argv, "--format", "jsonl", "--columns", "imageSetId", "-q")
+    assert result.returncode == 0, result.stderr
+    got = pd.read_json(io.StringIO(result.stdout), lines=True, dtype=False)
+    assert set(got["imageSetId"]) == expected
+    assert len(got) == len(expected)
+    only_chest = {r["imageSetId"] for r in rows if r["BodyPartExamined"] == "CHEST"}
+    assert expected - only_chest  # the second group adds rows the first does not hold
+    # the same query as Python's union
+    union = ahi.Query(datastore_id).where(Modality="CT", BodyPartExamined="CHEST") | ahi.Query(
+        datastore_id
+    ).where(PatientID=patient)
+    explained = cli(*argv, "--explain")
+    assert explained.returncode == 0, explained.stderr
+    assert explained.stdout == union.where(isPrimary=True).explain() + "\n"
+    assert "union" in explained.stdout
+
+
+def test_a_malformed_any_condition_is_a_usage_error_naming_any(cli: Run) -> None:
+    result = cli("search", "--datastore-id", "0" * 32, "--any", "Modality", "--explain")
+    assert result.returncode == 2
+    assert "--any expects COL=VALUE" in one_error_line(result.stderr)

@@ -151,3 +151,15 @@ def test_local_dump_then_serve_data(tmp_path: Path) -> None:
     bad = run("local", "serve", "--data", "missing.jsonl")
     assert bad.returncode == 2
     assert "missing.jsonl" in bad.stderr
+
+
+def test_where_not_on_a_derived_value(cli: Run, datastore_id: str, frame: pd.DataFrame) -> None:
+    year = pd.to_numeric(frame["StudyDate"].str[:4], errors="coerce")
+    expected = set(frame.loc[(year != 2021) | year.isna(), "imageSetId"])
+    assert 0 < len(expected) < len(frame)
+    result = cli(
+        "search", "--datastore-id", datastore_id, "--where", "StudyYear!=2021",
+        "--format", "jsonl", "--columns", "imageSetId", "-q",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert ids(jsonl(result.stdout)) == expected

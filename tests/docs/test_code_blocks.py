@@ -130,3 +130,28 @@ def test_a_failing_block_is_reported_with_its_file_and_line(
     assert f"FAILED: the python block at {doc}:21" in result.stdout
     assert "ValueError: boom" in result.stderr
     assert result.stdout.count("--- ") == 3
+
+
+def test_the_readme_patients_have_ct_or_mr_in_every_local_dataset() -> None:
+    """The README's --ids-from example shows rows against `local serve` (1,000 image sets, seed
+    0), `--local` (5,000, seed 42) and the docs test (1,000, seed 42), not an empty file."""
+    from healthimaging_df.local import generate_image_sets
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if "> patients.txt" in x)
+    patients = re.findall(r"\b(PAT\d{6})\b", line)
+    assert len(patients) == 3
+    for image_sets, seed in ((1_000, 0), (5_000, 42), (IMAGE_SETS, SEED)):
+        found = {
+            (r["DICOMTags"].get("DICOMPatientId"), r["DICOMTags"].get("DICOMSeriesModality"))
+            for r in generate_image_sets(image_sets, seed=seed)
+        }
+        for patient in patients:
+            assert {(patient, "CT"), (patient, "MR")} & found, (patient, image_sets, seed)
+
+
+def test_the_readme_says_when_to_use_each_local_service() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Without AWS", 1)[1].split("\n## ", 1)[0]
+    for way in ("`--local`", "`healthimaging-df local serve`", "`LocalService.seeded(...)`"):
+        assert way in section

@@ -190,6 +190,26 @@ def test_endless_empty_pages_never_repeat_a_token(fresh: LocalService) -> None:
     assert caught.value.response["Error"]["Code"] == "ValidationException"
 
 
+def test_a_stuck_cursor_repeats_the_first_page_with_fresh_tokens(fresh: LocalService) -> None:
+    client = fresh.client()
+    first = client.search_image_sets(datastoreId=fresh.datastore_id, maxResults=7)
+    fresh.set_faults(stuck_cursor=True)
+    tokens = []
+    token = first["nextToken"]
+    for _ in range(5):
+        page = client.search_image_sets(
+            datastoreId=fresh.datastore_id, maxResults=7, nextToken=token
+        )
+        assert page["imageSetsMetadataSummaries"] == first["imageSetsMetadataSummaries"]
+        token = page["nextToken"]
+        tokens.append(token)
+    assert len(set(tokens)) == 5
+    with pytest.raises(ClientError) as caught:  # still validated
+        client.search_image_sets(datastoreId=fresh.datastore_id, nextToken="forged.token")
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    fresh.set_faults(stuck_cursor=False)
+
+
 # -- updates between pages -----------------------------------------------------------------------
 
 

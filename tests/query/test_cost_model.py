@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,33 @@ def test_cli_explain_prices_at_the_given_max_tps(capsys: pytest.CaptureFixture[s
     assert code == 0
     assert "at 5 TPS" in out
     assert "at 25 TPS" not in out
+
+
+@pytest.mark.parametrize("image_sets", [2_000, 37])
+def test_a_probe_reads_past_an_empty_first_page_that_carries_a_next_token(
+    ahi_service_factory: Any, stats_cache: Path, image_sets: int
+) -> None:
+    """An empty page with a nextToken is legal: the probe follows it, neither crashing nor
+    calling the datastore empty; the run that probes stays exact."""
+    from healthimaging_df.engine import statistics
+
+    with ahi_service_factory(image_sets=image_sets, seed=8, empty_first_page=True) as service:
+        client = service.client()
+        stats = statistics.probe(client, str(service.datastore_id), None)
+        assert image_sets / 2 <= stats.image_sets <= image_sets * 2
+        records = service.backend.image_sets(service.datastore_id)
+        patients = sorted({flat_row(r)["PatientID"] for r in records if flat_row(r)["PatientID"]})
+        for query in (
+            Query(service.datastore_id),
+            Query(service.datastore_id).where(PatientID=patients[: len(patients) // 2]),
+        ):
+            frame = query.to_dataframe(client=client, progress=False, max_tps=None)
+            assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
+
+
+def test_an_empty_window_page_with_a_next_token_counts_as_unknown_not_an_index_error() -> None:
+    from healthimaging_df.engine import flatten, statistics
+
+    a = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    count = statistics._count_rows(flatten.EMPTY_TABLE, "more", a, a + timedelta(days=1))
+    assert count > 0

@@ -204,6 +204,39 @@ def test_endless_empty_pages_raise_instead_of_paging_forever(service: LocalServi
     assert proxy.requests == 50
 
 
+@pytest.mark.parametrize("by_patient", [True, False], ids=["chain", "scan"])
+def test_a_cursor_that_does_not_advance_raises_after_a_bounded_number_of_pages(
+    service: LocalService, records: list[dict[str, Any]], by_patient: bool
+) -> None:
+    """The same non-empty page with a fresh token each time: no new image set, so no progress."""
+    query = Query(service.datastore_id)
+    if by_patient:
+        patient = records[0]["DICOMTags"]["DICOMPatientId"]
+        query = query.where(PatientID=patient)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            query.to_dataframe(
+                client=service.client(), progress=False, max_tps=None, max_concurrency=1
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    service.set_faults(stuck_cursor=True)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    # a runaway run ends once the fault is off: its token is then no cursor (ValidationException)
+    service.set_faults(stuck_cursor=False)
+    assert not worker.is_alive(), "still paging after 60 s"
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], PaginationError), outcome
+    assert outcome[0].code == "NoProgress"
+    assert "no new image set" in str(outcome[0])
+    assert service.stats.by_operation["SearchImageSets"] <= 120
+
+
 # -- 6. options are checked before the first request ----------------------------------------
 
 

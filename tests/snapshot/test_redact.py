@@ -269,3 +269,31 @@ def test_fingerprints_check_key_and_query_without_a_cheap_oracle(
     assert calls == [record["n"]] * 2
     with pytest.raises(SnapshotError, match="removed"):
         policy.key_fingerprint()  # the old fast fingerprint fails closed
+
+
+@pytest.mark.parametrize("days", [10**9, 3 * 10**6, 36_501])
+def test_a_shift_past_the_bound_is_refused_when_the_policy_is_built(days: int) -> None:
+    """A shift of millions of days wrote years -5630..10070 (or overflowed pandas after the
+    fetch): refused at once, naming the field and the bound."""
+    with pytest.raises(QueryValidationError, match="36500") as caught:
+        RedactionPolicy(key=KEY, max_shift_days=days)
+    assert caught.value.field == "max_shift_days"
+
+
+def test_every_shifted_date_stays_a_valid_timestamp() -> None:
+    ids = [f"P{i}" for i in range(200)]
+    dates = ["18950101", "19000101", "20240229", "21001231"] * 50
+    frame = pd.DataFrame(
+        {
+            "PatientID": pd.array(ids, dtype="string"),
+            "StudyDate": pd.array(dates, dtype="string"),
+            "StudyDateTime": pd.to_datetime(dates, format="%Y%m%d").astype("datetime64[ns]"),
+        }
+    )
+    out = apply_redaction(frame, RedactionPolicy(key=KEY, max_shift_days=36_500))
+    moved = pd.to_datetime(out["StudyDate"], format="%Y%m%d")
+    assert moved.notna().all()
+    assert (moved >= pd.Timestamp.min).all()
+    assert (moved <= pd.Timestamp.max).all()
+    assert out["StudyDateTime"].notna().all()
+    assert (out["StudyDateTime"] - frame["StudyDateTime"]).abs().max() <= pd.Timedelta(days=36_500)

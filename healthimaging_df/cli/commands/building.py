@@ -64,7 +64,7 @@ def typed_value(column: str, text: str, position: int | None = None) -> Any:
     return text
 
 
-def parse_where(text: str) -> tuple[str, str, str]:
+def parse_where(text: str, option: str = "--where") -> tuple[str, str, str]:
     """Split ``COL=VALUE``, ``COL!=VALUE`` or ``COL~TEXT`` into (column, operator, value).
 
     >>> parse_where("Modality=CT"), parse_where("StudyDescription~chest")
@@ -72,38 +72,55 @@ def parse_where(text: str) -> tuple[str, str, str]:
     """
     match = _WHERE.fullmatch(text)
     if match is None:
-        raise UsageError("--where expects COL=VALUE, COL!=VALUE or COL~TEXT")
+        raise UsageError(f"{option} expects COL=VALUE, COL!=VALUE or COL~TEXT")
     column, op, value = match.groups()
     column = predicates.column_of(column).name
     if value != value.strip():
         raise UsageError(
-            f"--where {column}{op}...: the value has spaces around it, which no stored value "
-            f"keeps; write --where {column}{op}VALUE with no spaces around {op!r}"
+            f"{option} {column}{op}...: the value has spaces around it, which no stored value "
+            f"keeps; write {option} {column}{op}VALUE with no spaces around {op!r}"
         )
     return column, op, value
 
 
-def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
-    """The ``Query`` the query options describe; raises before anything is sent."""
-    from healthimaging_df.query import Query
-
-    query = Query(datastore_id)
+def _with_conditions(
+    query: Query, texts: Sequence[str], ignore_case: bool, option: str = "--where"
+) -> Query:
+    """*query* narrowed by ``--where``-style conditions (a column repeated with ``=`` is IN)."""
     equal: dict[str, list[Any]] = {}
     unequal: dict[str, list[Any]] = {}
-    for text in args.where:
-        column, op, value = parse_where(text)
+    for text in texts:
+        column, op, value = parse_where(text, option)
         if op == "~":
-            query = query.contains(column, value, case=not args.ignore_case)
+            query = query.contains(column, value, case=not ignore_case)
             continue
         bucket = equal if op == "=" else unequal
         bucket.setdefault(column, []).append(value)
-    for column, texts in equal.items():
-        if args.ignore_case and column in predicates.CODE_STRINGS:  # IDs stay exact
-            query = query.matches(column, _any_of(texts), case=False)
+    for column, values in equal.items():
+        if ignore_case and column in predicates.CODE_STRINGS:  # IDs stay exact
+            query = query.matches(column, _any_of(values), case=False)
         else:
-            query = query.where(**{column: _typed_values(column, texts)})
-    for column, texts in unequal.items():
-        query = query.where_not(**{column: _typed_values(column, texts)})
+            query = query.where(**{column: _typed_values(column, values)})
+    for column, values in unequal.items():
+        query = query.where_not(**{column: _typed_values(column, values)})
+    return query
+
+
+def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
+    """The ``Query`` the query options describe; raises before anything is sent.
+
+    Each ``--any`` group is a query of its own (its conditions ANDed); the groups are ORed
+    (``Query.union``), and every other option narrows each group alike.
+    """
+    from healthimaging_df.query import Query
+
+    query = Query(datastore_id)
+    groups = getattr(args, "any", None) or []
+    if groups:
+        query = Query.union(
+            *(_with_conditions(query, group, args.ignore_case, "--any") for group in groups)
+        )
+    query = _with_conditions(query, args.where, args.ignore_case)
     for column, low, high in args.between:
         query = query.between(column, typed_value(column, low, 0), typed_value(column, high, 1))
     if args.null:
@@ -152,15 +169,25 @@ def read_ids(source: str, column: str) -> list[str]:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
             raise UsageError(f"cannot read --ids-from {source}: {reason}") from None
         suffix = path.suffix.lower()
+    if "\x00" in text:  # valid UTF-8, but no ID holds NUL: UTF-16 (or UTF-32) without a BOM
+        raise UsageError(
+            f"cannot read --ids-from {source}: it holds NUL bytes, as UTF-16 text without a byte "
+            "order mark does; save it as UTF-8"
+        )
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(
+            io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ",", strict=True
+        )
         try:
             headers = list(reader.fieldnames or [])
             if column not in headers:
                 raise UsageError(_missing_column(source, column, headers))
             values = [(row.get(column) or "").strip() for row in reader]
-        except csv.Error:  # its message can quote a cell
-            raise UsageError(f"--ids-from {source} is not a well-formed CSV file") from None
+        except csv.Error as exc:  # its message can quote a cell: only known ones are described
+            raise UsageError(
+                f"--ids-from {source} is not a well-formed CSV file: {_csv_problem(exc)} "
+                f"(line {reader.line_num})"
+            ) from None
     else:
         # Only \n, \r\n and \r end a line: str.splitlines() also splits at U+2028, form
         # feeds and other separators an ID may hold.
@@ -170,6 +197,18 @@ def read_ids(source: str, column: str) -> list[str]:
     if not ids:
         raise UsageError(f"--ids-from {source} holds no IDs")
     return ids
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """What is wrong with a CSV file, in words of ours: the csv module's may quote a cell."""
+    text = str(exc)
+    if "unexpected end of data" in text or "EOF inside string" in text:
+        return "a quote is opened and never closed"
+    if "expected after" in text:
+        return "text follows a closing quote in the same cell"
+    if "field larger than field limit" in text:
+        return "a cell is longer than the csv module's limit (an unclosed quote?)"
+    return "a quote or delimiter out of place"
 
 
 def _missing_column(source: str, column: str, headers: list[str]) -> str:
@@ -191,6 +230,7 @@ def has_query_options(args: argparse.Namespace) -> bool:
     """Whether any query option other than --datastore-id was given."""
     return bool(
         args.where
+        or getattr(args, "any", None)
         or args.between
         or args.null
         or args.not_null

@@ -27,11 +27,11 @@ examples:
   healthimaging-df metadata --from s3://bucket/cohort.parquet --out s3://bucket/series.parquet
 
 Each call counts as an access: it moves an ARCHIVE_INSTANT_ACCESS image set back to the frequent
-(more expensive) tier. The command warns on stderr when the cohort shows archived image sets.
-Image sets whose tier the cohort does not tell (no storageTier column, or a file written more than
-15 minutes ago) are looked up first with GetImageSet, which is not an access; if any of them is
-archived the command refuses (exit 2) before any GetImageSetMetadata call, unless
---allow-archive-access. --refuse-archive-access refuses any archived image set.
+(more expensive) tier, so none is read without --allow-archive-access. Image sets whose tier the
+cohort does not tell (no storageTier column, or a file written more than 15 minutes ago) are
+looked up first with GetImageSet, which is not an access; if the cohort shows or the look-ups
+find any archived image set, the command refuses (exit 2) before any GetImageSetMetadata call,
+naming how many. --dry-run counts what --allow-archive-access would move.
 """
 
 
@@ -69,15 +69,16 @@ def register(commands: Any) -> None:
         dest="allow_archive_access",
         action="store_const",
         const=True,
-        default=None,
-        help="read archived image sets too (each moves to FREQUENT_ACCESS); no tier look-ups",
+        default=False,
+        help="read archived image sets too (each moves to FREQUENT_ACCESS, a warning says how "
+        "many); no tier look-ups. Without it, any archived image set is refused",
     )
     archive.add_argument(
         "--refuse-archive-access",
         dest="allow_archive_access",
         action="store_const",
         const=False,
-        help="refuse if any image set is archived, even one the cohort shows",
+        help="refuse if any image set is archived: the default, kept for scripts",
     )
     group.add_argument(
         "--out",

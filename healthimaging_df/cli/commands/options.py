@@ -21,6 +21,7 @@ exit status:
   2  usage or configuration error (bad option or value, unknown column, unreadable --ids-from
      file, no region or credentials); nothing was sent
   3  search --fail-if-empty, and nothing matched
+  130  interrupted (Ctrl-C or SIGTERM); an export writes its checkpoint first
 
 Errors are one line on stderr naming the problem, never a DICOM value. Progress goes to stderr
 when it is a terminal; results go to stdout or the --out file."""
@@ -61,7 +62,7 @@ def aws_parent() -> argparse.ArgumentParser:
     group = parent.add_argument_group(
         "AWS",
         "Credentials, region and endpoint come from the usual places unless given here:\n"
-        "AWS_PROFILE, AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
+        "AWS_PROFILE, AWS_DEFAULT_REGION (what botocore reads), AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
         "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING, ~/.aws/config, instance roles...",
     )
     group.add_argument("--profile", help="named profile from ~/.aws/config")
@@ -109,7 +110,8 @@ def query_parent() -> argparse.ArgumentParser:
     group = parent.add_argument_group(
         "query",
         "COL is a column name as in the frame (docs/schema.md): PatientID, Modality,\n"
-        "StudyDateTime, createdAt... Every condition must hold (AND).",
+        "StudyDateTime, createdAt... Every condition must hold (AND), except that each --any\n"
+        "group is one alternative: a row is kept when it meets one group (OR) and the rest.",
     )
     group.add_argument(
         "--datastore-id",
@@ -124,6 +126,16 @@ def query_parent() -> argparse.ArgumentParser:
         metavar="COL=VALUE",
         help="COL=VALUE equals (repeat a column for any of several values: IN); "
         "COL!=VALUE differs (rows missing COL are kept); COL~TEXT contains TEXT",
+    )
+    group.add_argument(
+        "--any",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="COND",
+        help="one alternative of an OR: COND... in the --where forms, all of which must hold "
+        "(AND); repeat --any for each alternative. --any Modality=CT --any PatientID=P1 keeps "
+        "CT image sets and all of P1's (Query.union in Python)",
     )
     group.add_argument(
         "--between",

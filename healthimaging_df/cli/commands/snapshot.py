@@ -404,11 +404,15 @@ def run_refresh(args: argparse.Namespace) -> int:
     where = _where(args)
     policy = _policy(args)
     query: Query | None = None
-    _check_refresh(args, policy, where)
+    provenance = _check_refresh(args, policy, where)
     if building.has_query_options(args) or policy is not None:
         # a redacted snapshot keeps no query values: the query comes from the command line
         target = connect.Target(args)
         query = building.build_query(args, target.datastore_id)
+        if policy is None:
+            _check_same_query(
+                args.path if args.path is not None else args.iceberg_table, provenance, query
+            )
     else:
         target = connect.Target(args, required=False)  # the query is the snapshot's own
     with target.connect() as connection:
@@ -427,10 +431,35 @@ def run_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_query(path: str, provenance: dict[str, Any], query: Query) -> None:
+    """A plain snapshot refreshed by another query would mix two cohorts: a usage error."""
+    import json
+
+    from healthimaging_df import Query
+    from healthimaging_df.errors import HealthImagingDFError
+
+    recorded = provenance.get("query")
+    if not isinstance(recorded, str):
+        return  # refresh itself reports a damaged provenance
+    try:
+        made_by = Query.from_dict(json.loads(recorded))
+    except (HealthImagingDFError, ValueError, TypeError, KeyError, AttributeError):
+        return
+    if made_by != query:
+        raise options.UsageError(
+            f"the query options are not the query {path} was made with: refreshing would mix two "
+            "cohorts; leave them out (the snapshot keeps its query) or snapshot the new query to "
+            "a new path"
+        )
+
+
 def _check_refresh(
     args: argparse.Namespace, policy: RedactionPolicy | None, where: dict[str, Any]
-) -> None:
-    """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take."""
+) -> dict[str, Any]:
+    """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take.
+
+    Returns the snapshot's provenance.
+    """
     import json
 
     from healthimaging_df.cli.commands import building
@@ -486,9 +515,10 @@ def _check_refresh(
         try:
             limited = json.loads(query).get("limit") is not None
         except (ValueError, AttributeError):
-            return  # refresh itself reports a damaged provenance
+            return provenance  # refresh itself reports a damaged provenance
         if limited:
             raise options.UsageError(
                 f"{shown} was made by a query with --limit, which cannot be refreshed; run "
                 "snapshot again"
             )
+    return provenance
