@@ -59,9 +59,12 @@ def translated(action: str) -> Iterator[None]:
 
 def translate(exc: BaseException, action: str) -> SnapshotError:
     """The ``SnapshotError`` for *exc* raised while doing *action*; its text is not kept."""
-    if isinstance(exc, _conflict_types()):
-        return SnapshotConflictError(f"{action}: {CONFLICT_HELP}")
     name = type(exc).__name__
+    # an SQL catalog's row written by another writer first (two first commits racing): a conflict
+    if isinstance(exc, _conflict_types()) or (
+        name == "IntegrityError" and type(exc).__module__.startswith("sqlalchemy")
+    ):
+        return SnapshotConflictError(f"{action}: {CONFLICT_HELP}")
     if name in ("TableNotFoundError", "NoSuchTableError"):
         return SnapshotError(f"{action}: there is no table there")
     if name == "DeltaProtocolError":
