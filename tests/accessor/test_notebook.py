@@ -61,6 +61,14 @@ def test_notebook_executes_and_shows_the_plot(tmp_path: Path) -> None:
     sources = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
     assert "allow_archive_access=True" not in sources
     assert "1 updated" in text  # the refresh saw the amended image set
+    # this wave's features, each shown working
+    assert "image sets, each once: True" in text  # a union
+    assert "MERGE" in text  # Delta history
+    assert "rows at version 0" in text  # time travel
+    assert "AMENDED AGAIN" in text
+    assert "QIDO-RS" in text  # the planner weighs QIDO-RS
+    assert "NM image sets" in text
+    assert "SearchImageSets       ok" in text  # doctor's table
     stderr = "\n".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
     assert "Traceback" not in stderr
 
