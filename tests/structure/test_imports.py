@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("dicomweb", "store"),
     ("engine",),
     ("query", "snapshot", "metadata", "redact", "cohort", "plot", "polars", "options"),
-    ("refresh",),
+    ("refresh", "sync"),
     ("accessor",),
     ("cli", "__main__", NAME),
 )
