@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         write_snapshot,
     )
     from healthimaging_df.store.redact import RedactionPolicy, generate_key
+    from healthimaging_df.sync import SyncReport, sync_snapshot
 
 _LAZY = {
     "LocalService": "healthimaging_df.local",
@@ -43,6 +44,7 @@ _LAZY = {
     "RedactionPolicy": "healthimaging_df.store.redact",
     "RefreshReport": "healthimaging_df.refresh",
     "SnapshotInfo": "healthimaging_df.snapshot",
+    "SyncReport": "healthimaging_df.sync",
     "fetch_metadata": "healthimaging_df.metadata",
     "generate_key": "healthimaging_df.store.redact",
     "read_snapshot": "healthimaging_df.snapshot",
@@ -53,6 +55,7 @@ _LAZY = {
     "sql": "healthimaging_df.polars",
     "snapshot_history": "healthimaging_df.snapshot",
     "snapshot_provenance": "healthimaging_df.snapshot",
+    "sync_snapshot": "healthimaging_df.sync",
     "vacuum_snapshot": "healthimaging_df.snapshot",
     "write_snapshot": "healthimaging_df.snapshot",
 }
@@ -92,6 +95,7 @@ __all__ = [
     "RedactionPolicy",
     "RefreshReport",
     "SnapshotInfo",
+    "SyncReport",
     "__version__",
     "dicomweb",
     "errors",
@@ -109,6 +113,7 @@ __all__ = [
     "snapshot_history",
     "snapshot_provenance",
     "sql",
+    "sync_snapshot",
     "vacuum_snapshot",
     "write_snapshot",
 ]

@@ -33,7 +33,14 @@ configuration error."""
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every command."""
     from healthimaging_df.cli import demo
-    from healthimaging_df.cli.commands import metadata, search, series_attributes, snapshot, sql
+    from healthimaging_df.cli.commands import (
+        metadata,
+        search,
+        series_attributes,
+        snapshot,
+        sql,
+        sync,
+    )
     from healthimaging_df.local import cli as local_cli
 
     parser = argparse.ArgumentParser(
@@ -52,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     search.register(commands)
     snapshot.register(commands)
+    sync.register(commands)
     metadata.register(commands)
     series_attributes.register(commands)
     sql.register(commands)

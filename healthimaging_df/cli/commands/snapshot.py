@@ -42,6 +42,9 @@ examples:
   # a redacted snapshot keeps no query values: give the query and the same key again
   healthimaging-df refresh cohort/ --datastore-id ID --where Modality=CT --redact
 
+  # the backstop of refreshes and events: also drop deleted image sets, refresh tiers
+  healthimaging-df refresh cohort/ --reconcile
+
 The report (added, updated, removed image sets) goes to stdout.
 """
 
@@ -97,6 +100,12 @@ def register(commands: Any) -> None:
         default=5.0,
         metavar="M",
         help="also re-read updates from M minutes before the last fetch (clock skew; default 5)",
+    )
+    group.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="read every matching image set (the query's own requests, no metadata access): "
+        "drops deleted image sets, makes storageTier and lastAccessedAt current",
     )
     _storage_options(group)
     _redaction_options(refresh)
@@ -354,6 +363,7 @@ def run_refresh(args: argparse.Namespace) -> int:
             progress=output.progress(args),
             max_concurrency=args.max_concurrency,
             max_tps=args.max_tps,
+            reconcile=args.reconcile,
             **_storage(args),
         )
     print(report)
