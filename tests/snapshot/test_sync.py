@@ -177,17 +177,13 @@ def test_guide_spelling_and_redacted_snapshot(
     policy = RedactionPolicy(key=KEY)
     query = _query(service)
     path = tmp_path / "red"
-    query.to_parquet(
-        str(path), client=client, redact=policy, partition_cols=["Modality"], **FAST
-    )
+    query.to_parquet(str(path), client=client, redact=policy, partition_cols=["Modality"], **FAST)
     _mutate(service, seed=1)
     report = _sync(service, ahi_sqs_queue, path, query=query, redact=policy)
     assert report.id_keys.keys() == {"imagesetId"}
     got = read_snapshot(path)
     other = tmp_path / "fresh"
-    query.to_parquet(
-        str(other), client=client, redact=policy, partition_cols=["Modality"], **FAST
-    )
+    query.to_parquet(str(other), client=client, redact=policy, partition_cols=["Modality"], **FAST)
     cols = [c for c in got.columns]
     pd.testing.assert_frame_equal(_plain(got)[cols], _plain(read_snapshot(other))[cols])
 
