@@ -104,7 +104,7 @@ def test_sync_once_equals_a_fresh_export_and_is_idempotent(
     changed = _mutate(service)
     # every event twice: duplicates change nothing
     assert service.flush_events()
-    bodies = [m for m in ahi_sqs_queue.receive()]
+    bodies = list(ahi_sqs_queue.receive())
     for body in bodies + bodies[::-1]:
         ahi_sqs_queue.client.send_message(QueueUrl=ahi_sqs_queue.url, MessageBody=json.dumps(body))
     service.reset_stats()
@@ -184,7 +184,7 @@ def test_guide_spelling_and_redacted_snapshot(
     got = read_snapshot(path)
     other = tmp_path / "fresh"
     query.to_parquet(str(other), client=client, redact=policy, partition_cols=["Modality"], **FAST)
-    cols = [c for c in got.columns]
+    cols = list(got.columns)
     pd.testing.assert_frame_equal(_plain(got)[cols], _plain(read_snapshot(other))[cols])
 
 
