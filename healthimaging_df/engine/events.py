@@ -243,12 +243,14 @@ def choose_fetch(
 ) -> FetchChoice:
     """The cheapest way to read every image set in *wanted* (ID -> oldest event time).
 
-    A window from ``t - margin`` reads every image set of the datastore changed since ``t``:
-    the batch's own events are the datastore's change feed, so those with a time of ``t`` or
-    later estimate its rows (a page per ``PAGE_ROWS``). An image set the snapshot holds can be
-    read by its series instead (``series_of``; a request per series). Image sets without a known
-    series or event time must be in the window. Splitting the batch at each event time, the
-    choice with the fewest expected requests wins; pure and deterministic.
+    A window from ``t - margin`` reads every image set of the datastore changed since ``t``
+    (a page per ``PAGE_ROWS``), not only the batch's: the batch's events are the datastore's
+    change feed, so the rate of its most recent half estimates how many changed since ``t``
+    (at least the batch's own events from ``t`` on). An image set the snapshot holds can be
+    read by its series instead (``series_of``; a request per series), which wins for a few
+    stragglers far older than the rest (a redelivered message, a backlog). Image sets without
+    a known series or event time must be in the window. Splitting the batch at each event
+    time, the choice with the fewest expected requests wins; pure and deterministic.
     """
     if not wanted:
         return FetchChoice(None, (), 0, 0, 0)
@@ -260,6 +262,10 @@ def choose_fetch(
         i for i, (_, image_set_id) in enumerate(timed)
         if image_set_id not in series_of or wanted[image_set_id] is None
     ]  # fmt: skip
+    # changes per second, from the most recent half of the batch
+    recent = timed[len(timed) // 2 :]
+    span = max((now - recent[0][0]).total_seconds(), 1.0)
+    rate = len(recent) / span
     # a split k reads timed[:k] by series and timed[k:] by a window from timed[k][0]
     last_chainable = must_window[0] if must_window else len(timed)
     best: tuple[int, int] | None = None
@@ -267,7 +273,10 @@ def choose_fetch(
     for k in range(last_chainable + 1):
         if k:
             series_prefix.add(series_of[timed[k - 1][1]])
-        window_rows = len(timed) - k
+        window_rows = 0.0
+        if k < len(timed):
+            reach = (now - timed[k][0]).total_seconds()
+            window_rows = max(len(timed) - k, rate * reach)
         window = math.ceil(window_rows / PAGE_ROWS) if window_rows else 0
         cost = len(series_prefix) + window
         if best is None or cost < best[0]:
