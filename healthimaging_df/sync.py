@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -272,28 +272,38 @@ def sync_snapshot(
         "boto3_session": boto3_session,
         "progress": False,
     }
-    with _signals(halt, enabled=not once):
+    with _signals(halt, enabled=not once) as idle:
         while not halt.is_set():
             if reconcile_every is not None and _reconcile_due(target, reconcile_every):
                 found = refresh_snapshot(path, reconcile=True, **refresh_args)
                 report.reconciles.append(found)
                 log.info("sync: reconciled: %s", found)
-            messages = events.receive(
-                sqs,
-                queue_url,
-                limit=batch_size,
-                wait_seconds=0 if once else wait_seconds,
-                visibility_timeout=visibility_timeout,
-            )
+            try:
+                idle.set()  # a signal now ends the long poll at once: nothing is held yet
+                messages = events.receive(
+                    sqs,
+                    queue_url,
+                    limit=batch_size,
+                    wait_seconds=0 if once else wait_seconds,
+                    visibility_timeout=visibility_timeout,
+                )
+            except _Interrupted:
+                break  # what the interrupted call received comes back after its timeout
+            finally:
+                idle.clear()
             if not messages:
                 if once:
                     report.stopped = "drained"
                     break
                 continue
             received = time.monotonic()
-            outcome = _apply_batch(target, path, messages, settings, report, attempts)
-            if time.monotonic() - received > visibility_timeout / 2:
-                events.extend(sqs, queue_url, outcome.done, visibility_timeout)
+
+            def keep(held: list[events.Message] = messages, since: float = received) -> None:
+                # a long batch keeps its messages hidden until its commit is done
+                if time.monotonic() - since > visibility_timeout / 2:
+                    events.extend(sqs, queue_url, held, visibility_timeout)
+
+            outcome = _apply_batch(target, path, messages, settings, report, attempts, keep)
             failed = events.delete(sqs, queue_url, outcome.done)
             report.batches += 1
             report.messages += len(messages)
@@ -311,6 +321,8 @@ def sync_snapshot(
                 break
         else:
             report.stopped = "stop" if stop is not None and stop.is_set() else "signal"
+        if not report.stopped:
+            report.stopped = "signal"
     log.info("sync: %s", report)
     return report
 
@@ -322,6 +334,7 @@ def _apply_batch(
     settings: _Settings,
     report: SyncReport,
     attempts: int,
+    keep: Callable[[], None],
 ) -> _Outcome:
     """Read the snapshot, apply *messages* in one commit (retried after a lost race)."""
 
@@ -333,6 +346,7 @@ def _apply_batch(
         outcome, result, incoming, removed, new_prov = _plan_batch(
             table, prov, query, batch, settings
         )
+        keep()
         if result is not None:
             if target.single_file:
                 write_table(target, os.fspath(path), result, new_prov, [])
@@ -627,22 +641,34 @@ def _sqs_client(
     return aws_session.client("sqs", boto3_session, region=region, endpoint_url=endpoint_url)
 
 
+class _Interrupted(BaseException):
+    """A signal during an idle long poll (a BaseException: botocore does not swallow it)."""
+
+
 @contextmanager
-def _signals(halt: threading.Event, *, enabled: bool) -> Iterator[None]:
-    """SIGTERM and SIGINT set *halt* (the loop stops between batches); handlers restored after."""
+def _signals(halt: threading.Event, *, enabled: bool) -> Iterator[threading.Event]:
+    """SIGTERM and SIGINT set *halt*: the loop stops between batches, or at once while idle.
+
+    Yields the *idle* flag the loop sets around a long poll, when nothing is held that a stop
+    could lose; the handlers are restored afterwards.
+    """
+    idle = threading.Event()
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
+        yield idle
         return
 
     def handler(signum: int, frame_: Any) -> None:
-        log.info("sync: signal %d: stopping after the current batch", signum)
+        log.info("sync: signal %d: stopping", signum)
         halt.set()
+        if idle.is_set():
+            idle.clear()
+            raise _Interrupted
 
     previous: Mapping[int, Any] = {
         sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)
     }
     try:
-        yield
+        yield idle
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

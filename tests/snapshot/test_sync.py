@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -215,3 +221,105 @@ def test_reconcile_removes_vanished_rows_and_updates_tiers(
     prov = got.attrs["healthimaging_df"]
     assert prov["tiers_observed_at"] == prov["reconciled_at"]
     assert "re-tiered" in str(report)
+
+
+def test_long_poll_applies_events_as_they_come_and_stops_between_batches(
+    ahi_service_factory: Callable[..., LocalService], ahi_sqs_queue: SqsQueue, tmp_path: Path
+) -> None:
+    service = _service(ahi_service_factory, ahi_sqs_queue, image_sets=80)
+    client = service.client()
+    query = _query(service)
+    path = tmp_path / "snap"
+    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    stop = threading.Event()
+    seen: list[tuple[int, int]] = []
+    found: dict[str, Any] = {}
+
+    def run() -> None:
+        found["report"] = sync_snapshot(
+            path,
+            queue_url=ahi_sqs_queue.url,
+            client=client,
+            sqs_client=ahi_sqs_queue.client,
+            wait_seconds=1,
+            stop=stop,
+            progress=lambda messages, changed: seen.append((messages, changed)),
+            max_tps=None,
+        )
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        _mutate(service, seed=2)
+        assert service.flush_events()
+        deadline = time.monotonic() + 30
+        fresh = query.to_dataframe(client=client, **FAST)
+        while time.monotonic() < deadline:
+            got = read_snapshot(path)
+            if set(got["imageSetId"]) == set(fresh["imageSetId"]):
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not worker.is_alive()
+    report = found["report"]
+    assert report.stopped == "stop"
+    assert seen
+    assert report.messages == sum(m for m, _ in seen)
+    pd.testing.assert_frame_equal(_plain(read_snapshot(path)), _plain(fresh))
+
+
+def test_cli_sync_stops_on_sigterm_while_polling(
+    ahi_service_factory: Callable[..., LocalService], ahi_sqs_queue: SqsQueue, tmp_path: Path
+) -> None:
+    service = _service(ahi_service_factory, ahi_sqs_queue, image_sets=60)
+    query = _query(service)
+    path = tmp_path / "snap"
+    query.to_parquet(str(path), client=service.client(), partition_cols=["Modality"], **FAST)
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=service.access_key_id,
+        AWS_SECRET_ACCESS_KEY=service.secret_access_key,
+        HEALTHIMAGING_DF_CACHE=str(tmp_path / "cache"),
+    )
+    command = [
+        sys.executable, "-m", "healthimaging_df", "sync", str(path),
+        "--queue-url", ahi_sqs_queue.url, "--endpoint-url", service.endpoint_url,
+        "--sqs-endpoint-url", ahi_sqs_queue.endpoint_url, "--region", "us-east-1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _mutate(service, seed=3)
+        assert service.flush_events()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the queue is drained: the sync is polling
+            attributes = ahi_sqs_queue.client.get_queue_attributes(
+                QueueUrl=ahi_sqs_queue.url,
+                AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible",
+                ],
+            )["Attributes"]
+            if not any(int(v) for v in attributes.values()):
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert time.monotonic() - started < 5  # not the rest of a 20 s long poll
+    assert "stopped: signal" in out
+    assert "sync: batch 1:" in err  # the progress line: counts only
+    fresh = query.to_dataframe(client=service.client(), **FAST)
+    pd.testing.assert_frame_equal(_plain(read_snapshot(path)), _plain(fresh))
