@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -100,7 +101,11 @@ def _mutate(service: LocalService, seed: int = 0) -> dict[str, set[str]]:
 
 
 def test_sync_once_equals_a_fresh_export_and_is_idempotent(
-    ahi_service_factory: Callable[..., LocalService], ahi_sqs_queue: SqsQueue, tmp_path: Path
+    ahi_service_factory: Callable[..., LocalService],
+    ahi_sqs_queue: SqsQueue,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     service = _service(ahi_service_factory, ahi_sqs_queue)
     client = service.client()
@@ -114,8 +119,16 @@ def test_sync_once_equals_a_fresh_export_and_is_idempotent(
     for body in bodies + bodies[::-1]:
         ahi_sqs_queue.client.send_message(QueueUrl=ahi_sqs_queue.url, MessageBody=json.dumps(body))
     service.reset_stats()
-    report = _sync(service, ahi_sqs_queue, path)
+    caplog.set_level(logging.DEBUG, logger="healthimaging_df")
+    report = _sync(service, ahi_sqs_queue, path, progress=True)
     assert report.stopped == "drained"
+    # the log and the progress line carry counts, never a value of the data
+    said = caplog.text + capsys.readouterr().err + str(report) + repr(report)
+    assert "sync: batch 1:" in said
+    for record in service.backend.image_sets(str(service.datastore_id)):
+        tags = record["DICOMTags"]
+        for key in ("DICOMPatientId", "DICOMSeriesInstanceUID", "DICOMStudyInstanceUID"):
+            assert not tags.get(key) or tags[key] not in said
     assert report.messages == 2 * len(bodies)
     assert report.deleted_messages == report.messages
     assert report.poison == []
