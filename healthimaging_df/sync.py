@@ -51,6 +51,7 @@ from healthimaging_df.snapshot import (
     write_table,
 )
 from healthimaging_df.store import delta
+from healthimaging_df.store.delta import retry_on_conflict
 from healthimaging_df.store.redact import RedactionPolicy
 from healthimaging_df.store.storage import Target, open_target
 
@@ -348,18 +349,7 @@ def _apply_batch(
         )
         keep()
         if result is not None:
-            if target.single_file:
-                write_table(target, os.fspath(path), result, new_prov, [])
-            else:
-                uri, options = delta_location(target)
-                delta.merge_table(
-                    uri,
-                    derive_columns(file_order(incoming), meta["derived_columns"]),
-                    removed,
-                    new_prov,
-                    expected_version=meta.get("version"),
-                    storage_options=options,
-                )
+            _commit(target, path, meta, result, incoming, removed, new_prov)
             outcome.committed = True
         # recorded once per batch, after the commit (a retried attempt records nothing twice)
         report.poison.extend((m.message_id, reason) for m, reason in batch.poison)
@@ -367,7 +357,34 @@ def _apply_batch(
             report.id_keys[key] = report.id_keys.get(key, 0) + count
         return outcome
 
-    return delta.retry_on_conflict(once, attempts=attempts)
+    return retry_on_conflict(once, attempts=attempts)
+
+
+# -- the snapshot's storage: the one place that names the table format -------------------------
+
+
+def _commit(
+    target: Target,
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    result: pa.Table,
+    incoming: pa.Table,
+    removed: list[str],
+    provenance: dict[str, Any],
+) -> None:
+    """One commit: upsert *incoming* and delete *removed* (a file is rewritten as *result*)."""
+    if target.single_file:
+        write_table(target, os.fspath(path), result, provenance, [])
+        return
+    uri, options = delta_location(target)
+    delta.merge_table(
+        uri,
+        derive_columns(file_order(incoming), meta["derived_columns"]),
+        removed,
+        provenance,
+        expected_version=meta.get("version"),
+        storage_options=options,
+    )
 
 
 def _plan_batch(
@@ -606,8 +623,7 @@ def _patched(change: Any, patches: dict[str, tuple[Any, Any]]) -> Any:
 
 def _reconcile_due(target: Target, every: timedelta) -> bool:
     """Whether the snapshot's last full read (reconcile or export) is older than *every*."""
-    _, meta = read_table(target, None, None)
-    prov = meta["provenance"]
+    prov = read_table(target, [], None)[1]["provenance"]
     last = prov.get("reconciled_at") or tiers_observed_at(prov)
     try:
         moment = dates.read_iso_or_none(last)

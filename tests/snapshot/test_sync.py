@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +336,22 @@ def test_cli_sync_stops_on_sigterm_while_polling(
     assert "sync: batch 1:" in err  # the progress line: counts only
     fresh = query.to_dataframe(client=service.client(), **FAST)
     pd.testing.assert_frame_equal(_plain(read_snapshot(path)), _plain(fresh))
+
+
+def test_reconcile_every_settles_a_lost_event(
+    ahi_service_factory: Callable[..., LocalService], ahi_sqs_queue: SqsQueue, tmp_path: Path
+) -> None:
+    service = _service(ahi_service_factory, ahi_sqs_queue, image_sets=120)
+    client = service.client()
+    query = _query(service)
+    path = tmp_path / "snap"
+    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    gone = str(read_snapshot(path)["imageSetId"].iloc[0])
+    client.delete_image_set(datastoreId=service.datastore_id, imageSetId=gone)
+    assert service.flush_events()
+    assert ahi_sqs_queue.receive()  # the Deleted event is lost
+    report = _sync(service, ahi_sqs_queue, path, reconcile_every=timedelta(microseconds=1))
+    assert [r.removed for r in report.reconciles] == [(gone,)]
+    assert gone not in set(read_snapshot(path)["imageSetId"])
+    again = _sync(service, ahi_sqs_queue, path, reconcile_every=timedelta(hours=1))
+    assert again.reconciles == []  # the last full read is a few seconds old
