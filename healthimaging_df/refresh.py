@@ -106,10 +106,10 @@ class RefreshReport:
     def __repr__(self) -> str:
         return (
             f"RefreshReport(added={len(self.added)}, updated={len(self.updated)}, "
-            f"removed={len(self.removed)}, retiered={len(self.retiered)}, "
-            f"reconciled={self.reconciled}, fetched={self.fetched}, rows={self.rows}, "
+            f"removed={len(self.removed)}, fetched={self.fetched}, rows={self.rows}, "
             f"since={self.since.isoformat()}, watermark="
-            f"{self.watermark.isoformat() if self.watermark else None})"
+            f"{self.watermark.isoformat() if self.watermark else None}, "
+            f"retiered={len(self.retiered)}, reconciled={self.reconciled})"
         )
 
     def _rows(self) -> list[tuple[str, str]]:

@@ -507,7 +507,7 @@ def test_the_guard_says_how_old_the_tiers_are_and_trusts_a_fresh_reconcile(
     now = pd.Timestamp.now(tz="UTC")
     three_hours = (now - pd.Timedelta(hours=3, minutes=5)).isoformat()
     synced = _aged(disguised, refreshed_since=three_hours, tiers_observed_at=three_hours)
-    with pytest.raises(QueryValidationError, match="tiers are read 3 h [45] min ago"):
+    with pytest.raises(QueryValidationError, match=r"tiers are read 3 h [45] min ago"):
         fetch_metadata(synced, client=metadata_service.client(), progress=False)
     unknown = _aged(disguised, refreshed_since=three_hours)  # refreshed by an older version
     with pytest.raises(QueryValidationError, match="tiers are of unknown age"):
