@@ -404,7 +404,8 @@ def _plan_batch(
     required: dict[str, int | None] = {}
     for image_set_id, (when, version) in batch.upserts.items():
         held = stored.get(image_set_id)
-        if version is not None and held is not None and held >= version:
+        settled = version is not None and held is not None and held >= version
+        if settled and image_set_id not in batch.conflicts:
             continue
         wanted[image_set_id] = when
         required[image_set_id] = version
@@ -479,7 +480,8 @@ def _plan_batch(
             need, have = required[image_set_id], found.get(image_set_id)
             if have is not None and (need is None or have >= need):
                 del behind[image_set_id]
-    deletes = (batch.deletes | gone) - behind.keys()
+    # a Deleted event stands unless the read found the image set (an ID reused; never seen)
+    deletes = ((batch.deletes - (batch.conflicts & found.keys())) | gone) - behind.keys()
     fetched = fetched.filter(
         pc.invert(
             pc.is_in(fetched.column("imageSetId"), value_set=pa.array(sorted(deletes), pa.string()))

@@ -157,11 +157,14 @@ class Batch:
     Attributes
     ----------
     deletes
-        IDs with a Deleted event (final: an image set ID is never reused).
+        IDs with a Deleted event.
     upserts
         ID -> (oldest event time, highest version an event names) of the image sets to read.
     touched
         IDs read at the same version (the source of a copy): their access time and tier moved.
+    conflicts
+        IDs with a Deleted event and a Created, Copied or Updated one: read, and deleted only if
+        the read does not find them.
     messages
         ID -> the messages that name it (a message is covered when its ID is settled).
     idle
@@ -175,6 +178,7 @@ class Batch:
     deletes: set[str] = field(default_factory=set)
     upserts: dict[str, tuple[datetime | None, int | None]] = field(default_factory=dict)
     touched: set[str] = field(default_factory=set)
+    conflicts: set[str] = field(default_factory=set)
     messages: dict[str, list[Message]] = field(default_factory=dict)
     idle: list[Message] = field(default_factory=list)
     poison: list[tuple[Message, str]] = field(default_factory=list)
@@ -206,8 +210,9 @@ def coalesce(messages: Iterable[Message], datastore_id: str) -> Batch:
         if parsed.version is not None and (version is None or parsed.version > version):
             version = parsed.version
         batch.upserts[parsed.image_set_id] = (when, version)
-    for image_set_id in batch.deletes:
-        batch.upserts.pop(image_set_id, None)
+    # a Deleted event and another for the same ID in one batch (reordered): the read settles it
+    # (an image set ID is not known to be reused, but nothing here relies on that)
+    batch.conflicts = batch.deletes & batch.upserts.keys()
     batch.touched -= batch.deletes | batch.upserts.keys()
     return batch
 

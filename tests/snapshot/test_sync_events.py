@@ -74,7 +74,7 @@ def test_poison_reasons_name_no_value() -> None:
         assert secret not in found
 
 
-def test_coalesce_collapses_duplicates_and_deletes_win() -> None:
+def test_coalesce_collapses_duplicates_and_marks_a_delete_with_other_events() -> None:
     def message(n: int, text: str) -> events.Message:
         return events.Message(f"m{n}", f"r{n}", text)
 
@@ -92,8 +92,9 @@ def test_coalesce_collapses_duplicates_and_deletes_win() -> None:
         ],
         DS,
     )
-    assert batch.upserts == {a: (datetime(2026, 1, 1, 11, tzinfo=timezone.utc), 3)}
-    assert batch.deletes == {b}
+    moment = datetime(2026, 1, 1, 11, tzinfo=timezone.utc)
+    assert batch.upserts == {a: (moment, 3), b: (moment, 1)}
+    assert batch.deletes == batch.conflicts == {b}  # the read decides
     assert batch.touched == {c}
     assert [m.message_id for m in batch.idle] == ["m6"]
     assert [(m.message_id, r) for m, r in batch.poison] == [("m8", "the body is not JSON")]
@@ -123,3 +124,18 @@ def test_cost_model_prefers_a_window_for_recent_changes_and_chains_for_straggler
     assert choice.requests == 1
     assert choice.series == ()
     assert events.choose_fetch({}, {}, NOW, margin).requests == 0
+
+
+def test_reconcile_every_durations() -> None:
+    import argparse
+
+    import pytest
+
+    from healthimaging_df.cli.commands.sync import duration
+
+    assert duration("90") == duration("90s") == timedelta(seconds=90)
+    assert duration("15m") == timedelta(minutes=15)
+    assert duration("24h") == timedelta(days=1) == duration("1d")
+    for bad in ("0", "-1h", "1w", "h", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive duration"):
+            duration(bad)
