@@ -150,7 +150,7 @@ def run(image_sets: int, seed: int = 0) -> dict[str, Any]:
             synced, refreshed, again = (Path(tmp) / n for n in ("synced", "refreshed", "again"))
             export_s, export_ops, _ = _timed(
                 service,
-                lambda: query.to_parquet(
+                lambda: query.to_delta(
                     str(synced), client=client, partition_cols=["Modality"], **PACED
                 ),
             )
@@ -171,7 +171,7 @@ def run(image_sets: int, seed: int = 0) -> dict[str, Any]:
             refresh_same = None
             again_s, again_ops, _ = _timed(
                 service,
-                lambda: query.to_parquet(
+                lambda: query.to_delta(
                     str(again), client=client, partition_cols=["Modality"], **PACED
                 ),
             )
@@ -224,7 +224,7 @@ def markdown(r: dict[str, Any], image_sets: int) -> str:
             f"Command: `python -m bench sync_bench` ({image_sets:,} image sets in the bundled "
             "local service, 100 ms latency, 25 TPS token bucket with burst 50, client "
             f"`max_tps=25`; events to an SQS queue on moto's server; {machine()}). Snapshot: "
-            f"`Query(ds).where(isPrimary=True).to_parquet('synced/', partition_cols=['Modality'])` "
+            f"`Query(ds).where(isPrimary=True).to_delta('synced/', partition_cols=['Modality'])` "
             f"(a Delta table; {r['export'][0]:.1f} s, {sum(r['export'][1].values()):,} "
             f"requests), copied once for the refresh. Then {r['changed']:,} image sets (1%) "
             f"changed (60% a new version, 20% `isPrimary` flipped, 20% new) and {r['deleted']:,} "
@@ -243,7 +243,7 @@ def markdown(r: dict[str, Any], image_sets: int) -> str:
             row("`refresh_snapshot` (incremental)", "refresh", r["refresh_same"]),
             row("`refresh_snapshot(reconcile=True)` after it", "reconcile", r["reconcile_same"]),
             f"| refresh + reconcile | {both_s:.2f} | {both_n:,} | {r['reconcile_same']} |",
-            row("`to_parquet` again (a re-export)", "again", "(the reference)"),
+            row("`to_delta` again (a re-export)", "again", "(the reference)"),
             f"| sync without the time in SQS calls | {own_s:.2f} | | |",
             f"| **refresh + reconcile / sync** | **{both_s / sync_s:.1f}x the time "
             f"({both_s / own_s:.0f}x without SQS)** | **{both_n / sync_n:.0f}x the requests** | |",

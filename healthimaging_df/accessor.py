@@ -249,15 +249,40 @@ class AHIAccessor:
     def to_parquet(
         self, path: str | os.PathLike[str], **options: Unpack[WriteOptions]
     ) -> SnapshotInfo:
-        """Write a snapshot (a ``.parquet`` file, or a Delta table for a directory) with provenance.
+        """Write the frame as one Parquet file (``….parquet``) with its provenance.
 
         *options* are :class:`~healthimaging_df.options.WriteOptions`, as
-        ``snapshot.write_snapshot`` takes them. Read it back with
-        ``healthimaging_df.snapshot.read_snapshot(path)``.
+        ``snapshot.write_snapshot`` takes them; read it back with ``read_snapshot(path)``.
+        A directory path still writes a Delta table, with a ``DeprecationWarning``: use
+        :meth:`to_delta`.
         """
+        from healthimaging_df.snapshot import _deprecated_directory, write_snapshot
+
+        _deprecated_directory(path)
+        return write_snapshot(self._frame, path, **options)
+
+    def to_delta(
+        self, path: str | os.PathLike[str], **options: Unpack[WriteOptions]
+    ) -> SnapshotInfo:
+        """Write the frame as a Delta table at *path* (a folder or ``s3://bucket/prefix``)."""
+        from healthimaging_df.snapshot import check_table_path, write_snapshot
+
+        check_table_path(path, "to_delta")
+        return write_snapshot(self._frame, path, **options)
+
+    def to_iceberg(
+        self, iceberg_table: str, *, catalog: str, warehouse: str | None = None, **options: Any
+    ) -> SnapshotInfo:
+        """Write the frame as the Iceberg table ``NAMESPACE.TABLE`` of *catalog*."""
         from healthimaging_df.snapshot import write_snapshot
 
-        return write_snapshot(self._frame, path, **options)
+        return write_snapshot(
+            self._frame,
+            iceberg_table=iceberg_table,
+            catalog=catalog,
+            warehouse=warehouse,
+            **options,
+        )
 
     def refresh(self, *, client: Any = None, **options: Any) -> tuple[pd.DataFrame, RefreshReport]:
         """Bring the frame up to date (only image sets updated since it was fetched).

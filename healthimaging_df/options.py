@@ -12,7 +12,7 @@ receiving function's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
@@ -35,7 +35,11 @@ class RunOptions(TypedDict, total=False):
 
 
 class StoreOptions(TypedDict, total=False):
-    """Where and how a snapshot is stored: partitions, redaction, S3, compression, Glue."""
+    """Where and how a snapshot is stored: partitions, redaction, S3, compression, Glue, Iceberg.
+
+    A path names a file or a Delta table; ``iceberg_table`` with ``catalog`` (and ``warehouse``
+    for new tables) names an Iceberg table instead.
+    """
 
     partition_cols: Sequence[str] | None
     redact: RedactionPolicy | None
@@ -44,6 +48,10 @@ class StoreOptions(TypedDict, total=False):
     kms_key_id: str | None
     compression: str
     glue_table: str | None
+    iceberg_table: str | None
+    catalog: str | None
+    warehouse: str | None
+    catalog_properties: Mapping[str, str] | None
 
 
 class ExportOptions(RunOptions, StoreOptions, total=False):

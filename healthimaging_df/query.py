@@ -482,11 +482,38 @@ class Query:
         """Run the query and write a snapshot; see ``healthimaging_df.snapshot.export_query``.
 
         *options* are :class:`~healthimaging_df.options.ExportOptions`: the run's (``client``,
-        ``max_tps``...) and the store's (``partition_cols``, ``redact``, ``resume``...).
+        ``max_tps``...) and the store's (``partition_cols``, ``redact``, ``resume``...). A
+        directory path still writes a Delta table, with a ``DeprecationWarning``: that is
+        :meth:`to_delta` now.
         """
         from healthimaging_df import snapshot
 
+        snapshot._deprecated_directory(path)
         return snapshot.export_query(self, path, **options)
+
+    def to_delta(self, path: str, **options: Unpack[ExportOptions]) -> snapshot.SnapshotInfo:
+        """Run the query into a Delta table at *path* (a folder or ``s3://bucket/prefix``).
+
+        Reader 1 / writer 2, one commit per write, time travel; see ``snapshot.export_query``.
+        """
+        from healthimaging_df import snapshot
+
+        snapshot.check_table_path(path, "to_delta")
+        return snapshot.export_query(self, path, **options)
+
+    def to_iceberg(
+        self, iceberg_table: str, *, catalog: str, warehouse: str | None = None, **options: Any
+    ) -> snapshot.SnapshotInfo:
+        """Run the query into the Iceberg table ``NAMESPACE.TABLE`` of *catalog*.
+
+        *catalog* is ``sqlite:///…`` (SQL), ``glue`` (AWS Glue) or ``http(s)://…`` (REST);
+        new tables' files go under *warehouse*. See ``snapshot.export_query``.
+        """
+        from healthimaging_df import snapshot
+
+        return snapshot.export_query(
+            self, iceberg_table=iceberg_table, catalog=catalog, warehouse=warehouse, **options
+        )
 
 
 class QueryReader:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -23,16 +24,15 @@ from healthimaging_df.engine.provenance import KEY as METADATA_KEY
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
 from healthimaging_df.query import Query
 from healthimaging_df.snapshot import (
+    TARGET_FILE_SIZE,
     check_redact,
-    delta_location,
-    derive_columns,
-    file_order,
+    locate,
     read_table,
     write_table,
 )
-from healthimaging_df.store import delta
+from healthimaging_df.store.layout import derive_columns, file_order
 from healthimaging_df.store.redact import RedactionPolicy, apply_redaction
-from healthimaging_df.store.storage import open_target
+from healthimaging_df.store.table_format import retry_on_conflict
 from healthimaging_df.store.tables import (
     dtype_backend_of,
     frame_to_table,
@@ -199,7 +199,7 @@ def refresh_frame(
 
 
 def refresh_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     client: Any = None,
     boto3_session: Any = None,
@@ -214,25 +214,36 @@ def refresh_snapshot(
     s3_endpoint_url: str | None = None,
     kms_key_id: str | None = None,
     attempts: int = 5,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> RefreshReport:
-    """Refresh the snapshot at *path* in place (atomically); see :func:`refresh_frame`.
+    """Refresh the snapshot at *path* (or the Iceberg table *iceberg_table*) in place, atomically.
 
-    The partitioning and redaction of the snapshot are kept. A directory (Delta) snapshot gets
-    one MERGE commit by imageSetId based on the version read: newer rows update, new ones insert,
-    leavers delete, and only the files holding them are rewritten. If another writer committed
-    first (``SnapshotConflictError``), the refresh reads the new version and runs again, up to
-    *attempts* times in all. A single-file snapshot is rewritten whole. Returns what changed.
+    See :func:`refresh_frame`. The partitioning and redaction of the snapshot are kept. A table
+    (Delta or Iceberg) gets one commit based on the version read, which upserts the newer rows
+    by imageSetId, inserts new ones and deletes leavers, rewriting only the files that hold
+    touched rows (in ``createdAt`` order, at the target file size); a refresh that finds nothing
+    to change commits nothing. If another writer committed first (``SnapshotConflictError``),
+    the refresh reads the new version and runs again, up to *attempts* times in all. A
+    single-file snapshot is rewritten whole. Returns what changed.
     """
-    store_args: dict[str, Any] = {
-        "boto3_session": boto3_session,
-        "region": region,
-        "s3_endpoint_url": s3_endpoint_url,
-    }
-    target = open_target(path, kms_key_id=kms_key_id, **store_args)
+    where = locate(
+        path,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
+        boto3_session=boto3_session,
+        region=region,
+        s3_endpoint_url=s3_endpoint_url,
+        kms_key_id=kms_key_id,
+    )
 
     def once() -> RefreshReport:
-        table, meta = read_table(target, None, None)
-        delta_version = meta.get("version")
+        table, meta = read_table(where, None, None)
+        version = meta.get("version")
         change = _refresh_table(
             table,
             dict(meta["provenance"]),
@@ -246,24 +257,22 @@ def refresh_snapshot(
             max_tps=max_tps,
             reconcile=reconcile,
         )
-        if target.single_file:
-            write_table(target, os.fspath(path), change.result, change.provenance, [])
+        if where.table is None:
+            write_table(where, change.result, change.provenance, [])
             return change.report
         if not change.report.changed and not change.incoming.num_rows:
             return change.report
-        uri, options = delta_location(target)
         incoming = derive_columns(file_order(change.incoming), meta["derived_columns"])
-        delta.merge_table(
-            uri,
+        where.table.merge(
             incoming,
             list(change.report.removed),
             change.provenance,
-            expected_version=delta_version,
-            storage_options=options,
+            expected_version=version,
+            target_file_size=TARGET_FILE_SIZE,
         )
         return change.report
 
-    return delta.retry_on_conflict(once, attempts=attempts)
+    return retry_on_conflict(once, attempts=attempts)
 
 
 @dataclass(frozen=True)

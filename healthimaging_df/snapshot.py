@@ -1,19 +1,21 @@
-"""Parquet snapshots: export a query, read it back typed, refresh it incrementally, resume exports.
+"""Snapshots: export a query, read it back typed, refresh it incrementally, resume exports.
 
-Layout (see ``docs/snapshots.md``):
+Where a snapshot lives (see ``docs/snapshots.md``), named the same way by every function here,
+``Query.to_parquet`` / ``to_delta`` / ``to_iceberg``, ``df.ahi`` and the CLI:
 
-- ``…/name.parquet``: one Parquet file, replaced atomically (a local rename; on S3 one PUT, which
-  S3 makes visible all at once). Its provenance is in the file's key-value metadata (key
-  ``healthimaging_df``).
-- any other path: a directory (or S3 prefix) holding a Delta Lake table written through
-  ``healthimaging_df.store.delta`` (atomic commits, optimistic concurrency, time travel, MERGE). Each
-  commit carries the provenance; rows are written in ``createdAt`` order so a refresh's MERGE
-  rewrites few files.
+- ``path="…/name.parquet"``: one Parquet file, replaced atomically; its provenance is in the
+  file's key-value metadata (``healthimaging_df.store.single``);
+- any other ``path`` (a folder or ``s3://bucket/prefix``): a Delta Lake table
+  (``healthimaging_df.store.delta``), reader 1 / writer 2;
+- ``iceberg_table="ns.table", catalog=URI[, warehouse=URI]``: an Apache Iceberg table
+  (``healthimaging_df.store.iceberg``; ``sqlite:///…`` a SQL catalog, ``glue`` the AWS Glue
+  catalog, ``http(s)://…`` a REST catalog).
 
-``read_snapshot`` puts the provenance back in ``df.attrs["healthimaging_df"]``. Single-file
-storage (local disk or S3) is in ``healthimaging_df.store.storage``, Arrow and Parquet conversions in
-``healthimaging_df.store.tables``; the fetch behind an export runs in ``healthimaging_df.engine`` and
-incremental refresh is ``healthimaging_df.refresh``.
+Delta and Iceberg tables sit behind one interface (``store.table_format.TableFormat``): every
+write, refresh and compaction is one commit carrying the provenance, rows are kept in
+``createdAt`` order so a refresh rewrites few files, and every version can be read again.
+``read_snapshot`` puts the provenance back in ``df.attrs["healthimaging_df"]``. The fetch behind
+an export runs in ``healthimaging_df.engine``; incremental refresh is ``healthimaging_df.refresh``.
 """
 
 from __future__ import annotations
@@ -22,26 +24,29 @@ import contextlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from healthimaging_df import engine, schema
-from healthimaging_df._version import __version__
 from healthimaging_df.engine import provenance
 from healthimaging_df.engine.checkpoint import Checkpoint, fingerprint, private_root, private_store
-from healthimaging_df.engine.spill import SortedRows, spill_prefix
+from healthimaging_df.engine.spill import spill_prefix
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.plan import Plan
-from healthimaging_df.store import delta
+from healthimaging_df.store import delta, layout, single
+from healthimaging_df.store.errors import translated
+from healthimaging_df.store.iceberg import IcebergFormat, IcebergTarget
+from healthimaging_df.store.layout import DERIVED_COLUMNS, FILE_ORDER, derive_columns, file_order
 from healthimaging_df.store.redact import SHIFTED_COLUMNS, RedactionPolicy, apply_redaction
+from healthimaging_df.store.rows import RowGroups, TableRows
 from healthimaging_df.store.storage import (
     CHECKPOINT_SUFFIX,
     FORMAT_VERSION,
@@ -49,13 +54,15 @@ from healthimaging_df.store.storage import (
     Target,
     open_target,
 )
-from healthimaging_df.store.tables import (
-    frame_to_table,
-    iso,
-    table_to_frame,
-    table_watermark,
-    write_parquet,
+from healthimaging_df.store.table_format import (
+    TableFormat,
+    TableInfo,
+    TableVersion,
+    check_filter,
+    check_partition_types,
+    filter_expression,
 )
+from healthimaging_df.store.tables import frame_to_table, table_to_frame
 
 if TYPE_CHECKING:
     from healthimaging_df.core.progress import Progress
@@ -78,29 +85,133 @@ class ExportableQuery(Protocol):
 __all__ = [
     "CHECKPOINT_SUFFIX",
     "DERIVED_COLUMNS",
+    "FILE_ORDER",
     "FORMAT_VERSION",
     "METADATA_KEY",
     "TARGET_FILE_SIZE",
+    "Location",
     "SnapshotHistory",
     "SnapshotInfo",
+    "TableInfo",
+    "downgrade_snapshot",
     "export_query",
+    "file_order",
     "frame_to_table",
+    "locate",
+    "optimize_snapshot",
     "read_snapshot",
     "redacted_provenance",
     "scan_snapshot",
     "snapshot_history",
+    "snapshot_info",
     "snapshot_provenance",
     "vacuum_snapshot",
     "write_snapshot",
 ]
 
 METADATA_KEY = provenance.KEY
-DERIVED_COLUMNS: dict[str, str] = {"StudyYear": "year of StudyDateTime (derived for partitioning)"}
-# data files of directory snapshots are closed at this size (about 1,500 rows): small enough that a
-# refresh's MERGE rewrites a small part of a large table (at 1 MiB, 100,000 rows in 9 Modality
-# partitions are one file per partition and a MERGE rewrites a quarter of the table), large
-# enough for scans
-TARGET_FILE_SIZE = 128 * 1024
+# data files of table snapshots are closed at this size (about 1,500 rows): small enough that a
+# refresh rewrites a small part of a large table, large enough for scans
+TARGET_FILE_SIZE = layout.DEFAULT_TARGET_FILE_SIZE
+
+
+# -- where a snapshot lives -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Location:
+    """A snapshot's place: a single file (*target*), or a table (*table*, Delta or Iceberg).
+
+    *target* is also where an export's checkpoint and spill files go (beside a file or a Delta
+    folder); an Iceberg table has none (they go to the private local folder).
+    """
+
+    display: str
+    target: Target | None
+    table: TableFormat | None = field(default=None, repr=False)
+
+    @property
+    def single_file(self) -> bool:
+        """Whether the snapshot is one Parquet file."""
+        return self.table is None
+
+    @property
+    def kind(self) -> str:
+        """``"file"``, ``"delta"`` or ``"iceberg"``."""
+        return "file" if self.table is None else self.table.name
+
+
+def locate(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+    kms_key_id: str | None = None,
+) -> Location:
+    """Where *path* (a file or a Delta folder) or *iceberg_table* in *catalog* is; checked only."""
+    if iceberg_table is None:
+        if catalog is not None or warehouse is not None or catalog_properties is not None:
+            raise QueryValidationError("catalog", "catalog and warehouse go with iceberg_table")
+        if path is None:
+            raise QueryValidationError("path", "give a path, or iceberg_table= and catalog=")
+        target = open_target(
+            path,
+            boto3_session=boto3_session,
+            region=region,
+            s3_endpoint_url=s3_endpoint_url,
+            kms_key_id=kms_key_id,
+        )
+        display = os.fspath(path)
+        if target.single_file:
+            return Location(display, target)
+        uri, options = delta_location(target)
+        return Location(display, target, delta.DeltaFormat(uri, options))
+    if path is not None:
+        raise QueryValidationError("path", "give a path or iceberg_table=, not both")
+    if catalog is None:
+        raise QueryValidationError("catalog", "iceberg_table needs catalog= (a catalog URI)")
+    if kms_key_id is not None:
+        raise QueryValidationError(
+            "kms_key_id", "an Iceberg table's encryption is the warehouse bucket's setting"
+        )
+    spec = IcebergTarget(
+        iceberg_table,
+        catalog,
+        warehouse,
+        dict(catalog_properties or {}),
+        boto3_session,
+        region,
+        s3_endpoint_url,
+    )
+    return Location(iceberg_table, None, IcebergFormat(spec))
+
+
+def delta_location(target: Target) -> tuple[str, dict[str, str] | None]:
+    """The Delta table's URI and delta-rs storage options (S3: from the target's session)."""
+    store = target.store
+    uri = store.uri(target.name)
+    if isinstance(store, S3Store):
+        options = delta.s3_storage_options(
+            store.session, endpoint_url=store.endpoint_url, region=store.region
+        )
+        if store.kms_key_id:
+            options["AWS_SERVER_SIDE_ENCRYPTION"] = "aws:kms"
+            options["AWS_SSE_KMS_KEY_ID"] = store.kms_key_id
+        return uri, options
+    return uri, None
+
+
+def _table_of(where: Location) -> TableFormat:
+    if where.table is None:
+        raise QueryValidationError(
+            "path", "history, vacuum and optimize need a table (a directory or iceberg_table=)"
+        )
+    return where.table
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -113,11 +224,11 @@ class SnapshotInfo:
     Attributes
     ----------
     path
-        The snapshot's path as given.
+        The snapshot's path (or Iceberg table identifier) as given.
     rows
         Rows written.
     files
-        Data files of this version (full paths or ``s3://`` URIs; they embed partition values,
+        Data files of this version (full paths or URIs; they embed partition values,
         so keep them out of logs).
     bytes
         Total size of the data files.
@@ -128,11 +239,14 @@ class SnapshotInfo:
     resumed_tasks
         Fetch tasks taken from a checkpoint of an interrupted run (0 for a fresh run).
     version
-        The Delta version this write committed (None for a single-file snapshot).
+        The table version this write committed (Delta version, Iceberg snapshot id; None for
+        a single-file snapshot).
     bytes_written
         Bytes of the data files this write added (equal to *bytes* for a single file).
     glue
         ``"created"`` or ``"updated"`` when a Glue table was registered, else None.
+    format
+        ``"file"``, ``"delta"`` or ``"iceberg"``.
     """
 
     path: str
@@ -145,6 +259,7 @@ class SnapshotInfo:
     version: int | None = None
     bytes_written: int | None = None
     glue: str | None = None
+    format: str = "file"
 
     def __str__(self) -> str:
         resumed = f", resumed {self.resumed_tasks} checkpointed tasks" if self.resumed_tasks else ""
@@ -154,104 +269,31 @@ class SnapshotInfo:
         )
 
 
-# -- write --------------------------------------------------------------------------------------
+# -- argument checks --------------------------------------------------------------------------
 
 
-def write_snapshot(
-    df: pd.DataFrame,
-    path: str | os.PathLike[str],
-    *,
-    partition_cols: Sequence[str] | None = None,
-    redact: RedactionPolicy | None = None,
-    provenance: dict[str, Any] | None = None,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    kms_key_id: str | None = None,
-    compression: str = "zstd",
-    row_group_size: int = 128 * 1024,
-    glue_table: str | None = None,
-) -> SnapshotInfo:
-    """Write *df* as a snapshot, atomically replacing any previous snapshot at *path*.
-
-    Parameters
-    ----------
-    df
-        A frame of this library (its ``attrs`` provenance is stored) or any frame whose columns of
-        schema names have schema-compatible values.
-    path
-        ``….parquet`` for one file; anything else for a Delta table (a new version of it when
-        one is there). Local path or ``s3://bucket/prefix``.
-    partition_cols
-        Hive partition columns (directory snapshots only), e.g. ``["Modality"]``; ``"StudyYear"``
-        is derived from ``StudyDateTime`` when the frame lacks it.
-    redact
-        A :class:`~healthimaging_df.store.redact.RedactionPolicy` to apply first; None writes the frame
-        as it is, PHI included.
-    provenance
-        Provenance to store; ``df.attrs["healthimaging_df"]`` when None.
-    boto3_session, region, s3_endpoint_url
-        How to reach S3 (default session and its region; an endpoint for S3-compatible stores).
-    kms_key_id
-        Encrypt S3 objects with SSE-KMS under this key (ID, alias or ARN).
-    compression, row_group_size
-        Parquet settings (of single-file snapshots; Delta tables are written zstd).
-    glue_table
-        ``"database.table"``: create or update this Glue table for the snapshot (an ``s3://``
-        directory), for Athena and EMR.
-
-    Returns
-    -------
-    SnapshotInfo
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise QueryValidationError("df", "must be a pandas DataFrame")
-    check_redact(redact)
-    check_glue_table(glue_table, path)
-    _check_parquet_options(compression, row_group_size)
-    target = open_target(
-        path,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-        kms_key_id=kms_key_id,
-    )
-    prov = dict(provenance if provenance is not None else df.attrs.get(METADATA_KEY) or {})
-    if redact is not None:
-        if prov.get("redaction"):
-            raise SnapshotError("the frame is already redacted; pass redact=None")
-        df = apply_redaction(df, redact)
-        prov = redacted_provenance(prov, redact)
-    info = write_table(
-        target,
-        os.fspath(path),
-        frame_to_table(df),
-        prov,
-        partition_cols,
-        compression,
-        row_group_size,
-    )
-    return register_glue(target, info, glue_table)
-
-
-def check_glue_table(glue_table: Any, path: Any) -> None:
+def check_glue_table(glue_table: Any, where: Location) -> None:
     """Refuse a Glue registration that cannot work, before anything runs."""
     if glue_table is None:
         return
     if not isinstance(glue_table, str) or glue_table.count(".") != 1:
         raise QueryValidationError("glue_table", "must be 'database.table'")
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
-    if not isinstance(text, str) or not text.startswith("s3://") or text.endswith(".parquet"):
-        raise QueryValidationError("glue_table", "needs an s3:// directory (Delta) snapshot path")
+    if where.kind != "delta" or not where.display.startswith("s3://"):
+        raise QueryValidationError(
+            "glue_table",
+            "needs an s3:// directory (Delta) snapshot path; an Iceberg table is registered by "
+            "its catalog (catalog='glue')",
+        )
 
 
-def register_glue(target: Target, info: SnapshotInfo, glue_table: str | None) -> SnapshotInfo:
+def register_glue(where: Location, info: SnapshotInfo, glue_table: str | None) -> SnapshotInfo:
     """Create or update the Glue table *glue_table* for the Delta table just written."""
     if glue_table is None:
         return info
-    store = target.store
+    assert where.target is not None
+    store = where.target.store
     assert isinstance(store, S3Store)
-    uri, options = delta_location(target)
+    uri, options = delta_location(where.target)
     head = delta.read_table(uri, filters=pc.scalar(False), storage_options=options)
     outcome = delta.register_glue_table(
         glue_table,
@@ -272,28 +314,36 @@ def _glue_endpoint(s3_endpoint: str | None) -> str | None:
     return None
 
 
-def check_partition_cols(target: Target, partition_cols: Sequence[str] | None) -> list[str]:
+def check_partition_cols(where: Location, partition_cols: Sequence[str] | None) -> list[str]:
     """The partition columns, checked against the schema and the path before anything runs."""
     parts = _names_argument("partition_cols", partition_cols) or []
     if len(set(parts)) != len(parts):
         raise QueryValidationError("partition_cols", "names a column twice")
-    if target.single_file and parts:
+    if where.single_file and parts:
         raise QueryValidationError(
             "partition_cols", "needs a directory path (not one ending in .parquet)"
         )
     return parts
 
 
-def _check_schema_partitions(parts: list[str]) -> None:
+def check_schema_partitions(parts: list[str]) -> None:
+    """Partition columns must be text, integer or flag columns of the schema (or StudyYear)."""
     known = set(schema.COLUMN_NAMES) | set(DERIVED_COLUMNS)
     for position, name in enumerate(parts):
         if name not in known:
             raise QueryValidationError(
                 "partition_cols", "must be schema columns (or StudyYear)", position
             )
+        if name in schema.BY_NAME and schema.BY_NAME[name].kind not in ("string", "int", "bool"):
+            raise QueryValidationError(
+                "partition_cols",
+                f"{name!r} is not a text, integer or flag column (a folder per value)",
+                position,
+            )
 
 
 def check_redact(redact: Any) -> None:
+    """*redact* must be a RedactionPolicy or None."""
     if redact is not None and not isinstance(redact, RedactionPolicy):
         raise QueryValidationError("redact", "must be a RedactionPolicy or None")
 
@@ -331,101 +381,193 @@ def _names_argument(argument: str, names: Sequence[str] | None) -> list[str] | N
     return out
 
 
+def _check_foreign_folder(where: Location) -> None:
+    """Refuse, before any request, a Delta path whose folder holds files but no table."""
+    if where.kind == "delta" and where.table is not None:
+        assert isinstance(where.table, delta.DeltaFormat)
+        with translated("writing the snapshot"):
+            kind = delta.log.classify(where.table.uri, where.table.storage_options)
+        if kind == "other":
+            raise QueryValidationError(
+                "path",
+                "the folder holds files but no Delta log (another tool's output); use a new path",
+            )
+
+
 def redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[str, Any]:
     """Provenance without PHI: the query's values and the plan's requests are replaced."""
     return provenance.redacted(prov, policy)
 
 
+# -- write --------------------------------------------------------------------------------------
+
+
+def write_snapshot(
+    df: pd.DataFrame,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    partition_cols: Sequence[str] | None = None,
+    redact: RedactionPolicy | None = None,
+    provenance: dict[str, Any] | None = None,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+    kms_key_id: str | None = None,
+    compression: str = "zstd",
+    row_group_size: int = 128 * 1024,
+    glue_table: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
+) -> SnapshotInfo:
+    """Write *df* as a snapshot, atomically replacing any previous snapshot there.
+
+    Parameters
+    ----------
+    df
+        A frame of this library (its ``attrs`` provenance is stored) or any frame whose columns of
+        schema names have schema-compatible values.
+    path
+        ``….parquet`` for one file; anything else for a Delta table (a new version of it when
+        one is there). Local path or ``s3://bucket/prefix``. Leave it out for Iceberg.
+    partition_cols
+        Hive partition columns (tables only), e.g. ``["Modality"]``; ``"StudyYear"`` (the year
+        of StudyDate, as ``where(StudyYear=...)`` means it) is derived when the frame lacks it.
+        None keeps an existing table's partitioning (none for a new one).
+    redact
+        A :class:`~healthimaging_df.store.redact.RedactionPolicy` to apply first; None writes the frame
+        as it is, PHI included.
+    provenance
+        Provenance to store; ``df.attrs["healthimaging_df"]`` when None.
+    boto3_session, region, s3_endpoint_url
+        How to reach S3 (and Glue): default session and its region; an endpoint for
+        S3-compatible stores.
+    kms_key_id
+        Encrypt S3 objects with SSE-KMS under this key (ID, alias or ARN).
+    compression, row_group_size
+        Parquet settings (of single-file snapshots; tables are written zstd).
+    glue_table
+        ``"database.table"``: create or update this Glue table for the snapshot (an ``s3://``
+        Delta directory), for Athena and EMR.
+    iceberg_table, catalog, warehouse, catalog_properties
+        An Iceberg table instead of *path*: ``"namespace.table"`` in the catalog *catalog*
+        (``sqlite:///…``, ``glue``, ``http(s)://…``), new tables' files under *warehouse*;
+        more pyiceberg catalog properties in *catalog_properties*.
+
+    Returns
+    -------
+    SnapshotInfo
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise QueryValidationError("df", "must be a pandas DataFrame")
+    check_redact(redact)
+    where = locate(
+        path,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
+        boto3_session=boto3_session,
+        region=region,
+        s3_endpoint_url=s3_endpoint_url,
+        kms_key_id=kms_key_id,
+    )
+    check_glue_table(glue_table, where)
+    _check_parquet_options(compression, row_group_size)
+    parts = check_partition_cols(where, partition_cols)
+    prov = dict(provenance if provenance is not None else df.attrs.get(METADATA_KEY) or {})
+    if redact is not None:
+        if prov.get("redaction"):
+            raise SnapshotError("the frame is already redacted; pass redact=None")
+        df = apply_redaction(df, redact)
+        prov = redacted_provenance(prov, redact)
+    del parts  # checked; None (keep a table's partitioning) is passed on as None
+    info = write_table(where, frame_to_table(df), prov, partition_cols, compression, row_group_size)
+    return register_glue(where, info, glue_table)
+
+
 def write_table(
-    target: Target,
-    display_path: str,
-    table: pa.Table | SortedRows,
+    where: Location,
+    table: pa.Table | RowGroups,
     provenance: dict[str, Any],
     partition_cols: Sequence[str] | None,
     compression: str = "zstd",
     row_group_size: int = 128 * 1024,
     redact: Callable[[pa.Table], pa.Table] | None = None,
 ) -> SnapshotInfo:
-    """Write *table* as the snapshot at *target*, its provenance completed (rows, watermark).
+    """Write *table* as the snapshot at *where*, its provenance completed (rows, watermark).
 
-    A single file is written as a stream of row groups, never whole in memory; *redact* (only
-    one that leaves ``updatedAt`` as it is) is then applied one row group at a time. A
-    :class:`SortedRows` (an export's result, on disk) is read a row group at a time for either
-    kind of target: a single file in the result's order, a Delta table as an Arrow stream that
-    delta-rs writes as it reads (the rows must come in :data:`FILE_ORDER`).
+    Rows come as a table or as :class:`~healthimaging_df.store.rows.RowGroups` (an export's result
+    on disk), read a row group at a time: a single file in their order, a table (which must get
+    them in :data:`FILE_ORDER`) as an Arrow stream its writer consumes as it goes. *redact* is
+    applied a row group at a time (only one that leaves ``updatedAt`` as it is).
     """
-    if isinstance(table, SortedRows):
-        if target.single_file:
-            return _write_sorted(
-                target, display_path, table, provenance, compression, row_group_size, redact
-            )
-        return _write_sorted_delta(
-            target, display_path, table, provenance, partition_cols, row_group_size, redact
+    parts = check_partition_cols(where, partition_cols)
+    if isinstance(table, pa.Table):
+        rows: RowGroups = TableRows(table if where.single_file else file_order(table))
+    else:
+        rows = table
+    if where.single_file:
+        assert where.target is not None
+        prov, size = single.write_file(
+            where.target, rows, provenance, compression, row_group_size, redact
         )
-    if redact is not None and not target.single_file:
-        table, redact = redact(table), None
-    parts = check_partition_cols(target, partition_cols)
-    derived = [name for name in parts if name not in table.column_names]
-    table = derive_columns(table, derived)
-    _check_partition_types(table.schema, parts)
-
-    columns = table.column_names if redact is None else redact(table.slice(0, 0)).column_names
-    watermark = table_watermark(table) if "updatedAt" in columns else None
-    prov, file_meta = _file_metadata(provenance, table.num_rows, watermark, columns, parts, derived)
-    store = target.store
-    if target.single_file:
-        groups = _row_groups(table, row_group_size, redact)
-        size = store.put_stream(
-            target.name,
-            lambda sink: write_parquet(sink, groups, file_meta, compression, row_group_size),
-        )
+        uri = where.target.store.uri(where.target.name)
         return SnapshotInfo(
-            display_path,
-            table.num_rows,
-            (store.uri(target.name),),
-            size,
-            (),
-            prov,
-            bytes_written=size,
+            where.display, rows.num_rows, (uri,), size, (), prov, bytes_written=size
         )
-    return _write_delta(target, display_path, file_order(table), table.num_rows, prov, parts)
+    if partition_cols is None and where.table is not None and where.table.exists():
+        parts = list(where.table.head().partition_by)  # None keeps the table's partitioning
+    return _write_table_format(where, rows, provenance, parts, row_group_size, redact)
 
 
-def _check_partition_types(table_schema: pa.Schema, parts: list[str]) -> None:
-    for name in parts:
-        kind = table_schema.field(name).type
-        if not (pa.types.is_string(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
-            raise SnapshotError(f"partition column {name!r} must hold text, integers or flags")
-    if len(parts) >= len(table_schema.names):
-        raise SnapshotError("partition_cols cannot cover every column")
-
-
-def _write_delta(
-    target: Target,
-    display_path: str,
-    data: pa.Table | pa.RecordBatchReader,
-    rows: int,
-    prov: dict[str, Any],
+def _write_table_format(
+    where: Location,
+    rows: RowGroups,
+    provenance: dict[str, Any],
     parts: list[str],
+    row_group_size: int,
+    redact: Callable[[pa.Table], pa.Table] | None,
 ) -> SnapshotInfo:
-    """Commit *data* (*rows* rows, in file order) as the Delta table at *target*."""
-    uri, options = delta_location(target)
+    """Stream *rows* into the table at *where* in one commit.
+
+    Each row group is redacted and given its derived columns as it is read; the table writer
+    consumes the stream file by file, so memory holds a row group and the writer's open files.
+    """
+    table = where.table
+    assert table is not None
+    columns = rows.column_names if redact is None else redact(rows.empty()).column_names
+    derived = [name for name in parts if name not in columns]
+    groups = rows.groups(row_group_size)
+    if redact is not None:
+        groups = (redact(group) for group in groups)
+    groups = (derive_columns(group, derived) for group in groups)
+    first = next(groups)  # an export's bucketing pass runs here; no rows is one empty group
     try:
-        result = delta.write_table(
-            uri,
-            data,
+        check_partition_types(first.schema, parts)
+    except QueryValidationError as exc:
+        raise SnapshotError(f"writing the snapshot: {exc}") from None
+    watermark = rows.watermark if "updatedAt" in columns else None
+    prov, _ = single.complete_provenance(
+        provenance, rows.num_rows, watermark, columns, parts, derived
+    )
+    batches = (batch for group in itertools.chain([first], groups) for batch in group.to_batches())
+    reader = pa.RecordBatchReader.from_batches(first.schema, batches)
+    try:
+        result = table.write(
+            reader,
             prov,
             partition_by=parts,
-            storage_options=options,
+            num_rows=rows.num_rows,
             target_file_size=TARGET_FILE_SIZE,
-            num_rows=rows,
         )
     except SnapshotConflictError:
         raise
     except QueryValidationError as exc:
         raise SnapshotError(f"writing the snapshot: {exc}") from None
     return SnapshotInfo(
-        display_path,
+        where.display,
         result.rows,
         result.files,
         result.bytes,
@@ -433,144 +575,8 @@ def _write_delta(
         prov,
         version=result.version,
         bytes_written=result.bytes_written,
+        format=table.name,
     )
-
-
-def _write_sorted_delta(
-    target: Target,
-    display_path: str,
-    rows: SortedRows,
-    provenance: dict[str, Any],
-    partition_cols: Sequence[str] | None,
-    row_group_size: int,
-    redact: Callable[[pa.Table], pa.Table] | None,
-) -> SnapshotInfo:
-    """:func:`write_table` of an export's result on disk to a Delta table, streamed.
-
-    Each row group is redacted and given its derived columns as it is read; delta-rs consumes the
-    stream file by file, so memory holds a row group and delta-rs' open files, not the result.
-    """
-    parts = check_partition_cols(target, partition_cols)
-    columns = rows.column_names if redact is None else redact(rows.empty()).column_names
-    derived = [name for name in parts if name not in columns]
-    groups = rows.groups(row_group_size)
-    if redact is not None:
-        groups = (redact(group) for group in groups)
-    groups = (derive_columns(group, derived) for group in groups)
-    first = next(groups)  # the bucketing pass runs here; an empty result is one empty group
-    _check_partition_types(first.schema, parts)
-    watermark = rows.watermark if "updatedAt" in columns else None
-    prov, _ = _file_metadata(provenance, rows.num_rows, watermark, columns, parts, derived)
-    batches = (batch for group in itertools.chain([first], groups) for batch in group.to_batches())
-    reader = pa.RecordBatchReader.from_batches(first.schema, batches)
-    return _write_delta(target, display_path, reader, rows.num_rows, prov, parts)
-
-
-def _file_metadata(
-    provenance: dict[str, Any],
-    rows: int,
-    watermark: datetime | None,
-    columns: list[str],
-    parts: list[str],
-    derived: list[str],
-) -> tuple[dict[str, Any], dict[bytes, bytes]]:
-    """The completed provenance and the file's footer metadata."""
-    prov = dict(provenance)
-    prov.setdefault("schema_version", schema.SCHEMA_VERSION)
-    prov.setdefault("library_version", __version__)
-    prov.setdefault("redaction", None)
-    prov["row_count"] = rows
-    prov["watermark"] = iso(watermark)
-    meta = {
-        "format": "healthimaging_df.snapshot",
-        "format_version": FORMAT_VERSION,
-        "written_at": datetime.now(timezone.utc).isoformat(),
-        "written_by": __version__,
-        "partition_cols": parts,
-        "derived_columns": derived,
-        "columns": [c for c in columns if c not in derived],
-        "provenance": prov,
-    }
-    return prov, {METADATA_KEY.encode(): json.dumps(meta, sort_keys=True).encode()}
-
-
-def _write_sorted(
-    target: Target,
-    display_path: str,
-    rows: SortedRows,
-    provenance: dict[str, Any],
-    compression: str,
-    row_group_size: int,
-    redact: Callable[[pa.Table], pa.Table] | None,
-) -> SnapshotInfo:
-    """:func:`write_table` of an export's result on disk to a single file, a row group at a time."""
-    columns = rows.column_names if redact is None else redact(rows.empty()).column_names
-    watermark = rows.watermark if "updatedAt" in columns else None
-    prov, file_meta = _file_metadata(provenance, rows.num_rows, watermark, columns, [], [])
-    groups = rows.groups(row_group_size)
-    if redact is not None:
-        groups = (redact(group) for group in groups)
-    store = target.store
-    size = store.put_stream(
-        target.name,
-        lambda sink: write_parquet(sink, groups, file_meta, compression, row_group_size),
-    )
-    return SnapshotInfo(
-        display_path, rows.num_rows, (store.uri(target.name),), size, (), prov, bytes_written=size
-    )
-
-
-def _row_groups(
-    table: pa.Table, rows: int, redact: Callable[[pa.Table], pa.Table] | None
-) -> Iterator[pa.Table]:
-    """*table* whole, or redacted in slices of *rows* rows (the file's row groups)."""
-    if redact is None:
-        yield table
-        return
-    for start in range(0, max(table.num_rows, 1), rows):
-        yield redact(table.slice(start, rows))
-
-
-def derive_columns(table: pa.Table, names: Sequence[str]) -> pa.Table:
-    """*table* with the derived columns *names* appended (``StudyYear`` from ``StudyDateTime``)."""
-    for name in names:
-        if name in table.column_names:
-            continue
-        if name == "StudyYear" and "StudyDateTime" in table.column_names:
-            year = pc.cast(pc.year(table.column("StudyDateTime")), pa.int64())
-            table = table.append_column("StudyYear", year)
-        else:
-            raise SnapshotError(f"partition column {name!r} is not in the frame")
-    return table
-
-
-# A Delta snapshot's rows by createdAt (ties by imageSetId), whatever the query's order
-FILE_ORDER = ("createdAt", True)
-
-
-def file_order(table: pa.Table) -> pa.Table:
-    """Rows in :data:`FILE_ORDER` (then imageSetId): a refresh then rewrites few files.
-
-    Changes in HealthImaging concentrate on recently imported image sets; with rows in creation
-    order they sit in the last files of each partition, and a MERGE rewrites only those.
-    """
-    keys = [(c, "ascending") for c in (FILE_ORDER[0], "imageSetId") if c in table.column_names]
-    return table.sort_by(keys) if keys else table
-
-
-def delta_location(target: Target) -> tuple[str, dict[str, str] | None]:
-    """The Delta table's URI and delta-rs storage options (S3: from the target's session)."""
-    store = target.store
-    uri = store.uri(target.name)
-    if isinstance(store, S3Store):
-        options = delta.s3_storage_options(
-            store.session, endpoint_url=store.endpoint_url, region=store.region
-        )
-        if store.kms_key_id:
-            options["AWS_SERVER_SIDE_ENCRYPTION"] = "aws:kms"
-            options["AWS_SSE_KMS_KEY_ID"] = store.kms_key_id
-        return uri, options
-    return uri, None
 
 
 # -- read ---------------------------------------------------------------------------------------
@@ -585,7 +591,7 @@ def _check_chunk_rows(chunk_rows: Any) -> None:
 
 @overload
 def read_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = ...,
     *,
     dtype_backend: schema.DtypeBackend = ...,
     columns: Sequence[str] | None = ...,
@@ -596,12 +602,16 @@ def read_snapshot(
     boto3_session: Any = ...,
     region: str | None = ...,
     s3_endpoint_url: str | None = ...,
+    iceberg_table: str | None = ...,
+    catalog: str | None = ...,
+    warehouse: str | None = ...,
+    catalog_properties: Mapping[str, str] | None = ...,
 ) -> pd.DataFrame: ...
 
 
 @overload
 def read_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = ...,
     *,
     dtype_backend: schema.DtypeBackend = ...,
     columns: Sequence[str] | None = ...,
@@ -612,11 +622,15 @@ def read_snapshot(
     boto3_session: Any = ...,
     region: str | None = ...,
     s3_endpoint_url: str | None = ...,
+    iceberg_table: str | None = ...,
+    catalog: str | None = ...,
+    warehouse: str | None = ...,
+    catalog_properties: Mapping[str, str] | None = ...,
 ) -> Iterator[pd.DataFrame]: ...
 
 
 def read_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     dtype_backend: schema.DtypeBackend = "numpy_nullable",
     columns: Sequence[str] | None = None,
@@ -627,14 +641,18 @@ def read_snapshot(
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> pd.DataFrame | Iterator[pd.DataFrame]:
     """Read a snapshot back as a typed frame with its provenance in ``attrs``.
 
     Parameters
     ----------
     path
-        What ``write_snapshot``/``to_parquet`` wrote: a ``.parquet`` file or a snapshot directory
-        (a Delta table).
+        What ``write_snapshot``/``to_parquet``/``to_delta`` wrote: a ``.parquet`` file or a
+        snapshot directory (a Delta table). Leave it out for Iceberg.
     dtype_backend
         ``"numpy_nullable"`` or ``"pyarrow"``.
     columns
@@ -643,41 +661,50 @@ def read_snapshot(
         Row filter: a ``pyarrow.compute`` expression or DNF tuples as in ``pandas.read_parquet``
         (``[("Modality", "==", "CT")]``); partition filters skip whole files.
     version, as_of
-        Time travel (directory snapshots): the version numbered *version* (see
-        :func:`snapshot_history`), or the latest version committed at or before *as_of* (naive
-        means UTC). Both None: the latest.
+        Time travel (tables): the version numbered *version* (a Delta version, an Iceberg
+        snapshot id; see :func:`snapshot_history`), or the latest version committed at or before
+        *as_of* (naive means UTC). Both None: the latest.
     chunk_rows
         Yield frames of at most this many rows instead of one frame (bounded memory; each frame
         typed and with the provenance in ``attrs``; rows in file order).
     boto3_session, region, s3_endpoint_url
-        How to reach S3.
+        How to reach S3 (and Glue).
+    iceberg_table, catalog, warehouse, catalog_properties
+        An Iceberg table instead of *path* (see :func:`write_snapshot`).
 
     Returns
     -------
     pandas.DataFrame or iterator of pandas.DataFrame
-        The same columns, dtypes and values as written. A directory snapshot comes back in the
-        query's result order (sort column, then imageSetId).
+        The same columns, dtypes and values as written. A table comes back in the query's
+        result order (sort column, then imageSetId).
     """
     if dtype_backend not in schema.DTYPE_BACKENDS:
         raise QueryValidationError("dtype_backend", f"must be one of {schema.DTYPE_BACKENDS}")
     columns = _names_argument("columns", columns)
     _check_chunk_rows(chunk_rows)
-    target = open_target(
-        path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
+    where = locate(
+        path,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
+        boto3_session=boto3_session,
+        region=region,
+        s3_endpoint_url=s3_endpoint_url,
     )
-    _check_time_travel(target, version, as_of)
+    _check_time_travel(where, version, as_of)
     if chunk_rows is not None:
-        return _read_chunks(target, columns, filters, version, as_of, chunk_rows, dtype_backend)
-    table, meta = read_table(target, columns, filters, version=version, as_of=as_of)
+        return _read_chunks(where, columns, filters, version, as_of, chunk_rows, dtype_backend)
+    table, meta = read_table(where, columns, filters, version=version, as_of=as_of)
     order = list(columns) if columns is not None else meta["columns"]
     frame = table_to_frame(table, dtype_backend, order)
-    if (meta["partition_cols"] or not target.single_file) and columns is None:
+    if (meta["partition_cols"] or not where.single_file) and columns is None:
         frame = _canonical_order(frame, meta["provenance"])
     frame.attrs[METADATA_KEY] = dict(meta["provenance"])
     return frame
 
 
-def _check_time_travel(target: Target, version: Any, as_of: Any) -> None:
+def _check_time_travel(where: Location, version: Any, as_of: Any) -> None:
     if version is not None and as_of is not None:
         raise QueryValidationError("version", "give version or as_of, not both")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
@@ -686,69 +713,14 @@ def _check_time_travel(target: Target, version: Any, as_of: Any) -> None:
         raise QueryValidationError("version", "must be a version number (int >= 0)")
     if as_of is not None and not isinstance(as_of, datetime):
         raise QueryValidationError("as_of", "must be a datetime")
-    if target.single_file and (version is not None or as_of is not None):
+    if where.single_file and (version is not None or as_of is not None):
         raise QueryValidationError(
-            "version", "time travel needs a directory (Delta) snapshot, not a .parquet file"
+            "version", "time travel needs a table (a directory or iceberg_table=), not a file"
         )
 
 
-def _read_chunks(
-    target: Target,
-    columns: list[str] | None,
-    filters: Any,
-    version: int | None,
-    as_of: datetime | None,
-    chunk_rows: int,
-    dtype_backend: schema.DtypeBackend,
-) -> Iterator[pd.DataFrame]:
-    """Frames of at most *chunk_rows* rows, checked and opened before the first one is asked for."""
-    expression = delta.filter_expression(filters)
-    if target.single_file:
-        meta = _single_meta(target)
-        location = target.store.arrow_path(target.name)
-        try:
-            scan = pads.dataset(location, filesystem=target.store.arrow_fs, format="parquet")
-        except (FileNotFoundError, OSError) as exc:
-            raise SnapshotError("reading the snapshot failed: the file cannot be read") from exc
-    else:
-        uri, options = delta_location(target)
-        meta, scan = _delta_scan(uri, options, version, as_of)
-    names = meta["columns"]
-    wanted = _columns(columns, meta)
-    delta.check_filter(expression, scan.schema.remove_metadata())
-    order = list(columns) if columns is not None else names
-    read = wanted if wanted is not None else names
-    prov = dict(meta["provenance"])
-
-    def frames() -> Iterator[pd.DataFrame]:
-        try:
-            batches = scan.to_batches(columns=read, filter=expression, batch_size=chunk_rows)
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                frame = table_to_frame(pa.Table.from_batches([batch]), dtype_backend, order)
-                frame.attrs[METADATA_KEY] = dict(prov)
-                yield frame
-        except (OSError, pa.ArrowException):
-            raise SnapshotError(
-                "reading the snapshot failed: a data file is damaged or missing"
-            ) from None
-
-    return frames()
-
-
-def _delta_scan(
-    uri: str, options: dict[str, str] | None, version: int | None, as_of: datetime | None
-) -> tuple[dict[str, Any], pads.Dataset]:
-    scan = delta.dataset(uri, version=version, as_of=as_of, storage_options=options)
-    head = delta.read_table(
-        uri, version=version, as_of=as_of, filters=pc.scalar(False), storage_options=options
-    )
-    return _delta_meta(head), scan
-
-
-def _delta_meta(read: delta.TableVersion) -> dict[str, Any]:
-    """The snapshot description of one Delta version (its columns, partitions, provenance)."""
+def _table_meta(read: TableVersion) -> dict[str, Any]:
+    """The snapshot description of one table version (its columns, partitions, provenance)."""
     parts = list(read.partition_by)
     derived = [c for c in parts if c in DERIVED_COLUMNS]
     return {
@@ -762,7 +734,7 @@ def _delta_meta(read: delta.TableVersion) -> dict[str, Any]:
 
 
 def read_table(
-    target: Target,
+    where: Location,
     columns: Sequence[str] | None,
     filters: Any,
     *,
@@ -770,54 +742,27 @@ def read_table(
     as_of: datetime | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """The rows of a snapshot (derived columns dropped unless named) and its description."""
-    store = target.store
-    expression = delta.filter_expression(filters)
-    if target.single_file:
-        meta = _single_meta(target)
-        location = store.arrow_path(target.name)
-        file_schema = pq.read_schema(location, filesystem=store.arrow_fs)
-        delta.check_filter(expression, file_schema.remove_metadata())
-        table = pq.read_table(
-            location,
-            filesystem=store.arrow_fs,
-            columns=_columns(columns, meta),
-            filters=expression,
-            partitioning=None,
-        )
-        return table.replace_schema_metadata(None), meta
-
-    uri, options = delta_location(target)
+    expression = filter_expression(filters)
+    if where.table is None:
+        assert where.target is not None
+        meta = single.describe(where.target)
+        table, meta = single.read_file(where.target, _columns(columns, meta), expression)
+        return table, meta
+    fmt = where.table
+    wanted = None
     if columns is not None or expression is not None:
-        head = delta.read_table(
-            uri, version=version, as_of=as_of, filters=pc.scalar(False), storage_options=options
-        )
-        meta = _delta_meta(head)
+        head = fmt.head(version=version, as_of=as_of)
+        meta = _table_meta(head)
         wanted = _columns(columns, meta)
-        delta.check_filter(expression, head.table.schema)
-    else:
-        wanted = None
-    read = delta.read_table(
-        uri,
-        version=version,
-        as_of=as_of,
-        columns=wanted,
-        filters=expression,
-        storage_options=options,
-    )
-    meta = _delta_meta(read)
+        check_filter(expression, head.table.schema)
+        if head.version != version and version is None and as_of is None:
+            version = head.version  # the same version as the head, whatever commits meanwhile
+    read = fmt.read(version=version, as_of=as_of, columns=wanted, filters=expression)
+    meta = _table_meta(read)
     table = read.table
     if columns is None:
         table = table.drop_columns([c for c in meta["derived_columns"] if c in table.column_names])
     return table, meta
-
-
-def _single_meta(target: Target) -> dict[str, Any]:
-    store = target.store
-    try:
-        file_schema = pq.read_schema(store.arrow_path(target.name), filesystem=store.arrow_fs)
-    except (FileNotFoundError, OSError) as exc:
-        raise SnapshotError(f"no snapshot at {store.uri(target.name)}") from exc
-    return _file_meta(file_schema.metadata, store.uri(target.name))
 
 
 def _columns(columns: Sequence[str] | None, meta: dict[str, Any]) -> list[str] | None:
@@ -830,17 +775,43 @@ def _columns(columns: Sequence[str] | None, meta: dict[str, Any]) -> list[str] |
     return list(columns)
 
 
-def _file_meta(metadata: dict[bytes, bytes] | None, where: str) -> dict[str, Any]:
-    raw = (metadata or {}).get(METADATA_KEY.encode())
-    if raw is None:
-        raise SnapshotError(f"{where} has no healthimaging_df metadata; read it with pandas")
-    try:
-        meta: dict[str, Any] = json.loads(raw)
-    except ValueError:
-        raise SnapshotError(f"{where} has damaged healthimaging_df metadata") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("provenance"), dict):
-        raise SnapshotError(f"{where} has damaged healthimaging_df metadata")
-    return meta
+def _read_chunks(
+    where: Location,
+    columns: list[str] | None,
+    filters: Any,
+    version: int | None,
+    as_of: datetime | None,
+    chunk_rows: int,
+    dtype_backend: schema.DtypeBackend,
+) -> Iterator[pd.DataFrame]:
+    """Frames of at most *chunk_rows* rows, checked and opened before the first one is asked for."""
+    expression = filter_expression(filters)
+    if where.table is None:
+        assert where.target is not None
+        meta = single.describe(where.target)
+        scan = single.dataset(where.target)
+    else:
+        head = where.table.head(version=version, as_of=as_of)
+        meta = _table_meta(head)
+        scan = where.table.scan(version=head.version)
+    names = meta["columns"]
+    wanted = _columns(columns, meta)
+    check_filter(expression, scan.schema.remove_metadata())
+    order = list(columns) if columns is not None else names
+    read = wanted if wanted is not None else names
+    prov = dict(meta["provenance"])
+
+    def frames() -> Iterator[pd.DataFrame]:
+        with translated("reading the snapshot"):
+            batches = scan.to_batches(columns=read, filter=expression, batch_size=chunk_rows)
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                frame = table_to_frame(pa.Table.from_batches([batch]), dtype_backend, order)
+                frame.attrs[METADATA_KEY] = dict(prov)
+                yield frame
+
+    return frames()
 
 
 def _sort_spec(provenance: dict[str, Any]) -> tuple[str, bool]:
@@ -864,71 +835,142 @@ def _canonical_order(frame: pd.DataFrame, provenance: dict[str, Any]) -> pd.Data
 
 
 def snapshot_provenance(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     version: int | None = None,
     as_of: datetime | None = None,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The provenance of a snapshot (of one version, the latest by default), without its rows."""
-    target = open_target(
-        path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
+    where = locate(
+        path,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
+        boto3_session=boto3_session,
+        region=region,
+        s3_endpoint_url=s3_endpoint_url,
     )
-    _check_time_travel(target, version, as_of)
-    if target.single_file:
-        return dict(_single_meta(target)["provenance"])
-    uri, options = delta_location(target)
-    head = delta.read_table(
-        uri, version=version, as_of=as_of, filters=pc.scalar(False), storage_options=options
-    )
-    return dict(head.provenance)
+    _check_time_travel(where, version, as_of)
+    if where.table is None:
+        assert where.target is not None
+        return dict(single.describe(where.target)["provenance"])
+    return dict(where.table.head(version=version, as_of=as_of).provenance)
 
 
 def scan_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     version: int | None = None,
     as_of: datetime | None = None,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> pads.Dataset:
     """A lazy ``pyarrow.dataset.Dataset`` of a snapshot, for DuckDB, Polars and Dask.
 
-    Typed as written, with partition pruning; a directory snapshot at one version (latest by
-    default; *version* / *as_of* as in :func:`read_snapshot`). Files are opened when scanned.
+    Typed as written, with partition pruning; a table at one version (latest by default;
+    *version* / *as_of* as in :func:`read_snapshot`). Every data file is checked against the
+    table's log (there, with the recorded size) first; files are opened when scanned.
     """
-    target = open_target(
-        path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
+    where = locate(
+        path,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
+        boto3_session=boto3_session,
+        region=region,
+        s3_endpoint_url=s3_endpoint_url,
     )
-    _check_time_travel(target, version, as_of)
-    if target.single_file:
-        _single_meta(target)
-        return pads.dataset(
-            target.store.arrow_path(target.name), filesystem=target.store.arrow_fs, format="parquet"
-        )
-    uri, options = delta_location(target)
-    return delta.dataset(uri, version=version, as_of=as_of, storage_options=options)
+    _check_time_travel(where, version, as_of)
+    if where.table is None:
+        assert where.target is not None
+        return single.dataset(where.target)
+    return where.table.scan(version=version, as_of=as_of)
+
+
+def _table_location(
+    path: str | os.PathLike[str] | None,
+    boto3_session: Any,
+    region: str | None,
+    s3_endpoint_url: str | None,
+    iceberg: dict[str, Any],
+) -> TableFormat:
+    where = locate(
+        path,
+        boto3_session=boto3_session,
+        region=region,
+        s3_endpoint_url=s3_endpoint_url,
+        **iceberg,
+    )
+    return _table_of(where)
 
 
 def snapshot_history(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Every version of a directory snapshot, newest first.
+    """Every version of a table snapshot, newest first.
 
-    Columns: ``version``, ``timestamp`` (UTC), ``operation`` (WRITE, MERGE, VACUUM END...),
-    ``rows_added``, ``rows_updated``, ``rows_removed`` and ``provenance`` (a dict).
+    Columns: ``version`` (a Delta version, an Iceberg snapshot id), ``timestamp`` (UTC),
+    ``operation`` (WRITE, MERGE, VACUUM END, OPTIMIZE...), ``rows_added``, ``rows_updated``,
+    ``rows_removed`` and ``provenance`` (a dict). :func:`snapshot_info` gives the protocol.
     """
-    target = _directory_target(path, boto3_session, region, s3_endpoint_url)
-    uri, options = delta_location(target)
-    history: pd.DataFrame = SnapshotHistory(delta.history(uri, storage_options=options))
+    iceberg = {
+        "iceberg_table": iceberg_table,
+        "catalog": catalog,
+        "warehouse": warehouse,
+        "catalog_properties": catalog_properties,
+    }
+    rows = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).history()
+    history: pd.DataFrame = SnapshotHistory(rows)
     return history
+
+
+def snapshot_info(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
+) -> TableInfo:
+    """A table snapshot's format, version, protocol and features, rows, files and provenance.
+
+    A Delta table written by this library declares ``{"min_reader_version": 1,
+    "min_writer_version": 2}`` and no features; one written before it used reader 3 and the
+    ``timestampNtz`` feature until :func:`downgrade_snapshot` rewrote it. An Iceberg table
+    gives its ``format_version``.
+    """
+    iceberg = {
+        "iceberg_table": iceberg_table,
+        "catalog": catalog,
+        "warehouse": warehouse,
+        "catalog_properties": catalog_properties,
+    }
+    return _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).info()
 
 
 # provenance entries shown in a history's display: none holds a value of the query
@@ -970,33 +1012,80 @@ def _provenance_shown(prov: Any) -> str:
 
 
 def vacuum_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     retain: timedelta,
     dry_run: bool = True,
     boto3_session: Any = None,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> int:
     """Delete data files no version of the last *retain* needs; returns how many (would) go.
 
-    Versions older than *retain* cannot be read afterwards. ``dry_run=True`` (the default) only
-    counts. *retain* is rounded up to whole hours.
+    Versions older than *retain* cannot be read afterwards (Iceberg: their snapshots are
+    expired). ``dry_run=True`` (the default) only counts. Delta rounds *retain* up to hours.
     """
-    target = _directory_target(path, boto3_session, region, s3_endpoint_url)
-    uri, options = delta_location(target)
-    return delta.vacuum(uri, retain=retain, dry_run=dry_run, storage_options=options)
+    iceberg = {
+        "iceberg_table": iceberg_table,
+        "catalog": catalog,
+        "warehouse": warehouse,
+        "catalog_properties": catalog_properties,
+    }
+    table = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg)
+    return table.expire(retain, dry_run=dry_run)
 
 
-def _directory_target(
-    path: str | os.PathLike[str], boto3_session: Any, region: str | None, endpoint: str | None
-) -> Target:
-    target = open_target(path, boto3_session=boto3_session, region=region, s3_endpoint_url=endpoint)
-    if target.single_file:
-        raise QueryValidationError(
-            "path", "history and vacuum need a directory (Delta) snapshot, not a .parquet file"
-        )
-    return target
+def optimize_snapshot(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
+) -> int | None:
+    """Compact a table's files into ``createdAt``-sorted files of the target size, on request.
+
+    Refreshes keep the layout, but many small refreshes (sync) leave small files: this rewrites
+    them in one commit (rows and provenance unchanged). Returns the new version, or None when
+    nothing was rewritten.
+    """
+    iceberg = {
+        "iceberg_table": iceberg_table,
+        "catalog": catalog,
+        "warehouse": warehouse,
+        "catalog_properties": catalog_properties,
+    }
+    table = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg)
+    return table.optimize(target_file_size=TARGET_FILE_SIZE).version
+
+
+def downgrade_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    boto3_session: Any = None,
+    region: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> dict[str, int]:
+    """Rewrite a Delta snapshot written at reader 3 (``timestampNtz``) at reader 1 / writer 2.
+
+    A one-time step for tables written before this version, so Athena and older Spark,
+    Snowflake and Databricks read them: the path stays, earlier versions stay readable, the
+    table gets a new id (``CREATE OR REPLACE``), and between its two commits a reader sees no
+    rows (run it when nothing reads the table). Returns the protocol after.
+    """
+    where = locate(
+        path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
+    )
+    if not isinstance(where.table, delta.DeltaFormat):
+        raise QueryValidationError("path", "downgrade applies to a Delta (directory) snapshot")
+    return where.table.downgrade()
 
 
 # -- export with checkpoints ----------------------------------------------------------------
@@ -1004,7 +1093,7 @@ def _directory_target(
 
 def export_query(
     query: ExportableQuery,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     client: Any = None,
     boto3_session: Any = None,
@@ -1020,32 +1109,37 @@ def export_query(
     kms_key_id: str | None = None,
     compression: str = "zstd",
     glue_table: str | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> SnapshotInfo:
-    """Run *query* and write its result as a snapshot at *path*, checkpointing as it goes.
+    """Run *query* and write its result as a snapshot, checkpointing as it goes.
 
-    Every option (partition columns against the schema, the output path's folder, the checkpoint
-    interval, the fetch settings) is checked before the first request. Finished fetch tasks
-    (request chains, or createdAt windows of a scan) and their rows are saved at most every
-    *checkpoint_interval* seconds: next to the target (``<path>.ahi-checkpoint``), or for a
-    redacted export in a private local folder (mode 0700) under the user's cache directory
-    (``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``), never at the destination. If
-    the process dies, the same call resumes from there: the result equals an uninterrupted run.
-    The checkpoint is deleted once the snapshot is written. It holds unredacted rows (PHI).
-    Matching rows wait on disk, not in memory, until the file is written in order a row group at a
-    time: in the checkpoint, and in a private spill folder (mode 0700) beside a local target, in
-    the private checkpoint folder for a redacted export, else the system's temporary folder. The
-    spill folder is removed when the export ends, or by the next run after a kill.
+    Every option (partition columns against the schema, the output path's folder, a folder of
+    another tool's files, the checkpoint interval, the fetch settings) is checked before the
+    first request. Finished fetch tasks (request chains, or createdAt windows of a scan) and
+    their rows are saved at most every *checkpoint_interval* seconds: next to the target
+    (``<path>.ahi-checkpoint``), or for a redacted export or an Iceberg table in a private local
+    folder (mode 0700) under the user's cache directory (``$HEALTHIMAGING_DF_CACHE`` or
+    ``~/.cache/healthimaging_df``). If the process dies, the same call resumes from there: the
+    result equals an uninterrupted run. The checkpoint is deleted once the snapshot is written.
+    It holds unredacted rows (PHI). Matching rows wait on disk, not in memory, until the
+    snapshot is written a row group at a time; the spill folder is removed when the export ends,
+    or by the next run after a kill.
 
     Parameters
     ----------
     query
-        The query (``Query.to_parquet`` calls this).
+        The query (``Query.to_parquet`` / ``to_delta`` / ``to_iceberg`` call this).
     path
         Where to write; see :func:`write_snapshot`.
     client, boto3_session, progress, max_concurrency, max_tps
         As in ``Query.to_dataframe``; *boto3_session* also reaches S3.
     partition_cols, redact, region, s3_endpoint_url, kms_key_id, compression, glue_table
         As in :func:`write_snapshot`.
+    iceberg_table, catalog, warehouse, catalog_properties
+        An Iceberg table instead of *path*, as in :func:`write_snapshot`.
     resume
         Continue from a checkpoint of the same query if there is one; False starts afresh.
     checkpoint_interval
@@ -1056,36 +1150,48 @@ def export_query(
     SnapshotInfo
     """
     check_redact(redact)
-    check_glue_table(glue_table, path)
     _check_parquet_options(compression, 128 * 1024)
     if isinstance(checkpoint_interval, bool) or not (
         isinstance(checkpoint_interval, (int, float)) and 0 <= checkpoint_interval < float("inf")
     ):
         raise QueryValidationError("checkpoint_interval", "must be a number of seconds >= 0")
-    target = open_target(
+    if not isinstance(resume, bool):
+        raise QueryValidationError("resume", "must be True or False")
+    where = locate(
         path,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
         boto3_session=boto3_session,
         region=region,
         s3_endpoint_url=s3_endpoint_url,
         kms_key_id=kms_key_id,
     )
-    parts = check_partition_cols(target, partition_cols)
-    _check_schema_partitions(parts)
-    target.store.check_writable()
+    check_glue_table(glue_table, where)
+    parts = check_partition_cols(where, partition_cols)
+    check_schema_partitions(parts)
+    if where.target is not None:
+        where.target.store.check_writable()
+    _check_foreign_folder(where)
     run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
-    display = os.fspath(path)
 
-    def write(table: pa.Table | SortedRows, info: dict[str, Any]) -> SnapshotInfo:
-        written = _finish_write(target, display, table, info, parts, redact, compression)
-        return register_glue(target, written, glue_table)
+    def write(table: pa.Table | RowGroups, info: dict[str, Any]) -> SnapshotInfo:
+        written = _finish_write(where, table, info, partition_cols, redact, compression)
+        return register_glue(where, written, glue_table)
 
     if query.row_limit is not None:  # a small, sorted result: no checkpoints needed
         return engine.export(query.compile(), query.to_json(), run, write)
+    destination = _destination_key(where)
     # a redacted export's checkpoint and spill files hold raw rows: never beside the target
-    location = private_store(target.store.uri(target.name)) if redact is not None else None
+    private = redact is not None or where.target is None
+    location = private_store(destination) if private else None
     spill_parent = (
-        str(private_root()) if redact is not None else target.store.folder_of(target.name)
+        str(private_root())
+        if private or where.target is None
+        else where.target.store.folder_of(where.target.name)
     )
+    target = where.target if where.target is not None else _private_target(destination)
     checkpoint = Checkpoint(target, fingerprint(query.to_json()), location)
     coverage = checkpoint.load() if resume else None
     if not resume:
@@ -1108,8 +1214,8 @@ def export_query(
         coverage,
         checkpoint_interval,
         spill_parent,
-        spill_prefix(target.store.uri(target.name)),
-        order=None if target.single_file else FILE_ORDER,
+        spill_prefix(destination),
+        order=None if where.single_file else FILE_ORDER,
     )
     checkpoint.discard()
     if checkpoint.resumed_tasks:
@@ -1117,17 +1223,31 @@ def export_query(
     return info
 
 
+def _destination_key(where: Location) -> str:
+    """What names an export's destination in checkpoint and spill folder digests."""
+    if where.target is not None:
+        return where.target.store.uri(where.target.name)
+    assert isinstance(where.table, IcebergFormat)
+    spec = where.table.target
+    return f"iceberg:{spec.catalog}#{spec.identifier}"
+
+
+def _private_target(destination: str) -> Target:
+    """A stand-in storage target for an export without a folder (an Iceberg table)."""
+    store, folder = private_store(destination)
+    return Target(store, folder, single_file=False)
+
+
 def _finish_write(
-    target: Target,
-    display_path: str,
-    table: pa.Table | SortedRows,
+    where: Location,
+    table: pa.Table | RowGroups,
     prov: dict[str, Any],
     partition_cols: Sequence[str] | None,
     redact: RedactionPolicy | None,
     compression: str,
 ) -> SnapshotInfo:
     if redact is None:
-        return write_table(target, display_path, table, prov, partition_cols, compression)
+        return write_table(where, table, prov, partition_cols, compression)
     policy = redact
 
     def redacted(part: pa.Table) -> pa.Table:
@@ -1136,8 +1256,31 @@ def _finish_write(
     prov = redacted_provenance(prov, policy)
     changed = set(policy.hash) | (set(SHIFTED_COLUMNS) if policy.shift_dates else set())
     if "updatedAt" in changed:  # the watermark is of redacted values: redact the whole first
-        table = redacted(table.table() if isinstance(table, SortedRows) else table)
-        return write_table(target, display_path, table, prov, partition_cols, compression)
-    return write_table(
-        target, display_path, table, prov, partition_cols, compression, redact=redacted
-    )
+        whole = table if isinstance(table, pa.Table) else _whole(table)
+        return write_table(where, redacted(whole), prov, partition_cols, compression)
+    return write_table(where, table, prov, partition_cols, compression, redact=redacted)
+
+
+def _whole(rows: RowGroups) -> pa.Table:
+    groups = list(rows.groups(128 * 1024))
+    return pa.concat_tables(groups) if groups else rows.empty()
+
+
+def check_table_path(path: Any, method: str) -> None:
+    """A Delta table needs a folder path: refuse one ending in ``.parquet``."""
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).rstrip("/").endswith(".parquet"):
+        raise QueryValidationError(
+            "path", f"{method} writes a table into a folder; a .parquet path is to_parquet's"
+        )
+
+
+def _deprecated_directory(path: str | os.PathLike[str], stacklevel: int = 3) -> None:
+    """Warn that ``to_parquet(directory)`` is spelled ``to_delta`` now."""
+    text = os.fspath(path)
+    if isinstance(text, str) and not text.rstrip("/").endswith(".parquet"):
+        warnings.warn(
+            "to_parquet(directory) writes a Delta table: call to_delta(directory) instead "
+            "(to_parquet is for single .parquet files)",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )

@@ -43,17 +43,10 @@ from healthimaging_df.refresh import (
     refresh_snapshot,
     tiers_observed_at,
 )
-from healthimaging_df.snapshot import (
-    delta_location,
-    derive_columns,
-    file_order,
-    read_table,
-    write_table,
-)
-from healthimaging_df.store import delta
-from healthimaging_df.store.delta import retry_on_conflict
+from healthimaging_df.snapshot import TARGET_FILE_SIZE, Location, locate, read_table, write_table
+from healthimaging_df.store.layout import derive_columns, file_order
 from healthimaging_df.store.redact import RedactionPolicy
-from healthimaging_df.store.storage import Target, open_target
+from healthimaging_df.store.table_format import retry_on_conflict
 
 if TYPE_CHECKING:
     from healthimaging_df.core.progress import Progress
@@ -150,7 +143,7 @@ class _Outcome:
 
 
 def sync_snapshot(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
     queue_url: str,
     client: Any = None,
@@ -175,6 +168,10 @@ def sync_snapshot(
     kms_key_id: str | None = None,
     attempts: int = 5,
     stop: threading.Event | None = None,
+    iceberg_table: str | None = None,
+    catalog: str | None = None,
+    warehouse: str | None = None,
+    catalog_properties: Mapping[str, str] | None = None,
 ) -> SyncReport:
     """Apply the HealthImaging events waiting in an SQS queue to the snapshot at *path*.
 
@@ -189,8 +186,10 @@ def sync_snapshot(
     Parameters
     ----------
     path
-        A snapshot made by ``write_snapshot`` / ``to_parquet`` (a Delta folder, or one file,
+        A snapshot made by ``write_snapshot`` / ``to_delta`` (a Delta folder, or one file,
         rewritten whole).
+    iceberg_table, catalog, warehouse, catalog_properties
+        An Iceberg table instead of *path*, named as for ``refresh_snapshot``.
     queue_url
         The SQS queue the EventBridge rule delivers to.
     client, boto3_session, max_concurrency, max_tps
@@ -249,12 +248,16 @@ def sync_snapshot(
         raise QueryValidationError("progress", "must be True, False, None or a callable")
     if stop is not None and not isinstance(stop, threading.Event):
         raise QueryValidationError("stop", "must be a threading.Event or None")
-    target = open_target(
+    target = locate(
         path,
-        kms_key_id=kms_key_id,
+        iceberg_table=iceberg_table,
+        catalog=catalog,
+        warehouse=warehouse,
+        catalog_properties=catalog_properties,
         boto3_session=boto3_session,
         region=region,
         s3_endpoint_url=s3_endpoint_url,
+        kms_key_id=kms_key_id,
     )
     sqs = sqs_client or _sqs_client(queue_url, boto3_session, region, sqs_endpoint_url)
     run = engine.prepare(client, boto3_session, False, max_concurrency, max_tps)
@@ -272,6 +275,10 @@ def sync_snapshot(
         "kms_key_id": kms_key_id,
         "boto3_session": boto3_session,
         "progress": False,
+        "iceberg_table": iceberg_table,
+        "catalog": catalog,
+        "warehouse": warehouse,
+        "catalog_properties": catalog_properties,
     }
     with _signals(halt, enabled=not once) as idle:
         while not halt.is_set():
@@ -304,7 +311,7 @@ def sync_snapshot(
                 if time.monotonic() - since > visibility_timeout / 2:
                     events.extend(sqs, queue_url, held, visibility_timeout)
 
-            outcome = _apply_batch(target, path, messages, settings, report, attempts, keep)
+            outcome = _apply_batch(target, messages, settings, report, attempts, keep)
             failed = events.delete(sqs, queue_url, outcome.done)
             report.batches += 1
             report.messages += len(messages)
@@ -329,8 +336,7 @@ def sync_snapshot(
 
 
 def _apply_batch(
-    target: Target,
-    path: str | os.PathLike[str],
+    target: Location,
     messages: list[events.Message],
     settings: _Settings,
     report: SyncReport,
@@ -349,7 +355,7 @@ def _apply_batch(
         )
         keep()
         if result is not None:
-            _commit(target, path, meta, result, incoming, removed, new_prov)
+            _commit(target, meta, result, incoming, removed, new_prov)
             outcome.committed = True
         # recorded once per batch, after the commit (a retried attempt records nothing twice)
         report.poison.extend((m.message_id, reason) for m, reason in batch.poison)
@@ -364,26 +370,26 @@ def _apply_batch(
 
 
 def _commit(
-    target: Target,
-    path: str | os.PathLike[str],
+    target: Location,
     meta: dict[str, Any],
     result: pa.Table,
     incoming: pa.Table,
     removed: list[str],
     provenance: dict[str, Any],
 ) -> None:
-    """One commit: upsert *incoming* and delete *removed* (a file is rewritten as *result*)."""
-    if target.single_file:
-        write_table(target, os.fspath(path), result, provenance, [])
+    """One commit: upsert *incoming*, delete *removed* by ID (a file: rewritten as *result*).
+
+    Through the table format (Delta or Iceberg), based on the version read.
+    """
+    if target.table is None:
+        write_table(target, result, provenance, [])
         return
-    uri, options = delta_location(target)
-    delta.merge_table(
-        uri,
+    target.table.merge(
         derive_columns(file_order(incoming), meta["derived_columns"]),
         removed,
         provenance,
         expected_version=meta.get("version"),
-        storage_options=options,
+        target_file_size=TARGET_FILE_SIZE,
     )
 
 
@@ -623,7 +629,7 @@ def _patched(change: Any, patches: dict[str, tuple[Any, Any]]) -> Any:
     return replace(change, result=result, incoming=incoming, report=report)
 
 
-def _reconcile_due(target: Target, every: timedelta) -> bool:
+def _reconcile_due(target: Location, every: timedelta) -> bool:
     """Whether the snapshot's last full read (reconcile or export) is older than *every*."""
     prov = read_table(target, [], None)[1]["provenance"]
     last = prov.get("reconciled_at") or tiers_observed_at(prov)

@@ -120,6 +120,13 @@ class Checkpoint:
                 log.warning("ignoring the export checkpoint: it is of another query")
                 self.discard()
                 return None
+            present = set(self.store.list(self.folder))
+            listed = [f"{self.folder}/{name}" for name in [*state["parts"], *state["seen_parts"]]]
+            if any(name not in present for name in listed):
+                # a run killed while it deleted a finished export's checkpoint: nothing to resume
+                log.warning("ignoring the export checkpoint: its part files are gone")
+                self.discard()
+                return None
             return self._restore(state)
         except (ValueError, KeyError, TypeError, AttributeError):  # dates.TimestampError too
             raise SnapshotError(
@@ -289,5 +296,6 @@ class Checkpoint:
         return self._read_parts(self.seen_parts)
 
     def discard(self) -> None:
-        """Delete the checkpoint."""
+        """Delete the checkpoint: its state first, so a kill midway leaves no state without parts."""
+        self.store.delete([self.state_rel])
         self.store.delete(self.store.list(self.folder))

@@ -10,16 +10,34 @@ are Delta tables (``healthimaging_df.store.delta``): this module only says where
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 from healthimaging_df.errors import QueryValidationError, SnapshotError
+from healthimaging_df.store.errors import translated
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _typed(function: _F) -> _F:
+    """Errors of the storage (a full disk, S3 not answering) as ``SnapshotError``, no path."""
+    writes = function.__name__ in ("put", "put_stream", "delete")
+    action = "writing the snapshot" if writes else "reading the snapshot"
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with translated(action):
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 CHECKPOINT_SUFFIX = ".ahi-checkpoint"
 FORMAT_VERSION = 1
@@ -106,6 +124,7 @@ class _LocalStore(_Store):
     def uri(self, rel: str) -> str:
         return self._full(rel)
 
+    @_typed
     def put(self, rel: str, data: bytes) -> None:
         target = self._full(rel)
         directory = os.path.dirname(target)
@@ -123,6 +142,7 @@ class _LocalStore(_Store):
             raise
         _fsync_directory(directory)  # make the rename itself durable
 
+    @_typed
     def put_stream(self, rel: str, fill: Callable[[IO[bytes]], None]) -> int:
         target = self._full(rel)
         directory = os.path.dirname(target)
@@ -142,6 +162,7 @@ class _LocalStore(_Store):
         _fsync_directory(directory)
         return size
 
+    @_typed
     def get(self, rel: str) -> bytes | None:
         try:
             with open(self._full(rel), "rb") as handle:
@@ -149,6 +170,7 @@ class _LocalStore(_Store):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    @_typed
     def delete(self, rels: Sequence[str]) -> None:
         for rel in rels:
             with contextlib.suppress(FileNotFoundError):
@@ -162,6 +184,7 @@ class _LocalStore(_Store):
                     break
                 parent = os.path.dirname(parent)
 
+    @_typed
     def list(self, rel_dir: str) -> list[str]:
         root = self._full(rel_dir)
         found = []
@@ -171,6 +194,7 @@ class _LocalStore(_Store):
                 found.append(os.path.relpath(full, self.base).replace(os.sep, "/"))
         return sorted(found)
 
+    @_typed
     def size(self, rel: str) -> int:
         return os.path.getsize(self._full(rel))
 
@@ -197,28 +221,25 @@ class _S3Store(_Store):
         endpoint_url: str | None,
         kms_key_id: str | None,
     ) -> None:
-        import boto3
-        from pyarrow import fs as pafs
+        from healthimaging_df.aws import session as aws_session
 
-        session = boto3_session if boto3_session is not None else boto3.Session()
-        self.session = session
+        self.session = aws_session.resolve(boto3_session)
         self.region = region
         self.endpoint_url = endpoint_url
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.kms_key_id = kms_key_id
-        self.client = session.client("s3", region_name=region, endpoint_url=endpoint_url)
-        credentials = session.get_credentials()
-        frozen = credentials.get_frozen_credentials() if credentials is not None else None
-        endpoint = urlparse(self.client.meta.endpoint_url)
-        self.arrow_fs = pafs.S3FileSystem(
-            access_key=frozen.access_key if frozen else None,
-            secret_key=frozen.secret_key if frozen else None,
-            session_token=frozen.token if frozen else None,
-            anonymous=frozen is None,
-            region=self.client.meta.region_name,
-            endpoint_override=endpoint.netloc,
-            scheme=endpoint.scheme or "https",
+        self.client = aws_session.client(
+            "s3", self.session, region=region, endpoint_url=endpoint_url
+        )
+
+    @property
+    def arrow_fs(self) -> Any:
+        """The pyarrow S3 file system with the session's current credentials (per use)."""
+        from healthimaging_df.aws import session as aws_session
+
+        return aws_session.s3_filesystem(
+            self.session, region=self.region, endpoint_url=self.endpoint_url
         )
 
     def _key(self, rel: str) -> str:
@@ -235,12 +256,14 @@ class _S3Store(_Store):
             return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.kms_key_id}
         return {}
 
+    @_typed
     def put(self, rel: str, data: bytes) -> None:
         extra = self._encryption()
         # upload_fileobj switches to a multipart upload for large bodies; S3 shows the object only
         # once it is complete, and boto3 aborts the upload if it fails.
         self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(rel), ExtraArgs=extra)
 
+    @_typed
     def put_stream(self, rel: str, fill: Callable[[IO[bytes]], None]) -> int:
         # spooled to a local temp file (mode 0600), then one (multipart) upload
         with tempfile.TemporaryFile() as spool:
@@ -252,6 +275,7 @@ class _S3Store(_Store):
             )
         return size
 
+    @_typed
     def get(self, rel: str) -> bytes | None:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
@@ -260,6 +284,7 @@ class _S3Store(_Store):
         body: bytes = response["Body"].read()
         return body
 
+    @_typed
     def delete(self, rels: Sequence[str]) -> None:
         keys = [{"Key": self._key(rel)} for rel in rels]
         for start in range(0, len(keys), 1000):
@@ -267,6 +292,7 @@ class _S3Store(_Store):
                 Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
             )
 
+    @_typed
     def list(self, rel_dir: str) -> list[str]:
         prefix = self._key(rel_dir).rstrip("/") + "/"
         skip = len(self.prefix) + 1 if self.prefix else 0
@@ -276,6 +302,7 @@ class _S3Store(_Store):
             found += [item["Key"][skip:] for item in page.get("Contents", [])]
         return sorted(found)
 
+    @_typed
     def size(self, rel: str) -> int:
         head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
         return int(head["ContentLength"])

@@ -110,8 +110,12 @@ def write_parquet(
         for table in tables:
             if writer is None:
                 meta = {**metadata, b"pandas": _pandas_metadata(table)}
+                # page checksums: a flipped bit in a page is an error on read, not another value
                 writer = pq.ParquetWriter(
-                    sink, table.schema.with_metadata(meta), compression=compression
+                    sink,
+                    table.schema.with_metadata(meta),
+                    compression=compression,
+                    write_page_checksum=True,
                 )
             writer.write_table(
                 table.replace_schema_metadata(writer.schema.metadata), row_group_size
@@ -122,7 +126,18 @@ def write_parquet(
 
 
 def _pandas_metadata(table: pa.Table) -> bytes:
-    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean."""
+    """Return the schema note pandas writes, so a plain ``pd.read_parquet`` gets Int64 and boolean.
+
+    A dtype pandas cannot name again (``list<item: string>[pyarrow]``, a rollup's list column)
+    is noted as ``object``: pandas would otherwise refuse to read the file.
+    """
+    import json
+
     empty = schema.arrow_to_pandas(table.slice(0, 0))
-    note: bytes = pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"]
-    return note
+    note = json.loads(pa.Table.from_pandas(empty, preserve_index=False).schema.metadata[b"pandas"])
+    for column in note.get("columns", ()):
+        try:
+            pd.api.types.pandas_dtype(column.get("numpy_type"))
+        except TypeError:
+            column["numpy_type"] = "object"
+    return json.dumps(note).encode()

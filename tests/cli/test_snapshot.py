@@ -142,7 +142,10 @@ def test_history_vacuum_and_keygen_of_a_directory_snapshot(
 
     history = small_cli("history", "cohort")
     assert history.returncode == 0, history.stderr
-    lines = history.stdout.strip().splitlines()
+    described, *lines = history.stdout.strip().splitlines()
+    assert described == (
+        "delta table: min reader version 1, min writer version 2; table features: none"
+    )
     assert lines[0].split()[0] == "version"
     assert [line.split()[0] for line in lines[1:]] == ["1", "0"]
     assert lines[1].split()[2:6] == ["MERGE", "0", "1", "0"]
@@ -179,3 +182,78 @@ def test_history_vacuum_and_keygen_of_a_directory_snapshot(
     texts = [k.stdout.strip() for k in keys]
     assert texts[0] != texts[1]
     assert all(len(t.encode()) >= 32 for t in texts)
+
+
+def test_iceberg_snapshot_refresh_and_history_from_the_command_line(
+    small_cli: Run, small: LocalService, tmp_path: Path
+) -> None:
+    pytest.importorskip("pyiceberg")
+    datastore_id = str(small.datastore_id)
+    where = ["--iceberg-table", "cohorts.ct", "--catalog", "sqlite:///catalog.db"]
+    where += ["--warehouse", "warehouse"]
+    result = small_cli(
+        "snapshot", *where, "--datastore-id", datastore_id, "--where", "Modality=CT",
+        "--partition-by", "Modality",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    before = primary_ct(small)[0]["imageSetId"]
+    small.backend.update_image_set(datastore_id, before, tags={"DICOMSeriesModality": "MR"})
+    refreshed = small_cli("refresh", *where)
+    assert refreshed.returncode == 0, refreshed.stderr
+    assert "1 removed" in refreshed.stdout
+    history = small_cli("history", *where)
+    assert history.returncode == 0, history.stderr
+    described, _header, merge, write = history.stdout.strip().splitlines()
+    assert described == "iceberg table: format version 2; table features: none"
+    assert merge.split()[2:6] == ["MERGE", "0", "0", "1"]
+    assert write.split()[2] == "WRITE"
+    back = ahi.read_snapshot(
+        iceberg_table="cohorts.ct",
+        catalog=f"sqlite:///{tmp_path}/catalog.db",
+        warehouse=str(tmp_path / "warehouse"),
+    )
+    assert before not in set(back["imageSetId"])
+    for wrong in (["snapshot", "x", *where], ["history", "--catalog", "sqlite:///c.db", "x"]):
+        failed = (
+            small_cli(*wrong, "--datastore-id", datastore_id)
+            if wrong[0] == "snapshot"
+            else (small_cli(*wrong))
+        )
+        assert failed.returncode == 2, failed.stderr
+
+
+def test_bad_snapshot_targets_exit_2_before_any_request(
+    small_cli: Run, small: LocalService, tmp_path: Path
+) -> None:
+    datastore_id = str(small.datastore_id)
+    small.reset_stats()
+    partitioned = small_cli(
+        "snapshot", "cohort", "--datastore-id", datastore_id, "--partition-by", "createdAt"
+    )
+    assert partitioned.returncode == 2, partitioned.stderr
+    assert "createdAt" in one_error_line(partitioned.stderr)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's")
+    into_foreign = small_cli("snapshot", "foreign", "--datastore-id", datastore_id)
+    assert into_foreign.returncode == 2, into_foreign.stderr
+    assert "another tool" in one_error_line(into_foreign.stderr)
+    assert small.stats.requests == 0
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_a_rollup_written_as_parquet_reads_back(
+    small_cli: Run, small: LocalService, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    for per in ("study", "patient"):
+        result = small_cli(
+            "search", "--datastore-id", str(small.datastore_id), "--per", per,
+            "--out", f"{per}.parquet",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        plain = pd.read_parquet(tmp_path / f"{per}.parquet")
+        ours = read_snapshot(tmp_path / f"{per}.parquet")
+        assert len(plain) == len(ours) > 0
+        assert list(plain.columns) == list(ours.columns)

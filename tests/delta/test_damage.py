@@ -8,10 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from deltalake import write_deltalake
+from deltalake import DeltaTable, write_deltalake
 
 from healthimaging_df.errors import SnapshotConflictError, SnapshotError
 from healthimaging_df.store import delta
+from healthimaging_df.store.delta import encoding
 
 from .conftest import PROVENANCE
 
@@ -112,7 +113,9 @@ def test_foreign_tables_and_files_are_refused(tmp_path: Path, sample_table: pa.T
 
     ours = tmp_path / "ours"
     delta.write_table(ours, table, PROVENANCE)
-    write_deltalake(str(ours), table.slice(0, 3), mode="append")  # another tool appended
+    stored = encoding.table_schema(DeltaTable(str(ours)).schema())
+    appended = encoding.to_storage(table.slice(0, 3), stored)
+    write_deltalake(str(ours), appended, mode="append")  # another tool appended
     with pytest.raises(SnapshotError, match="not written by healthimaging_df"):
         delta.read_table(ours)
     assert delta.read_table(ours, version=0).table.num_rows == table.num_rows

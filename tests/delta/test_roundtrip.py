@@ -22,7 +22,6 @@ PARTITIONINGS = {
     "text": ["Modality"],
     "flag-and-int": ["isPrimary", "SeriesNumber"],
     "phi-text": ["PatientID"],
-    "wallclock": ["StudyDateTime"],
 }
 
 
@@ -50,6 +49,18 @@ def test_every_column_reads_back_exactly(
     scan = delta.dataset(tmp_path / "t")
     assert scan.schema == sample_table.schema
     assert scan.count_rows() == sample_table.num_rows
+
+
+@pytest.mark.parametrize("column", ["StudyDateTime", "createdAt", "NumberOfStudyRelatedInstances"])
+def test_only_text_integer_and_flag_columns_partition(
+    tmp_path: Path, sample_table: pa.Table, column: str
+) -> None:
+    if column == "NumberOfStudyRelatedInstances":  # an integer: fine
+        delta.write_table(tmp_path / "t", sample_table, PROVENANCE, partition_by=[column])
+        return
+    with pytest.raises(QueryValidationError, match="text, integers or flags"):
+        delta.write_table(tmp_path / "t", sample_table, PROVENANCE, partition_by=[column])
+    assert not (tmp_path / "t").exists()
 
 
 def test_provenance_is_in_every_commit_for_other_engines(

@@ -17,6 +17,7 @@ import pytest
 from polars.io.plugins import register_io_source
 
 from healthimaging_df.local import LocalService
+from healthimaging_df.local.server import DICOMWEB_ENDPOINT_ENV
 from healthimaging_df.polars import polars_schema
 
 
@@ -75,16 +76,15 @@ class FreshStatistics:
 
 @pytest.fixture(scope="session")
 def polars_service() -> Iterator[LocalService]:
-    """A local service of 1,200 image sets (seed 11) for the Polars tests.
-
-    QIDO-RS is on the service's own DICOMweb address, as on AWS, so the environment names it.
-    """
-    with LocalService.seeded(image_sets=1200, seed=11) as service, service.dicomweb_environment():
+    """A local service of 1,200 image sets (seed 11) for the Polars tests."""
+    with LocalService.seeded(image_sets=1200, seed=11) as service:
         yield service
 
 
 @pytest.fixture
-def service(polars_service: LocalService) -> LocalService:
+def service(polars_service: LocalService, monkeypatch: pytest.MonkeyPatch) -> LocalService:
+    """The service, its DICOMweb address named in the environment for this test only."""
+    monkeypatch.setenv(DICOMWEB_ENDPOINT_ENV, polars_service.dicomweb_endpoint_url)
     polars_service.reset_faults()
     polars_service.reset_stats()
     return polars_service

@@ -215,7 +215,7 @@ def test_endless_empty_pages_raise_instead_of_paging_forever(service: LocalServi
         (lambda q, c, p: q.to_dataframe(client=c, max_tps=0), "max_tps"),
         (lambda q, c, p: q.to_dataframe(client=c, max_concurrency=0), "max_concurrency"),
         (
-            lambda q, c, p: q.to_parquet(str(p / "d"), client=c, partition_cols=["Bogus"]),
+            lambda q, c, p: q.to_delta(str(p / "d"), client=c, partition_cols=["Bogus"]),
             "partition_cols",
         ),
         (lambda q, c, p: q.to_parquet(str(p / "f.txt" / "x.parquet"), client=c), "path"),

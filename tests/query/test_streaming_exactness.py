@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from healthimaging_df import Query
-from healthimaging_df.engine import frame
+from healthimaging_df.engine import frame, memory
 from healthimaging_df.engine.fetch import Page
 from healthimaging_df.engine.flatten import summaries_to_table
 from healthimaging_df.local import generate_image_sets
@@ -90,7 +90,7 @@ def _old_chunks(pages: list[pa.Table], plan: Any, chunk_rows: int) -> list[list[
 @pytest.fixture
 def tiny_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Compact, fold and merge the index often, so that every boundary is crossed."""
-    monkeypatch.setattr(frame, "_COMPACT_ROWS", 20)
+    monkeypatch.setattr(memory, "_COMPACT_ROWS", 20)
     monkeypatch.setattr(frame, "_FOLD_ROWS", 45)
 
 

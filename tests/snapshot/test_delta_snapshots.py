@@ -133,8 +133,10 @@ def test_time_travel_reads_every_version_back_as_written(tmp_path: Path) -> None
     with pytest.raises(QueryValidationError, match="directory"):
         read_snapshot(tmp_path / "x.parquet", version=0)
     with pytest.raises(SnapshotError, match="partitioned by StudyYear"):  # delta-rs cannot drop it
-        write_snapshot(typed_frame(10, seed=5), target)
+        write_snapshot(typed_frame(10, seed=5), target, partition_cols=[])
     assert snapshot_history(target)["version"].iloc[0] == 3  # nothing committed
+    kept = write_snapshot(typed_frame(10, seed=5), target)  # None keeps the partitioning
+    assert "StudyYear" in kept.partition_cols
 
 
 def test_chunked_reads_are_typed_and_complete(tmp_path: Path) -> None:
@@ -235,9 +237,9 @@ import json, sys
 from healthimaging_df import Query
 from healthimaging_df.store.redact import RedactionPolicy
 query = Query.from_dict(json.loads(sys.argv[1]))
-query.to_parquet(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
-                 checkpoint_interval=0, partition_cols=["Modality"],
-                 redact=RedactionPolicy(key=sys.argv[3]))
+query.to_delta(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
+               checkpoint_interval=0, partition_cols=["Modality"],
+               redact=RedactionPolicy(key=sys.argv[3]))
 """
 
 
@@ -294,7 +296,7 @@ def test_nothing_private_beside_an_interrupted_redacted_export(
     assert _files_holding(private, patients, shared)  # the raw rows are in the private folder
 
     service.set_faults(latency_ms=0)
-    info = query.to_parquet(
+    info = query.to_delta(
         str(target),
         client=service.client(),
         partition_cols=["Modality"],
@@ -342,7 +344,7 @@ def test_a_refresh_that_loses_a_race_reads_the_winner_and_merges_again(
     client = service.client()
     query = Query(service.datastore_id).where(isPrimary=True)
     path = tmp_path / "cohort"
-    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, partition_cols=["Modality"], **FAST)
     victim = next(
         s["imageSetId"]
         for s in service.backend.image_sets(service.datastore_id)
@@ -350,16 +352,16 @@ def test_a_refresh_that_loses_a_race_reads_the_winner_and_merges_again(
     )
     service.backend.update_image_set(service.datastore_id, victim, is_primary=False)
 
-    real = delta.merge_table
+    real = delta.DeltaFormat.merge
     calls: list[int | None] = []
 
-    def raced(uri: str, *args: object, **kwargs: object) -> object:
+    def raced(self: delta.DeltaFormat, *args: object, **kwargs: object) -> object:
         calls.append(kwargs.get("expected_version"))  # type: ignore[arg-type]
         if len(calls) == 1:  # another writer commits the same rows first: ours must lose
             write_snapshot(read_snapshot(path), path, partition_cols=["Modality"])
-        return real(uri, *args, **kwargs)  # type: ignore[arg-type]
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(delta, "merge_table", raced)
+    monkeypatch.setattr(delta.DeltaFormat, "merge", raced)
     report = refresh_snapshot(path, client=client, **FAST)
     assert calls == [0, 1]  # the retry was based on the version that won
     assert report.removed == (victim,)
@@ -368,10 +370,10 @@ def test_a_refresh_that_loses_a_race_reads_the_winner_and_merges_again(
     fresh = query.to_dataframe(client=client, **FAST)
     pd.testing.assert_frame_equal(_plain(read_snapshot(path)), _plain(fresh))
 
-    def always(uri: str, *args: object, **kwargs: object) -> object:
+    def always(self: delta.DeltaFormat, *args: object, **kwargs: object) -> object:
         raise SnapshotConflictError("lost")
 
-    monkeypatch.setattr(delta, "merge_table", always)
+    monkeypatch.setattr(delta.DeltaFormat, "merge", always)
     service.backend.update_image_set(service.datastore_id, victim, is_primary=True)
     with pytest.raises(SnapshotConflictError):
         refresh_snapshot(path, client=client, attempts=2, **FAST)
@@ -387,8 +389,8 @@ def test_a_refresh_with_another_query_is_refused_before_any_commit(
     mr, ct = (Query(service.datastore_id).where(Modality=m) for m in ("MR", "CT"))
     policy = RedactionPolicy(key=generate_key())
     plain, redacted = tmp_path / "plain", tmp_path / "redacted"
-    mr.to_parquet(str(plain), client=client, partition_cols=["Modality"], **FAST)
-    mr.to_parquet(str(redacted), client=client, redact=policy, **FAST)
+    mr.to_delta(str(plain), client=client, partition_cols=["Modality"], **FAST)
+    mr.to_delta(str(redacted), client=client, redact=policy, **FAST)
     for path, extra in ((plain, {}), (redacted, {"redact": policy})):
         service.reset_stats()
         with pytest.raises(SnapshotError, match="not the query") as caught:

@@ -36,7 +36,8 @@ def test_export_equals_to_dataframe(
 ) -> None:
     query = Query(ahi_local.datastore_id).where(isPrimary=True).where_not(Modality="SR")
     path = tmp_path / ("snap" if partition_cols else "snap.parquet")
-    info = query.to_parquet(str(path), client=ahi_client, partition_cols=partition_cols, **FAST)
+    export = query.to_delta if partition_cols else query.to_parquet
+    info = export(str(path), client=ahi_client, partition_cols=partition_cols, **FAST)
     want = query.to_dataframe(client=ahi_client, **FAST)
     got = read_snapshot(path)
     pd.testing.assert_frame_equal(_without_attrs(got), _without_attrs(want))
@@ -84,8 +85,8 @@ _CHILD = """
 import json, sys
 from healthimaging_df import Query
 query = Query.from_dict(json.loads(sys.argv[1]))
-query.to_parquet(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
-                 checkpoint_interval=0, partition_cols=["Modality"])
+query.to_delta(sys.argv[2], progress=False, max_concurrency=2, max_tps=None,
+               checkpoint_interval=0, partition_cols=["Modality"])
 """
 
 
@@ -129,12 +130,12 @@ def test_killed_export_resumes_to_the_same_result(
     service.set_faults(latency_ms=0)
     service.reset_stats()
     client = service.client()
-    resumed = query.to_parquet(str(target), client=client, partition_cols=["Modality"], **FAST)
+    resumed = query.to_delta(str(target), client=client, partition_cols=["Modality"], **FAST)
     resumed_requests = service.stats.requests
     assert resumed.resumed_tasks >= checkpointed
 
     service.reset_stats()
-    fresh = query.to_parquet(str(tmp_path / "fresh"), client=client, **FAST)
+    fresh = query.to_delta(str(tmp_path / "fresh"), client=client, **FAST)
     assert resumed_requests < service.stats.requests  # checkpointed windows were not fetched again
     got = read_snapshot(target)
     want = read_snapshot(tmp_path / "fresh")
@@ -146,3 +147,75 @@ def test_killed_export_resumes_to_the_same_result(
         < want.attrs["healthimaging_df"]["fetch_started_at"]
     )
     assert not target.with_name("snap.ahi-checkpoint").exists()
+
+
+class _Killed(BaseException):
+    """The process dying: not an ``Exception``, so nothing on the way catches it."""
+
+
+@pytest.mark.parametrize("single_file", [True, False])
+def test_a_kill_while_a_finished_export_deletes_its_checkpoint_is_survived(
+    ahi_local: LocalService,
+    ahi_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    single_file: bool,
+) -> None:
+    from healthimaging_df.store import storage
+
+    query = Query(ahi_local.datastore_id).where(Modality="MR")
+    target = tmp_path / ("snap.parquet" if single_file else "snap")
+    folder = target.with_name(target.name + ".ahi-checkpoint")
+    real_delete = storage._LocalStore.delete
+    armed = [True]
+
+    def dying_delete(self: Any, rels: Any) -> None:
+        rels = list(rels)
+        if armed[0] and any(r.endswith("ahi-checkpoint/state.json") for r in rels):
+            armed[0] = False
+            real_delete(self, rels[:1])  # the first file goes, then the process dies
+            raise _Killed
+        real_delete(self, rels)
+
+    monkeypatch.setattr(storage._LocalStore, "delete", dying_delete)
+    with pytest.raises(_Killed):
+        export_query(query, target, client=ahi_client, checkpoint_interval=0, **FAST)
+    assert folder.exists()  # the kill left part of the checkpoint behind
+    want = query.to_dataframe(client=ahi_client, **FAST)
+    assert len(read_snapshot(target)) == len(want)  # the snapshot itself was complete
+
+    info = export_query(query, target, client=ahi_client, **FAST)  # the next run: no error
+    assert info.rows == len(want)
+    pd.testing.assert_frame_equal(
+        _without_attrs(read_snapshot(target)).sort_values("imageSetId").reset_index(drop=True),
+        _without_attrs(want).sort_values("imageSetId").reset_index(drop=True),
+    )
+    assert not folder.exists()
+
+
+def test_a_checkpoint_whose_parts_are_gone_is_ignored(
+    ahi_local: LocalService, ahi_client: Any, tmp_path: Path
+) -> None:
+    """A kill under the old deletion order (parts first) left such a state file."""
+    from healthimaging_df.engine.checkpoint import fingerprint
+
+    query = Query(ahi_local.datastore_id).where(Modality="MR")
+    folder = tmp_path / "snap.parquet.ahi-checkpoint"
+    folder.mkdir()
+    state = {
+        "fingerprint": fingerprint(query.to_json()),
+        "parts": ["part-00000.parquet"],
+        "seen_parts": [],
+        "now": "2026-01-01T00:00:00+00:00",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "tasks": 1,
+        "rows": 5,
+        "windows": {},
+        "chains": [],
+        "chain_keys": True,
+    }
+    (folder / "state.json").write_text(json.dumps(state))
+    info = export_query(query, tmp_path / "snap.parquet", client=ahi_client, **FAST)
+    assert info.resumed_tasks == 0
+    assert info.rows == len(query.to_dataframe(client=ahi_client, **FAST))
+    assert not folder.exists()

@@ -103,9 +103,7 @@ def test_policy_is_recorded_without_key_or_phi(
     query = Query(ahi_local.datastore_id).where(PatientID=patients)
     policy = RedactionPolicy(key=KEY)
     path = tmp_path / "red"
-    query.to_parquet(
-        str(path), client=ahi_client, redact=policy, partition_cols=["Modality"], **FAST
-    )
+    query.to_delta(str(path), client=ahi_client, redact=policy, partition_cols=["Modality"], **FAST)
 
     back = read_snapshot(path)
     assert len(back) > 0

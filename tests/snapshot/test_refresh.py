@@ -76,7 +76,8 @@ def test_refreshed_snapshot_equals_a_fresh_export(
     client = service.client()
     query = Query(service.datastore_id).where(isPrimary=True).where_not(Modality="SR")
     path = tmp_path / ("snap" if partition_cols else "snap.parquet")
-    query.to_parquet(str(path), client=client, partition_cols=partition_cols, **FAST)
+    export = query.to_delta if partition_cols else query.to_parquet
+    export(str(path), client=client, partition_cols=partition_cols, **FAST)
 
     quiet = refresh_snapshot(path, client=client, **FAST)
     assert not quiet.changed

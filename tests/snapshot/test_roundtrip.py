@@ -13,12 +13,14 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
 from healthimaging_df import schema
+from healthimaging_df.core.derived import study_year
 from healthimaging_df.engine import flatten
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.local import generate_image_sets
@@ -28,6 +30,7 @@ from healthimaging_df.snapshot import (
     vacuum_snapshot,
     write_snapshot,
 )
+from healthimaging_df.store.delta import encoding
 
 from .conftest import typed_frame
 
@@ -66,10 +69,12 @@ def test_every_commit_carries_provenance_and_files_the_declared_schema(
     info = write_snapshot(sample_frame, tmp_path / "snap", partition_cols=["Modality"])
     assert info.version == 0
     assert len(info.files) == sample_frame["Modality"].nunique(dropna=False)
-    declared = schema.arrow_schema()
+    # the declared types, but StudyDateTime (naive) labelled UTC: reader 1 / writer 2
+    stored = encoding.storage_schema(schema.arrow_schema())
+    assert stored.field("StudyDateTime").type == pa.timestamp("us", tz="UTC")
     for path in info.files:
         file_schema = pq.read_schema(path)
-        expected = [f for f in declared if f.name != "Modality"]
+        expected = [f for f in stored if f.name != "Modality"]
         assert [(f.name, f.type) for f in file_schema] == [(f.name, f.type) for f in expected]
     log = (tmp_path / "snap" / "_delta_log" / f"{0:020d}.json").read_text(encoding="utf-8")
     commit = next(json.loads(line) for line in log.splitlines() if "commitInfo" in line)
@@ -129,7 +134,7 @@ def test_columns_and_filters(tmp_path: Path, sample_frame: pd.DataFrame) -> None
     subset = read_snapshot(tmp_path / "snap", columns=["PatientID", "imageSetId", "StudyYear"])
     assert list(subset.columns) == ["PatientID", "imageSetId", "StudyYear"]
     assert str(subset["StudyYear"].dtype) == "Int64"
-    years = sample_frame["StudyDateTime"].dt.year
+    years = study_year(sample_frame)  # the year of StudyDate, as where(StudyYear=...) means it
     assert subset["StudyYear"].value_counts().to_dict() == years.value_counts().to_dict()
 
     ct = read_snapshot(
@@ -208,15 +213,16 @@ def test_a_crashed_write_leaves_the_previous_snapshot(
         write_snapshot(other, target, partition_cols=["Modality"])
     assert str(target) not in str(caught.value)
     monkeypatch.undo()
-    from healthimaging_df import snapshot as snapshot_module
+    from healthimaging_df.store import single as single_module
 
     def half_written(sink: Any, *args: object) -> None:
         sink.write(b"PAR1 half a file")  # the disk fills up in the middle of the stream
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(snapshot_module, "write_parquet", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(single_module, "write_parquet", half_written)
+    with pytest.raises(SnapshotError, match="no space left") as caught:
         write_snapshot(other, single)
+    assert str(tmp_path) not in str(caught.value)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".one")) == []
 
@@ -243,8 +249,9 @@ def test_a_temporary_file_is_never_visible(
         raise OSError("power cut")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="power cut"):
+    with pytest.raises(SnapshotError, match="writing the snapshot failed") as caught:
         write_snapshot(typed_frame(50, seed=2), single)
+    assert str(tmp_path) not in str(caught.value)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["one.parquet"]
     pd.testing.assert_frame_equal(read_snapshot(single), sample_frame)
@@ -311,10 +318,12 @@ def test_plain_pandas_reads_the_declared_dtypes(tmp_path: Path, sample_frame: pd
     write_snapshot(sample_frame, str(tmp_path / "one.parquet"))
     plain = pd.read_parquet(tmp_path / "one.parquet")
     assert plain.dtypes.to_dict() == schema.pandas_dtypes()
-    # a directory snapshot is a Delta table: deltalake alone reads it with the declared types
+    # a directory snapshot is a Delta table: deltalake alone reads it with the declared types,
+    # but for StudyDateTime, a wall-clock time stored labelled UTC (and marked so in the log)
     write_snapshot(sample_frame, str(tmp_path / "parts"), partition_cols=["Modality"])
     parts = DeltaTable(str(tmp_path / "parts")).to_pyarrow_table()
     declared = {f.name: f.type for f in schema.arrow_schema()}
+    declared["StudyDateTime"] = pa.timestamp("us", tz="UTC")
     assert {f.name: f.type for f in parts.schema} == declared
     assert parts.num_rows == len(sample_frame)
 

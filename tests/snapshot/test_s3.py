@@ -82,7 +82,7 @@ def test_export_and_refresh_on_s3(
     bucket = moto_s3.bucket()
     path = f"s3://{bucket}/exports/cohort"
     query = Query(service.datastore_id).where(isPrimary=True)
-    query.to_parquet(path, client=client, partition_cols=["Modality"], **FAST, **moto_s3.options())
+    query.to_delta(path, client=client, partition_cols=["Modality"], **FAST, **moto_s3.options())
     victim = service.backend.image_sets(service.datastore_id)[0]["imageSetId"]
     service.backend.update_image_set(
         service.datastore_id, victim, tags={"DICOMSeriesModality": "XA"}
@@ -111,16 +111,13 @@ def test_versions_on_top_of_another_commit_and_vacuum_on_s3(
         return [o["Key"] for o in listed.get("Contents", [])]
 
     # another writer commits version 1 between our read and our commit: ours loses, whole
-    real = delta.write_table
+    real = delta.DeltaFormat.write
 
-    def raced(*args: object, **kwargs: object) -> object:
-        real(path, frame_to_table(sample_frame.iloc[:50]), {"x": 1}, **_options(kwargs))
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+    def raced(self: delta.DeltaFormat, *args: object, **kwargs: object) -> object:
+        real(self, frame_to_table(sample_frame.iloc[:50]), {"x": 1})
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    def _options(kwargs: dict[str, object]) -> dict[str, object]:
-        return {"storage_options": kwargs["storage_options"]}
-
-    monkeypatch.setattr(delta, "write_table", raced)
+    monkeypatch.setattr(delta.DeltaFormat, "write", raced)
     written = write_snapshot(other, path, partition_cols=["Modality"], **moto_s3.options())
     monkeypatch.undo()
     assert written.version == 2  # no expected_version: a plain overwrite commits on top

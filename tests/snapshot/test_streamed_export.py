@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from healthimaging_df import Query, snapshot
+from healthimaging_df import Query
 from healthimaging_df.engine import checkpoint, spill
 from healthimaging_df.local import LocalService
 from healthimaging_df.snapshot import read_snapshot
+from healthimaging_df.store import single
 from healthimaging_df.store.redact import RedactionPolicy, apply_redaction, generate_key
 
 FAST = {"progress": False, "max_tps": None}
@@ -131,7 +132,7 @@ def test_a_failed_write_removes_its_spill_folder(
         seen.extend(_spill_folders(tmp_path))
         raise OSError("disk full")
 
-    monkeypatch.setattr(snapshot, "_write_sorted", fail)
+    monkeypatch.setattr(single, "write_file", fail)
     with pytest.raises(OSError, match="disk full"):
         Query(ahi_local.datastore_id).to_parquet(
             str(tmp_path / "x.parquet"), client=ahi_client, **FAST
@@ -220,9 +221,7 @@ def test_streamed_delta_export_equals_to_dataframe_in_file_order(
     query = Query(ahi_local.datastore_id).where(isPrimary=True).sort_by("PatientID")
     path = tmp_path / "snap"
     policy = RedactionPolicy(key=generate_key()) if redact else None
-    info = query.to_parquet(
-        str(path), client=ahi_client, redact=policy, partition_cols=parts, **FAST
-    )
+    info = query.to_delta(str(path), client=ahi_client, redact=policy, partition_cols=parts, **FAST)
     want = query.to_dataframe(client=ahi_client, **FAST)
     if policy is not None:
         want = apply_redaction(want, policy)
@@ -248,7 +247,7 @@ def test_an_empty_streamed_delta_export_is_a_typed_empty_table(
     ahi_local: LocalService, ahi_client: Any, tmp_path: Path, no_whole_result: None
 ) -> None:
     query = Query(ahi_local.datastore_id).where(PatientID="nobody-has-this-id")
-    info = query.to_parquet(str(tmp_path / "snap"), client=ahi_client, **FAST)
+    info = query.to_delta(str(tmp_path / "snap"), client=ahi_client, **FAST)
     got = read_snapshot(tmp_path / "snap")
     want = query.to_dataframe(client=ahi_client, **FAST)
     assert info.rows == len(got) == 0

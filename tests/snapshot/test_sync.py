@@ -111,7 +111,7 @@ def test_sync_once_equals_a_fresh_export_and_is_idempotent(
     client = service.client()
     query = _query(service)
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, partition_cols=["Modality"], **FAST)
     changed = _mutate(service)
     # every event twice: duplicates change nothing
     assert service.flush_events()
@@ -157,7 +157,7 @@ def test_poison_is_reported_and_deleted(
     service = _service(ahi_service_factory, ahi_sqs_queue, image_sets=60)
     query = _query(service)
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=service.client(), partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=service.client(), partition_cols=["Modality"], **FAST)
     send = ahi_sqs_queue.client.send_message
     url = ahi_sqs_queue.url
     other = {
@@ -196,13 +196,13 @@ def test_guide_spelling_and_redacted_snapshot(
     policy = RedactionPolicy(key=KEY)
     query = _query(service)
     path = tmp_path / "red"
-    query.to_parquet(str(path), client=client, redact=policy, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, redact=policy, partition_cols=["Modality"], **FAST)
     _mutate(service, seed=1)
     report = _sync(service, ahi_sqs_queue, path, query=query, redact=policy)
     assert report.id_keys.keys() == {"imagesetId"}
     got = read_snapshot(path)
     other = tmp_path / "fresh"
-    query.to_parquet(str(other), client=client, redact=policy, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(other), client=client, redact=policy, partition_cols=["Modality"], **FAST)
     cols = list(got.columns)
     pd.testing.assert_frame_equal(_plain(got)[cols], _plain(read_snapshot(other))[cols])
 
@@ -215,7 +215,7 @@ def test_reconcile_removes_vanished_rows_and_updates_tiers(
     ds = str(service.datastore_id)
     query = _query(service)
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, partition_cols=["Modality"], **FAST)
     before = read_snapshot(path)
     archived = before[before["storageTier"] == "ARCHIVE_INSTANT_ACCESS"]["imageSetId"].tolist()
     assert archived
@@ -243,7 +243,7 @@ def test_long_poll_applies_events_as_they_come_and_stops_between_batches(
     client = service.client()
     query = _query(service)
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, partition_cols=["Modality"], **FAST)
     stop = threading.Event()
     seen: list[tuple[int, int]] = []
     found: dict[str, Any] = {}
@@ -289,7 +289,7 @@ def test_cli_sync_stops_on_sigterm_while_polling(
     service = _service(ahi_service_factory, ahi_sqs_queue, image_sets=60)
     query = _query(service)
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=service.client(), partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=service.client(), partition_cols=["Modality"], **FAST)
     env = dict(
         os.environ,
         AWS_ACCESS_KEY_ID=service.access_key_id,
@@ -345,7 +345,7 @@ def test_reconcile_every_settles_a_lost_event(
     client = service.client()
     query = _query(service)
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, partition_cols=["Modality"], **FAST)
     gone = str(read_snapshot(path)["imageSetId"].iloc[0])
     client.delete_image_set(datastoreId=service.datastore_id, imageSetId=gone)
     assert service.flush_events()
@@ -355,3 +355,35 @@ def test_reconcile_every_settles_a_lost_event(
     assert gone not in set(read_snapshot(path)["imageSetId"])
     again = _sync(service, ahi_sqs_queue, path, reconcile_every=timedelta(hours=1))
     assert again.reconciles == []  # the last full read is a few seconds old
+
+
+def test_sync_an_iceberg_table(
+    ahi_service_factory: Callable[..., LocalService], ahi_sqs_queue: SqsQueue, tmp_path: Path
+) -> None:
+    pytest.importorskip("pyiceberg")
+    service = _service(ahi_service_factory, ahi_sqs_queue, image_sets=150)
+    client = service.client()
+    query = _query(service)
+    where = {
+        "iceberg_table": "cohorts.synced",
+        "catalog": f"sqlite:///{tmp_path}/catalog.db",
+        "warehouse": str(tmp_path / "wh"),
+    }
+    query.to_iceberg(**where, client=client, partition_cols=["Modality"], **FAST)
+    changed = _mutate(service, seed=4)
+    assert service.flush_events()
+    report = sync_snapshot(
+        **where,
+        queue_url=ahi_sqs_queue.url,
+        client=client,
+        sqs_client=ahi_sqs_queue.client,
+        once=True,
+        **FAST,
+    )
+    assert report.commits == 1
+    got = read_snapshot(**where)
+    assert not changed["deleted"] & set(got["imageSetId"])
+    fresh = query.to_dataframe(client=client, **FAST)
+    pd.testing.assert_frame_equal(_plain(got), _plain(fresh))
+    reconciled = refresh_snapshot(**where, client=client, reconcile=True, **FAST)
+    assert not reconciled.changed

@@ -150,7 +150,7 @@ def test_random_writes_and_syncs_converge(
     client = service.client()
     query = Query(service.datastore_id).where(isPrimary=True).where_not(Modality="SR")
     path = tmp_path / "snap"
-    query.to_parquet(str(path), client=client, partition_cols=["Modality"], **FAST)
+    query.to_delta(str(path), client=client, partition_cols=["Modality"], **FAST)
     rng = random.Random(seed)
     serial = [seed * 1000]
     kill_round = rng.randint(1, 3)

@@ -264,31 +264,18 @@ def write_frame(
     """
     if fmt == "parquet" and out not in (None, "-"):
         assert out is not None
-        on_s3 = remote.is_s3(out)
         settings = s3 or S3Settings()
-        if not plain:  # a snapshot: typed, with provenance, refreshable, written atomically
-            from healthimaging_df.snapshot import write_snapshot
+        from healthimaging_df.snapshot import write_snapshot
 
-            if on_s3:
-                write_snapshot(
-                    frame, out, kms_key_id=settings.kms_key_id, **settings.snapshot_options()
-                )
-            else:
-                write_snapshot(frame, out)
-            return
-        if on_s3:
-            buffer = io.BytesIO()
-            frame.to_parquet(buffer, index=False)
-            remote.put(out, buffer.getvalue(), settings)
-            return
-        target = Path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            frame.to_parquet(temporary, index=False)
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
+        # a snapshot (typed, with provenance, written atomically); a rollup (*plain*) too, with
+        # no provenance (the query's values are PHI): pandas and read_snapshot read both
+        extra: dict[str, Any] = {"provenance": {"rollup": True}} if plain else {}
+        if remote.is_s3(out):
+            write_snapshot(
+                frame, out, kms_key_id=settings.kms_key_id, **settings.snapshot_options(), **extra
+            )
+        else:
+            write_snapshot(frame, out, **extra)
         return
     with _destination(out, s3) as handle:
         _write(frame, handle, fmt)

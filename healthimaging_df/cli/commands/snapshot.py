@@ -28,6 +28,10 @@ examples:
   # on S3, registered in Glue for Athena and EMR
   healthimaging-df snapshot s3://bucket/cohorts/ct/ --datastore-id ID --glue-table imaging.ct
 
+  # an Apache Iceberg table: a SQL (SQLite) catalog, glue, or an http(s):// REST catalog
+  healthimaging-df snapshot --iceberg-table cohorts.ct --catalog sqlite:///catalog.db \
+      --warehouse ./warehouse --datastore-id ID --where Modality=CT
+
   # pseudonymized for export: names dropped, IDs and UIDs keyed-hashed, dates shifted per patient
   export HEALTHIMAGING_DF_REDACTION_KEY=...   # from your secrets manager, 32+ bytes (healthimaging-df keygen)
   healthimaging-df snapshot s3://bucket/cohort/ --datastore-id ID --redact --kms-key-id alias/k
@@ -45,6 +49,9 @@ examples:
   # the backstop of refreshes and events: also drop deleted image sets, refresh tiers
   healthimaging-df refresh cohort/ --reconcile
 
+  # an Iceberg table: one snapshot that deletes the changed IDs and adds their new rows
+  healthimaging-df refresh --iceberg-table cohorts.ct --catalog glue --warehouse s3://bucket/wh
+
 The report (added, updated, removed image sets) goes to stdout.
 """
 
@@ -61,7 +68,10 @@ def register(commands: Any) -> None:
         "interruption to resume.",
         examples=SNAPSHOT_EXAMPLES,
     )
-    snapshot.add_argument("path", metavar="PATH", help="FILE.parquet, a directory, or s3://...")
+    snapshot.add_argument(
+        "path", metavar="PATH", nargs="?", help="FILE.parquet, a directory, or s3://..."
+    )
+    _iceberg_options(snapshot)
     group = snapshot.add_argument_group("snapshot")
     group.add_argument(
         "--partition-by",
@@ -92,7 +102,10 @@ def register(commands: Any) -> None:
         "comes from the snapshot; query options are needed only for a redacted snapshot.",
         examples=REFRESH_EXAMPLES,
     )
-    refresh.add_argument("path", metavar="PATH", help="a snapshot: FILE.parquet, a directory...")
+    refresh.add_argument(
+        "path", metavar="PATH", nargs="?", help="a snapshot: FILE.parquet, a directory..."
+    )
+    _iceberg_options(refresh)
     group = refresh.add_argument_group("refresh")
     group.add_argument(
         "--margin-minutes",
@@ -121,7 +134,10 @@ def register(commands: Any) -> None:
         examples=HISTORY_EXAMPLES,
         parents=[_s3_parent(), options.common_parent()],
     )
-    history.add_argument("path", metavar="PATH", help="a directory snapshot, local or s3://")
+    history.add_argument(
+        "path", metavar="PATH", nargs="?", help="a directory snapshot, local or s3://"
+    )
+    _iceberg_options(history)
     history.set_defaults(handler=run_history)
 
     vacuum = options.add_command(
@@ -134,7 +150,10 @@ def register(commands: Any) -> None:
         examples=VACUUM_EXAMPLES,
         parents=[_s3_parent(), options.common_parent()],
     )
-    vacuum.add_argument("path", metavar="PATH", help="a directory snapshot, local or s3://")
+    vacuum.add_argument(
+        "path", metavar="PATH", nargs="?", help="a directory snapshot, local or s3://"
+    )
+    _iceberg_options(vacuum)
     vacuum.add_argument(
         "--retain-hours",
         type=float,
@@ -160,6 +179,11 @@ HISTORY_EXAMPLES = """\
 examples:
   healthimaging-df history cohort/
   healthimaging-df history s3://bucket/cohorts/ct/ --profile research
+  healthimaging-df history --iceberg-table cohorts.ct --catalog sqlite:///catalog.db \\
+      --warehouse ./warehouse
+
+The first line names the table format, its protocol (Delta reader/writer versions, Iceberg
+format version) and its table features.
 """
 
 VACUUM_EXAMPLES = """\
@@ -168,6 +192,35 @@ examples:
   healthimaging-df vacuum cohort/ --retain-hours 720 --dry-run
   healthimaging-df vacuum cohort/ --retain-hours 720
 """
+
+
+def _iceberg_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Iceberg",
+        "an Apache Iceberg table instead of PATH: NAMESPACE.TABLE in a catalog named by a URI\n"
+        "(sqlite:///FILE a SQL catalog, glue or glue://CATALOG_ID AWS Glue, http(s)://... REST)",
+    )
+    group.add_argument("--iceberg-table", metavar="NS.TABLE", help="the Iceberg table")
+    group.add_argument("--catalog", metavar="URI", help="the Iceberg catalog")
+    group.add_argument(
+        "--warehouse", metavar="URI", help="where new tables' files go (a folder or s3://...)"
+    )
+
+
+def _where(args: argparse.Namespace) -> dict[str, Any]:
+    """PATH, or the Iceberg table: exactly one, checked before anything connects."""
+    iceberg = getattr(args, "iceberg_table", None)
+    if iceberg is None:
+        if getattr(args, "catalog", None) or getattr(args, "warehouse", None):
+            raise options.UsageError("--catalog and --warehouse go with --iceberg-table")
+        if args.path is None:
+            raise options.UsageError("give PATH, or --iceberg-table NS.TABLE --catalog URI")
+        return {"path": args.path}
+    if args.path is not None:
+        raise options.UsageError("give PATH or --iceberg-table, not both")
+    if not args.catalog:
+        raise options.UsageError("--iceberg-table needs --catalog URI")
+    return {"iceberg_table": iceberg, "catalog": args.catalog, "warehouse": args.warehouse}
 
 
 def _s3_parent() -> argparse.ArgumentParser:
@@ -182,10 +235,17 @@ def _s3_parent() -> argparse.ArgumentParser:
 
 def run_history(args: argparse.Namespace) -> int:
     """Run ``history``: one line per version on stdout."""
-    from healthimaging_df.snapshot import snapshot_history
+    from healthimaging_df.snapshot import snapshot_history, snapshot_info
 
+    where = _where(args)
+    if "path" in where:
+        where["path"] = _directory(args.path)
     storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
-    frame = snapshot_history(_directory(args.path), **storage)
+    info = snapshot_info(**where, **storage)
+    protocol = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in info.protocol.items())
+    features = ", ".join(info.features) or "none"
+    print(f"{info.format} table: {protocol}; table features: {features}")
+    frame = snapshot_history(**where, **storage)
     print("version  timestamp (UTC)                operation   added  updated  removed  rows")
     for record in frame.to_dict("records"):
         prov = record["provenance"] or {}
@@ -205,8 +265,11 @@ def run_vacuum(args: argparse.Namespace) -> int:
     if not args.retain_hours >= 0 or args.retain_hours == float("inf"):
         raise options.UsageError("--retain-hours must be a number of hours >= 0")
     storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    where = _where(args)
+    if "path" in where:
+        where["path"] = _directory(args.path)
     count = vacuum_snapshot(
-        _directory(args.path),
+        **where,
         retain=timedelta(hours=args.retain_hours),
         dry_run=args.dry_run,
         **storage,
@@ -299,7 +362,9 @@ def _names(specs: list[str]) -> list[str]:
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
     """S3 settings: the same profile and region as the service client (not with --local)."""
     session = None
-    if str(args.path).startswith("s3://") and not args.local:
+    remote = str(args.path).startswith("s3://") or getattr(args, "catalog", None) == "glue"
+    remote = remote or str(getattr(args, "warehouse", None) or "").startswith("s3://")
+    if remote and not args.local:
         from healthimaging_df.aws.session import named
 
         session = named(args.profile, args.region)
@@ -316,13 +381,14 @@ def run_snapshot(args: argparse.Namespace) -> int:
     from healthimaging_df.cli.commands import building, connect
     from healthimaging_df.snapshot import export_query
 
+    where = _where(args)
     policy = _policy(args)
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
     with target.connect() as connection:
         info = export_query(
             query,
-            args.path,
+            **where,
             client=connection.client,
             progress=output.progress(args),
             max_concurrency=args.max_concurrency,
@@ -344,9 +410,10 @@ def run_refresh(args: argparse.Namespace) -> int:
     from healthimaging_df.cli.commands import building, connect
     from healthimaging_df.refresh import refresh_snapshot
 
+    where = _where(args)
     policy = _policy(args)
     query: Query | None = None
-    _check_refresh(args, policy)
+    _check_refresh(args, policy, where)
     if building.has_query_options(args) or policy is not None:
         # a redacted snapshot keeps no query values: the query comes from the command line
         target = connect.Target(args)
@@ -355,7 +422,7 @@ def run_refresh(args: argparse.Namespace) -> int:
         target = connect.Target(args, required=False)  # the query is the snapshot's own
     with target.connect() as connection:
         report = refresh_snapshot(
-            args.path,
+            **where,
             client=connection.client,
             query=query,
             redact=policy,
@@ -370,7 +437,9 @@ def run_refresh(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> None:
+def _check_refresh(
+    args: argparse.Namespace, policy: RedactionPolicy | None, where: dict[str, Any]
+) -> None:
     """Refuse, in CLI terms and before connecting, a refresh the snapshot cannot take."""
     import json
 
@@ -384,17 +453,18 @@ def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> 
             "ways an update scan does not show); run snapshot again"
         )
     storage = {k: v for k, v in _storage(args).items() if k != "kms_key_id"}
+    shown = args.path if args.path is not None else args.iceberg_table
     try:
-        provenance = snapshot_provenance(args.path, **storage)
+        provenance = snapshot_provenance(**where, **storage)
     except (SnapshotError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
         raise options.UsageError(
-            f"{args.path} is not a snapshot (snapshot or search --out FILE.parquet writes one)"
+            f"{shown} is not a snapshot (snapshot or search --out FILE.parquet writes one)"
         ) from None
     recorded = provenance.get("redaction")
     if recorded:
         if policy is None or not building.has_query_options(args):
             raise options.UsageError(
-                f"{args.path} is redacted and keeps no query values: give the query options "
+                f"{shown} is redacted and keeps no query values: give the query options "
                 "again (--datastore-id, --where...) and --redact with the same key"
             )
         try:
@@ -405,22 +475,22 @@ def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> 
             fingerprints = provenance.get("redaction_fingerprints")
             if not isinstance(fingerprints, dict):
                 raise options.UsageError(
-                    f"{args.path} keeps no redaction fingerprints (an older version wrote it): "
+                    f"{shown} keeps no redaction fingerprints (an older version wrote it): "
                     "export it again"
                 )
             try:
                 policy.check_fingerprints(fingerprints, None)  # the key; the query later
             except SnapshotError:
                 raise options.UsageError(
-                    f"the key in {args.key_env} is not the one {args.path} was made with"
+                    f"the key in {args.key_env} is not the one {shown} was made with"
                 ) from None
             if described != policy.describe():
                 raise options.UsageError(
                     f"the redaction options (--drop, --hash, --keep-birth-date, --no-date-shift) "
-                    f"differ from those {args.path} was made with"
+                    f"differ from those {shown} was made with"
                 )
     elif policy is not None:
-        raise options.UsageError(f"{args.path} is not redacted: leave out --redact")
+        raise options.UsageError(f"{shown} is not redacted: leave out --redact")
     query = provenance.get("query")
     if not building.has_query_options(args) and isinstance(query, str):
         try:
@@ -429,6 +499,6 @@ def _check_refresh(args: argparse.Namespace, policy: RedactionPolicy | None) -> 
             return  # refresh itself reports a damaged provenance
         if limited:
             raise options.UsageError(
-                f"{args.path} was made by a query with --limit, which cannot be refreshed; run "
+                f"{shown} was made by a query with --limit, which cannot be refreshed; run "
                 "snapshot again"
             )

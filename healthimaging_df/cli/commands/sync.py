@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING
 from healthimaging_df.cli.commands import options
 from healthimaging_df.cli.commands.snapshot import (
     _check_refresh,
+    _iceberg_options,
     _policy,
     _redaction_options,
     _storage,
     _storage_options,
+    _where,
 )
 
 if TYPE_CHECKING:
@@ -30,6 +32,9 @@ examples:
 
   # a redacted snapshot: the query and the same key again, as for refresh
   healthimaging-df sync cohort/ --queue-url URL --datastore-id ID --where Modality=CT --redact
+
+  # an Iceberg table: one snapshot per batch
+  healthimaging-df sync --iceberg-table cohorts.ct --catalog glue --queue-url URL --once
 
 A line per batch goes to stderr; the summary (messages, rows added, updated, removed, poison
 messages) to stdout.
@@ -60,7 +65,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "once; a message leaves the queue only after the commit that covers it.",
         examples=SYNC_EXAMPLES,
     )
-    sync.add_argument("path", metavar="SNAPSHOT", help="a snapshot: a directory (Delta) or file")
+    sync.add_argument(
+        "path", metavar="SNAPSHOT", nargs="?", help="a snapshot: a directory (Delta) or a file"
+    )
+    _iceberg_options(sync)
     group = sync.add_argument_group("sync")
     group.add_argument("--queue-url", required=True, metavar="URL", help="the SQS queue")
     group.add_argument("--once", action="store_true", help="drain the messages waiting, then exit")
@@ -98,9 +106,10 @@ def run_sync(args: argparse.Namespace) -> int:
     from healthimaging_df.cli.commands import building, connect
     from healthimaging_df.sync import sync_snapshot
 
+    where = _where(args)
     policy = _policy(args)
     query: Query | None = None
-    _check_refresh(args, policy)
+    _check_refresh(args, policy, where)
     if building.has_query_options(args) or policy is not None:
         target = connect.Target(args)
         query = building.build_query(args, target.datastore_id)
@@ -115,7 +124,7 @@ def run_sync(args: argparse.Namespace) -> int:
         )
     with target.connect() as connection:
         report = sync_snapshot(
-            args.path,
+            **where,
             queue_url=args.queue_url,
             client=connection.client,
             sqs_client=sqs,
