@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     __version__: str
 
     from healthimaging_df import dicomweb, errors, options, schema
+    from healthimaging_df.checkup import doctor
     from healthimaging_df.core import logs
     from healthimaging_df.local import LocalService
     from healthimaging_df.metadata import fetch_metadata
@@ -48,6 +49,7 @@ _LAZY = {
     "RefreshReport": "healthimaging_df.refresh",
     "SnapshotInfo": "healthimaging_df.snapshot",
     "SyncReport": "healthimaging_df.sync",
+    "doctor": "healthimaging_df.checkup",
     "fetch_metadata": "healthimaging_df.metadata",
     "generate_key": "healthimaging_df.store.redact",
     "read_snapshot": "healthimaging_df.snapshot",
@@ -104,6 +106,7 @@ __all__ = [
     "SyncReport",
     "__version__",
     "dicomweb",
+    "doctor",
     "downgrade_snapshot",
     "errors",
     "fetch_metadata",

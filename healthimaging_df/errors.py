@@ -165,3 +165,35 @@ class DICOMwebTruncatedError(DICOMwebError):
             "MaybeTruncated",
             detail=f"{records} record(s) read; {reason}: narrow the query (e.g. by StudyDate)",
         )
+
+
+class DICOMwebMalformedError(DICOMwebError):
+    """QIDO-RS kept answering with a body that is not a page of DICOM JSON, after every retry.
+
+    A zero-byte 200, a JSON object instead of a list, an element that is not a DICOM JSON object,
+    or a record without the UID the search needs. ``rule`` names what was broken (no values).
+    """
+
+    def __init__(self, operation: str, rule: str, status: int | None = None) -> None:
+        self.rule = rule
+        super().__init__(operation, None, "MalformedResponse", status, detail=rule)
+
+
+class DICOMwebUnavailableError(DICOMwebError):
+    """QIDO-RS cannot be used here: no DICOMweb endpoint is known, or the extra is missing.
+
+    Raised for a forced ``using("qido")``; ``auto`` runs SearchImageSets alone.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__("SearchDICOM", None, "Unavailable", detail=reason)
+
+
+class DICOMwebUnavailableWarning(HealthImagingDFWarning):
+    """QIDO-RS was denied, absent or broken: the query ran on SearchImageSets alone (exact).
+
+    Said once per DICOMweb endpoint and region in a process; the finding is remembered (in the
+    statistics cache, for an hour) and ``explain()`` shows it. The message names the reason (an
+    error code and HTTP status), never a URL or a query value.
+    """

@@ -32,6 +32,7 @@ class RunOptions(TypedDict, total=False):
     progress: Progress
     max_concurrency: int
     max_tps: float | None
+    dicomweb_endpoint_url: str | None
 
 
 class StoreOptions(TypedDict, total=False):

@@ -25,14 +25,16 @@ from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.plan import (
+    CONSISTENT_OPTION,
     STRATEGIES,
     DatastoreStats,
+    Facts,
     Plan,
+    Spec,
     Strategy,
     any_of,
-    compile_plan,
+    compile_spec,
     predicates,
-    union,
 )
 from healthimaging_df.plan.predicates import Op, Predicate
 
@@ -66,6 +68,8 @@ class Query:
     row_limit: int | None = None
     strategy: Strategy = "auto"
     parts: tuple[Query, ...] = ()  # a union's queries (none a union, none with sort or limit)
+    # the caller asserts a study's image sets agree on study- and patient-level attributes
+    assume_consistent_studies: bool = False
 
     def __post_init__(self) -> None:
         checks.resource_id("datastore_id", self.datastore_id)
@@ -85,6 +89,8 @@ class Query:
             parts.append(f"limit={self.row_limit}")
         if self.strategy != "auto":
             parts.append(f"strategy={self.strategy}")
+        if self.assume_consistent_studies:
+            parts.append(f"{CONSISTENT_OPTION}=True")
         return f"Query({', '.join(parts)})"
 
     # -- building ---------------------------------------------------------------------------
@@ -176,16 +182,40 @@ class Query:
         """Return at most *n* rows: the first *n* in sort order (default updatedAt, newest first)."""
         return replace(self, row_limit=checks.positive_int("limit", n))
 
-    def using(self, strategy: Strategy) -> Query:
-        """Force an access path: ``"fanout"`` (a chain per IN value) or ``"scan"``; or ``"auto"``.
+    def using(
+        self, strategy: Strategy = "auto", *, assume_consistent_studies: bool | None = None
+    ) -> Query:
+        """Choose an access path, and what QIDO-RS may be trusted with.
 
-        ``"auto"`` (the default) lets the planner pick the path with fewer estimated requests.
+        ``"auto"`` (the default) lets the planner pick the path with fewer estimated requests;
+        ``"fanout"`` (a chain per IN value) and ``"scan"`` force one; ``"search"`` never uses
+        QIDO-RS; ``"qido"`` uses it whenever a condition can go to it, and raises a typed
+        error when DICOMweb is denied, absent or broken (``auto`` runs SearchImageSets alone).
+
+        ``assume_consistent_studies=True`` asserts that a study's primary image sets agree on
+        study- and patient-level attributes (PatientName, StudyDescription, PatientBirthDate,
+        StudyDate). AWS does not guarantee it: an UpdateImageSetMetadata without
+        ``includeStudyImageSets`` changes one image set. Only then are such conditions matched
+        by QIDO-RS (one value per study); ``explain()`` says when it is in force. Without it,
+        QIDO-RS matches series-level conditions (Modality, SeriesNumber) only, which are sound.
         """
         if strategy not in STRATEGIES:
             raise QueryValidationError("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        if assume_consistent_studies is not None and not isinstance(
+            assume_consistent_studies, bool
+        ):
+            raise QueryValidationError(CONSISTENT_OPTION, "must be True or False")
+        consistent = (
+            self.assume_consistent_studies
+            if assume_consistent_studies is None
+            else assume_consistent_studies
+        )
         if self.parts:
-            return replace(self, parts=tuple(q.using(strategy) for q in self.parts))
-        return replace(self, strategy=strategy)
+            parts = tuple(
+                q.using(strategy, assume_consistent_studies=consistent) for q in self.parts
+            )
+            return replace(self, parts=parts, assume_consistent_studies=consistent)
+        return replace(self, strategy=strategy, assume_consistent_studies=consistent)
 
     # -- serializing --------------------------------------------------------------------------
 
@@ -216,6 +246,8 @@ class Query:
                 data["part_strategies"] = [q.strategy for q in self.parts]
         elif self.strategy != "auto":
             data["strategy"] = self.strategy
+        if self.assume_consistent_studies:
+            data[CONSISTENT_OPTION] = True
         return data
 
     @classmethod
@@ -252,6 +284,8 @@ class Query:
             query = query.limit(int(data["limit"]))
         if data.get("strategy"):
             query = query.using(data["strategy"])
+        if data.get(CONSISTENT_OPTION):
+            query = query.using(query.strategy, assume_consistent_studies=True)
         return query
 
     def to_json(self) -> str:
@@ -260,51 +294,102 @@ class Query:
 
     # -- planning ---------------------------------------------------------------------------
 
+    def spec(self, now: datetime | None = None, strategy: Strategy | None = None) -> Spec:
+        """The query's parts as the planner takes them (*strategy* overrides the query's)."""
+        members = self.parts or (self,)
+        return Spec(
+            self.datastore_id,
+            tuple(q.predicates for q in members),
+            tuple(strategy or q.strategy for q in members),
+            self.sort_column,
+            self.ascending,
+            self.row_limit,
+            now,
+            union=bool(self.parts),
+            assume_consistent_studies=self.assume_consistent_studies,
+        )
+
     def compile(
         self,
         now: datetime | None = None,
         stats: DatastoreStats | None = None,
         strategy: Strategy | None = None,
+        facts: Facts | None = None,
     ) -> Plan:
         """The plan: requests the API can answer plus the predicates applied on the client.
 
         *now* bounds an unbounded scan (default: the current time); *stats* (the datastore's
-        size) lets the planner weigh fan-out against a scan; *strategy* overrides the query's.
-        The plan is deterministic for given arguments.
+        size) lets the planner weigh fan-out against a scan; *strategy* overrides the query's;
+        *facts* (what a run knows, see ``engine.choose``) replace *stats*. The plan is
+        deterministic for given arguments.
         """
-        if self.parts:
-            strategies = [strategy or q.strategy for q in self.parts]
-            return union(
-                self.datastore_id,
-                [q.predicates for q in self.parts],
-                self.sort_column,
-                self.ascending,
-                self.row_limit,
-                now,
-                strategies,
-                stats,
-            )
-        return compile_plan(
-            self.datastore_id,
-            self.predicates,
-            self.sort_column,
-            self.ascending,
-            self.row_limit,
-            now,
-            strategy or self.strategy,
-            stats,
+        known = facts if facts is not None else Facts(stats=stats)
+        return compile_spec(self.spec(now, strategy), known)
+
+    def plan(
+        self,
+        client: Any = None,
+        boto3_session: Any = None,
+        max_tps: float | None = SEARCH_TPS,
+        max_concurrency: int = 8,
+        dicomweb_endpoint_url: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The exact keyword arguments of each first ``search_image_sets`` call (no paging keys).
+
+        With *client* (or *boto3_session*), as the run would start them: from the statistics a
+        previous run cached for that endpoint, a scan lists one request per pre-split piece.
+        No request is sent.
+        """
+        return self._planned(
+            client, boto3_session, max_tps, max_concurrency, dicomweb_endpoint_url
+        ).requests()
+
+    def explain(
+        self,
+        show_values: bool = False,
+        *,
+        client: Any = None,
+        boto3_session: Any = None,
+        max_tps: float | None = SEARCH_TPS,
+        max_concurrency: int = 8,
+        dicomweb_endpoint_url: str | None = None,
+    ) -> str:
+        """Say what is sent, what runs on the client, and roughly what it costs.
+
+        Values are hidden unless *show_values* (they are usually PHI). With *client* (or
+        *boto3_session*) the plan is the one the run would choose from what it knows before
+        a request: the statistics cached for that endpoint (a previous scan's exact count, or a
+        probe's estimate), whether QIDO-RS answered there lately; what it does not know yet
+        (the datastore's size, a sweep's) is listed with the requests that measure it. Costs
+        are priced at *max_tps*, the run's pace. No request is sent.
+        """
+        planned = self._planned(
+            client, boto3_session, max_tps, max_concurrency, dicomweb_endpoint_url
         )
+        return planned.explain(show_values=show_values, max_tps=max_tps)
 
-    def plan(self) -> list[dict[str, Any]]:
-        """The exact keyword arguments of each ``search_image_sets`` call (no paging keys)."""
-        return self.compile().requests()
+    def _planned(
+        self,
+        client: Any,
+        boto3_session: Any,
+        max_tps: float | None,
+        max_concurrency: int,
+        dicomweb_endpoint_url: str | None,
+    ) -> Plan:
+        if client is None and boto3_session is None:
+            return self.compile(facts=Facts(max_tps=max_tps, max_concurrency=max_concurrency))
+        from healthimaging_df import engine
 
-    def explain(self, show_values: bool = False) -> str:
-        """Say what is sent, what runs on the client, and how many request chains run.
-
-        Values are hidden unless *show_values* (they are usually PHI).
-        """
-        return self.compile().explain(show_values=show_values)
+        run = engine.prepare(
+            client,
+            boto3_session,
+            False,
+            max_concurrency,
+            max_tps,
+            dicomweb_endpoint_url=dicomweb_endpoint_url,
+        )
+        spec = self.spec()
+        return compile_spec(spec, engine.facts_for(spec, run))
 
     # -- running (the engine does the work) ---------------------------------------------------
 
@@ -316,6 +401,7 @@ class Query:
         max_concurrency: int = 8,
         max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
+        dicomweb_endpoint_url: str | None = None,
     ) -> pd.DataFrame:
         """Run the query and return every matching image set as a typed DataFrame.
 
@@ -336,13 +422,24 @@ class Query:
             no client-side limit.
         dtype_backend
             ``"numpy_nullable"`` or ``"pyarrow"``, as in pandas.
+        dicomweb_endpoint_url
+            Where DICOMweb (QIDO-RS) lives, for a custom ``endpoint_url`` (a VPC endpoint's own
+            DNS name, a proxy); else ``AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING``, else AWS's
+            ``dicom-medical-imaging.{region}`` host for AWS's own endpoint. Unknown: QIDO-RS is
+            not weighed (``explain()`` says so).
         """
         from healthimaging_df import engine
 
         run = engine.prepare(
-            client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
+            client,
+            boto3_session,
+            progress,
+            max_concurrency,
+            max_tps,
+            dtype_backend,
+            dicomweb_endpoint_url=dicomweb_endpoint_url,
         )
-        plan = engine.choose(lambda stats: self.compile(stats=stats), run)
+        plan = engine.choose(self.spec(), run)
         return engine.collect(plan, self.to_json(), run)
 
     def iter_dataframes(
@@ -354,6 +451,7 @@ class Query:
         max_concurrency: int = 8,
         max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
+        dicomweb_endpoint_url: str | None = None,
     ) -> Iterator[pd.DataFrame]:
         """Yield typed frames of about *chunk_rows* rows as pages arrive, for results beyond memory.
 
@@ -365,9 +463,15 @@ class Query:
 
         engine.check_positive_int("chunk_rows", chunk_rows)
         run = engine.prepare(
-            client, boto3_session, progress, max_concurrency, max_tps, dtype_backend
+            client,
+            boto3_session,
+            progress,
+            max_concurrency,
+            max_tps,
+            dtype_backend,
+            dicomweb_endpoint_url=dicomweb_endpoint_url,
         )
-        plan = engine.choose(lambda stats: self.compile(stats=stats), run)
+        plan = engine.choose(self.spec(), run)
         return engine.chunks(plan, self.to_json(), run, chunk_rows)
 
     def to_arrow(
@@ -476,7 +580,7 @@ class Query:
             rows.append(("limit", str(self.row_limit)))
         if self.strategy != "auto":
             rows.append(("strategy", self.strategy))
-        return display.section("Query", rows) + self.compile().to_html()
+        return display.section("Query", rows) + self.compile().to_html(SEARCH_TPS)
 
     def to_parquet(self, path: str, **options: Unpack[ExportOptions]) -> snapshot.SnapshotInfo:
         """Run the query and write a snapshot; see ``healthimaging_df.snapshot.export_query``.

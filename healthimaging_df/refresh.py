@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df import engine, schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
 from healthimaging_df.core import checks
 from healthimaging_df.engine import frame, provenance
 from healthimaging_df.engine.provenance import KEY as METADATA_KEY
@@ -140,7 +141,7 @@ def refresh_frame(
     margin: timedelta = DEFAULT_MARGIN,
     progress: Progress = None,
     max_concurrency: int = 8,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = SEARCH_TPS,
     reconcile: bool = False,
 ) -> tuple[pd.DataFrame, RefreshReport]:
     """Bring a frame from this library up to date without re-reading the whole datastore.
@@ -208,7 +209,7 @@ def refresh_snapshot(
     margin: timedelta = DEFAULT_MARGIN,
     progress: Progress = None,
     max_concurrency: int = 8,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = SEARCH_TPS,
     reconcile: bool = False,
     region: str | None = None,
     s3_endpoint_url: str | None = None,

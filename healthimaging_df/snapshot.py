@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from healthimaging_df import engine, schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.engine import provenance
 from healthimaging_df.engine.checkpoint import Checkpoint, fingerprint, private_root, private_store
 from healthimaging_df.engine.spill import spill_prefix
@@ -583,10 +585,7 @@ def _write_table_format(
 
 
 def _check_chunk_rows(chunk_rows: Any) -> None:
-    if chunk_rows is not None and (
-        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
-    ):
-        raise QueryValidationError("chunk_rows", "must be a positive integer or None")
+    checks.optional_positive_int("chunk_rows", chunk_rows)
 
 
 @overload
@@ -707,10 +706,8 @@ def read_snapshot(
 def _check_time_travel(where: Location, version: Any, as_of: Any) -> None:
     if version is not None and as_of is not None:
         raise QueryValidationError("version", "give version or as_of, not both")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise QueryValidationError("version", "must be a version number (int >= 0)")
-    if isinstance(version, int) and version < 0:
-        raise QueryValidationError("version", "must be a version number (int >= 0)")
+    if version is not None:
+        checks.integer("version", version, minimum=0, rule="must be a version number (int >= 0)")
     if as_of is not None and not isinstance(as_of, datetime):
         raise QueryValidationError("as_of", "must be a datetime")
     if where.single_file and (version is not None or as_of is not None):
@@ -1099,7 +1096,7 @@ def export_query(
     boto3_session: Any = None,
     progress: Progress = None,
     max_concurrency: int = 8,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = SEARCH_TPS,
     partition_cols: Sequence[str] | None = None,
     redact: RedactionPolicy | None = None,
     resume: bool = True,
@@ -1113,6 +1110,7 @@ def export_query(
     catalog: str | None = None,
     warehouse: str | None = None,
     catalog_properties: Mapping[str, str] | None = None,
+    dicomweb_endpoint_url: str | None = None,
 ) -> SnapshotInfo:
     """Run *query* and write its result as a snapshot, checkpointing as it goes.
 
@@ -1174,7 +1172,14 @@ def export_query(
     if where.target is not None:
         where.target.store.check_writable()
     _check_foreign_folder(where)
-    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+    run = engine.prepare(
+        client,
+        boto3_session,
+        progress,
+        max_concurrency,
+        max_tps,
+        dicomweb_endpoint_url=dicomweb_endpoint_url,
+    )
 
     def write(table: pa.Table | RowGroups, info: dict[str, Any]) -> SnapshotInfo:
         written = _finish_write(where, table, info, partition_cols, redact, compression)

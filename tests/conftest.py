@@ -1,5 +1,7 @@
 """Suite-wide: the planner's statistics cache lives in a temporary folder, never the user's;
-each test starts with fresh rate limiters (a throttle one test provokes widens a shared one)."""
+each test starts with fresh rate limiters (a throttle one test provokes widens a shared one) and
+knows nothing of DICOMweb (a refusal one test provokes is remembered per endpoint, and a port
+is reused by a later service)."""
 
 from __future__ import annotations
 
@@ -29,3 +31,13 @@ def _fresh_rate_limiters() -> Iterator[None]:
     aws.forget_limiters()
     yield
     aws.forget_limiters()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dicomweb_findings() -> Iterator[None]:
+    from healthimaging_df.engine import qido, statistics
+
+    statistics.forget_capabilities()
+    qido.forget_warnings()
+    yield
+    statistics.forget_capabilities()

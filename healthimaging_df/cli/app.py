@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every command."""
     from healthimaging_df.cli import demo
     from healthimaging_df.cli.commands import (
+        doctor,
         metadata,
         search,
         series_attributes,
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.register(commands)
     series_attributes.register(commands)
     sql.register(commands)
+    doctor.register(commands)
     demo.register(commands)
     local_cli.register(commands)
     return parser

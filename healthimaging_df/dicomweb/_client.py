@@ -14,16 +14,22 @@ logger rewrites those records, as ``healthimaging_df.core.logs`` does for botoco
 from __future__ import annotations
 
 import logging
-import os
-import random
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
+import orjson
+
 from healthimaging_df.aws import RateLimiter
+from healthimaging_df.aws.errors import http_failure
+from healthimaging_df.aws.quotas import QIDO_TPS
+from healthimaging_df.aws.retry import SERVICE_BACKOFF, Backoff
+from healthimaging_df.core import checks
+from healthimaging_df.dicomweb._endpoint import resolve_endpoint
 from healthimaging_df.dicomweb._model import (
     MAX_LIMIT,
     MAX_OFFSET,
@@ -35,17 +41,27 @@ from healthimaging_df.dicomweb._model import (
 )
 from healthimaging_df.errors import (
     DICOMwebError,
+    DICOMwebMalformedError,
     DICOMwebThrottledError,
     DICOMwebTruncatedError,
     QueryValidationError,
 )
 
-__all__ = ["SERVICE", "QidoClient", "QidoResult", "dicomweb_endpoint", "make_qido_client"]
+__all__ = [
+    "SERVICE",
+    "QidoClient",
+    "QidoResult",
+    "check_page",
+    "dicomweb_endpoint",
+    "make_qido_client",
+    "unavailable",
+]
 
 log = logging.getLogger(__name__)
 
 SERVICE = "medical-imaging"
 ACCEPT = "application/dicom+json"
+ACCEPT_HEADER = "application/dicom+json, application/json"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 THROTTLE_STATUSES = frozenset({429, 503})
 _SAFE = "-_.~"
@@ -145,39 +161,120 @@ class QidoResult:
     reason: str | None = None
 
 
-_STANDARD_HOST_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
-
-
-DICOMWEB_ENDPOINT_ENV = "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING"
-"""The DICOMweb address's environment variable, in the style of ``AWS_ENDPOINT_URL_*``."""
-
-
 def dicomweb_endpoint(
     client: Any = None, region: str | None = None, dicomweb_endpoint_url: str | None = None
 ) -> str:
-    """The DICOMweb base URL: the override, the environment, the client's endpoint, the AWS host.
+    """The DICOMweb base URL (see :func:`~healthimaging_df.dicomweb.resolve_endpoint`).
 
-    The environment variable is ``AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING``
-    (:data:`DICOMWEB_ENDPOINT_ENV`), as botocore reads ``AWS_ENDPOINT_URL_MEDICAL_IMAGING``.
+    Raises :class:`QueryValidationError` when it is unknown (a custom ``endpoint_url`` without
+    ``dicomweb_endpoint_url`` or ``AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING``).
 
     >>> dicomweb_endpoint(region="eu-west-1")
     'https://dicom-medical-imaging.eu-west-1.amazonaws.com'
     """
-    if dicomweb_endpoint_url:
-        return dicomweb_endpoint_url.rstrip("/")
-    from_env = os.environ.get(DICOMWEB_ENDPOINT_ENV)
-    if from_env:
-        return from_env.rstrip("/")
-    meta = getattr(client, "meta", None)
-    endpoint = getattr(meta, "endpoint_url", None)
-    region = region or getattr(meta, "region_name", None)
-    if isinstance(endpoint, str):
-        host = urlsplit(endpoint).hostname or ""
-        if not host.endswith(_STANDARD_HOST_SUFFIXES):
-            return endpoint.rstrip("/")  # a custom endpoint (the local service): same base URL
-    if not region:
-        raise QueryValidationError("region", "no AWS region: set one on the boto3 session")
-    return f"https://dicom-medical-imaging.{region}.amazonaws.com"
+    found = resolve_endpoint(client, region, dicomweb_endpoint_url)
+    if found.url is None:
+        raise QueryValidationError("dicomweb_endpoint_url", found.why or "unknown")
+    return found.url
+
+
+class _Malformed(Exception):
+    """A page that is not DICOM JSON (retried like a 5xx); ``rule`` names what was broken."""
+
+    def __init__(self, rule: str, status: int | None = None) -> None:
+        super().__init__(rule)
+        self.rule = rule
+        self.status = status
+
+
+_TAG = re.compile(r"[0-9A-F]{8}")
+
+
+def check_page(status: int, body: bytes, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A QIDO-RS response body as DICOM JSON objects, or :class:`_Malformed` naming the rule.
+
+    A 204 (PS3.18: no matches) is an empty page; a 200 must carry a JSON list of DICOM JSON
+    objects (keys ``GGGGEEEE``, each an object with a ``vr``), each holding a non-empty string
+    for every tag in *required* (the UIDs the caller resolves by). A zero-byte 200, ``{}`` or an
+    object without the UID is not "no more matches": it is retried, then a typed error.
+
+    >>> check_page(204, b"")
+    []
+    >>> check_page(200, b'[{"0020000D": {"vr": "UI", "Value": ["1.2"]}}]', ["0020000D"])
+    [{'0020000D': {'vr': 'UI', 'Value': ['1.2']}}]
+    """
+    if status == 204:
+        if body.strip():
+            raise _Malformed("a 204 (no content) with a body", status)
+        return []
+    if not body.strip():
+        raise _Malformed(f"an empty body with HTTP {status} (a JSON list was expected)", status)
+    try:
+        page = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _Malformed("a body that is not JSON", status) from None
+    if not isinstance(page, list):
+        raise _Malformed("a JSON body that is not a list of DICOM JSON objects", status)
+    for record in page:
+        if not isinstance(record, dict) or not all(
+            isinstance(tag, str) and _TAG.fullmatch(tag) and isinstance(e, dict) and "vr" in e
+            for tag, e in record.items()
+        ):
+            raise _Malformed("an element that is not a DICOM JSON object", status)
+    return _required(page, tuple(required))
+
+
+def _keyword(tag: str) -> str:
+    from pydicom import datadict
+
+    return str(datadict.keyword_for_tag(int(tag, 16)) or tag)
+
+
+def unavailable(error: DICOMwebError) -> str | None:
+    """Why *error* says QIDO-RS is unavailable to this caller here, or None when it may pass.
+
+    403 (a role without ``SearchDICOM*``, or a signature the endpoint refuses), 401, 404 (an
+    address without DICOMweb) and failures to connect (DNS, TLS, refused, timed out) are
+    remembered; throttling, 5xx and malformed pages after every retry are not.
+    """
+    if error.status in (401, 403, 404):
+        return f"{error.code} (HTTP {error.status})"
+    if error.status is None and not isinstance(error, DICOMwebMalformedError):
+        return error.code
+    return None
+
+
+def _web_class() -> type:
+    """dicomweb-client's DICOMwebClient, its JSON reader replaced by :func:`check_page`."""
+    from dicomweb_client.api import DICOMwebClient
+
+    class CheckedClient(DICOMwebClient):
+        """Builds and sends QIDO-RS requests as dicomweb-client does; reads bodies strictly."""
+
+        def _http_get_application_json(
+            self,
+            url: str,
+            params: dict[str, Any] | None = None,
+            stream: bool = False,
+            get_remaining: bool = False,
+        ) -> list[dict[str, Any]]:
+            response = self._http_get(
+                url, params=params, headers={"Accept": ACCEPT_HEADER}, stream=stream
+            )
+            return check_page(response.status_code, response.content)
+
+    return CheckedClient
+
+
+@dataclass
+class _Failure:
+    """One failed attempt: what to report, and whether another attempt may help."""
+
+    code: str
+    status: int | None = None
+    server_message: str | None = None
+    retriable: bool = True
+    malformed: str | None = None  # the rule a malformed page broke
 
 
 class QidoClient:
@@ -194,7 +291,8 @@ class QidoClient:
     max_tps
         Requests per second across threads, retries included; None for no client-side limit.
     max_attempts
-        Attempts per request on 429 and 5xx (and connection errors), as botocore's standard mode.
+        Attempts per request on 429, 5xx, a malformed page and connection errors, as botocore's
+        standard mode (DNS and TLS failures are not retried: they do not pass).
     timeout
         Seconds to connect and to read each response.
     retry_base
@@ -211,7 +309,7 @@ class QidoClient:
         region: str,
         credentials: Callable[[], Any],
         *,
-        max_tps: float | None = 25.0,
+        max_tps: float | None = QIDO_TPS,
         max_attempts: int = 10,
         timeout: float = 30.0,
         retry_base: float = 1.0,
@@ -219,8 +317,7 @@ class QidoClient:
     ) -> None:
         if max_tps is not None and not (isinstance(max_tps, (int, float)) and max_tps > 0):
             raise QueryValidationError("max_tps", "must be a positive number or None")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise QueryValidationError("max_attempts", "must be a positive integer")
+        checks.positive_int("max_attempts", max_attempts)
         self.endpoint_url = endpoint_url.rstrip("/")
         self.region = region
         self._credentials = credentials
@@ -256,12 +353,11 @@ class QidoClient:
         web = cache.get(datastore_id)
         if web is None:
             import requests
-            from dicomweb_client.api import DICOMwebClient
 
             session = requests.Session()
             session.auth = _requests_auth()(self._frozen, self.region)
             session.hooks["response"].append(self._remember)
-            web = DICOMwebClient(
+            web = _web_class()(
                 f"{self.endpoint_url}/datastore/{datastore_id}",
                 session=session,
                 timeout=self.timeout,
@@ -284,12 +380,16 @@ class QidoClient:
         series_uid: str | None = None,
         limit: int = MAX_LIMIT,
         offset: int = 0,
+        required: Sequence[str] | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """One page: the DICOM JSON objects and the response's ``Warning`` header (or None)."""
-        import requests
+        """One checked page: the DICOM JSON objects and the ``Warning`` header (or None).
 
+        Every record must carry the *required* tags (default: the level's UID). A malformed
+        page, 429, 5xx or a connection error is retried (paced by the limiter); then a typed
+        :class:`DICOMwebError` (``DICOMwebMalformedError``, ``DICOMwebThrottledError``...).
+        """
         operation = OPERATIONS[level]
-        web = self._web(datastore_id)
+        needed = tuple(required) if required is not None else (_tag(ROW_KEY[level]),)
         filters = {k: v for k, v in params.items() if k not in ("includefield", "fuzzymatching")}
         kwargs: dict[str, Any] = {
             "limit": limit,
@@ -304,48 +404,68 @@ class QidoClient:
             with self._lock:
                 self._sent += 1
             self._local.warning = None
-            status: int | None = None
-            code: str
-            try:
-                if level == "studies":
-                    page = web.search_for_studies(**kwargs)
-                elif level == "series":
-                    page = web.search_for_series(study_instance_uid=study_uid, **kwargs)
-                else:
-                    page = web.search_for_instances(
-                        study_instance_uid=study_uid, series_instance_uid=series_uid, **kwargs
-                    )
-            except requests.HTTPError as exc:
-                response = exc.response
-                status = response.status_code if response is not None else None
-                code = (
-                    response.headers.get("x-amzn-ErrorType", "").split(":")[0]
-                    if response is not None
-                    else ""
-                ) or f"HTTP{status}"
-                server_message = response.text[:1000] if response is not None else None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                code, server_message = type(exc).__name__, None
-            except requests.RequestException as exc:  # the message quotes the URL: PHI
-                raise DICOMwebError(operation, None, type(exc).__name__) from None
-            except ValueError:  # a body that is not JSON
-                raise DICOMwebError(operation, None, "InvalidResponse") from None
-            else:
-                if not isinstance(page, list) or not all(isinstance(r, dict) for r in page):
-                    raise DICOMwebError(operation, None, "InvalidResponse")
-                return page, getattr(self._local, "warning", None)
-            if status in THROTTLE_STATUSES and self._limiter is not None:
-                self._limiter.throttled()  # leave the service more room from now on
-            retriable = status is None or status in RETRY_STATUSES
-            if not retriable or attempt == self.max_attempts:
-                throttled = status in THROTTLE_STATUSES
-                cls = DICOMwebThrottledError if throttled else DICOMwebError
-                detail = f"after {attempt} attempt(s)" if retriable else ""
-                raise cls(operation, None, code, status, server_message, detail) from None
-            delay = random.random() * min(20.0, self._retry_base * 2 ** (attempt - 1))
-            log.debug("%s: HTTP %s, retry %d in %.2f s", operation, status, attempt, delay)
-            time.sleep(delay)
+            failure = self._attempt(datastore_id, level, kwargs, study_uid, series_uid, needed)
+            if not isinstance(failure, _Failure):
+                return failure, getattr(self._local, "warning", None)
+            self._after_failure(operation, failure, attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(
+        self,
+        datastore_id: str,
+        level: Level,
+        kwargs: dict[str, Any],
+        study_uid: str | None,
+        series_uid: str | None,
+        needed: tuple[str, ...],
+    ) -> list[dict[str, Any]] | _Failure:
+        """One request: its checked page, or what went wrong."""
+        import requests
+
+        web = self._web(datastore_id)
+        try:
+            if level == "studies":
+                page = web.search_for_studies(**kwargs)
+            elif level == "series":
+                page = web.search_for_series(study_instance_uid=study_uid, **kwargs)
+            else:
+                page = web.search_for_instances(
+                    study_instance_uid=study_uid, series_instance_uid=series_uid, **kwargs
+                )
+            return _required(page or [], needed)
+        except _Malformed as bad:
+            return _Failure("MalformedResponse", bad.status, malformed=bad.rule)
+        except requests.HTTPError as exc:
+            response = exc.response
+            if response is None:
+                return _Failure("HTTPError")
+            found = http_failure(response.status_code, response.headers, response.text)
+            retriable = found.status is None or found.status in RETRY_STATUSES
+            return _Failure(found.code, found.status, found.message, retriable)
+        except requests.exceptions.SSLError:
+            return _Failure("SSLError", retriable=False)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            return _Failure(type(exc).__name__, retriable=not _name_not_resolved(exc))
+        except requests.RequestException as exc:  # the message quotes the URL: PHI
+            return _Failure(type(exc).__name__, retriable=False)
+
+    def _after_failure(self, operation: str, failure: _Failure, attempt: int) -> None:
+        """Raise the typed error when no attempt is left, else wait out the backoff."""
+        if failure.status in THROTTLE_STATUSES and self._limiter is not None:
+            self._limiter.throttled()  # leave the service more room from now on
+        if not failure.retriable or attempt == self.max_attempts:
+            detail = f"after {attempt} attempt(s)" if failure.retriable else ""
+            if failure.malformed is not None:
+                raise DICOMwebMalformedError(
+                    operation, f"{failure.malformed} ({detail})", failure.status
+                ) from None
+            cls = DICOMwebThrottledError if failure.status in THROTTLE_STATUSES else DICOMwebError
+            raise cls(
+                operation, None, failure.code, failure.status, failure.server_message, detail
+            ) from None
+        delay = Backoff(self.max_attempts, self._retry_base, SERVICE_BACKOFF.cap).delay(attempt)
+        log.debug("%s: %s, retry %d in %.2f s", operation, failure.code, attempt, delay)
+        time.sleep(delay)
 
     def search(
         self,
@@ -358,30 +478,34 @@ class QidoClient:
         page_size: int = MAX_LIMIT,
         max_records: int | None = None,
         on_truncation: str = "raise",
+        required: Sequence[str] | None = None,
+        wanted: Collection[str] | None = None,
+        on_page: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> QidoResult:
-        """Every page of one search (limit/offset), with truncation detection.
+        """Every page of one search (limit/offset), each checked, with truncation detection.
 
-        A result "may be truncated" when the service stops at exactly the older revision's
-        10,000-record cap, when a full page arrives at the largest offset (1,000,000), or when
-        a page carries a ``Warning`` header (PS3.18 6.7.1.2). ``on_truncation="raise"`` raises
+        The search ends on an empty page (200 ``[]`` or 204), never on a short one: a server
+        that caps pages below ``limit`` costs one request more, never rows. Or on a proven
+        final page: once every UID in *wanted* (the level's UIDs the caller needs) has come,
+        nothing it needs is left to read. *on_page* sees the records after each page (it may
+        raise to stop the search: the caller's own budget). A result "may be
+        truncated" when the service stops at exactly the older revision's 10,000-record cap,
+        when the largest offset (1,000,000) is passed, or when a page carries a ``Warning``
+        header (PS3.18 6.7.1.2). ``on_truncation="raise"`` raises
         :class:`DICOMwebTruncatedError`; ``"report"`` returns ``truncated=True``. Reaching
         *max_records* (the caller's own limit) is not truncation.
         """
         if on_truncation not in ("raise", "report"):
             raise QueryValidationError("on_truncation", "must be 'raise' or 'report'")
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise QueryValidationError("page_size", f"must be an integer from 1 to {MAX_LIMIT}")
-        if not 1 <= page_size <= MAX_LIMIT:
-            raise QueryValidationError("page_size", f"must be an integer from 1 to {MAX_LIMIT}")
+        checks.integer("page_size", page_size, minimum=1, maximum=MAX_LIMIT)
         operation = OPERATIONS[level]
         key_tag = _tag(ROW_KEY[level])
-        records: list[dict[str, Any]] = []
-        seen: set[Any] = set()
+        pages = _Pages(key_tag)
         before = self._sent
-        offset = 0
-        reason: str | None = None
-        while True:
-            limit = page_size if max_records is None else min(page_size, max_records - offset)
+        while pages.reason is None:
+            limit = page_size if max_records is None else min(page_size, max_records - pages.offset)
+            if limit <= 0:
+                break
             try:
                 page, warning = self.get(
                     datastore_id,
@@ -390,42 +514,80 @@ class QidoClient:
                     study_uid=study_uid,
                     series_uid=series_uid,
                     limit=limit,
-                    offset=offset,
+                    offset=pages.offset,
+                    required=required,
                 )
             except DICOMwebError as error:
                 # The older revision may refuse offsets past its cap rather than answer [].
-                if error.status != 400 or offset != self.record_cap:
+                if error.status != 400 or pages.offset != self.record_cap:
                     raise
-                reason = f"an offset past {self.record_cap} records was refused (the older cap)"
+                pages.reason = (
+                    f"an offset past {self.record_cap} records was refused (the older cap)"
+                )
                 break
-            for record in page:
-                uid = _first(record.get(key_tag))
-                if uid is None or uid not in seen:
-                    seen.add(uid)
-                    records.append(record)
-            offset += len(page)
-            if warning is not None:
-                reason = "the service sent a Warning header with the page"
-            if max_records is not None and offset >= max_records:
+            if not pages.add(page, warning, self.record_cap):
                 break
-            if len(page) < limit:
-                if offset == self.record_cap:
-                    reason = f"exactly {self.record_cap} records, the older revision's cap"
-                break
-            if offset > MAX_OFFSET:
-                reason = f"a full page at the largest offset ({MAX_OFFSET})"
-                break
-        result = QidoResult(records, self._sent - before, reason is not None, reason)
+            if on_page is not None:
+                on_page(pages.records)
+            if wanted is not None and pages.seen.issuperset(wanted):
+                break  # a proven final page: nothing the caller needs is left
+        result = QidoResult(
+            pages.records, self._sent - before, pages.reason is not None, pages.reason
+        )
         log.debug(
             "%s: %d record(s) in %d request(s)%s",
             operation,
-            len(records),
+            len(pages.records),
             result.requests,
             ", maybe truncated" if result.truncated else "",
         )
-        if reason is not None and on_truncation == "raise":
-            raise DICOMwebTruncatedError(operation, len(records), reason)
+        if result.reason is not None and on_truncation == "raise":
+            raise DICOMwebTruncatedError(operation, len(pages.records), result.reason)
         return result
+
+
+class _Pages:
+    """The records of one search so far, deduplicated on the level's UID, and its offset."""
+
+    def __init__(self, key_tag: str) -> None:
+        self.key_tag = key_tag
+        self.records: list[dict[str, Any]] = []
+        self.seen: set[Any] = set()
+        self.offset = 0
+        self.reason: str | None = None
+
+    def add(self, page: list[dict[str, Any]], warning: str | None, record_cap: int) -> bool:
+        """Take *page*; False when the search has ended (an empty page)."""
+        if warning is not None:
+            self.reason = "the service sent a Warning header with the page"
+        if not page:
+            if self.offset and self.offset == record_cap:
+                self.reason = f"exactly {record_cap} records, the older revision's cap"
+            return False
+        for record in page:
+            uid = _first(record.get(self.key_tag))
+            if uid not in self.seen:  # offset paging over a changing order can repeat a row
+                self.seen.add(uid)
+                self.records.append(record)
+        self.offset += len(page)
+        if self.offset > MAX_OFFSET and self.reason is None:
+            self.reason = f"more records past the largest offset ({MAX_OFFSET})"
+        return True
+
+
+def _required(page: list[dict[str, Any]], needed: tuple[str, ...]) -> list[dict[str, Any]]:
+    for record in page:
+        for tag in needed:
+            value = _first(record.get(tag))
+            if not isinstance(value, str) or not value:
+                raise _Malformed(f"a record without {_keyword(tag)}", 200)
+    return page
+
+
+def _name_not_resolved(exc: Exception) -> bool:
+    """Whether a connection error is a failed DNS lookup (which retrying does not mend)."""
+    text = repr(exc.args)
+    return "NameResolutionError" in text or "Name or service not known" in text
 
 
 def _tag(name: str) -> str:
@@ -449,15 +611,17 @@ def make_qido_client(
     boto3_session: Any = None,
     *,
     dicomweb_endpoint_url: str | None = None,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = QIDO_TPS,
     max_attempts: int = 10,
+    retry_base: float = 1.0,
 ) -> QidoClient:
     """A :class:`QidoClient` with the credentials and region of the search client.
 
     Credentials come from *client* (a boto3 ``medical-imaging`` client) when given, else from
     *boto3_session* (the default session when None), and are frozen per request. The endpoint
-    is *dicomweb_endpoint_url*, else the client's custom endpoint (the local service), else
-    ``https://dicom-medical-imaging.{region}.amazonaws.com``.
+    is *dicomweb_endpoint_url*, else ``AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING``, else
+    ``https://dicom-medical-imaging.{region}.amazonaws.com`` when *client* talks to AWS itself;
+    a client with a custom ``endpoint_url`` and neither of the first two is refused.
     """
     from healthimaging_df.core import logs
 
@@ -469,12 +633,19 @@ def make_qido_client(
         credentials = get_credentials
         region = getattr(client.meta, "region_name", None)
     else:
-        import boto3
+        from healthimaging_df.aws import session as aws_session
 
-        session = boto3_session if boto3_session is not None else boto3.Session()
+        session = aws_session.resolve(boto3_session)
         credentials = session.get_credentials
         region = getattr(getattr(client, "meta", None), "region_name", None) or session.region_name
     endpoint = dicomweb_endpoint(client, region, dicomweb_endpoint_url)
     if not region:
         raise QueryValidationError("region", "no AWS region: set one on the boto3 session")
-    return QidoClient(endpoint, region, credentials, max_tps=max_tps, max_attempts=max_attempts)
+    return QidoClient(
+        endpoint,
+        region,
+        credentials,
+        max_tps=max_tps,
+        max_attempts=max_attempts,
+        retry_base=retry_base,
+    )

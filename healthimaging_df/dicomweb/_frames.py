@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from healthimaging_df.core.frames import require, with_attrs
+from healthimaging_df.aws.quotas import QIDO_TPS
+from healthimaging_df.core import checks
+from healthimaging_df.core.frames import provenance_datastore, require, with_attrs
 from healthimaging_df.dicomweb._client import QidoClient, QidoResult, make_qido_client
 from healthimaging_df.dicomweb._model import (
     COLUMNS,
@@ -54,8 +56,7 @@ def _check_uid(value: Any, field: str) -> str | None:
 
 
 def _check_limit(limit: Any) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise QueryValidationError("limit", "must be a positive integer or None")
+    checks.optional_positive_int("limit", limit)
 
 
 def _provenance(
@@ -105,8 +106,7 @@ def _search(
     params = query_params(level, both, fuzzymatching=fuzzymatching, includefield=includefield)
     if on_truncation not in ("raise", "report"):
         raise QueryValidationError("on_truncation", "must be 'raise' or 'report'")
-    if isinstance(page_size, bool) or not isinstance(page_size, int):
-        raise QueryValidationError("page_size", f"must be an integer from 1 to {MAX_LIMIT}")
+    checks.integer("page_size", page_size, minimum=1, maximum=MAX_LIMIT)
     if qido is None:
         qido = make_qido_client(
             client, boto3_session, dicomweb_endpoint_url=dicomweb_endpoint_url, max_tps=max_tps
@@ -188,7 +188,7 @@ def search_studies(
     boto3_session: Any = None,
     dicomweb_endpoint_url: str | None = None,
     qido: QidoClient | None = None,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = QIDO_TPS,
     **keywords: MatchValue,
 ) -> pd.DataFrame:
     """Search studies with QIDO-RS (``GET /datastore/{id}/studies``), primary image sets only."""
@@ -224,7 +224,7 @@ def search_series(
     boto3_session: Any = None,
     dicomweb_endpoint_url: str | None = None,
     qido: QidoClient | None = None,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = QIDO_TPS,
     **keywords: MatchValue,
 ) -> pd.DataFrame:
     """Search series: ``/studies/{study_instance_uid}/series``, or datastore-wide ``/series``."""
@@ -262,7 +262,7 @@ def search_instances(
     boto3_session: Any = None,
     dicomweb_endpoint_url: str | None = None,
     qido: QidoClient | None = None,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = QIDO_TPS,
     **keywords: MatchValue,
 ) -> pd.DataFrame:
     """Search instances: of a series, of a study, or datastore-wide ``/instances``."""
@@ -297,11 +297,19 @@ for _function in (search_studies, search_series, search_instances):
 # -- series enrichment ---------------------------------------------------------------------------
 
 
+def _series_by_study(frame: pd.DataFrame) -> dict[str, set[str]]:
+    """The frame's SeriesInstanceUIDs per StudyInstanceUID (rows missing either left out)."""
+    pairs = frame[_KEYS].dropna().astype(str).drop_duplicates()
+    found: dict[str, set[str]] = {}
+    for study, series in zip(pairs["StudyInstanceUID"], pairs["SeriesInstanceUID"], strict=True):
+        found.setdefault(study, set()).add(series)
+    return found
+
+
 def _frame_datastore(frame: pd.DataFrame, datastore_id: str | None) -> str:
     if datastore_id is not None:
         return _check_datastore(datastore_id)
-    provenance = frame.attrs.get("healthimaging_df")
-    found = provenance.get("datastore_id") if isinstance(provenance, dict) else None
+    found = provenance_datastore(frame)
     if not found:
         raise QueryValidationError(
             "datastore_id", "the frame's attrs carry none: pass datastore_id=..."
@@ -318,7 +326,7 @@ def fetch_series_attributes(
     dicomweb_endpoint_url: str | None = None,
     qido: QidoClient | None = None,
     datastore_id: str | None = None,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = QIDO_TPS,
     max_concurrency: int = 8,
     on_truncation: OnTruncation = "raise",
     scope: Literal["study", "datastore"] = "study",
@@ -370,10 +378,7 @@ def fetch_series_attributes(
         raise QueryValidationError("fields", f"already column(s) of the frame: {', '.join(taken)}")
     if scope not in ("study", "datastore"):
         raise QueryValidationError("scope", "must be 'study' or 'datastore'")
-    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
-        raise QueryValidationError("max_concurrency", "must be a positive integer")
-    if max_concurrency < 1:
-        raise QueryValidationError("max_concurrency", "must be a positive integer")
+    checks.positive_int("max_concurrency", max_concurrency)
     require(frame, tuple(_KEYS), "fetch_series_attributes()")
     store = _frame_datastore(frame, datastore_id)
     studies = list(dict.fromkeys(frame["StudyInstanceUID"].dropna().astype(str).tolist()))
@@ -385,11 +390,20 @@ def fetch_series_attributes(
             client, boto3_session, dicomweb_endpoint_url=dicomweb_endpoint_url, max_tps=max_tps
         )
     params = {"includefield": wanted}
+    series = _series_by_study(frame)
 
     def one(study_uid: str | None) -> list[dict[str, Any]]:
         assert qido is not None
+        # the frame's series are what is wanted: once all have come, the page was the last
+        # needed (a study's series are mostly one page, so this spares the empty page after)
+        needed = series.get(study_uid) if study_uid is not None else set().union(*series.values())
         result = qido.search(
-            store, "series", params, study_uid=study_uid, on_truncation=on_truncation
+            store,
+            "series",
+            params,
+            study_uid=study_uid,
+            on_truncation=on_truncation,
+            wanted=needed,
         )
         rows = []
         for record in result.records:

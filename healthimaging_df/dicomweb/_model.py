@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydicom import datadict
 
 from healthimaging_df.errors import QueryValidationError
+from healthimaging_df.schema import pandas_type
 
 Level = Literal["studies", "series", "instances"]
 LEVELS: tuple[Level, ...] = ("studies", "series", "instances")
@@ -174,6 +175,12 @@ def _match_value(name: str, value: MatchValue) -> str:
         raise QueryValidationError(name, f"must be at most {_MAX_VALUE} printable characters")
     if text == "":
         return text  # universal matching
+    _check_by_vr(name, vr, text)
+    return text
+
+
+def _check_by_vr(name: str, vr: str, text: str) -> None:
+    """Refuse match text its VR cannot hold (dates, times, UIDs, integers; no wildcards)."""
     if vr in ("DA", "TM"):
         pattern = _DA_RE if vr == "DA" else _TM_RE
         parts = text.split("-")
@@ -186,7 +193,6 @@ def _match_value(name: str, value: MatchValue) -> str:
             raise QueryValidationError(name, "must be a UID: digits and dots, no wildcards")
     elif vr in _INT_VRS and not (text.isascii() and text.lstrip("+-").isdigit()):
         raise QueryValidationError(name, "must be an integer")
-    return text
 
 
 def query_params(
@@ -323,16 +329,6 @@ def _array(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
     return pa.array(converted, type=arrow_type)
 
 
-def _pandas_type(arrow_type: pa.DataType) -> Any:
-    if pa.types.is_string(arrow_type):
-        return pd.StringDtype("pyarrow")
-    if pa.types.is_int64(arrow_type):
-        return pd.Int64Dtype()
-    if pa.types.is_float64(arrow_type):
-        return pd.Float64Dtype()
-    return pd.ArrowDtype(arrow_type)  # date32 and lists
-
-
 def rows_to_frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
     """A frame of decoded rows: *columns* first (always present), then any others, typed by VR.
 
@@ -348,5 +344,5 @@ def rows_to_frame(rows: list[dict[str, Any]], columns: Sequence[str]) -> pd.Data
         arrow_type = _arrow_type(name)
         arrays.append(_array([row.get(name) for row in rows], arrow_type))
     table = pa.Table.from_arrays(arrays, names=list(names))
-    frame: pd.DataFrame = table.to_pandas(types_mapper=_pandas_type)
+    frame: pd.DataFrame = table.to_pandas(types_mapper=pandas_type)
     return frame

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthimaging_df import aws, schema
+from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.engine import flatten, provenance, statistics
 from healthimaging_df.engine.checkpoint import Checkpoint
@@ -36,14 +38,15 @@ from healthimaging_df.engine.frame import (
 from healthimaging_df.engine.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.plan import (
-    Chain,
     DatastoreStats,
+    Facts,
     Plan,
+    Spec,
     compile_plan,
+    compile_spec,
     predicates,
-    presplit,
-    presplit_at,
 )
+from healthimaging_df.plan import presplit_pieces as _pieces
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class Run:
     dtype_backend: schema.DtypeBackend
     # first pages a probe read that the chosen scan starts from (see :func:`choose`)
     prefetched: Prefetched = field(default_factory=dict, repr=False, compare=False)
+    dicomweb_endpoint_url: str | None = None  # where QIDO-RS lives, when given
 
 
 def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
@@ -75,9 +79,7 @@ def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
 
 def check_positive_int(name: str, value: Any) -> int:
     """*value* if it is a positive integer (not a bool), else a typed error naming *name*."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise QueryValidationError(name, "must be a positive integer")
-    return value
+    return checks.positive_int(name, value)
 
 
 def prepare(
@@ -85,96 +87,98 @@ def prepare(
     boto3_session: Any = None,
     progress: Progress = None,
     max_concurrency: int = 8,
-    max_tps: float | None = 25.0,
+    max_tps: float | None = SEARCH_TPS,
     dtype_backend: schema.DtypeBackend = "numpy_nullable",
+    dicomweb_endpoint_url: str | None = None,
 ) -> Run:
     """Check every run option and make the client; no request is sent."""
+    from healthimaging_df.dicomweb import resolve_endpoint
+
     backend = check_dtype_backend(dtype_backend)
     if not (progress is None or isinstance(progress, bool) or callable(progress)):
         raise QueryValidationError("progress", "must be True, False, None or a callable")
+    if dicomweb_endpoint_url is not None:
+        if not isinstance(dicomweb_endpoint_url, str):
+            raise QueryValidationError("dicomweb_endpoint_url", "must be an http(s) URL or None")
+        resolve_endpoint(dicomweb_endpoint_url=dicomweb_endpoint_url)  # checks the URL's form
     options = FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
     made = aws.make_client(client, boto3_session, max_concurrency)
-    return Run(made, options, progress, backend)
+    return Run(made, options, progress, backend, dicomweb_endpoint_url=dicomweb_endpoint_url)
 
 
-def choose(compile: Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
-    """The plan *compile* gives, with the datastore's size when the choice of path depends on it.
+# Measuring happens in at most two rounds: what settles the plan the query would otherwise run
+# (the datastore's size, a filtered scan's first page), then what only matters when QIDO-RS can
+# still be cheaper than that plan (the sweep of the non-primary image sets).
+MEASURING_ROUNDS = 2
 
-    The size comes from a previous scan's statistics, or from a probe of about ten requests.
-    The probe reads the first pages of the scan the query would run (``compile`` given an empty
-    datastore's statistics plans that scan), so when the scan wins it starts from them: a
-    probe then costs a scan two requests, and a fan-out about ten. A first scan of the whole
-    datastore finds its two ends (two requests) and starts in the probe's eight pieces at once
-    instead of from the window's two ends (a bursty first scan at 300 ms: 55% of the quota ->
-    57-77%); it asks for their first pages itself, so no reader waits for the slowest of them.
+
+def choose(query: Spec | Callable[[DatastoreStats | None], Plan], run: Run) -> Plan:
+    """The plan that runs: facts gathered in one step, compiled once, QIDO-RS answered.
+
+    *query* is the query's parts (``Query.spec()``), or a function compiling it (called once,
+    with no statistics, for its parts). The walk reads down:
+
+    1. :func:`statistics.known`: cached statistics and whether QIDO-RS may answer (no request);
+    2. the planner says what a plan from those facts would like measured (``Plan.needs``);
+    3. :func:`statistics.gather` measures all of it at once: the datastore's size (a probe of
+       about ten requests whose window pages are the scan's first pages: a scan that wins starts
+       from them), the two ends of a first whole scan (where it starts in pieces), chains sized
+       by their first page (a StudyDateTime-filtered scan; then, only if QIDO-RS can still win,
+       the non-primary sweep); every page read is a first page the fetcher then does not ask
+       for again;
+    4. the planner compiles from the facts (pre-split scans included);
+    5. a QIDO-RS step, if the plan has one, runs its searches and its answer becomes the
+       SearchImageSets plan (``engine.qido``); if QIDO-RS is denied, absent or broken, the plan
+       it replaces runs instead, said once in a warning.
     """
-    plan = compile(None)
+    spec = query if isinstance(query, Spec) else _spec_of(query)
+    known = statistics.known(
+        run.client,
+        spec.datastore_id,
+        max_tps=run.fetch.max_tps,
+        max_concurrency=run.fetch.max_concurrency,
+        page_size=run.fetch.page_size,
+        dicomweb_endpoint_url=run.dicomweb_endpoint_url,
+    )
+    plan = compile_spec(spec, known)
+    facts = known
+    for _ in range(MEASURING_ROUNDS):
+        if plan.needs.empty:
+            break
+        limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
+        gathered = statistics.gather(run.client, spec.datastore_id, plan.needs, facts, limiter)
+        run.prefetched.update(gathered.pages)  # each is used only by its very request
+        facts = gathered.facts
+        plan = compile_spec(spec, facts)
     if plan.qido is not None:
-        return _qido(plan, run)
-    stats = None
-    if plan.wants_statistics:
-        stats = statistics.cached(run.client, plan.datastore_id)
-        if stats is None:
-            scan = _whole_scan(compile(DatastoreStats(0)))
-            probed = _probe(run, plan.datastore_id, scan)
-            stats = probed.stats
-            plan = compile(stats)
-            if probed.pages and scan is not None and _whole_scan(plan) == scan:
-                return _start_from(plan, probed, run)
-        else:
-            plan = compile(stats)
-    if plan.windowed:
-        stats = stats or statistics.cached(run.client, plan.datastore_id)
-        if stats is not None:
-            return presplit(plan, stats, presplit_pieces(run.fetch, stats))
-        scan = _whole_scan(plan)
-        if scan is not None:
-            limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
-            cuts = statistics.probe_cuts(run.client, plan.datastore_id, limiter, scan)
-            if cuts:
-                return presplit_at(plan, None, [cuts], "at the probe's windows")
+        from healthimaging_df.engine import qido  # the optional dicomweb extra, when QIDO runs
+
+        plan = qido.run_step(plan, run)
     return plan
 
 
-def _probe(run: Run, datastore_id: str, scan: Chain | None) -> statistics.Probe:
-    """Probe the datastore's size (its window pages are *scan*'s first pages); cache it."""
-    limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
-    probed = statistics.probe_pieces(run.client, datastore_id, limiter, scan, run.fetch.page_size)
-    statistics.remember(run.client, datastore_id, probed.stats)
-    return probed
+def facts_for(spec: Spec, run: Run) -> Facts:
+    """What a run of *spec* would know before sending a request (``explain(client=...)``)."""
+    return statistics.known(
+        run.client,
+        spec.datastore_id,
+        max_tps=run.fetch.max_tps,
+        max_concurrency=run.fetch.max_concurrency,
+        page_size=run.fetch.page_size,
+        dicomweb_endpoint_url=run.dicomweb_endpoint_url,
+    )
 
 
-def _start_from(plan: Plan, probed: statistics.Probe, run: Run) -> Plan:
-    """*plan* pre-split at the probe's cuts, its first pages handed to the fetcher."""
-    run.prefetched.update(probed.pages)
-    return presplit_at(plan, probed.stats, [probed.cuts], "at the probe's windows")
-
-
-def _whole_scan(plan: Plan) -> Chain | None:
-    """*plan*'s one chain if it reads every image set, by createdAt windows, else None."""
-    if plan.parts or not plan.full_scan:
-        return None
-    chain = plan.chains[0]
-    whole = chain.window is not None and chain.window[1] >= datetime.now(timezone.utc)
-    return chain if whole else None
+def _spec_of(compile: Callable[[DatastoreStats | None], Plan]) -> Spec:
+    plan = compile(None)
+    if plan.spec is None:
+        raise TypeError("choose() needs a Spec, or a function returning a compiled Plan")
+    return plan.spec
 
 
 def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:
-    """Pieces a scan starts with: half the workers (each piece soon reads from both ends).
-
-    A small datastore gets fewer: every piece costs about half a page more (its last page).
-    """
-    pages = stats.image_sets // options.page_size
-    return max(2, min(options.max_concurrency // 2, pages // 16))
-
-
-def _qido(plan: Plan, run: Run) -> Plan:
-    """Run *plan*'s QIDO-RS step and return the SearchImageSets plan built on its answer."""
-    from healthimaging_df.engine import (
-        qido as qido_plan,  # the optional dicomweb extra, only when QIDO is used
-    )
-
-    return qido_plan.resolve(plan, run.client, run.fetch.max_tps)
+    """Pieces a scan starts with: half the workers (see ``plan.presplit_pieces``)."""
+    return _pieces(stats, options.max_concurrency, options.page_size)
 
 
 def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:

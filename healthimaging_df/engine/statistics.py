@@ -1,4 +1,10 @@
-"""What the planner may know about a datastore's size: a cache of past scans, or a cheap probe.
+"""What the planner may know: a datastore's size, a chain's size, whether DICOMweb answers.
+
+The size from a cache of past scans or a cheap probe, a chain's from its first page, DICOMweb's
+answer as remembered per endpoint and region.
+
+:func:`known` reads what costs no request (the cache, the capability); :func:`gather` measures,
+all at once, what a plan's ``needs`` ask for. The engine compiles once from the two.
 
 A full scan reads every image set, so it leaves an exact count behind (in the user's cache
 directory, ``$HEALTHIMAGING_DF_CACHE`` or ``~/.cache/healthimaging_df``, keyed by endpoint and
@@ -22,18 +28,29 @@ import json
 import logging
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from healthimaging_df import aws
+from healthimaging_df import aws, dicomweb
 from healthimaging_df.core import dates
 from healthimaging_df.engine.fetch import Prefetched, call_page, request_key
-from healthimaging_df.plan import PAGE_ROWS, Chain, DatastoreStats
+from healthimaging_df.plan import (
+    PAGE_ROWS,
+    Chain,
+    ChainSize,
+    DatastoreStats,
+    Facts,
+    Needs,
+    QidoAccess,
+    chain_key,
+    rows_between,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +78,7 @@ def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
     """Statistics a previous run left, if fresh enough."""
     try:
         data = json.loads(_path(client, datastore_id).read_text())
-        measured = datetime.fromisoformat(data["measured_at"])
+        measured = dates.read_iso(data["measured_at"])
         if datetime.now(timezone.utc) - measured > MAX_AGE:
             return None
         return DatastoreStats(
@@ -226,20 +243,39 @@ def probe_chain(
     chain: Chain,
     limiter: aws.RateLimiter | None,
 ) -> tuple[int, bool]:
+    """How many image sets *chain* reads: (count, exact); see :func:`size_chain`."""
+    size, _, _ = size_chain(client, datastore_id, chain, limiter)
+    return size.image_sets, size.exact
+
+
+def size_chain(
+    client: Any,
+    datastore_id: str,
+    chain: Chain,
+    limiter: aws.RateLimiter | None,
+    page_size: int = PAGE_ROWS,
+    stats: DatastoreStats | None = None,
+) -> tuple[ChainSize, str, tuple[pa.Table, str | None]]:
     """How many image sets *chain* reads, from its first page: (count, exact).
 
     A chain pages by ``createdAt`` ascending: a first page without a nextToken is the whole
     answer (one request, exact). Else one more request (the same criteria, newest first, one
     row) finds the chain's last ``createdAt``, and the count is extrapolated from the span the
     first page covers to it. An estimate decides costs and chain shapes only, never what a
-    query returns.
+    query returns. The first page is returned with its request's key: it is the first page
+    the fetcher asks for when the chain runs (``fetch.stream(prefetched=...)``), so sizing a
+    chain that then runs costs its second request at most.
     """
-    kwargs = {**chain.request(datastore_id), "maxResults": PAGE_ROWS}
-    table, token = call_page(client, limiter, kwargs)
+    kwargs = {**chain.request(datastore_id), "maxResults": page_size}
+    first = call_page(client, limiter, kwargs)
+    key = request_key(kwargs)
+    table, token = first
     if token is None:
-        return table.num_rows, True
+        return ChainSize(table.num_rows, True), key, first
     if table.num_rows < 2:
-        return PAGE_ROWS + 1, False
+        return ChainSize(PAGE_ROWS + 1, False), key, first
+    if stats is not None and stats.created_max is not None:
+        return _by_statistics(table, stats), key, first
     newest = chain.request(datastore_id)
     criteria = dict(newest.get("searchCriteria", {}))
     criteria["sort"] = {"sortField": "createdAt", "sortOrder": "DESC"}
@@ -247,11 +283,37 @@ def probe_chain(
         client, limiter, {**newest, "searchCriteria": criteria, "maxResults": 1}
     )
     created = table.column("createdAt")
-    first, last = created[0].as_py(), created[-1].as_py()
+    oldest, last = created[0].as_py(), created[-1].as_py()
     end = last_page.column("createdAt")[0].as_py() if last_page.num_rows else last
-    covered = max((last - first).total_seconds(), 1e-3)
-    span = max((end - first).total_seconds(), covered)
-    return max(table.num_rows + 1, round(table.num_rows * span / covered)), False
+    covered = max((last - oldest).total_seconds(), 1e-3)
+    span = max((end - oldest).total_seconds(), covered)
+    count = max(table.num_rows + 1, round(table.num_rows * span / covered))
+    return ChainSize(count, False), key, first
+
+
+def _by_statistics(table: pa.Table, stats: DatastoreStats) -> ChainSize:
+    """A chain's size from its first page and the datastore's createdAt profile, no request more.
+
+    The page's rows are the chain's oldest by createdAt; the share of the datastore created in
+    the span they cover is the chain's density there, applied to what was created after.
+    """
+    created = table.column("createdAt")
+    oldest, last = created[0].as_py(), created[-1].as_py()
+    after = _created(stats, oldest, stats.created_max)
+    within = max(_created(stats, oldest, last), float(table.num_rows))
+    count = max(table.num_rows + 1, round(table.num_rows * after / within))
+    return ChainSize(count, False)
+
+
+def _created(stats: DatastoreStats, low: Any, high: Any) -> float:
+    """Image sets of the datastore created in ``[low, high]``: by quantiles, else evenly."""
+    points = stats.created_quantiles
+    if len(points) >= 2:
+        probe = Chain(0, (), None, profile=points, profile_rows=stats.image_sets)
+        found = rows_between(probe, low, high)
+        if found is not None:
+            return found
+    return stats.image_sets * stats.share(low, high)
 
 
 def _count(value: Any) -> int | None:
@@ -259,4 +321,171 @@ def _count(value: Any) -> int | None:
 
 
 def _moment(text: Any) -> datetime | None:
-    return datetime.fromisoformat(text) if isinstance(text, str) else None
+    return dates.read_iso(text) if isinstance(text, str) else None
+
+
+# -- the facts of a run: known without a request, then measured at once ----------------------------
+
+
+def known(
+    client: Any,
+    datastore_id: str,
+    *,
+    max_tps: float | None,
+    max_concurrency: int,
+    page_size: int = PAGE_ROWS,
+    dicomweb_endpoint_url: str | None = None,
+) -> Facts:
+    """What the planner may know without sending a request: cached statistics, QIDO-RS access."""
+    return Facts(
+        stats=cached(client, datastore_id),
+        qido=qido_access(client, dicomweb_endpoint_url),
+        max_tps=max_tps,
+        max_concurrency=max_concurrency,
+        page_size=page_size,
+        for_run=True,
+    )
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Facts after measuring, and the pages measuring read.
+
+    Each page is keyed by its request (``fetch.request_key``): the first page of a chain that
+    was sized, or of a piece of the scan a probe cut. The fetcher uses a page only for the very
+    same first request, so pages of chains that do not run are simply never read.
+    """
+
+    facts: Facts
+    pages: Prefetched = field(default_factory=dict, repr=False)  # summaries are PHI
+
+
+def gather(
+    client: Any,
+    datastore_id: str,
+    needs: Needs,
+    facts: Facts,
+    limiter: aws.RateLimiter | None,
+) -> Gathered:
+    """Measure everything *needs* asks for at once; keep what is worth keeping in the cache."""
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="ahi-facts") as pool:
+        probe: Future[Probe] | None = None
+        ends: Future[tuple[datetime, ...]] | None = None
+        if needs.size:
+            probe = pool.submit(
+                probe_pieces, client, datastore_id, limiter, needs.probe_scan, facts.page_size
+            )
+        elif needs.cuts is not None:
+            ends = pool.submit(probe_cuts, client, datastore_id, limiter, needs.cuts)
+        sized = {
+            chain_key(chain): pool.submit(
+                size_chain, client, datastore_id, chain, limiter, facts.page_size, facts.stats
+            )
+            for chain in needs.chains
+        }
+        pages: Prefetched = {}
+        sizes: dict[str, ChainSize] = {}
+        for key, job in sized.items():
+            size, request, page = job.result()
+            sizes[key] = size
+            pages[request] = page
+        out = facts.with_sizes(sizes)
+        if probe is not None:
+            found = probe.result()
+            remember(client, datastore_id, found.stats)
+            out = replace(out, stats=found.stats)
+            if needs.probe_scan is not None and found.pages:
+                window = needs.probe_scan.window
+                out = replace(out, probe_window=window, probe_cuts=found.cuts)
+                pages.update(found.pages)
+        if ends is not None and needs.cuts is not None:
+            out = replace(out, probe_window=needs.cuts.window, probe_cuts=ends.result())
+    return Gathered(_with_non_primary(client, datastore_id, out, needs), pages)
+
+
+def _with_non_primary(client: Any, datastore_id: str, facts: Facts, needs: Needs) -> Facts:
+    """Facts whose statistics carry a whole-datastore sweep's count (cached for later plans)."""
+    chain = needs.non_primary
+    measured = facts.size(chain) if chain is not None else None
+    if measured is None or facts.stats is None:
+        return facts
+    stats = replace(facts.stats, non_primary=measured.image_sets)
+    remember(client, datastore_id, stats)
+    return replace(facts, stats=stats)
+
+
+# -- whether DICOMweb answers this caller: remembered per endpoint and region ------------------------
+
+CAPABILITY_TTL = {"available": timedelta(days=1), "unavailable": timedelta(hours=1)}
+_CAPABILITIES: dict[str, QidoAccess] = {}
+_CAPABILITY_LOCK = threading.Lock()
+
+
+def qido_access(client: Any, dicomweb_endpoint_url: str | None = None) -> QidoAccess:
+    """Whether the planner may weigh QIDO-RS for *client*: installed, addressable, not refused."""
+    if not dicomweb.installed():
+        return QidoAccess("not_installed", "the dicomweb extra is not installed")
+    region = getattr(getattr(client, "meta", None), "region_name", None)
+    endpoint = dicomweb.resolve_endpoint(client, region, dicomweb_endpoint_url)
+    if endpoint.url is None:
+        return QidoAccess("no_endpoint", endpoint.why)
+    return remembered_access(endpoint.url, region or "") or QidoAccess("untested")
+
+
+def _capability_key(endpoint: str, region: str) -> str:
+    return hashlib.sha256(f"{endpoint}|{region}".encode()).hexdigest()[:24]
+
+
+def _capability_path(key: str) -> Path:
+    return cache_dir() / "capabilities" / f"{key}.json"
+
+
+def remembered_access(endpoint: str, region: str) -> QidoAccess | None:
+    """What was last learned about QIDO-RS at *endpoint* in *region*, while it is fresh."""
+    key = _capability_key(endpoint, region)
+    now = datetime.now(timezone.utc)
+    with _CAPABILITY_LOCK:
+        found = _CAPABILITIES.get(key)
+    if found is None:
+        try:
+            data = json.loads(_capability_path(key).read_text())
+            found = QidoAccess(
+                data["state"], data.get("reason"), "cached", dates.read_iso(data["until"])
+            )
+        except (OSError, ValueError, KeyError, TypeError, dates.TimestampError):
+            return None
+    if found.until is not None and found.until <= now:
+        return None
+    return found
+
+
+def remember_access(
+    endpoint: str, region: str, state: str, reason: str | None, source: str
+) -> None:
+    """Keep a finding about QIDO-RS (``available`` or ``unavailable``) for its time to live."""
+    until = datetime.now(timezone.utc) + CAPABILITY_TTL[state]
+    access = QidoAccess(state, reason, source, until)  # type: ignore[arg-type]
+    key = _capability_key(endpoint, region)
+    with _CAPABILITY_LOCK:
+        _CAPABILITIES[key] = access
+    path = _capability_path(key)
+    data = {"state": state, "reason": reason, "until": until.isoformat(), "source": source}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
+            json.dump(data, handle)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        log.debug("capability not cached: %s", type(exc).__name__)
+
+
+def forget_capabilities() -> None:
+    """Forget every finding about QIDO-RS, in this process and in the cache."""
+    with _CAPABILITY_LOCK:
+        _CAPABILITIES.clear()
+    folder = cache_dir() / "capabilities"
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            path.unlink()
+        except OSError:
+            continue

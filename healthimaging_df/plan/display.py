@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from healthimaging_df.core import display
 
 if TYPE_CHECKING:
-    from healthimaging_df.plan.planner import Plan
+    from healthimaging_df.plan.model import Plan
 
 
 def _at(requests: float, max_tps: float | None) -> str:
@@ -22,7 +22,7 @@ def _at(requests: float, max_tps: float | None) -> str:
     return f"about {requests:,.0f} requests, {requests / max_tps:,.1f} s at {max_tps:g} TPS"
 
 
-def summary(plan: Plan, max_tps: float | None = 25.0) -> list[tuple[str, str]]:
+def summary(plan: Plan, max_tps: float | None = None) -> list[tuple[str, str]]:
     """The plan as ``(label, text)`` rows, value-free; requests and seconds at *max_tps*."""
     rows: list[tuple[str, str]] = [("datastore", plan.datastore_id)]
     if plan.note:
@@ -35,9 +35,14 @@ def summary(plan: Plan, max_tps: float | None = 25.0) -> list[tuple[str, str]]:
                 "size of the datastore unknown" if c.requests is None else _at(c.requests, max_tps)
             )
             lines.append(f"{c.name}: {cost} ({mark})")
-        if plan.wants_statistics:
-            lines.append("(the datastore's size is measured at run time, or read from statistics)")
+        if plan.wants_statistics and plan.facts.stats is None:
+            lines.append(
+                "(the datastore's size is unknown here: the run reads a previous scan's "
+                "statistics or measures it first)"
+            )
         rows.append(("access paths weighed", "\n".join(lines)))
+    elif plan.estimate is not None:
+        rows.append(("access path", f"one path, nothing to weigh: {_at(plan.estimate, max_tps)}"))
     else:
         minimum = len(plan.chains)
         seconds = "" if max_tps is None else f", {minimum / max_tps:,.1f} s at {max_tps:g} TPS"
@@ -45,7 +50,9 @@ def summary(plan: Plan, max_tps: float | None = 25.0) -> list[tuple[str, str]]:
             (
                 "access path",
                 f"one path, nothing to weigh: at least {minimum:,} request(s){seconds} (a request"
-                " a page of 50" + ("; more as windows split)" if plan.windowed else ")"),
+                " a page of 50"
+                + ("; more as windows split" if plan.windowed else "")
+                + "; the size is not known here)",
             )
         )
     if plan.qido is not None:
@@ -75,11 +82,11 @@ def summary(plan: Plan, max_tps: float | None = 25.0) -> list[tuple[str, str]]:
     return rows
 
 
-def html(plan: Plan, max_tps: float | None = 25.0) -> str:
+def html(plan: Plan, max_tps: float | None = None) -> str:
     """:func:`summary` as an HTML table."""
     return display.section("Plan", summary(plan, max_tps))
 
 
-def text(plan: Plan, max_tps: float | None = 25.0) -> str:
+def text(plan: Plan, max_tps: float | None = None) -> str:
     """:func:`summary` as plain text."""
     return display.plain("Plan", summary(plan, max_tps))

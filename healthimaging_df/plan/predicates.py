@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 from healthimaging_df import schema
-from healthimaging_df.core import dates
+from healthimaging_df.core import checks, dates
 from healthimaging_df.errors import QueryValidationError
 
 Op = Literal["eq", "in", "ne", "not_in", "between", "contains", "regex", "is_null", "not_null"]
@@ -248,11 +248,12 @@ def _typed(col: schema.Column, value: Any, position: int) -> Any:
             )
         return value
     if col.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            return checks.integer(col.name, value)
+        except QueryValidationError:
             raise QueryValidationError(
                 col.name, f"expects an integer, not {type(value).__name__}", position
-            )
-        return value
+            ) from None
     if col.kind == "bool":
         if not isinstance(value, bool):
             raise QueryValidationError(

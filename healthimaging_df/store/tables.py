@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from healthimaging_df import schema
+from healthimaging_df.core import dates
 from healthimaging_df.errors import SnapshotError
 
 
@@ -78,10 +79,9 @@ def parse_iso(text: Any) -> datetime | None:
     if not isinstance(text, str):
         return None
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+        return dates.read_iso(text)
+    except dates.TimestampError:
         raise SnapshotError("the provenance holds a timestamp that is not ISO 8601") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def parquet_bytes(

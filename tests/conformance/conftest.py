@@ -1,4 +1,11 @@
-"""The conformance target: the local service always, real AWS when AHI_LIVE_DATASTORE_ID is set."""
+"""The conformance target: the local service, with its ground truth.
+
+The checks that need no ground truth are shipped in the package (``healthimaging_df.conformance``,
+run by ``healthimaging-df doctor --conformance``); ``test_package_checks.py`` runs them against
+the local service and, when AHI_LIVE_DATASTORE_ID is set, against real AWS. The checks here
+compare the stand-in with an independent brute-force model (``reference.py``); those that need
+no ground truth run against real AWS too.
+"""
 
 from __future__ import annotations
 

@@ -97,16 +97,34 @@ def test_endpoint_resolution(ahi_local: LocalService, monkeypatch: pytest.Monkey
     )
     aws = session.client("medical-imaging")
     # The plugin's ahi_local names the local DICOMweb address in the environment.
-    assert os.environ["AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING"] == ahi_local.dicomweb_endpoint_url
+    assert os.environ[dicomweb.ENV_VAR] == ahi_local.dicomweb_endpoint_url
     assert dicomweb.dicomweb_endpoint(ahi_local.client()) == ahi_local.dicomweb_endpoint_url
-    assert dicomweb.dicomweb_endpoint(aws) == ahi_local.dicomweb_endpoint_url
-    override = "https://proxy.example/dicomweb/"
-    assert dicomweb.dicomweb_endpoint(aws, dicomweb_endpoint_url=override) == override.rstrip("/")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING")
+    assert dicomweb.dicomweb_endpoint(aws) == ahi_local.dicomweb_endpoint_url  # environment first
+    monkeypatch.delenv(dicomweb.ENV_VAR)
     assert (
         dicomweb.dicomweb_endpoint(aws) == "https://dicom-medical-imaging.eu-west-1.amazonaws.com"
     )
-    assert dicomweb.dicomweb_endpoint(ahi_local.client()) == ahi_local.endpoint_url
+    # a custom endpoint says nothing about where DICOMweb is: the environment does
+    with pytest.raises(QueryValidationError, match="dicomweb_endpoint_url"):
+        dicomweb.dicomweb_endpoint(ahi_local.client())
+    assert dicomweb.resolve_endpoint(ahi_local.client()).source == "unknown"
+    vpce = session.client(
+        "medical-imaging",
+        endpoint_url="https://vpce-1a2b.medical-imaging.eu-west-1.vpce.amazonaws.com",
+    )
+    assert dicomweb.resolve_endpoint(vpce).url is None  # an endpoint-specific VPC name: unknown
+    fips = session.client(
+        "medical-imaging", endpoint_url="https://medical-imaging-fips.us-east-1.amazonaws.com"
+    )
+    assert (
+        dicomweb.dicomweb_endpoint(fips) == "https://dicom-medical-imaging.us-east-1.amazonaws.com"
+    )
+    monkeypatch.setenv(dicomweb.ENV_VAR, "http://127.0.0.1:9/")
+    assert dicomweb.dicomweb_endpoint(ahi_local.client()) == "http://127.0.0.1:9"
+    assert dicomweb.dicomweb_endpoint(aws) == "http://127.0.0.1:9"
+    override = "https://proxy.example/dicomweb/"
+    assert dicomweb.dicomweb_endpoint(aws, dicomweb_endpoint_url=override) == override.rstrip("/")
+    monkeypatch.delenv(dicomweb.ENV_VAR)
     qido = make_qido_client(boto3_session=session)
     assert qido.endpoint_url.startswith("https://dicom-medical-imaging.eu-west-1.")
     assert qido.region == "eu-west-1"
@@ -281,3 +299,36 @@ def test_series_attributes_input_checks(ahi_local: LocalService, qido: QidoClien
     with pytest.raises(QueryValidationError, match="fields"):
         dicomweb.fetch_series_attributes(frame, "Manufacturer", qido=qido)  # type: ignore[arg-type]
     assert ahi_local.stats.requests == 0
+
+
+# -- item 3 of issue 25: every page checked, a search ends on an empty page only ------------------
+
+
+def test_a_server_that_caps_its_pages_costs_requests_never_records(
+    ahi_local: LocalService, qido: QidoClient, truth: dict[str, Any]
+) -> None:
+    """Was: a page shorter than ``limit`` read as the last one (0 of 513 series)."""
+    ahi_local.set_faults(qido_page_cap=7)
+    every = qido.search(_ds(ahi_local), "series", {}, page_size=1000)
+    assert len(every.records) == len(truth["series"])
+    ahi_local.set_faults(qido_page_cap=None, qido_short_rate=0.6, seed=3)
+    again = qido.search(_ds(ahi_local), "studies", {}, page_size=200)
+    assert len(again.records) == len(truth["studies"])
+
+
+@pytest.mark.parametrize("kind", ["empty", "object", "not_list", "not_objects", "missing_uid"])
+def test_a_malformed_page_is_retried_then_a_typed_error(
+    ahi_local: LocalService, truth: dict[str, Any], kind: str
+) -> None:
+    """Was: a zero-byte 200 or ``{}`` read as "no more matches" (0 of 95 rows)."""
+    from healthimaging_df.errors import DICOMwebMalformedError
+
+    qido = make_qido_client(ahi_local.client(), max_tps=None, retry_base=0.01)
+    ahi_local.set_faults(qido_malformed_every=2, qido_malformed_kinds=(kind,))
+    found = qido.search(_ds(ahi_local), "studies", {}, page_size=300)
+    assert len(found.records) == len(truth["studies"])  # each bad page asked for again
+    ahi_local.set_faults(qido_malformed_every=None, qido_malformed_rate=1.0)
+    with pytest.raises(DICOMwebMalformedError) as caught:
+        qido.search(_ds(ahi_local), "studies", {}, page_size=300)
+    assert caught.value.code == "MalformedResponse"
+    assert "attempt" in str(caught.value)

@@ -11,7 +11,9 @@ import pandas as pd
 
 import healthimaging_df  # noqa: F401  (registers df.ahi)
 from healthimaging_df import Query
+from healthimaging_df.dicomweb import ENV_VAR
 from healthimaging_df.local import LocalService
+from tests.dicomweb.conftest import dicomweb_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +40,7 @@ def test_series_attributes_command(ahi_local: LocalService, tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(ahi_local.env())
     env["PYTHONPATH"] = str(ROOT)
+    env.setdefault(ENV_VAR, dicomweb_url(ahi_local))
     done = subprocess.run(
         [
             sys.executable,

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService
 from healthimaging_df.local.server import DICOMWEB_ENDPOINT_ENV, seeded_datastore_id
 from healthimaging_df.local.sigv4 import sign_request
@@ -71,7 +72,9 @@ def test_the_library_finds_the_dicomweb_address_through_the_environment(
     assert qido.endpoint_url == ahi_local.dicomweb_endpoint_url
     assert qido.get(str(ahi_local.datastore_id), "studies", {}, limit=2)[0]
     monkeypatch.delenv(DICOMWEB_ENDPOINT_ENV)
-    assert make_qido_client(ahi_local.client()).endpoint_url == ahi_local.endpoint_url
+    # a custom endpoint says nothing of where DICOMweb is (as for a VPC or proxy endpoint)
+    with pytest.raises(QueryValidationError, match="dicomweb_endpoint_url"):
+        make_qido_client(ahi_local.client())
 
 
 @pytest.mark.parametrize("port", [-1, 65536, 99999, True, "80"])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from healthimaging_df import Query
+from healthimaging_df import Query, engine
 from healthimaging_df.engine import statistics
 from healthimaging_df.errors import QueryValidationError
 from healthimaging_df.local import LocalService
@@ -194,3 +195,94 @@ def test_a_probed_scan_starts_from_the_probes_pages_and_stays_exact_while_update
         # the probe's two ends are the only requests beyond the pages the scan consumed: its
         # eight window pages were the scan's first pages, not asked for again
         assert service.stats.requests == max(seen) + 2
+
+
+# -- honest costs (issue 26): explain() and plan() use what the run uses ------------------------
+
+
+def test_explain_with_a_client_prices_the_scan_the_run_sends(
+    ahi_service_factory: Any, stats_cache: Path
+) -> None:
+    """Was: "expected calls: at least 1" for a scan of hundreds of requests."""
+    with ahi_service_factory(image_sets=2_000, seed=8) as service:
+        client = service.client()
+        query = Query(service.datastore_id)
+        query.to_dataframe(client=client, progress=False, max_tps=None)  # leaves exact statistics
+        text = query.explain(client=client, max_tps=None)
+        assert "datastore size: 2,000 image sets" in text
+        found = re.search(r"expected requests: about ([\d,]+)", text)
+        assert found is not None, text
+        said = int(found[1].replace(",", ""))
+        service.reset_stats()
+        query.to_dataframe(client=client, progress=False, max_tps=None)
+        sent = service.stats.requests
+        assert 0.8 * sent <= said <= 1.25 * sent, (said, sent)
+        assert "at least 1 " not in text
+
+
+def test_explain_with_a_client_says_the_scan_the_run_chooses_for_a_long_list(
+    service: LocalService, records: list, stats_cache: Path
+) -> None:
+    """Was: "fan-out" explained for 500 IDs that the run then scanned."""
+    client = service.client()
+    Query(service.datastore_id).to_dataframe(client=client, progress=False, max_tps=None)
+    patients = sorted({flat_row(r)["PatientID"] for r in records if flat_row(r)["PatientID"]})
+    query = Query(service.datastore_id).where(PatientID=patients[:500])
+    assert query.compile().access == "fanout"  # without statistics, as before
+    planned = query.explain(client=client)
+    assert "scan, IN list applied on the client: about" in planned
+    assert "(chosen)" in planned.split("scan, IN list applied on the client")[1].splitlines()[0]
+    run = engine.prepare(client, progress=False, max_tps=None)
+    assert engine.choose(query.spec(), run).access == "scan"
+
+
+def test_plan_with_a_client_lists_the_requests_the_run_starts_with(
+    service: LocalService, stats_cache: Path
+) -> None:
+    """Was: one request listed for a scan the run starts in several pieces."""
+    client = service.client()
+    query = Query(service.datastore_id)
+    query.to_dataframe(client=client, progress=False, max_tps=None)
+    listed = query.plan(client=client)
+    assert len(query.plan()) == 1  # without statistics: the one window
+    assert len(listed) > 1
+    run = engine.prepare(client, progress=False, max_tps=None)
+    assert engine.choose(query.spec(), run).requests() == listed
+    windows = [r["searchCriteria"]["filters"][-1]["values"] for r in listed]
+    assert all(w[0]["createdAt"] <= w[1]["createdAt"] for w in windows)
+
+
+def test_explain_prices_at_the_runs_max_tps(service: LocalService, stats_cache: Path) -> None:
+    """Was: "at 25 TPS" whatever max_tps was."""
+    query = Query(service.datastore_id).where(PatientID=IDS)
+    slow = query.compile(stats=DatastoreStats(2_000)).explain(max_tps=5)
+    assert "at 5 TPS" in slow
+    assert "at 25 TPS" not in slow
+    with_client = query.explain(client=service.client(), max_tps=5)
+    assert "at 5 TPS" in with_client
+    assert "at 25 TPS" not in with_client
+    assert "unpaced" in query.explain(max_tps=None)
+
+
+def test_explain_says_when_the_size_is_unknown_and_shows_the_probe(
+    service: LocalService, stats_cache: Path
+) -> None:
+    client = service.client()
+    text = Query(service.datastore_id).where(PatientID=IDS).explain(client=client)
+    assert "measured first, at run time (about 10 requests)" in text
+    assert "a probe of about 10 requests" in text
+    assert "size unknown" in text
+    whole = Query(service.datastore_id).explain(client=client)
+    assert "the datastore's two ends (2 requests)" in whole
+
+
+def test_cli_explain_prices_at_the_given_max_tps(capsys: pytest.CaptureFixture[str]) -> None:
+    from healthimaging_df.cli.app import main
+
+    code = main(
+        ["search", "--datastore-id", DS, "--where", "PatientID=P1", "--explain", "--max-tps", "5"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "at 5 TPS" in out
+    assert "at 25 TPS" not in out

@@ -122,6 +122,8 @@ def build_query(args: argparse.Namespace, datastore_id: str) -> Query:
         query = query.sort_by(column, ascending=order.lower() != "desc")
     if args.limit is not None:
         query = query.limit(args.limit)
+    if getattr(args, "assume_consistent_studies", False):
+        query = query.using(query.strategy, assume_consistent_studies=True)
     return query
 
 

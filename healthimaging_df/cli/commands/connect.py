@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,9 +61,40 @@ class Target:
             # QIDO-RS lives on the service's own DICOMweb address, found through the env.
             with self._local as service, service.dicomweb_environment():
                 log.info("local service at %s", service.endpoint_url)
-                yield Connection(service.client(), self.datastore_id)
+                with dicomweb_address(self.args):
+                    yield Connection(service.client(), self.datastore_id)
             return
-        yield Connection(aws_client(self.args), self.datastore_id)
+        with dicomweb_address(self.args):
+            yield Connection(aws_client(self.args), self.datastore_id)
+
+
+@contextmanager
+def dicomweb_address(args: argparse.Namespace) -> Iterator[None]:
+    """``--dicomweb-endpoint-url`` as ``AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING`` for the command.
+
+    Every library call of the command (queries, snapshots, series attributes, doctor) then finds
+    DICOMweb there; the variable is restored when the command ends.
+    """
+    url = getattr(args, "dicomweb_endpoint_url", None)
+    if not url:
+        yield
+        return
+    from healthimaging_df.dicomweb import ENV_VAR, resolve_endpoint
+    from healthimaging_df.errors import QueryValidationError
+
+    try:
+        resolve_endpoint(dicomweb_endpoint_url=url)
+    except QueryValidationError as error:
+        raise UsageError(f"--dicomweb-endpoint-url: {error.rule}") from None
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous
 
 
 def aws_client(args: argparse.Namespace) -> Any:

@@ -62,7 +62,7 @@ def aws_parent() -> argparse.ArgumentParser:
         "AWS",
         "Credentials, region and endpoint come from the usual places unless given here:\n"
         "AWS_PROFILE, AWS_REGION, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
-        "~/.aws/config, instance roles...",
+        "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING, ~/.aws/config, instance roles...",
     )
     group.add_argument("--profile", help="named profile from ~/.aws/config")
     group.add_argument("--region", help="AWS region, e.g. us-east-1")
@@ -70,6 +70,14 @@ def aws_parent() -> argparse.ArgumentParser:
         "--endpoint-url",
         metavar="URL",
         help="send requests to URL (e.g. a local service); host-prefix injection is turned off",
+    )
+    group.add_argument(
+        "--dicomweb-endpoint-url",
+        metavar="URL",
+        help="where DICOMweb (QIDO-RS) lives, for a custom --endpoint-url (a VPC endpoint's own "
+        "DNS name, a proxy); else AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING, else "
+        "dicom-medical-imaging.REGION.amazonaws.com for AWS's own endpoint. Unknown: queries "
+        "run on SearchImageSets alone",
     )
     group.add_argument(
         "--local",
@@ -159,6 +167,13 @@ def query_parent() -> argparse.ArgumentParser:
         help="order by COL, ascending unless :desc (default: updatedAt, newest first)",
     )
     group.add_argument("--limit", type=_positive_int, metavar="N", help="at most N rows")
+    group.add_argument(
+        "--assume-consistent-studies",
+        action="store_true",
+        help="assert that a study's image sets agree on PatientName, StudyDescription, "
+        "PatientBirthDate and StudyDate (AWS does not guarantee it), so QIDO-RS may match them "
+        "per study; without it QIDO-RS matches Modality and SeriesNumber only",
+    )
     return parent
 
 

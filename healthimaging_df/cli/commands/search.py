@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     target = connect.Target(args)
     query = building.build_query(args, target.datastore_id)
     if args.explain:
-        print(query.explain(show_values=args.show_values))
+        print(_explained(query, args))
         return 0
     fetch: dict[str, Any] = {
         "progress": output.progress(args),
@@ -140,6 +140,21 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_if_empty and count == 0:
         return EXIT_EMPTY
     return 0
+
+
+def _explained(query: Any, args: argparse.Namespace) -> str:
+    """The plan, priced at the run's --max-tps; no request is sent and no AWS library loaded.
+
+    ``--explain`` stays instant, so it reads no statistics (they are kept by endpoint, which
+    takes botocore to resolve): ``Query.explain(client=...)`` in Python does.
+    """
+    return str(
+        query.explain(
+            show_values=args.show_values,
+            max_tps=args.max_tps,
+            max_concurrency=args.max_concurrency,
+        )
+    )
 
 
 def _check_writable(out: str | None) -> None:

@@ -51,12 +51,6 @@ def register(commands: Any) -> None:
         "for the whole datastore (cheaper when the cohort is most of it)",
     )
     group.add_argument(
-        "--dicomweb-endpoint-url",
-        metavar="URL",
-        help="DICOMweb base URL (default: the --endpoint-url of a custom endpoint, else "
-        "https://dicom-medical-imaging.REGION.amazonaws.com)",
-    )
-    group.add_argument(
         "--out",
         metavar="FILE",
         help="write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
