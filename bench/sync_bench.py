@@ -251,10 +251,12 @@ def markdown(r: dict[str, Any], image_sets: int) -> str:
             f"({again_s / own_s:.0f}x without SQS)** | "
             f"**{sum(again_ops.values()) / sync_n:.0f}x the requests** | |",
             "",
-            f"Of sync's {sync_s:.1f} s, {r['sqs_s']:.1f} s were SQS calls to moto's server, whose "
-            "ReceiveMessage alone took 0.35-0.7 s a call with 400 messages waiting (measured "
-            "apart on this machine); SQS answers a receive in tens of milliseconds, so the "
-            "figure without SQS is the one to expect on AWS, plus about 0.03 s a call.",
+            f"Of sync's {sync_s:.1f} s, {r['sqs_s']:.1f} s were its {sum(r['sqs'].values())} SQS "
+            f"calls to moto's server ({r['sqs_s'] / max(sum(r['sqs'].values()), 1):.2f} s a call "
+            "on average; moto's ReceiveMessage slows with the messages waiting and with the "
+            "machine's load: 0.35-0.7 s a call with 400 waiting, measured apart). SQS answers in "
+            "tens of milliseconds, so the figure without SQS, plus a few tens of milliseconds a "
+            "call, is the one to expect on AWS.",
             "",
             f"Sync: {r['sync_report'].added} added, {r['sync_report'].updated} updated, "
             f"{r['sync_report'].removed} removed in {r['sync_report'].commits} commit(s). "
