@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         write_snapshot,
     )
     from healthimaging_df.store.redact import RedactionPolicy, generate_key
+    from healthimaging_df.sync import SyncReport, sync_snapshot
 
 _LAZY = {
     "LocalService": "healthimaging_df.local",
@@ -47,6 +48,7 @@ _LAZY = {
     "RedactionPolicy": "healthimaging_df.store.redact",
     "RefreshReport": "healthimaging_df.refresh",
     "SnapshotInfo": "healthimaging_df.snapshot",
+    "SyncReport": "healthimaging_df.sync",
     "doctor": "healthimaging_df.checkup",
     "fetch_metadata": "healthimaging_df.metadata",
     "generate_key": "healthimaging_df.store.redact",
@@ -61,6 +63,7 @@ _LAZY = {
     "optimize_snapshot": "healthimaging_df.snapshot",
     "downgrade_snapshot": "healthimaging_df.snapshot",
     "snapshot_provenance": "healthimaging_df.snapshot",
+    "sync_snapshot": "healthimaging_df.sync",
     "vacuum_snapshot": "healthimaging_df.snapshot",
     "write_snapshot": "healthimaging_df.snapshot",
 }
@@ -100,6 +103,7 @@ __all__ = [
     "RedactionPolicy",
     "RefreshReport",
     "SnapshotInfo",
+    "SyncReport",
     "__version__",
     "dicomweb",
     "doctor",
@@ -121,6 +125,7 @@ __all__ = [
     "snapshot_info",
     "snapshot_provenance",
     "sql",
+    "sync_snapshot",
     "vacuum_snapshot",
     "write_snapshot",
 ]

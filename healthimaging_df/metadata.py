@@ -258,7 +258,15 @@ def fetch_metadata(
     client = aws.make_client(client, boto3_session, max_concurrency)
     with aws.pacing(client):  # our botocore handlers stay on the client for this call only
         warning = enrichment.archive_guard(
-            client, store, targets, stale, allow_archive_access, max_tps, max_concurrency, progress
+            client,
+            store,
+            targets,
+            stale,
+            allow_archive_access,
+            max_tps,
+            max_concurrency,
+            progress,
+            age=enrichment.tier_age(frame),
         )
         if warning is not None:
             warnings.warn(warning, ArchiveAccessWarning, stacklevel=3)

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from healthimaging_df import engine, schema
 from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core import checks
 from healthimaging_df.engine import frame, provenance
 from healthimaging_df.engine.provenance import KEY as METADATA_KEY
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
@@ -59,7 +60,8 @@ class RefreshReport:
     updated
         imageSetIds still in the result whose version or updatedAt changed.
     removed
-        imageSetIds that left the result (they no longer match the query).
+        imageSetIds that left the result (they no longer match the query, or, found by a
+        reconciling refresh, no longer exist).
     fetched
         Image sets the service returned for the updatedAt range.
     since
@@ -68,6 +70,11 @@ class RefreshReport:
         Rows in the refreshed result.
     watermark
         Highest updatedAt in the refreshed result.
+    retiered
+        imageSetIds at the same version whose storageTier or lastAccessedAt changed (found by a
+        reconciling refresh only: neither moves updatedAt).
+    reconciled
+        Whether this was a reconciling refresh (a full read of the query's matches).
     """
 
     added: tuple[str, ...]
@@ -77,13 +84,21 @@ class RefreshReport:
     since: datetime
     rows: int
     watermark: datetime | None
+    retiered: tuple[str, ...] = ()
+    reconciled: bool = False
 
     @property
     def changed(self) -> bool:
-        """Whether anything was added, updated or removed."""
-        return bool(self.added or self.updated or self.removed)
+        """Whether anything was added, updated, removed or re-tiered."""
+        return bool(self.added or self.updated or self.removed or self.retiered)
 
     def __str__(self) -> str:
+        if self.reconciled:
+            return (
+                f"{len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} "
+                f"removed, {len(self.retiered)} re-tiered (reconciled: {self.fetched} image sets "
+                f"match; {self.rows} rows)"
+            )
         return (
             f"{len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} removed "
             f"({self.fetched} image sets updated since {self.since.isoformat()}; {self.rows} rows)"
@@ -94,14 +109,16 @@ class RefreshReport:
             f"RefreshReport(added={len(self.added)}, updated={len(self.updated)}, "
             f"removed={len(self.removed)}, fetched={self.fetched}, rows={self.rows}, "
             f"since={self.since.isoformat()}, watermark="
-            f"{self.watermark.isoformat() if self.watermark else None})"
+            f"{self.watermark.isoformat() if self.watermark else None}, "
+            f"retiered={len(self.retiered)}, reconciled={self.reconciled})"
         )
 
     def _rows(self) -> list[tuple[str, str]]:
         return [
             ("added", f"{len(self.added):,} image set(s)"),
             ("updated", f"{len(self.updated):,} image set(s)"),
-            ("removed", f"{len(self.removed):,} image set(s) (no longer match)"),
+            ("removed", f"{len(self.removed):,} image set(s) (no longer match or exist)"),
+            ("re-tiered", f"{len(self.retiered):,} image set(s) (storageTier, lastAccessedAt)"),
             ("fetched", f"{self.fetched:,} image set(s) updated since {self.since.isoformat()}"),
             ("rows", f"{self.rows:,} in the refreshed result"),
             ("watermark", self.watermark.isoformat() if self.watermark else "(none)"),
@@ -125,6 +142,7 @@ def refresh_frame(
     progress: Progress = None,
     max_concurrency: int = 8,
     max_tps: float | None = SEARCH_TPS,
+    reconcile: bool = False,
 ) -> tuple[pd.DataFrame, RefreshReport]:
     """Bring a frame from this library up to date without re-reading the whole datastore.
 
@@ -133,7 +151,7 @@ def refresh_frame(
     longer match the query (an ``isPrimary`` flip or a tag change can move an image set out of the
     cohort). The result equals a fresh run of the same query, except for ``lastAccessedAt`` and
     ``storageTier``, which change without a new ``updatedAt``; image sets deleted from the
-    datastore are not detected either.
+    datastore are not detected either (``reconcile=True`` catches both).
 
     Parameters
     ----------
@@ -149,6 +167,11 @@ def refresh_frame(
         The policy the frame was redacted with (same key); required for a redacted frame.
     margin
         Safety margin below the last fetch's start, for clock skew between client and service.
+    reconcile
+        Read every matching image set instead of the updated ones (the query's own requests,
+        no metadata access): rows of deleted image sets leave, and ``storageTier`` /
+        ``lastAccessedAt`` become current. The backstop of incremental refreshes and of
+        :func:`~healthimaging_df.sync.sync_snapshot`; it costs a fresh export's requests.
 
     Returns
     -------
@@ -169,6 +192,7 @@ def refresh_frame(
         progress=progress,
         max_concurrency=max_concurrency,
         max_tps=max_tps,
+        reconcile=reconcile,
     )
     out = table_to_frame(change.result, dtype_backend_of(df), list(df.columns))
     out.attrs[METADATA_KEY] = change.provenance
@@ -186,6 +210,7 @@ def refresh_snapshot(
     progress: Progress = None,
     max_concurrency: int = 8,
     max_tps: float | None = SEARCH_TPS,
+    reconcile: bool = False,
     region: str | None = None,
     s3_endpoint_url: str | None = None,
     kms_key_id: str | None = None,
@@ -231,6 +256,7 @@ def refresh_snapshot(
             progress=progress,
             max_concurrency=max_concurrency,
             max_tps=max_tps,
+            reconcile=reconcile,
         )
         if where.table is None:
             write_table(where, change.result, change.provenance, [])
@@ -272,7 +298,27 @@ def _refresh_table(
     progress: Progress,
     max_concurrency: int,
     max_tps: float | None,
+    reconcile: bool = False,
 ) -> _Change:
+    checks.flag("reconcile", reconcile)
+    query = checked_query(table, prov, query, redact, margin)
+    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+    if reconcile:
+        return reconciled(table, prov, query, redact, run)
+    since = _refresh_since(prov, table, margin)
+    started = datetime.now(timezone.utc)
+    fetched = engine.changes(query.datastore_id, since, started + timedelta(days=2), run)
+    return apply_fetched(table, prov, query, redact, fetched, run.client, started, since)
+
+
+def checked_query(
+    table: pa.Table,
+    prov: dict[str, Any],
+    query: Query | None,
+    redact: RedactionPolicy | None,
+    margin: timedelta,
+) -> Query:
+    """The query a refresh (or sync) of *table* runs, after every check of its arguments."""
     check_redact(redact)
     if query is not None and not isinstance(query, Query):
         raise QueryValidationError("query", "must be a Query or None")
@@ -324,11 +370,24 @@ def _refresh_table(
     for needed in ("imageSetId", "version", "updatedAt"):
         if needed not in table.column_names:
             raise SnapshotError(f"cannot refresh without the {needed} column")
+    return query
 
-    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
-    since = _refresh_since(prov, table, margin)
-    started = datetime.now(timezone.utc)
-    fetched = engine.changes(query.datastore_id, since, started + timedelta(days=2), run)
+
+def apply_fetched(
+    table: pa.Table,
+    prov: dict[str, Any],
+    query: Query,
+    redact: RedactionPolicy | None,
+    fetched: pa.Table,
+    client: Any,
+    started: datetime,
+    since: datetime,
+) -> _Change:
+    """*table* with *fetched* (image sets as the service returned them, unfiltered) merged in.
+
+    Newer states replace older ones (an older state never replaces a newer one), matching rows
+    are added, rows that stopped matching leave; *fetched* need not be the whole datastore.
+    """
     fetched_count = fetched.num_rows
 
     old_ids = table.column("imageSetId")
@@ -384,8 +443,13 @@ def _refresh_table(
         for i in new_ids & before
         if i in incoming_state and incoming_state[i] != (old_versions[i], old_updated[i])
     )
+    # same version, yet storageTier or lastAccessedAt moved (an access): kept as last read
+    same = [i for i in new_ids & before if i in incoming_state and i not in set(updated)]
+    retiered = sorted(set(same) & _tier_changes(table, incoming, same))
     watermark = table_watermark(result)
-    new_prov = provenance.refreshed(prov, run.client, started, since)
+    new_prov = provenance.refreshed(prov, client, started, since)
+    # unchanged rows keep the tiers of the last full read (export or reconcile)
+    new_prov["tiers_observed_at"] = tiers_observed_at(prov)
     new_prov.update({"row_count": result.num_rows, "watermark": iso(watermark)})
     report = RefreshReport(
         tuple(added),
@@ -395,12 +459,122 @@ def _refresh_table(
         since,
         result.num_rows,
         watermark,
+        retiered=tuple(retiered),
     )
     # what a MERGE needs: the rows that are new or newer, still in the cohort after the merge
-    ids = set(added) | set(updated)
+    ids = set(added) | set(updated) | set(retiered)
     keep = pc.is_in(result.column("imageSetId"), value_set=pa.array(sorted(ids), pa.string()))
     changed_rows = result.filter(keep)
     return _Change(result, changed_rows, new_prov, report)
+
+
+def reconciled(
+    table: pa.Table,
+    prov: dict[str, Any],
+    query: Query,
+    redact: RedactionPolicy | None,
+    run: engine.Run,
+) -> _Change:
+    """*table* made equal to a fresh run of *query*: the backstop of refreshes and events.
+
+    Reads every matching image set's summary through the query's own plan (SearchImageSets, or
+    its QIDO-RS step: no metadata access), then: new IDs are added, newer states replace older
+    ones, rows whose storageTier or lastAccessedAt changed at the same version are replaced
+    (neither moves updatedAt, so no incremental refresh sees them), rows not in the fresh result
+    (deleted, or no longer matching) leave. A stored state newer than the one read (a search
+    index lagging a write) is kept.
+    """
+    started = datetime.now(timezone.utc)
+    plan = engine.choose(lambda stats: query.compile(stats=stats), run)
+    fresh, _ = engine.collect_table(plan, query.to_json(), run)
+    fresh_df = schema.arrow_to_pandas(fresh)
+    if redact is not None:
+        fresh_df = apply_redaction(fresh_df, redact)
+    incoming = frame_to_table(fresh_df[[c for c in table.column_names if c in fresh_df]])
+    missing = [c for c in table.column_names if c not in incoming.column_names]
+    if missing:
+        raise SnapshotError(f"cannot refresh columns not in the schema: {', '.join(missing)}")
+    incoming = incoming.select(table.column_names).cast(table.schema)
+
+    def states(rows: pa.Table) -> dict[str, tuple[Any, ...]]:
+        tiers = [
+            rows.column(c).to_pylist() if c in rows.column_names else [None] * rows.num_rows
+            for c in ("storageTier", "lastAccessedAt")
+        ]
+        return {
+            i: (v, u, t, a)
+            for i, v, u, t, a in zip(
+                rows.column("imageSetId").to_pylist(),
+                rows.column("version").to_pylist(),
+                rows.column("updatedAt").to_pylist(),
+                *tiers,
+                strict=True,
+            )
+        }
+
+    old, new = states(table), states(incoming)
+    added = sorted(new.keys() - old.keys())
+    removed = sorted(old.keys() - new.keys())
+    both = new.keys() & old.keys()
+    stored_newer = {i for i in both if frame.rank_of(*old[i][:2]) > frame.rank_of(*new[i][:2])}
+    updated = sorted(i for i in both - stored_newer if old[i][:2] != new[i][:2])
+    retiered = sorted(
+        i for i in both - stored_newer if old[i][:2] == new[i][:2] and old[i][2:] != new[i][2:]
+    )
+
+    def having(rows: pa.Table, ids: set[str] | list[str]) -> pa.Array:
+        values = pa.array(sorted(ids), pa.string())
+        return pc.fill_null(pc.is_in(rows.column("imageSetId"), value_set=values), False)
+
+    kept = table.filter(having(table, stored_newer))
+    fresh_rows = incoming.filter(pc.invert(having(incoming, stored_newer)))
+    result = frame.order(pa.concat_tables([kept, fresh_rows]), query.compile())
+    changed_rows = incoming.filter(having(incoming, set(added) | set(updated) | set(retiered)))
+    moment = started.isoformat()
+    new_prov = provenance.refreshed(prov, run.client, started, started)
+    watermark = table_watermark(result)
+    new_prov.update(
+        {
+            "row_count": result.num_rows,
+            "watermark": iso(watermark),
+            "reconciled_at": moment,
+            "tiers_observed_at": moment,
+        }
+    )
+    report = RefreshReport(
+        tuple(added),
+        tuple(updated),
+        tuple(removed),
+        fresh.num_rows,
+        started,
+        result.num_rows,
+        watermark,
+        retiered=tuple(retiered),
+        reconciled=True,
+    )
+    return _Change(result, changed_rows, new_prov, report)
+
+
+def _tier_changes(old: pa.Table, new: pa.Table, ids: list[str]) -> set[str]:
+    """Those of *ids* whose storageTier or lastAccessedAt differ between *old* and *new*."""
+    if not ids:
+        return set()
+    wanted = pa.array(sorted(ids), pa.string())
+
+    def tiers(rows: pa.Table) -> dict[str, tuple[Any, Any]]:
+        rows = rows.filter(
+            pc.fill_null(pc.is_in(rows.column("imageSetId"), value_set=wanted), False)
+        )
+        values = [
+            rows.column(c).to_pylist() if c in rows.column_names else [None] * rows.num_rows
+            for c in ("storageTier", "lastAccessedAt")
+        ]
+        return dict(
+            zip(rows.column("imageSetId").to_pylist(), zip(*values, strict=True), strict=True)
+        )
+
+    before, after = tiers(old), tiers(new)
+    return {i for i in ids if before.get(i) != after.get(i)}
 
 
 def _recorded_query(prov: dict[str, Any]) -> Query | None:
@@ -412,6 +586,20 @@ def _recorded_query(prov: dict[str, Any]) -> Query | None:
         return Query.from_dict(json.loads(text))
     except (HealthImagingDFError, ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def tiers_observed_at(prov: dict[str, Any]) -> str | None:
+    """When the oldest storageTier of a snapshot was read: its last full read's start."""
+    recorded = prov.get("tiers_observed_at")
+    if isinstance(recorded, str):
+        return recorded
+    if prov.get("refreshed_since"):
+        return None  # refreshed by an older version, which kept no record
+    for key in ("fetch_started_at", "fetched_at"):
+        value = prov.get(key)
+        if isinstance(value, str):
+            return value
+    return None
 
 
 def _refresh_since(prov: dict[str, Any], table: pa.Table, margin: timedelta) -> datetime:

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         series_attributes,
         snapshot,
         sql,
+        sync,
     )
     from healthimaging_df.local import cli as local_cli
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     search.register(commands)
     snapshot.register(commands)
+    sync.register(commands)
     metadata.register(commands)
     series_attributes.register(commands)
     sql.register(commands)

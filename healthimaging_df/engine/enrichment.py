@@ -51,10 +51,12 @@ __all__ = [
     "Target",
     "archive_guard",
     "datastore_of",
+    "describe_age",
     "fetch_all",
     "result_frame",
     "stale_targets",
     "targets_of",
+    "tier_age",
     "tier_is_current",
 ]
 
@@ -113,13 +115,18 @@ def targets_of(frame: pd.DataFrame) -> list[Target]:
 def _observed_at(frame: pd.DataFrame) -> datetime | None:
     """When the frame's tiers were read: the fetch's start (else end) time; None if unknown.
 
-    A refreshed snapshot re-read only the rows that changed, so its other rows' tiers are as old as
-    its first export: None then, as for a frame without provenance.
+    A refreshed or synced snapshot re-read only the rows that changed, so its other rows' tiers
+    are as old as its last full read (export or reconcile), which it records as
+    ``tiers_observed_at``; without that record (a refresh by an older version), None, as for a
+    frame without provenance.
     """
     provenance = provenance_of(frame)
-    if provenance is None or provenance.get("refreshed_since"):
+    if provenance is None:
         return None
-    for key in ("fetch_started_at", "fetched_at"):
+    keys: tuple[str, ...] = ("tiers_observed_at",)
+    if not provenance.get("refreshed_since"):
+        keys += ("fetch_started_at", "fetched_at")
+    for key in keys:
         value = provenance.get(key)
         if isinstance(value, str):
             try:
@@ -141,6 +148,25 @@ def tier_is_current(frame: pd.DataFrame, now: datetime | None = None) -> bool:
         return False
     age = (now or datetime.now(timezone.utc)) - observed
     return -_CLOCK_SKEW <= age <= TIER_MAX_AGE
+
+
+def tier_age(frame: pd.DataFrame, now: datetime | None = None) -> timedelta | None:
+    """How long ago *frame*'s oldest ``storageTier`` was read; None if unknown."""
+    observed = _observed_at(frame)
+    if observed is None:
+        return None
+    return (now or datetime.now(timezone.utc)) - observed
+
+
+def describe_age(age: timedelta | None) -> str:
+    """``"read 3 h 5 min ago"`` (or ``"of unknown age"``): what the guard says of the tiers."""
+    if age is None:
+        return "of unknown age"
+    minutes = max(0, int(age.total_seconds() // 60))
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    parts = [f"{days} d"] * bool(days) + [f"{hours} h"] * bool(hours) + [f"{minutes} min"]
+    return f"read {' '.join(parts)} ago"
 
 
 def stale_targets(targets: list[Target], current: bool) -> list[Target]:
@@ -204,12 +230,16 @@ def archive_guard(
     max_tps: float | None,
     max_concurrency: int,
     progress: Progress,
+    *,
+    age: timedelta | None = None,
 ) -> str | None:
     """Refuse archived image sets unless *allow*; return the warning to give (None: none).
 
     Without *allow*, image sets the frame shows archived are refused at once, and those whose
     tier it does not tell are looked up first (GetImageSet, not an access): nothing archived is
     ever read. With *allow*, no look-ups, and a warning of what may move.
+
+    *age* is how old the frame's tiers are (:func:`tier_age`); the messages say it.
     """
     shown = sum(t.tier == ARCHIVED for t in targets)
     total = len(targets)
@@ -217,8 +247,8 @@ def archive_guard(
         parts = [f"{shown} of {total} image sets are ARCHIVE_INSTANT_ACCESS"] if shown else []
         if stale:
             parts.append(
-                f"{len(stale)} of {total} have no current storageTier (unchecked: "
-                "allow_archive_access=True)"
+                f"{len(stale)} of {total} have no current storageTier (the frame's tiers are "
+                f"{describe_age(age)}; unchecked: allow_archive_access=True)"
             )
         return _archive_warning("; ".join(parts)) if parts else None
     if shown:
@@ -250,7 +280,8 @@ def archive_guard(
             found,
             f"{found} of {total} image sets are archived (ARCHIVE_INSTANT_ACCESS per "
             f"{TIER_OPERATION}) although the frame does not show it (its storageTier is missing, "
-            f"or from a fetch more than {TIER_MAX_AGE.seconds // 60} minutes old or refreshed): "
+            f"or from a fetch more than {TIER_MAX_AGE.seconds // 60} minutes old or refreshed; "
+            f"the frame's tiers are {describe_age(age)}): "
             f"each {OPERATION} call would move one back to FREQUENT_ACCESS. Nothing was "
             "accessed. Fetch the frame again and filter on storageTier, or pass "
             "allow_archive_access=True (command line: --allow-archive-access) to read them",

@@ -518,6 +518,30 @@ def test_a_stale_or_refreshed_frequent_tier_is_looked_up_first(
     assert metadata_service.stats.by_operation.get("GetImageSetMetadata") == 8
 
 
+def test_the_guard_says_how_old_the_tiers_are_and_trusts_a_fresh_reconcile(
+    metadata_service: LocalService, metadata_frame: pd.DataFrame
+) -> None:
+    from healthimaging_df.metadata import fetch_metadata
+
+    archived = metadata_frame[metadata_frame["storageTier"] == ARCHIVED].head(2)
+    disguised = archived.assign(storageTier="FREQUENT_ACCESS")
+    now = pd.Timestamp.now(tz="UTC")
+    three_hours = (now - pd.Timedelta(hours=3, minutes=5)).isoformat()
+    synced = _aged(disguised, refreshed_since=three_hours, tiers_observed_at=three_hours)
+    with pytest.raises(QueryValidationError, match=r"tiers are read 3 h [45] min ago"):
+        fetch_metadata(synced, client=metadata_service.client(), progress=False)
+    unknown = _aged(disguised, refreshed_since=three_hours)  # refreshed by an older version
+    with pytest.raises(QueryValidationError, match="tiers are of unknown age"):
+        fetch_metadata(unknown, client=metadata_service.client(), progress=False)
+    # a snapshot refreshed long ago but reconciled a minute ago: its tiers are current
+    frequent = _frequent(metadata_frame).head(2)
+    recent = (now - pd.Timedelta(minutes=1)).isoformat()
+    reconciled = _aged(frequent, refreshed_since=three_hours, tiers_observed_at=recent)
+    metadata_service.reset_stats()
+    fetch_metadata(reconciled, client=metadata_service.client(), progress=False)
+    assert metadata_service.stats.by_operation.get("GetImageSet", 0) == 0
+
+
 def test_allow_archive_access_skips_the_look_ups_and_false_refuses_any(
     metadata_service: LocalService, metadata_frame: pd.DataFrame
 ) -> None:

@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "conformance",
         "options",
     ),
-    ("refresh",),
+    ("refresh", "sync"),
     ("accessor",),
     ("cli", "__main__", NAME),
 )

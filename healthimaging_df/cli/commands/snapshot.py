@@ -46,6 +46,9 @@ examples:
   # a redacted snapshot keeps no query values: give the query and the same key again
   healthimaging-df refresh cohort/ --datastore-id ID --where Modality=CT --redact
 
+  # the backstop of refreshes and events: also drop deleted image sets, refresh tiers
+  healthimaging-df refresh cohort/ --reconcile
+
   # an Iceberg table: one snapshot that deletes the changed IDs and adds their new rows
   healthimaging-df refresh --iceberg-table cohorts.ct --catalog glue --warehouse s3://bucket/wh
 
@@ -110,6 +113,12 @@ def register(commands: Any) -> None:
         default=5.0,
         metavar="M",
         help="also re-read updates from M minutes before the last fetch (clock skew; default 5)",
+    )
+    group.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="read every matching image set (the query's own requests, no metadata access): "
+        "drops deleted image sets, makes storageTier and lastAccessedAt current",
     )
     _storage_options(group)
     _redaction_options(refresh)
@@ -425,6 +434,7 @@ def run_refresh(args: argparse.Namespace) -> int:
             progress=output.progress(args),
             max_concurrency=args.max_concurrency,
             max_tps=args.max_tps,
+            reconcile=args.reconcile,
             **_storage(args),
         )
     print(report)
