@@ -20,8 +20,9 @@ import logging
 import queue
 import threading
 import time
+import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -35,6 +36,7 @@ from healthimaging_df.core import checks, dates
 from healthimaging_df.core.progress import Progress, ProgressReporter
 from healthimaging_df.engine import flatten, pagecheck, pages
 from healthimaging_df.errors import (
+    HealthImagingDFWarning,
     MalformedResponseError,
     PaginationError,
     SearchError,
@@ -69,6 +71,11 @@ LOCAL_REACH_SECONDS = 5.0  # ...and for at least this long (splits fall on whole
 AT_RATE = 0.97  # pages arriving at this share of the limiter's rate: no new reader
 STATS_QUANTILES = 64  # createdAt quantiles a full scan leaves for the next one's pre-split
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Endpoints that refused a range filter with createdAt BETWEEN as the second filter (AWS does not
+# document which pairs it takes beyond an ID or series UID with one date range): a lazy range
+# chain there is read by its two ends, which send the chain's one filter. Per process.
+_REFUSED_PAIRS: set[str] = set()
+_REFUSED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -346,30 +353,29 @@ class PageStream:
         if _lean(self.client):
             self._hooks.enter_context(pages.hooked(self.client))
         self._began = time.monotonic()
-        tasks: list[_Task] = []
-        windows: list[tuple[Chain, Window, tuple[datetime, ...]]] = []
+        # in the plan's order: plain chains and windows alike start as the chains are listed
+        starts: list[_Task | tuple[Chain, Window, tuple[datetime, ...]]] = []
         for chain in self.plan.chains:
-            if self.resume is None:
-                if chain.window is None:
-                    tasks.append(_Task(chain))
-                else:
-                    windows.append((chain, chain.window, chain.splits))
-            elif chain.index in self.resume.chains:
+            if self.resume is not None and chain.index in self.resume.chains:
                 continue
-            elif chain.window is None:
-                tasks.append(_Task(chain))
-            elif chain.index not in self.resume.windows:  # nothing of it read: as planned
-                windows.append((chain, chain.window, chain.splits))
+            if chain.window is None:
+                starts.append(_Task(chain))
+            elif self.resume is None or chain.index not in self.resume.windows:
+                starts.append((chain, chain.window, chain.splits))  # nothing of it read yet
             else:
-                windows += [(chain, w, ()) for w in self.resume.remaining(chain)]
-        if not tasks and not windows:
+                starts += [(chain, w, ()) for w in self.resume.remaining(chain)]
+        tasks = [s for s in starts if isinstance(s, _Task)]
+        windows = [s for s in starts if not isinstance(s, _Task)]
+        if not starts:
             self._results.put(("done", None))
             return
-        for task in tasks:
-            self._submit(task)
         with self._lock:
-            for chain, (low, high), splits in windows:
-                self._open_window(chain, low, high, splits)
+            for start in starts:
+                if isinstance(start, _Task):
+                    self._submit(start)
+                else:
+                    chain, (low, high), splits = start
+                    self._open_window(chain, low, high, splits)
         # windows split into more tasks as they run; plain chains never outnumber their tasks
         limit = self.options.max_concurrency
         count = limit if windows else min(limit, len(tasks))
@@ -391,7 +397,7 @@ class PageStream:
             segment = _Segment(chain, low, high)
             self._segments.add(segment)
             self._add_reader(segment, descending=False)
-            if high > low:
+            if high > low and not chain.lazy:  # a lazy chain's second end comes with pages left
                 self._add_reader(segment, descending=True)
             return
         for a, b in itertools.pairwise(edges):
@@ -492,7 +498,13 @@ class PageStream:
         empty_run = 0
         page_number = 0
         while not self._halted(chain.index):
-            table, token = self._call(kwargs, chain.index)
+            try:
+                table, token = self._call(kwargs, chain.index)
+            except SearchError as exc:
+                if not (page_number == 0 and _pair_refusal(exc, chain, kwargs)):
+                    raise
+                self._refused(task)
+                return
             page_number += 1
             log.debug(
                 "chain %d page %d: %d image sets%s",
@@ -524,8 +536,8 @@ class PageStream:
                 if token is None:
                     self._finish(task, None)
             else:
-                covered = self._segment_page(task, task.reader, table, token)
-                if covered is not None:
+                stop, covered = self._segment_page(task, task.reader, table, token)
+                if stop:
                     self._finish(task, covered)
                     return
             if token is None:
@@ -534,12 +546,12 @@ class PageStream:
 
     def _segment_page(
         self, task: _Task, reader: _Reader, table: pa.Table, token: str | None
-    ) -> Window | None:
+    ) -> tuple[bool, Window | None]:
         """Emit a reader's page, move its end of the segment, and decide whether it goes on.
 
-        Returns the createdAt range the reader delivered completely once it stops (its chain
-        ended, the two ends met, or the other end will finish the little that is left), else
-        None. Every page is emitted whole: rows both ends read are deduplicated downstream.
+        Returns whether the reader stops (its chain ended, the two ends met, or the other end
+        will finish the little that is left) and then the createdAt range it delivered
+        completely (None: the whole chain, a lazy chain's reader that read its own query). Every page is emitted whole: rows both ends read are deduplicated downstream.
         """
         created = table.column("createdAt")
         rows = table.num_rows
@@ -592,7 +604,11 @@ class PageStream:
                     segment.desc = None
                 if segment.complete:
                     self._segments.discard(segment)
-                if token is None:
+                if token is None and task.chain.lazy and (reader.low, reader.high) == (
+                    task.chain.window
+                ):
+                    covered = None  # its query was the chain's own: the whole chain is read
+                elif token is None:
                     covered = (reader.low, reader.high)
                 elif reader.descending:
                     covered = (reader.frontier + _MICROSECOND, reader.high)
@@ -603,7 +619,7 @@ class PageStream:
             self._put(
                 ("page", Page(task.chain.index, flatten.EMPTY_TABLE, handed[0], True, handed[1]))
             )
-        return covered
+        return stop, covered
 
     def _leave_to_other_end(self, segment: _Segment, reader: _Reader) -> bool:
         """Whether *reader* stops early: the other end's page in flight will likely finish it.
@@ -662,7 +678,9 @@ class PageStream:
             # round trip in flight; its queue shows them a round trip later)
             return
         # one reader per page that arrives: the rate is measured again before the next
-        move = next_reader(self._segments, self._overall(), self._readers_short())
+        move = next_reader(
+            self._segments, self._overall(), self._readers_short(), allowed=self._allowed
+        )
         if move is None:
             return
         segment, step = move
@@ -698,8 +716,71 @@ class PageStream:
         arriving = len(self._arrivals) / max(elapsed, 0.25)
         return readers_short(self._limiter.rate, arriving, self._round_trip)
 
+    def _endpoint(self) -> str:
+        meta = getattr(self.client, "meta", None)
+        return str(getattr(meta, "endpoint_url", None) or id(self.client))
+
+    def _pairs_refused(self, chain: Chain) -> bool:
+        """Whether *chain* is a lazy range chain at an endpoint that refused the range pair."""
+        return _range_pair(chain) and self._endpoint() in _REFUSED_PAIRS
+
+    def _allowed(self, segment: _Segment, step: str | datetime) -> bool:
+        """Whether a move sends only what the endpoint takes (see :func:`next_reader`)."""
+        chain = segment.chain
+        if not self._pairs_refused(chain) or chain.window is None:
+            return True
+        if step == "asc":
+            return dates.floor_second(segment.low) <= chain.window[0]
+        if step == "desc":
+            return dates.ceil_second(segment.high) >= chain.window[1]
+        return False  # a split needs the pair
+
+    def _refused(self, task: _Task) -> None:
+        """A reader's range + createdAt pair was refused: remember it, leave its part to others.
+
+        Its segment's other end, if any, reads it to the meeting; else a reader from the
+        chain's own end (one filter) replaces it. It had delivered nothing: no page, no done.
+        """
+        endpoint = self._endpoint()
+        with _REFUSED_LOCK:
+            first = endpoint not in _REFUSED_PAIRS
+            _REFUSED_PAIRS.add(endpoint)
+        if first:
+            warnings.warn(
+                "this endpoint refused a StudyDateTime/updatedAt range with createdAt BETWEEN "
+                "as the second filter: such ranges are read from their two ends only (exact, "
+                "at most two readers each)",
+                HealthImagingDFWarning,
+                stacklevel=2,
+            )
+        reader = task.reader
+        assert reader is not None
+        with self._lock:
+            segment = reader.segment
+            if segment.asc is reader:
+                segment.asc = None
+            if segment.desc is reader:
+                segment.desc = None
+            other = segment.desc if not reader.descending else segment.asc
+            if segment.complete:
+                self._segments.discard(segment)
+            elif other is not None:
+                other.sole = True
+            else:
+                self._add_reader(segment, descending=reader.descending)
+
     def _add_reader(self, segment: _Segment, descending: bool) -> None:
         low, high = dates.floor_second(segment.low), dates.ceil_second(segment.high)
+        chain = segment.chain
+        if chain.lazy and chain.window is not None:
+            # a reader stops where the ends meet, so its far bound can be the chain's: a reader
+            # from either end of a lazy chain then sends the chain's own request, no second
+            # filter; where that pair was refused, every reader starts from an end of the chain
+            refused = self._pairs_refused(chain)
+            if descending or refused:
+                low = chain.window[0]
+            if not descending or refused:
+                high = chain.window[1]
         reader = _Reader(segment, descending, low, high, high if descending else low)
         if descending:
             segment.desc = reader
@@ -762,7 +843,10 @@ def readers_short(rate: float, arriving: float, round_trip: float) -> bool:
 
 
 def next_reader(
-    segments: Iterable[_Segment], overall: float | None, short: bool
+    segments: Iterable[_Segment],
+    overall: float | None,
+    short: bool,
+    allowed: Callable[[_Segment, str | datetime], bool] | None = None,
 ) -> tuple[_Segment, str | datetime] | None:
     """The next reader: ``(segment, "asc" | "desc")``, an end; ``(segment, cut)``, a split.
 
@@ -772,6 +856,7 @@ def next_reader(
     left decides: both ends of a segment may be inside one long import burst, seeing dense pages
     while the *overall* density says the gap between them is nearly empty, and trusting that
     left a bursty first scan at 300 ms with two readers for half its time (55% of the quota).
+    *allowed* vetoes a move (a split the endpoint would refuse); the next segment is tried.
     """
     live = sorted(
         ((s.remaining_rows(overall), n, s) for n, s in enumerate(segments) if not s.complete),
@@ -780,7 +865,7 @@ def next_reader(
     )
     for left, _, segment in live:
         move = _reader_for(segment, left, overall, short)
-        if move is not None:
+        if move is not None and (allowed is None or allowed(*move)):
             return move
     return None
 
@@ -790,6 +875,9 @@ def _reader_for(
 ) -> tuple[_Segment, str | datetime] | None:
     """*segment*'s missing end, else a split of it, if it has rows enough left for one."""
     if segment.asc is None or segment.desc is None:
+        end = segment.asc or segment.desc
+        if segment.chain.lazy and (end is None or not end.read):
+            return None  # a lazy chain's second end waits for rows: pages left, density known
         if segment.remaining_rows(overall, most=True) >= ADD_READER_ROWS:
             return segment, "desc" if segment.desc is None else "asc"
         return None
@@ -819,6 +907,19 @@ def _split_point(segment: _Segment) -> datetime | None:
         return last
     middle = dates.floor_second(segment.low + (segment.high - segment.low) / 2)
     return min(max(middle, first), last)
+
+
+def _range_pair(chain: Chain) -> bool:
+    """Whether *chain*'s split readers send a range with createdAt BETWEEN (not documented)."""
+    return chain.lazy and any(f["operator"] == "BETWEEN" for f in chain.filters)
+
+
+def _pair_refusal(exc: SearchError, chain: Chain, kwargs: dict[str, Any]) -> bool:
+    """Whether *exc* is the service refusing a range chain's createdAt window as second filter."""
+    if exc.code != "ValidationException" or not _range_pair(chain):
+        return False
+    filters = kwargs.get("searchCriteria", {}).get("filters", [])
+    return len(filters) == 2 and all(f["operator"] == "BETWEEN" for f in filters)
 
 
 def _micros(moment: datetime) -> int:

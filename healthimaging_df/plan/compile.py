@@ -335,13 +335,53 @@ def _search_chains(spec: Spec, preds: tuple[Predicate, ...], scan: bool) -> Plan
     sort = STABLE_SORT
     if stops_early and sort_field is not None:
         sort = {"sortField": sort_field, "sortOrder": "ASC" if ascending else "DESC"}
+    if not stops_early:  # a sorted chain that stops early beats reading every window
+        pushed = _for_split_ranges(pushed)
     windowed = (
         pushed.equal_column is None or pushed.equal_column in schema.FLAG_COLUMNS
     ) and pushed.range_column in (None, "createdAt")
+    # a chain that filters on an ID or a StudyDateTime / updatedAt range is split lazily
+    lazy = not windowed and _splittable(pushed, "createdAt" in found)
     if stops_early:
-        windowed = False  # a sorted chain that stops early beats reading every window
-    chains = _chains(pushed, found, sort, windowed, spec.now)
+        windowed = lazy = False
+    chains = _chains(pushed, found, sort, windowed, spec.now, lazy)
     return replace(base, chains=chains, pushed=pushed.predicates)
+
+
+SPLIT_RANGES = ("StudyDateTime", "updatedAt")  # ranges a createdAt window can split
+
+
+def _splittable(pushed: _Pushed, created_range: bool) -> bool:
+    """Whether the chains can take a createdAt window as their second filter.
+
+    An ID alone (or with a createdAt range, which becomes the window): ID EQUAL + one date
+    BETWEEN is the documented pair. A StudyDateTime or updatedAt range alone: range + createdAt
+    BETWEEN is not documented, so the fetcher verifies it on the first split and, refused,
+    reads the range by its two pair-free ends (``engine.fetch``). An ID with another range
+    (three filters) stays one chain: an ID pins few image sets; so does a range with a
+    createdAt range too (its every request would need the unverified pair).
+    """
+    equal, rng = pushed.equal_column, pushed.range_column
+    if equal is not None and equal not in schema.FLAG_COLUMNS:
+        return rng in (None, "createdAt")
+    return equal is None and rng in SPLIT_RANGES and not created_range
+
+
+def _for_split_ranges(pushed: _Pushed) -> _Pushed:
+    """``isPrimary=True`` with a StudyDateTime / updatedAt range: the flag moves to the client.
+
+    Three filters cannot go out; nearly every image set is primary, so the flag narrows little
+    while the range split into windows reads at the quota instead of one chain's pace. Every
+    predicate is applied on the client anyway. ``isPrimary=False`` (few image sets) stays pushed.
+    """
+    if (
+        pushed.equal_column in schema.FLAG_COLUMNS
+        and pushed.equal_values == (True,)
+        and pushed.range_column in SPLIT_RANGES
+    ):
+        kept = tuple(p for p in pushed.predicates if p.column != pushed.equal_column)
+        return replace(pushed, equal_column=None, equal_values=(), predicates=kept)
+    return pushed
 
 
 def _pushed(
@@ -373,20 +413,27 @@ def _chains(
     sort: dict[str, str],
     windowed: bool,
     now: datetime | None,
+    lazy: bool = False,
 ) -> tuple[Chain, ...]:
     key = schema.BY_NAME[pushed.equal_column].search_key if pushed.equal_column else None
     base: list[Filter | None] = [
         {"operator": "EQUAL", "values": [{key: v}]} for v in pushed.equal_values
     ] or [None]
+    by_window = windowed or lazy
+    # a lazy chain's createdAt range is its window; any other range stays its filter
+    created = pushed.range_column == "createdAt"
     chains = []
     for index, equal in enumerate(base):
-        bounded = None if windowed else pushed.range_filter
+        bounded = None if windowed or (lazy and created) else pushed.range_filter
         filters = tuple(f for f in (equal, bounded) if f is not None)
         window = None
-        if windowed:
+        if by_window:
             low, high = found.get("createdAt", (WINDOW_FLOOR, _tomorrow(now)))
             window = (dates.floor_second(low), dates.ceil_second(high))
-        chains.append(Chain(index, filters, None if windowed else sort, window))
+        unbounded = lazy and "createdAt" not in found
+        chains.append(
+            Chain(index, filters, None if by_window else sort, window, lazy=lazy, unbounded=unbounded)
+        )
     return tuple(chains)
 
 
@@ -496,7 +543,8 @@ def _sizable(plan: Plan) -> bool:
 
     A StudyDateTime or updatedAt range: the statistics know createdAt only.
     """
-    return len(plan.chains) == 1 and plan.chains[0].window is None and bool(plan.chains[0].filters)
+    chain = plan.chains[0] if len(plan.chains) == 1 else None
+    return chain is not None and (chain.window is None or chain.lazy) and bool(chain.filters)
 
 
 # -- pre-split scans -------------------------------------------------------------------------------
@@ -536,7 +584,7 @@ def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
         return plan
     cuts: list[tuple[datetime, ...]] = []
     for chain in plan.chains:
-        if chain.window is None:
+        if chain.window is None or chain.lazy:  # a filtered chain: the profile is not its own
             cuts.append(())
             continue
         low, high = chain.window
@@ -555,7 +603,7 @@ def presplit_at(
     """
     chains = []
     for chain, at in zip(plan.chains, cuts, strict=True):
-        if chain.window is None:
+        if chain.window is None or chain.lazy:
             chains.append(chain)
             continue
         chains.append(
