@@ -604,8 +604,10 @@ class PageStream:
                     segment.desc = None
                 if segment.complete:
                     self._segments.discard(segment)
-                if token is None and task.chain.lazy and (reader.low, reader.high) == (
-                    task.chain.window
+                if (
+                    token is None
+                    and task.chain.lazy
+                    and (reader.low, reader.high) == (task.chain.window)
                 ):
                     covered = None  # its query was the chain's own: the whole chain is read
                 elif token is None:

@@ -432,7 +432,9 @@ def _chains(
             window = (dates.floor_second(low), dates.ceil_second(high))
         unbounded = lazy and "createdAt" not in found
         chains.append(
-            Chain(index, filters, None if by_window else sort, window, lazy=lazy, unbounded=unbounded)
+            Chain(
+                index, filters, None if by_window else sort, window, lazy=lazy, unbounded=unbounded
+            )
         )
     return tuple(chains)
 

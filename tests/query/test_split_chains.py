@@ -40,7 +40,9 @@ def _betweens(params: dict[str, Any]) -> int:
 def test_a_study_date_range_is_one_lazy_chain_whose_first_request_is_unchanged() -> None:
     plan = Query(DS).between("StudyDateTime", "2020", "2021").compile()
     (chain,) = plan.chains
-    assert chain.lazy and chain.unbounded and chain.window is not None
+    assert chain.lazy
+    assert chain.unbounded
+    assert chain.window is not None
     (request,) = plan.requests()
     criteria = request["searchCriteria"]
     assert [next(iter(f["values"][0])) for f in criteria["filters"]] == ["DICOMStudyDateAndTime"]
@@ -170,8 +172,12 @@ def test_a_range_split_inside_a_same_second_burst_loses_nothing_while_image_sets
     splits = [p for p in sent if _betweens(p) == 2]
     assert splits, "the range was read as one chain"
     # readers started at whole seconds around the burst: a reader's bound never cuts a second
-    lows = [f["values"][0]["createdAt"] for p in splits for f in p["searchCriteria"]["filters"]
-            if "createdAt" in f["values"][0]]
+    lows = [
+        f["values"][0]["createdAt"]
+        for p in splits
+        for f in p["searchCriteria"]["filters"]
+        if "createdAt" in f["values"][0]
+    ]
     assert all(moment.microsecond == 0 for moment in lows)
 
 
@@ -191,7 +197,8 @@ def test_a_service_refusing_the_range_pair_gets_the_range_from_its_two_ends(
     assert sorted(frame["imageSetId"]) == sorted(expected)
     assert sorted(again["imageSetId"]) == sorted(expected)
     ours = [w for w in said if issubclass(w.category, HealthImagingDFWarning)]
-    assert len(ours) == 1 and "two ends" in str(ours[0].message)
+    assert len(ours) == 1
+    assert "two ends" in str(ours[0].message)
     # remembered for the endpoint: the second run never asks for the pair again
     assert [p for p in sent if _betweens(p) == 2] == []
     assert len(sent) == 2  # one reader from each end
