@@ -25,7 +25,9 @@ from healthimaging_df.aws.errors import (
 )
 from healthimaging_df.aws.limiter import (
     HEADROOM,
+    CONCURRENCY_MARGIN,
     MARGIN,
+    MAX_CONCURRENCY,
     MAX_MARGIN,
     RECOVER_WINDOWS,
     RateLimiter,
@@ -57,7 +59,9 @@ __all__ = [
     "GET_IMAGE_SET_TPS",
     "HEADROOM",
     "MALFORMED",
+    "CONCURRENCY_MARGIN",
     "MARGIN",
+    "MAX_CONCURRENCY",
     "MAX_MARGIN",
     "METADATA_TPS",
     "QIDO_TPS",
