@@ -30,6 +30,7 @@ class RunOptions(TypedDict, total=False):
     client: Any
     boto3_session: Any
     progress: Progress
+    # an export's default stays 8 until snapshot.export_query takes None (rate x round trip)
     max_concurrency: int
     max_tps: float | None
 
@@ -60,7 +61,7 @@ class MetadataOptions(TypedDict, total=False):
     boto3_session: Any
     level: Level
     max_tps: float | None
-    max_concurrency: int
+    max_concurrency: int | None
     progress: Progress
     on_error: OnError
     datastore_id: str | None

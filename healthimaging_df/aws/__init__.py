@@ -24,8 +24,8 @@ from healthimaging_df.aws.errors import (
     service_error,
 )
 from healthimaging_df.aws.limiter import (
-    HEADROOM,
     CONCURRENCY_MARGIN,
+    HEADROOM,
     MARGIN,
     MAX_CONCURRENCY,
     MAX_MARGIN,
@@ -54,12 +54,12 @@ from healthimaging_df.aws.retry import (
 from healthimaging_df.aws.session import make_client
 
 __all__ = [
+    "CONCURRENCY_MARGIN",
     "CONFLICT",
     "FATAL_CODES",
     "GET_IMAGE_SET_TPS",
     "HEADROOM",
     "MALFORMED",
-    "CONCURRENCY_MARGIN",
     "MARGIN",
     "MAX_CONCURRENCY",
     "MAX_MARGIN",

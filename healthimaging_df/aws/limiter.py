@@ -223,10 +223,7 @@ class RateLimiter:
             return
         self._clean += 1
         since = now - self._throttled_at if self._throttled_at is not None else 0.0
-        if (
-            since >= self.probation * self.span
-            or self._clean >= self.probation * self.window_limit
-        ):
+        if since >= self.probation * self.span or self._clean >= self.probation * self.window_limit:
             self._clean = 0
             self._restored_at = now
             self._set_margin(self.base_margin)

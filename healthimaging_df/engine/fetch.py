@@ -85,7 +85,9 @@ class FetchOptions:
     Attributes
     ----------
     max_concurrency
-        Request chains in flight at once.
+        Requests in flight at once; None (the default): enough to keep the limiter busy, the
+        paced rate times the round trip measured on the endpoint plus a margin, at most
+        ``aws.MAX_CONCURRENCY``, shrunk when the service throttles (``RateLimiter.concurrency``).
     max_tps
         Requests per second across all threads; None for no client-side limit.
     burst
@@ -95,13 +97,21 @@ class FetchOptions:
         ``maxResults`` per request (the API allows 1-50).
     """
 
-    max_concurrency: int = 8
+    max_concurrency: int | None = None
     max_tps: float | None = aws.SEARCH_TPS
     burst: int | None = None
     page_size: int = 50
 
     def __post_init__(self) -> None:
-        checks.positive_int("max_concurrency", self.max_concurrency)
+        checks.optional_positive_int("max_concurrency", self.max_concurrency)
+
+    def concurrency(self, limiter: aws.RateLimiter | None, round_trip: float | None = None) -> int:
+        """Requests worth having in flight: the explicit value, else the limiter's measure."""
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        if limiter is None:
+            return aws.MAX_CONCURRENCY  # unpaced: as many as the bound
+        return limiter.concurrency(round_trip)
         checks.optional_positive_number("max_tps", self.max_tps)
         checks.integer("page_size", self.page_size, minimum=1, maximum=50)
 
@@ -266,9 +276,8 @@ class PageStream:
         self.counters = _Counters()
         self._limiter = aws.limiter_for(client, OPERATION, options.max_tps, options.burst)
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
-        self._results: queue.Queue[tuple[str, Any]] = queue.Queue(
-            maxsize=8 * options.max_concurrency
-        )
+        self._threads = options.max_concurrency or aws.MAX_CONCURRENCY
+        self._results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=8 * self._threads)
         self._cancel = threading.Event()
         self._stopped: set[int] = set()
         self._lock = threading.RLock()  # re-entrant: a reader's page handling submits new readers
@@ -376,8 +385,10 @@ class PageStream:
                 else:
                     chain, (low, high), splits = start
                     self._open_window(chain, low, high, splits)
-        # windows split into more tasks as they run; plain chains never outnumber their tasks
-        limit = self.options.max_concurrency
+        # windows split into more tasks as they run; plain chains never outnumber their tasks.
+        # Threads past rate x round trip only wait for the limiter's slot (no request more);
+        # readers of windows are started only while they add throughput (_feed)
+        limit = self._threads
         count = limit if windows else min(limit, len(tasks))
         for n in range(count):
             worker = threading.Thread(target=self._work, name=f"ahi-fetch-{n}", daemon=True)
@@ -668,7 +679,8 @@ class PageStream:
         (its last page is part-empty), so none starts for a segment with little left. Called
         with the lock held.
         """
-        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+        cap = self.options.concurrency(self._limiter, self._round_trip)
+        if self._outstanding >= cap or self._at_rate():
             return
         limiter, round_trip = self._limiter, self._round_trip
         if (
@@ -817,6 +829,8 @@ class PageStream:
         with self._lock:
             last = self._round_trip
             self._round_trip = took if last is None else 0.8 * last + 0.2 * took
+        if self._limiter is not None:
+            self._limiter.observe(took)  # the next run on this endpoint starts from it
         return page
 
 

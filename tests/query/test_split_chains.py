@@ -8,6 +8,7 @@ refuses it gets the range read from its two ends, exactly, said once.
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections.abc import Iterator
@@ -202,3 +203,37 @@ def test_a_service_refusing_the_range_pair_gets_the_range_from_its_two_ends(
     # remembered for the endpoint: the second run never asks for the pair again
     assert [p for p in sent if _betweens(p) == 2] == []
     assert len(sent) == 2  # one reader from each end
+
+
+# -- concurrency from the measured round trip -------------------------------------------------
+
+
+def test_default_concurrency_is_rate_times_the_round_trip_and_an_explicit_value_wins() -> None:
+    from healthimaging_df import aws
+    from healthimaging_df.engine.enrichment import workers_for
+
+    limiter = aws.RateLimiter(100.0)
+    limiter.observe(0.3)
+    auto = fetch.FetchOptions(max_tps=100.0)
+    assert auto.concurrency(limiter) == math.ceil(limiter.rate * 0.3) + aws.CONCURRENCY_MARGIN
+    assert auto.concurrency(limiter) > 8  # the old default capped 100 TPS at 300 ms to 27%
+    assert fetch.FetchOptions(max_concurrency=5).concurrency(limiter) == 5
+    assert workers_for(None, limiter) == auto.concurrency(limiter)  # metadata enrichment too
+    assert workers_for(3, limiter) == 3
+    assert aws.RateLimiter(250.0).concurrency(0.3) == aws.MAX_CONCURRENCY
+
+
+def test_a_run_leaves_its_round_trip_on_the_endpoint_for_the_next(
+    burst_service: LocalService,
+) -> None:
+    from healthimaging_df import aws
+
+    client = burst_service.client()
+    burst_service.set_faults(latency_ms=40.0)
+    aws.forget_limiters()
+    _range(burst_service).to_dataframe(client=client, progress=False, max_tps=500.0)
+    limiter = aws.limiter_for(client, aws.SEARCH, 500.0)
+    assert limiter is not None
+    assert limiter.round_trip is not None
+    assert limiter.round_trip >= 0.04  # the service's added latency is a floor
+    assert fetch.FetchOptions(max_tps=500.0).concurrency(limiter) >= 500 * 0.04 * 0.98
