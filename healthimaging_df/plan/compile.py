@@ -21,6 +21,7 @@ from the facts; nothing here sends a request.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -479,10 +480,18 @@ def _union(spec: Spec, facts: Facts) -> Plan:
         renumbered = tuple(replace(c, index=len(chains) + i) for i, c in enumerate(part.chains))
         chains += renumbered
         numbered.append(replace(part, chains=renumbered))
+    shared = shared_chains(chains)
+    note = None
+    if len(shared) < len(chains):
+        note = (
+            f"the union's {len(chains)} chains read as {len(shared)}: members share a scan or "
+            "a window's pages (each member's conditions applied to the shared rows, exactly)"
+        )
     head = parts[0]
     return Plan(
         datastore_id=spec.datastore_id,
-        chains=tuple(chains),
+        chains=shared,
+        note=note,
         predicates=(any_of(spec.groups),),
         pushed=(),
         sort_column=head.sort_column,
@@ -494,6 +503,54 @@ def _union(spec: Spec, facts: Facts) -> Plan:
         access=access,
         parts=tuple(numbered),
     )
+
+
+def shared_chains(chains: Sequence[Chain]) -> tuple[Chain, ...]:
+    """A union's chains with each page read once, renumbered in order.
+
+    A scan of everything stands for every chain, createdAt windows of the same filters that
+    overlap or touch are one window, and a chain asked for twice is one.
+
+    Every row a dropped chain would read is read by the chain that stands for it, and the union
+    applies each member's conditions (``AnyOf``) to every row read: nothing is lost, nothing
+    kept that no member matches. Lazy chains (an ID or a range, split at run time) are kept as
+    they are unless a scan of everything covers them.
+    """
+    ends = [c.window[1] for c in chains if c.window is not None]
+    for chain in chains:  # an unfiltered scan from the floor to the last window: everything
+        if (
+            not chain.filters
+            and not chain.lazy
+            and chain.window is not None
+            and chain.window[0] <= WINDOW_FLOOR
+            and chain.window[1] >= max(ends)
+        ):
+            return (replace(chain, index=0),)
+    merged: dict[str, Chain] = {}
+    windows: dict[str, list[Chain]] = {}
+    for chain in chains:
+        if chain.window is not None and not chain.lazy:
+            key = json.dumps([chain.filters, chain.sort], default=str, sort_keys=True)
+            windows.setdefault(key, []).append(chain)
+            continue
+        merged.setdefault(json.dumps(chain.criteria(), default=str, sort_keys=True), chain)
+    out: list[Chain] = list(merged.values())
+    for group in windows.values():
+        group.sort(key=lambda c: c.window[0] if c.window else WINDOW_FLOOR)
+        current = group[0]
+        for chain in group[1:]:
+            assert current.window is not None
+            assert chain.window is not None
+            if chain.window[0] <= current.window[1]:  # overlapping or touching (inclusive)
+                high = max(current.window[1], chain.window[1])
+                current = replace(current, window=(current.window[0], high), splits=())
+            else:
+                out.append(current)
+                current = chain
+        out.append(current)
+    order = {id(c): n for n, c in enumerate(chains)}
+    out.sort(key=lambda c: order.get(id(c), c.index))
+    return tuple(replace(c, index=i) for i, c in enumerate(out))
 
 
 def _search_only(part: Plan) -> Plan:

@@ -237,3 +237,56 @@ def test_a_run_leaves_its_round_trip_on_the_endpoint_for_the_next(
     assert limiter.round_trip is not None
     assert limiter.round_trip >= 0.04  # the service's added latency is a floor
     assert fetch.FetchOptions(max_tps=500.0).concurrency(limiter) >= 500 * 0.04 * 0.98
+
+
+# -- unions share a scan's or a window's pages ------------------------------------------------
+
+
+def test_union_members_sharing_a_scan_read_its_pages_once_and_each_keeps_its_conditions(
+    burst_service: LocalService,
+) -> None:
+    ds = burst_service.datastore_id
+    assert ds is not None
+    records = burst_service.backend.image_sets(ds)
+    rows = [flat_row(r) for r in records]
+    patient = next(r["PatientID"] for r in rows if r["PatientID"] and r["Modality"] != "CT")
+    members = [
+        Query(ds).where(Modality="CT"),  # a scan of everything
+        Query(ds).where(PatientID=patient),  # covered by it
+        Query(ds).between("createdAt", "2023-06-01", "2024-06-01"),  # covered by it
+    ]
+    union = Query.union(*members)
+    plan = union.compile()
+    assert len(plan.chains) == 1
+    assert "read as 1" in (plan.note or "")
+    client = burst_service.client()
+    burst_service.reset_stats()
+    got = union.to_dataframe(client=client, progress=False, max_tps=None)
+    shared = burst_service.stats.by_operation["SearchImageSets"]
+    expected = set().union(*(brute_force(records, q) for q in members))
+    assert set(got["imageSetId"]) == expected
+    assert got["imageSetId"].is_unique
+    separately = 0
+    for member in members:
+        burst_service.reset_stats()
+        member.to_dataframe(client=client, progress=False, max_tps=None)
+        separately += burst_service.stats.by_operation["SearchImageSets"]
+    pages = math.ceil(len(records) / 50)
+    assert shared < pages * 1.5  # one scan's pages (and its windows' part-empty last pages)
+    assert separately > shared + pages / 2  # members on their own read the scan's rows again
+
+
+def test_union_windows_that_overlap_are_one_window() -> None:
+    union = Query.union(
+        Query(DS).between("createdAt", "2020-01-01", "2022-01-01"),
+        Query(DS).between("createdAt", "2021-01-01", "2023-01-01"),
+        Query(DS).between("createdAt", "2025-01-01", "2025-06-01"),
+        Query(DS).where(PatientID="P"),
+        Query(DS).where(PatientID=["P", "Q"]),
+    )
+    plan = union.compile()
+    windows = sorted(c.window for c in plan.chains if not c.filters and c.window)
+    assert [(a.year, b.year) for a, b in windows] == [(2020, 2023), (2025, 2025)]
+    patients = [c for c in plan.chains if c.filters]
+    assert len(patients) == 2  # P asked for twice is read once
+    assert [c.index for c in plan.chains] == list(range(len(plan.chains)))
