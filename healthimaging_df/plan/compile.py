@@ -12,6 +12,10 @@ Rules (see ``docs/queries.md``):
   has some (:func:`presplit`) and split further at run time.
 - Every chain pages in an order no update can change: ``createdAt`` ascending. Only a query with
   a ``limit`` pushes its own sort down, to stop early.
+- A chain on an ID, or on a StudyDateTime / updatedAt range, is a lazy createdAt window: it
+  starts as one chain and is split like a scan while it has pages left (``Chain.lazy``).
+  ``isPrimary=True`` with such a range goes to the client, so the range can be split.
+- A union reads pages its members share once (:func:`shared_chains`).
 - QIDO-RS (``plan.qido``) is weighed when DICOMweb may answer this caller and a condition can go
   to it soundly; it is priced against the plan it would replace, which stays the plan's chains.
 
