@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -104,6 +105,8 @@ class FetchOptions:
 
     def __post_init__(self) -> None:
         checks.optional_positive_int("max_concurrency", self.max_concurrency)
+        checks.optional_positive_number("max_tps", self.max_tps)
+        checks.integer("page_size", self.page_size, minimum=1, maximum=50)
 
     def concurrency(self, limiter: aws.RateLimiter | None, round_trip: float | None = None) -> int:
         """Requests worth having in flight: the explicit value, else the limiter's measure."""
@@ -112,8 +115,6 @@ class FetchOptions:
         if limiter is None:
             return aws.MAX_CONCURRENCY  # unpaced: as many as the bound
         return limiter.concurrency(round_trip)
-        checks.optional_positive_number("max_tps", self.max_tps)
-        checks.integer("page_size", self.page_size, minimum=1, maximum=50)
 
 
 @dataclass
@@ -699,9 +700,24 @@ class PageStream:
             return
         segment, step = move
         if isinstance(step, datetime):
-            self._split_at(segment, step)
+            cuts = [step]
+            if segment.chain.lazy:  # no statistics pre-split it: catch up at once
+                wanted = min(cap - self._outstanding, self._missing_readers())
+                pieces = int(segment.remaining_rows(self._overall(), most=True) // SPLIT_ROWS)
+                cuts = even_cuts(segment, min(wanted, pieces)) or cuts
+            for cut in sorted(cuts, reverse=True):  # each from the top: the rest stays below
+                self._split_at(segment, cut)
         else:
             self._add_reader(segment, descending=step == "desc")
+
+    def _missing_readers(self) -> int:
+        """Readers missing to keep the limiter busy: (rate - arriving) x round trip, at least 1."""
+        if self._limiter is None or self._round_trip is None:
+            return 1
+        elapsed = min(1.0, time.monotonic() - self._began)
+        arriving = len(self._arrivals) / max(elapsed, 0.25)
+        missing = (AT_RATE * self._limiter.rate - arriving) * self._round_trip
+        return max(1, math.floor(missing))
 
     def _overall(self) -> float | None:
         """Rows per second of createdAt over everything the windows have read so far."""
@@ -903,6 +919,24 @@ def _reader_for(
         left = segment.remaining_rows(overall, most=True)
     cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
     return (segment, cut) if cut is not None else None
+
+
+def even_cuts(segment: _Segment, pieces: int) -> list[datetime]:
+    """Whole seconds cutting *segment* into up to *pieces* parts of equal time ([] for < 3).
+
+    A lazy chain has no statistics of its own: one reader a round trip would take the ramp of
+    a 300 ms, 100 TPS read of 150 pages longer than the reading; its gap is cut evenly at once,
+    and the pieces split further as their ends tell the spread.
+    """
+    if pieces < 3:
+        return []
+    first = dates.floor_second(segment.low) + _SECOND
+    last = dates.ceil_second(segment.high) - _SECOND
+    if first > last:
+        return []
+    step = (segment.high - segment.low) / pieces
+    cuts = {dates.floor_second(segment.low + step * k) for k in range(1, pieces)}
+    return sorted(c for c in cuts if first <= c <= last)
 
 
 def _split_point(segment: _Segment) -> datetime | None:
