@@ -21,6 +21,8 @@ Run: ``python -m bench quota_bench`` (options ``--image-sets N``, ``--latencies 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import math
 import os
 import random
@@ -107,7 +109,7 @@ def queries(service: Any) -> dict[str, Any]:
 def matching(service: Any, query: Any) -> int:
     """How many image sets *query* matches, by brute force on the service's records."""
     sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "tests", "query")))
-    from conftest import brute_force  # the tests' independent oracle
+    brute_force = importlib.import_module("conftest").brute_force  # the tests' own oracle
 
     records = service.backend.image_sets(service.datastore_id)
     members = query.parts or (query,)
@@ -139,6 +141,13 @@ def _timed(service: Any, latency: float, tps: float, run: Callable[[], int]) -> 
     }
 
 
+def _count(query: Any, client: Any, tps: float) -> int:
+    """Image sets *query* returns with default options at *tps*."""
+    return int(
+        query.to_dataframe(client=client, progress=False, max_tps=tps)["imageSetId"].nunique()
+    )
+
+
 def run_condition(
     service: Any, grid: dict[str, Any], names: list[str], latency: float, tps: float
 ) -> dict[str, Any]:
@@ -150,9 +159,7 @@ def run_condition(
             service,
             latency,
             tps,
-            lambda q=query: q.to_dataframe(client=client, progress=False, max_tps=tps)[
-                "imageSetId"
-            ].nunique(),
+            functools.partial(_count, query, client, tps),
         )
     whole = grid["full-scan"]
     out["alt-scan"] = _timed(
