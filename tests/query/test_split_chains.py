@@ -250,10 +250,10 @@ def test_union_members_sharing_a_scan_read_its_pages_once_and_each_keeps_its_con
     records = burst_service.backend.image_sets(ds)
     rows = [flat_row(r) for r in records]
     patient = next(r["PatientID"] for r in rows if r["PatientID"] and r["Modality"] != "CT")
-    members = [
-        Query(ds).where(Modality="CT"),  # a scan of everything
-        Query(ds).where(PatientID=patient),  # covered by it
-        Query(ds).between("createdAt", "2023-06-01", "2024-06-01"),  # covered by it
+    members = [  # SearchImageSets only: what is compared is its pages
+        Query(ds).where(Modality="CT").using("search"),  # a scan of everything
+        Query(ds).where(PatientID=patient).using("search"),  # covered by it
+        Query(ds).between("createdAt", "2023-06-01", "2024-06-01").using("search"),  # too
     ]
     union = Query.union(*members)
     plan = union.compile()
