@@ -212,7 +212,7 @@ class AHIAccessor:
         boto3_session: Any = None,
         dicomweb_endpoint_url: str | None = None,
         max_tps: float | None = QIDO_TPS,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         on_truncation: Literal["raise", "report"] = "raise",
         scope: Literal["study", "datastore"] = "study",
         datastore_id: str | None = None,
@@ -230,7 +230,7 @@ class AHIAccessor:
 
         # The search client of the session, made as every client is (its endpoint, region and
         # refreshing credentials sign the QIDO-RS requests): AWS_ENDPOINT_URL_MEDICAL_IMAGING holds.
-        client = aws.make_client(client, boto3_session, max_concurrency)
+        client = aws.make_client(client, boto3_session, max_concurrency or aws.MAX_CONCURRENCY)
         return dicomweb.fetch_series_attributes(
             self._frame,
             fields,

@@ -193,6 +193,52 @@ def check_example_requests(target: Target) -> Check:
     return Check(name, "ok", f"{len(examples)} example requests answered, every row matching")
 
 
+def check_range_pairs(target: Target) -> Check:
+    """A StudyDateTime or updatedAt range with createdAt BETWEEN as the second filter.
+
+    Not among AWS's documented pairs; split range chains send it (``engine.fetch`` verifies it
+    on the first split and, refused, reads the range from its two ends). ``warn`` when refused.
+    """
+    name = "search.range_pairs"
+    rows = [
+        r
+        for r in target.page()
+        if re.fullmatch(r"[0-9]{8}", str(r.get("DICOMTags", {}).get("DICOMStudyDate", "")))
+    ]
+    if not rows:
+        return Check(name, "warn", "untested: no dated image set in the sample")
+    record = rows[len(rows) // 2]
+    created = record["createdAt"].astimezone(UTC)
+    updated = record["updatedAt"].astimezone(UTC)
+    window = _between("createdAt", created - timedelta(seconds=1), created + timedelta(seconds=1))
+    pairs = {
+        "StudyDateTime": _between(
+            "DICOMStudyDateAndTime", {"DICOMStudyDate": "19000101"}, {"DICOMStudyDate": "21000101"}
+        ),
+        "updatedAt": _between(
+            "updatedAt", updated - timedelta(days=1), updated + timedelta(days=1)
+        ),
+    }
+    for label, first in pairs.items():
+        criteria = {
+            "filters": [first, window],
+            "sort": {"sortField": "createdAt", "sortOrder": "ASC"},
+        }
+        code = _refused(target, {"searchCriteria": criteria, "maxResults": 50})
+        if code is not None:
+            return Check(
+                name, "warn", f"{label} with createdAt refused ({code}): ranges read by two ends"
+            )
+        answer = target.search(searchCriteria=criteria, maxResults=50)
+        page = answer["imageSetsMetadataSummaries"]
+        found = any(r["imageSetId"] == record["imageSetId"] for r in page)
+        if not found and "nextToken" not in answer:
+            return Check(name, "fail", f"{label} with createdAt: a matching image set is missing")
+        if not all(matches(r, criteria) for r in page):
+            return Check(name, "fail", f"{label} with createdAt: a row does not match both")
+    return Check(name, "ok", "StudyDateTime and updatedAt ranges each take createdAt as a second")
+
+
 INVALID: dict[str, dict[str, Any]] = {
     "maxResults 51": {"maxResults": 51},
     "three filters": {
@@ -495,6 +541,7 @@ CHECKS: dict[str, Callable[[Target], Check]] = {
     "search.created_at_order": check_created_at_order,
     "search.pagination": check_pagination,
     "search.example_requests": check_example_requests,
+    "search.range_pairs": check_range_pairs,
     "search.validation": check_validation,
     "search.error_messages": check_error_messages,
     "search.tokens": check_tokens,

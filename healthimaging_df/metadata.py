@@ -165,7 +165,7 @@ def fetch_metadata(
     boto3_session: Any = None,
     level: Level = "series",
     max_tps: float | None = aws.METADATA_TPS,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     progress: MetadataProgress = None,
     dry_run: bool = False,
     on_error: OnError = "raise",
@@ -190,7 +190,8 @@ def fetch_metadata(
         Calls per second across all threads (the service's default quota is 50); None for no
         client-side limit.
     max_concurrency
-        Calls in flight at once.
+        Calls in flight at once; None (the default): enough to keep the quota busy, the paced
+        rate times the round trip measured on the endpoint plus a margin, at most 64.
     progress
         True for a tqdm bar, False for none, a callable ``(done, total)``, or None for a bar
         in a terminal or notebook outside CI.
@@ -238,7 +239,7 @@ def fetch_metadata(
     """
     checks.one_of("level", level, ("series", "instance"))
     checks.one_of("on_error", on_error, ("raise", "report"))
-    checks.positive_int("max_concurrency", max_concurrency)
+    checks.optional_positive_int("max_concurrency", max_concurrency)
     checks.optional_positive_number("max_tps", max_tps)
     checks.flag("dry_run", dry_run)
     checks.flag("allow_archive_access", allow_archive_access)
@@ -255,7 +256,7 @@ def fetch_metadata(
             allowed=allow_archive_access,
         )
     store = enrichment.datastore_of(frame, datastore_id)
-    client = aws.make_client(client, boto3_session, max_concurrency)
+    client = aws.make_client(client, boto3_session, max_concurrency or aws.MAX_CONCURRENCY)
     with aws.pacing(client):  # our botocore handlers stay on the client for this call only
         warning = enrichment.archive_guard(
             client,

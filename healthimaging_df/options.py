@@ -30,7 +30,8 @@ class RunOptions(TypedDict, total=False):
     client: Any
     boto3_session: Any
     progress: Progress
-    max_concurrency: int
+    # an export's default stays 8 until snapshot.export_query takes None (rate x round trip)
+    max_concurrency: int | None
     max_tps: float | None
     dicomweb_endpoint_url: str | None
 
@@ -69,7 +70,7 @@ class MetadataOptions(TypedDict, total=False):
     boto3_session: Any
     level: Level
     max_tps: float | None
-    max_concurrency: int
+    max_concurrency: int | None
     progress: Progress
     on_error: OnError
     datastore_id: str | None

@@ -593,7 +593,7 @@ class _Source:
         client: Any,
         boto3_session: Any,
         progress: Progress,
-        max_concurrency: int,
+        max_concurrency: int | None,
         max_tps: float | None,
     ) -> None:
         Query(datastore_id)  # validates the id before anything else
@@ -690,7 +690,7 @@ def scan_image_sets(
     client: Any = None,
     boto3_session: Any = None,
     progress: Progress = False,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
 ) -> pl.LazyFrame:
     """A lazy frame of every image set of a datastore, at its latest version.
@@ -776,7 +776,7 @@ def sql_frame(
     client: Any = None,
     boto3_session: Any = None,
     progress: Progress = False,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
 ) -> pl.LazyFrame:
     """:func:`sql`'s lazy frame: Polars SQL over ``image_sets`` (a :func:`scan_image_sets`)."""
@@ -803,7 +803,7 @@ def sql(
     client: Any = None,
     boto3_session: Any = None,
     progress: Progress = False,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
 ) -> pl.DataFrame:
     """Run Polars SQL on a live datastore: ``FROM image_sets``, its WHERE reaching the planner.

@@ -331,7 +331,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         max_tps: float | None = SEARCH_TPS,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         dicomweb_endpoint_url: str | None = None,
     ) -> list[dict[str, Any]]:
         """The exact keyword arguments of each first ``search_image_sets`` call (no paging keys).
@@ -351,7 +351,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         max_tps: float | None = SEARCH_TPS,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         dicomweb_endpoint_url: str | None = None,
     ) -> str:
         """Say what is sent, what runs on the client, and roughly what it costs.
@@ -373,11 +373,12 @@ class Query:
         client: Any,
         boto3_session: Any,
         max_tps: float | None,
-        max_concurrency: int,
+        max_concurrency: int | None,
         dicomweb_endpoint_url: str | None,
     ) -> Plan:
         if client is None and boto3_session is None:
-            return self.compile(facts=Facts(max_tps=max_tps, max_concurrency=max_concurrency))
+            readers = max_concurrency or Facts.max_concurrency  # a run measures; explain assumes
+            return self.compile(facts=Facts(max_tps=max_tps, max_concurrency=readers))
         from healthimaging_df import engine
 
         run = engine.prepare(
@@ -398,7 +399,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         progress: Progress = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
         dicomweb_endpoint_url: str | None = None,
@@ -448,7 +449,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         progress: Progress = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         max_tps: float | None = SEARCH_TPS,
         dtype_backend: schema.DtypeBackend = "numpy_nullable",
         dicomweb_endpoint_url: str | None = None,
@@ -479,7 +480,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         progress: Progress = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         max_tps: float | None = SEARCH_TPS,
     ) -> pa.Table:
         """Run the query and return the result as an Arrow table of the declared schema.
@@ -502,7 +503,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         progress: Progress = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         max_tps: float | None = SEARCH_TPS,
     ) -> Iterator[pa.RecordBatch]:
         """Yield Arrow record batches of about *chunk_rows* rows as pages arrive (bounded memory).
@@ -522,7 +523,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         progress: Progress = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         max_tps: float | None = SEARCH_TPS,
     ) -> pl.DataFrame:
         """:meth:`to_arrow` as a Polars DataFrame (needs the ``polars`` extra).
@@ -546,7 +547,7 @@ class Query:
         client: Any = None,
         boto3_session: Any = None,
         progress: Progress = None,
-        max_concurrency: int = 8,
+        max_concurrency: int | None = None,
         max_tps: float | None = SEARCH_TPS,
         chunk_rows: int = 50_000,
     ) -> QueryReader:

@@ -140,7 +140,7 @@ def refresh_frame(
     redact: RedactionPolicy | None = None,
     margin: timedelta = DEFAULT_MARGIN,
     progress: Progress = None,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
     reconcile: bool = False,
 ) -> tuple[pd.DataFrame, RefreshReport]:
@@ -208,7 +208,7 @@ def refresh_snapshot(
     redact: RedactionPolicy | None = None,
     margin: timedelta = DEFAULT_MARGIN,
     progress: Progress = None,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
     reconcile: bool = False,
     region: str | None = None,
@@ -296,7 +296,7 @@ def _refresh_table(
     redact: RedactionPolicy | None,
     margin: timedelta,
     progress: Progress,
-    max_concurrency: int,
+    max_concurrency: int | None,
     max_tps: float | None,
     reconcile: bool = False,
 ) -> _Change:

@@ -1095,7 +1095,7 @@ def export_query(
     client: Any = None,
     boto3_session: Any = None,
     progress: Progress = None,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
     partition_cols: Sequence[str] | None = None,
     redact: RedactionPolicy | None = None,

@@ -160,7 +160,7 @@ def sync_snapshot(
     max_receives: int = 5,
     max_batches: int | None = None,
     margin: timedelta = DEFAULT_MARGIN,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
     region: str | None = None,
     s3_endpoint_url: str | None = None,

@@ -24,8 +24,10 @@ from healthimaging_df.aws.errors import (
     service_error,
 )
 from healthimaging_df.aws.limiter import (
+    CONCURRENCY_MARGIN,
     HEADROOM,
     MARGIN,
+    MAX_CONCURRENCY,
     MAX_MARGIN,
     RECOVER_WINDOWS,
     RateLimiter,
@@ -52,12 +54,14 @@ from healthimaging_df.aws.retry import (
 from healthimaging_df.aws.session import make_client
 
 __all__ = [
+    "CONCURRENCY_MARGIN",
     "CONFLICT",
     "FATAL_CODES",
     "GET_IMAGE_SET_TPS",
     "HEADROOM",
     "MALFORMED",
     "MARGIN",
+    "MAX_CONCURRENCY",
     "MAX_MARGIN",
     "METADATA_TPS",
     "QIDO_TPS",

@@ -24,10 +24,18 @@ from healthimaging_df.aws.session import identity
 # the local service in the client's process: 0.5-1 ms typical, 11 ms the worst of 1,800.
 MARGIN = 0.02
 # A throttle says the margin was too small (a loaded machine, another client on the quota):
-# the limiter doubles it, up to this, and narrows it back after RECOVER_WINDOWS clean windows.
+# the limiter doubles it, up to this, and goes back to where it started as soon as the service
+# has admitted the paced rate again: one clean window after the throttle (on its clock, or in
+# grants). A throttle soon after going back doubles that probation, up to RECOVER_WINDOWS.
 MAX_MARGIN = 0.25
 RECOVER_WINDOWS = 30
 HEADROOM = 1.0 / (1.0 + MARGIN)  # the paced share of a whole-number quota, by default
+# Default concurrency: enough requests in flight to keep the schedule busy (Little's law: rate x
+# round trip), plus a margin for the jitter of round trips, bounded: a thread past that only
+# waits for its slot.
+MAX_CONCURRENCY = 64
+CONCURRENCY_MARGIN = 2
+GUESS_ROUND_TRIP = 0.25  # seconds, before a round trip was measured on this endpoint
 
 
 class RateLimiter:
@@ -49,7 +57,13 @@ class RateLimiter:
     late requests that catch up are held back by the window guard.
 
     :meth:`throttled` (a 429 seen through this limiter) doubles the margin, up to ``MAX_MARGIN``;
-    ``RECOVER_WINDOWS`` windows of grants without one narrow it back toward where it started.
+    once the service has admitted a whole window at the widened pace (``probation`` windows of
+    the clock or of grants, one at first) the margin goes back to where it started. A throttle
+    within a probation after going back doubles the next probation (up to ``RECOVER_WINDOWS``):
+    a quota shared with another client settles, a passing spike costs one retry.
+
+    :meth:`observe` keeps a moving average of round trips (grant to answer) on the endpoint;
+    :meth:`concurrency` turns it into the requests worth having in flight.
 
     ``clock`` and ``sleep`` are injectable for unit tests of the schedule.
     """
@@ -80,6 +94,10 @@ class RateLimiter:
         self._next = clock() - self._tolerance  # the first free slot of the schedule
         self._granted: collections.deque[float] = collections.deque(maxlen=self.window_limit)
         self._clean = 0  # grants since the margin last changed
+        self._throttled_at: float | None = None  # the clock at the last throttle
+        self._restored_at: float | None = None  # the clock when the margin last went back
+        self.probation = 1  # windows clean at the widened pace before going back
+        self.round_trip: float | None = None  # seconds from grant to answer, a moving average
         self.waiting = 0
         self.acquired = 0
         self.throttles = 0
@@ -105,9 +123,33 @@ class RateLimiter:
     def throttled(self) -> None:
         """The service throttled a request sent through this limiter: leave more room."""
         with self._lock:
+            now = self._clock()
             self.throttles += 1
             self._clean = 0
+            restored = self._restored_at
+            if restored is not None and now - restored < self.probation * self.span:
+                self.probation = min(RECOVER_WINDOWS, 2 * self.probation)  # went back too soon
+            self._throttled_at = now
             self._set_margin(min(MAX_MARGIN, max(2.0 * self.margin, self.margin + 0.01)))
+
+    def observe(self, seconds: float) -> None:
+        """A request's round trip from its grant to its answer (shared by the endpoint's runs)."""
+        if seconds < 0:
+            return
+        with self._lock:
+            last = self.round_trip
+            self.round_trip = seconds if last is None else 0.8 * last + 0.2 * seconds
+
+    def concurrency(self, round_trip: float | None = None) -> int:
+        """Requests worth having in flight: paced rate x round trip, plus a margin, bounded.
+
+        *round_trip* (seconds) else the one measured on this limiter, else a guess. The paced
+        rate is the margin's: a throttle, which widens the margin, shrinks it.
+        """
+        rt = round_trip if round_trip is not None else self.round_trip
+        rt = GUESS_ROUND_TRIP if rt is None else rt
+        wanted = math.ceil(self.rate * rt) + CONCURRENCY_MARGIN
+        return max(1, min(MAX_CONCURRENCY, wanted))
 
     def acquire(self) -> None:
         """Block until a request may go out; callers are served first come, first served.
@@ -165,13 +207,26 @@ class RateLimiter:
             self._lock.acquire()
 
     def _recover(self) -> None:
-        """After RECOVER_WINDOWS windows of grants without a throttle, halve the added margin."""
+        """Back to the starting margin once the service admitted the widened pace long enough.
+
+        ``probation`` windows since the last throttle, by the clock (an idle limiter recovers
+        too: the next query is not slowed by a loaded minute before it) or by grants. Called
+        with the lock held, at each grant.
+        """
+        now = self._clock()
         if self.margin <= self.base_margin:
+            if self._restored_at is not None and now - self._restored_at >= (
+                self.probation * self.span
+            ):
+                self.probation = 1  # a probation passed clean after going back
+                self._restored_at = None
             return
         self._clean += 1
-        if self._clean >= RECOVER_WINDOWS * self.window_limit:
+        since = now - self._throttled_at if self._throttled_at is not None else 0.0
+        if since >= self.probation * self.span or self._clean >= self.probation * self.window_limit:
             self._clean = 0
-            self._set_margin(max(self.base_margin, (self.margin + self.base_margin) / 2))
+            self._restored_at = now
+            self._set_margin(self.base_margin)
 
 
 _SHARED_LIMITERS = 256  # endpoints x operations x rates kept; an evicted one is only unshared

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import orjson
 
-from healthimaging_df.aws import RateLimiter
+from healthimaging_df.aws import MAX_CONCURRENCY, RateLimiter
 from healthimaging_df.aws.errors import http_failure
 from healthimaging_df.aws.quotas import QIDO_TPS
 from healthimaging_df.aws.retry import SERVICE_BACKOFF, Backoff
@@ -401,10 +401,13 @@ class QidoClient:
         for attempt in range(1, self.max_attempts + 1):
             if self._limiter is not None:
                 self._limiter.acquire()
+            granted = time.monotonic()
             with self._lock:
                 self._sent += 1
             self._local.warning = None
             failure = self._attempt(datastore_id, level, kwargs, study_uid, series_uid, needed)
+            if self._limiter is not None:
+                self._limiter.observe(time.monotonic() - granted)
             if not isinstance(failure, _Failure):
                 return failure, getattr(self._local, "warning", None)
             self._after_failure(operation, failure, attempt)
@@ -466,6 +469,10 @@ class QidoClient:
         delay = Backoff(self.max_attempts, self._retry_base, SERVICE_BACKOFF.cap).delay(attempt)
         log.debug("%s: %s, retry %d in %.2f s", operation, failure.code, attempt, delay)
         time.sleep(delay)
+
+    def concurrency(self) -> int:
+        """Searches worth having in flight: the paced rate x the round trips measured, bounded."""
+        return self._limiter.concurrency() if self._limiter is not None else MAX_CONCURRENCY
 
     def search(
         self,

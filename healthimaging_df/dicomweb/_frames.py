@@ -327,7 +327,7 @@ def fetch_series_attributes(
     qido: QidoClient | None = None,
     datastore_id: str | None = None,
     max_tps: float | None = QIDO_TPS,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     on_truncation: OnTruncation = "raise",
     scope: Literal["study", "datastore"] = "study",
 ) -> pd.DataFrame:
@@ -348,7 +348,8 @@ def fetch_series_attributes(
     datastore_id
         Defaults to the one in the frame's provenance (``attrs``).
     max_concurrency
-        Studies requested at once.
+        Studies requested at once; None (the default): the paced rate times the round trip
+        measured on the endpoint plus a margin, at most 64.
     on_truncation
         As for :func:`search_series`.
     scope
@@ -378,7 +379,7 @@ def fetch_series_attributes(
         raise QueryValidationError("fields", f"already column(s) of the frame: {', '.join(taken)}")
     if scope not in ("study", "datastore"):
         raise QueryValidationError("scope", "must be 'study' or 'datastore'")
-    checks.positive_int("max_concurrency", max_concurrency)
+    checks.optional_positive_int("max_concurrency", max_concurrency)
     require(frame, tuple(_KEYS), "fetch_series_attributes()")
     store = _frame_datastore(frame, datastore_id)
     studies = list(dict.fromkeys(frame["StudyInstanceUID"].dropna().astype(str).tolist()))
@@ -417,7 +418,8 @@ def fetch_series_attributes(
     if studies and scope == "datastore":
         rows = one(None)
     elif studies:
-        with ThreadPoolExecutor(min(max_concurrency, len(studies)), "ahi-qido") as pool:
+        workers = max_concurrency or qido.concurrency()  # None: rate x measured round trip
+        with ThreadPoolExecutor(min(workers, len(studies)), "ahi-qido") as pool:
             for found in pool.map(one, studies):
                 rows.extend(found)
     table = rows_to_frame(rows, [*_KEYS, *wanted]).drop_duplicates(_KEYS)

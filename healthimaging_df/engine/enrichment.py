@@ -188,12 +188,32 @@ def datastore_of(frame: pd.DataFrame, datastore_id: str | None) -> str:
     return checks.resource_id("datastore_id", found)
 
 
+T = TypeVar("T")
+
+
+def workers_for(max_concurrency: int | None, limiter: aws.RateLimiter | None) -> int:
+    """Calls in flight: explicit, else the limiter's rate x the round trip it measured (+2)."""
+    if max_concurrency is not None:
+        return max_concurrency
+    return limiter.concurrency() if limiter is not None else aws.MAX_CONCURRENCY
+
+
+def _timed(limiter: aws.RateLimiter | None, call: Callable[..., T], *args: Any) -> T:
+    """*call*, its round trip from the slot's grant told to *limiter* (the next call sizes by it)."""
+    result = call(*args)
+    if limiter is not None:
+        granted = aws.sent_at()
+        if granted is not None:
+            limiter.observe(time.monotonic() - granted)
+    return result
+
+
 def _lookup_tiers(
     client: Any,
     datastore_id: str,
     targets: list[Target],
     max_tps: float | None,
-    max_concurrency: int,
+    max_concurrency: int | None,
     progress: ProgressReporter,
 ) -> dict[int, str | None]:
     """Each target's tier by GetImageSet, paced at its quota (or *max_tps* if lower)."""
@@ -204,12 +224,15 @@ def _lookup_tiers(
 
     def one(target: Target) -> str | None:
         with aws.paced(client, limiter):  # every attempt, botocore's retries included
-            return get_tier(client, datastore_id, target.image_set_id, target.position)
+            return _timed(
+                limiter, get_tier, client, datastore_id, target.image_set_id, target.position
+            )
 
     tiers: dict[int, str | None] = {}
-    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-tier")
+    workers = workers_for(max_concurrency, limiter)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ahi-tier")
     try:
-        for target, future in _windowed(pool, one, targets, 2 * max_concurrency):
+        for target, future in _windowed(pool, one, targets, 2 * workers):
             tiers[target.position] = future.result()
             progress.update(len(tiers), len(targets))
     finally:
@@ -228,7 +251,7 @@ def archive_guard(
     stale: list[Target],
     allow: bool,
     max_tps: float | None,
-    max_concurrency: int,
+    max_concurrency: int | None,
     progress: Progress,
     *,
     age: timedelta | None = None,
@@ -329,7 +352,7 @@ def fetch_all(
     targets: list[Target],
     level: Level,
     max_tps: float | None,
-    max_concurrency: int,
+    max_concurrency: int | None,
     progress: ProgressReporter,
 ) -> tuple[dict[int, Block], dict[int, str]]:
     """Flattened documents and error codes, by target position.
@@ -347,7 +370,14 @@ def fetch_all(
         if stop.is_set():
             return None
         with aws.paced(client, limiter):  # every attempt, botocore's retries included
-            blob = get_document_blob(client, datastore_id, target.image_set_id, target.version)
+            blob = _timed(
+                limiter,
+                get_document_blob,
+                client,
+                datastore_id,
+                target.image_set_id,
+                target.version,
+            )
         with collector_paused:
             block = blob_block(blob, level)
         del blob
@@ -357,9 +387,10 @@ def fetch_all(
         }
         return Block(block.rows, head | block.columns)
 
-    pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="ahi-metadata")
+    workers = workers_for(max_concurrency, limiter)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ahi-metadata")
     try:
-        finished = _windowed(pool, one, targets, 2 * max_concurrency)
+        finished = _windowed(pool, one, targets, 2 * workers)
         for done_count, (target, future) in enumerate(finished, start=1):
             try:
                 block = future.result()

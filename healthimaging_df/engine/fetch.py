@@ -17,11 +17,13 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import queue
 import threading
 import time
+import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
@@ -35,6 +37,7 @@ from healthimaging_df.core import checks, dates
 from healthimaging_df.core.progress import Progress, ProgressReporter
 from healthimaging_df.engine import flatten, pagecheck, pages
 from healthimaging_df.errors import (
+    HealthImagingDFWarning,
     MalformedResponseError,
     PaginationError,
     SearchError,
@@ -71,6 +74,11 @@ LOCAL_REACH_SECONDS = 5.0  # ...and for at least this long (splits fall on whole
 AT_RATE = 0.97  # pages arriving at this share of the limiter's rate: no new reader
 STATS_QUANTILES = 64  # createdAt quantiles a full scan leaves for the next one's pre-split
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Endpoints that refused a range filter with createdAt BETWEEN as the second filter (AWS does not
+# document which pairs it takes beyond an ID or series UID with one date range): a lazy range
+# chain there is read by its two ends, which send the chain's one filter. Per process.
+_REFUSED_PAIRS: set[str] = set()
+_REFUSED_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,9 @@ class FetchOptions:
     Attributes
     ----------
     max_concurrency
-        Request chains in flight at once.
+        Requests in flight at once; None (the default): enough to keep the limiter busy, the
+        paced rate times the round trip measured on the endpoint plus a margin, at most
+        ``aws.MAX_CONCURRENCY``, shrunk when the service throttles (``RateLimiter.concurrency``).
     max_tps
         Requests per second across all threads; None for no client-side limit.
     burst
@@ -90,15 +100,23 @@ class FetchOptions:
         ``maxResults`` per request (the API allows 1-50).
     """
 
-    max_concurrency: int = 8
+    max_concurrency: int | None = None
     max_tps: float | None = aws.SEARCH_TPS
     burst: int | None = None
     page_size: int = 50
 
     def __post_init__(self) -> None:
-        checks.positive_int("max_concurrency", self.max_concurrency)
+        checks.optional_positive_int("max_concurrency", self.max_concurrency)
         checks.optional_positive_number("max_tps", self.max_tps)
         checks.integer("page_size", self.page_size, minimum=1, maximum=50)
+
+    def concurrency(self, limiter: aws.RateLimiter | None, round_trip: float | None = None) -> int:
+        """Requests worth having in flight: the explicit value, else the limiter's measure."""
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        if limiter is None:
+            return aws.MAX_CONCURRENCY  # unpaced: as many as the bound
+        return limiter.concurrency(round_trip)
 
 
 @dataclass
@@ -282,9 +300,8 @@ class PageStream:
         self.counters = _Counters()
         self._limiter = aws.limiter_for(client, OPERATION, options.max_tps, options.burst)
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
-        self._results: queue.Queue[tuple[str, Any]] = queue.Queue(
-            maxsize=8 * options.max_concurrency
-        )
+        self._threads = options.max_concurrency or aws.MAX_CONCURRENCY
+        self._results: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=8 * self._threads)
         self._cancel = threading.Event()
         self._winding = threading.Event()  # wind_down(): no new page; tasks hand over, then end
         self._stopped: set[int] = set()
@@ -383,32 +400,33 @@ class PageStream:
         if _lean(self.client):
             self._hooks.enter_context(pages.hooked(self.client))
         self._began = time.monotonic()
-        tasks: list[_Task] = []
-        windows: list[tuple[Chain, Window, tuple[datetime, ...]]] = []
+        # in the plan's order: plain chains and windows alike start as the chains are listed
+        starts: list[_Task | tuple[Chain, Window, tuple[datetime, ...]]] = []
         for chain in self.plan.chains:
-            if self.resume is None:
-                if chain.window is None:
-                    tasks.append(_Task(chain))
-                else:
-                    windows.append((chain, chain.window, chain.splits))
-            elif chain.index in self.resume.chains:
+            if self.resume is not None and chain.index in self.resume.chains:
                 continue
-            elif chain.window is None:
-                tasks.append(_Task(chain))
-            elif chain.index not in self.resume.windows:  # nothing of it read: as planned
-                windows.append((chain, chain.window, chain.splits))
+            if chain.window is None:
+                starts.append(_Task(chain))
+            elif self.resume is None or chain.index not in self.resume.windows:
+                starts.append((chain, chain.window, chain.splits))  # nothing of it read yet
             else:
-                windows += [(chain, w, ()) for w in self.resume.remaining(chain)]
-        if not tasks and not windows:
+                starts += [(chain, w, ()) for w in self.resume.remaining(chain)]
+        tasks = [s for s in starts if isinstance(s, _Task)]
+        windows = [s for s in starts if not isinstance(s, _Task)]
+        if not starts:
             self._results.put(("done", None))
             return
-        for task in tasks:
-            self._submit(task)
         with self._lock:
-            for chain, (low, high), splits in windows:
-                self._open_window(chain, low, high, splits)
-        # windows split into more tasks as they run; plain chains never outnumber their tasks
-        limit = self.options.max_concurrency
+            for start in starts:
+                if isinstance(start, _Task):
+                    self._submit(start)
+                else:
+                    chain, (low, high), splits = start
+                    self._open_window(chain, low, high, splits)
+        # windows split into more tasks as they run; plain chains never outnumber their tasks.
+        # Threads past rate x round trip only wait for the limiter's slot (no request more);
+        # readers of windows are started only while they add throughput (_feed)
+        limit = self._threads
         count = limit if windows else min(limit, len(tasks))
         for n in range(count):
             worker = threading.Thread(target=self._work, name=f"ahi-fetch-{n}", daemon=True)
@@ -428,7 +446,7 @@ class PageStream:
             segment = _Segment(chain, low, high)
             self._segments.add(segment)
             self._add_reader(segment, descending=False)
-            if high > low:
+            if high > low and not chain.lazy:  # a lazy chain's second end comes with pages left
                 self._add_reader(segment, descending=True)
             return
         for a, b in itertools.pairwise(edges):
@@ -540,7 +558,13 @@ class PageStream:
                 if task.reader is not None:
                     self._hand_over(task, task.reader)
                 return
-            table, token = self._call(kwargs, chain.index)
+            try:
+                table, token = self._call(kwargs, chain.index)
+            except SearchError as exc:
+                if not (page_number == 0 and _pair_refusal(exc, chain, kwargs)):
+                    raise
+                self._refused(task)
+                return
             page_number += 1
             log.debug(
                 "chain %d page %d: %d image sets%s",
@@ -573,8 +597,8 @@ class PageStream:
                 if token is None:
                     self._finish(task, None)
             else:
-                covered = self._segment_page(task, task.reader, table, token)
-                if covered is not None:
+                stop, covered = self._segment_page(task, task.reader, table, token)
+                if stop:
                     self._finish(task, covered)
                     return
             if token is None:
@@ -583,12 +607,12 @@ class PageStream:
 
     def _segment_page(
         self, task: _Task, reader: _Reader, table: pa.Table, token: str | None
-    ) -> Window | None:
+    ) -> tuple[bool, Window | None]:
         """Emit a reader's page, move its end of the segment, and decide whether it goes on.
 
-        Returns the createdAt range the reader delivered completely once it stops (its chain
-        ended, the two ends met, or the other end will finish the little that is left), else
-        None. Every page is emitted whole: rows both ends read are deduplicated downstream.
+        Returns whether the reader stops (its chain ended, the two ends met, or the other end
+        will finish the little that is left) and then the createdAt range it delivered
+        completely (None: the whole chain, a lazy chain's reader that read its own query). Every page is emitted whole: rows both ends read are deduplicated downstream.
         """
         created = table.column("createdAt")
         rows = table.num_rows
@@ -641,7 +665,13 @@ class PageStream:
                     segment.desc = None
                 if segment.complete:
                     self._segments.discard(segment)
-                if token is None:
+                if (
+                    token is None
+                    and task.chain.lazy
+                    and (reader.low, reader.high) == (task.chain.window)
+                ):
+                    covered = None  # its query was the chain's own: the whole chain is read
+                elif token is None:
                     covered = (reader.low, reader.high)
                 elif reader.descending:
                     covered = (reader.frontier + _MICROSECOND, reader.high)
@@ -652,7 +682,7 @@ class PageStream:
             self._put(
                 ("page", Page(task.chain.index, flatten.EMPTY_TABLE, handed[0], True, handed[1]))
             )
-        return covered
+        return stop, covered
 
     def _leave_to_other_end(self, segment: _Segment, reader: _Reader) -> bool:
         """Whether *reader* stops early: the other end's page in flight will likely finish it.
@@ -707,7 +737,8 @@ class PageStream:
         (its last page is part-empty), so none starts for a segment with little left. Called
         with the lock held.
         """
-        if self._outstanding >= self.options.max_concurrency or self._at_rate():
+        cap = self.options.concurrency(self._limiter, self._round_trip)
+        if self._outstanding >= cap or self._at_rate():
             return
         limiter, round_trip = self._limiter, self._round_trip
         if (
@@ -719,14 +750,31 @@ class PageStream:
             # round trip in flight; its queue shows them a round trip later)
             return
         # one reader per page that arrives: the rate is measured again before the next
-        move = next_reader(self._segments, self._overall(), self._readers_short())
+        move = next_reader(
+            self._segments, self._overall(), self._readers_short(), allowed=self._allowed
+        )
         if move is None:
             return
         segment, step = move
         if isinstance(step, datetime):
-            self._split_at(segment, step)
+            cuts = [step]
+            if segment.chain.lazy:  # no statistics pre-split it: catch up at once
+                wanted = min(cap - self._outstanding, self._missing_readers())
+                pieces = int(segment.remaining_rows(self._overall(), most=True) // SPLIT_ROWS)
+                cuts = even_cuts(segment, min(wanted, pieces)) or cuts
+            for cut in sorted(cuts, reverse=True):  # each from the top: the rest stays below
+                self._split_at(segment, cut)
         else:
             self._add_reader(segment, descending=step == "desc")
+
+    def _missing_readers(self) -> int:
+        """Readers missing to keep the limiter busy: (rate - arriving) x round trip, at least 1."""
+        if self._limiter is None or self._round_trip is None:
+            return 1
+        elapsed = min(1.0, time.monotonic() - self._began)
+        arriving = len(self._arrivals) / max(elapsed, 0.25)
+        missing = (AT_RATE * self._limiter.rate - arriving) * self._round_trip
+        return max(1, math.floor(missing))
 
     def _overall(self) -> float | None:
         """Rows per second of createdAt over everything the windows have read so far."""
@@ -755,8 +803,71 @@ class PageStream:
         arriving = len(self._arrivals) / max(elapsed, 0.25)
         return readers_short(self._limiter.rate, arriving, self._round_trip)
 
+    def _endpoint(self) -> str:
+        meta = getattr(self.client, "meta", None)
+        return str(getattr(meta, "endpoint_url", None) or id(self.client))
+
+    def _pairs_refused(self, chain: Chain) -> bool:
+        """Whether *chain* is a lazy range chain at an endpoint that refused the range pair."""
+        return _range_pair(chain) and self._endpoint() in _REFUSED_PAIRS
+
+    def _allowed(self, segment: _Segment, step: str | datetime) -> bool:
+        """Whether a move sends only what the endpoint takes (see :func:`next_reader`)."""
+        chain = segment.chain
+        if not self._pairs_refused(chain) or chain.window is None:
+            return True
+        if step == "asc":
+            return dates.floor_second(segment.low) <= chain.window[0]
+        if step == "desc":
+            return dates.ceil_second(segment.high) >= chain.window[1]
+        return False  # a split needs the pair
+
+    def _refused(self, task: _Task) -> None:
+        """A reader's range + createdAt pair was refused: remember it, leave its part to others.
+
+        Its segment's other end, if any, reads it to the meeting; else a reader from the
+        chain's own end (one filter) replaces it. It had delivered nothing: no page, no done.
+        """
+        endpoint = self._endpoint()
+        with _REFUSED_LOCK:
+            first = endpoint not in _REFUSED_PAIRS
+            _REFUSED_PAIRS.add(endpoint)
+        if first:
+            warnings.warn(
+                "this endpoint refused a StudyDateTime/updatedAt range with createdAt BETWEEN "
+                "as the second filter: such ranges are read from their two ends only (exact, "
+                "at most two readers each)",
+                HealthImagingDFWarning,
+                stacklevel=2,
+            )
+        reader = task.reader
+        assert reader is not None
+        with self._lock:
+            segment = reader.segment
+            if segment.asc is reader:
+                segment.asc = None
+            if segment.desc is reader:
+                segment.desc = None
+            other = segment.desc if not reader.descending else segment.asc
+            if segment.complete:
+                self._segments.discard(segment)
+            elif other is not None:
+                other.sole = True
+            else:
+                self._add_reader(segment, descending=reader.descending)
+
     def _add_reader(self, segment: _Segment, descending: bool) -> None:
         low, high = dates.floor_second(segment.low), dates.ceil_second(segment.high)
+        chain = segment.chain
+        if chain.lazy and chain.window is not None:
+            # a reader stops where the ends meet, so its far bound can be the chain's: a reader
+            # from either end of a lazy chain then sends the chain's own request, no second
+            # filter; where that pair was refused, every reader starts from an end of the chain
+            refused = self._pairs_refused(chain)
+            if descending or refused:
+                low = chain.window[0]
+            if not descending or refused:
+                high = chain.window[1]
         reader = _Reader(segment, descending, low, high, high if descending else low)
         if descending:
             segment.desc = reader
@@ -791,6 +902,8 @@ class PageStream:
         with self._lock:
             last = self._round_trip
             self._round_trip = took if last is None else 0.8 * last + 0.2 * took
+        if self._limiter is not None:
+            self._limiter.observe(took)  # the next run on this endpoint starts from it
         return page
 
 
@@ -819,7 +932,10 @@ def readers_short(rate: float, arriving: float, round_trip: float) -> bool:
 
 
 def next_reader(
-    segments: Iterable[_Segment], overall: float | None, short: bool
+    segments: Iterable[_Segment],
+    overall: float | None,
+    short: bool,
+    allowed: Callable[[_Segment, str | datetime], bool] | None = None,
 ) -> tuple[_Segment, str | datetime] | None:
     """The next reader: ``(segment, "asc" | "desc")``, an end; ``(segment, cut)``, a split.
 
@@ -829,6 +945,7 @@ def next_reader(
     left decides: both ends of a segment may be inside one long import burst, seeing dense pages
     while the *overall* density says the gap between them is nearly empty, and trusting that
     left a bursty first scan at 300 ms with two readers for half its time (55% of the quota).
+    *allowed* vetoes a move (a split the endpoint would refuse); the next segment is tried.
     """
     live = sorted(
         ((s.remaining_rows(overall), n, s) for n, s in enumerate(segments) if not s.complete),
@@ -837,7 +954,7 @@ def next_reader(
     )
     for left, _, segment in live:
         move = _reader_for(segment, left, overall, short)
-        if move is not None:
+        if move is not None and (allowed is None or allowed(*move)):
             return move
     return None
 
@@ -847,6 +964,9 @@ def _reader_for(
 ) -> tuple[_Segment, str | datetime] | None:
     """*segment*'s missing end, else a split of it, if it has rows enough left for one."""
     if segment.asc is None or segment.desc is None:
+        end = segment.asc or segment.desc
+        if segment.chain.lazy and (end is None or not end.read):
+            return None  # a lazy chain's second end waits for rows: pages left, density known
         if segment.remaining_rows(overall, most=True) >= ADD_READER_ROWS:
             return segment, "desc" if segment.desc is None else "asc"
         return None
@@ -856,6 +976,24 @@ def _reader_for(
         left = segment.remaining_rows(overall, most=True)
     cut = _split_point(segment) if SPLIT_ROWS <= left < float("inf") else None
     return (segment, cut) if cut is not None else None
+
+
+def even_cuts(segment: _Segment, pieces: int) -> list[datetime]:
+    """Whole seconds cutting *segment* into up to *pieces* parts of equal time ([] for < 3).
+
+    A lazy chain has no statistics of its own: one reader a round trip would take the ramp of
+    a 300 ms, 100 TPS read of 150 pages longer than the reading; its gap is cut evenly at once,
+    and the pieces split further as their ends tell the spread.
+    """
+    if pieces < 3:
+        return []
+    first = dates.floor_second(segment.low) + _SECOND
+    last = dates.ceil_second(segment.high) - _SECOND
+    if first > last:
+        return []
+    step = (segment.high - segment.low) / pieces
+    cuts = {dates.floor_second(segment.low + step * k) for k in range(1, pieces)}
+    return sorted(c for c in cuts if first <= c <= last)
 
 
 def _split_point(segment: _Segment) -> datetime | None:
@@ -876,6 +1014,19 @@ def _split_point(segment: _Segment) -> datetime | None:
         return last
     middle = dates.floor_second(segment.low + (segment.high - segment.low) / 2)
     return min(max(middle, first), last)
+
+
+def _range_pair(chain: Chain) -> bool:
+    """Whether *chain*'s split readers send a range with createdAt BETWEEN (not documented)."""
+    return chain.lazy and any(f["operator"] == "BETWEEN" for f in chain.filters)
+
+
+def _pair_refusal(exc: SearchError, chain: Chain, kwargs: dict[str, Any]) -> bool:
+    """Whether *exc* is the service refusing a range chain's createdAt window as second filter."""
+    if exc.code != "ValidationException" or not _range_pair(chain):
+        return False
+    filters = kwargs.get("searchCriteria", {}).get("filters", [])
+    return len(filters) == 2 and all(f["operator"] == "BETWEEN" for f in filters)
 
 
 def _micros(moment: datetime) -> int:

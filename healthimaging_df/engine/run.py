@@ -90,7 +90,7 @@ def prepare(
     client: Any = None,
     boto3_session: Any = None,
     progress: Progress = None,
-    max_concurrency: int = 8,
+    max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
     dtype_backend: schema.DtypeBackend = "numpy_nullable",
     dicomweb_endpoint_url: str | None = None,
@@ -106,7 +106,7 @@ def prepare(
             raise QueryValidationError("dicomweb_endpoint_url", "must be an http(s) URL or None")
         resolve_endpoint(dicomweb_endpoint_url=dicomweb_endpoint_url)  # checks the URL's form
     options = FetchOptions(max_concurrency=max_concurrency, max_tps=max_tps)
-    made = aws.make_client(client, boto3_session, max_concurrency)
+    made = aws.make_client(client, boto3_session, max_concurrency or aws.MAX_CONCURRENCY)
     return Run(made, options, progress, backend, dicomweb_endpoint_url=dicomweb_endpoint_url)
 
 
@@ -140,7 +140,7 @@ def choose(query: Spec | Callable[[DatastoreStats | None], Plan], run: Run) -> P
         run.client,
         spec.datastore_id,
         max_tps=run.fetch.max_tps,
-        max_concurrency=run.fetch.max_concurrency,
+        max_concurrency=planned_concurrency(run),
         page_size=run.fetch.page_size,
         dicomweb_endpoint_url=run.dicomweb_endpoint_url,
     )
@@ -167,10 +167,16 @@ def facts_for(spec: Spec, run: Run) -> Facts:
         run.client,
         spec.datastore_id,
         max_tps=run.fetch.max_tps,
-        max_concurrency=run.fetch.max_concurrency,
+        max_concurrency=planned_concurrency(run),
         page_size=run.fetch.page_size,
         dicomweb_endpoint_url=run.dicomweb_endpoint_url,
     )
+
+
+def planned_concurrency(run: Run) -> int:
+    """The readers a run plans for: explicit, else what the endpoint's limiter measures."""
+    limiter = aws.limiter_for(run.client, aws.SEARCH, run.fetch.max_tps)
+    return run.fetch.concurrency(limiter)
 
 
 def _spec_of(compile: Callable[[DatastoreStats | None], Plan]) -> Spec:
@@ -182,7 +188,7 @@ def _spec_of(compile: Callable[[DatastoreStats | None], Plan]) -> Spec:
 
 def presplit_pieces(options: FetchOptions, stats: DatastoreStats) -> int:
     """Pieces a scan starts with: half the workers (see ``plan.presplit_pieces``)."""
-    return _pieces(stats, options.max_concurrency, options.page_size)
+    return _pieces(stats, options.concurrency(None), options.page_size)
 
 
 def collect(plan: Plan, query_json: str, run: Run) -> pd.DataFrame:

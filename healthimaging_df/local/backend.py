@@ -157,6 +157,9 @@ class Backend:
         # orders by default; first in both when True (as one independent endpoint does). The real
         # service's placement is unconfirmed, so clients must be right either way.
         self.undated_first = False
+        # refuse two BETWEEN filters in one request (AWS documents an ID or series UID with one
+        # date range; whether it takes two ranges is unconfirmed): a service that does not
+        self.one_range_filter = False
         self._blobs: collections.OrderedDict[tuple[Any, ...], bytes] = collections.OrderedDict()
         self._blobs_size = metadata_cache_size
         self._blobs_lock = threading.Lock()
@@ -695,7 +698,7 @@ class Backend:
         with self._lock:
             self._datastore(datastore_id)
         check_max_results(max_results)
-        query = parse_criteria(criteria, datastore_id)
+        query = parse_criteria(criteria, datastore_id, self.one_range_filter)
         cursor = (
             None if next_token is None else self._tokens.decode_cursor(next_token, query.canonical)
         )

@@ -119,8 +119,10 @@ def _parse_between_value(attribute: str, value: Any, where: str) -> int:
     return to_us(parse_timestamp(value, f"{where}.{attribute}"))
 
 
-def parse_criteria(criteria: Any, datastore_id: str) -> Query:
+def parse_criteria(criteria: Any, datastore_id: str, one_range: bool = False) -> Query:
     """Validate ``searchCriteria`` (already JSON-decoded) into a :class:`Query`.
+
+    *one_range*: refuse two BETWEEN filters in one request (a stricter service).
 
     Raises
     ------
@@ -189,6 +191,8 @@ def parse_criteria(criteria: Any, datastore_id: str) -> Query:
                 high = _parse_between_value(attribute, values[1][attribute], f"{where}.values[1]")
                 if low > high:
                     raise ValidationError(f"{where}: the lower bound is after the upper bound")
+                if one_range and ranges:
+                    raise ValidationError(f"{where}: only one BETWEEN filter is supported")
                 ranges[attribute] = (low, high)
                 canonical_filters.append([attribute, "BETWEEN", low, high])
     sort_given: dict[str, str] | None = None

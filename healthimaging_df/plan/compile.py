@@ -12,6 +12,10 @@ Rules (see ``docs/queries.md``):
   has some (:func:`presplit`) and split further at run time.
 - Every chain pages in an order no update can change: ``createdAt`` ascending. Only a query with
   a ``limit`` pushes its own sort down, to stop early.
+- A chain on an ID, or on a StudyDateTime / updatedAt range, is a lazy createdAt window: it
+  starts as one chain and is split like a scan while it has pages left (``Chain.lazy``).
+  ``isPrimary=True`` with such a range goes to the client, so the range can be split.
+- A union reads pages its members share once (:func:`shared_chains`).
 - QIDO-RS (``plan.qido``) is weighed when DICOMweb may answer this caller and a condition can go
   to it soundly; it is priced against the plan it would replace, which stays the plan's chains.
 
@@ -21,6 +25,7 @@ from the facts; nothing here sends a request.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -335,13 +340,53 @@ def _search_chains(spec: Spec, preds: tuple[Predicate, ...], scan: bool) -> Plan
     sort = STABLE_SORT
     if stops_early and sort_field is not None:
         sort = {"sortField": sort_field, "sortOrder": "ASC" if ascending else "DESC"}
+    if not stops_early:  # a sorted chain that stops early beats reading every window
+        pushed = _for_split_ranges(pushed)
     windowed = (
         pushed.equal_column is None or pushed.equal_column in schema.FLAG_COLUMNS
     ) and pushed.range_column in (None, "createdAt")
+    # a chain that filters on an ID or a StudyDateTime / updatedAt range is split lazily
+    lazy = not windowed and _splittable(pushed, "createdAt" in found)
     if stops_early:
-        windowed = False  # a sorted chain that stops early beats reading every window
-    chains = _chains(pushed, found, sort, windowed, spec.now)
+        windowed = lazy = False
+    chains = _chains(pushed, found, sort, windowed, spec.now, lazy)
     return replace(base, chains=chains, pushed=pushed.predicates)
+
+
+SPLIT_RANGES = ("StudyDateTime", "updatedAt")  # ranges a createdAt window can split
+
+
+def _splittable(pushed: _Pushed, created_range: bool) -> bool:
+    """Whether the chains can take a createdAt window as their second filter.
+
+    An ID alone (or with a createdAt range, which becomes the window): ID EQUAL + one date
+    BETWEEN is the documented pair. A StudyDateTime or updatedAt range alone: range + createdAt
+    BETWEEN is not documented, so the fetcher verifies it on the first split and, refused,
+    reads the range by its two pair-free ends (``engine.fetch``). An ID with another range
+    (three filters) stays one chain: an ID pins few image sets; so does a range with a
+    createdAt range too (its every request would need the unverified pair).
+    """
+    equal, rng = pushed.equal_column, pushed.range_column
+    if equal is not None and equal not in schema.FLAG_COLUMNS:
+        return rng in (None, "createdAt")
+    return equal is None and rng in SPLIT_RANGES and not created_range
+
+
+def _for_split_ranges(pushed: _Pushed) -> _Pushed:
+    """``isPrimary=True`` with a StudyDateTime / updatedAt range: the flag moves to the client.
+
+    Three filters cannot go out; nearly every image set is primary, so the flag narrows little
+    while the range split into windows reads at the quota instead of one chain's pace. Every
+    predicate is applied on the client anyway. ``isPrimary=False`` (few image sets) stays pushed.
+    """
+    if (
+        pushed.equal_column in schema.FLAG_COLUMNS
+        and pushed.equal_values == (True,)
+        and pushed.range_column in SPLIT_RANGES
+    ):
+        kept = tuple(p for p in pushed.predicates if p.column != pushed.equal_column)
+        return replace(pushed, equal_column=None, equal_values=(), predicates=kept)
+    return pushed
 
 
 def _pushed(
@@ -373,20 +418,29 @@ def _chains(
     sort: dict[str, str],
     windowed: bool,
     now: datetime | None,
+    lazy: bool = False,
 ) -> tuple[Chain, ...]:
     key = schema.BY_NAME[pushed.equal_column].search_key if pushed.equal_column else None
     base: list[Filter | None] = [
         {"operator": "EQUAL", "values": [{key: v}]} for v in pushed.equal_values
     ] or [None]
+    by_window = windowed or lazy
+    # a lazy chain's createdAt range is its window; any other range stays its filter
+    created = pushed.range_column == "createdAt"
     chains = []
     for index, equal in enumerate(base):
-        bounded = None if windowed else pushed.range_filter
+        bounded = None if windowed or (lazy and created) else pushed.range_filter
         filters = tuple(f for f in (equal, bounded) if f is not None)
         window = None
-        if windowed:
+        if by_window:
             low, high = found.get("createdAt", (WINDOW_FLOOR, _tomorrow(now)))
             window = (dates.floor_second(low), dates.ceil_second(high))
-        chains.append(Chain(index, filters, None if windowed else sort, window))
+        unbounded = lazy and "createdAt" not in found
+        chains.append(
+            Chain(
+                index, filters, None if by_window else sort, window, lazy=lazy, unbounded=unbounded
+            )
+        )
     return tuple(chains)
 
 
@@ -430,10 +484,18 @@ def _union(spec: Spec, facts: Facts) -> Plan:
         renumbered = tuple(replace(c, index=len(chains) + i) for i, c in enumerate(part.chains))
         chains += renumbered
         numbered.append(replace(part, chains=renumbered))
+    shared = shared_chains(chains)
+    note = None
+    if len(shared) < len(chains):
+        note = (
+            f"the union's {len(chains)} chains read as {len(shared)}: members share a scan or "
+            "a window's pages (each member's conditions applied to the shared rows, exactly)"
+        )
     head = parts[0]
     return Plan(
         datastore_id=spec.datastore_id,
-        chains=tuple(chains),
+        chains=shared,
+        note=note,
         predicates=(any_of(spec.groups),),
         pushed=(),
         sort_column=head.sort_column,
@@ -445,6 +507,54 @@ def _union(spec: Spec, facts: Facts) -> Plan:
         access=access,
         parts=tuple(numbered),
     )
+
+
+def shared_chains(chains: Sequence[Chain]) -> tuple[Chain, ...]:
+    """A union's chains with each page read once, renumbered in order.
+
+    A scan of everything stands for every chain, createdAt windows of the same filters that
+    overlap or touch are one window, and a chain asked for twice is one.
+
+    Every row a dropped chain would read is read by the chain that stands for it, and the union
+    applies each member's conditions (``AnyOf``) to every row read: nothing is lost, nothing
+    kept that no member matches. Lazy chains (an ID or a range, split at run time) are kept as
+    they are unless a scan of everything covers them.
+    """
+    ends = [c.window[1] for c in chains if c.window is not None]
+    for chain in chains:  # an unfiltered scan from the floor to the last window: everything
+        if (
+            not chain.filters
+            and not chain.lazy
+            and chain.window is not None
+            and chain.window[0] <= WINDOW_FLOOR
+            and chain.window[1] >= max(ends)
+        ):
+            return (replace(chain, index=0),)
+    merged: dict[str, Chain] = {}
+    windows: dict[str, list[Chain]] = {}
+    for chain in chains:
+        if chain.window is not None and not chain.lazy:
+            key = json.dumps([chain.filters, chain.sort], default=str, sort_keys=True)
+            windows.setdefault(key, []).append(chain)
+            continue
+        merged.setdefault(json.dumps(chain.criteria(), default=str, sort_keys=True), chain)
+    out: list[Chain] = list(merged.values())
+    for group in windows.values():
+        group.sort(key=lambda c: c.window[0] if c.window else WINDOW_FLOOR)
+        current = group[0]
+        for chain in group[1:]:
+            assert current.window is not None
+            assert chain.window is not None
+            if chain.window[0] <= current.window[1]:  # overlapping or touching (inclusive)
+                high = max(current.window[1], chain.window[1])
+                current = replace(current, window=(current.window[0], high), splits=())
+            else:
+                out.append(current)
+                current = chain
+        out.append(current)
+    order = {id(c): n for n, c in enumerate(chains)}
+    out.sort(key=lambda c: order.get(id(c), c.index))
+    return tuple(replace(c, index=i) for i, c in enumerate(out))
 
 
 def _search_only(part: Plan) -> Plan:
@@ -496,7 +606,8 @@ def _sizable(plan: Plan) -> bool:
 
     A StudyDateTime or updatedAt range: the statistics know createdAt only.
     """
-    return len(plan.chains) == 1 and plan.chains[0].window is None and bool(plan.chains[0].filters)
+    chain = plan.chains[0] if len(plan.chains) == 1 else None
+    return chain is not None and (chain.window is None or chain.lazy) and bool(chain.filters)
 
 
 # -- pre-split scans -------------------------------------------------------------------------------
@@ -536,7 +647,7 @@ def presplit(plan: Plan, stats: DatastoreStats, pieces: int) -> Plan:
         return plan
     cuts: list[tuple[datetime, ...]] = []
     for chain in plan.chains:
-        if chain.window is None:
+        if chain.window is None or chain.lazy:  # a filtered chain: the profile is not its own
             cuts.append(())
             continue
         low, high = chain.window
@@ -555,7 +666,7 @@ def presplit_at(
     """
     chains = []
     for chain, at in zip(plan.chains, cuts, strict=True):
-        if chain.window is None:
+        if chain.window is None or chain.lazy:
             chains.append(chain)
             continue
         chains.append(

@@ -59,7 +59,7 @@ def chain_requests(chain: Chain, facts: Facts) -> float | None:
     if measured is not None:
         return pages(measured.image_sets, chain.window is not None)
     stats = facts.stats
-    if chain.window is not None:
+    if chain.window is not None and not chain.lazy:  # a lazy window narrows an ID or a range
         if stats is None:
             return None
         return pages(stats.image_sets * stats.share(*chain.window), windowed=True)

@@ -51,7 +51,7 @@ def summary(plan: Plan, max_tps: float | None = None) -> list[tuple[str, str]]:
                 "access path",
                 f"one path, nothing to weigh: at least {minimum:,} request(s){seconds} (a request"
                 " a page of 50"
-                + ("; more as windows split" if plan.windowed else "")
+                + ("; more as windows split" if plan.windowed or plan.split_chains else "")
                 + "; the size is not known here)",
             )
         )

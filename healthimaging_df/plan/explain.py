@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from healthimaging_df.plan.facts import DatastoreStats
-    from healthimaging_df.plan.model import Plan
+    from healthimaging_df.plan.model import Chain, Plan
 
 
 def explain(plan: Plan, show_values: bool = False, max_tps: float | None = None) -> str:
@@ -82,7 +82,9 @@ def _chains(plan: Plan, show_values: bool) -> list[str]:
         sort = plan.chains[0].sort
         lines.append(f"    sort: {sort['sortField']} {sort['sortOrder']}")
     window = plan.chains[0].window if plan.chains else None
-    if window is not None:
+    if plan.chains and plan.chains[0].lazy:
+        lines.append(_split_line(plan.chains[0]))
+    elif window is not None:
         low, high = window
         lines.append(
             f"  exhaustive scan: createdAt {low:%Y-%m-%dT%H:%M:%SZ} .. {high:%Y-%m-%dT%H:%M:%SZ}"
@@ -95,6 +97,23 @@ def _chains(plan: Plan, show_values: bool) -> list[str]:
     if plan.pushed:
         lines.append("    + pushed predicates re-checked (timestamps to the microsecond)")
     return lines
+
+
+def _split_line(chain: Chain) -> str:
+    """How a filtered chain is split: createdAt windows as its second filter, from its first page."""
+    kind = next(iter(chain.filters[0]["values"][0]), "?") if chain.filters else "?"
+    pair = (
+        " (an ID with createdAt: the documented pair)"
+        if chain.filters and chain.filters[0]["operator"] == "EQUAL"
+        else " (a range with createdAt, not documented: verified by the first split; refused, "
+        "the range is read from its two ends, which need no second filter)"
+    )
+    return (
+        f"  split while it adds throughput: each chain on {kind} starts with one reader "
+        "(createdAt ASC); a chain with pages left gains a reader from its newest end (createdAt "
+        "DESC) and splits at whole seconds, each new reader adding createdAt BETWEEN as the "
+        f"second filter{pair}; readers run concurrently under max_tps"
+    )
 
 
 def _result(plan: Plan, show_values: bool, union: bool = False) -> list[str]:
@@ -139,7 +158,7 @@ def _cost(plan: Plan, tps: float | None) -> list[str]:
         extra = f", plus about {measured} measuring first" if measured else ""
         seconds = "" if tps is None else f", about {plan.estimate / tps:,.1f} s"
         return [f"  expected requests: about {plan.estimate:,.0f}{extra} ({pace}{seconds})"]
-    more = "; more as windows split" if plan.windowed else ""
+    more = "; more as windows split" if plan.windowed or plan.split_chains else ""
     why = (
         "a size is unknown until measured"
         if plan.facts.for_run

@@ -75,6 +75,14 @@ class Chain:
 
     A windowed chain is a ``createdAt`` window ``[low, high]`` (whole seconds, inclusive) that the
     executor splits further while it still has more pages.
+
+    A *lazy* window narrows a chain that already filters (an ID, or a StudyDateTime or updatedAt
+    range): it starts with one reader, its first request the chain's own, and gains a second
+    end and splits only while it has pages left, so a chain of one page costs one request, as
+    before, and a long one is read from both ends and split like a scan. An *unbounded* window
+    is the whole of time: a request for all of it carries no createdAt filter (a lazy range
+    chain's first request has its one filter); only readers a split starts inside it add
+    ``createdAt BETWEEN`` as the second filter.
     """
 
     index: int
@@ -86,6 +94,8 @@ class Chain:
     # of the window holds, for the fetcher's decisions to add readers or stop one
     profile: tuple[datetime, ...] = field(default=(), repr=False)
     profile_rows: int = 0
+    lazy: bool = False
+    unbounded: bool = False
 
     def __repr__(self) -> str:
         keys = [next(iter(f["values"][0]), "?") for f in self.filters]
@@ -99,13 +109,14 @@ class Chain:
         filters = list(self.filters)
         sort = self.sort
         bounds = window or self.window
-        if bounds is not None:
+        if bounds is not None and not (self.unbounded and bounds == self.window):
             filters.append(
                 {
                     "operator": "BETWEEN",
                     "values": [{"createdAt": bounds[0]}, {"createdAt": bounds[1]}],
                 }
             )
+        if bounds is not None:
             sort = {"sortField": "createdAt", "sortOrder": "ASC"}
         criteria: dict[str, Any] = {}
         if filters:
@@ -181,9 +192,14 @@ class Plan:
         return (self.predicates,)
 
     @property
+    def split_chains(self) -> tuple[Chain, ...]:
+        """The chains that filter and are still split into createdAt windows at run time."""
+        return tuple(c for c in self.chains if c.lazy)
+
+    @property
     def windowed(self) -> bool:
-        """Whether the scan is split into createdAt windows at run time."""
-        return any(c.window is not None for c in self.chains)
+        """Whether the scan is split into createdAt windows at run time (lazy chains aside)."""
+        return any(c.window is not None and not c.lazy for c in self.chains)
 
     @property
     def full_scan(self) -> bool:

@@ -146,7 +146,10 @@ def test_window_limit_is_the_quota_and_the_margin_sets_the_pace() -> None:
     assert limiter(clock, rate=10.0, burst=40).window_limit == 40
 
 
-def test_a_throttle_widens_the_margin_and_clean_windows_narrow_it_back() -> None:
+def test_a_throttle_widens_the_margin_for_one_clean_window_then_the_pace_is_back() -> None:
+    """Issue 31: a throttle cost the next half minute (30 clean windows) of every later query
+    on the endpoint; now the margin goes back once the service admitted one window at the
+    widened pace, measured on the limiter's own clock."""
     clock = FakeClock()
     bucket = limiter(clock, rate=25.0)
     paced = bucket.rate
@@ -157,14 +160,57 @@ def test_a_throttle_widens_the_margin_and_clean_windows_narrow_it_back() -> None
     for _ in range(10):
         bucket.throttled()
     assert bucket.margin == aws.MAX_MARGIN  # never paced below 25 / 1.25 = 20 a second
+    throttled_at = clock.now
     times = grants(clock, bucket, 60)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) == pytest.approx((1 + aws.MAX_MARGIN) / 25)
-    grants(clock, bucket, aws.RECOVER_WINDOWS * 25)  # half a minute without a throttle
-    assert bucket.margin < aws.MAX_MARGIN
-    grants(clock, bucket, 20 * aws.RECOVER_WINDOWS * 25)
-    assert bucket.margin == pytest.approx(aws.MARGIN, abs=1e-4)
+    assert gaps[0] == pytest.approx((1 + aws.MAX_MARGIN) / 25)  # the widened pace first
+    back = next(t for t in times if bucket.margin == aws.MARGIN and t >= times[0])
+    assert bucket.margin == pytest.approx(aws.MARGIN)
     assert bucket.rate == pytest.approx(paced, rel=1e-3)
+    # back within one window of the widened pace (plus a slot), not thirty
+    restored = max(t for t, g in zip(times[1:], gaps, strict=True) if g > 1.1 / paced)
+    assert back >= throttled_at
+    assert restored - throttled_at <= (1 + aws.MAX_MARGIN) + 2 / paced
+    assert min(gaps[-20:]) == pytest.approx(1 / paced, rel=1e-3)
+
+
+def test_an_idle_limiter_recovers_by_its_clock_for_the_next_query() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock, rate=25.0)
+    bucket.throttled()
+    clock.now += 2.0  # the query ended; the next starts two seconds later
+    grants(clock, bucket, 1)
+    assert bucket.margin == pytest.approx(aws.MARGIN)
+
+
+def test_a_throttle_soon_after_going_back_lengthens_the_probation_up_to_a_bound() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock, rate=25.0)
+    bucket.throttled()
+    assert bucket.probation == 1
+    for expected in (2, 4, 8, 16, aws.RECOVER_WINDOWS, aws.RECOVER_WINDOWS):
+        while bucket.margin > aws.MARGIN:
+            grants(clock, bucket, 1)
+        bucket.throttled()  # at once after going back: the quota is shared, settle longer
+        assert bucket.probation == expected
+    for _ in range(2):  # back to the starting margin, then a whole probation clean after it
+        clock.now += (aws.RECOVER_WINDOWS + 1) * bucket.span
+        grants(clock, bucket, 1)
+    assert bucket.margin == pytest.approx(aws.MARGIN)
+    assert bucket.probation == 1  # the next throttle costs one window again
+
+
+def test_concurrency_is_rate_times_round_trip_plus_a_margin_bounded() -> None:
+    clock = FakeClock()
+    bucket = limiter(clock, rate=25.0)
+    assert bucket.concurrency(0.1) == math.ceil(bucket.rate * 0.1) + aws.CONCURRENCY_MARGIN
+    assert limiter(clock, rate=250.0).concurrency(0.3) == aws.MAX_CONCURRENCY
+    bucket.observe(0.3)
+    assert bucket.concurrency() == math.ceil(bucket.rate * 0.3) + aws.CONCURRENCY_MARGIN
+    wide = bucket.concurrency()
+    for _ in range(10):
+        bucket.throttled()
+    assert bucket.concurrency() < wide  # a throttle shrinks the paced rate, and the threads
 
 
 def test_threads_get_distinct_slots_and_the_counters_add_up() -> None:

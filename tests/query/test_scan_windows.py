@@ -116,7 +116,7 @@ def test_a_full_scan_leaves_quantiles_and_the_next_scan_starts_at_them() -> None
         assert len(chain.splits) == engine.presplit_pieces(run.fetch, stats) - 1 >= 2
 
         sent = _record_requests(client)
-        again = Query(ds).to_dataframe(client=client, progress=False)
+        again = Query(ds).to_dataframe(client=client, progress=False, max_concurrency=8)
         assert set(chain.splits) <= _lows(sent)  # one reader started at every cut
         assert sorted(again["imageSetId"]) == sorted(first["imageSetId"])
 

@@ -103,6 +103,7 @@ def aws_client(args: argparse.Namespace) -> Any:
 
     from healthimaging_df.aws import make_client
     from healthimaging_df.aws import session as aws_session
+    from healthimaging_df.aws.limiter import MAX_CONCURRENCY
     from healthimaging_df.errors import QueryValidationError
 
     try:
@@ -110,7 +111,8 @@ def aws_client(args: argparse.Namespace) -> Any:
     except QueryValidationError:
         raise ConfigError("the profile given by --profile or AWS_PROFILE does not exist") from None
     try:
-        client = make_client(None, session, args.max_concurrency, endpoint_url=args.endpoint_url)
+        threads = args.max_concurrency or MAX_CONCURRENCY
+        client = make_client(None, session, threads, endpoint_url=args.endpoint_url)
     except NoRegionError:
         raise ConfigError(
             "no AWS region: pass --region, set AWS_DEFAULT_REGION, or set region in the "

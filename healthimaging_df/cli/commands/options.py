@@ -97,9 +97,10 @@ def aws_parent() -> argparse.ArgumentParser:
     group.add_argument(
         "--max-concurrency",
         type=_positive_int,
-        default=8,
+        default=None,
         metavar="N",
-        help="request chains in flight at once (default: %(default)s)",
+        help="request chains in flight at once (default: enough to keep the rate busy, from the "
+        "measured round trip, at most 64)",
     )
     return parent
 

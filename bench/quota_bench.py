@@ -1,0 +1,310 @@
+"""Every path at the quota: the queries users run, at three latencies and three quotas.
+
+Each cell runs, in the same run against the same local service (a strict sliding window of
+``tps`` requests in any second, no burst credit, ``latency`` added to every answer):
+
+1. the query with default options (``Query(...).to_dataframe(max_tps=tps)``: no
+   ``max_concurrency``, so readers follow rate x measured round trip);
+2. its minimum requests: the image sets it matches (brute force on the service's records) over
+   50 a page, at least one;
+3. the best forced alternative, once per condition: a full scan with the filter applied on the
+   client (for the full scan itself: the scan at ``max_concurrency=8``, the old default).
+
+Queries: StudyDateTime ranges of 1 month, 1 year, 5 years and one holding 40% of the image
+sets; an updatedAt range (40%); a single patient with 2,000 image sets; a union of three
+StudyDateTime years; a full scan.
+
+Run: ``python -m bench quota_bench`` (options ``--image-sets N``, ``--latencies 20,100,300``,
+``--tps 25,100,250``, ``--queries``, ``--no-write``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+N_IMAGE_SETS = 20_000
+LATENCIES = (20, 100, 300)
+TPS = (25, 100, 250)
+PATIENT = "BENCHPATIENT"
+PATIENT_IMAGE_SETS = 2_000
+QUERIES = (
+    "study-1-month",
+    "study-1-year",
+    "study-5-years",
+    "study-40%",
+    "updated-40%",
+    "patient-2000",
+    "union-3",
+    "full-scan",
+)
+SECTION = "Every path at the quota: ranges, a patient, a union, a scan at 20-300 ms and 25-250 TPS"
+
+
+def build_service(n: int) -> Any:
+    """A local service: the generator's image sets, 2,000 of them given one patient."""
+    from healthimaging_df.local import LocalService, generate_image_sets
+    from healthimaging_df.local.backend import Backend
+
+    records = generate_image_sets(n, seed=11)
+    rng = random.Random(5)
+    for record in rng.sample(records, min(PATIENT_IMAGE_SETS, n // 4)):
+        record["DICOMTags"]["DICOMPatientId"] = PATIENT
+    backend = Backend()
+    datastore_id = backend.create_datastore("quota")
+    backend.add_image_sets(datastore_id, records)
+    service = LocalService(backend)
+    service.datastore_id = datastore_id
+    return service
+
+
+def queries(service: Any) -> dict[str, Any]:
+    """Each query of the grid, its bounds picked from the service's own records."""
+    from healthimaging_df import Query
+    from healthimaging_df.local.backend import study_datetime
+
+    ds = service.datastore_id
+    records = service.backend.image_sets(ds)
+    dated = sorted(d for d in (study_datetime(r["DICOMTags"]) for r in records) if d)
+    updated = sorted(r["updatedAt"] for r in records)
+    last = dated[-1]
+
+    def back(days: int) -> tuple[datetime, datetime]:
+        return last - timedelta(days=days), last
+
+    q = Query(ds)
+    middle = dated[len(dated) // 2]
+    years = [
+        q.between(
+            "StudyDateTime",
+            middle + timedelta(days=730 * k),
+            middle + timedelta(days=730 * k + 365),
+        )
+        for k in range(3)
+    ]
+    return {
+        "study-1-month": q.between("StudyDateTime", *back(30)),
+        "study-1-year": q.between("StudyDateTime", *back(365)),
+        "study-5-years": q.between("StudyDateTime", *back(5 * 365)),
+        "study-40%": q.between("StudyDateTime", dated[len(dated) // 5], dated[3 * len(dated) // 5]),
+        "updated-40%": q.between(
+            "updatedAt", updated[len(updated) // 5], updated[3 * len(updated) // 5]
+        ),
+        "patient-2000": q.where(PatientID=PATIENT),
+        "union-3": Query.union(*years),
+        "full-scan": q,
+    }
+
+
+def matching(service: Any, query: Any) -> int:
+    """How many image sets *query* matches, by brute force on the service's records."""
+    sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "tests", "query")))
+    brute_force = importlib.import_module("conftest").brute_force  # the tests' own oracle
+
+    records = service.backend.image_sets(service.datastore_id)
+    members = query.parts or (query,)
+    return len(set().union(*(brute_force(records, q) for q in members)))
+
+
+def _limit(service: Any, latency: float, tps: float) -> None:
+    service.set_faults(latency_ms=latency, tps=None, burst=None, window_tps=int(tps))
+    service.reset_stats()
+
+
+def _timed(service: Any, latency: float, tps: float, run: Callable[[], int]) -> dict[str, float]:
+    from healthimaging_df import aws
+
+    aws.forget_limiters()  # each cell measures from a fresh schedule and round trip
+    _limit(service, latency, tps)
+    t0 = time.perf_counter()
+    rows = run()
+    seconds = time.perf_counter() - t0
+    stats = service.stats
+    requests = stats.by_operation.get("SearchImageSets", 0)
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "requests": requests,
+        "share": requests / seconds / tps,
+        "throttled": stats.throttled,
+        "peak": stats.peak_concurrency,
+    }
+
+
+def _count(query: Any, client: Any, tps: float) -> int:
+    """Image sets *query* returns with default options at *tps*."""
+    return int(
+        query.to_dataframe(client=client, progress=False, max_tps=tps)["imageSetId"].nunique()
+    )
+
+
+def run_condition(
+    service: Any, grid: dict[str, Any], names: list[str], latency: float, tps: float
+) -> dict[str, Any]:
+    client = service.client()
+    out: dict[str, Any] = {}
+    for name in names:
+        query = grid[name]
+        out[name] = _timed(
+            service,
+            latency,
+            tps,
+            functools.partial(_count, query, client, tps),
+        )
+    whole = grid["full-scan"]
+    out["alt-scan"] = _timed(
+        service,
+        latency,
+        tps,
+        lambda: len(whole.to_dataframe(client=client, progress=False, max_tps=tps)),
+    )
+    out["alt-scan-8"] = _timed(
+        service,
+        latency,
+        tps,
+        lambda: len(
+            whole.to_dataframe(client=client, progress=False, max_tps=tps, max_concurrency=8)
+        ),
+    )
+    return out
+
+
+def main() -> None:
+    from bench._report import machine, write_section
+    from healthimaging_df.aws import HEADROOM
+
+    parser = argparse.ArgumentParser(prog="quota_bench")
+    parser.add_argument("--image-sets", type=int, default=N_IMAGE_SETS)
+    parser.add_argument("--latencies", default=",".join(map(str, LATENCIES)))
+    parser.add_argument("--tps", default=",".join(map(str, TPS)))
+    parser.add_argument("--queries", default=",".join(QUERIES))
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(sys.argv[1:])
+    n = args.image_sets
+    latencies = [float(x) for x in args.latencies.split(",")]
+    rates = [float(x) for x in args.tps.split(",")]
+    names = args.queries.split(",")
+    os.environ["HEALTHIMAGING_DF_CACHE"] = tempfile.mkdtemp(prefix="quota-bench-")
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    rows = []
+    with build_service(n) as service:
+        grid = queries(service)
+        counts = {name: matching(service, grid[name]) for name in names}
+        # statistics of a first full scan are cached: every cell runs as a later query would
+        grid["full-scan"].to_dataframe(client=service.client(), progress=False, max_tps=None)
+        # what this machine serves and parses at all: an unpaced scan, no added latency
+        service.set_faults(latency_ms=0.0, tps=None, burst=None, window_tps=None)
+        service.reset_stats()
+        t0 = time.perf_counter()
+        grid["full-scan"].to_dataframe(client=service.client(), progress=False, max_tps=None)
+        machine_rate = service.stats.by_operation["SearchImageSets"] / (time.perf_counter() - t0)
+        for latency in latencies:
+            for tps in rates:
+                cell = run_condition(service, grid, names, latency, tps)
+                rows.append((latency, tps, cell))
+                for name in names:
+                    c = cell[name]
+                    print(
+                        f"{latency:4.0f} ms {tps:4.0f} TPS {name:14s} {c['seconds']:6.2f}s "
+                        f"{c['requests']:4d} req (min {max(1, math.ceil(counts[name] / 50))}) "
+                        f"{c['share']:.0%} thr {c['throttled']} peak {c['peak']} | scan+filter "
+                        f"{cell['alt-scan']['seconds']:.2f}s",
+                        flush=True,
+                    )
+    elapsed = time.perf_counter() - started
+    table = [
+        "| latency | quota | query | matches | seconds | requests | minimum | requests / minimum "
+        "| share of quota | ceiling | throttled | peak in flight | forced alternative | "
+        "its seconds | alternative / default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    low: list[str] = []
+    floor_bound: list[str] = []
+    versus = []
+    for latency, tps, cell in rows:
+        if "study-40%" in cell:
+            ratio = cell["study-40%"]["seconds"] / cell["alt-scan"]["seconds"]
+            versus.append(f"{latency:.0f} ms / {tps:.0f} TPS {ratio:.2f}")
+    for latency, tps, cell in rows:
+        for name in names:
+            c = cell[name]
+            minimum = max(1, math.ceil(counts[name] / 50))
+            top = ceiling(minimum, tps, latency)
+            alt = cell["alt-scan-8" if name == "full-scan" else "alt-scan"]
+            what = "scan, max_concurrency=8" if name == "full-scan" else "full scan + filter"
+            assert c["rows"] == counts[name], f"{name}: {c['rows']} of {counts[name]}"
+            table.append(
+                f"| {latency:.0f} ms | {tps:.0f} TPS | {name} | {counts[name]:,} | "
+                f"{c['seconds']:.2f} | {c['requests']} | {minimum} | "
+                f"{c['requests'] / minimum:.3f} | {c['share']:.0%} | {top:.0%} | "
+                f"{c['throttled']} | {c['peak']} | {what} | {alt['seconds']:.2f} | "
+                f"{alt['seconds'] / c['seconds']:.1f}x |"
+            )
+            if c["share"] < 0.9:
+                label = f"{latency:.0f}/{tps:.0f}/{name} {c['share']:.0%} of {top:.0%}"
+                (floor_bound if top < 0.9 else low).append(label)
+    body = f"""Measured with `python -m bench quota_bench{_options(args)}` on {machine()}, load
+average {load:.1f} at the start; the whole run took {elapsed / 60:.1f} minutes. {n:,} image sets,
+the service a strict sliding window of `tps` requests in any second (no burst credit) with
+`latency` added to every answer; every query ran with default options (`max_tps` the cell's
+quota, `max_concurrency` left to the measured round trip), after a first full scan left the
+datastore's statistics (as for any later query). **share of quota** = requests / seconds / quota
+(seconds of the whole `to_dataframe` call, planning and the pandas frame included);
+**ceiling** = the share the minimum pages allow at best: every one paced at {HEADROOM:.1%} of
+the quota with the last answer one latency after its slot, minimum / quota / (minimum / paced
+rate + latency) (a query of a few pages cannot fill a second). **minimum** = image sets matched
+(brute force) / 50 a page. The forced alternative is
+the same run's full scan with the filter applied on the client (the full scan's own: the old
+default `max_concurrency=8`). Every result had exactly the brute-force count of image sets;
+exactness while image sets change is the test suite's (tests/query/test_split_chains.py,
+test_exactness.py), not re-run here.
+
+{chr(10).join(table)}
+
+The issue's target, a StudyDateTime range of 40% against a full scan of the same run (seconds
+of the range / seconds of the scan, under 1 is faster): {"; ".join(versus) or "not run"}.
+
+This machine served and parsed an unpaced full scan (no added latency, the service in the
+bench's process) at {machine_rate:.0f} requests/s: quotas near that are bound by the CPU of
+client and service together, not by the fetcher (compare the 250 TPS full scans).
+
+Cells under 90% of the quota (latency ms / quota TPS / query, share of its ceiling), where the
+ceiling is 90% or more: {"; ".join(low) if low else "none"}. Under 90% because the ceiling is
+(few pages for the latency and rate): {"; ".join(floor_bound) if floor_bound else "none"}.
+"""
+    print(body)
+    if not args.no_write:
+        write_section(SECTION, body)
+
+
+def ceiling(pages: int, tps: float, latency_ms: float) -> float:
+    """The best share of quota *pages* requests can reach: paced, the last answer a latency on."""
+    from healthimaging_df import aws
+
+    paced = tps * aws.HEADROOM
+    return pages / tps / (pages / paced + latency_ms / 1000)
+
+
+def _options(args: argparse.Namespace) -> str:
+    given = [
+        ("--image-sets", args.image_sets, N_IMAGE_SETS),
+        ("--latencies", args.latencies, ",".join(map(str, LATENCIES))),
+        ("--tps", args.tps, ",".join(map(str, TPS))),
+        ("--queries", args.queries, ",".join(QUERIES)),
+    ]
+    return "".join(f" {flag} {value}" for flag, value, default in given if value != default)
+
+
+if __name__ == "__main__":
+    main()
