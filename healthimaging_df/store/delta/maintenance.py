@@ -27,7 +27,7 @@ from healthimaging_df.store.delta.log import (
 )
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.layout import DEFAULT_TARGET_FILE_SIZE, ORDER_COLUMN, file_order
-from healthimaging_df.store.table_format import HISTORY_COLUMNS
+from healthimaging_df.store.table_format import history_frame
 
 # -- history and vacuum ---------------------------------------------------------------------------
 
@@ -77,18 +77,7 @@ def history(
             )
     if all(row["provenance"] is None for row in rows):
         state_at(fs, opened.version())  # raises: not a table of this library
-    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    typed: pd.DataFrame = frame.astype(
-        {
-            "version": "Int64",
-            "timestamp": "datetime64[us, UTC]",
-            "operation": "string",
-            "rows_added": "Int64",
-            "rows_updated": "Int64",
-            "rows_removed": "Int64",
-        }
-    )
-    return typed
+    return history_frame(rows)
 
 
 def _provenance_or_none(fs: Any, version: int) -> dict[str, Any] | None:

@@ -44,7 +44,6 @@ from healthimaging_df.store.merging import (
     replace_going,
 )
 from healthimaging_df.store.table_format import (
-    HISTORY_COLUMNS,
     MergeResult,
     TableFormat,
     TableInfo,
@@ -57,6 +56,7 @@ from healthimaging_df.store.table_format import (
     check_provenance,
     check_version,
     filter_expression,
+    history_frame,
 )
 
 if TYPE_CHECKING:
@@ -469,8 +469,6 @@ class IcebergFormat(TableFormat):
 
     def history(self) -> pd.DataFrame:
         """Every snapshot still in the table's metadata, newest first (``version``: its id)."""
-        import pandas as pd
-
         action = "reading the snapshot history"
         table = self._table(action)
         rows = []
@@ -491,18 +489,7 @@ class IcebergFormat(TableFormat):
                     "provenance": prov,
                 }
             )
-        frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-        typed: pd.DataFrame = frame.astype(
-            {
-                "version": "Int64",
-                "timestamp": "datetime64[us, UTC]",
-                "operation": "string",
-                "rows_added": "Int64",
-                "rows_updated": "Int64",
-                "rows_removed": "Int64",
-            }
-        )
-        return typed
+        return history_frame(rows)
 
     def expire(self, retain: timedelta, *, dry_run: bool = True) -> int:
         """Expire snapshots older than *retain* (never the current one) and delete their files.
