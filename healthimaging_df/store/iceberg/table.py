@@ -529,16 +529,7 @@ class IcebergFormat(TableFormat):
         referenced = {self._fs(table, name)[1] for name in all_files}
         kept = {self._fs(table, name)[1] for name in kept_files}
         doomed = {self._fs(table, name)[1] for name in all_files - kept_files} - kept
-        for info in listed:
-            if info.type != pafs.FileType.File or info.path in referenced:
-                continue
-            mtime = (
-                info.mtime
-                if info.mtime is None or info.mtime.tzinfo
-                else info.mtime.replace(tzinfo=timezone.utc)
-            )
-            if mtime is not None and mtime < cutoff and info.path.endswith(".parquet"):
-                doomed.add(info.path)
+        doomed |= _debris(listed, referenced, cutoff)
         if dry_run:
             return len(doomed)
         with translated(action):
@@ -592,6 +583,24 @@ class IcebergFormat(TableFormat):
             features=(),
             provenance=prov,
         )
+
+
+def _debris(listed: list[Any], referenced: set[str], cutoff: datetime) -> set[str]:
+    """Parquet files of *listed* no snapshot names, last written before *cutoff*."""
+    from pyarrow import fs as pafs
+
+    out = set()
+    for info in listed:
+        if info.type != pafs.FileType.File or info.path in referenced:
+            continue
+        mtime = (
+            info.mtime
+            if info.mtime is None or info.mtime.tzinfo
+            else info.mtime.replace(tzinfo=timezone.utc)
+        )
+        if mtime is not None and mtime < cutoff and info.path.endswith(".parquet"):
+            out.add(info.path)
+    return out
 
 
 def _chunks(data: pa.Table | pa.RecordBatchReader) -> Iterator[pa.Table]:
