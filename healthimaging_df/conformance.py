@@ -14,6 +14,7 @@ values (PHI).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -404,18 +405,26 @@ def check_consistent_studies(target: Target) -> Check:
 # -- QIDO-RS ------------------------------------------------------------------------------------
 
 
-def _qido(target: Target, name: str) -> Check | None:
-    if target.qido is None:
-        return Check(name, "warn", "untested: no DICOMweb endpoint known (or the extra missing)")
-    return None
+def _needs_qido(name: str) -> Callable[[Callable[[Target, str], Check]], Callable[[Target], Check]]:
+    """A QIDO-RS check named *name*: a warning without running it when no endpoint is known."""
+
+    def wrap(check: Callable[[Target, str], Check]) -> Callable[[Target], Check]:
+        @functools.wraps(check)
+        def run(target: Target) -> Check:
+            if target.qido is None:
+                return Check(
+                    name, "warn", "untested: no DICOMweb endpoint known (or the extra missing)"
+                )
+            return check(target, name)
+
+        return run
+
+    return wrap
 
 
-def check_qido_json(target: Target) -> Check:
+@_needs_qido("qido.dicom_json")
+def check_qido_json(target: Target, name: str) -> Check:
     """A QIDO-RS page is a JSON list of DICOM JSON objects; ``limit`` and ``offset`` agree."""
-    name = "qido.dicom_json"
-    skipped = _qido(target, name)
-    if skipped is not None:
-        return skipped
     try:
         two, _ = target.qido.get(target.datastore_id, "studies", {}, limit=2)
         one, _ = target.qido.get(target.datastore_id, "studies", {}, limit=1, offset=1)
@@ -428,12 +437,9 @@ def check_qido_json(target: Target) -> Check:
     return Check(name, "ok", f"{len(two)} record(s): DICOM JSON; limit and offset honoured")
 
 
-def check_series_order(target: Target) -> Check:
+@_needs_qido("qido.series_order")
+def check_series_order(target: Target, name: str) -> Check:
     """A study's series come by SeriesNumber ascending (documented for ``/studies/{S}/series``)."""
-    name = "qido.series_order"
-    skipped = _qido(target, name)
-    if skipped is not None:
-        return skipped
     try:
         studies, _ = target.qido.get(target.datastore_id, "studies", {}, limit=1)
         if not studies:
@@ -448,16 +454,13 @@ def check_series_order(target: Target) -> Check:
     return Check(name, "ok", f"{len(series)} series of a study, by SeriesNumber ascending")
 
 
-def check_series_are_image_sets(target: Target) -> Check:
+@_needs_qido("qido.series_are_image_sets")
+def check_series_are_image_sets(target: Target, name: str) -> Check:
     """A QIDO-RS series record carries its primary image set's series-level values.
 
     What QIDO-RS matching of Modality and SeriesNumber relies on (a primary image set holds one
     series). Sampled: up to five primary image sets, one ``/series?SeriesInstanceUID=`` each.
     """
-    name = "qido.series_are_image_sets"
-    skipped = _qido(target, name)
-    if skipped is not None:
-        return skipped
     rows = [
         r
         for r in target.page()
@@ -491,12 +494,9 @@ def check_series_are_image_sets(target: Target) -> Check:
     )
 
 
-def check_qido_signing(target: Target) -> Check:
+@_needs_qido("qido.signing")
+def check_qido_signing(target: Target, name: str) -> Check:
     """A match value holding a space is signed as AWS canonicalises it (``%20``, not ``+``)."""
-    name = "qido.signing"
-    skipped = _qido(target, name)
-    if skipped is not None:
-        return skipped
     try:
         target.qido.get(
             target.datastore_id, "studies", {"StudyDescription": "NO SUCH VALUE*"}, limit=1

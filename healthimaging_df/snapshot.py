@@ -62,6 +62,7 @@ from healthimaging_df.store.table_format import (
     TableVersion,
     check_filter,
     check_partition_types,
+    column_names,
     filter_expression,
 )
 from healthimaging_df.store.tables import frame_to_table, table_to_frame
@@ -372,15 +373,7 @@ def _codec_available(name: str) -> bool:
 
 def _names_argument(argument: str, names: Sequence[str] | None) -> list[str] | None:
     """*names* as a list, refusing one string (which would read as a list of letters)."""
-    if names is None:
-        return None
-    if isinstance(names, str):
-        raise QueryValidationError(argument, "must be a list of column names, not one string")
-    out = list(names)
-    for position, name in enumerate(out):
-        if not isinstance(name, str):
-            raise QueryValidationError(argument, "column names must be strings", position)
-    return out
+    return None if names is None else column_names(argument, names)
 
 
 def _check_foreign_folder(where: Location) -> None:

@@ -230,24 +230,19 @@ def sync_snapshot(
     -------
     SyncReport
     """
-    if not isinstance(queue_url, str) or urlsplit(queue_url).scheme not in ("http", "https"):
-        raise QueryValidationError("queue_url", "must be an http(s) SQS queue URL")
-    checks.flag("once", once)
-    checks.positive_int("batch_size", batch_size)
-    checks.positive_int("max_receives", max_receives)
-    checks.optional_positive_int("max_batches", max_batches)
-    checks.integer("wait_seconds", wait_seconds, minimum=0, maximum=20)
-    checks.integer("visibility_timeout", visibility_timeout, minimum=1, maximum=43200)
-    if reconcile_every is not None and (
-        not isinstance(reconcile_every, timedelta) or reconcile_every <= timedelta(0)
-    ):
-        raise QueryValidationError("reconcile_every", "must be a positive timedelta or None")
-    if not isinstance(margin, timedelta) or margin < timedelta(0):
-        raise QueryValidationError("margin", "must be a timedelta of zero or more")
-    if not (progress is None or isinstance(progress, bool) or callable(progress)):
-        raise QueryValidationError("progress", "must be True, False, None or a callable")
-    if stop is not None and not isinstance(stop, threading.Event):
-        raise QueryValidationError("stop", "must be a threading.Event or None")
+    _check_arguments(
+        queue_url,
+        once=once,
+        batch_size=batch_size,
+        max_receives=max_receives,
+        max_batches=max_batches,
+        wait_seconds=wait_seconds,
+        visibility_timeout=visibility_timeout,
+        reconcile_every=reconcile_every,
+        margin=margin,
+        progress=progress,
+        stop=stop,
+    )
     target = locate(
         path,
         iceberg_table=iceberg_table,
@@ -313,16 +308,7 @@ def sync_snapshot(
 
             outcome = _apply_batch(target, messages, settings, report, attempts, keep)
             failed = events.delete(sqs, queue_url, outcome.done)
-            report.batches += 1
-            report.messages += len(messages)
-            report.deleted_messages += len(outcome.done) - failed
-            report.commits += outcome.committed
-            report.added += outcome.added
-            report.updated += outcome.updated
-            report.removed += outcome.removed
-            report.requests += outcome.requests
-            report.retried += outcome.retried
-            report.unresolved += outcome.unresolved
+            _count(report, len(messages), outcome, failed)
             _progress(progress, report, len(messages), outcome)
             if max_batches is not None and report.batches >= max_batches:
                 report.stopped = "batches"
@@ -333,6 +319,55 @@ def sync_snapshot(
             report.stopped = "signal"
     log.info("sync: %s", report)
     return report
+
+
+def _check_arguments(
+    queue_url: Any,
+    *,
+    once: Any,
+    batch_size: Any,
+    max_receives: Any,
+    max_batches: Any,
+    wait_seconds: Any,
+    visibility_timeout: Any,
+    reconcile_every: Any,
+    margin: Any,
+    progress: Any,
+    stop: Any,
+) -> None:
+    """``sync_snapshot``'s argument checks, before any request is sent."""
+    if not isinstance(queue_url, str) or urlsplit(queue_url).scheme not in ("http", "https"):
+        raise QueryValidationError("queue_url", "must be an http(s) SQS queue URL")
+    checks.flag("once", once)
+    checks.positive_int("batch_size", batch_size)
+    checks.positive_int("max_receives", max_receives)
+    checks.optional_positive_int("max_batches", max_batches)
+    checks.integer("wait_seconds", wait_seconds, minimum=0, maximum=20)
+    checks.integer("visibility_timeout", visibility_timeout, minimum=1, maximum=43200)
+    if reconcile_every is not None and (
+        not isinstance(reconcile_every, timedelta) or reconcile_every <= timedelta(0)
+    ):
+        raise QueryValidationError("reconcile_every", "must be a positive timedelta or None")
+    if not isinstance(margin, timedelta) or margin < timedelta(0):
+        raise QueryValidationError("margin", "must be a timedelta of zero or more")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise QueryValidationError("progress", "must be True, False, None or a callable")
+    if stop is not None and not isinstance(stop, threading.Event):
+        raise QueryValidationError("stop", "must be a threading.Event or None")
+
+
+def _count(report: SyncReport, received: int, outcome: _Outcome, failed: int) -> None:
+    """Add one batch's *outcome* to *report* (*failed*: messages whose delete failed)."""
+    report.batches += 1
+    report.messages += received
+    report.deleted_messages += len(outcome.done) - failed
+    report.commits += outcome.committed
+    report.added += outcome.added
+    report.updated += outcome.updated
+    report.removed += outcome.removed
+    report.requests += outcome.requests
+    report.retried += outcome.retried
+    report.unresolved += outcome.unresolved
 
 
 def _apply_batch(
@@ -403,9 +438,81 @@ def _plan_batch(
     """What one batch changes: the outcome, the new table (None: no commit), rows, removals."""
     run = settings.run
     datastore_id = query.datastore_id
-    ids = table.column("imageSetId").to_pylist()
-    stored = dict(zip(ids, table.column("version").to_pylist(), strict=True))
-    # an event whose version the snapshot already holds (or passed) needs no read
+    stored = _versions(table)
+    wanted, required = _wanted(stored, batch)
+    started = datetime.now(timezone.utc)
+    fetched, since, requests = _fetch_wanted(table, prov, query, wanted, started, settings)
+    found = _versions(fetched)
+    gone, behind, asked = _unsettled(run.client, datastore_id, required, found)
+    requests += asked
+    earlier = [u for u in behind.values() if u is not None and (since is None or u < since)]
+    if earlier:
+        since = min(earlier) - timedelta(seconds=1)
+        requests += 1
+        extra = engine.changes(datastore_id, since, started + timedelta(days=2), run)
+        fetched = _latest([p for p in (fetched, extra) if p.num_rows], table)
+        found = _versions(fetched)
+        for image_set_id in list(behind):
+            if _settled(found.get(image_set_id), required[image_set_id]):
+                del behind[image_set_id]
+    # a Deleted event stands unless the read found the image set (an ID reused; never seen)
+    deletes = ((batch.deletes - (batch.conflicts & found.keys())) | gone) - behind.keys()
+    fetched = _without(fetched, sorted(deletes))
+    change = apply_fetched(
+        table, prov, query, settings.redact, fetched, run.client, started, since or started
+    )
+    patches, asked = _retiered(run.client, datastore_id, stored, batch, deletes, wanted)
+    requests += asked
+    if patches:
+        change = _patched(change, patches)
+    event_removed = sorted(i for i in deletes if i in stored)
+    removed = sorted(set(change.report.removed) | set(event_removed))
+    result = _without(change.result, event_removed)
+    done, retried, unresolved = _settle_messages(batch, behind, settings.max_receives)
+    outcome = _Outcome(
+        done,
+        added=len(change.report.added),
+        updated=len(change.report.updated),
+        removed=len(removed),
+        requests=requests,
+        retried=retried,
+        unresolved=unresolved,
+    )
+    new_prov = _next_provenance(change.provenance, prov, started, result.num_rows)
+    if not (change.report.changed or removed or change.incoming.num_rows):
+        return outcome, None, change.incoming, removed, new_prov
+    return outcome, result, change.incoming, removed, new_prov
+
+
+def _versions(table: pa.Table) -> dict[str, Any]:
+    """Each image set's version in *table*."""
+    return dict(
+        zip(
+            table.column("imageSetId").to_pylist(),
+            table.column("version").to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def _settled(have: Any, need: int | None) -> bool:
+    """Whether a held version *have* is at least the event's version *need* (None: any)."""
+    return have is not None and (need is None or have >= need)
+
+
+def _without(table: pa.Table, image_set_ids: list[str]) -> pa.Table:
+    """*table* without the rows of *image_set_ids*."""
+    value_set = pa.array(image_set_ids, pa.string())
+    return table.filter(pc.invert(pc.is_in(table.column("imageSetId"), value_set=value_set)))
+
+
+def _wanted(
+    stored: dict[str, Any], batch: events.Batch
+) -> tuple[dict[str, datetime | None], dict[str, int | None]]:
+    """The upserts to read (their event times) and the version each must reach.
+
+    An event whose version the snapshot already holds (or passed) needs no read.
+    """
     wanted: dict[str, datetime | None] = {}
     required: dict[str, int | None] = {}
     for image_set_id, (when, version) in batch.upserts.items():
@@ -415,14 +522,31 @@ def _plan_batch(
             continue
         wanted[image_set_id] = when
         required[image_set_id] = version
-    series_of: dict[str, str] = {}
-    if not prov.get("redaction") and "SeriesInstanceUID" in table.column_names:
-        series = table.column("SeriesInstanceUID").to_pylist()
-        series_of = {
-            i: s for i, s in zip(ids, series, strict=True) if i in wanted and isinstance(s, str)
-        }
-    started = datetime.now(timezone.utc)
-    choice = events.choose_fetch(wanted, series_of, started, settings.margin)
+    return wanted, required
+
+
+def _series_of(
+    table: pa.Table, prov: dict[str, Any], wanted: dict[str, datetime | None]
+) -> dict[str, str]:
+    """The SeriesInstanceUID the snapshot holds for each wanted image set (none if redacted)."""
+    if prov.get("redaction") or "SeriesInstanceUID" not in table.column_names:
+        return {}
+    ids = table.column("imageSetId").to_pylist()
+    series = table.column("SeriesInstanceUID").to_pylist()
+    return {i: s for i, s in zip(ids, series, strict=True) if i in wanted and isinstance(s, str)}
+
+
+def _fetch_wanted(
+    table: pa.Table,
+    prov: dict[str, Any],
+    query: Query,
+    wanted: dict[str, datetime | None],
+    started: datetime,
+    settings: _Settings,
+) -> tuple[pa.Table, datetime | None, int]:
+    """Read the wanted image sets by series and/or an updatedAt window: rows, window, requests."""
+    run, datastore_id = settings.run, query.datastore_id
+    choice = events.choose_fetch(wanted, _series_of(table, prov, wanted), started, settings.margin)
     requests = choice.requests
     parts: list[pa.Table] = []
     since = choice.since
@@ -446,82 +570,65 @@ def _plan_batch(
             requests += 1
     if since is not None:
         parts.append(engine.changes(datastore_id, since, started + timedelta(days=2), run))
-    fetched = _latest([p for p in parts if p.num_rows], table)
-    found = dict(
-        zip(
-            fetched.column("imageSetId").to_pylist(),
-            fetched.column("version").to_pylist(),
-            strict=True,
-        )
-    )
-    # an image set the search did not return (or returned older than its event): deleted since,
-    # outside the window (its updatedAt older than its event's time), or a search index behind
-    # the write; GetImageSet (not an access) tells which
+    return _latest([p for p in parts if p.num_rows], table), since, requests
+
+
+def _unsettled(
+    client: Any, datastore_id: str, required: dict[str, int | None], found: dict[str, Any]
+) -> tuple[set[str], dict[str, datetime | None], int]:
+    """The wanted image sets the read missed: gone, behind (their updatedAt), requests spent.
+
+    An image set the search did not return (or returned older than its event) was deleted
+    since, is outside the window (its updatedAt older than its event's time), or the search
+    index is behind the write; GetImageSet (not an access) tells which.
+    """
     gone: set[str] = set()
     behind: dict[str, datetime | None] = {}
-    for image_set_id in wanted:
-        need = required[image_set_id]
-        have = found.get(image_set_id)
-        if have is not None and (need is None or have >= need):
+    requests = 0
+    for image_set_id, need in required.items():
+        if _settled(found.get(image_set_id), need):
             continue
         requests += 1
         try:
-            behind[image_set_id] = _current_state(run.client, datastore_id, image_set_id)
+            behind[image_set_id] = _current_state(client, datastore_id, image_set_id)
         except _Gone:
             gone.add(image_set_id)
-    earlier = [u for u in behind.values() if u is not None and (since is None or u < since)]
-    if earlier:
-        since = min(earlier) - timedelta(seconds=1)
-        requests += 1
-        extra = engine.changes(datastore_id, since, started + timedelta(days=2), run)
-        fetched = _latest([p for p in (fetched, extra) if p.num_rows], table)
-        found = dict(
-            zip(
-                fetched.column("imageSetId").to_pylist(),
-                fetched.column("version").to_pylist(),
-                strict=True,
-            )
-        )
-        for image_set_id in list(behind):
-            need, have = required[image_set_id], found.get(image_set_id)
-            if have is not None and (need is None or have >= need):
-                del behind[image_set_id]
-    # a Deleted event stands unless the read found the image set (an ID reused; never seen)
-    deletes = ((batch.deletes - (batch.conflicts & found.keys())) | gone) - behind.keys()
-    fetched = fetched.filter(
-        pc.invert(
-            pc.is_in(fetched.column("imageSetId"), value_set=pa.array(sorted(deletes), pa.string()))
-        )
-    )
-    change = apply_fetched(
-        table, prov, query, settings.redact, fetched, run.client, started, since or started
-    )
-    # a copy's source was read (an access) at the same version: GetImageSet (not an access)
-    # gives its storageTier and lastAccessedAt, which no updatedAt window would find
+    return gone, behind, requests
+
+
+def _retiered(
+    client: Any,
+    datastore_id: str,
+    stored: dict[str, Any],
+    batch: events.Batch,
+    deletes: set[str],
+    wanted: dict[str, datetime | None],
+) -> tuple[dict[str, tuple[Any, Any]], int]:
+    """New storageTier and lastAccessedAt of the touched image sets; adds the gone to *deletes*.
+
+    A copy's source was read (an access) at the same version: GetImageSet (not an access)
+    gives its storageTier and lastAccessedAt, which no updatedAt window would find.
+    """
     patches: dict[str, tuple[Any, Any]] = {}
+    requests = 0
     for image_set_id in sorted(batch.touched - deletes - wanted.keys()):
         if image_set_id not in stored:
             continue
         requests += 1
         try:
-            answer = _get_image_set(run.client, datastore_id, image_set_id)
+            answer = _get_image_set(client, datastore_id, image_set_id)
         except _Gone:
             deletes.add(image_set_id)
             continue
         if str(answer.get("versionId")) == str(stored[image_set_id]):
             patches[image_set_id] = (answer.get("storageTier"), answer.get("lastAccessedAt"))
-    if patches:
-        change = _patched(change, patches)
-    event_removed = sorted(i for i in deletes if i in stored)
-    removed = sorted(set(change.report.removed) | set(event_removed))
-    result = change.result.filter(
-        pc.invert(
-            pc.is_in(
-                change.result.column("imageSetId"),
-                value_set=pa.array(event_removed, pa.string()),
-            )
-        )
-    )
+    return patches, requests
+
+
+def _settle_messages(
+    batch: events.Batch, behind: dict[str, datetime | None], max_receives: int
+) -> tuple[list[events.Message], int, int]:
+    """The messages done with, and how many were retried and given up on unresolved."""
     done = list(batch.idle) + [m for m, _ in batch.poison]
     retried = unresolved = 0
     for image_set_id, messages in batch.messages.items():
@@ -529,21 +636,19 @@ def _plan_batch(
             done.extend(messages)
             continue
         for message in messages:
-            if message.receive_count >= settings.max_receives:
+            if message.receive_count >= max_receives:
                 done.append(message)
                 unresolved += 1
             else:
                 retried += 1
-    outcome = _Outcome(
-        done,
-        added=len(change.report.added),
-        updated=len(change.report.updated),
-        removed=len(removed),
-        requests=requests,
-        retried=retried,
-        unresolved=unresolved,
-    )
-    new_prov = dict(change.provenance)
+    return done, retried, unresolved
+
+
+def _next_provenance(
+    changed: dict[str, Any], prov: dict[str, Any], started: datetime, row_count: int
+) -> dict[str, Any]:
+    """The provenance after a sync: the change's, with the kept keys of the one before."""
+    new_prov = dict(changed)
     for key in _KEPT:
         if key in prov:
             new_prov[key] = prov[key]
@@ -551,10 +656,8 @@ def _plan_batch(
             new_prov.pop(key, None)
     new_prov["tiers_observed_at"] = tiers_observed_at(prov)
     new_prov["synced_at"] = started.isoformat()
-    new_prov["row_count"] = result.num_rows
-    if not (change.report.changed or removed or change.incoming.num_rows):
-        return outcome, None, change.incoming, removed, new_prov
-    return outcome, result, change.incoming, removed, new_prov
+    new_prov["row_count"] = row_count
+    return new_prov
 
 
 def _latest(parts: list[pa.Table], like: pa.Table) -> pa.Table:
@@ -618,9 +721,7 @@ def _patched(change: Any, patches: dict[str, tuple[Any, Any]]) -> Any:
     touched = [ids[n] for n in moved]
     incoming = change.incoming
     if incoming.num_rows:
-        incoming = incoming.filter(
-            pc.invert(pc.is_in(incoming.column("imageSetId"), value_set=pa.array(touched)))
-        )
+        incoming = _without(incoming, touched)
     rows = result.take(pa.array(moved, pa.int64()))
     incoming = pa.concat_tables([incoming, rows.cast(incoming.schema)])
     report = replace(

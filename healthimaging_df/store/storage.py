@@ -126,24 +126,14 @@ class _LocalStore(_Store):
 
     @_typed
     def put(self, rel: str, data: bytes) -> None:
-        target = self._full(rel)
-        directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(directory, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temp)
-            raise
-        _fsync_directory(directory)  # make the rename itself durable
+        self._replace(rel, lambda handle: handle.write(data))
 
     @_typed
     def put_stream(self, rel: str, fill: Callable[[IO[bytes]], None]) -> int:
+        return self._replace(rel, fill)
+
+    def _replace(self, rel: str, fill: Callable[[IO[bytes]], object]) -> int:
+        """Write *rel* whole by *fill* into a temporary file renamed over it; its size."""
         target = self._full(rel)
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
@@ -159,7 +149,7 @@ class _LocalStore(_Store):
             with contextlib.suppress(OSError):
                 os.remove(temp)
             raise
-        _fsync_directory(directory)
+        _fsync_directory(directory)  # make the rename itself durable
         return size
 
     @_typed

@@ -42,6 +42,26 @@ HISTORY_COLUMNS = [
     "rows_removed",
     "provenance",
 ]
+
+
+def history_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A table's history rows as the typed frame ``snapshot_history`` returns."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    typed: pd.DataFrame = frame.astype(
+        {
+            "version": "Int64",
+            "timestamp": "datetime64[us, UTC]",
+            "operation": "string",
+            "rows_added": "Int64",
+            "rows_updated": "Int64",
+            "rows_removed": "Int64",
+        }
+    )
+    return typed
+
+
 KEY = "imageSetId"
 # the columns a merge ranks states by, and that current_ids() returns with the key
 STATE_COLUMNS = (KEY, "version", "updatedAt")
@@ -298,14 +318,21 @@ def check_provenance(provenance: Any) -> dict[str, Any]:
     return prov
 
 
-def check_names(argument: str, names: Any, table_schema: pa.Schema) -> list[str]:
-    """*names* as a list of distinct columns of *table_schema*, else a typed error."""
+def column_names(argument: str, names: Any) -> list[str]:
+    """*names* as a list of strings, refusing one string (which would read as a list of letters)."""
     if isinstance(names, str):
         raise QueryValidationError(argument, "must be a list of column names, not one string")
     out = list(names)
     for position, name in enumerate(out):
         if not isinstance(name, str):
             raise QueryValidationError(argument, "column names must be strings", position)
+    return out
+
+
+def check_names(argument: str, names: Any, table_schema: pa.Schema) -> list[str]:
+    """*names* as a list of distinct columns of *table_schema*, else a typed error."""
+    out = column_names(argument, names)
+    for position, name in enumerate(out):
         if name not in table_schema.names:
             raise QueryValidationError(argument, f"column {name!r} is not in the table", position)
     if len(set(out)) != len(out):

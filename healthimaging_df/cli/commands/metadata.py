@@ -80,14 +80,11 @@ def register(commands: Any) -> None:
         const=False,
         help="refuse if any image set is archived: the default, kept for scripts",
     )
-    group.add_argument(
-        "--out",
-        metavar="FILE",
-        help="write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; a table on "
+    output.add_out(
+        group,
+        "write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; a table on "
         "stdout if left out",
     )
-    group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
-    output.add_mkdir(group)
     output.add_s3_options(group)
     # GetImageSetMetadata's own quota; a query run first stays under SearchImageSets'.
     parser.set_defaults(handler=run, max_tps=quotas.METADATA_TPS)
@@ -98,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from healthimaging_df.cli.commands import building
     from healthimaging_df.metadata import fetch_metadata
 
-    fmt = output.output_format(args.out, args.format)
-    output.check_destination(args.out, args.mkdir)
+    fmt = output.destination(args)
     s3 = output.s3_settings(args)
     target, cohort = building.cohort_source(args, ("imageSetId",), s3)
     with target.connect() as connection:

@@ -101,6 +101,13 @@ def s3_settings(args: argparse.Namespace) -> S3Settings:
     return S3Settings.from_args(args)
 
 
+def add_out(group: Any, help_: str) -> None:
+    """``--out`` (helped by *help_*), ``--format`` and ``--mkdir``: where a command writes."""
+    group.add_argument("--out", metavar="FILE", help=help_)
+    group.add_argument("--format", choices=FORMATS, help="override the --out extension")
+    add_mkdir(group)
+
+
 def add_mkdir(group: Any) -> None:
     """The ``--mkdir`` option, for commands with ``--out``."""
     group.add_argument(
@@ -108,6 +115,13 @@ def add_mkdir(group: Any) -> None:
         action="store_true",
         help="create the --out file's missing parent directories (refused otherwise)",
     )
+
+
+def destination(args: argparse.Namespace) -> Format:
+    """The format of the command's ``--out`` (or ``--format``), its directory checked first."""
+    fmt = output_format(args.out, args.format)
+    check_destination(args.out, args.mkdir)
+    return fmt
 
 
 def check_destination(out: str | None, mkdir: bool) -> None:

@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``search``; return the exit code."""
     from healthimaging_df.cli.commands import building, connect
 
-    fmt = output.output_format(args.out, args.format)
-    output.check_destination(args.out, args.mkdir)
+    fmt = output.destination(args)
     _check_writable(args.out)
     s3 = output.s3_settings(args)
     columns = None if args.per else building.parse_columns(args.columns)

@@ -50,13 +50,10 @@ def register(commands: Any) -> None:
         help="study: one request per study of the cohort (default); datastore: page /series "
         "for the whole datastore (cheaper when the cohort is most of it)",
     )
-    group.add_argument(
-        "--out",
-        metavar="FILE",
-        help="write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
+    output.add_out(
+        group,
+        "write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
     )
-    group.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
-    output.add_mkdir(group)
     parser.set_defaults(handler=run)
 
 
@@ -68,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from healthimaging_df.dicomweb import fetch_series_attributes
     except ImportError as exc:
         raise options.UsageError(str(exc)) from None
-    fmt = output.output_format(args.out, args.format)
-    output.check_destination(args.out, args.mkdir)
+    fmt = output.destination(args)
     target, cohort = building.cohort_source(args, ("StudyInstanceUID", "SeriesInstanceUID"))
     with target.connect() as connection:
         result = fetch_series_attributes(

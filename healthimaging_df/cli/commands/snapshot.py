@@ -68,10 +68,7 @@ def register(commands: Any) -> None:
         "interruption to resume.",
         examples=SNAPSHOT_EXAMPLES,
     )
-    snapshot.add_argument(
-        "path", metavar="PATH", nargs="?", help="FILE.parquet, a directory, or s3://..."
-    )
-    _iceberg_options(snapshot)
+    _table_arguments(snapshot, "FILE.parquet, a directory, or s3://...")
     group = snapshot.add_argument_group("snapshot")
     group.add_argument(
         "--partition-by",
@@ -102,10 +99,7 @@ def register(commands: Any) -> None:
         "comes from the snapshot; query options are needed only for a redacted snapshot.",
         examples=REFRESH_EXAMPLES,
     )
-    refresh.add_argument(
-        "path", metavar="PATH", nargs="?", help="a snapshot: FILE.parquet, a directory..."
-    )
-    _iceberg_options(refresh)
+    _table_arguments(refresh, "a snapshot: FILE.parquet, a directory...")
     group = refresh.add_argument_group("refresh")
     group.add_argument(
         "--margin-minutes",
@@ -134,10 +128,7 @@ def register(commands: Any) -> None:
         examples=HISTORY_EXAMPLES,
         parents=[_s3_parent(), options.common_parent()],
     )
-    history.add_argument(
-        "path", metavar="PATH", nargs="?", help="a directory snapshot, local or s3://"
-    )
-    _iceberg_options(history)
+    _table_arguments(history, "a directory snapshot, local or s3://")
     history.set_defaults(handler=run_history)
 
     vacuum = options.add_command(
@@ -150,10 +141,7 @@ def register(commands: Any) -> None:
         examples=VACUUM_EXAMPLES,
         parents=[_s3_parent(), options.common_parent()],
     )
-    vacuum.add_argument(
-        "path", metavar="PATH", nargs="?", help="a directory snapshot, local or s3://"
-    )
-    _iceberg_options(vacuum)
+    _table_arguments(vacuum, "a directory snapshot, local or s3://")
     vacuum.add_argument(
         "--retain-hours",
         type=float,
@@ -192,6 +180,12 @@ examples:
   healthimaging-df vacuum cohort/ --retain-hours 720 --dry-run
   healthimaging-df vacuum cohort/ --retain-hours 720
 """
+
+
+def _table_arguments(parser: argparse.ArgumentParser, help_: str, metavar: str = "PATH") -> None:
+    """The snapshot a verb works on: PATH, or an Iceberg table named by the Iceberg options."""
+    parser.add_argument("path", metavar=metavar, nargs="?", help=help_)
+    _iceberg_options(parser)
 
 
 def _iceberg_options(parser: argparse.ArgumentParser) -> None:

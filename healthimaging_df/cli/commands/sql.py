@@ -45,13 +45,10 @@ def register(commands: Any) -> None:
         help="the datastore (32 characters); required unless --local",
     )
     out = parser.add_argument_group("result")
-    out.add_argument(
-        "--out",
-        metavar="FILE",
-        help="write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; stdout if left out",
+    output.add_out(
+        out,
+        "write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; stdout if left out",
     )
-    out.add_argument("--format", choices=output.FORMATS, help="override the --out extension")
-    output.add_mkdir(out)
     output.add_s3_options(out)
     out.add_argument(
         "--explain",
@@ -65,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``sql``; return the exit code."""
     from healthimaging_df.cli.commands import connect
 
-    fmt = output.output_format(args.out, args.format)
-    output.check_destination(args.out, args.mkdir)
+    fmt = output.destination(args)
     s3 = output.s3_settings(args)
     try:
         from healthimaging_df import polars as ahi_polars

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 from healthimaging_df.cli.commands import options
 from healthimaging_df.cli.commands.snapshot import (
     _check_refresh,
-    _iceberg_options,
     _policy,
     _redaction_options,
     _storage,
     _storage_options,
+    _table_arguments,
     _where,
 )
 
@@ -65,10 +65,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "once; a message leaves the queue only after the commit that covers it.",
         examples=SYNC_EXAMPLES,
     )
-    sync.add_argument(
-        "path", metavar="SNAPSHOT", nargs="?", help="a snapshot: a directory (Delta) or a file"
-    )
-    _iceberg_options(sync)
+    _table_arguments(sync, "a snapshot: a directory (Delta) or a file", metavar="SNAPSHOT")
     group = sync.add_argument_group("sync")
     group.add_argument("--queue-url", required=True, metavar="URL", help="the SQS queue")
     group.add_argument("--once", action="store_true", help="drain the messages waiting, then exit")

@@ -27,7 +27,19 @@ from healthimaging_df.store.delta.log import (
 )
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.layout import DEFAULT_TARGET_FILE_SIZE, ORDER_COLUMN, file_order
-from healthimaging_df.store.table_format import HISTORY_COLUMNS
+from healthimaging_df.store.table_format import history_frame
+
+
+def _opened(
+    uri: str | os.PathLike[str], storage_options: Mapping[str, str] | None, action: str
+) -> tuple[str, dict[str, str] | None, Any, Any]:
+    """The table at *uri*: its location, delta-rs options, opened table and log file system."""
+    location = table_location(uri)
+    options = options_for(location, storage_options)
+    opened = open_table(location, options, action=action)
+    assert opened is not None
+    return location, options, opened, log_fs(location, options)
+
 
 # -- history and vacuum ---------------------------------------------------------------------------
 
@@ -49,11 +61,7 @@ def history(
     ``timestamp`` can be a millisecond earlier).
     """
     action = "reading the snapshot history"
-    location = table_location(uri)
-    options = options_for(location, storage_options)
-    opened = open_table(location, options, action=action)
-    assert opened is not None
-    fs = log_fs(location, options)
+    _, _, opened, fs = _opened(uri, storage_options, action)
     rows: list[dict[str, Any]] = []
     with translated(action):
         for number in range(opened.version(), -1, -1):
@@ -77,18 +85,7 @@ def history(
             )
     if all(row["provenance"] is None for row in rows):
         state_at(fs, opened.version())  # raises: not a table of this library
-    frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    typed: pd.DataFrame = frame.astype(
-        {
-            "version": "Int64",
-            "timestamp": "datetime64[us, UTC]",
-            "operation": "string",
-            "rows_added": "Int64",
-            "rows_updated": "Int64",
-            "rows_removed": "Int64",
-        }
-    )
-    return typed
+    return history_frame(rows)
 
 
 def _provenance_or_none(fs: Any, version: int) -> dict[str, Any] | None:
@@ -142,11 +139,8 @@ def vacuum(
         raise QueryValidationError("retain", "must be a timedelta of zero or more")
     if not isinstance(dry_run, bool):
         raise QueryValidationError("dry_run", "must be True or False")
-    location = table_location(uri)
-    options = options_for(location, storage_options)
-    opened = open_table(location, options, action=action)
-    assert opened is not None
-    state = state_at(log_fs(location, options), opened.version())
+    _, _, opened, fs = _opened(uri, storage_options, action)
+    state = state_at(fs, opened.version())
     hours = math.ceil(retain / timedelta(hours=1))
     meta = {
         "operation": "vacuum",
@@ -180,11 +174,8 @@ def info(uri: str | os.PathLike[str], *, storage_options: Mapping[str, str] | No
     from healthimaging_df.store.table_format import TableInfo
 
     action = "describing the snapshot"
-    location = table_location(uri)
-    options = options_for(location, storage_options)
-    opened = open_table(location, options, action=action)
-    assert opened is not None
-    state = state_at(log_fs(location, options), opened.version())
+    _, _, opened, fs = _opened(uri, storage_options, action)
+    state = state_at(fs, opened.version())
     with translated(action):
         versions, features = protocol(opened)
         files = files_of(opened)
@@ -218,11 +209,8 @@ def optimize(
     from healthimaging_df.store.table_format import MergeResult
 
     action = "optimizing the snapshot"
-    location = table_location(uri)
-    options = options_for(location, storage_options)
-    opened = open_table(location, options, action=action)
-    assert opened is not None
-    state = state_at(log_fs(location, options), opened.version())
+    _, _, opened, fs = _opened(uri, storage_options, action)
+    state = state_at(fs, opened.version())
     prov = dict(provenance) if provenance is not None else state.provenance
     meta = {
         "operation": "optimize",
@@ -277,11 +265,7 @@ def downgrade(
     from healthimaging_df.store.delta.read import checked_dataset
 
     action = "downgrading the snapshot"
-    location = table_location(uri)
-    options = options_for(location, storage_options)
-    opened = open_table(location, options, action=action)
-    assert opened is not None
-    fs = log_fs(location, options)
+    location, options, opened, fs = _opened(uri, storage_options, action)
     state = state_at(fs, opened.version())
     versions, _ = protocol(opened)
     if versions["min_reader_version"] == 1 and versions["min_writer_version"] <= 2:

@@ -44,7 +44,6 @@ from healthimaging_df.store.merging import (
     replace_going,
 )
 from healthimaging_df.store.table_format import (
-    HISTORY_COLUMNS,
     MergeResult,
     TableFormat,
     TableInfo,
@@ -57,6 +56,7 @@ from healthimaging_df.store.table_format import (
     check_provenance,
     check_version,
     filter_expression,
+    history_frame,
 )
 
 if TYPE_CHECKING:
@@ -469,8 +469,6 @@ class IcebergFormat(TableFormat):
 
     def history(self) -> pd.DataFrame:
         """Every snapshot still in the table's metadata, newest first (``version``: its id)."""
-        import pandas as pd
-
         action = "reading the snapshot history"
         table = self._table(action)
         rows = []
@@ -491,18 +489,7 @@ class IcebergFormat(TableFormat):
                     "provenance": prov,
                 }
             )
-        frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-        typed: pd.DataFrame = frame.astype(
-            {
-                "version": "Int64",
-                "timestamp": "datetime64[us, UTC]",
-                "operation": "string",
-                "rows_added": "Int64",
-                "rows_updated": "Int64",
-                "rows_removed": "Int64",
-            }
-        )
-        return typed
+        return history_frame(rows)
 
     def expire(self, retain: timedelta, *, dry_run: bool = True) -> int:
         """Expire snapshots older than *retain* (never the current one) and delete their files.
@@ -542,16 +529,7 @@ class IcebergFormat(TableFormat):
         referenced = {self._fs(table, name)[1] for name in all_files}
         kept = {self._fs(table, name)[1] for name in kept_files}
         doomed = {self._fs(table, name)[1] for name in all_files - kept_files} - kept
-        for info in listed:
-            if info.type != pafs.FileType.File or info.path in referenced:
-                continue
-            mtime = (
-                info.mtime
-                if info.mtime is None or info.mtime.tzinfo
-                else info.mtime.replace(tzinfo=timezone.utc)
-            )
-            if mtime is not None and mtime < cutoff and info.path.endswith(".parquet"):
-                doomed.add(info.path)
+        doomed |= _debris(listed, referenced, cutoff)
         if dry_run:
             return len(doomed)
         with translated(action):
@@ -605,6 +583,24 @@ class IcebergFormat(TableFormat):
             features=(),
             provenance=prov,
         )
+
+
+def _debris(listed: list[Any], referenced: set[str], cutoff: datetime) -> set[str]:
+    """Parquet files of *listed* no snapshot names, last written before *cutoff*."""
+    from pyarrow import fs as pafs
+
+    out = set()
+    for info in listed:
+        if info.type != pafs.FileType.File or info.path in referenced:
+            continue
+        mtime = (
+            info.mtime
+            if info.mtime is None or info.mtime.tzinfo
+            else info.mtime.replace(tzinfo=timezone.utc)
+        )
+        if mtime is not None and mtime < cutoff and info.path.endswith(".parquet"):
+            out.add(info.path)
+    return out
 
 
 def _chunks(data: pa.Table | pa.RecordBatchReader) -> Iterator[pa.Table]:
