@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any
@@ -92,57 +93,112 @@ def conditions(tree: Any) -> list[Cond]:
     raise Untranslatable
 
 
+_Handler = Callable[[str, list[Any], Any], list[Cond]]
+
+
 def _function(node: dict[str, Any]) -> list[Cond]:
-    function, inputs = node.get("function"), node.get("input") or []
-    boolean = function.get("Boolean") if isinstance(function, dict) else None
-    text = function.get("StringExpr") if isinstance(function, dict) else None
-    if boolean == "Not":  # ~is_in, ~is_null, ~bool column
-        [inner] = inputs
-        if isinstance(inner, dict) and "Column" in inner:
-            column = _column(inner)
-            if schema.BY_NAME[column].kind != "bool":
-                raise Untranslatable
-            return [Cond(column, "eq", (False,))]
-        [cond] = conditions(inner)
-        negated = {"in": "not_in", "is_null": "not_null", "not_null": "is_null"}
-        if cond.op not in negated:
-            raise Untranslatable
-        return [replace(cond, op=negated[cond.op])]
+    """A Function node's conditions, by the handler its name selects (none: not pushed)."""
+    inputs = node.get("input") or []
+    key, options = _function_key(node.get("function"))
+    if key == ("Boolean", "Not", False):  # ~is_in, ~is_null, ~bool column
+        return _negated(inputs)
     if not inputs:
         raise Untranslatable
     column = _column(inputs[0])
-    args = inputs[1:]
-    if boolean in ("IsNull", "IsNotNull") and not args:
-        return [Cond(column, "is_null" if boolean == "IsNull" else "not_null")]
-    if boolean == "IsIn" or (isinstance(boolean, dict) and "IsIn" in boolean):
-        options = boolean.get("IsIn") if isinstance(boolean, dict) else None
-        if isinstance(options, dict) and options.get("nulls_equal"):
+    handler = _FUNCTIONS.get(key) if key is not None else None
+    if handler is None:
+        raise Untranslatable
+    return handler(column, inputs[1:], options)
+
+
+def _function_key(function: Any) -> tuple[tuple[str, str, bool] | None, Any]:
+    """``(group, name, with options)`` of a ``Boolean`` or ``StringExpr`` function, and its options.
+
+    A function serialises as a bare name (``"IsNull"``) or a one-key mapping of its name to its
+    options (``{"IsIn": {...}}``); the two forms are told apart, as each function has one.
+    """
+    if not isinstance(function, dict):
+        return None, None
+    for group in ("Boolean", "StringExpr"):
+        inner = function.get(group)
+        if isinstance(inner, str):
+            return (group, inner, False), None
+        if isinstance(inner, dict) and inner:
+            name = next(iter(inner))
+            return (group, name, True), inner[name]
+    return None, None
+
+
+def _negated(inputs: list[Any]) -> list[Cond]:
+    [inner] = inputs
+    if isinstance(inner, dict) and "Column" in inner:
+        column = _column(inner)
+        if schema.BY_NAME[column].kind != "bool":
             raise Untranslatable
-        [values] = [const(a)[0] for a in args]
-        kept = [v for v in values if v is not None]  # a null in the list matches no row
-        if not kept or not all(_fits(column, v) for v in kept):
+        return [Cond(column, "eq", (False,))]
+    [cond] = conditions(inner)
+    negated = {"in": "not_in", "is_null": "not_null", "not_null": "is_null"}
+    if cond.op not in negated:
+        raise Untranslatable
+    return [replace(cond, op=negated[cond.op])]
+
+
+def _null(op: str) -> _Handler:
+    def handler(column: str, args: list[Any], options: Any) -> list[Cond]:
+        if args:
             raise Untranslatable
-        return [Cond(column, "in", tuple(dict.fromkeys(kept)))]
-    if isinstance(boolean, dict) and "IsBetween" in boolean:
-        closed = str(boolean["IsBetween"].get("closed", "Both"))
-        (low, low_type), (high, high_type) = (const(a) for a in args)
-        low_strict, high_strict = closed in ("Right", "None"), closed in ("Left", "None")
-        return [
-            Cond(column, "ge", (_one(low, column),), low_strict, _exact_unit(low_type), True),
-            Cond(column, "le", (_one(high, column),), high_strict, _exact_unit(high_type), True),
-        ]
-    if text is not None and schema.BY_NAME[column].kind == "string":
+        return [Cond(column, op)]
+
+    return handler
+
+
+def _is_in(column: str, args: list[Any], options: Any) -> list[Cond]:
+    if isinstance(options, dict) and options.get("nulls_equal"):
+        raise Untranslatable
+    [values] = [const(a)[0] for a in args]
+    kept = [v for v in values if v is not None]  # a null in the list matches no row
+    if not kept or not all(_fits(column, v) for v in kept):
+        raise Untranslatable
+    return [Cond(column, "in", tuple(dict.fromkeys(kept)))]
+
+
+def _is_between(column: str, args: list[Any], options: Any) -> list[Cond]:
+    closed = str(options.get("closed", "Both"))
+    (low, low_type), (high, high_type) = (const(a) for a in args)
+    low_strict, high_strict = closed in ("Right", "None"), closed in ("Left", "None")
+    return [
+        Cond(column, "ge", (_one(low, column),), low_strict, _exact_unit(low_type), True),
+        Cond(column, "le", (_one(high, column),), high_strict, _exact_unit(high_type), True),
+    ]
+
+
+def _text(op: str | None) -> _Handler:
+    """A string test on a text column (``op`` None: ``str.contains``, literal or a regex)."""
+
+    def handler(column: str, args: list[Any], options: Any) -> list[Cond]:
+        if schema.BY_NAME[column].kind != "string":
+            raise Untranslatable
         [(value, _)] = [const(a) for a in args]
         needle = _one(value, column)
-        if text == "StartsWith":
-            return [Cond(column, "starts_with", (needle,))]
-        if text == "EndsWith":
-            return [Cond(column, "ends_with", (needle,))]
-        if isinstance(text, dict) and "Contains" in text:
-            if text["Contains"].get("literal"):
-                return [Cond(column, "contains", (needle,))]
-            return [_regex(column, needle)]
-    raise Untranslatable
+        if op is not None:
+            return [Cond(column, op, (needle,))]
+        if options.get("literal"):
+            return [Cond(column, "contains", (needle,))]
+        return [_regex(column, needle)]
+
+    return handler
+
+
+_FUNCTIONS: dict[tuple[str, str, bool], _Handler] = {
+    ("Boolean", "IsNull", False): _null("is_null"),
+    ("Boolean", "IsNotNull", False): _null("not_null"),
+    ("Boolean", "IsIn", False): _is_in,
+    ("Boolean", "IsIn", True): _is_in,
+    ("Boolean", "IsBetween", True): _is_between,
+    ("StringExpr", "StartsWith", False): _text("starts_with"),
+    ("StringExpr", "EndsWith", False): _text("ends_with"),
+    ("StringExpr", "Contains", True): _text(None),
+}
 
 
 _LIKE = re.compile(r"\^\(\?s\)(?P<lead>\.\*)?(?P<body>.*?)(?P<tail>\.\*)?\$", re.DOTALL)
