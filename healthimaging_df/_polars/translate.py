@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
@@ -102,6 +103,20 @@ def _open_end(column: str, upper: bool, now: datetime) -> Any:
     raise Untranslatable
 
 
+_OPS: dict[str, Callable[[Query, Cond], Query]] = {
+    "eq": lambda q, c: q.where(**{c.column: c.values[0]}),
+    "ne": lambda q, c: q.where_not(**{c.column: c.values[0]}),
+    "in": lambda q, c: q.where(**{c.column: list(c.values)}),
+    "not_in": lambda q, c: q.where_not(**{c.column: list(c.values)}),
+    "is_null": lambda q, c: q.is_null(c.column),
+    "not_null": lambda q, c: q.not_null(c.column),
+    "contains": lambda q, c: q.contains(c.column, c.values[0]),
+    "starts_with": lambda q, c: q.matches(c.column, "^" + re.escape(c.values[0])),
+    "ends_with": lambda q, c: q.matches(c.column, re.escape(c.values[0]) + r"\Z"),
+}
+"""The Query call of each non-range condition."""
+
+
 def _apply(query: Query, conds: list[Cond], now: datetime) -> Query:
     """*query* with *conds* (ranges on a column merged into one ``between``)."""
     lows: dict[str, list[Any]] = {}
@@ -115,37 +130,27 @@ def _apply(query: Query, conds: list[Cond], now: datetime) -> Query:
             lows.setdefault(c.column, []).append(_bound(c, upper=False))
         elif c.op in UPPER:
             highs.setdefault(c.column, []).append(_bound(c, upper=True))
-        elif c.op == "eq":
-            query = query.where(**{c.column: c.values[0]})
-        elif c.op == "ne":
-            query = query.where_not(**{c.column: c.values[0]})
-        elif c.op == "in":
-            query = query.where(**{c.column: list(c.values)})
-        elif c.op == "not_in":
-            query = query.where_not(**{c.column: list(c.values)})
-        elif c.op == "is_null":
-            query = query.is_null(c.column)
-        elif c.op == "not_null":
-            query = query.not_null(c.column)
-        elif c.op == "contains":
-            query = query.contains(c.column, c.values[0])
-        elif c.op == "starts_with":
-            query = query.matches(c.column, "^" + re.escape(c.values[0]))
-        elif c.op == "ends_with":
-            query = query.matches(c.column, re.escape(c.values[0]) + r"\Z")
-        else:  # pragma: no cover - conds makes no other op
+        elif c.op in _OPS:
+            query = _OPS[c.op](query, c)
+        else:  # pragma: no cover - conditions() makes no other op
             raise Untranslatable
     for column in sorted({*lows, *highs}):
-        low = max(lows[column]) if column in lows else _open_end(column, False, now)
-        high = min(highs[column]) if column in highs else _open_end(column, True, now)
-        if low > high and column in lows and column in highs:
-            # bounds that cannot both hold: each with its open end, as two between() calls
-            # state them; the planner sends nothing for ranges that do not meet
-            query = query.between(column, low, _open_end(column, True, now))
-            query = query.between(column, _open_end(column, False, now), high)
-            continue
-        query = query.between(column, low, high)
+        query = _range(query, column, lows.get(column), highs.get(column), now)
     return query
+
+
+def _range(
+    query: Query, column: str, lows: list[Any] | None, highs: list[Any] | None, now: datetime
+) -> Query:
+    """*query* with one column's bounds: the tightest of each side, else its open end."""
+    low = max(lows) if lows else _open_end(column, False, now)
+    high = min(highs) if highs else _open_end(column, True, now)
+    if low > high and lows and highs:
+        # bounds that cannot both hold: each with its open end, as two between() calls
+        # state them; the planner sends nothing for ranges that do not meet
+        query = query.between(column, low, _open_end(column, True, now))
+        return query.between(column, _open_end(column, False, now), high)
+    return query.between(column, low, high)
 
 
 def _alternatives(tree: Any) -> list[list[Cond]]:
@@ -184,39 +189,61 @@ def translate(
     """
     now = now or datetime.now(timezone.utc)
     base = Query(datastore_id)
+    parts, predicate = _without_hints(predicate)
     if predicate is None:
         query = base.limit(n_rows) if n_rows else base
         return Translation(query, None, n_rows=n_rows or None)
-    tree = tree_of(predicate)
-    parts = split(tree, "And")
-    kept_parts = [p for p in parts if not is_dynamic(p)]
-    if len(kept_parts) != len(parts):  # rebuild without the top-k hint: Polars panics on it
-        predicate = None
-        for p in kept_parts:
-            e = expr_of(p)
-            predicate = e if predicate is None else predicate & e
-        if predicate is None:
-            query = base.limit(n_rows) if n_rows else base
-            return Translation(query, None, n_rows=n_rows or None)
     if n_rows:  # Polars >= 1.39: the first n_rows rows of the scan, THEN the filter
         return Translation(
             base.limit(n_rows),
             predicate,
-            kept=[shape(p) for p in kept_parts],
+            kept=[shape(p) for p in parts],
             note=f"n_rows={n_rows} came with the predicate (the first {n_rows} rows, then the "
             "filter): the predicate is not pushed",
             n_rows=n_rows,
         )
+    query, ands, pushed, kept = _read(parts, base, now)
+    accepted, taken = _accept(query, ands, now)
+    pushed += [shape(part) for number, (part, _) in enumerate(ands) if number in taken]
+    kept += [shape(part) for number, (part, _) in enumerate(ands) if number not in taken]
+    return Translation(_apply(query, accepted, now), predicate, pushed, kept)
+
+
+_UNREAD = (Untranslatable, KeyError, TypeError, ValueError)  # a conjunct the reader cannot read
+
+
+def _without_hints(predicate: pl.Expr | None) -> tuple[list[Any], pl.Expr | None]:
+    """The predicate's conjuncts and the predicate, without Polars' top-k hint (it panics on it)."""
+    if predicate is None:
+        return [], None
+    parts = split(tree_of(predicate), "And")
+    kept_parts = [p for p in parts if not is_dynamic(p)]
+    if len(kept_parts) != len(parts):  # rebuild without the hint
+        predicate = None
+        for p in kept_parts:
+            e = expr_of(p)
+            predicate = e if predicate is None else predicate & e
+    return kept_parts, predicate
+
+
+def _read(
+    parts: list[Any], base: Query, now: datetime
+) -> tuple[Query, list[tuple[Any, list[Cond]]], list[str], list[str]]:
+    """Sort the conjuncts: conditions to weigh, the first OR pushed as a union, the rest kept.
+
+    Returns the query (a union, else *base*), the conjuncts read as conditions, and the
+    shapes pushed and kept so far.
+    """
     pushed: list[str] = []
     kept: list[str] = []
     query = base
     union_done = False
     ands: list[tuple[Any, list[Cond]]] = []
-    for part in kept_parts:
+    for part in parts:
         try:
             ands.append((part, conditions(part)))
             continue
-        except (Untranslatable, KeyError, TypeError, ValueError):
+        except _UNREAD:
             pass
         if not union_done:
             try:
@@ -225,19 +252,35 @@ def translate(
                 union_done = True
                 pushed.append(shape(part))
                 continue
-            except (Untranslatable, KeyError, TypeError, ValueError, QueryValidationError):
+            except (*_UNREAD, QueryValidationError):
                 pass
         kept.append(shape(part))
-    # a column's bounds go together (SQL's BETWEEN is two conjuncts; StudyDateTime needs both
-    # ends); a unit the query refuses is tried conjunct by conjunct, and what fails is kept
+    return query, ands, pushed, kept
+
+
+def _units(ands: list[tuple[Any, list[Cond]]]) -> list[list[int]]:
+    """Conjuncts that go together: a column's bounds, else each alone.
+
+    SQL's BETWEEN is two conjuncts, and StudyDateTime needs both ends.
+    """
     units: dict[Any, list[int]] = {}
     for number, (_, conds) in enumerate(ands):
         ranged = {c.column for c in conds if c.op in LOWER or c.op in UPPER}
         only_range = len(ranged) == 1 and all(c.op in LOWER or c.op in UPPER for c in conds)
         units.setdefault(("range", *ranged) if only_range else number, []).append(number)
+    return list(units.values())
+
+
+def _accept(
+    query: Query, ands: list[tuple[Any, list[Cond]]], now: datetime
+) -> tuple[list[Cond], set[int]]:
+    """The conditions the query takes, and the conjuncts they came from.
+
+    A unit the query refuses is tried conjunct by conjunct, and what fails is kept.
+    """
     accepted: list[Cond] = []
     taken: set[int] = set()
-    for unit in units.values():
+    for unit in _units(ands):
         tries = [unit] + ([[member] for member in unit] if len(unit) > 1 else [])
         for attempt in tries:
             conds = [c for number in attempt for c in ands[number][1]]
@@ -249,7 +292,4 @@ def translate(
             taken.update(attempt)
             if attempt is unit:
                 break
-    pushed += [shape(part) for number, (part, _) in enumerate(ands) if number in taken]
-    kept += [shape(part) for number, (part, _) in enumerate(ands) if number not in taken]
-    query = _apply(query, accepted, now)
-    return Translation(query, predicate, pushed, kept)
+    return accepted, taken
