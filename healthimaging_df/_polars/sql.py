@@ -10,6 +10,7 @@ import polars as pl
 
 from healthimaging_df._polars.source import Source, scan_image_sets
 from healthimaging_df.aws.quotas import SEARCH_TPS
+from healthimaging_df.core.logs import engine_error_text
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
 
@@ -26,14 +27,7 @@ class PolarsSQLError(QueryValidationError):
     """
 
     def __init__(self, kind: str, engine_message: str) -> None:
-        if kind in _SHOWN_ERRORS:
-            first = engine_message.strip().splitlines()[0] if engine_message.strip() else kind
-            text = f"Polars SQL raised {kind}: {_QUOTED.sub(chr(39) + '…' + chr(39), first)}"
-        else:
-            text = (
-                f"Polars raised {kind}; its message, which may quote values, is withheld from "
-                "this text: see the error's engine_message"
-            )
+        text = engine_error_text("Polars SQL/Polars", kind, engine_message, _SHOWN_ERRORS, _QUOTED)
         super().__init__("query", text)
         self.kind = kind
         self.engine_message = engine_message
