@@ -417,6 +417,13 @@ class Stats:
 _EVENT_COUNTERS = ("emitted", "lost", "duplicated", "delivered", "failed")
 
 
+def _chosen(every: int | None, rate: float, number: int, rng: random.Random) -> bool:
+    """Whether answer *number* is malformed: every n-th when set, else drawn at *rate*."""
+    if every is not None:
+        return number % every == 0
+    return rate > 0.0 and rng.random() < rate  # no draw at rate 0
+
+
 def _bump(counter: dict[str, int], key: str) -> None:
     counter[key] = counter.get(key, 0) + 1
 
@@ -566,13 +573,9 @@ class StatsRecorder:
         with self._lock:
             self._check_seed()
             self._searches += 1
-            if faults.malformed_every is not None:
-                chosen = self._searches % faults.malformed_every == 0
-            elif faults.malformed_rate > 0.0:
-                chosen = self._malformed_rng.random() < faults.malformed_rate
-            else:
-                return None
-            if not chosen:
+            if not _chosen(
+                faults.malformed_every, faults.malformed_rate, self._searches, self._malformed_rng
+            ):
                 return None
             kinds = faults.malformed_kinds
             kind = kinds[self._malformed_turn % len(kinds)]
@@ -605,13 +608,12 @@ class StatsRecorder:
         with self._lock:
             self._check_seed()
             self._qido_answers += 1
-            if faults.qido_malformed_every is not None:
-                chosen = self._qido_answers % faults.qido_malformed_every == 0
-            elif faults.qido_malformed_rate > 0.0:
-                chosen = self._qido_malformed_rng.random() < faults.qido_malformed_rate
-            else:
-                return None
-            if not chosen:
+            if not _chosen(
+                faults.qido_malformed_every,
+                faults.qido_malformed_rate,
+                self._qido_answers,
+                self._qido_malformed_rng,
+            ):
                 return None
             kinds = faults.qido_malformed_kinds
             kind = kinds[self._qido_malformed_turn % len(kinds)]
