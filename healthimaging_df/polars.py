@@ -35,7 +35,7 @@ from healthimaging_df._polars.source import (
     polars_schema,
     scan_image_sets,
 )
-from healthimaging_df._polars.source import Source as _Source  # the name frames pickled before
+from healthimaging_df._polars.source import Source as _Source  # noqa: F401  # pickled frames
 from healthimaging_df._polars.sql import PolarsSQLError, collect_sql, sql, sql_frame
 from healthimaging_df._polars.translate import Translation, translate
 
