@@ -27,6 +27,7 @@ import pandas as pd
 from healthimaging_df import cohort, schema
 from healthimaging_df.aws.quotas import QIDO_TPS
 from healthimaging_df.core.frames import with_attrs
+from healthimaging_df.core.logs import engine_error_text
 from healthimaging_df.errors import QueryValidationError
 
 if TYPE_CHECKING:
@@ -66,14 +67,7 @@ class SQLQueryError(QueryValidationError):
     """
 
     def __init__(self, kind: str, engine_message: str) -> None:
-        if kind in _SHOWN_ERRORS:
-            first = engine_message.strip().splitlines()[0] if engine_message.strip() else kind
-            text = f"DuckDB raised {kind}: {_LITERAL.sub(chr(39) + '…' + chr(39), first)}"
-        else:
-            text = (
-                f"DuckDB raised {kind}; its message, which may quote values, is withheld from "
-                "this text: see the error's engine_message"
-            )
+        text = engine_error_text("DuckDB", kind, engine_message, _SHOWN_ERRORS, _LITERAL)
         super().__init__("query", text)
         self.kind = kind
         self.engine_message = engine_message

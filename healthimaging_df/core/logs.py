@@ -221,3 +221,23 @@ def refresh() -> None:
     """Cover loggers created since the filter was installed, unless the user turned it off."""
     if _enabled:
         redact_botocore_logs(True)
+
+
+def engine_error_text(
+    engine: str, kind: str, message: str, shown: tuple[str, ...], quoted: re.Pattern[str]
+) -> str:
+    """An SQL engine's error as a text without values, for an error that users see.
+
+    A syntax or column error names columns and syntax: its first line is shown, each match of
+    *quoted* (a literal) masked as ``'…'``. Any other error can quote a cell (PHI): only its
+    class is named. *engine* is ``"A/B"`` when a shown error names A and another B
+    (``"Polars SQL/Polars"``).
+    """
+    shown_as, _, withheld_as = engine.partition("/")
+    if kind in shown:
+        first = message.strip().splitlines()[0] if message.strip() else kind
+        return f"{shown_as} raised {kind}: {quoted.sub(chr(39) + '…' + chr(39), first)}"
+    return (
+        f"{withheld_as or shown_as} raised {kind}; its message, which may quote values, is "
+        "withheld from this text: see the error's engine_message"
+    )

@@ -61,6 +61,11 @@ def _path_id(value: str, name: str) -> str:
     return value
 
 
+def _image_set_path(datastore_id: str, image_set_id: str) -> tuple[str, str]:
+    """An image set's path IDs, each checked (the datastore's first, as the service does)."""
+    return _path_id(datastore_id, "datastoreId"), _path_id(image_set_id, "imageSetId")
+
+
 def _int_param(request: Request, name: str, default: int) -> int:
     raw = request.args.get(name)
     if raw is None:
@@ -181,8 +186,7 @@ class ApiHandlers:
     def _get_image_set_metadata(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
     ) -> Response:
-        datastore_id = _path_id(datastore_id, "datastoreId")
-        image_set_id = _path_id(image_set_id, "imageSetId")
+        datastore_id, image_set_id = _image_set_path(datastore_id, image_set_id)
         blob = self.backend.get_image_set_metadata_gzip(
             datastore_id, image_set_id, _version_param(request)
         )
@@ -193,16 +197,14 @@ class ApiHandlers:
     def _get_image_set(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
     ) -> Response:
-        datastore_id = _path_id(datastore_id, "datastoreId")
-        image_set_id = _path_id(image_set_id, "imageSetId")
+        datastore_id, image_set_id = _image_set_path(datastore_id, image_set_id)
         result = self.backend.get_image_set(datastore_id, image_set_id, _version_param(request))
         return json_response(result)
 
     def _list_image_set_versions(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
     ) -> Response:
-        datastore_id = _path_id(datastore_id, "datastoreId")
-        image_set_id = _path_id(image_set_id, "imageSetId")
+        datastore_id, image_set_id = _image_set_path(datastore_id, image_set_id)
         result = self.backend.list_image_set_versions(
             datastore_id,
             image_set_id,
@@ -214,8 +216,7 @@ class ApiHandlers:
     def _update_image_set_metadata(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
     ) -> Response:
-        datastore_id = _path_id(datastore_id, "datastoreId")
-        image_set_id = _path_id(image_set_id, "imageSetId")
+        datastore_id, image_set_id = _image_set_path(datastore_id, image_set_id)
         latest = request.args.get("latestVersion")
         if latest is None:
             raise ValidationError("latestVersion is required")
@@ -253,8 +254,7 @@ class ApiHandlers:
     def _delete_image_set(
         self, request: Request, body: bytes, datastore_id: str, image_set_id: str
     ) -> Response:
-        datastore_id = _path_id(datastore_id, "datastoreId")
-        image_set_id = _path_id(image_set_id, "imageSetId")
+        datastore_id, image_set_id = _image_set_path(datastore_id, image_set_id)
         return json_response(self.backend.delete_image_set(datastore_id, image_set_id))
 
     def _copy_image_set(

@@ -39,7 +39,7 @@ from healthimaging_df.local.errors import (
     ResourceNotFound,
     ValidationError,
 )
-from healthimaging_df.local.search import check_max_results, page, parse_criteria
+from healthimaging_df.local.search import Query, check_max_results, page, parse_criteria
 from healthimaging_df.local.state import (
     FREQUENT,
     Datastore,
@@ -695,10 +695,7 @@ class Backend:
         ResourceNotFound
             Unknown datastore.
         """
-        with self._lock:
-            self._datastore(datastore_id)
-        check_max_results(max_results)
-        query = parse_criteria(criteria, datastore_id, self.one_range_filter)
+        query = self._search_request(datastore_id, criteria, max_results)
         cursor = (
             None if next_token is None else self._tokens.decode_cursor(next_token, query.canonical)
         )
@@ -708,14 +705,19 @@ class Backend:
             store = self._datastore(datastore_id)
             entries = page(store, query, cursor, max_results + 1, self.undated_first)
             rows = [copy_summary(store.current[entry[2]]) for entry in entries[:max_results]]
-        result: dict[str, Any] = {"imageSetsMetadataSummaries": rows}
+        token = None
         if len(entries) > max_results:
-            result["nextToken"] = self._tokens.encode_cursor(
-                entries[max_results - 1], query.canonical
-            )
-        if query.sort_given is not None:
-            result["sort"] = dict(query.sort_given)
-        return result
+            token = self._tokens.encode_cursor(entries[max_results - 1], query.canonical)
+        return _answer(rows, token, query)
+
+    def _search_request(
+        self, datastore_id: str, criteria: dict[str, Any] | None, max_results: int
+    ) -> Query:
+        """A SearchImageSets request checked in the service's order: datastore, size, criteria."""
+        with self._lock:
+            self._datastore(datastore_id)
+        check_max_results(max_results)
+        return parse_criteria(criteria, datastore_id, self.one_range_filter)
 
     # -- fault support ------------------------------------------------------------------------
 
@@ -731,22 +733,10 @@ class Backend:
         The request is checked as :meth:`search` checks it; a token must be one this backend
         issued for the same query (a cursor or an earlier empty page's token).
         """
-        with self._lock:
-            self._datastore(datastore_id)
-        check_max_results(max_results)
-        query = parse_criteria(criteria, datastore_id)
+        query = self._search_request(datastore_id, criteria, max_results)
         if next_token is not None:
             self._tokens.check_scope(next_token, query.canonical)
-        with self._lock:
-            self._endless += 1
-            serial = self._endless
-        result: dict[str, Any] = {
-            "imageSetsMetadataSummaries": [],
-            "nextToken": self._tokens.encode_endless(serial, query.canonical),
-        }
-        if query.sort_given is not None:
-            result["sort"] = dict(query.sort_given)
-        return result
+        return _answer([], self._endless_token(query), query)
 
     def start_page(
         self, datastore_id: str, criteria: dict[str, Any] | None, max_results: int = MAX_RESULTS
@@ -755,17 +745,8 @@ class Backend:
 
         Legal: the service may answer an empty page with a nextToken. Checked as :meth:`search`.
         """
-        with self._lock:
-            self._datastore(datastore_id)
-        check_max_results(max_results)
-        query = parse_criteria(criteria, datastore_id)
-        result: dict[str, Any] = {
-            "imageSetsMetadataSummaries": [],
-            "nextToken": self._tokens.encode_start(query.canonical),
-        }
-        if query.sort_given is not None:
-            result["sort"] = dict(query.sort_given)
-        return result
+        query = self._search_request(datastore_id, criteria, max_results)
+        return _answer([], self._tokens.encode_start(query.canonical), query)
 
     def stuck_page(
         self,
@@ -782,11 +763,15 @@ class Backend:
         if next_token is not None:
             self._tokens.check_scope(next_token, query.canonical)
         result = self.search(datastore_id, criteria, max_results)
+        result["nextToken"] = self._endless_token(query)
+        return result
+
+    def _endless_token(self, query: Query) -> str:
+        """A fresh, never-repeated token of *query* (an endless or stuck page's)."""
         with self._lock:
             self._endless += 1
             serial = self._endless
-        result["nextToken"] = self._tokens.encode_endless(serial, query.canonical)
-        return result
+        return self._tokens.encode_endless(serial, query.canonical)
 
     def apply_random_updates(
         self,
@@ -820,3 +805,13 @@ class Backend:
                     )
         self._publish(changes)
         return out
+
+
+def _answer(rows: list[dict[str, Any]], token: str | None, query: Query) -> dict[str, Any]:
+    """A SearchImageSets answer: the rows, the token when there is one, the sort when asked."""
+    result: dict[str, Any] = {"imageSetsMetadataSummaries": rows}
+    if token is not None:
+        result["nextToken"] = token
+    if query.sort_given is not None:
+        result["sort"] = dict(query.sort_given)
+    return result

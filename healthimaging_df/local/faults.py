@@ -167,49 +167,19 @@ class Faults:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for settings that cannot be honoured."""
-        if self.latency_ms < 0:
-            raise ValueError("latency_ms must be >= 0")
-        if self.tps is not None and self.tps <= 0:
-            raise ValueError("tps must be > 0 (or None for no limit)")
-        if self.burst is not None and self.burst < 1:
-            raise ValueError("burst must be >= 1 (or None for the default)")
-        if self.window_tps is not None and (
-            not isinstance(self.window_tps, int) or self.window_tps < 1
-        ):
-            raise ValueError("window_tps must be an int >= 1 (or None for no window)")
+        """Raise ``ValueError`` for settings that cannot be honoured (the first rule broken)."""
+        for broken, message in _RULES:
+            if broken(self):
+                raise ValueError(message)
         for operation, quota in (self.operation_quotas or {}).items():
             if not isinstance(quota, tuple) or len(quota) != 2 or quota[0] <= 0 or quota[1] < 1:
                 raise ValueError(f"operation_quotas[{operation}] must be (rate > 0, burst >= 1)")
-        for name in (
-            "error_rate",
-            "malformed_rate",
-            "update_tags_rate",
-            "qido_malformed_rate",
-            "qido_short_rate",
-        ):
+        for name in _FRACTIONS:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
-        if self.malformed_every is not None and self.malformed_every < 1:
-            raise ValueError("malformed_every must be >= 1 (or None)")
-        if not self.malformed_kinds or not set(self.malformed_kinds) <= set(MALFORMED_KINDS):
-            raise ValueError(f"malformed_kinds must be a non-empty subset of {MALFORMED_KINDS}")
-        if self.qido_malformed_every is not None and self.qido_malformed_every < 1:
-            raise ValueError("qido_malformed_every must be >= 1 (or None)")
-        if not self.qido_malformed_kinds or not set(self.qido_malformed_kinds) <= set(
-            QIDO_MALFORMED_KINDS
-        ):
-            raise ValueError(
-                f"qido_malformed_kinds must be a non-empty subset of {QIDO_MALFORMED_KINDS}"
-            )
-        if self.qido_page_cap is not None and (
-            isinstance(self.qido_page_cap, bool)
-            or not isinstance(self.qido_page_cap, int)
-            or self.qido_page_cap < 1
-        ):
-            raise ValueError("qido_page_cap must be an int >= 1 (or None)")
-        if not (self.update_rate >= 0.0 and math.isfinite(self.update_rate)):
-            raise ValueError("update_rate must be a finite number >= 0")
+        for broken, message in _LATER_RULES:
+            if broken(self):
+                raise ValueError(message)
         for tag in self.update_tags:
             if tag not in UPDATABLE and not (tag.startswith("DICOM") and tag.isalnum()):
                 raise ValueError("update_tags must name DICOM summary tags or isPrimary")
@@ -219,6 +189,69 @@ class Faults:
         quotas = dict(DOCUMENTED_QUOTAS) if self.documented_quotas else {}
         quotas.update(self.operation_quotas or {})
         return quotas
+
+
+def _not_at_least_one(value: object) -> bool:
+    """An optional count that is set but not an int >= 1 (a bool is no count)."""
+    return value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    )
+
+
+def _not_subset(kinds: tuple[str, ...], known: tuple[str, ...]) -> bool:
+    return not kinds or not set(kinds) <= set(known)
+
+
+_Rule = tuple[Callable[[Faults], bool], str]
+
+# each rule: (broken?, message), checked in this order; the first broken one is raised
+_RULES: tuple[_Rule, ...] = (
+    (lambda f: f.latency_ms < 0, "latency_ms must be >= 0"),
+    (lambda f: f.tps is not None and f.tps <= 0, "tps must be > 0 (or None for no limit)"),
+    (
+        lambda f: f.burst is not None and f.burst < 1,
+        "burst must be >= 1 (or None for the default)",
+    ),
+    (
+        lambda f: (
+            f.window_tps is not None and (not isinstance(f.window_tps, int) or f.window_tps < 1)
+        ),
+        "window_tps must be an int >= 1 (or None for no window)",
+    ),
+)
+_FRACTIONS = (
+    "error_rate",
+    "malformed_rate",
+    "update_tags_rate",
+    "qido_malformed_rate",
+    "qido_short_rate",
+)
+_LATER_RULES: tuple[_Rule, ...] = (
+    (
+        lambda f: f.malformed_every is not None and f.malformed_every < 1,
+        "malformed_every must be >= 1 (or None)",
+    ),
+    (
+        lambda f: _not_subset(f.malformed_kinds, MALFORMED_KINDS),
+        f"malformed_kinds must be a non-empty subset of {MALFORMED_KINDS}",
+    ),
+    (
+        lambda f: f.qido_malformed_every is not None and f.qido_malformed_every < 1,
+        "qido_malformed_every must be >= 1 (or None)",
+    ),
+    (
+        lambda f: _not_subset(f.qido_malformed_kinds, QIDO_MALFORMED_KINDS),
+        f"qido_malformed_kinds must be a non-empty subset of {QIDO_MALFORMED_KINDS}",
+    ),
+    (
+        lambda f: _not_at_least_one(f.qido_page_cap),
+        "qido_page_cap must be an int >= 1 (or None)",
+    ),
+    (
+        lambda f: not (f.update_rate >= 0.0 and math.isfinite(f.update_rate)),
+        "update_rate must be a finite number >= 0",
+    ),
+)
 
 
 class TokenBucket:
@@ -384,6 +417,13 @@ class Stats:
 _EVENT_COUNTERS = ("emitted", "lost", "duplicated", "delivered", "failed")
 
 
+def _chosen(every: int | None, rate: float, number: int, rng: random.Random) -> bool:
+    """Whether answer *number* is malformed: every n-th when set, else drawn at *rate*."""
+    if every is not None:
+        return number % every == 0
+    return rate > 0.0 and rng.random() < rate  # no draw at rate 0
+
+
 def _bump(counter: dict[str, int], key: str) -> None:
     counter[key] = counter.get(key, 0) + 1
 
@@ -533,13 +573,9 @@ class StatsRecorder:
         with self._lock:
             self._check_seed()
             self._searches += 1
-            if faults.malformed_every is not None:
-                chosen = self._searches % faults.malformed_every == 0
-            elif faults.malformed_rate > 0.0:
-                chosen = self._malformed_rng.random() < faults.malformed_rate
-            else:
-                return None
-            if not chosen:
+            if not _chosen(
+                faults.malformed_every, faults.malformed_rate, self._searches, self._malformed_rng
+            ):
                 return None
             kinds = faults.malformed_kinds
             kind = kinds[self._malformed_turn % len(kinds)]
@@ -572,13 +608,12 @@ class StatsRecorder:
         with self._lock:
             self._check_seed()
             self._qido_answers += 1
-            if faults.qido_malformed_every is not None:
-                chosen = self._qido_answers % faults.qido_malformed_every == 0
-            elif faults.qido_malformed_rate > 0.0:
-                chosen = self._qido_malformed_rng.random() < faults.qido_malformed_rate
-            else:
-                return None
-            if not chosen:
+            if not _chosen(
+                faults.qido_malformed_every,
+                faults.qido_malformed_rate,
+                self._qido_answers,
+                self._qido_malformed_rng,
+            ):
                 return None
             kinds = faults.qido_malformed_kinds
             kind = kinds[self._qido_malformed_turn % len(kinds)]

@@ -119,6 +119,19 @@ def _parse_between_value(attribute: str, value: Any, where: str) -> int:
     return to_us(parse_timestamp(value, f"{where}.{attribute}"))
 
 
+def _check_operator(
+    where: str, operator: str, attribute: str, allowed: tuple[str, ...], given: int, takes: int
+) -> None:
+    """Raise unless *operator* applies to *attribute* and was given the *takes* values it needs."""
+    if attribute not in allowed:
+        raise ValidationError(f"{where}: {operator} applies to {', '.join(allowed)} only")
+    if given != takes:
+        raise ValidationError(f"{where}: {operator} takes exactly {_NUMBERS[takes]}")
+
+
+_NUMBERS = {1: "one value", 2: "two values"}
+
+
 def parse_criteria(criteria: Any, datastore_id: str, one_range: bool = False) -> Query:
     """Validate ``searchCriteria`` (already JSON-decoded) into a :class:`Query`.
 
@@ -171,22 +184,12 @@ def parse_criteria(criteria: Any, datastore_id: str, one_range: bool = False) ->
             if attribute in equal or attribute in ranges:
                 raise ValidationError(f"{where}: {attribute} is already filtered by another filter")
             if operator == "EQUAL":
-                if attribute not in EQUAL_ATTRIBUTES:
-                    raise ValidationError(
-                        f"{where}: EQUAL applies to {', '.join(EQUAL_ATTRIBUTES)} only"
-                    )
-                if len(values) != 1:
-                    raise ValidationError(f"{where}: EQUAL takes exactly one value")
+                _check_operator(where, "EQUAL", attribute, EQUAL_ATTRIBUTES, len(values), 1)
                 value = _parse_equal_value(attribute, values[0][attribute], f"{where}.values[0]")
                 equal[attribute] = value
                 canonical_filters.append([attribute, "EQUAL", value])
             else:
-                if attribute not in BETWEEN_ATTRIBUTES:
-                    raise ValidationError(
-                        f"{where}: BETWEEN applies to {', '.join(BETWEEN_ATTRIBUTES)} only"
-                    )
-                if len(values) != 2:
-                    raise ValidationError(f"{where}: BETWEEN takes exactly two values")
+                _check_operator(where, "BETWEEN", attribute, BETWEEN_ATTRIBUTES, len(values), 2)
                 low = _parse_between_value(attribute, values[0][attribute], f"{where}.values[0]")
                 high = _parse_between_value(attribute, values[1][attribute], f"{where}.values[1]")
                 if low > high:

@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cohort",
         "plot",
         "polars",
+        "_polars",
         "checkup",
         "conformance",
         "options",
