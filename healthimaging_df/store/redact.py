@@ -44,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from healthimaging_df import schema
+from healthimaging_df.core import checks
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 
 MIN_KEY_BYTES = 32
@@ -70,8 +71,7 @@ def generate_key(nbytes: int = 32) -> str:
 
     Store it in a secrets manager; ``RedactionPolicy(key=generate_key())`` uses it as UTF-8.
     """
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < MIN_KEY_BYTES:
-        raise QueryValidationError("nbytes", f"must be an integer of at least {MIN_KEY_BYTES}")
+    checks.integer("nbytes", nbytes, minimum=MIN_KEY_BYTES)
     return secrets.token_urlsafe(nbytes)
 
 
@@ -144,8 +144,7 @@ class RedactionPolicy:
             if not isinstance(getattr(self, flag), bool):
                 raise QueryValidationError(flag, "must be True or False")
         days = self.max_shift_days
-        if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-            raise QueryValidationError("max_shift_days", "must be a positive integer")
+        checks.positive_int("max_shift_days", days)
         if days > MAX_SHIFT_DAYS:
             raise QueryValidationError(
                 "max_shift_days",
