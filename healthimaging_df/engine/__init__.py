@@ -7,8 +7,8 @@ passes) and ``changes`` (a refresh's delta).
 
 from __future__ import annotations
 
+from healthimaging_df.engine.prepared import Run
 from healthimaging_df.engine.run import (
-    Run,
     changes,
     check_positive_int,
     choose,

@@ -31,7 +31,7 @@ import pyarrow as pa
 from healthimaging_df.core import dates
 from healthimaging_df.engine.fetch import PAGE_ROWS, stream
 from healthimaging_df.engine.frame import Collector
-from healthimaging_df.engine.run import Run
+from healthimaging_df.engine.prepared import Run
 from healthimaging_df.plan import compile_plan, predicates
 
 __all__ = [

@@ -50,7 +50,7 @@ from healthimaging_df.plan import (
 from healthimaging_df.plan.qido import RESOLVE_TAGS, answer_keys
 
 if TYPE_CHECKING:
-    from healthimaging_df.engine.run import Run
+    from healthimaging_df.engine.prepared import Run
 
 log = logging.getLogger(__name__)
 

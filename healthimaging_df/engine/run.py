@@ -15,7 +15,6 @@ import signal
 import threading
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -29,7 +28,7 @@ from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.engine import flatten, provenance, statistics
 from healthimaging_df.engine.checkpoint import Checkpoint
-from healthimaging_df.engine.fetch import Coverage, FetchOptions, PageStream, Prefetched, stream
+from healthimaging_df.engine.fetch import Coverage, FetchOptions, PageStream, stream
 from healthimaging_df.engine.frame import (
     Buffer,
     Chunker,
@@ -39,6 +38,7 @@ from healthimaging_df.engine.frame import (
     result_memory_pool,
     split_page,
 )
+from healthimaging_df.engine.prepared import Run
 from healthimaging_df.engine.spill import SPILL_PREFIX, SortedRows, SpillDir, TaskRows
 from healthimaging_df.errors import QueryValidationError, SnapshotError
 from healthimaging_df.plan import (
@@ -56,19 +56,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Writer = Callable[[pa.Table | SortedRows, dict[str, Any]], T]
-
-
-@dataclass(frozen=True)
-class Run:
-    """How to run a plan: checked by :func:`prepare` before any request is sent."""
-
-    client: Any
-    fetch: FetchOptions
-    progress: Progress
-    dtype_backend: schema.DtypeBackend
-    # first pages a probe read that the chosen scan starts from (see :func:`choose`)
-    prefetched: Prefetched = field(default_factory=dict, repr=False, compare=False)
-    dicomweb_endpoint_url: str | None = None  # where QIDO-RS lives, when given
 
 
 def check_dtype_backend(dtype_backend: Any) -> schema.DtypeBackend:
