@@ -2,45 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from typing import Any
 
+# the contract checks shipped in the package read study date-times the same way
+from healthimaging_df.conformance import record_study_datetime, request_study_datetime
+
 UTC = timezone.utc
-
-
-def record_study_datetime(tags: dict[str, Any]) -> datetime | None:
-    date = tags.get("DICOMStudyDate")
-    if not isinstance(date, str) or not re.fullmatch(r"\d{8}", date):
-        return None
-    time = tags.get("DICOMStudyTime") or ""
-    m = re.fullmatch(r"(\d\d)(\d\d)?(\d\d)?(?:\.(\d{1,6}))?", time) if time else None
-    if time and m is None:
-        return None
-    try:
-        day = datetime.strptime(date, "%Y%m%d")
-    except ValueError:
-        return None
-    if m is None:
-        return day
-    return day.replace(
-        hour=int(m[1]),
-        minute=int(m[2] or 0),
-        second=int(m[3] or 0),
-        microsecond=int((m[4] or "0").ljust(6, "0")),
-    )
-
-
-def request_study_datetime(value: dict[str, str]) -> datetime:
-    day = datetime.strptime(value["DICOMStudyDate"], "%Y%m%d")
-    time = value.get("DICOMStudyTime", "000000")
-    whole, _, frac = time.partition(".")
-    return day.replace(
-        hour=int(whole[:2]),
-        minute=int(whole[2:4]),
-        second=int(whole[4:6]),
-        microsecond=int(frac.ljust(6, "0")) if frac else 0,
-    )
 
 
 def _utc(value: datetime | str) -> datetime:
