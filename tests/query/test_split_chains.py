@@ -19,6 +19,7 @@ import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.engine import fetch
+from healthimaging_df.engine.fetch import windows
 from healthimaging_df.errors import HealthImagingDFWarning
 from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.local.backend import Backend
@@ -121,7 +122,7 @@ def _service(n: int, seed: int) -> LocalService:
 @pytest.fixture
 def burst_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[LocalService]:
     monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
-    monkeypatch.setattr(fetch, "_REFUSED_PAIRS", set())
+    monkeypatch.setattr(windows, "_REFUSED_PAIRS", set())
     with _service(1500, seed=12) as service:
         yield service
 
