@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -172,6 +172,24 @@ class TableInfo:
     provenance: dict[str, Any] = field(repr=False)
 
 
+class Commit(TypedDict):
+    """How a write or merge commits: on the version it read, closing files at a size.
+
+    ``expected_version``: a table that moved past it raises ``SnapshotConflictError`` (None:
+    the latest at call time); ``target_file_size``: bytes at which a data file is closed.
+    """
+
+    expected_version: int | None
+    target_file_size: int | None
+
+
+class TableWrite(Commit):
+    """A write's :class:`Commit` and its partition columns and reader's row count."""
+
+    partition_by: Sequence[str] | None
+    num_rows: int | None
+
+
 class TableFormat(abc.ABC):
     """One table of one format at one location; every method is one read or one commit.
 
@@ -185,7 +203,6 @@ class TableFormat(abc.ABC):
     def exists(self) -> bool:
         """Whether a table is there (a foreign or damaged one raises ``SnapshotError``)."""
 
-    @abc.abstractmethod
     def write(
         self,
         data: pa.Table | pa.RecordBatchReader,
@@ -196,9 +213,28 @@ class TableFormat(abc.ABC):
         num_rows: int | None = None,
         target_file_size: int | None = None,
     ) -> WriteResult:
-        """Create the table or replace its content, in one commit (rows in the order given)."""
+        """Create the table or replace its content, in one commit (rows in the order given).
+
+        *partition_by* None keeps the table's partitioning (none for a new table); a reader's
+        rows are counted in *num_rows*.
+        """
+        request = TableWrite(
+            partition_by=partition_by,
+            num_rows=num_rows,
+            expected_version=expected_version,
+            target_file_size=target_file_size,
+        )
+        return self._write(data, provenance, request)
 
     @abc.abstractmethod
+    def _write(
+        self,
+        data: pa.Table | pa.RecordBatchReader,
+        provenance: Mapping[str, Any],
+        request: TableWrite,
+    ) -> WriteResult:
+        """:meth:`write` in this format."""
+
     def merge(
         self,
         incoming: pa.Table,
@@ -215,6 +251,18 @@ class TableFormat(abc.ABC):
         holding touched rows are rewritten, in ``createdAt`` order at *target_file_size*; nothing
         is committed (``version`` None) when nothing changes. ``merge(empty, ids, ...)`` deletes.
         """
+        commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
+        return self._merge(incoming, removed_ids, provenance, commit)
+
+    @abc.abstractmethod
+    def _merge(
+        self,
+        incoming: pa.Table,
+        removed_ids: Sequence[str],
+        provenance: Mapping[str, Any],
+        commit: Commit,
+    ) -> MergeResult:
+        """:meth:`merge` in this format."""
 
     def delete_ids(
         self,
@@ -225,14 +273,8 @@ class TableFormat(abc.ABC):
         target_file_size: int | None = None,
     ) -> MergeResult:
         """Delete the rows of *ids* (absent ones are ignored), in one commit."""
-        empty = self.head().table
-        return self.merge(
-            empty,
-            ids,
-            provenance,
-            expected_version=expected_version,
-            target_file_size=target_file_size,
-        )
+        commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
+        return self._merge(self.head().table, ids, provenance, commit)
 
     @abc.abstractmethod
     def read(

@@ -14,10 +14,12 @@ from healthimaging_df.store.delta import maintenance, merge, read, write
 from healthimaging_df.store.delta.log import classify, options_for, table_location
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.table_format import (
+    Commit,
     MergeResult,
     TableFormat,
     TableInfo,
     TableVersion,
+    TableWrite,
     WriteResult,
 )
 
@@ -48,36 +50,23 @@ class DeltaFormat(TableFormat):
         with translated("opening the snapshot"):
             return classify(self.uri, self.storage_options) == "table"
 
-    def write(
+    def _write(
         self,
         data: pa.Table | pa.RecordBatchReader,
         provenance: Mapping[str, Any],
-        *,
-        partition_by: Sequence[str] | None = None,
-        expected_version: int | None = None,
-        num_rows: int | None = None,
-        target_file_size: int | None = None,
+        request: TableWrite,
     ) -> WriteResult:
         """See ``write.write_table``."""
         return write.write_table(
-            self.uri,
-            data,
-            provenance,
-            partition_by=partition_by,
-            storage_options=self.storage_options,
-            expected_version=expected_version,
-            target_file_size=target_file_size,
-            num_rows=num_rows,
+            self.uri, data, provenance, storage_options=self.storage_options, **request
         )
 
-    def merge(
+    def _merge(
         self,
         incoming: pa.Table,
         removed_ids: Sequence[str],
         provenance: Mapping[str, Any],
-        *,
-        expected_version: int | None = None,
-        target_file_size: int | None = None,
+        commit: Commit,
     ) -> MergeResult:
         """See ``merge.merge_table``."""
         return merge.merge_table(
@@ -85,9 +74,8 @@ class DeltaFormat(TableFormat):
             incoming,
             removed_ids,
             provenance,
-            expected_version=expected_version,
             storage_options=self.storage_options,
-            target_file_size=target_file_size,
+            **commit,
         )
 
     def read(

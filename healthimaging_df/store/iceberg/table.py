@@ -44,10 +44,12 @@ from healthimaging_df.store.merging import (
     replace_going,
 )
 from healthimaging_df.store.table_format import (
+    Commit,
     MergeResult,
     TableFormat,
     TableInfo,
     TableVersion,
+    TableWrite,
     WriteResult,
     check_data,
     check_filter,
@@ -283,18 +285,19 @@ class IcebergFormat(TableFormat):
                     table_metadata=metadata, df=chunk, io=io, write_uuid=uuid, counter=counter
                 )
 
-    def write(
+    def _write(
         self,
         data: pa.Table | pa.RecordBatchReader,
         provenance: Mapping[str, Any],
-        *,
-        partition_by: Sequence[str] | None = None,
-        expected_version: int | None = None,
-        num_rows: int | None = None,
-        target_file_size: int | None = None,
+        request: TableWrite,
     ) -> WriteResult:
         """Create the table or replace its content, in one snapshot (rows in the order given)."""
         action = "writing the snapshot"
+        partition_by, num_rows = request["partition_by"], request["num_rows"]
+        expected_version, target_file_size = (
+            request["expected_version"],
+            request["target_file_size"],
+        )
         data, rows = check_data(data, num_rows)
         prov = check_provenance(provenance)
         check_version(expected_version, None)
@@ -391,16 +394,18 @@ class IcebergFormat(TableFormat):
             provenance=prov,
         )
 
-    def merge(
+    def _merge(
         self,
         incoming: pa.Table,
         removed_ids: Sequence[str],
         provenance: Mapping[str, Any],
-        *,
-        expected_version: int | None = None,
-        target_file_size: int | None = None,
+        commit: Commit,
     ) -> MergeResult:
-        """Upsert and delete by ``imageSetId`` in one snapshot, rewriting only touched files."""
+        """Upsert and delete by ``imageSetId`` in one snapshot, rewriting only touched files.
+
+        Files are as the table's properties size them (``target_file_size`` is a write's).
+        """
+        expected_version = commit["expected_version"]
         action = "merging into the snapshot"
         key = "imageSetId"
         prov = check_provenance(provenance)
