@@ -30,14 +30,7 @@ from healthimaging_df.options import (
     subset,
 )
 from healthimaging_df.query import Query
-from healthimaging_df.snapshot import (
-    TARGET_FILE_SIZE,
-    check_redact,
-    locate,
-    read_table,
-    write_table,
-)
-from healthimaging_df.store.layout import derive_columns, file_order
+from healthimaging_df.snapshot import check_redact, commit_rows, locate, read_table
 from healthimaging_df.store.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.store.table_format import retry_on_conflict
 from healthimaging_df.store.tables import (
@@ -244,21 +237,10 @@ def refresh_snapshot(
 
     def once() -> RefreshReport:
         table, meta = read_table(where, None, None)
-        version = meta.get("version")
         change = _refresh_table(table, dict(meta["provenance"]), **refresh)
-        if where.table is None:
-            write_table(where, change.result, change.provenance, [])
-            return change.report
-        if not change.report.changed and not change.incoming.num_rows:
-            return change.report
-        incoming = derive_columns(file_order(change.incoming), meta["derived_columns"])
-        where.table.merge(
-            incoming,
-            list(change.report.removed),
-            change.provenance,
-            expected_version=version,
-            target_file_size=TARGET_FILE_SIZE,
-        )
+        if where.table is None or change.report.changed or change.incoming.num_rows:
+            removed = list(change.report.removed)
+            commit_rows(where, meta, change.result, change.incoming, removed, change.provenance)
         return change.report
 
     return retry_on_conflict(once, attempts=attempts)

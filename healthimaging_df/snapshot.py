@@ -567,6 +567,32 @@ def _write_table_format(
     )
 
 
+def commit_rows(
+    where: Location,
+    meta: dict[str, Any],
+    result: pa.Table,
+    incoming: pa.Table,
+    removed: list[str],
+    provenance: dict[str, Any],
+) -> None:
+    """A refresh's or a sync's commit: upsert *incoming*, delete *removed* by ID.
+
+    A table (Delta or Iceberg) gets one MERGE based on the version read (*meta*, as
+    :func:`read_table` described it), its rows in file order with the derived partition
+    columns; a single file is rewritten whole as *result*.
+    """
+    if where.table is None:
+        write_table(where, result, provenance, [])
+        return
+    where.table.merge(
+        derive_columns(file_order(incoming), meta["derived_columns"]),
+        removed,
+        provenance,
+        expected_version=meta.get("version"),
+        target_file_size=TARGET_FILE_SIZE,
+    )
+
+
 # -- read ---------------------------------------------------------------------------------------
 
 

@@ -48,8 +48,7 @@ from healthimaging_df.refresh import (
     refresh_snapshot,
     tiers_observed_at,
 )
-from healthimaging_df.snapshot import TARGET_FILE_SIZE, Location, locate, read_table, write_table
-from healthimaging_df.store.layout import derive_columns, file_order
+from healthimaging_df.snapshot import Location, commit_rows, locate, read_table
 from healthimaging_df.store.redact import RedactionPolicy
 from healthimaging_df.store.table_format import retry_on_conflict
 
@@ -366,7 +365,7 @@ def _apply_batch(
         )
         keep()
         if result is not None:
-            _commit(target, meta, result, incoming, removed, new_prov)
+            commit_rows(target, meta, result, incoming, removed, new_prov)
             outcome.committed = True
         # recorded once per batch, after the commit (a retried attempt records nothing twice)
         report.poison.extend((m.message_id, reason) for m, reason in batch.poison)
@@ -375,33 +374,6 @@ def _apply_batch(
         return outcome
 
     return retry_on_conflict(once, attempts=attempts)
-
-
-# -- the snapshot's storage: the one place that names the table format -------------------------
-
-
-def _commit(
-    target: Location,
-    meta: dict[str, Any],
-    result: pa.Table,
-    incoming: pa.Table,
-    removed: list[str],
-    provenance: dict[str, Any],
-) -> None:
-    """One commit: upsert *incoming*, delete *removed* by ID (a file: rewritten as *result*).
-
-    Through the table format (Delta or Iceberg), based on the version read.
-    """
-    if target.table is None:
-        write_table(target, result, provenance, [])
-        return
-    target.table.merge(
-        derive_columns(file_order(incoming), meta["derived_columns"]),
-        removed,
-        provenance,
-        expected_version=meta.get("version"),
-        target_file_size=TARGET_FILE_SIZE,
-    )
 
 
 def _plan_batch(
