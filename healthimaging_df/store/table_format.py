@@ -184,10 +184,29 @@ class Commit(TypedDict):
 
 
 class TableWrite(Commit):
-    """A write's :class:`Commit` and its partition columns and reader's row count."""
+    """:meth:`TableFormat.write`'s arguments, as a format's ``_write`` gets them."""
 
+    table: pa.Table | pa.RecordBatchReader
+    provenance: Mapping[str, Any]
     partition_by: Sequence[str] | None
     num_rows: int | None
+
+
+class TableMerge(Commit):
+    """:meth:`TableFormat.merge`'s arguments, as a format's ``_merge`` gets them."""
+
+    incoming: pa.Table
+    removed_ids: Sequence[str]
+    provenance: Mapping[str, Any]
+
+
+class TableRead(TypedDict):
+    """:meth:`TableFormat.read`'s arguments, as a format's ``_read`` gets them."""
+
+    version: int | None
+    as_of: datetime | None
+    columns: Sequence[str] | None
+    filters: Any
 
 
 class TableFormat(abc.ABC):
@@ -218,21 +237,18 @@ class TableFormat(abc.ABC):
         *partition_by* None keeps the table's partitioning (none for a new table); a reader's
         rows are counted in *num_rows*.
         """
+        commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
         request = TableWrite(
+            table=data,
+            provenance=provenance,
             partition_by=partition_by,
             num_rows=num_rows,
-            expected_version=expected_version,
-            target_file_size=target_file_size,
+            **commit,
         )
-        return self._write(data, provenance, request)
+        return self._write(request)
 
     @abc.abstractmethod
-    def _write(
-        self,
-        data: pa.Table | pa.RecordBatchReader,
-        provenance: Mapping[str, Any],
-        request: TableWrite,
-    ) -> WriteResult:
+    def _write(self, request: TableWrite) -> WriteResult:
         """:meth:`write` in this format."""
 
     def merge(
@@ -252,16 +268,13 @@ class TableFormat(abc.ABC):
         is committed (``version`` None) when nothing changes. ``merge(empty, ids, ...)`` deletes.
         """
         commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
-        return self._merge(incoming, removed_ids, provenance, commit)
+        request = TableMerge(
+            incoming=incoming, removed_ids=removed_ids, provenance=provenance, **commit
+        )
+        return self._merge(request)
 
     @abc.abstractmethod
-    def _merge(
-        self,
-        incoming: pa.Table,
-        removed_ids: Sequence[str],
-        provenance: Mapping[str, Any],
-        commit: Commit,
-    ) -> MergeResult:
+    def _merge(self, request: TableMerge) -> MergeResult:
         """:meth:`merge` in this format."""
 
     def delete_ids(
@@ -273,10 +286,15 @@ class TableFormat(abc.ABC):
         target_file_size: int | None = None,
     ) -> MergeResult:
         """Delete the rows of *ids* (absent ones are ignored), in one commit."""
-        commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
-        return self._merge(self.head().table, ids, provenance, commit)
+        empty = self.head().table
+        return self.merge(
+            empty,
+            ids,
+            provenance,
+            expected_version=expected_version,
+            target_file_size=target_file_size,
+        )
 
-    @abc.abstractmethod
     def read(
         self,
         *,
@@ -286,6 +304,11 @@ class TableFormat(abc.ABC):
         filters: Any = None,
     ) -> TableVersion:
         """One version's rows (types as written) and provenance; the latest by default."""
+        return self._read(TableRead(version=version, as_of=as_of, columns=columns, filters=filters))
+
+    @abc.abstractmethod
+    def _read(self, request: TableRead) -> TableVersion:
+        """:meth:`read` in this format."""
 
     def head(self, *, version: int | None = None, as_of: datetime | None = None) -> TableVersion:
         """One version without rows: its schema, provenance, version, time and partitioning."""

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import pyarrow as pa
 import pyarrow.dataset as pads
 
 from healthimaging_df.store.delta import maintenance, merge, read, write
 from healthimaging_df.store.delta.log import classify, options_for, table_location
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.table_format import (
-    Commit,
     MergeResult,
     TableFormat,
     TableInfo,
+    TableMerge,
+    TableRead,
     TableVersion,
     TableWrite,
     WriteResult,
@@ -50,51 +50,17 @@ class DeltaFormat(TableFormat):
         with translated("opening the snapshot"):
             return classify(self.uri, self.storage_options) == "table"
 
-    def _write(
-        self,
-        data: pa.Table | pa.RecordBatchReader,
-        provenance: Mapping[str, Any],
-        request: TableWrite,
-    ) -> WriteResult:
+    def _write(self, request: TableWrite) -> WriteResult:
         """See ``write.write_table``."""
-        return write.write_table(
-            self.uri, data, provenance, storage_options=self.storage_options, **request
-        )
+        return write.write_table(self.uri, storage_options=self.storage_options, **request)
 
-    def _merge(
-        self,
-        incoming: pa.Table,
-        removed_ids: Sequence[str],
-        provenance: Mapping[str, Any],
-        commit: Commit,
-    ) -> MergeResult:
+    def _merge(self, request: TableMerge) -> MergeResult:
         """See ``merge.merge_table``."""
-        return merge.merge_table(
-            self.uri,
-            incoming,
-            removed_ids,
-            provenance,
-            storage_options=self.storage_options,
-            **commit,
-        )
+        return merge.merge_table(self.uri, storage_options=self.storage_options, **request)
 
-    def read(
-        self,
-        *,
-        version: int | None = None,
-        as_of: datetime | None = None,
-        columns: Sequence[str] | None = None,
-        filters: Any = None,
-    ) -> TableVersion:
+    def _read(self, request: TableRead) -> TableVersion:
         """See ``read.read_table``."""
-        return read.read_table(
-            self.uri,
-            version=version,
-            as_of=as_of,
-            columns=columns,
-            filters=filters,
-            storage_options=self.storage_options,
-        )
+        return read.read_table(self.uri, storage_options=self.storage_options, **request)
 
     def scan(self, *, version: int | None = None, as_of: datetime | None = None) -> pads.Dataset:
         """See ``read.dataset``."""
