@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -23,15 +22,15 @@ from healthimaging_df.core import checks
 from healthimaging_df.engine import frame, provenance
 from healthimaging_df.engine.provenance import KEY as METADATA_KEY
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
-from healthimaging_df.query import Query
-from healthimaging_df.snapshot import (
-    TARGET_FILE_SIZE,
-    check_redact,
-    locate,
-    read_table,
-    write_table,
+from healthimaging_df.options import (
+    RefreshOptions,
+    RefreshSnapshotOptions,
+    WriteLocation,
+    keywords,
+    subset,
 )
-from healthimaging_df.store.layout import derive_columns, file_order
+from healthimaging_df.query import Query
+from healthimaging_df.snapshot import check_redact, commit_rows, locate, read_table
 from healthimaging_df.store.redact import RedactionPolicy, apply_redaction
 from healthimaging_df.store.table_format import retry_on_conflict
 from healthimaging_df.store.tables import (
@@ -44,6 +43,8 @@ from healthimaging_df.store.tables import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from healthimaging_df.core.progress import Progress
 
 DEFAULT_MARGIN = timedelta(minutes=5)
@@ -131,8 +132,19 @@ class RefreshReport:
         return display.section("RefreshReport", self._rows())
 
 
-def refresh_frame(
-    df: pd.DataFrame,
+@dataclass(frozen=True)
+class _Change:
+    """A refresh's outcome: the merged table, and the rows and ids a MERGE needs."""
+
+    result: pa.Table
+    incoming: pa.Table
+    provenance: dict[str, Any]
+    report: RefreshReport
+
+
+def _refresh_table(
+    table: pa.Table,
+    prov: dict[str, Any],
     *,
     client: Any = None,
     boto3_session: Any = None,
@@ -143,6 +155,22 @@ def refresh_frame(
     max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
     reconcile: bool = False,
+) -> _Change:
+    """A refresh of *table* (provenance *prov*); the options of :func:`refresh_frame`."""
+    checks.flag("reconcile", reconcile)
+    query = checked_query(table, prov, query, redact, margin)
+    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
+    if reconcile:
+        return reconciled(table, prov, query, redact, run)
+    since = _refresh_since(prov, table, margin)
+    started = datetime.now(timezone.utc)
+    fetched = engine.changes(query.datastore_id, since, started + timedelta(days=2), run)
+    return apply_fetched(table, prov, query, redact, fetched, run.client, started, since)
+
+
+@keywords(RefreshOptions, _refresh_table)
+def refresh_frame(
+    df: pd.DataFrame, **options: Unpack[RefreshOptions]
 ) -> tuple[pd.DataFrame, RefreshReport]:
     """Bring a frame from this library up to date without re-reading the whole datastore.
 
@@ -181,44 +209,18 @@ def refresh_frame(
         raise QueryValidationError("df", "must be a pandas DataFrame")
     prov = dict(df.attrs.get(METADATA_KEY) or {})
     table = frame_to_table(df)
-    change = _refresh_table(
-        table,
-        prov,
-        client=client,
-        boto3_session=boto3_session,
-        query=query,
-        redact=redact,
-        margin=margin,
-        progress=progress,
-        max_concurrency=max_concurrency,
-        max_tps=max_tps,
-        reconcile=reconcile,
-    )
+    change = _refresh_table(table, prov, **options)
     out = table_to_frame(change.result, dtype_backend_of(df), list(df.columns))
     out.attrs[METADATA_KEY] = change.provenance
     return out, change.report
 
 
+@keywords(RefreshSnapshotOptions, _refresh_table, locate)
 def refresh_snapshot(
     path: str | os.PathLike[str] | None = None,
     *,
-    client: Any = None,
-    boto3_session: Any = None,
-    query: Query | None = None,
-    redact: RedactionPolicy | None = None,
-    margin: timedelta = DEFAULT_MARGIN,
-    progress: Progress = None,
-    max_concurrency: int | None = None,
-    max_tps: float | None = SEARCH_TPS,
-    reconcile: bool = False,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    kms_key_id: str | None = None,
     attempts: int = 5,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **options: Unpack[RefreshSnapshotOptions],
 ) -> RefreshReport:
     """Refresh the snapshot at *path* (or the Iceberg table *iceberg_table*) in place, atomically.
 
@@ -230,85 +232,18 @@ def refresh_snapshot(
     the refresh reads the new version and runs again, up to *attempts* times in all. A
     single-file snapshot is rewritten whole. Returns what changed.
     """
-    where = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-        kms_key_id=kms_key_id,
-    )
+    where = locate(path, **subset(options, WriteLocation))
+    refresh = subset(options, RefreshOptions)
 
     def once() -> RefreshReport:
         table, meta = read_table(where, None, None)
-        version = meta.get("version")
-        change = _refresh_table(
-            table,
-            dict(meta["provenance"]),
-            client=client,
-            boto3_session=boto3_session,
-            query=query,
-            redact=redact,
-            margin=margin,
-            progress=progress,
-            max_concurrency=max_concurrency,
-            max_tps=max_tps,
-            reconcile=reconcile,
-        )
-        if where.table is None:
-            write_table(where, change.result, change.provenance, [])
-            return change.report
-        if not change.report.changed and not change.incoming.num_rows:
-            return change.report
-        incoming = derive_columns(file_order(change.incoming), meta["derived_columns"])
-        where.table.merge(
-            incoming,
-            list(change.report.removed),
-            change.provenance,
-            expected_version=version,
-            target_file_size=TARGET_FILE_SIZE,
-        )
+        change = _refresh_table(table, dict(meta["provenance"]), **refresh)
+        if where.table is None or change.report.changed or change.incoming.num_rows:
+            removed = list(change.report.removed)
+            commit_rows(where, meta, change.result, change.incoming, removed, change.provenance)
         return change.report
 
     return retry_on_conflict(once, attempts=attempts)
-
-
-@dataclass(frozen=True)
-class _Change:
-    """A refresh's outcome: the merged table, and the rows and ids a MERGE needs."""
-
-    result: pa.Table
-    incoming: pa.Table
-    provenance: dict[str, Any]
-    report: RefreshReport
-
-
-def _refresh_table(
-    table: pa.Table,
-    prov: dict[str, Any],
-    *,
-    client: Any,
-    boto3_session: Any,
-    query: Query | None,
-    redact: RedactionPolicy | None,
-    margin: timedelta,
-    progress: Progress,
-    max_concurrency: int | None,
-    max_tps: float | None,
-    reconcile: bool = False,
-) -> _Change:
-    checks.flag("reconcile", reconcile)
-    query = checked_query(table, prov, query, redact, margin)
-    run = engine.prepare(client, boto3_session, progress, max_concurrency, max_tps)
-    if reconcile:
-        return reconciled(table, prov, query, redact, run)
-    since = _refresh_since(prov, table, margin)
-    started = datetime.now(timezone.utc)
-    fetched = engine.changes(query.datastore_id, since, started + timedelta(days=2), run)
-    return apply_fetched(table, prov, query, redact, fetched, run.client, started, since)
 
 
 def checked_query(
@@ -412,14 +347,8 @@ def apply_fetched(
     matching = frame.apply_predicates(fetched, query.predicates)
     replaced = pc.is_in(old_ids, value_set=fetched.column("imageSetId").combine_chunks())
     kept = table.filter(pc.invert(pc.fill_null(replaced, False)))
-    incoming_df = schema.arrow_to_pandas(matching)
-    if redact is not None:
-        incoming_df = apply_redaction(incoming_df, redact)
-    incoming = frame_to_table(incoming_df[[c for c in table.column_names if c in incoming_df]])
-    missing = [c for c in table.column_names if c not in incoming.column_names]
-    if missing:
-        raise SnapshotError(f"cannot refresh columns not in the schema: {', '.join(missing)}")
-    merged = pa.concat_tables([kept, incoming.select(table.column_names).cast(table.schema)])
+    incoming = _as_stored(matching, table, redact)
+    merged = pa.concat_tables([kept, incoming])
     result = frame.order(frame.latest_rows(merged), query.compile())
 
     new_ids = set(result.column("imageSetId").to_pylist())
@@ -487,14 +416,7 @@ def reconciled(
     started = datetime.now(timezone.utc)
     plan = engine.choose(lambda stats: query.compile(stats=stats), run)
     fresh, _ = engine.collect_table(plan, query.to_json(), run)
-    fresh_df = schema.arrow_to_pandas(fresh)
-    if redact is not None:
-        fresh_df = apply_redaction(fresh_df, redact)
-    incoming = frame_to_table(fresh_df[[c for c in table.column_names if c in fresh_df]])
-    missing = [c for c in table.column_names if c not in incoming.column_names]
-    if missing:
-        raise SnapshotError(f"cannot refresh columns not in the schema: {', '.join(missing)}")
-    incoming = incoming.select(table.column_names).cast(table.schema)
+    incoming = _as_stored(fresh, table, redact)
 
     def states(rows: pa.Table) -> dict[str, tuple[Any, ...]]:
         tiers = [
@@ -553,6 +475,18 @@ def reconciled(
         reconciled=True,
     )
     return _Change(result, changed_rows, new_prov, report)
+
+
+def _as_stored(rows: pa.Table, table: pa.Table, redact: RedactionPolicy | None) -> pa.Table:
+    """*rows* (as the service returned them) as *table* holds rows: redacted, its columns, typed."""
+    rows_df = schema.arrow_to_pandas(rows)
+    if redact is not None:
+        rows_df = apply_redaction(rows_df, redact)
+    stored = frame_to_table(rows_df[[c for c in table.column_names if c in rows_df]])
+    missing = [c for c in table.column_names if c not in stored.column_names]
+    if missing:
+        raise SnapshotError(f"cannot refresh columns not in the schema: {', '.join(missing)}")
+    return stored.select(table.column_names).cast(table.schema)
 
 
 def _tier_changes(old: pa.Table, new: pa.Table, ids: list[str]) -> set[str]:

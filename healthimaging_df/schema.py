@@ -111,6 +111,30 @@ def _tag(
     return Column(name, ("DICOMTags", key), kind, description, phi=True, level=level, **extra)  # type: ignore[arg-type]
 
 
+def _id_tag(
+    name: str, key: str, description: str, level: Level, *, rank: int, **extra: object
+) -> Column:
+    """A tag that identifies a patient, study or series.
+
+    The API matches it EQUAL (values up to 512 characters), the planner pushes it as an ``id``
+    (*rank*: its preference among them, 0 first), a redaction hashes it.
+    """
+    return _tag(
+        name,
+        key,
+        "string",
+        description,
+        level,
+        search_key=key,
+        search_operator="EQUAL",
+        max_length=512,
+        pushdown="id",
+        rank=rank,
+        deid="hash",
+        **extra,
+    )
+
+
 COLUMNS: tuple[Column, ...] = (
     Column(
         "imageSetId",
@@ -159,19 +183,8 @@ COLUMNS: tuple[Column, ...] = (
         pushdown="flag",
         shown=True,
     ),
-    _tag(
-        "PatientID",
-        "DICOMPatientId",
-        "string",
-        "Patient ID (0010,0020).",
-        "patient",
-        search_key="DICOMPatientId",
-        search_operator="EQUAL",
-        max_length=512,
-        pushdown="id",
-        rank=3,
-        deid="hash",
-        shown=True,
+    _id_tag(
+        "PatientID", "DICOMPatientId", "Patient ID (0010,0020).", "patient", rank=3, shown=True
     ),
     _tag(
         "PatientName",
@@ -192,33 +205,15 @@ COLUMNS: tuple[Column, ...] = (
     _tag(
         "PatientSex", "DICOMPatientSex", "string", "Patient's sex (0010,0040): M, F, O.", "patient"
     ),
-    _tag(
+    _id_tag(
         "StudyInstanceUID",
         "DICOMStudyInstanceUID",
-        "string",
         "Study Instance UID (0020,000D).",
         "study",
-        search_key="DICOMStudyInstanceUID",
-        search_operator="EQUAL",
-        max_length=512,
-        uid=True,
-        pushdown="id",
         rank=1,
-        deid="hash",
+        uid=True,
     ),
-    _tag(
-        "StudyID",
-        "DICOMStudyId",
-        "string",
-        "Study ID (0020,0010).",
-        "study",
-        search_key="DICOMStudyId",
-        search_operator="EQUAL",
-        max_length=512,
-        pushdown="id",
-        rank=4,
-        deid="hash",
-    ),
+    _id_tag("StudyID", "DICOMStudyId", "Study ID (0020,0010).", "study", rank=4),
     _tag(
         "StudyDescription",
         "DICOMStudyDescription",
@@ -240,32 +235,16 @@ COLUMNS: tuple[Column, ...] = (
         "Number of instances in the study (0020,1208).",
         "study",
     ),
-    _tag(
-        "AccessionNumber",
-        "DICOMAccessionNumber",
-        "string",
-        "Accession number (0008,0050).",
-        "study",
-        search_key="DICOMAccessionNumber",
-        search_operator="EQUAL",
-        max_length=512,
-        pushdown="id",
-        rank=2,
-        deid="hash",
+    _id_tag(
+        "AccessionNumber", "DICOMAccessionNumber", "Accession number (0008,0050).", "study", rank=2
     ),
-    _tag(
+    _id_tag(
         "SeriesInstanceUID",
         "DICOMSeriesInstanceUID",
-        "string",
         "Series Instance UID (0020,000E).",
         "series",
-        search_key="DICOMSeriesInstanceUID",
-        search_operator="EQUAL",
-        max_length=512,
-        uid=True,
-        pushdown="id",
         rank=0,
-        deid="hash",
+        uid=True,
     ),
     _tag(
         "Modality",

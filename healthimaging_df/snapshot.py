@@ -42,6 +42,13 @@ from healthimaging_df.engine import provenance
 from healthimaging_df.engine.checkpoint import Checkpoint, fingerprint, private_root, private_store
 from healthimaging_df.engine.spill import spill_prefix
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
+from healthimaging_df.options import (
+    ReadLocation,
+    S3Location,
+    SnapshotReadOptions,
+    WriteLocation,
+    keywords,
+)
 from healthimaging_df.plan import Plan
 from healthimaging_df.store import delta, layout, single
 from healthimaging_df.store.errors import translated
@@ -68,6 +75,8 @@ from healthimaging_df.store.table_format import (
 from healthimaging_df.store.tables import frame_to_table, table_to_frame
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from healthimaging_df.core.progress import Progress
 
 
@@ -397,6 +406,7 @@ def redacted_provenance(prov: dict[str, Any], policy: RedactionPolicy) -> dict[s
 # -- write --------------------------------------------------------------------------------------
 
 
+@keywords(WriteLocation, locate)
 def write_snapshot(
     df: pd.DataFrame,
     path: str | os.PathLike[str] | None = None,
@@ -404,17 +414,10 @@ def write_snapshot(
     partition_cols: Sequence[str] | None = None,
     redact: RedactionPolicy | None = None,
     provenance: dict[str, Any] | None = None,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    kms_key_id: str | None = None,
     compression: str = "zstd",
     row_group_size: int = 128 * 1024,
     glue_table: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **location: Unpack[WriteLocation],
 ) -> SnapshotInfo:
     """Write *df* as a snapshot, atomically replacing any previous snapshot there.
 
@@ -457,17 +460,7 @@ def write_snapshot(
     if not isinstance(df, pd.DataFrame):
         raise QueryValidationError("df", "must be a pandas DataFrame")
     check_redact(redact)
-    where = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-        kms_key_id=kms_key_id,
-    )
+    where = locate(path, **location)
     check_glue_table(glue_table, where)
     _check_parquet_options(compression, row_group_size)
     parts = check_partition_cols(where, partition_cols)
@@ -574,6 +567,32 @@ def _write_table_format(
     )
 
 
+def commit_rows(
+    where: Location,
+    meta: dict[str, Any],
+    result: pa.Table,
+    incoming: pa.Table,
+    removed: list[str],
+    provenance: dict[str, Any],
+) -> None:
+    """A refresh's or a sync's commit: upsert *incoming*, delete *removed* by ID.
+
+    A table (Delta or Iceberg) gets one MERGE based on the version read (*meta*, as
+    :func:`read_table` described it), its rows in file order with the derived partition
+    columns; a single file is rewritten whole as *result*.
+    """
+    if where.table is None:
+        write_table(where, result, provenance, [])
+        return
+    where.table.merge(
+        derive_columns(file_order(incoming), meta["derived_columns"]),
+        removed,
+        provenance,
+        expected_version=meta.get("version"),
+        target_file_size=TARGET_FILE_SIZE,
+    )
+
+
 # -- read ---------------------------------------------------------------------------------------
 
 
@@ -585,19 +604,8 @@ def _check_chunk_rows(chunk_rows: Any) -> None:
 def read_snapshot(
     path: str | os.PathLike[str] | None = ...,
     *,
-    dtype_backend: schema.DtypeBackend = ...,
-    columns: Sequence[str] | None = ...,
-    filters: Any = ...,
-    version: int | None = ...,
-    as_of: datetime | None = ...,
     chunk_rows: None = ...,
-    boto3_session: Any = ...,
-    region: str | None = ...,
-    s3_endpoint_url: str | None = ...,
-    iceberg_table: str | None = ...,
-    catalog: str | None = ...,
-    warehouse: str | None = ...,
-    catalog_properties: Mapping[str, str] | None = ...,
+    **options: Unpack[SnapshotReadOptions],
 ) -> pd.DataFrame: ...
 
 
@@ -605,22 +613,12 @@ def read_snapshot(
 def read_snapshot(
     path: str | os.PathLike[str] | None = ...,
     *,
-    dtype_backend: schema.DtypeBackend = ...,
-    columns: Sequence[str] | None = ...,
-    filters: Any = ...,
-    version: int | None = ...,
-    as_of: datetime | None = ...,
     chunk_rows: int,
-    boto3_session: Any = ...,
-    region: str | None = ...,
-    s3_endpoint_url: str | None = ...,
-    iceberg_table: str | None = ...,
-    catalog: str | None = ...,
-    warehouse: str | None = ...,
-    catalog_properties: Mapping[str, str] | None = ...,
+    **options: Unpack[SnapshotReadOptions],
 ) -> Iterator[pd.DataFrame]: ...
 
 
+@keywords(ReadLocation, locate)
 def read_snapshot(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -630,13 +628,7 @@ def read_snapshot(
     version: int | None = None,
     as_of: datetime | None = None,
     chunk_rows: int | None = None,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **location: Unpack[ReadLocation],
 ) -> pd.DataFrame | Iterator[pd.DataFrame]:
     """Read a snapshot back as a typed frame with its provenance in ``attrs``.
 
@@ -674,16 +666,7 @@ def read_snapshot(
         raise QueryValidationError("dtype_backend", f"must be one of {schema.DTYPE_BACKENDS}")
     columns = _names_argument("columns", columns)
     _check_chunk_rows(chunk_rows)
-    where = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-    )
+    where = locate(path, **location)
     _check_time_travel(where, version, as_of)
     if chunk_rows is not None:
         return _read_chunks(where, columns, filters, version, as_of, chunk_rows, dtype_backend)
@@ -824,30 +807,16 @@ def _canonical_order(frame: pd.DataFrame, provenance: dict[str, Any]) -> pd.Data
     return out
 
 
+@keywords(ReadLocation, locate)
 def snapshot_provenance(
     path: str | os.PathLike[str] | None = None,
     *,
     version: int | None = None,
     as_of: datetime | None = None,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **location: Unpack[ReadLocation],
 ) -> dict[str, Any]:
     """The provenance of a snapshot (of one version, the latest by default), without its rows."""
-    where = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-    )
+    where = locate(path, **location)
     _check_time_travel(where, version, as_of)
     if where.table is None:
         assert where.target is not None
@@ -855,18 +824,13 @@ def snapshot_provenance(
     return dict(where.table.head(version=version, as_of=as_of).provenance)
 
 
+@keywords(ReadLocation, locate)
 def scan_snapshot(
     path: str | os.PathLike[str] | None = None,
     *,
     version: int | None = None,
     as_of: datetime | None = None,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **location: Unpack[ReadLocation],
 ) -> pads.Dataset:
     """A lazy ``pyarrow.dataset.Dataset`` of a snapshot, for DuckDB, Polars and Dask.
 
@@ -874,16 +838,7 @@ def scan_snapshot(
     *version* / *as_of* as in :func:`read_snapshot`). Every data file is checked against the
     table's log (there, with the recorded size) first; files are opened when scanned.
     """
-    where = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-    )
+    where = locate(path, **location)
     _check_time_travel(where, version, as_of)
     if where.table is None:
         assert where.target is not None
@@ -891,33 +846,9 @@ def scan_snapshot(
     return where.table.scan(version=version, as_of=as_of)
 
 
-def _table_location(
-    path: str | os.PathLike[str] | None,
-    boto3_session: Any,
-    region: str | None,
-    s3_endpoint_url: str | None,
-    iceberg: dict[str, Any],
-) -> TableFormat:
-    where = locate(
-        path,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-        **iceberg,
-    )
-    return _table_of(where)
-
-
+@keywords(ReadLocation, locate)
 def snapshot_history(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    path: str | os.PathLike[str] | None = None, **location: Unpack[ReadLocation]
 ) -> pd.DataFrame:
     """Every version of a table snapshot, newest first.
 
@@ -925,27 +856,14 @@ def snapshot_history(
     ``operation`` (WRITE, MERGE, VACUUM END, OPTIMIZE...), ``rows_added``, ``rows_updated``,
     ``rows_removed`` and ``provenance`` (a dict). :func:`snapshot_info` gives the protocol.
     """
-    iceberg = {
-        "iceberg_table": iceberg_table,
-        "catalog": catalog,
-        "warehouse": warehouse,
-        "catalog_properties": catalog_properties,
-    }
-    rows = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).history()
+    rows = _table_of(locate(path, **location)).history()
     history: pd.DataFrame = SnapshotHistory(rows)
     return history
 
 
+@keywords(ReadLocation, locate)
 def snapshot_info(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    path: str | os.PathLike[str] | None = None, **location: Unpack[ReadLocation]
 ) -> TableInfo:
     """A table snapshot's format, version, protocol and features, rows, files and provenance.
 
@@ -954,13 +872,7 @@ def snapshot_info(
     ``timestampNtz`` feature until :func:`downgrade_snapshot` rewrote it. An Iceberg table
     gives its ``format_version``.
     """
-    iceberg = {
-        "iceberg_table": iceberg_table,
-        "catalog": catalog,
-        "warehouse": warehouse,
-        "catalog_properties": catalog_properties,
-    }
-    return _table_location(path, boto3_session, region, s3_endpoint_url, iceberg).info()
+    return _table_of(locate(path, **location)).info()
 
 
 # provenance entries shown in a history's display: none holds a value of the query
@@ -1001,44 +913,26 @@ def _provenance_shown(prov: Any) -> str:
     return "; ".join(["query withheld (PHI)", *shown])
 
 
+@keywords(ReadLocation, locate)
 def vacuum_snapshot(
     path: str | os.PathLike[str] | None = None,
     *,
     retain: timedelta,
     dry_run: bool = True,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **location: Unpack[ReadLocation],
 ) -> int:
     """Delete data files no version of the last *retain* needs; returns how many (would) go.
 
     Versions older than *retain* cannot be read afterwards (Iceberg: their snapshots are
     expired). ``dry_run=True`` (the default) only counts. Delta rounds *retain* up to hours.
     """
-    iceberg = {
-        "iceberg_table": iceberg_table,
-        "catalog": catalog,
-        "warehouse": warehouse,
-        "catalog_properties": catalog_properties,
-    }
-    table = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg)
+    table = _table_of(locate(path, **location))
     return table.expire(retain, dry_run=dry_run)
 
 
+@keywords(ReadLocation, locate)
 def optimize_snapshot(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    path: str | os.PathLike[str] | None = None, **location: Unpack[ReadLocation]
 ) -> int | None:
     """Compact a table's files into ``createdAt``-sorted files of the target size, on request.
 
@@ -1046,22 +940,13 @@ def optimize_snapshot(
     them in one commit (rows and provenance unchanged). Returns the new version, or None when
     nothing was rewritten.
     """
-    iceberg = {
-        "iceberg_table": iceberg_table,
-        "catalog": catalog,
-        "warehouse": warehouse,
-        "catalog_properties": catalog_properties,
-    }
-    table = _table_location(path, boto3_session, region, s3_endpoint_url, iceberg)
+    table = _table_of(locate(path, **location))
     return table.optimize(target_file_size=TARGET_FILE_SIZE).version
 
 
+@keywords(S3Location, locate)
 def downgrade_snapshot(
-    path: str | os.PathLike[str],
-    *,
-    boto3_session: Any = None,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
+    path: str | os.PathLike[str], **location: Unpack[S3Location]
 ) -> dict[str, int]:
     """Rewrite a Delta snapshot written at reader 3 (``timestampNtz``) at reader 1 / writer 2.
 
@@ -1070,9 +955,7 @@ def downgrade_snapshot(
     table gets a new id (``CREATE OR REPLACE``), and between its two commits a reader sees no
     rows (run it when nothing reads the table). Returns the protocol after.
     """
-    where = locate(
-        path, boto3_session=boto3_session, region=region, s3_endpoint_url=s3_endpoint_url
-    )
+    where = locate(path, **location)
     if not isinstance(where.table, delta.DeltaFormat):
         raise QueryValidationError("path", "downgrade applies to a Delta (directory) snapshot")
     return where.table.downgrade()
@@ -1081,12 +964,12 @@ def downgrade_snapshot(
 # -- export with checkpoints ----------------------------------------------------------------
 
 
+@keywords(WriteLocation, locate)
 def export_query(
     query: ExportableQuery,
     path: str | os.PathLike[str] | None = None,
     *,
     client: Any = None,
-    boto3_session: Any = None,
     progress: Progress = None,
     max_concurrency: int | None = None,
     max_tps: float | None = SEARCH_TPS,
@@ -1094,16 +977,10 @@ def export_query(
     redact: RedactionPolicy | None = None,
     resume: bool = True,
     checkpoint_interval: float = 5.0,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
-    kms_key_id: str | None = None,
     compression: str = "zstd",
     glue_table: str | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
     dicomweb_endpoint_url: str | None = None,
+    **location: Unpack[WriteLocation],
 ) -> SnapshotInfo:
     """Run *query* and write its result as a snapshot, checkpointing as it goes.
 
@@ -1149,17 +1026,7 @@ def export_query(
         raise QueryValidationError("checkpoint_interval", "must be a number of seconds >= 0")
     if not isinstance(resume, bool):
         raise QueryValidationError("resume", "must be True or False")
-    where = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-        kms_key_id=kms_key_id,
-    )
+    where = locate(path, **location)
     check_glue_table(glue_table, where)
     parts = check_partition_cols(where, partition_cols)
     check_schema_partitions(parts)
@@ -1168,7 +1035,7 @@ def export_query(
     _check_foreign_folder(where)
     run = engine.prepare(
         client,
-        boto3_session,
+        location.get("boto3_session"),
         progress,
         max_concurrency,
         max_tps,
@@ -1184,14 +1051,14 @@ def export_query(
     destination = _destination_key(where)
     # a redacted export's checkpoint and spill files hold raw rows: never beside the target
     private = redact is not None or where.target is None
-    location = private_store(destination) if private else None
+    checkpoint_store = private_store(destination) if private else None
     spill_parent = (
         str(private_root())
         if private or where.target is None
         else where.target.store.folder_of(where.target.name)
     )
     target = where.target if where.target is not None else _private_target(destination)
-    checkpoint = Checkpoint(target, fingerprint(query.to_json()), location)
+    checkpoint = Checkpoint(target, fingerprint(query.to_json()), checkpoint_store)
     coverage = checkpoint.load() if resume else None
     if not resume:
         checkpoint.discard()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -30,25 +30,31 @@ import pyarrow.compute as pc
 from healthimaging_df import engine, schema
 from healthimaging_df.aws import session as aws_session
 from healthimaging_df.aws.errors import aws_errors, failure, service_error
-from healthimaging_df.aws.quotas import SEARCH_TPS
 from healthimaging_df.core import checks, dates
 from healthimaging_df.engine import events, frame
 from healthimaging_df.errors import QueryValidationError
+from healthimaging_df.options import (
+    RefreshSnapshotOptions,
+    SyncOptions,
+    WriteLocation,
+    keywords,
+    subset,
+)
 from healthimaging_df.query import Query
 from healthimaging_df.refresh import (
-    DEFAULT_MARGIN,
     RefreshReport,
     apply_fetched,
     checked_query,
     refresh_snapshot,
     tiers_observed_at,
 )
-from healthimaging_df.snapshot import TARGET_FILE_SIZE, Location, locate, read_table, write_table
-from healthimaging_df.store.layout import derive_columns, file_order
+from healthimaging_df.snapshot import Location, commit_rows, locate, read_table
 from healthimaging_df.store.redact import RedactionPolicy
 from healthimaging_df.store.table_format import retry_on_conflict
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from healthimaging_df.core.progress import Progress
 
 __all__ = ["SyncReport", "sync_snapshot"]
@@ -61,7 +67,19 @@ _KEPT = ("fetched_at", "fetch_started_at", "refreshed_since")
 
 
 @dataclass
-class SyncReport:
+class _Counts:
+    """What a sync, or one batch of it, changed and spent (see :class:`SyncReport`)."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    requests: int = 0
+    retried: int = 0
+    unresolved: int = 0
+
+
+@dataclass
+class SyncReport(_Counts):
     """What a sync did (counts only; no image set ID or value).
 
     Attributes
@@ -98,12 +116,6 @@ class SyncReport:
     commits: int = 0
     messages: int = 0
     deleted_messages: int = 0
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    requests: int = 0
-    retried: int = 0
-    unresolved: int = 0
     poison: list[tuple[str, str]] = field(default_factory=list)
     id_keys: dict[str, int] = field(default_factory=dict)
     reconciles: list[RefreshReport] = field(default_factory=list)
@@ -129,28 +141,19 @@ class _Settings:
 
 
 @dataclass
-class _Outcome:
+class _Outcome(_Counts):
     """One batch's result: the messages to delete, and counts for the report."""
 
-    done: list[events.Message]
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    requests: int = 0
-    retried: int = 0
-    unresolved: int = 0
+    done: list[events.Message] = field(default_factory=list)
     committed: bool = False
 
 
+@keywords(SyncOptions, refresh_snapshot)
 def sync_snapshot(
     path: str | os.PathLike[str] | None = None,
     *,
     queue_url: str,
-    client: Any = None,
     sqs_client: Any = None,
-    boto3_session: Any = None,
-    query: Query | None = None,
-    redact: RedactionPolicy | None = None,
     once: bool = False,
     progress: Progress = True,
     reconcile_every: timedelta | None = None,
@@ -159,19 +162,10 @@ def sync_snapshot(
     visibility_timeout: int = 300,
     max_receives: int = 5,
     max_batches: int | None = None,
-    margin: timedelta = DEFAULT_MARGIN,
-    max_concurrency: int | None = None,
-    max_tps: float | None = SEARCH_TPS,
-    region: str | None = None,
-    s3_endpoint_url: str | None = None,
     sqs_endpoint_url: str | None = None,
-    kms_key_id: str | None = None,
     attempts: int = 5,
     stop: threading.Event | None = None,
-    iceberg_table: str | None = None,
-    catalog: str | None = None,
-    warehouse: str | None = None,
-    catalog_properties: Mapping[str, str] | None = None,
+    **options: Unpack[SyncOptions],
 ) -> SyncReport:
     """Apply the HealthImaging events waiting in an SQS queue to the snapshot at *path*.
 
@@ -239,46 +233,30 @@ def sync_snapshot(
         wait_seconds=wait_seconds,
         visibility_timeout=visibility_timeout,
         reconcile_every=reconcile_every,
-        margin=margin,
+        margin=options["margin"],
         progress=progress,
         stop=stop,
     )
-    target = locate(
-        path,
-        iceberg_table=iceberg_table,
-        catalog=catalog,
-        warehouse=warehouse,
-        catalog_properties=catalog_properties,
-        boto3_session=boto3_session,
-        region=region,
-        s3_endpoint_url=s3_endpoint_url,
-        kms_key_id=kms_key_id,
+    target = locate(path, **subset(options, WriteLocation))
+    session = options["boto3_session"]
+    sqs = sqs_client or _sqs_client(queue_url, session, options["region"], sqs_endpoint_url)
+    run = engine.prepare(
+        options["client"], session, False, options["max_concurrency"], options["max_tps"]
     )
-    sqs = sqs_client or _sqs_client(queue_url, boto3_session, region, sqs_endpoint_url)
-    run = engine.prepare(client, boto3_session, False, max_concurrency, max_tps)
-    settings = _Settings(query, redact, margin, max_receives, run)
+    settings = _Settings(options["query"], options["redact"], options["margin"], max_receives, run)
     report = SyncReport()
     halt = stop or threading.Event()
-    refresh_args: dict[str, Any] = {
+    # a reconcile runs as refresh_snapshot, on the same snapshot with the same client and pace
+    reconcile: RefreshSnapshotOptions = {
+        **options,
         "client": run.client,
-        "query": query,
-        "redact": redact,
-        "max_concurrency": max_concurrency,
-        "max_tps": max_tps,
-        "region": region,
-        "s3_endpoint_url": s3_endpoint_url,
-        "kms_key_id": kms_key_id,
-        "boto3_session": boto3_session,
         "progress": False,
-        "iceberg_table": iceberg_table,
-        "catalog": catalog,
-        "warehouse": warehouse,
-        "catalog_properties": catalog_properties,
+        "reconcile": True,
     }
     with _signals(halt, enabled=not once) as idle:
         while not halt.is_set():
             if reconcile_every is not None and _reconcile_due(target, reconcile_every):
-                found = refresh_snapshot(path, reconcile=True, **refresh_args)
+                found = refresh_snapshot(path, **reconcile)
                 report.reconciles.append(found)
                 log.info("sync: reconciled: %s", found)
             try:
@@ -362,12 +340,9 @@ def _count(report: SyncReport, received: int, outcome: _Outcome, failed: int) ->
     report.messages += received
     report.deleted_messages += len(outcome.done) - failed
     report.commits += outcome.committed
-    report.added += outcome.added
-    report.updated += outcome.updated
-    report.removed += outcome.removed
-    report.requests += outcome.requests
-    report.retried += outcome.retried
-    report.unresolved += outcome.unresolved
+    for counted in fields(_Counts):
+        name = counted.name
+        setattr(report, name, getattr(report, name) + getattr(outcome, name))
 
 
 def _apply_batch(
@@ -390,7 +365,7 @@ def _apply_batch(
         )
         keep()
         if result is not None:
-            _commit(target, meta, result, incoming, removed, new_prov)
+            commit_rows(target, meta, result, incoming, removed, new_prov)
             outcome.committed = True
         # recorded once per batch, after the commit (a retried attempt records nothing twice)
         report.poison.extend((m.message_id, reason) for m, reason in batch.poison)
@@ -399,33 +374,6 @@ def _apply_batch(
         return outcome
 
     return retry_on_conflict(once, attempts=attempts)
-
-
-# -- the snapshot's storage: the one place that names the table format -------------------------
-
-
-def _commit(
-    target: Location,
-    meta: dict[str, Any],
-    result: pa.Table,
-    incoming: pa.Table,
-    removed: list[str],
-    provenance: dict[str, Any],
-) -> None:
-    """One commit: upsert *incoming*, delete *removed* by ID (a file: rewritten as *result*).
-
-    Through the table format (Delta or Iceberg), based on the version read.
-    """
-    if target.table is None:
-        write_table(target, result, provenance, [])
-        return
-    target.table.merge(
-        derive_columns(file_order(incoming), meta["derived_columns"]),
-        removed,
-        provenance,
-        expected_version=meta.get("version"),
-        target_file_size=TARGET_FILE_SIZE,
-    )
 
 
 def _plan_batch(
@@ -470,7 +418,7 @@ def _plan_batch(
     result = _without(change.result, event_removed)
     done, retried, unresolved = _settle_messages(batch, behind, settings.max_receives)
     outcome = _Outcome(
-        done,
+        done=done,
         added=len(change.report.added),
         updated=len(change.report.updated),
         removed=len(removed),

@@ -15,7 +15,9 @@ from healthimaging_df._polars.expr import Untranslatable, const
 
 _CMP = {"Eq": "eq", "NotEq": "ne", "Lt": "lt", "LtEq": "le", "Gt": "gt", "GtEq": "ge"}
 _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "eq": "eq", "ne": "ne"}
-_META = set(".^$*+?{}[]\\|()")
+# a regex matching one text only: characters that are not metacharacters, and escaped
+# punctuation (an escaped letter or digit is a class or an assertion: \d, \w, \b)
+_LITERAL_REGEX = re.compile(r"(?:[^.^$*+?{}\[\]\\|()]|\\[^\w]|\\_)*")
 
 
 @dataclass(frozen=True)
@@ -206,20 +208,9 @@ _LIKE = re.compile(r"\^\(\?s\)(?P<lead>\.\*)?(?P<body>.*?)(?P<tail>\.\*)?\$", re
 
 def _literal(pattern: str) -> str | None:
     """The text a regex matches literally (escapes undone), or None if it has metacharacters."""
-    out, escaped = [], False
-    for char in pattern:
-        if escaped:
-            if char.isalnum():
-                return None  # \d, \w...: a class, not a character
-            out.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char in _META:
-            return None
-        else:
-            out.append(char)
-    return None if escaped else "".join(out)
+    if _LITERAL_REGEX.fullmatch(pattern) is None:
+        return None
+    return re.sub(r"\\(.)", r"\1", pattern, flags=re.DOTALL)
 
 
 def _regex(column: str, pattern: str) -> Cond:

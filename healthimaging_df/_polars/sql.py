@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from healthimaging_df._polars.source import Source, scan_image_sets
-from healthimaging_df.aws.quotas import SEARCH_TPS
 from healthimaging_df.core.logs import engine_error_text
-from healthimaging_df.core.progress import Progress
 from healthimaging_df.errors import QueryValidationError
+from healthimaging_df.options import ScanOptions, keywords
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _SHOWN_ERRORS = ("SQLSyntaxError", "SQLInterfaceError", "ColumnNotFoundError")
 _QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"\\]|\\.)*\"")
@@ -33,43 +35,20 @@ class PolarsSQLError(QueryValidationError):
         self.engine_message = engine_message
 
 
-def sql_frame(
-    query: str,
-    *,
-    datastore_id: str,
-    client: Any = None,
-    boto3_session: Any = None,
-    progress: Progress = False,
-    max_concurrency: int | None = None,
-    max_tps: float | None = SEARCH_TPS,
-) -> pl.LazyFrame:
+@keywords(ScanOptions, scan_image_sets)
+def sql_frame(query: str, *, datastore_id: str, **options: Unpack[ScanOptions]) -> pl.LazyFrame:
     """:func:`sql`'s lazy frame: Polars SQL over ``image_sets`` (a :func:`scan_image_sets`)."""
     if not isinstance(query, str) or not query.strip():
         raise QueryValidationError("query", "must be a non-empty SQL text")
-    scan = scan_image_sets(
-        datastore_id,
-        client=client,
-        boto3_session=boto3_session,
-        progress=progress,
-        max_concurrency=max_concurrency,
-        max_tps=max_tps,
-    )
+    scan = scan_image_sets(datastore_id, **options)
     context = pl.SQLContext(frames={"image_sets": scan})
     frame: pl.LazyFrame = _sql_call(lambda: context.execute(query, eager=False))
     frame._ahi_source = scan._ahi_source  # type: ignore[attr-defined]
     return frame
 
 
-def sql(
-    query: str,
-    *,
-    datastore_id: str,
-    client: Any = None,
-    boto3_session: Any = None,
-    progress: Progress = False,
-    max_concurrency: int | None = None,
-    max_tps: float | None = SEARCH_TPS,
-) -> pl.DataFrame:
+@keywords(ScanOptions, scan_image_sets)
+def sql(query: str, *, datastore_id: str, **options: Unpack[ScanOptions]) -> pl.DataFrame:
     """Run Polars SQL on a live datastore: ``FROM image_sets``, its WHERE reaching the planner.
 
     ``ahi.sql("SELECT StudyInstanceUID, count(*) AS n FROM image_sets WHERE PatientID = 'P1'
@@ -78,15 +57,7 @@ def sql(
     rollups are GROUP BY ``StudyInstanceUID`` / ``PatientID``. A query Polars cannot run raises
     :class:`PolarsSQLError`; the service's errors are the library's typed ones.
     """
-    frame = sql_frame(
-        query,
-        datastore_id=datastore_id,
-        client=client,
-        boto3_session=boto3_session,
-        progress=progress,
-        max_concurrency=max_concurrency,
-        max_tps=max_tps,
-    )
+    frame = sql_frame(query, datastore_id=datastore_id, **options)
     return collect_sql(frame)
 
 

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -172,6 +172,43 @@ class TableInfo:
     provenance: dict[str, Any] = field(repr=False)
 
 
+class Commit(TypedDict):
+    """How a write or merge commits: on the version it read, closing files at a size.
+
+    ``expected_version``: a table that moved past it raises ``SnapshotConflictError`` (None:
+    the latest at call time); ``target_file_size``: bytes at which a data file is closed.
+    """
+
+    expected_version: int | None
+    target_file_size: int | None
+
+
+class TableWrite(Commit):
+    """:meth:`TableFormat.write`'s arguments, as a format's ``_write`` gets them."""
+
+    table: pa.Table | pa.RecordBatchReader
+    provenance: Mapping[str, Any]
+    partition_by: Sequence[str] | None
+    num_rows: int | None
+
+
+class TableMerge(Commit):
+    """:meth:`TableFormat.merge`'s arguments, as a format's ``_merge`` gets them."""
+
+    incoming: pa.Table
+    removed_ids: Sequence[str]
+    provenance: Mapping[str, Any]
+
+
+class TableRead(TypedDict):
+    """:meth:`TableFormat.read`'s arguments, as a format's ``_read`` gets them."""
+
+    version: int | None
+    as_of: datetime | None
+    columns: Sequence[str] | None
+    filters: Any
+
+
 class TableFormat(abc.ABC):
     """One table of one format at one location; every method is one read or one commit.
 
@@ -185,7 +222,6 @@ class TableFormat(abc.ABC):
     def exists(self) -> bool:
         """Whether a table is there (a foreign or damaged one raises ``SnapshotError``)."""
 
-    @abc.abstractmethod
     def write(
         self,
         data: pa.Table | pa.RecordBatchReader,
@@ -196,9 +232,25 @@ class TableFormat(abc.ABC):
         num_rows: int | None = None,
         target_file_size: int | None = None,
     ) -> WriteResult:
-        """Create the table or replace its content, in one commit (rows in the order given)."""
+        """Create the table or replace its content, in one commit (rows in the order given).
+
+        *partition_by* None keeps the table's partitioning (none for a new table); a reader's
+        rows are counted in *num_rows*.
+        """
+        commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
+        request = TableWrite(
+            table=data,
+            provenance=provenance,
+            partition_by=partition_by,
+            num_rows=num_rows,
+            **commit,
+        )
+        return self._write(request)
 
     @abc.abstractmethod
+    def _write(self, request: TableWrite) -> WriteResult:
+        """:meth:`write` in this format."""
+
     def merge(
         self,
         incoming: pa.Table,
@@ -215,6 +267,15 @@ class TableFormat(abc.ABC):
         holding touched rows are rewritten, in ``createdAt`` order at *target_file_size*; nothing
         is committed (``version`` None) when nothing changes. ``merge(empty, ids, ...)`` deletes.
         """
+        commit = Commit(expected_version=expected_version, target_file_size=target_file_size)
+        request = TableMerge(
+            incoming=incoming, removed_ids=removed_ids, provenance=provenance, **commit
+        )
+        return self._merge(request)
+
+    @abc.abstractmethod
+    def _merge(self, request: TableMerge) -> MergeResult:
+        """:meth:`merge` in this format."""
 
     def delete_ids(
         self,
@@ -234,7 +295,6 @@ class TableFormat(abc.ABC):
             target_file_size=target_file_size,
         )
 
-    @abc.abstractmethod
     def read(
         self,
         *,
@@ -244,6 +304,11 @@ class TableFormat(abc.ABC):
         filters: Any = None,
     ) -> TableVersion:
         """One version's rows (types as written) and provenance; the latest by default."""
+        return self._read(TableRead(version=version, as_of=as_of, columns=columns, filters=filters))
+
+    @abc.abstractmethod
+    def _read(self, request: TableRead) -> TableVersion:
+        """:meth:`read` in this format."""
 
     def head(self, *, version: int | None = None, as_of: datetime | None = None) -> TableVersion:
         """One version without rows: its schema, provenance, version, time and partitioning."""

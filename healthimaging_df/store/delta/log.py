@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from healthimaging_df.aws import session as aws_session
 from healthimaging_df.errors import QueryValidationError, SnapshotConflictError, SnapshotError
 from healthimaging_df.store.errors import CONFLICT_HELP, translated
 
@@ -54,41 +55,9 @@ def table_location(uri: str | os.PathLike[str]) -> str:
     return os.path.abspath(text)
 
 
-def s3_storage_options(
-    boto3_session: Any = None,
-    *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    dynamodb_lock_table: str | None = None,
-) -> dict[str, str]:
-    """``storage_options`` for delta-rs from a boto3 session (the default session when None).
-
-    Parameters
-    ----------
-    boto3_session
-        Credentials and region come from it (as of now: call it per operation), through
-        ``aws.session.delta_storage_options``.
-    endpoint_url
-        An S3-compatible endpoint (moto, MinIO); else the client's endpoint when boto3 was pointed
-        elsewhere (``AWS_ENDPOINT_URL_S3``), else AWS.
-    region
-        Overrides the session's region.
-    dynamodb_lock_table
-        Coordinate commits through this DynamoDB table (delta-rs' ``dynamodb`` locking provider)
-        instead of conditional PUTs, for stores without ``If-None-Match``.
-
-    Returns
-    -------
-    dict of str to str
-    """
-    from healthimaging_df.aws import session as aws_session
-
-    return aws_session.delta_storage_options(
-        boto3_session,
-        region=region,
-        endpoint_url=endpoint_url,
-        dynamodb_lock_table=dynamodb_lock_table,
-    )
+# delta-rs ``storage_options`` from a boto3 session (the default session when None), its
+# credentials as of now: one definition, in ``aws.session`` with every other client and option
+s3_storage_options = aws_session.delta_storage_options
 
 
 def options_for(location: str, storage_options: Mapping[str, str] | None) -> dict[str, str] | None:

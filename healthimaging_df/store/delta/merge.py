@@ -22,19 +22,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 
 from healthimaging_df.store import layout
-from healthimaging_df.store.delta import encoding
-from healthimaging_df.store.delta.log import (
-    commit_properties,
-    files_of,
-    log_fs,
-    open_table,
-    options_for,
-    row_count,
-    schema_b64,
-    state_at,
-    table_location,
-    writer_properties,
-)
+from healthimaging_df.store.delta import encoding, log
 from healthimaging_df.store.delta.read import checked_dataset
 from healthimaging_df.store.errors import translated
 from healthimaging_df.store.merging import check_incoming, check_removed, plan_merge, replace_going
@@ -99,28 +87,28 @@ def merge_table(
     -------
     MergeResult
     """
-    location = table_location(uri)
+    location = log.table_location(uri)
     incoming = check_table("incoming", incoming)
     prov = check_provenance(provenance)
     check_version(expected_version, None)
     removed = check_removed(removed_ids)
-    options = options_for(location, storage_options)
+    options = log.options_for(location, storage_options)
     action = "merging into the snapshot"
-    existing = open_table(location, options, action=action, version=expected_version)
+    existing = log.open_table(location, options, action=action, version=expected_version)
     assert existing is not None
-    table_fs = log_fs(location, options)
-    state = state_at(table_fs, existing.version())
+    table_fs = log.log_fs(location, options)
+    state = log.state_at(table_fs, existing.version())
     target_schema = state.arrow_schema
     incoming = check_incoming(incoming, target_schema, key, removed, action)
     parts = list(existing.metadata().partition_columns)
     if incoming.num_rows == 0 and not removed:
-        return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
+        return MergeResult(None, 0, 0, 0, log.row_count(existing), 0, 0, 0)
 
     scan, names = checked_dataset(existing, state, table_fs, action)
     with translated(action):
         plan = plan_merge(scan, incoming, removed, key, target_schema)
     if plan.empty:
-        return MergeResult(None, 0, 0, 0, row_count(existing), 0, 0, 0)
+        return MergeResult(None, 0, 0, 0, log.row_count(existing), 0, 0, 0)
 
     order = layout.ORDER_COLUMN if layout.ORDER_COLUMN in target_schema.names else None
     files = _file_spans(existing, parts, order)
@@ -130,11 +118,11 @@ def merge_table(
         kept = scan.to_table(filter=layout.span_filter(spans, parts, order))
     data = replace_going(kept, plan, key, action)
     data = encoding.to_storage(layout.file_order(data), encoding.table_schema(existing.schema()))
-    before = files_of(existing)
+    before = log.files_of(existing)
     inserted, updated, deleted = plan.inserted, plan.updated, plan.deleted
     meta = {
         "operation": "merge",
-        "arrow_schema": schema_b64(target_schema),
+        "arrow_schema": log.schema_b64(target_schema),
         "partition_by": parts,
         "added": inserted.num_rows,
         "updated": updated.num_rows,
@@ -151,16 +139,16 @@ def merge_table(
             predicate=_span_sql(spans, parts, target_schema, order),
             partition_by=parts or None,
             target_file_size=target_file_size,
-            writer_properties=writer_properties(),
-            commit_properties=commit_properties(prov, meta),
+            writer_properties=log.writer_properties(),
+            commit_properties=log.commit_properties(prov, meta),
         )
-    after = files_of(existing)
+    after = log.files_of(existing)
     return MergeResult(
         version=existing.version(),
         added=inserted.num_rows,
         updated=updated.num_rows,
         removed=deleted,
-        rows=row_count(existing),
+        rows=log.row_count(existing),
         files_added=len(set(after) - set(before)),
         files_removed=len(set(before) - set(after)),
         bytes_written=sum(size for path, size in after.items() if path not in before),

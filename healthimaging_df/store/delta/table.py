@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import pyarrow as pa
 import pyarrow.dataset as pads
 
 from healthimaging_df.store.delta import maintenance, merge, read, write
@@ -17,7 +16,10 @@ from healthimaging_df.store.table_format import (
     MergeResult,
     TableFormat,
     TableInfo,
+    TableMerge,
+    TableRead,
     TableVersion,
+    TableWrite,
     WriteResult,
 )
 
@@ -48,65 +50,17 @@ class DeltaFormat(TableFormat):
         with translated("opening the snapshot"):
             return classify(self.uri, self.storage_options) == "table"
 
-    def write(
-        self,
-        data: pa.Table | pa.RecordBatchReader,
-        provenance: Mapping[str, Any],
-        *,
-        partition_by: Sequence[str] | None = None,
-        expected_version: int | None = None,
-        num_rows: int | None = None,
-        target_file_size: int | None = None,
-    ) -> WriteResult:
+    def _write(self, request: TableWrite) -> WriteResult:
         """See ``write.write_table``."""
-        return write.write_table(
-            self.uri,
-            data,
-            provenance,
-            partition_by=partition_by,
-            storage_options=self.storage_options,
-            expected_version=expected_version,
-            target_file_size=target_file_size,
-            num_rows=num_rows,
-        )
+        return write.write_table(self.uri, storage_options=self.storage_options, **request)
 
-    def merge(
-        self,
-        incoming: pa.Table,
-        removed_ids: Sequence[str],
-        provenance: Mapping[str, Any],
-        *,
-        expected_version: int | None = None,
-        target_file_size: int | None = None,
-    ) -> MergeResult:
+    def _merge(self, request: TableMerge) -> MergeResult:
         """See ``merge.merge_table``."""
-        return merge.merge_table(
-            self.uri,
-            incoming,
-            removed_ids,
-            provenance,
-            expected_version=expected_version,
-            storage_options=self.storage_options,
-            target_file_size=target_file_size,
-        )
+        return merge.merge_table(self.uri, storage_options=self.storage_options, **request)
 
-    def read(
-        self,
-        *,
-        version: int | None = None,
-        as_of: datetime | None = None,
-        columns: Sequence[str] | None = None,
-        filters: Any = None,
-    ) -> TableVersion:
+    def _read(self, request: TableRead) -> TableVersion:
         """See ``read.read_table``."""
-        return read.read_table(
-            self.uri,
-            version=version,
-            as_of=as_of,
-            columns=columns,
-            filters=filters,
-            storage_options=self.storage_options,
-        )
+        return read.read_table(self.uri, storage_options=self.storage_options, **request)
 
     def scan(self, *, version: int | None = None, as_of: datetime | None = None) -> pads.Dataset:
         """See ``read.dataset``."""

@@ -97,12 +97,7 @@ def write_table(
     if mode not in ("overwrite", "error"):
         raise QueryValidationError("mode", "must be 'overwrite' or 'error'")
     check_version(expected_version, None)
-    parts = (
-        None if partition_by is None else check_names("partition_by", partition_by, table.schema)
-    )
-    if parts is not None and parts and len(parts) >= len(table.schema.names):
-        raise QueryValidationError("partition_by", "cannot cover every column")
-    check_partition_types(table.schema, parts or [])
+    parts = _partition_argument(partition_by, table.schema)
     options = options_for(location, storage_options)
     action = "writing the snapshot"
     existing = open_table(
@@ -181,6 +176,17 @@ def write_table(
         partition_by=tuple(parts),
         provenance=prov,
     )
+
+
+def _partition_argument(partition_by: Sequence[str] | None, schema: pa.Schema) -> list[str] | None:
+    """*partition_by* checked against the rows' *schema* (None: keep the table's partitioning)."""
+    if partition_by is None:
+        return None
+    parts = check_names("partition_by", partition_by, schema)
+    if parts and len(parts) >= len(schema.names):
+        raise QueryValidationError("partition_by", "cannot cover every column")
+    check_partition_types(schema, parts)
+    return parts
 
 
 def _description() -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,7 +47,10 @@ from healthimaging_df.store.table_format import (
     MergeResult,
     TableFormat,
     TableInfo,
+    TableMerge,
+    TableRead,
     TableVersion,
+    TableWrite,
     WriteResult,
     check_data,
     check_filter,
@@ -211,18 +214,12 @@ class IcebergFormat(TableFormat):
         """Whether the catalog has the table."""
         return self._load("opening the snapshot") is not None
 
-    def read(
-        self,
-        *,
-        version: int | None = None,
-        as_of: datetime | None = None,
-        columns: Sequence[str] | None = None,
-        filters: Any = None,
-    ) -> TableVersion:
+    def _read(self, request: TableRead) -> TableVersion:
         """One snapshot's rows (types as written) and provenance; ``version`` is a snapshot id."""
+        version, columns, filters = request["version"], request["columns"], request["filters"]
         action = "reading the snapshot"
         table = self._table(action)
-        snapshot = self._snapshot(table, version, as_of, action)
+        snapshot = self._snapshot(table, version, request["as_of"], action)
         meta, prov, schema = self._described(snapshot)
         wanted = None if columns is None else check_names("columns", columns, schema)
         expression = filter_expression(filters)
@@ -283,20 +280,12 @@ class IcebergFormat(TableFormat):
                     table_metadata=metadata, df=chunk, io=io, write_uuid=uuid, counter=counter
                 )
 
-    def write(
-        self,
-        data: pa.Table | pa.RecordBatchReader,
-        provenance: Mapping[str, Any],
-        *,
-        partition_by: Sequence[str] | None = None,
-        expected_version: int | None = None,
-        num_rows: int | None = None,
-        target_file_size: int | None = None,
-    ) -> WriteResult:
+    def _write(self, request: TableWrite) -> WriteResult:
         """Create the table or replace its content, in one snapshot (rows in the order given)."""
         action = "writing the snapshot"
-        data, rows = check_data(data, num_rows)
-        prov = check_provenance(provenance)
+        partition_by, expected_version = request["partition_by"], request["expected_version"]
+        data, rows = check_data(request["table"], request["num_rows"])
+        prov = check_provenance(request["provenance"])
         check_version(expected_version, None)
         schema = data.schema.remove_metadata()
         parts = [] if partition_by is None else check_names("partition_by", partition_by, schema)
@@ -321,7 +310,7 @@ class IcebergFormat(TableFormat):
                 txn = self.catalog.create_table_transaction(
                     self.target.identifier,
                     schema=_iceberg_schema(schema),
-                    properties=self._properties(target_file_size),
+                    properties=self._properties(request["target_file_size"]),
                 )
                 if parts:
                     with txn.update_spec() as spec:
@@ -391,28 +380,24 @@ class IcebergFormat(TableFormat):
             provenance=prov,
         )
 
-    def merge(
-        self,
-        incoming: pa.Table,
-        removed_ids: Sequence[str],
-        provenance: Mapping[str, Any],
-        *,
-        expected_version: int | None = None,
-        target_file_size: int | None = None,
-    ) -> MergeResult:
-        """Upsert and delete by ``imageSetId`` in one snapshot, rewriting only touched files."""
+    def _merge(self, request: TableMerge) -> MergeResult:
+        """Upsert and delete by ``imageSetId`` in one snapshot, rewriting only touched files.
+
+        Files are as the table's properties size them (``target_file_size`` is a write's).
+        """
+        expected_version = request["expected_version"]
         action = "merging into the snapshot"
         key = "imageSetId"
-        prov = check_provenance(provenance)
+        prov = check_provenance(request["provenance"])
         check_version(expected_version, None)
-        removed = check_removed(removed_ids)
+        removed = check_removed(request["removed_ids"])
         table = self._table(action)
         snapshot = self._snapshot(table, expected_version, None, action)
         current = table.current_snapshot()
         if current is None or current.snapshot_id != snapshot.snapshot_id:
             raise SnapshotConflictError(f"{action}: {CONFLICT_HELP}")
         meta, _, schema = self._described(snapshot)
-        incoming = check_incoming(incoming, schema, key, removed, action)
+        incoming = check_incoming(request["incoming"], schema, key, removed, action)
         rows_before = int(snapshot.summary.additional_properties.get("total-records", 0))
         if incoming.num_rows == 0 and not removed:
             return MergeResult(None, 0, 0, 0, rows_before, 0, 0, 0)
