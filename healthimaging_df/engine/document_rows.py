@@ -73,16 +73,27 @@ def flatten_document(document: dict[str, Any], level: Level = "series") -> Itera
                     row.setdefault(keyword, value)
                 yield row
             continue
-        row = {"SeriesInstanceUID": series_uid}
-        for keyword, value in series_dicom.items():
-            row.setdefault(keyword, value)
         shared = _scalar_attributes([i.get("DICOM") or {} for i in instances.values()])
-        shared.pop("SOPInstanceUID", None)
-        shared.pop("InstanceNumber", None)
-        for keyword, value in shared.items():
-            row.setdefault(keyword, value)
-        row["NumberOfSeriesRelatedInstances"] = len(instances)
-        yield row
+        yield _series_row(series_uid, series_dicom, shared, len(instances))
+
+
+def _series_row(
+    series_uid: str, series_dicom: dict[str, Any], shared: dict[str, Any], count: int
+) -> dict[str, Any]:
+    """One series' row, as ``flatten_document`` and ``document_block`` both build it.
+
+    The series' attributes, then those its *count* instances all share (*shared*) but their UID
+    and number, then ``NumberOfSeriesRelatedInstances``.
+    """
+    row: dict[str, Any] = {"SeriesInstanceUID": series_uid}
+    for keyword, value in series_dicom.items():
+        row.setdefault(keyword, value)
+    shared.pop("SOPInstanceUID", None)
+    shared.pop("InstanceNumber", None)
+    for keyword, value in shared.items():
+        row.setdefault(keyword, value)
+    row["NumberOfSeriesRelatedInstances"] = count
+    return row
 
 
 @dataclass
@@ -149,15 +160,8 @@ def document_block(document: dict[str, Any], level: Level) -> Block:
             if n:  # a series without instances has no instance rows
                 parts.append(Block(n, columns))
             continue
-        row: dict[str, Any] = {"SeriesInstanceUID": series_uid}
-        for keyword, value in series_dicom.items():
-            row.setdefault(keyword, value)
         shared = _shared([i.get("DICOM") or {} for i in instances.values()])
-        shared.pop("SOPInstanceUID", None)
-        shared.pop("InstanceNumber", None)
-        for keyword, value in shared.items():
-            row.setdefault(keyword, value)
-        row["NumberOfSeriesRelatedInstances"] = len(instances)
+        row = _series_row(series_uid, series_dicom, shared, len(instances))
         parts.append(Block(1, {k: [v] for k, v in row.items()}))
     if len(parts) == 1:
         return parts[0]

@@ -29,10 +29,10 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from healthimaging_df.core import dates
-from healthimaging_df.engine.fetch import PAGE_ROWS, stream
-from healthimaging_df.engine.frame import Collector
+from healthimaging_df.engine.fetch import PAGE_ROWS
 from healthimaging_df.engine.prepared import Run
-from healthimaging_df.plan import compile_plan, predicates
+from healthimaging_df.engine.run import latest_matching
+from healthimaging_df.plan import predicates
 
 __all__ = [
     "Action",
@@ -219,25 +219,13 @@ def coalesce(messages: Iterable[Message], datastore_id: str) -> Batch:
 
 @dataclass(frozen=True)
 class FetchChoice:
-    """How to read a batch's image sets: a window, series chains, or both; and the cost guessed.
+    """How to read a batch's image sets: a window, series chains, or both; and the cost guessed."""
 
-    Attributes
-    ----------
-    since
-        Lower ``updatedAt`` bound of the window (None: no window).
-    series
-        SeriesInstanceUIDs to read by chains (sorted; values: never logged).
-    by_window, by_series
-        How many image sets each part covers.
-    requests
-        The requests the model expects.
-    """
-
-    since: datetime | None
-    series: tuple[str, ...] = field(repr=False)
-    by_window: int
-    by_series: int
-    requests: int
+    since: datetime | None  # lower updatedAt bound of the window (None: no window)
+    series: tuple[str, ...] = field(repr=False)  # SeriesInstanceUIDs read by chains (never logged)
+    by_window: int  # image sets the window covers
+    by_series: int  # image sets the series chains cover
+    requests: int  # the requests the model expects
 
 
 def choose_fetch(
@@ -297,13 +285,7 @@ def fetch_series(datastore_id: str, series: Sequence[str], run: Run) -> pa.Table
     """The latest version of every image set of *series* (SeriesInstanceUIDs), unfiltered."""
     if not series:
         return pa.table({})
-    chosen = predicates.build("SeriesInstanceUID", "in", series)
-    plan = compile_plan(datastore_id, (chosen,))
-    collector = Collector(plan)
-    with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
-        for page in pages:
-            collector.add(page)
-    return collector.table()
+    return latest_matching(datastore_id, predicates.build("SeriesInstanceUID", "in", series), run)
 
 
 def receive(

@@ -16,7 +16,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -28,7 +28,7 @@ from healthimaging_df.core import checks
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.engine import flatten, provenance, statistics
 from healthimaging_df.engine.checkpoint import Checkpoint
-from healthimaging_df.engine.fetch import Coverage, FetchOptions, PageStream, stream
+from healthimaging_df.engine.fetch import Coverage, FetchOptions, Page, PageStream, stream
 from healthimaging_df.engine.frame import (
     Buffer,
     Chunker,
@@ -51,10 +51,12 @@ from healthimaging_df.plan import (
     predicates,
 )
 from healthimaging_df.plan import presplit_pieces as _pieces
+from healthimaging_df.plan.predicates import Predicate
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+C = TypeVar("C", covariant=True)
 Writer = Callable[[pa.Table | SortedRows, dict[str, Any]], T]
 
 
@@ -123,14 +125,7 @@ def choose(query: Spec | Callable[[DatastoreStats | None], Plan], run: Run) -> P
        it replaces runs instead, said once in a warning.
     """
     spec = query if isinstance(query, Spec) else _spec_of(query)
-    known = statistics.known(
-        run.client,
-        spec.datastore_id,
-        max_tps=run.fetch.max_tps,
-        max_concurrency=planned_concurrency(run),
-        page_size=run.fetch.page_size,
-        dicomweb_endpoint_url=run.dicomweb_endpoint_url,
-    )
+    known = facts_for(spec, run)
     plan = compile_spec(spec, known)
     facts = known
     for _ in range(MEASURING_ROUNDS):
@@ -247,19 +242,8 @@ def _chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[
         for start in range(0, max(len(whole), 1), chunk_rows):
             yield whole.iloc[start : start + chunk_rows]
         return
-    started = datetime.now(timezone.utc)
-    info = provenance.build(plan, query_json, run.client, started)
-    chunker = Chunker(plan, chunk_rows, run.dtype_backend, info)
     with result_memory_pool():
-        with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
-            for page in pages:
-                yield from chunker.add(page)
-        yield from chunker.flush()
-    if chunker.late_versions:
-        log.info(
-            "%d image set(s) were read again at a newer version after being yielded",
-            chunker.late_versions,
-        )
+        yield from _streamed(plan, query_json, run, Chunker, chunk_rows)
 
 
 def table_chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Iterator[pa.Table]:
@@ -280,9 +264,29 @@ def _table_chunks(plan: Plan, query_json: str, run: Run, chunk_rows: int) -> Ite
         for start in range(0, max(whole.num_rows, 1), chunk_rows):
             yield whole.slice(start, chunk_rows)
         return
-    started = datetime.now(timezone.utc)
-    info = provenance.build(plan, query_json, run.client, started)
-    chunker = TableChunker(plan, chunk_rows, run.dtype_backend, info)
+    yield from _streamed(plan, query_json, run, TableChunker, chunk_rows)
+
+
+class _Chunking(Protocol[C]):
+    """What :func:`_streamed` needs of a chunker: ``Chunker`` (frames), ``TableChunker`` (tables)."""
+
+    late_versions: int
+
+    def add(self, page: Page) -> Iterator[C]: ...
+
+    def flush(self) -> Iterator[C]: ...
+
+
+def _streamed(
+    plan: Plan,
+    query_json: str,
+    run: Run,
+    make: Callable[[Plan, int, schema.DtypeBackend, dict[str, Any]], _Chunking[C]],
+    chunk_rows: int,
+) -> Iterator[C]:
+    """The plan's pages in chunks as they arrive (a chunker *make* builds); each image set once."""
+    info = provenance.build(plan, query_json, run.client, datetime.now(timezone.utc))
+    chunker = make(plan, chunk_rows, run.dtype_backend, info)
     with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
         for page in pages:
             yield from chunker.add(page)
@@ -400,8 +404,14 @@ def changes(datastore_id: str, since: datetime, until: datetime, run: Run) -> pa
 
     A refresh's delta: the same checked, createdAt-ordered pipeline as any query.
     """
-    window = predicates.build("updatedAt", "between", (since, until))
-    plan = compile_plan(datastore_id, (window,))
+    return latest_matching(
+        datastore_id, predicates.build("updatedAt", "between", (since, until)), run
+    )
+
+
+def latest_matching(datastore_id: str, predicate: Predicate, run: Run) -> pa.Table:
+    """The latest version of every image set matching *predicate*, one chain plan, no sort."""
+    plan = compile_plan(datastore_id, (predicate,))
     collector = Collector(plan)
     with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
         for page in pages:

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 try:
@@ -88,13 +87,8 @@ class SpillDir:
     def __enter__(self) -> SpillDir:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also after an exception: nothing of a failed export stays on disk
 
 
 def _hold(path: Path) -> IO[bytes] | None:
@@ -135,9 +129,7 @@ class TaskRows:
 
     def append(self, table: pa.Table) -> None:
         """Add a page's matching rows (of the same columns as the others)."""
-        if table.num_rows == 0:
-            return
-        self._buffer.append(table)
+        self._buffer.append(table)  # an empty table adds nothing
         self.rows += table.num_rows
         if self._buffer.rows >= SPILL_ROWS:
             self._spill()

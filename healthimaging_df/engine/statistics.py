@@ -71,10 +71,25 @@ def cache_dir() -> Path:
     return Path(base) / "healthimaging_df"
 
 
+def _key(endpoint: str, name: str) -> str:
+    """A cache file's name for *name* at *endpoint* (hashed: neither is written in the clear)."""
+    return hashlib.sha256(f"{endpoint}|{name}".encode()).hexdigest()[:24]
+
+
+def _keep(path: Path, data: dict[str, Any], what: str) -> None:
+    """Write *data* to *path* as JSON, atomically; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
+            json.dump(data, handle)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        log.debug("%s not cached: %s", what, type(exc).__name__)
+
+
 def _path(client: Any, datastore_id: str) -> Path:
     endpoint = getattr(getattr(client, "meta", None), "endpoint_url", "") or ""
-    key = hashlib.sha256(f"{endpoint}|{datastore_id}".encode()).hexdigest()[:24]
-    return cache_dir() / "stats" / f"{key}.json"
+    return cache_dir() / "stats" / f"{_key(endpoint, datastore_id)}.json"
 
 
 def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
@@ -110,13 +125,7 @@ def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
         "created_quantiles": [q.isoformat() for q in stats.created_quantiles],
         "measured_at": datetime.now(timezone.utc).isoformat(),
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
-            json.dump(data, handle)
-        os.replace(handle.name, path)
-    except OSError as exc:
-        log.debug("statistics not cached: %s", type(exc).__name__)
+    _keep(path, data, "statistics")
 
 
 @dataclass(frozen=True)
@@ -456,17 +465,13 @@ def qido_access(client: Any, dicomweb_endpoint_url: str | None = None) -> QidoAc
     return remembered_access(endpoint.url, region or "") or QidoAccess("untested")
 
 
-def _capability_key(endpoint: str, region: str) -> str:
-    return hashlib.sha256(f"{endpoint}|{region}".encode()).hexdigest()[:24]
-
-
 def _capability_path(key: str) -> Path:
     return cache_dir() / "capabilities" / f"{key}.json"
 
 
 def remembered_access(endpoint: str, region: str) -> QidoAccess | None:
     """What was last learned about QIDO-RS at *endpoint* in *region*, while it is fresh."""
-    key = _capability_key(endpoint, region)
+    key = _key(endpoint, region)
     now = datetime.now(timezone.utc)
     with _CAPABILITY_LOCK:
         found = _CAPABILITIES.get(key)
@@ -489,18 +494,12 @@ def remember_access(
     """Keep a finding about QIDO-RS (``available`` or ``unavailable``) for its time to live."""
     until = datetime.now(timezone.utc) + CAPABILITY_TTL[state]
     access = QidoAccess(state, reason, source, until)  # type: ignore[arg-type]
-    key = _capability_key(endpoint, region)
+    key = _key(endpoint, region)
     with _CAPABILITY_LOCK:
         _CAPABILITIES[key] = access
     path = _capability_path(key)
     data = {"state": state, "reason": reason, "until": until.isoformat(), "source": source}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
-            json.dump(data, handle)
-        os.replace(handle.name, path)
-    except OSError as exc:
-        log.debug("capability not cached: %s", type(exc).__name__)
+    _keep(path, data, "capability")
 
 
 def forget_capabilities() -> None:

@@ -7,7 +7,7 @@ facts a plan needs (``Plan.needs``), compiles once from them, and runs the plan.
 - ``facts``: a query's parts (``Spec``), what is known (``Facts``), what to measure (``Needs``)
 - ``model``: ``Plan``, ``Chain``, ``Candidate``; ``explain``: the readable account of a plan
 - ``costs``: requests per access path; ``qido``: what QIDO-RS may match, the step a plan carries
-- ``compile``: ``compile_spec`` / ``compile_plan`` / ``union``, pre-split scans
+- ``compile``: ``compile_spec`` / ``compile_plan``, pre-split scans (a union: a ``Spec`` with ``union``)
 - ``resolve``: a QIDO-RS answer into the SearchImageSets plan that runs
 """
 
@@ -20,7 +20,6 @@ from healthimaging_df.plan.compile import (
     presplit_at,
     presplit_for_run,
     presplit_pieces,
-    union,
     whole_scan,
 )
 from healthimaging_df.plan.conditions import keeps_primary_only
@@ -90,6 +89,5 @@ __all__ = [
     "rows_between",
     "scan_requests",
     "sweep_requests",
-    "union",
     "whole_scan",
 ]

@@ -96,47 +96,6 @@ def compile_plan(
     return compile_spec(spec, facts if facts is not None else Facts(stats=stats))
 
 
-def union(
-    datastore_id: str,
-    groups: Sequence[tuple[Predicate, ...]],
-    sort_column: str | None = None,
-    ascending: bool = True,
-    limit: int | None = None,
-    now: datetime | None = None,
-    strategies: Sequence[Strategy] = (),
-    stats: DatastoreStats | None = None,
-    *,
-    facts: Facts | None = None,
-) -> Plan:
-    """Plan the OR of several queries over one datastore: every query's chains, renumbered.
-
-    Each group (one query's predicates) is planned with the union's sort and limit (and its
-    own strategy from *strategies*, default ``"auto"``); the union applies ``AnyOf`` the groups
-    on the client, so a row is kept when its latest copy read matches any query, and rows read
-    by several chains are deduplicated by imageSetId like any fan-out. Queries whose weighed
-    access paths disagree are all planned as fan-outs, so a resumed export (which forces one
-    recorded path on every query) reads the same chains.
-    """
-    auto: Strategy = "auto"
-    default = (auto,) * len(groups)
-    chosen: tuple[Strategy, ...] = tuple(strategies) or default
-    if len(chosen) != len(groups):
-        raise QueryValidationError("strategy", "give one per query of the union")
-    if not groups:
-        raise QueryValidationError("union", "needs at least one query")
-    spec = Spec(
-        datastore_id,
-        tuple(tuple(g) for g in groups),
-        chosen,
-        sort_column,
-        ascending,
-        limit,
-        now,
-        union=True,
-    )
-    return compile_spec(spec, facts if facts is not None else Facts(stats=stats))
-
-
 def compile_spec(spec: Spec, facts: Facts | None = None) -> Plan:
     """The plan of *spec* given *facts*, with what it would still like measured (``needs``)."""
     facts = facts if facts is not None else Facts()
@@ -464,7 +423,14 @@ def _tomorrow(now: datetime | None) -> datetime:
 
 
 def _union(spec: Spec, facts: Facts) -> Plan:
-    """Every query's plan, renumbered into one; ``AnyOf`` the groups applied on the client."""
+    """Every query's plan, renumbered into one; ``AnyOf`` the groups applied on the client.
+
+    Each group (one query's predicates) is planned with the union's sort and limit and its own
+    strategy; a row is kept when its latest copy read matches any query, and rows read by
+    several chains are deduplicated by imageSetId like any fan-out. Queries whose weighed
+    access paths disagree are all planned as fan-outs, so a resumed export (which forces one
+    recorded path on every query) reads the same chains.
+    """
 
     def plan_all(forced: Sequence[Strategy]) -> list[Plan]:
         return [

@@ -27,34 +27,7 @@ def summary(plan: Plan, max_tps: float | None = None) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = [("datastore", plan.datastore_id)]
     if plan.note:
         rows.append(("note", plan.note))
-    if plan.candidates:
-        lines = []
-        for c in plan.candidates:
-            mark = "chosen" if c.chosen else "not chosen"
-            cost = (
-                "size of the datastore unknown" if c.requests is None else _at(c.requests, max_tps)
-            )
-            lines.append(f"{c.name}: {cost} ({mark})")
-        if plan.wants_statistics and plan.facts.stats is None:
-            lines.append(
-                "(the datastore's size is unknown here: the run reads a previous scan's "
-                "statistics or measures it first)"
-            )
-        rows.append(("access paths weighed", "\n".join(lines)))
-    elif plan.estimate is not None:
-        rows.append(("access path", f"one path, nothing to weigh: {_at(plan.estimate, max_tps)}"))
-    else:
-        minimum = len(plan.chains)
-        seconds = "" if max_tps is None else f", {minimum / max_tps:,.1f} s at {max_tps:g} TPS"
-        rows.append(
-            (
-                "access path",
-                f"one path, nothing to weigh: at least {minimum:,} request(s){seconds} (a request"
-                " a page of 50"
-                + ("; more as windows split" if plan.windowed or plan.split_chains else "")
-                + "; the size is not known here)",
-            )
-        )
+    rows.append(_access(plan, max_tps))
     if plan.qido is not None:
         rows.append(
             ("QIDO-RS first", f"{len(plan.qido.searches)} search(es), then SearchImageSets")
@@ -80,6 +53,35 @@ def summary(plan: Plan, max_tps: float | None = None) -> list[tuple[str, str]]:
         how = "chains stop early" if plan.stops_early else "every page is read first"
         rows.append(("limit", f"first {plan.limit} rows; {how}"))
     return rows
+
+
+def _access(plan: Plan, max_tps: float | None) -> tuple[str, str]:
+    """The access paths weighed, with their costs; or the one path and what it costs at least."""
+    if plan.candidates:
+        lines = []
+        for c in plan.candidates:
+            mark = "chosen" if c.chosen else "not chosen"
+            cost = (
+                "size of the datastore unknown" if c.requests is None else _at(c.requests, max_tps)
+            )
+            lines.append(f"{c.name}: {cost} ({mark})")
+        if plan.wants_statistics and plan.facts.stats is None:
+            lines.append(
+                "(the datastore's size is unknown here: the run reads a previous scan's "
+                "statistics or measures it first)"
+            )
+        return ("access paths weighed", "\n".join(lines))
+    if plan.estimate is not None:
+        return ("access path", f"one path, nothing to weigh: {_at(plan.estimate, max_tps)}")
+    minimum = len(plan.chains)
+    seconds = "" if max_tps is None else f", {minimum / max_tps:,.1f} s at {max_tps:g} TPS"
+    return (
+        "access path",
+        f"one path, nothing to weigh: at least {minimum:,} request(s){seconds} (a request"
+        " a page of 50"
+        + ("; more as windows split" if plan.windowed or plan.split_chains else "")
+        + "; the size is not known here)",
+    )
 
 
 def html(plan: Plan, max_tps: float | None = None) -> str:
