@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -221,17 +222,14 @@ def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> i
     from healthimaging_df.local.qido import OLDER_RECORD_CAP
     from healthimaging_df.local.server import LocalService, seeded_datastore_id
 
+    # each fault option's dest is the Faults field it sets; --seed is the data's, not the faults'
+    settings = {
+        each.name: getattr(args, each.name)
+        for each in fields(Faults)
+        if each.name != "seed" and hasattr(args, each.name)
+    }
     try:
-        faults = Faults(
-            latency_ms=args.latency_ms,
-            tps=args.tps,
-            burst=args.burst,
-            error_rate=args.error_rate,
-            window_tps=args.window_tps,
-            documented_quotas=args.documented_quotas,
-            malformed_rate=args.malformed_rate,
-            update_rate=args.update_rate,
-        )
+        faults = Faults(**settings)
     except ValueError as error:
         print(f"healthimaging-df local serve: {error}", file=sys.stderr)
         return 2
