@@ -267,3 +267,8 @@ def add_enrichment(
         "are not used then",
     )
     return parser, group
+
+
+def add_explain(group: Any, help_: str) -> None:
+    """``--explain``: print what the verb would do and send nothing (search, sql)."""
+    group.add_argument("--explain", action="store_true", help=help_)

@@ -83,10 +83,8 @@ def register(commands: Any) -> None:
         help="keep the query (its values are PHI), plan, datastore and endpoint out of a "
         "Parquet file's metadata",
     )
-    out.add_argument(
-        "--explain",
-        action="store_true",
-        help="print the plan (what is pushed down, request chains) and send nothing",
+    options.add_explain(
+        out, "print the plan (what is pushed down, request chains) and send nothing"
     )
     out.add_argument(
         "--show-values",

@@ -49,11 +49,7 @@ def register(commands: Any) -> None:
         "write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; stdout if left out",
     )
     output.add_s3_options(out)
-    out.add_argument(
-        "--explain",
-        action="store_true",
-        help="print what the WHERE pushes and the plan; send nothing",
-    )
+    options.add_explain(out, "print what the WHERE pushes and the plan; send nothing")
 
 
 def run(args: argparse.Namespace) -> int:
