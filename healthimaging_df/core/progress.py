@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 Progress = bool | Callable[[int, int], None] | None
 
 
+@dataclass(eq=False)
 class ProgressReporter:
     """Report ``update(count, other)`` to a bar or a callback; ``close()`` when done.
 
@@ -29,30 +31,28 @@ class ProgressReporter:
         A format string for ``other`` shown after the bar (``"{} image sets"``), if any.
     """
 
-    def __init__(
-        self,
-        progress: Progress,
-        desc: str,
-        unit: str,
-        total: int | None = None,
-        postfix: str | None = None,
-    ) -> None:
-        self._callback = progress if callable(progress) else None
-        self._postfix = postfix
-        self._bar: Any = None
-        if self._callback is None and (progress if progress is not None else interactive()):
+    progress: Progress
+    desc: str
+    unit: str
+    total: int | None = None
+    postfix: str | None = None
+    _bar: Any = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        shown = self.progress if self.progress is not None else interactive()
+        if shown and not callable(shown):
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(desc=desc, unit=unit, total=total, leave=False)
+            self._bar = tqdm(desc=self.desc, unit=self.unit, total=self.total, leave=False)
 
     def update(self, count: int, other: int) -> None:
         """Show that *count* units are done (*other*: the second figure, e.g. image sets)."""
-        if self._callback is not None:
-            self._callback(count, other)
+        if callable(self.progress):
+            self.progress(count, other)
         elif self._bar is not None:
             self._bar.n = count
-            if self._postfix is not None:
-                self._bar.set_postfix_str(self._postfix.format(other), refresh=False)
+            if self.postfix is not None:
+                self._bar.set_postfix_str(self.postfix.format(other), refresh=False)
             self._bar.refresh()
 
     def close(self) -> None:

@@ -155,14 +155,14 @@ class ApiHandlers:
         recorder = self.recorder
         faults = recorder.faults
         if faults.endless_empty_pages:
-            result = self.backend.empty_page(datastore_id, criteria, max_results, token)
+            result = self.backend.endless_page(datastore_id, criteria, max_results, token)
             recorder.record_empty_page()
             return json_response(result)
         if faults.empty_first_page and token is None:
             return json_response(self.backend.start_page(datastore_id, criteria, max_results))
         if faults.stuck_cursor:
             return json_response(
-                self.backend.stuck_page(datastore_id, criteria, max_results, token)
+                self.backend.endless_page(datastore_id, criteria, max_results, token, stuck=True)
             )
 
         def updates() -> None:

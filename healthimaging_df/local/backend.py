@@ -463,9 +463,7 @@ class Backend:
         changes: list[Change] = []
         with self._lock:
             store = self._datastore(datastore_id)
-            current = store.image_set(image_set_id)
-            if int(latest_version) != current["version"]:
-                raise ConflictError("latestVersion is not the image set's latest version")
+            current = store.image_set_at(image_set_id, latest_version, "latestVersion")
             tags = current["DICOMTags"]
             series: dict[str, Any] = {}
             if revert_to_version is not None:
@@ -566,9 +564,9 @@ class Backend:
         """
         with self._lock:
             store = self._datastore(datastore_id)
-            source = store.image_set(source_image_set_id)
-            if int(source_latest_version) != source["version"]:
-                raise ConflictError("sourceImageSet.latestVersionId is not the latest version")
+            source = store.image_set_at(
+                source_image_set_id, source_latest_version, "sourceImageSet.latestVersionId"
+            )
             tags = source["DICOMTags"]
             if copiable_attributes is not None:
                 self._check_copiable(copiable_attributes, tags.get("DICOMSeriesInstanceUID"))
@@ -576,13 +574,9 @@ class Backend:
             target_id: str | None = None
             if destination is not None:
                 target_id, target_version = destination
-                target = store.image_set(target_id)
                 if target_id == source_image_set_id:
                     raise ValidationError("the destination image set must differ from the source")
-                if int(target_version) != target["version"]:
-                    raise ConflictError(
-                        "destinationImageSet.latestVersionId is not the latest version"
-                    )
+                store.image_set_at(target_id, target_version, "destinationImageSet.latestVersionId")
             elif promote_to_primary:
                 series_uid = tags.get("DICOMSeriesInstanceUID")
                 same = store.equal_index["DICOMSeriesInstanceUID"].get(series_uid, set())
@@ -721,22 +715,28 @@ class Backend:
 
     # -- fault support ------------------------------------------------------------------------
 
-    def empty_page(
+    def endless_page(
         self,
         datastore_id: str,
         criteria: dict[str, Any] | None,
-        max_results: int = MAX_RESULTS,
-        next_token: str | None = None,
+        max_results: int,
+        next_token: str | None,
+        *,
+        stuck: bool = False,
     ) -> dict[str, Any]:
-        """A validated SearchImageSets answer with no items and a fresh, never-repeated token.
+        """A validated SearchImageSets answer with a fresh, never-repeated token.
 
-        The request is checked as :meth:`search` checks it; a token must be one this backend
-        issued for the same query (a cursor or an earlier empty page's token).
+        No items (``endless_empty_pages``), or with *stuck* the query's first page again
+        (``stuck_cursor``). The request is checked as :meth:`search` checks it; a token must be
+        one this backend issued for the same query (a cursor or an earlier endless page's).
         """
         query = self._search_request(datastore_id, criteria, max_results)
         if next_token is not None:
             self._tokens.check_scope(next_token, query.canonical)
-        return _answer([], self._endless_token(query), query)
+        rows: list[dict[str, Any]] = []
+        if stuck:
+            rows = self.search(datastore_id, criteria, max_results)["imageSetsMetadataSummaries"]
+        return _answer(rows, self._endless_token(query), query)
 
     def start_page(
         self, datastore_id: str, criteria: dict[str, Any] | None, max_results: int = MAX_RESULTS
@@ -747,24 +747,6 @@ class Backend:
         """
         query = self._search_request(datastore_id, criteria, max_results)
         return _answer([], self._tokens.encode_start(query.canonical), query)
-
-    def stuck_page(
-        self,
-        datastore_id: str,
-        criteria: dict[str, Any] | None,
-        max_results: int = MAX_RESULTS,
-        next_token: str | None = None,
-    ) -> dict[str, Any]:
-        """The query's first page again, with a fresh, never-repeated token (``stuck_cursor``).
-
-        The request is checked as :meth:`empty_page` checks it.
-        """
-        query = parse_criteria(criteria, datastore_id)
-        if next_token is not None:
-            self._tokens.check_scope(next_token, query.canonical)
-        result = self.search(datastore_id, criteria, max_results)
-        result["nextToken"] = self._endless_token(query)
-        return result
 
     def _endless_token(self, query: Query) -> str:
         """A fresh, never-repeated token of *query* (an endless or stuck page's)."""

@@ -13,9 +13,13 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from healthimaging_df.local.faults import Faults
 
 __all__ = ["dump", "register", "serve"]
 
@@ -213,25 +217,31 @@ def dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faults(args: argparse.Namespace) -> Faults:
+    """The fault settings the options ask for (``ValueError`` if they cannot be honoured).
+
+    Each fault option's dest is the :class:`Faults` field it sets; ``--seed`` is the data's.
+    """
+    from healthimaging_df.local.faults import Faults
+
+    return Faults(
+        **{
+            each.name: getattr(args, each.name)
+            for each in fields(Faults)
+            if each.name != "seed" and hasattr(args, each.name)
+        }
+    )
+
+
 def serve(args: argparse.Namespace, *, stop: threading.Event | None = None) -> int:
     """Run the service for ``args``; return 0 on SIGINT/SIGTERM (or when ``stop`` is set)."""
     from healthimaging_df.local.backend import Backend, BackendError
-    from healthimaging_df.local.faults import Faults
     from healthimaging_df.local.generate import generate_image_sets, load_jsonl
     from healthimaging_df.local.qido import OLDER_RECORD_CAP
     from healthimaging_df.local.server import LocalService, seeded_datastore_id
 
     try:
-        faults = Faults(
-            latency_ms=args.latency_ms,
-            tps=args.tps,
-            burst=args.burst,
-            error_rate=args.error_rate,
-            window_tps=args.window_tps,
-            documented_quotas=args.documented_quotas,
-            malformed_rate=args.malformed_rate,
-            update_rate=args.update_rate,
-        )
+        faults = _faults(args)
     except ValueError as error:
         print(f"healthimaging-df local serve: {error}", file=sys.stderr)
         return 2

@@ -156,6 +156,25 @@ def _small_instances(rng: random.Random, series_uid: str, modality: str) -> dict
     return instances
 
 
+# (DICOM keyword, summary tag) of the Patient and Study modules, copied from the summary
+_LEVEL_TAGS = {
+    "Patient": (
+        ("PatientID", "DICOMPatientId"),
+        ("PatientName", "DICOMPatientName"),
+        ("PatientBirthDate", "DICOMPatientBirthDate"),
+        ("PatientSex", "DICOMPatientSex"),
+    ),
+    "Study": (
+        ("StudyInstanceUID", "DICOMStudyInstanceUID"),
+        ("StudyID", "DICOMStudyId"),
+        ("StudyDate", "DICOMStudyDate"),
+        ("StudyTime", "DICOMStudyTime"),
+        ("AccessionNumber", "DICOMAccessionNumber"),
+        ("StudyDescription", "DICOMStudyDescription"),
+    ),
+}
+
+
 def _document(
     datastore_id: str,
     image_set_id: str,
@@ -175,35 +194,17 @@ def _document(
         series_dicom["BodyPartExamined"] = tags["DICOMSeriesBodyPart"]
     if "DICOMSeriesNumber" in tags:
         series_dicom["SeriesNumber"] = tags["DICOMSeriesNumber"]
-    patient = {
-        keyword: tags[tag]
-        for keyword, tag in (
-            ("PatientID", "DICOMPatientId"),
-            ("PatientName", "DICOMPatientName"),
-            ("PatientBirthDate", "DICOMPatientBirthDate"),
-            ("PatientSex", "DICOMPatientSex"),
-        )
-        if tag in tags
-    }
-    study = {
-        keyword: tags[tag]
-        for keyword, tag in (
-            ("StudyInstanceUID", "DICOMStudyInstanceUID"),
-            ("StudyID", "DICOMStudyId"),
-            ("StudyDate", "DICOMStudyDate"),
-            ("StudyTime", "DICOMStudyTime"),
-            ("AccessionNumber", "DICOMAccessionNumber"),
-            ("StudyDescription", "DICOMStudyDescription"),
-        )
-        if tag in tags
+    levels = {
+        level: {keyword: tags[tag] for keyword, tag in pairs if tag in tags}
+        for level, pairs in _LEVEL_TAGS.items()
     }
     return {
         "SchemaVersion": "1.1",
         "DatastoreID": datastore_id,
         "ImageSetID": image_set_id,
-        "Patient": {"DICOM": patient},
+        "Patient": {"DICOM": levels["Patient"]},
         "Study": {
-            "DICOM": study,
+            "DICOM": levels["Study"],
             "Series": {series_uid: {"DICOM": series_dicom, "Instances": instances}},
         },
     }

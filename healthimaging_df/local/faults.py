@@ -15,7 +15,8 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 __all__ = [
     "DOCUMENTED_QUOTAS",
@@ -424,10 +425,6 @@ def _chosen(every: int | None, rate: float, number: int, rng: random.Random) -> 
     return rate > 0.0 and rng.random() < rate  # no draw at rate 0
 
 
-def _bump(counter: dict[str, int], key: str) -> None:
-    counter[key] = counter.get(key, 0) + 1
-
-
 class StatsRecorder:
     """Thread-safe counters behind :class:`Stats`; also makes every fault decision."""
 
@@ -442,25 +439,13 @@ class StatsRecorder:
         self._reseed(faults.seed)
 
     def _zero(self) -> None:
-        self._requests = 0
-        self._by_operation: dict[str, int] = {}
-        self._throttled = 0
-        self._throttled_by_operation: dict[str, int] = {}
-        self._throttled_by_limit: dict[str, int] = {}
-        self._errors = 0
-        self._malformed = 0
-        self._malformed_by_kind: dict[str, int] = {}
-        self._empty_pages = 0
-        self._updates = 0
+        # Stats's counters and per-key tallies, by the name of the Stats field they fill
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._tallies: collections.defaultdict[str, collections.Counter[str]] = (
+            collections.defaultdict(collections.Counter)
+        )
         self._updated: dict[str, bool] = {}
-        self._searches = 0
-        self._auth_failures: dict[str, int] = {}
-        self._denied: dict[str, int] = {}
-        self._qido_answers = 0
-        self._qido_malformed = 0
-        self._qido_malformed_by_kind: dict[str, int] = {}
-        self._qido_short = 0
-        self._events: dict[str, int] = dict.fromkeys(_EVENT_COUNTERS, 0)
+        self._answers: collections.Counter[str] = collections.Counter()  # per spoilable surface
 
     def _reset_limiters(self) -> None:
         self._bucket: TokenBucket | None = None
@@ -473,12 +458,14 @@ class StatsRecorder:
     def _reseed(self, seed: int) -> None:
         self._rng_seed = seed
         self._rng = random.Random(seed)  # error_rate draws (as before the other faults)
-        self._malformed_rng = random.Random(f"{seed}:malformed")
+        # per surface ("" SearchImageSets, "qido_" QIDO-RS): which answers are spoiled, and how
+        self._spoil_rngs = {
+            "": random.Random(f"{seed}:malformed"),
+            "qido_": random.Random(f"{seed}:qido-malformed"),
+        }
+        self._spoil_turns: collections.Counter[str] = collections.Counter()
         self._update_rng = random.Random(f"{seed}:updates")
-        self._malformed_turn = 0
-        self._qido_malformed_rng = random.Random(f"{seed}:qido-malformed")
         self._qido_short_rng = random.Random(f"{seed}:qido-short")
-        self._qido_malformed_turn = 0
 
     def replace_faults(self, faults: Faults) -> None:
         """Install new settings; reset the rate limiters and the random generators."""
@@ -494,8 +481,8 @@ class StatsRecorder:
     def begin(self, operation: str) -> None:
         """Count a request entering the handler."""
         with self._lock:
-            self._requests += 1
-            _bump(self._by_operation, operation)
+            self._counts["requests"] += 1
+            self._tallies["by_operation"][operation] += 1
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
 
@@ -550,9 +537,9 @@ class StatsRecorder:
                 for _, limiter in limiters:
                     limiter.try_take()
                 return False
-            self._throttled += 1
-            _bump(self._throttled_by_operation, operation)
-            _bump(self._throttled_by_limit, refused)
+            self._counts["throttled"] += 1
+            self._tallies["throttled_by_operation"][operation] += 1
+            self._tallies["throttled_by_limit"][refused] += 1
             return True
 
     def should_fail(self) -> bool:
@@ -564,25 +551,31 @@ class StatsRecorder:
             self._check_seed()
             fail = self._rng.random() < faults.error_rate
             if fail:
-                self._errors += 1
+                self._counts["errors_injected"] += 1
             return fail
 
     def draw_malformed(self) -> tuple[str, random.Random] | None:
         """For one SearchImageSets answer: the malformed kind to send (and a generator), or None."""
         faults = self.faults
+        return self._spoil(
+            "", faults.malformed_every, faults.malformed_rate, faults.malformed_kinds
+        )
+
+    def _spoil(
+        self, surface: str, every: int | None, rate: float, kinds: tuple[str, ...]
+    ) -> tuple[str, random.Random] | None:
+        """Count an answer of *surface*; if it is chosen, its kind (in turn) and a generator."""
         with self._lock:
             self._check_seed()
-            self._searches += 1
-            if not _chosen(
-                faults.malformed_every, faults.malformed_rate, self._searches, self._malformed_rng
-            ):
+            self._answers[surface] += 1
+            rng = self._spoil_rngs[surface]
+            if not _chosen(every, rate, self._answers[surface], rng):
                 return None
-            kinds = faults.malformed_kinds
-            kind = kinds[self._malformed_turn % len(kinds)]
-            self._malformed_turn += 1
-            self._malformed += 1
-            _bump(self._malformed_by_kind, kind)
-            return kind, random.Random(self._malformed_rng.getrandbits(64))
+            kind = kinds[self._spoil_turns[surface] % len(kinds)]
+            self._spoil_turns[surface] += 1
+            self._counts[f"{surface}malformed_sent"] += 1
+            self._tallies[f"{surface}malformed_by_kind"][kind] += 1
+            return kind, random.Random(rng.getrandbits(64))
 
     def draw_updates(self) -> tuple[int, random.Random]:
         """How many image sets to update before this SearchImageSets page, and a generator."""
@@ -599,28 +592,18 @@ class StatsRecorder:
         """Count updates made by ``update_rate``: ``(imageSetId, tags_changed)`` pairs."""
         with self._lock:
             for image_set_id, changed in changes:
-                self._updates += 1
+                self._counts["updates_applied"] += 1
                 self._updated[image_set_id] = self._updated.get(image_set_id, False) or changed
 
     def draw_qido_malformed(self) -> tuple[str, random.Random] | None:
         """For one QIDO-RS answer: the malformed kind to send (and a generator), or None."""
         faults = self.faults
-        with self._lock:
-            self._check_seed()
-            self._qido_answers += 1
-            if not _chosen(
-                faults.qido_malformed_every,
-                faults.qido_malformed_rate,
-                self._qido_answers,
-                self._qido_malformed_rng,
-            ):
-                return None
-            kinds = faults.qido_malformed_kinds
-            kind = kinds[self._qido_malformed_turn % len(kinds)]
-            self._qido_malformed_turn += 1
-            self._qido_malformed += 1
-            _bump(self._qido_malformed_by_kind, kind)
-            return kind, random.Random(self._qido_malformed_rng.getrandbits(64))
+        return self._spoil(
+            "qido_",
+            faults.qido_malformed_every,
+            faults.qido_malformed_rate,
+            faults.qido_malformed_kinds,
+        )
 
     def draw_qido_short(self, length: int) -> int | None:
         """How many records of a QIDO-RS page of ``length`` (>= 2) to send, or None for all."""
@@ -637,57 +620,43 @@ class StatsRecorder:
                 keep = min(keep, self._qido_short_rng.randrange(1, length))
             if keep >= length:
                 return None
-            self._qido_short += 1
+            self._counts["qido_short_pages_sent"] += 1
             return keep
 
     def record_auth_failure(self, code: str) -> None:
         """Count a request refused for its signature."""
         with self._lock:
-            _bump(self._auth_failures, code)
+            self._tallies["auth_failures"][code] += 1
 
     def record_denied(self, action: str) -> None:
         """Count a request refused by the deny list."""
         with self._lock:
-            _bump(self._denied, action)
+            self._tallies["denied"][action] += 1
 
     def record_events(self, **counts: int) -> None:
         """Add to the event counters (``emitted``, ``lost``, ``duplicated``, ``delivered``, ``failed``)."""
         with self._lock:
             for name, count in counts.items():
-                self._events[name] += count
+                if name not in _EVENT_COUNTERS:
+                    raise KeyError(name)
+                self._counts[f"events_{name}"] += count
 
     def record_empty_page(self) -> None:
         """Count one page sent by ``endless_empty_pages``."""
         with self._lock:
-            self._empty_pages += 1
+            self._counts["empty_pages_sent"] += 1
 
     def snapshot(self) -> Stats:
         """Return the current counters as an immutable :class:`Stats`."""
         with self._lock:
-            return Stats(
-                requests=self._requests,
-                by_operation=dict(self._by_operation),
-                throttled=self._throttled,
-                errors_injected=self._errors,
-                peak_concurrency=self._peak,
-                throttled_by_operation=dict(self._throttled_by_operation),
-                throttled_by_limit=dict(self._throttled_by_limit),
-                malformed_sent=self._malformed,
-                malformed_by_kind=dict(self._malformed_by_kind),
-                empty_pages_sent=self._empty_pages,
-                updates_applied=self._updates,
-                updated_image_sets=dict(self._updated),
-                auth_failures=dict(self._auth_failures),
-                denied=dict(self._denied),
-                qido_malformed_sent=self._qido_malformed,
-                qido_malformed_by_kind=dict(self._qido_malformed_by_kind),
-                qido_short_pages_sent=self._qido_short,
-                events_emitted=self._events["emitted"],
-                events_lost=self._events["lost"],
-                events_duplicated=self._events["duplicated"],
-                events_delivered=self._events["delivered"],
-                events_failed=self._events["failed"],
-            )
+            values: dict[str, Any] = {
+                each.name: dict(self._tallies[each.name])
+                if each.default_factory is dict
+                else self._counts[each.name]
+                for each in fields(Stats)
+            }
+            values.update(peak_concurrency=self._peak, updated_image_sets=dict(self._updated))
+            return Stats(**values)
 
     def reset(self) -> None:
         """Zero the counters; requests in flight stay counted for the concurrency peak."""

@@ -84,18 +84,15 @@ def _patient_id(rng: random.Random, index: int) -> str:
 
 def _study_time(rng: random.Random) -> str | None:
     hh, mm, ss = rng.randrange(7, 20), rng.randrange(60), rng.randrange(60)
+    hhmmss = f"{hh:02d}{mm:02d}{ss:02d}"
     form = rng.random()
     if form < 0.5:
-        return f"{hh:02d}{mm:02d}{ss:02d}"
+        return hhmmss
     if form < 0.75:
-        return f"{hh:02d}{mm:02d}{ss:02d}.{rng.randrange(10**6):06d}"
-    if form < 0.83:
-        return f"{hh:02d}{mm:02d}"
+        return f"{hhmmss}.{rng.randrange(10**6):06d}"  # with microseconds
     if form < 0.87:
-        return f"{hh:02d}"
-    if form < 0.95:
-        return None
-    return ""
+        return hhmmss[:4] if form < 0.83 else hhmmss[:2]  # HHMM or HH alone
+    return None if form < 0.95 else ""
 
 
 def _study_date(rng: random.Random, created: datetime) -> str | None:

@@ -210,6 +210,17 @@ class Datastore:
             raise ResourceNotFound("image set not found")
         return record
 
+    def image_set_at(self, image_set_id: str, latest_version: str, field: str) -> dict[str, Any]:
+        """The current record of an image set a write names with its latest version.
+
+        :class:`ResourceNotFound` if there is none; :class:`ConflictError` naming the request's
+        *field* if *latest_version* is not the current one.
+        """
+        record = self.image_set(image_set_id)
+        if int(latest_version) != record["version"]:
+            raise ConflictError(f"{field} is not the image set's latest version")
+        return record
+
     def update(
         self,
         image_set_id: str,

@@ -150,6 +150,7 @@ def read_body(request: Request, cap: int) -> _Body:
 Handler = Callable[..., Response]
 
 
+@dataclass(eq=False)
 class WireApp:
     """A WSGI application: the pipeline above over one route table.
 
@@ -169,21 +170,12 @@ class WireApp:
         The body cap.
     """
 
-    def __init__(
-        self,
-        url_map: Map,
-        handlers: dict[str, Handler],
-        recorder: StatsRecorder,
-        gate: Gate,
-        sleep: Callable[[float], None] = time.sleep,
-        max_body_bytes: int = MAX_BODY_BYTES,
-    ) -> None:
-        self.url_map = url_map
-        self.handlers = handlers
-        self.recorder = recorder
-        self.gate = gate
-        self._sleep = sleep
-        self.max_body_bytes = max_body_bytes
+    url_map: Map
+    handlers: dict[str, Handler]
+    recorder: StatsRecorder
+    gate: Gate
+    sleep: Callable[[float], None] = time.sleep
+    max_body_bytes: int = MAX_BODY_BYTES
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
@@ -249,7 +241,7 @@ class WireApp:
             return error_response("ThrottlingException", "Rate exceeded", 429)
         latency = recorder.faults.latency_ms
         if latency > 0:
-            self._sleep(latency / 1000.0)
+            self.sleep(latency / 1000.0)
         if recorder.should_fail():
             return error_response(
                 "InternalServerException",

@@ -7,7 +7,12 @@ from typing import Any
 
 from healthimaging_df.cli.commands import options
 
-EXAMPLES = """\
+PAGE = """\
+check a live setup, read-only, in a few requests
+
+Check credentials, region and endpoint, the datastore, each permission the library uses, DICOMweb,
+the botocore model, latency and throttling; read-only.
+
 examples:
   # credentials, region, endpoint, permissions, DICOMweb, latency: a readable table
   healthimaging-df doctor --datastore-id ID
@@ -29,14 +34,13 @@ exit status:
 
 def register(commands: Any) -> None:
     """Add the ``doctor`` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = options.add_command(
+        commands,
         "doctor",
+        PAGE,
+        run,
         parents=[options.aws_parent(), options.common_parent()],
-        help="check a live setup, read-only, in a few requests",
-        description="Check credentials, region and endpoint, the datastore, each permission the "
-        "library uses, DICOMweb, the botocore model, latency and throttling; read-only.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        exit_status=None,
     )
     group = parser.add_argument_group("doctor")
     group.add_argument(
@@ -48,7 +52,6 @@ def register(commands: Any) -> None:
         action="store_true",
         help="also run the service contract checks (about forty requests more, read-only)",
     )
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from healthimaging_df.checkup import doctor
     from healthimaging_df.cli.commands import connect
 
-    target = connect.Target(args)
-    with target.connect() as connection:
+    with connect.Target(args).connect() as connection:
         report = doctor(
             connection.datastore_id,
             client=connection.client,

@@ -10,7 +10,12 @@ from typing import Any
 from healthimaging_df.aws import quotas
 from healthimaging_df.cli.commands import options, output
 
-EXAMPLES = """\
+PAGE = """\
+GetImageSetMetadata for a cohort: series or instance attributes
+
+Call GetImageSetMetadata for each image set of a cohort (a file written by search or snapshot, or a
+query) and write one row per series or instance.
+
 examples:
   # series-level attributes (SeriesDescription, Manufacturer, SliceThickness...) of a cohort file
   healthimaging-df search --datastore-id ID --ids-from patients.txt --out cohort.parquet
@@ -37,16 +42,13 @@ naming how many. --dry-run counts what --allow-archive-access would move.
 
 def register(commands: Any) -> None:
     """Add the ``metadata`` command."""
-    parser = options.add_command(
+    parser, group = options.add_enrichment(
         commands,
         "metadata",
-        help="GetImageSetMetadata for a cohort: series or instance attributes",
-        description="Call GetImageSetMetadata for each image set of a cohort (a file written by "
-        "search or snapshot, or a query) and write one row per series or instance.",
-        examples=EXAMPLES,
+        PAGE,
+        run,
+        "(local or s3://bucket/key) with an imageSetId column (and version)",
     )
-    group = parser.add_argument_group("metadata")
-    options.add_source(group, "(local or s3://bucket/key) with an imageSetId column (and version)")
     group.add_argument(
         "--level",
         choices=("series", "instance"),
@@ -87,7 +89,7 @@ def register(commands: Any) -> None:
     )
     output.add_s3_options(group)
     # GetImageSetMetadata's own quota; a query run first stays under SearchImageSets'.
-    parser.set_defaults(handler=run, max_tps=quotas.METADATA_TPS)
+    parser.set_defaults(max_tps=quotas.METADATA_TPS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 frame,
                 client=connection.client,
                 level=args.level,
-                max_tps=args.max_tps,
-                max_concurrency=args.max_concurrency,
+                **options.pace(args),
                 progress=output.progress(args),
                 dry_run=args.dry_run,
                 on_error=args.on_error,
@@ -120,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print(result)
         return 0
     output.write_frame(result, args.out, fmt, s3=s3)
-    where = args.out if args.out not in (None, "-") else "stdout"
-    output.status(args, f"{len(result)} {args.level} rows from {len(frame)} image sets -> {where}")
+    output.written(args, f"{len(result)} {args.level} rows from {len(frame)} image sets")
     if "metadataError" in result.columns:
         failed = int(result["metadataError"].notna().sum())
         if failed:

@@ -6,9 +6,12 @@ Nothing here imports pandas, pyarrow or boto3: ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from healthimaging_df.aws.quotas import SEARCH_TPS
+
+_Number = TypeVar("_Number", int, float)
 
 LOCAL_IMAGE_SETS = 5_000  # the synthetic datastore behind --local: the demo's data
 LOCAL_SEED = 42
@@ -25,6 +28,17 @@ exit status:
 
 Errors are one line on stderr naming the problem, never a DICOM value. Progress goes to stderr
 when it is a terminal; results go to stdout or the --out file."""
+
+# the option groups' introductions, laid out as --help prints them
+AWS_INTRO = """\
+Credentials, region and endpoint come from the usual places unless given here:
+AWS_PROFILE, AWS_DEFAULT_REGION (what botocore reads), AWS_ENDPOINT_URL_MEDICAL_IMAGING,
+AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING, ~/.aws/config, instance roles..."""
+
+QUERY_INTRO = """\
+COL is a column name as in the frame (docs/schema.md): PatientID, Modality,
+StudyDateTime, createdAt... Every condition must hold (AND), except that each --any
+group is one alternative: a row is kept when it meets one group (OR) and the rest."""
 
 
 class UsageError(Exception):
@@ -59,12 +73,7 @@ def common_parent() -> argparse.ArgumentParser:
 def aws_parent() -> argparse.ArgumentParser:
     """The AWS options, spelled as the AWS CLI spells them, and the fetch options."""
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group(
-        "AWS",
-        "Credentials, region and endpoint come from the usual places unless given here:\n"
-        "AWS_PROFILE, AWS_DEFAULT_REGION (what botocore reads), AWS_ENDPOINT_URL_MEDICAL_IMAGING,\n"
-        "AWS_ENDPOINT_URL_DICOM_MEDICAL_IMAGING, ~/.aws/config, instance roles...",
-    )
+    group = parent.add_argument_group("AWS", AWS_INTRO)
     group.add_argument("--profile", help="named profile from ~/.aws/config")
     group.add_argument("--region", help="AWS region, e.g. us-east-1")
     group.add_argument(
@@ -105,15 +114,15 @@ def aws_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def pace(args: argparse.Namespace) -> dict[str, Any]:
+    """The fetch keywords ``--max-tps`` and ``--max-concurrency`` set (see :func:`aws_parent`)."""
+    return {"max_tps": args.max_tps, "max_concurrency": args.max_concurrency}
+
+
 def query_parent() -> argparse.ArgumentParser:
     """The options that state a cohort; ``build_query`` turns them into a ``Query``."""
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group(
-        "query",
-        "COL is a column name as in the frame (docs/schema.md): PatientID, Modality,\n"
-        "StudyDateTime, createdAt... Every condition must hold (AND), except that each --any\n"
-        "group is one alternative: a row is kept when it meets one group (OR) and the rest.",
-    )
+    group = parent.add_argument_group("query", QUERY_INTRO)
     group.add_argument(
         "--datastore-id",
         metavar="ID",
@@ -190,54 +199,66 @@ def query_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expects a positive integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("expects a positive integer")
-    return value
+def _positive(convert: Callable[[str], _Number], expects: str) -> Callable[[str], _Number]:
+    """An argparse type: the text as *convert* reads it, which must be above zero."""
+
+    def positive(text: str) -> _Number:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {expects}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expects {expects}")
+        return value
+
+    return positive
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expects a positive number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("expects a positive number")
-    return value
+_positive_int = _positive(int, "a positive integer")
+_positive_float = _positive(float, "a positive number")
 
 
 def add_command(
     commands: Any,
     name: str,
+    page: str,
+    run: Callable[[argparse.Namespace], int],
     *,
-    help: str,
-    description: str,
-    examples: str,
     parents: list[argparse.ArgumentParser] | None = None,
+    exit_status: str | None = EXIT_STATUS,
 ) -> argparse.ArgumentParser:
-    """A verb's parser: *examples* and the exit status after its options, layout kept.
+    """A verb's parser, from its help *page*, handled by *run*.
 
+    The page is written as ``--help`` shows it: the one-line summary the verb list shows, a
+    blank line, the description (one paragraph, printed as one line), a blank line, and the
+    examples, printed after the options with the *exit_status* (None: the page has its own).
     *parents* default to a query verb's: the query, AWS and common options.
     """
+    summary, description, examples = page.split("\n\n", 2)
     if parents is None:
         parents = [query_parent(), aws_parent(), common_parent()]
     parser: argparse.ArgumentParser = commands.add_parser(
         name,
         parents=parents,
-        help=help,
-        description=description,
-        epilog=f"{examples}\n{EXIT_STATUS}",
+        help=summary,
+        description=description.replace("\n", " "),
+        epilog=examples if exit_status is None else f"{examples}\n{exit_status}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(handler=run)
     return parser
 
 
-def add_source(group: Any, needs: str) -> None:
-    """``--from FILE``: the image sets an enrichment verb reads instead of running its query."""
+def add_enrichment(
+    commands: Any, name: str, page: str, run: Callable[[argparse.Namespace], int], needs: str
+) -> tuple[argparse.ArgumentParser, Any]:
+    """A verb that adds columns to a cohort: the parser, and its own group holding ``--from``.
+
+    The cohort is ``--from FILE`` (a file with the columns *needs* names) or, without it, the
+    query the query options state.
+    """
+    parser = add_command(commands, name, page, run)
+    group = parser.add_argument_group(name.replace("-", " "))
     group.add_argument(
         "--from",
         dest="source",
@@ -245,3 +266,9 @@ def add_source(group: Any, needs: str) -> None:
         help=f"image sets to read: a .parquet, .csv or .jsonl file {needs}; the query options "
         "are not used then",
     )
+    return parser, group
+
+
+def add_explain(group: Any, help_: str) -> None:
+    """``--explain``: print what the verb would do and send nothing (search, sql)."""
+    group.add_argument("--explain", action="store_true", help=help_)

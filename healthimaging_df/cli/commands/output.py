@@ -55,6 +55,12 @@ def status(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def written(args: argparse.Namespace, what: str) -> None:
+    """The summary line of a verb that wrote its result: *what* (counts only) -> where it went."""
+    where = args.out if args.out not in (None, "-") else "stdout"
+    status(args, f"{what} -> {where}")
+
+
 def output_format(out: str | None, given: str | None) -> Format:
     """The format to write: --format, else the --out extension, else a table on stdout."""
     if given is not None:

@@ -11,7 +11,12 @@ from healthimaging_df.cli.commands import options, output
 if TYPE_CHECKING:
     import pandas as pd
 
-EXAMPLES = """\
+PAGE = """\
+run a query; write Parquet, CSV, JSON Lines or a table
+
+Run a SearchImageSets query (fanned out, paged and filtered exactly, as Query.to_dataframe does)
+and write the matching image sets.
+
 examples:
   # CT and MR primary image sets of studies in 2021-2023, to Parquet
   healthimaging-df search --datastore-id ID --where Modality=CT --where Modality=MR \\
@@ -40,14 +45,7 @@ STREAM_CHUNK_ROWS = 200  # rows per chunk written while streaming: about 4 pages
 
 def register(commands: Any) -> None:
     """Add the ``search`` command."""
-    parser = options.add_command(
-        commands,
-        "search",
-        help="run a query; write Parquet, CSV, JSON Lines or a table",
-        description="Run a SearchImageSets query (fanned out, paged and filtered exactly, as "
-        "Query.to_dataframe does) and write the matching image sets.",
-        examples=EXAMPLES,
-    )
+    parser = options.add_command(commands, "search", PAGE, run)
     out = parser.add_argument_group("result")
     out.add_argument(
         "--out",
@@ -85,17 +83,14 @@ def register(commands: Any) -> None:
         help="keep the query (its values are PHI), plan, datastore and endpoint out of a "
         "Parquet file's metadata",
     )
-    out.add_argument(
-        "--explain",
-        action="store_true",
-        help="print the plan (what is pushed down, request chains) and send nothing",
+    options.add_explain(
+        out, "print the plan (what is pushed down, request chains) and send nothing"
     )
     out.add_argument(
         "--show-values",
         action="store_true",
         help="with --explain, print the query's values too (they are usually PHI)",
     )
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.explain:
         print(_explained(query, args))
         return 0
-    fetch: dict[str, Any] = {
-        "progress": output.progress(args),
-        "max_concurrency": args.max_concurrency,
-        "max_tps": args.max_tps,
-    }
+    fetch: dict[str, Any] = {"progress": output.progress(args), **options.pace(args)}
     streaming = fmt in ("csv", "jsonl") and not (args.per or args.sort or args.limit)
     with target.connect() as connection:
         if streaming:
@@ -133,9 +124,8 @@ def run(args: argparse.Namespace) -> int:
         frame = _shape(frame, args, fmt, columns)
         output.write_frame(frame, args.out, fmt, plain=bool(args.per), s3=s3)
         count = len(frame)
-    where = args.out if args.out not in (None, "-") else "stdout"
     rows = {"study": "studies", "patient": "patients"}.get(args.per or "", "image sets")
-    output.status(args, f"{count} {rows} -> {where}")
+    output.written(args, f"{count} {rows}")
     if args.fail_if_empty and count == 0:
         return EXIT_EMPTY
     return 0
@@ -150,8 +140,7 @@ def _explained(query: Any, args: argparse.Namespace) -> str:
     return str(
         query.explain(
             show_values=args.show_values,
-            max_tps=args.max_tps,
-            max_concurrency=args.max_concurrency,
+            **options.pace(args),
         )
     )
 

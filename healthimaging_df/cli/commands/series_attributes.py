@@ -7,7 +7,13 @@ from typing import Any
 
 from healthimaging_df.cli.commands import options, output
 
-EXAMPLES = """\
+PAGE = """\
+series attributes of a cohort through QIDO-RS (no archive access)
+
+Join series attributes the summaries lack (SeriesDescription, Manufacturer, ...) onto a cohort (a
+file written by search or snapshot, or a query), read through DICOMweb QIDO-RS includefield, many
+series a request.
+
 examples:
   # SeriesDescription and Manufacturer of every series of a cohort file
   healthimaging-df series-attributes --from cohort.parquet \\
@@ -24,17 +30,13 @@ command, whose every GetImageSetMetadata call is an access).
 
 def register(commands: Any) -> None:
     """Add the ``series-attributes`` command."""
-    parser = options.add_command(
+    _, group = options.add_enrichment(
         commands,
         "series-attributes",
-        help="series attributes of a cohort through QIDO-RS (no archive access)",
-        description="Join series attributes the summaries lack (SeriesDescription, "
-        "Manufacturer, ...) onto a cohort (a file written by search or snapshot, or a query), "
-        "read through DICOMweb QIDO-RS includefield, many series a request.",
-        examples=EXAMPLES,
+        PAGE,
+        run,
+        "with StudyInstanceUID and SeriesInstanceUID columns",
     )
-    group = parser.add_argument_group("series attributes")
-    options.add_source(group, "with StudyInstanceUID and SeriesInstanceUID columns")
     group.add_argument(
         "--field",
         dest="fields",
@@ -54,7 +56,6 @@ def register(commands: Any) -> None:
         group,
         "write to FILE: .parquet, .csv, .jsonl; a table on stdout if left out",
     )
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
             client=connection.client,
             dicomweb_endpoint_url=args.dicomweb_endpoint_url,
             datastore_id=target.datastore_id,
-            max_tps=args.max_tps,
-            max_concurrency=args.max_concurrency,
+            **options.pace(args),
             scope=args.scope,
         )
     output.write_frame(result, args.out, fmt)
-    where = args.out if args.out not in (None, "-") else "stdout"
-    output.status(args, f"{len(result)} rows with {len(args.fields)} series field(s) -> {where}")
+    output.written(args, f"{len(result)} rows with {len(args.fields)} series field(s)")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,13 @@ if TYPE_CHECKING:
 
 KEY_ENV = "HEALTHIMAGING_DF_REDACTION_KEY"
 
-SNAPSHOT_EXAMPLES = """\
+SNAPSHOT_PAGE = """\
+run a query into a Parquet snapshot (file or partitioned directory)
+
+Run a query and write its result as a snapshot: one .parquet file, or a directory (local or s3://)
+holding a Delta Lake table, where each write is a new version. Writes are atomic and checkpointed:
+rerun the same command after an interruption to resume.
+
 examples:
   # one Parquet file; resumes from a checkpoint if an earlier run was interrupted
   healthimaging-df snapshot cohort.parquet --datastore-id ID --where Modality=CT \\
@@ -37,7 +44,13 @@ examples:
   healthimaging-df snapshot s3://bucket/cohort/ --datastore-id ID --redact --kms-key-id alias/k
 """
 
-REFRESH_EXAMPLES = """\
+REFRESH_PAGE = """\
+bring a snapshot up to date with what changed since it was taken
+
+Fetch the image sets updated since a snapshot was taken, upsert them, drop those that no longer
+match its query, and rewrite the snapshot atomically. The query comes from the snapshot; query
+options are needed only for a redacted snapshot.
+
 examples:
   # fetch what changed since the snapshot was taken: a file is rewritten atomically, a
   # directory (Delta table) gets one MERGE commit that rewrites only the files it touches
@@ -58,16 +71,7 @@ The report (added, updated, removed image sets) goes to stdout.
 
 def register(commands: Any) -> None:
     """Add the ``snapshot`` and ``refresh`` commands."""
-    snapshot = options.add_command(
-        commands,
-        "snapshot",
-        help="run a query into a Parquet snapshot (file or partitioned directory)",
-        description="Run a query and write its result as a snapshot: one .parquet file, or a "
-        "directory (local or s3://) holding a Delta Lake table, where each write is a new "
-        "version. Writes are atomic and checkpointed: rerun the same command after an "
-        "interruption to resume.",
-        examples=SNAPSHOT_EXAMPLES,
-    )
+    snapshot = options.add_command(commands, "snapshot", SNAPSHOT_PAGE, run_snapshot)
     _table_arguments(snapshot, "FILE.parquet, a directory, or s3://...")
     group = snapshot.add_argument_group("snapshot")
     group.add_argument(
@@ -88,17 +92,8 @@ def register(commands: Any) -> None:
     )
     _storage_options(group)
     _redaction_options(snapshot)
-    snapshot.set_defaults(handler=run_snapshot)
 
-    refresh = options.add_command(
-        commands,
-        "refresh",
-        help="bring a snapshot up to date with what changed since it was taken",
-        description="Fetch the image sets updated since a snapshot was taken, upsert them, drop "
-        "those that no longer match its query, and rewrite the snapshot atomically. The query "
-        "comes from the snapshot; query options are needed only for a redacted snapshot.",
-        examples=REFRESH_EXAMPLES,
-    )
+    refresh = options.add_command(commands, "refresh", REFRESH_PAGE, run_refresh)
     _table_arguments(refresh, "a snapshot: FILE.parquet, a directory...")
     group = refresh.add_argument_group("refresh")
     group.add_argument(
@@ -116,32 +111,9 @@ def register(commands: Any) -> None:
     )
     _storage_options(group)
     _redaction_options(refresh)
-    refresh.set_defaults(handler=run_refresh)
 
-    history = options.add_command(
-        commands,
-        "history",
-        help="list the versions of a directory snapshot (Delta table)",
-        description="List every version of a directory snapshot, newest first: when, what "
-        "(WRITE, MERGE, VACUUM), rows added, updated and removed, and the query behind it. "
-        "read_snapshot(path, version=N) reads a version back.",
-        examples=HISTORY_EXAMPLES,
-        parents=[_s3_parent(), options.common_parent()],
-    )
-    _table_arguments(history, "a directory snapshot, local or s3://")
-    history.set_defaults(handler=run_history)
-
-    vacuum = options.add_command(
-        commands,
-        "vacuum",
-        help="delete files of snapshot versions older than a retention",
-        description="Delete the data files that no version of the last H hours needs (and "
-        "debris of interrupted writes). Versions older than that can no longer be read: keep "
-        "H longer than your longest job and than any version a paper cites.",
-        examples=VACUUM_EXAMPLES,
-        parents=[_s3_parent(), options.common_parent()],
-    )
-    _table_arguments(vacuum, "a directory snapshot, local or s3://")
+    _table_command(commands, "history", HISTORY_PAGE, run_history)
+    vacuum = _table_command(commands, "vacuum", VACUUM_PAGE, run_vacuum)
     vacuum.add_argument(
         "--retain-hours",
         type=float,
@@ -152,7 +124,6 @@ def register(commands: Any) -> None:
     vacuum.add_argument(
         "--dry-run", action="store_true", help="only count the files that would be deleted"
     )
-    vacuum.set_defaults(handler=run_vacuum)
 
     keygen: argparse.ArgumentParser = commands.add_parser(
         "keygen",
@@ -163,7 +134,13 @@ def register(commands: Any) -> None:
     keygen.set_defaults(handler=run_keygen)
 
 
-HISTORY_EXAMPLES = """\
+HISTORY_PAGE = """\
+list the versions of a directory snapshot (Delta table)
+
+List every version of a directory snapshot, newest first: when, what (WRITE, MERGE, VACUUM), rows
+added, updated and removed, and the query behind it. read_snapshot(path, version=N) reads a version
+back.
+
 examples:
   healthimaging-df history cohort/
   healthimaging-df history s3://bucket/cohorts/ct/ --profile research
@@ -174,12 +151,29 @@ The first line names the table format, its protocol (Delta reader/writer version
 format version) and its table features.
 """
 
-VACUUM_EXAMPLES = """\
+VACUUM_PAGE = """\
+delete files of snapshot versions older than a retention
+
+Delete the data files that no version of the last H hours needs (and debris of interrupted writes).
+Versions older than that can no longer be read: keep H longer than your longest job and than any
+version a paper cites.
+
 examples:
   # how many files a 30-day retention would delete
   healthimaging-df vacuum cohort/ --retain-hours 720 --dry-run
   healthimaging-df vacuum cohort/ --retain-hours 720
 """
+
+
+def _table_command(
+    commands: Any, name: str, page: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """A verb over an existing directory snapshot or Iceberg table: no query, no AWS options."""
+    parser = options.add_command(
+        commands, name, page, run, parents=[_s3_parent(), options.common_parent()]
+    )
+    _table_arguments(parser, "a directory snapshot, local or s3://")
+    return parser
 
 
 def _table_arguments(parser: argparse.ArgumentParser, help_: str, metavar: str = "PATH") -> None:
@@ -385,8 +379,7 @@ def run_snapshot(args: argparse.Namespace) -> int:
             **where,
             client=connection.client,
             progress=output.progress(args),
-            max_concurrency=args.max_concurrency,
-            max_tps=args.max_tps,
+            **options.pace(args),
             partition_cols=_names(args.partition_by) if args.partition_by else None,
             redact=policy,
             resume=not args.no_resume,
@@ -426,8 +419,7 @@ def run_refresh(args: argparse.Namespace) -> int:
             redact=policy,
             margin=timedelta(minutes=args.margin_minutes),
             progress=output.progress(args),
-            max_concurrency=args.max_concurrency,
-            max_tps=args.max_tps,
+            **options.pace(args),
             reconcile=args.reconcile,
             **_storage(args),
         )

@@ -7,7 +7,12 @@ from typing import Any
 
 from healthimaging_df.cli.commands import options, output
 
-EXAMPLES = """\
+PAGE = """\
+run Polars SQL on a live datastore (FROM image_sets); WHERE reaches the planner
+
+Run a SQL query over the datastore's image sets (the table image_sets): its WHERE becomes the
+search's conditions, GROUP BY and the rest run in Polars.
+
 examples:
   # image sets per modality of one patient: the WHERE becomes a PatientID request chain
   healthimaging-df sql --datastore-id ID \\
@@ -29,14 +34,8 @@ or substring...), whatever is not is applied exactly on the client. Needs the po
 
 def register(commands: Any) -> None:
     """Add the ``sql`` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "sql",
-        parents=[options.aws_parent(), options.common_parent()],
-        help="run Polars SQL on a live datastore (FROM image_sets); WHERE reaches the planner",
-        description="Run a SQL query over the datastore's image sets (the table image_sets): "
-        "its WHERE becomes the search's conditions, GROUP BY and the rest run in Polars.",
-        epilog=f"{EXAMPLES}\n{options.EXIT_STATUS}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = options.add_command(
+        commands, "sql", PAGE, run, parents=[options.aws_parent(), options.common_parent()]
     )
     parser.add_argument("query", metavar="SQL", help="the query: SELECT ... FROM image_sets ...")
     parser.add_argument(
@@ -50,12 +49,7 @@ def register(commands: Any) -> None:
         "write to FILE (local or s3://bucket/key): .parquet, .csv, .jsonl; stdout if left out",
     )
     output.add_s3_options(out)
-    out.add_argument(
-        "--explain",
-        action="store_true",
-        help="print what the WHERE pushes and the plan; send nothing",
-    )
-    parser.set_defaults(handler=run)
+    options.add_explain(out, "print what the WHERE pushes and the plan; send nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,11 +65,7 @@ def run(args: argparse.Namespace) -> int:
             'sql needs polars, an optional extra: pip install "healthimaging-df[polars]"'
         ) from None
     target = connect.Target(args)
-    fetch: dict[str, Any] = {
-        "progress": output.progress(args),
-        "max_concurrency": args.max_concurrency,
-        "max_tps": args.max_tps,
-    }
+    fetch: dict[str, Any] = {"progress": output.progress(args), **options.pace(args)}
     with target.connect() as connection:
         frame = ahi_polars.sql_frame(
             args.query, datastore_id=target.datastore_id, client=connection.client, **fetch
@@ -86,6 +76,5 @@ def run(args: argparse.Namespace) -> int:
         result = ahi_polars.collect_sql(frame)
     table = result.to_pandas()
     output.write_frame(table, args.out, fmt, plain=True, s3=s3)
-    where = args.out if args.out not in (None, "-") else "stdout"
-    output.status(args, f"{len(table)} rows -> {where}")
+    output.written(args, f"{len(table)} rows")
     return 0

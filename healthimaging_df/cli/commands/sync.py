@@ -21,7 +21,14 @@ from healthimaging_df.cli.commands.snapshot import (
 if TYPE_CHECKING:
     from healthimaging_df.query import Query
 
-SYNC_EXAMPLES = """\
+SYNC_PAGE = """\
+keep a snapshot current from HealthImaging change events on an SQS queue
+
+Read HealthImaging's image-set events (delivered to an SQS queue by an EventBridge rule), delete
+the deleted image sets' rows, read the created, copied and updated ones again with the fewest
+SearchImageSets requests, and commit each batch once; a message leaves the queue only after the
+commit that covers it.
+
 examples:
   # drain the queue once and exit (cron, a scheduled task); docs/snapshots.md has the
   # EventBridge rule, the queue policy and the IAM actions
@@ -55,16 +62,7 @@ def duration(text: str) -> timedelta:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``sync`` command."""
-    sync = options.add_command(
-        commands,
-        "sync",
-        help="keep a snapshot current from HealthImaging change events on an SQS queue",
-        description="Read HealthImaging's image-set events (delivered to an SQS queue by an "
-        "EventBridge rule), delete the deleted image sets' rows, read the created, copied and "
-        "updated ones again with the fewest SearchImageSets requests, and commit each batch "
-        "once; a message leaves the queue only after the commit that covers it.",
-        examples=SYNC_EXAMPLES,
-    )
+    sync = options.add_command(commands, "sync", SYNC_PAGE, run_sync)
     _table_arguments(sync, "a snapshot: a directory (Delta) or a file", metavar="SNAPSHOT")
     group = sync.add_argument_group("sync")
     group.add_argument("--queue-url", required=True, metavar="URL", help="the SQS queue")
@@ -94,7 +92,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _storage_options(group)
     _redaction_options(sync)
-    sync.set_defaults(handler=run_sync)
 
 
 def run_sync(args: argparse.Namespace) -> int:
@@ -132,8 +129,7 @@ def run_sync(args: argparse.Namespace) -> int:
             reconcile_every=args.reconcile_every,
             batch_size=args.batch_size,
             visibility_timeout=args.visibility_timeout,
-            max_concurrency=args.max_concurrency,
-            max_tps=args.max_tps,
+            **options.pace(args),
             **storage,
         )
     print(report)
