@@ -130,3 +130,27 @@ def utc(*parts: int) -> datetime:
     from datetime import timezone
 
     return datetime(*parts, tzinfo=timezone.utc)  # type: ignore[misc]
+
+
+def first_requests(client: Any) -> list[dict[str, Any]]:
+    """The first-page requests (no nextToken) *client* sends from now on, as botocore builds them."""
+    sent: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if "nextToken" not in params:
+            sent.append(params)
+
+    client.meta.events.register("provide-client-params.medical-imaging.SearchImageSets", record)
+    return sent
+
+
+def serve(records: list[dict[str, Any]], name: str) -> LocalService:
+    """A local service holding *records* in a datastore named *name* (its id on the service)."""
+    from healthimaging_df.local.backend import Backend
+
+    backend = Backend()
+    datastore_id = backend.create_datastore(name)
+    backend.add_image_sets(datastore_id, records)
+    service = LocalService(backend)
+    service.datastore_id = datastore_id
+    return service

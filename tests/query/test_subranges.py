@@ -1,0 +1,149 @@
+"""A StudyDateTime or updatedAt range starts as sub-ranges of its own key, all read at once.
+
+With the quantiles a full scan in this process measured, a range alone is cut into sub-ranges
+of about equal size that share their boundaries (BETWEEN is inclusive): each sends one BETWEEN
+(no second filter to verify) and is split lazily by createdAt windows as it runs. A boundary
+inside a burst of image sets with the same study date-time (one study's image sets share it)
+loses none of them: the burst is read by both neighbours and kept once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from healthimaging_df import Query
+from healthimaging_df.engine import fetch
+from healthimaging_df.local import LocalService, generate_image_sets
+from healthimaging_df.plan import DatastoreStats, Facts, compile_spec
+from healthimaging_df.plan.subranges import SUBRANGE_MIN_PAGES, sub_cuts
+
+from .conftest import brute_force, first_requests, flat_row, serve
+
+UTC = timezone.utc
+DS = "0123456789abcdef0123456789abcdef"
+STUDY_BURST = ("20200615", "101500")  # a third of the image sets: this study date-time's second
+
+
+def _quantiles(values: list[datetime], count: int = 64) -> tuple[datetime, ...]:
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return tuple(ordered[round(last * k / count)] for k in range(count + 1))
+
+
+def _facts(column: str, values: list[datetime], readers: int = 8) -> Facts:
+    stats = DatastoreStats(
+        len(values), source="scan", key_quantiles=((column, _quantiles(values), len(values)),)
+    )
+    return Facts(stats=stats, max_concurrency=readers, for_run=True)
+
+
+def _study_values(n: int) -> list[datetime]:
+    start = datetime(2000, 1, 1)
+    return [start + timedelta(days=9000) * (k / n) for k in range(n)]
+
+
+def test_a_study_range_starts_as_sub_ranges_sharing_their_boundaries() -> None:
+    values = _study_values(20_000)
+    low, high = values[4_000], values[12_000]  # 8,000 image sets: 160 pages
+    query = Query(DS).between("StudyDateTime", low, high)
+    plan = compile_spec(query.spec(), _facts("StudyDateTime", values, readers=6))
+    assert len(plan.chains) == 6  # the readers, 160 pages allow 8
+    bounds = []
+    for chain in plan.chains:
+        assert chain.lazy
+        assert chain.unbounded
+        (only,) = chain.filters
+        a, b = (v["DICOMStudyDateAndTime"] for v in only["values"])
+        bounds.append(
+            (a["DICOMStudyDate"] + a["DICOMStudyTime"], b["DICOMStudyDate"] + b["DICOMStudyTime"])
+        )
+    assert bounds[0][0] == f"{low:%Y%m%d%H%M%S}"
+    assert bounds[-1][1] == f"{high:%Y%m%d%H%M%S}"
+    assert all(bounds[k][1] == bounds[k + 1][0] for k in range(len(bounds) - 1))  # shared
+    assert "sub-ranges" in plan.explain()
+
+
+def test_a_short_range_or_unknown_quantiles_or_an_id_stay_one_chain() -> None:
+    values = _study_values(20_000)
+    short = Query(DS).between("StudyDateTime", values[100], values[100 + 50 * SUBRANGE_MIN_PAGES])
+    assert len(compile_spec(short.spec(), _facts("StudyDateTime", values)).chains) == 1
+    wide = Query(DS).between("StudyDateTime", values[0], values[-1])
+    unknown = Facts(stats=DatastoreStats(20_000, source="scan"), for_run=True)
+    assert len(compile_spec(wide.spec(), unknown).chains) == 1
+    assert len(compile_spec(wide.spec(), _facts("updatedAt", values)).chains) == 1
+    patient = wide.where(PatientID="P1")
+    assert len(compile_spec(patient.spec(), _facts("StudyDateTime", values)).chains) == 1
+
+
+def test_sub_cuts_are_whole_seconds_strictly_inside_and_at_most_one_per_readers() -> None:
+    values = _study_values(20_000)
+    cuts = sub_cuts((_quantiles(values), 20_000), values[0], values[-1], readers=64)
+    assert len(cuts) == 20_000 // 50 // SUBRANGE_MIN_PAGES - 1
+    assert all(c.microsecond == 0 and values[0] < c < values[-1] for c in cuts)
+    aware = values[0].replace(tzinfo=UTC)
+    assert sub_cuts((_quantiles(values), 20_000), aware, aware + timedelta(days=9000), 8) == ()
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def _service(n: int, seed: int) -> LocalService:
+    """A third of the image sets share one study date-time second (some at its very start)."""
+    rng = random.Random(seed)
+    records = generate_image_sets(n, seed=seed)
+    for k, record in enumerate(records):
+        tags = record["DICOMTags"]
+        if k % 3 == 0:
+            tags["DICOMStudyDate"], clock = STUDY_BURST
+            tags["DICOMStudyTime"] = rng.choice((clock, clock, f"{clock}.000001", f"{clock}.5"))
+        else:
+            day = datetime(2018, 1, 1) + timedelta(days=rng.randrange(5 * 365))
+            tags["DICOMStudyDate"] = f"{day:%Y%m%d}"
+            tags["DICOMStudyTime"] = f"{rng.randrange(24):02d}{rng.randrange(60):02d}00"
+    return serve(records, "subranges")
+
+
+@pytest.fixture
+def burst_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[LocalService]:
+    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
+    monkeypatch.setattr(fetch, "_REFUSED_PAIRS", set())
+    with _service(3000, seed=31) as service:
+        yield service
+
+
+def test_a_sub_range_boundary_inside_a_same_second_burst_loses_nothing_while_sets_change(
+    burst_service: LocalService,
+) -> None:
+    ds = burst_service.datastore_id
+    assert ds is not None
+    client = burst_service.client()
+    Query(ds).to_dataframe(client=client, progress=False, max_tps=None)  # leaves the quantiles
+    dated = sorted(
+        r["StudyDateTime"]
+        for r in map(flat_row, burst_service.backend.image_sets(ds))
+        if r["StudyDateTime"]
+    )
+    query = Query(ds).between("StudyDateTime", dated[0], dated[-1])
+    expected = brute_force(burst_service.backend.image_sets(ds), query)
+    sent = first_requests(client)
+    burst_service.set_faults(update_rate=0.5, latency_ms=3.0, seed=7)  # same tags: same match
+    frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
+    updated = burst_service.stats.updated_image_sets
+    burst_service.set_faults(update_rate=0.0, latency_ms=0.0)
+    assert updated, "nothing changed while the range was read"
+    assert frame["imageSetId"].is_unique
+    assert sorted(frame["imageSetId"]) == sorted(expected)
+    # the range went out as sub-ranges, one of them bounded at the burst's second
+    own = [p for p in sent if len(p["searchCriteria"]["filters"]) == 1]
+    clocks = {
+        v["DICOMStudyDateAndTime"]["DICOMStudyDate"] + v["DICOMStudyDateAndTime"]["DICOMStudyTime"]
+        for p in own
+        for v in p["searchCriteria"]["filters"][0]["values"]
+    }
+    assert len(own) >= 3
+    assert "".join(STUDY_BURST) in clocks
