@@ -154,3 +154,26 @@ def serve(records: list[dict[str, Any]], name: str) -> LocalService:
     service = LocalService(backend)
     service.datastore_id = datastore_id
     return service
+
+
+@pytest.fixture
+def fresh_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """No statistics cached, and no endpoint known to refuse the range + createdAt pair."""
+    from healthimaging_df.engine.fetch import windows
+
+    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
+    monkeypatch.setattr(windows, "_REFUSED_PAIRS", set())
+
+
+def read_while_updating(service: LocalService, query: Any, client: Any, seed: int) -> Any:
+    """*query*'s frame, read while the service gives image sets new versions (same tags).
+
+    Checks that something changed meanwhile and that no image set came twice.
+    """
+    service.set_faults(update_rate=0.5, latency_ms=3.0, seed=seed)  # same tags: same match
+    frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
+    updated = service.stats.updated_image_sets
+    service.set_faults(update_rate=0.0, latency_ms=0.0)
+    assert updated, "nothing changed while the query was read"
+    assert frame["imageSetId"].is_unique
+    return frame

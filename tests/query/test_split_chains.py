@@ -19,11 +19,10 @@ import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.engine import fetch
-from healthimaging_df.engine.fetch import windows
 from healthimaging_df.errors import HealthImagingDFWarning
 from healthimaging_df.local import LocalService, generate_image_sets
 
-from .conftest import brute_force, first_requests, flat_row, serve
+from .conftest import brute_force, first_requests, flat_row, read_while_updating, serve
 
 UTC = timezone.utc
 DS = "0123456789abcdef0123456789abcdef"
@@ -114,9 +113,7 @@ def _service(n: int, seed: int) -> LocalService:
 
 
 @pytest.fixture
-def burst_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[LocalService]:
-    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
-    monkeypatch.setattr(windows, "_REFUSED_PAIRS", set())
+def burst_service(fresh_endpoint: None) -> Iterator[LocalService]:
     with _service(1500, seed=12) as service:
         yield service
 
@@ -145,12 +142,7 @@ def test_a_range_split_inside_a_same_second_burst_loses_nothing_while_image_sets
     assert len(expected) > 400
     client = burst_service.client()
     sent = first_requests(client)
-    burst_service.set_faults(update_rate=0.5, latency_ms=3.0, seed=5)  # same tags: same match
-    frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
-    updated = burst_service.stats.updated_image_sets
-    burst_service.set_faults(update_rate=0.0, latency_ms=0.0)
-    assert updated, "nothing changed while the range was read"
-    assert frame["imageSetId"].is_unique
+    frame = read_while_updating(burst_service, query, client, seed=5)
     assert sorted(frame["imageSetId"]) == sorted(expected)
     for image_set_id, version in zip(frame["imageSetId"], frame["version"], strict=True):
         assert version >= before[image_set_id]

@@ -12,17 +12,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 
 from healthimaging_df import Query
-from healthimaging_df.engine import fetch
 from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.plan import DatastoreStats, Facts, compile_spec
 from healthimaging_df.plan.subranges import SUBRANGE_MIN_PAGES, sub_cuts
 
-from .conftest import brute_force, first_requests, flat_row, serve
+from .conftest import brute_force, first_requests, flat_row, read_while_updating, serve
 
 UTC = timezone.utc
 DS = "0123456789abcdef0123456789abcdef"
@@ -109,9 +107,7 @@ def _service(n: int, seed: int) -> LocalService:
 
 
 @pytest.fixture
-def burst_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[LocalService]:
-    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
-    monkeypatch.setattr(fetch, "_REFUSED_PAIRS", set())
+def burst_service(fresh_endpoint: None) -> Iterator[LocalService]:
     with _service(3000, seed=31) as service:
         yield service
 
@@ -131,12 +127,7 @@ def test_a_sub_range_boundary_inside_a_same_second_burst_loses_nothing_while_set
     query = Query(ds).between("StudyDateTime", dated[0], dated[-1])
     expected = brute_force(burst_service.backend.image_sets(ds), query)
     sent = first_requests(client)
-    burst_service.set_faults(update_rate=0.5, latency_ms=3.0, seed=7)  # same tags: same match
-    frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
-    updated = burst_service.stats.updated_image_sets
-    burst_service.set_faults(update_rate=0.0, latency_ms=0.0)
-    assert updated, "nothing changed while the range was read"
-    assert frame["imageSetId"].is_unique
+    frame = read_while_updating(burst_service, query, client, seed=7)
     assert sorted(frame["imageSetId"]) == sorted(expected)
     # the range went out as sub-ranges, one of them bounded at the burst's second
     own = [p for p in sent if len(p["searchCriteria"]["filters"]) == 1]
