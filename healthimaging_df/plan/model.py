@@ -96,6 +96,9 @@ class Chain:
     profile_rows: int = 0
     lazy: bool = False
     unbounded: bool = False
+    # a lazy chain known to hold many pages (a range's sub-range, by the statistics): its
+    # second end starts at once with its first, both sending the chain's own filter
+    long: bool = False
 
     def __repr__(self) -> str:
         keys = [next(iter(f["values"][0]), "?") for f in self.filters]

@@ -54,9 +54,10 @@ def subranged(plan: Plan, facts: Facts) -> Plan:
     """*plan*, its one range chain cut into sub-ranges of its own key when that pays.
 
     Only a run's plan (``facts.for_run``) whose one chain is a lazy chain filtering on a
-    StudyDateTime or updatedAt range alone, with that column's quantiles known: as many
-    sub-ranges as the run has readers (``facts.max_concurrency``), at most one per
-    ``SUBRANGE_MIN_PAGES`` pages the quantiles expect in the range.
+    StudyDateTime or updatedAt range alone, with that column's quantiles known: a sub-range
+    for every two readers the run has (``facts.max_concurrency``; each sub-range is read from
+    both ends at once, ``Chain.long``), at most one per ``SUBRANGE_MIN_PAGES`` pages the
+    quantiles expect in the range.
     """
     stats = facts.stats
     if not facts.for_run or stats is None or plan.qido is not None or len(plan.chains) != 1:
@@ -70,12 +71,13 @@ def subranged(plan: Plan, facts: Facts) -> Plan:
     if chain.filters != (between_filter(column, low, high),):
         return plan  # it sends something besides the range: not this shape
     known = stats.quantiles_of(column)
-    cuts = sub_cuts(known, low, high, facts.max_concurrency) if known is not None else ()
+    parts = max(2, facts.max_concurrency // 2)  # each read from both ends at once
+    cuts = sub_cuts(known, low, high, parts) if known is not None else ()
     if not cuts:
         return plan
     edges = [low, *cuts, high]
     chains = tuple(
-        replace(chain, index=i, filters=(between_filter(column, a, b),))
+        replace(chain, index=i, filters=(between_filter(column, a, b),), long=True)
         for i, (a, b) in enumerate(itertools.pairwise(edges))
     )
     said = (
