@@ -64,7 +64,10 @@ def test_a_study_range_starts_as_sub_ranges_sharing_their_boundaries() -> None:
     assert bounds[0][0] == f"{low:%Y%m%d%H%M%S}"
     assert bounds[-1][1] == f"{high:%Y%m%d%H%M%S}"
     assert all(bounds[k][1] == bounds[k + 1][0] for k in range(len(bounds) - 1))  # shared
-    assert "sub-ranges" in plan.explain()
+    shown = plan.explain()
+    assert "starts as 3 sub-ranges" in shown
+    assert "the range as 3 sub-ranges of its own key" in shown
+    assert "starts with two readers" in shown
 
 
 def test_a_short_range_or_unknown_quantiles_or_an_id_stay_one_chain() -> None:
