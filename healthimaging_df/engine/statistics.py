@@ -157,7 +157,7 @@ def key_quantiles(
         if column not in table.column_names:
             continue
         values = pc.drop_null(table.column(column))
-        if len(values) < 2:
+        if len(values) < 2 or not pa.types.is_timestamp(values.type):
             continue
         ordered = pc.sort_indices(values)
         last = len(values) - 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -117,12 +118,15 @@ def burst_service(fresh_endpoint: None) -> Iterator[LocalService]:
 
 
 def test_a_sub_range_boundary_inside_a_same_second_burst_loses_nothing_while_sets_change(
-    burst_service: LocalService,
+    burst_service: LocalService, tmp_path: Path
 ) -> None:
     ds = burst_service.datastore_id
     assert ds is not None
     client = burst_service.client()
     Query(ds).to_dataframe(client=client, progress=False, max_tps=None)  # leaves the quantiles
+    written = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+    assert '"image_sets"' in written  # the statistics were cached...
+    assert "2020-06-15" not in written  # ...without a study date-time (PHI)
     dated = sorted(
         r["StudyDateTime"]
         for r in map(flat_row, burst_service.backend.image_sets(ds))
