@@ -22,6 +22,7 @@ from healthimaging_df.plan import DatastoreStats, Facts, compile_spec
 from healthimaging_df.plan.subranges import SUBRANGE_MIN_PAGES, sub_cuts
 
 from .conftest import brute_force, first_requests, flat_row, read_while_updating, serve
+from .test_exactness import run_mode
 
 UTC = timezone.utc
 DS = "0123456789abcdef0123456789abcdef"
@@ -146,3 +147,18 @@ def test_a_sub_range_boundary_inside_a_same_second_burst_loses_nothing_while_set
     }
     assert len(own) >= 3
     assert "".join(STUDY_BURST) in clocks
+
+
+@pytest.mark.parametrize("mode", ["iter_dataframes", "to_parquet"])
+def test_sub_ranges_read_in_chunks_or_exported_keep_each_image_set_once(
+    burst_service: LocalService, tmp_path: Path, mode: str
+) -> None:
+    """The boundary's image sets come in two sub-ranges: a chunked run and an export keep one."""
+    ds = burst_service.datastore_id
+    assert ds is not None
+    Query(ds).to_dataframe(client=burst_service.client(), progress=False, max_tps=None)
+    query = Query(ds).between("StudyDateTime", datetime(2017, 1, 1), datetime(2024, 1, 1))
+    assert len(query.plan(client=burst_service.client())) >= 3  # sub-ranges
+    got = run_mode(mode, query, burst_service, tmp_path / "out.parquet")
+    assert len(got) == len(set(got))
+    assert sorted(got) == sorted(brute_force(burst_service.backend.image_sets(ds), query))
