@@ -13,12 +13,13 @@ import random
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.local import LocalService, generate_image_sets
-from healthimaging_df.plan import DatastoreStats, Facts, compile_spec
+from healthimaging_df.plan import DatastoreStats, Facts, compile_spec, subranges
 from healthimaging_df.plan.subranges import SUBRANGE_MIN_PAGES, sub_cuts
 
 from .conftest import brute_force, first_requests, flat_row, read_while_updating, serve
@@ -89,6 +90,12 @@ def test_sub_cuts_are_whole_seconds_strictly_inside_and_at_most_one_per_readers(
     cuts = sub_cuts((_quantiles(values), 20_000), values[0], values[-1], readers=64)
     assert len(cuts) == 20_000 // 50 // SUBRANGE_MIN_PAGES - 1
     assert all(c.microsecond == 0 and values[0] < c < values[-1] for c in cuts)
+    # a tenth of the image sets in one second (a study, a midnight import): no cut inside it
+    burst = datetime(2010, 5, 5, 0, 0, 0)
+    heavy = sorted(values[:18_000] + [burst + timedelta(microseconds=k % 3) for k in range(2_000)])
+    cuts = sub_cuts((_quantiles(heavy), 20_000), heavy[0], heavy[-1], readers=64)
+    assert burst not in cuts
+    assert burst + timedelta(seconds=1) in cuts  # the cut that fell in it went after it
     aware = values[0].replace(tzinfo=UTC)
     assert sub_cuts((_quantiles(values), 20_000), aware, aware + timedelta(days=9000), 8) == ()
 
@@ -118,35 +125,57 @@ def burst_service(fresh_endpoint: None) -> Iterator[LocalService]:
         yield service
 
 
-def test_a_sub_range_boundary_inside_a_same_second_burst_loses_nothing_while_sets_change(
-    burst_service: LocalService, tmp_path: Path
-) -> None:
-    ds = burst_service.datastore_id
+def _read_all_while_updating(service: LocalService, tmp_path: Path) -> list[dict[str, Any]]:
+    """A range over every dated image set, read after a full scan while image sets change.
+
+    Checks the result is exact; returns the first requests of the range's chains.
+    """
+    ds = service.datastore_id
     assert ds is not None
-    client = burst_service.client()
+    client = service.client()
     Query(ds).to_dataframe(client=client, progress=False, max_tps=None)  # leaves the quantiles
     written = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
     assert '"image_sets"' in written  # the statistics were cached...
     assert "2020-06-15" not in written  # ...without a study date-time (PHI)
     dated = sorted(
         r["StudyDateTime"]
-        for r in map(flat_row, burst_service.backend.image_sets(ds))
+        for r in map(flat_row, service.backend.image_sets(ds))
         if r["StudyDateTime"]
     )
     query = Query(ds).between("StudyDateTime", dated[0], dated[-1])
-    expected = brute_force(burst_service.backend.image_sets(ds), query)
+    expected = brute_force(service.backend.image_sets(ds), query)
     sent = first_requests(client)
-    frame = read_while_updating(burst_service, query, client, seed=7)
+    frame = read_while_updating(service, query, client, seed=7)
     assert sorted(frame["imageSetId"]) == sorted(expected)
-    # the range went out as sub-ranges, one of them bounded at the burst's second
-    own = [p for p in sent if len(p["searchCriteria"]["filters"]) == 1]
-    clocks = {
+    return [p for p in sent if len(p["searchCriteria"]["filters"]) == 1]
+
+
+def _bounds(requests: list[dict[str, Any]]) -> set[str]:
+    return {
         v["DICOMStudyDateAndTime"]["DICOMStudyDate"] + v["DICOMStudyDateAndTime"]["DICOMStudyTime"]
-        for p in own
+        for p in requests
         for v in p["searchCriteria"]["filters"][0]["values"]
     }
-    assert len(own) >= 3
-    assert "".join(STUDY_BURST) in clocks
+
+
+def test_a_sub_range_boundary_inside_a_same_second_burst_loses_nothing_while_sets_change(
+    burst_service: LocalService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The boundary at the burst's second: its image sets at .0 are in both neighbours, those
+    at .000001 and .5 in the upper one; every one is read, once."""
+    burst = datetime.strptime("".join(STUDY_BURST), "%Y%m%d%H%M%S")
+    monkeypatch.setattr(subranges, "sub_cuts", lambda *_: (burst,))
+    own = _read_all_while_updating(burst_service, tmp_path)
+    assert len(own) >= 4  # two sub-ranges, each from both ends
+    assert "".join(STUDY_BURST) in _bounds(own)
+
+
+def test_sub_range_boundaries_keep_clear_of_a_burst_so_it_is_read_once(
+    burst_service: LocalService, tmp_path: Path
+) -> None:
+    own = _read_all_while_updating(burst_service, tmp_path)
+    assert len(own) >= 4
+    assert "".join(STUDY_BURST) not in _bounds(own)  # the cut next to it went after it
 
 
 @pytest.mark.parametrize("mode", ["iter_dataframes", "to_parquet"])
