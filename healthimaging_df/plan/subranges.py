@@ -35,6 +35,9 @@ SPLIT_RANGES = ("StudyDateTime", "updatedAt")  # ranges split by createdAt windo
 # createdAt splits each still makes.
 SUBRANGE_MIN_PAGES = 15
 _SECOND = timedelta(seconds=1)
+# A range expected to hold this many pages starts from both ends even when too short to cut:
+# the second end costs at most the page where the two meet.
+LONG_PAGES = 4
 
 
 def between_filter(column: str, low: datetime, high: datetime) -> Filter:
@@ -73,10 +76,13 @@ def subranged(plan: Plan, facts: Facts) -> Plan:
     if chain.filters != (between_filter(column, low, high),):
         return plan  # it sends something besides the range: not this shape
     known = stats.quantiles_of(column)
-    parts = max(2, facts.max_concurrency // 2)  # each read from both ends at once
-    cuts = sub_cuts(known, low, high, parts) if known is not None else ()
-    if not cuts:
+    if known is None or expected_pages(known, low, high) < LONG_PAGES:
         return plan
+    parts = max(2, facts.max_concurrency // 2)  # each read from both ends at once
+    cuts = sub_cuts(known, low, high, parts)
+    if not cuts:  # too few pages to cut: still read from both ends at once
+        said = f"the {column} range is read from both ends at once (the scan's quantiles)"
+        return replace(plan, chains=(replace(chain, long=True),), note=_noted(plan.note, said))
     edges = [low, *cuts, high]
     chains = tuple(
         replace(chain, index=i, filters=(between_filter(column, a, b),), long=True)
@@ -86,7 +92,19 @@ def subranged(plan: Plan, facts: Facts) -> Plan:
         f"the {column} range starts as {len(chains)} sub-ranges of about equal size (from a scan "
         "in this process; neighbours share a boundary, read once), each split further as it runs"
     )
-    return replace(plan, chains=chains, note=f"{plan.note}; {said}" if plan.note else said)
+    return replace(plan, chains=chains, note=_noted(plan.note, said))
+
+
+def _noted(note: str | None, said: str) -> str:
+    return f"{note}; {said}" if note else said
+
+
+def expected_pages(known: tuple[tuple[datetime, ...], int], low: datetime, high: datetime) -> float:
+    """Pages ``[low, high]`` holds by *known* (quantiles and the rows they rank); 0 if unknown."""
+    points, rows = known
+    if (points[0].tzinfo is None) != (low.tzinfo is None) or high <= low:
+        return 0.0
+    return rows * (rank_share(points, high) - rank_share(points, low)) / PAGE_ROWS
 
 
 def sub_cuts(
@@ -97,14 +115,11 @@ def sub_cuts(
     *known*: the column's values at evenly spaced ranks and the rows they rank. Up to *readers*
     parts, at least ``SUBRANGE_MIN_PAGES`` pages each by the quantiles; () for fewer than two.
     """
-    points, rows = known
-    if (points[0].tzinfo is None) != (low.tzinfo is None) or high <= low:
-        return ()
-    first, last = rank_share(points, low), rank_share(points, high)
-    pages = rows * (last - first) / PAGE_ROWS
-    parts = min(readers, int(pages // SUBRANGE_MIN_PAGES))
+    points, _ = known
+    parts = min(readers, int(expected_pages(known, low, high) // SUBRANGE_MIN_PAGES))
     if parts < 2:
         return ()
+    first, last = rank_share(points, low), rank_share(points, high)
     cuts = {
         _clear_of_bursts(points, _at_rank(points, first + (last - first) * k / parts))
         for k in range(1, parts)

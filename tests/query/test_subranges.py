@@ -76,7 +76,10 @@ def test_a_study_range_starts_as_sub_ranges_sharing_their_boundaries() -> None:
 def test_a_short_range_or_unknown_quantiles_or_an_id_stay_one_chain() -> None:
     values = _study_values(20_000)
     short = Query(DS).between("StudyDateTime", values[100], values[100 + 50 * SUBRANGE_MIN_PAGES])
-    assert len(compile_spec(short.spec(), _facts("StudyDateTime", values)).chains) == 1
+    (one,) = compile_spec(short.spec(), _facts("StudyDateTime", values)).chains
+    assert one.long  # too short to cut, long enough to start from both ends
+    tiny = Query(DS).between("StudyDateTime", values[100], values[200])  # 2 pages
+    assert not compile_spec(tiny.spec(), _facts("StudyDateTime", values)).chains[0].long
     wide = Query(DS).between("StudyDateTime", values[0], values[-1])
     unknown = Facts(stats=DatastoreStats(20_000, source="scan"), for_run=True)
     assert len(compile_spec(wide.spec(), unknown).chains) == 1
