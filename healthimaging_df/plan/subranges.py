@@ -13,13 +13,20 @@ together they are the range and nothing else, whatever the service's precision; 
 value is a boundary (a same-second burst of a study's image sets included) is in two sub-ranges,
 read twice and kept once (the collector keeps one copy of an image set). Every predicate is still
 applied on the client.
+
+What a cut changes: an image set whose value of the key changes while the range is read can
+move from a sub-range not yet read past it into one already read past it (one chain reads it at
+its createdAt whatever the value). For updatedAt every update changes it, so only a range that
+ended before the run is cut (an update moves an image set out of it); for StudyDateTime it takes
+an edit of the study's date or time during the read, of an image set that matches before and
+after, landing in another sub-range.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from healthimaging_df import schema
@@ -38,6 +45,10 @@ _SECOND = timedelta(seconds=1)
 # A range expected to hold this many pages starts from both ends even when too short to cut:
 # the second end costs at most the page where the two meet.
 LONG_PAGES = 4
+# An updatedAt range is cut only when it ended this long before the run: an update during the
+# run then takes an image set out of the range (its new updatedAt is later), never from one
+# sub-range into another already read (the margin: the service's clock against ours).
+UPDATED_SETTLED = timedelta(hours=1)
 
 
 def between_filter(column: str, low: datetime, high: datetime) -> Filter:
@@ -79,7 +90,8 @@ def subranged(plan: Plan, facts: Facts) -> Plan:
     if known is None or expected_pages(known, low, high) < LONG_PAGES:
         return plan
     parts = max(2, facts.max_concurrency // 2)  # each read from both ends at once
-    cuts = sub_cuts(known, low, high, parts)
+    settled = column != "updatedAt" or high < datetime.now(timezone.utc) - UPDATED_SETTLED
+    cuts = sub_cuts(known, low, high, parts) if settled else ()
     if not cuts:  # too few pages to cut: still read from both ends at once
         said = f"the {column} range is read from both ends at once (the scan's quantiles)"
         return replace(plan, chains=(replace(chain, long=True),), note=_noted(plan.note, said))

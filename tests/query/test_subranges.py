@@ -194,3 +194,16 @@ def test_sub_ranges_read_in_chunks_or_exported_keep_each_image_set_once(
     got = run_mode(mode, query, burst_service, tmp_path / "out.parquet")
     assert len(got) == len(set(got))
     assert sorted(got) == sorted(brute_force(burst_service.backend.image_sets(ds), query))
+
+
+def test_an_updated_range_is_cut_only_when_it_ended_before_the_run() -> None:
+    """An update during the run moves an image set's updatedAt to now: out of a range that ended
+    before, never into a sub-range already read past it."""
+    now = datetime.now(UTC)
+    values = [now - timedelta(days=900) + timedelta(days=900) * (k / 20_000) for k in range(20_000)]
+    facts = _facts("updatedAt", values)
+    ended = Query(DS).between("updatedAt", values[0], now - timedelta(hours=2))
+    assert len(compile_spec(ended.spec(), facts).chains) > 1
+    running = Query(DS).between("updatedAt", values[0], now + timedelta(days=1))
+    (one,) = compile_spec(running.spec(), facts).chains
+    assert one.long  # still read from both ends at once: the same chain, no cut
