@@ -35,6 +35,8 @@ HEADROOM = 1.0 / (1.0 + MARGIN)  # the paced share of a whole-number quota, by d
 # waits for its slot.
 MAX_CONCURRENCY = 64
 CONCURRENCY_MARGIN = 2
+# The fastest of this many round trips is what a request takes when nothing delays it.
+FASTEST_OF = 64
 GUESS_ROUND_TRIP = 0.25  # seconds, before a round trip was measured on this endpoint
 
 
@@ -92,7 +94,11 @@ class RateLimiter:
         self._queue: collections.deque[object] = collections.deque()  # waiting callers, in turn
         self._set_margin(self.base_margin)
         self._next = clock() - self._tolerance  # the first free slot of the schedule
-        self._granted: collections.deque[float] = collections.deque(maxlen=self.window_limit)
+        # [grant, lateness]: each grant counts against the window for a span, and for the
+        # lateness its round trip showed on top (see observe)
+        self._granted: collections.deque[list[float]] = collections.deque()
+        self._mine = threading.local()  # this thread's last grant, for observe
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=FASTEST_OF)
         self._clean = 0  # grants since the margin last changed
         self._throttled_at: float | None = None  # the clock at the last throttle
         self._restored_at: float | None = None  # the clock when the margin last went back
@@ -133,12 +139,27 @@ class RateLimiter:
             self._set_margin(min(MAX_MARGIN, max(2.0 * self.margin, self.margin + 0.01)))
 
     def observe(self, seconds: float) -> None:
-        """A request's round trip from its grant to its answer (shared by the endpoint's runs)."""
+        """A request's round trip from its grant to its answer (shared by the endpoint's runs).
+
+        Called by the thread the request's slot was granted to. A round trip slower than the
+        fastest lately says the request may have reached the service that much late (a busy
+        machine: the GIL, a thread not scheduled): its grant then counts against the window
+        that much longer (the margin stays on top, for the jitter a round trip cannot show), so
+        the requests a window after it cannot arrive within the same second of the service's
+        strict window. Round trips that are all slow alike (a far region) cost nothing.
+        """
         if seconds < 0:
             return
         with self._lock:
             last = self.round_trip
             self.round_trip = seconds if last is None else 0.8 * last + 0.2 * seconds
+            self._round_trips.append(seconds)
+            entry: list[float] | None = getattr(self._mine, "entry", None)
+            self._mine.entry = None
+            late = seconds - min(self._round_trips)
+            if entry is not None and late > 0:
+                entry[1] = late
+                self._cond.notify_all()  # a waiting head plans its slot again
 
     def concurrency(self, round_trip: float | None = None) -> int:
         """Requests worth having in flight: paced rate x round trip, plus a margin, bounded.
@@ -170,15 +191,14 @@ class RateLimiter:
                         if after != self._next:  # planned once: a late wake keeps its slot
                             scheduled, after = max(self._next, now - self._tolerance), self._next
                         moment = scheduled
-                        granted = self._granted
-                        if len(granted) >= self.window_limit:
-                            moment = max(moment, granted[0] + self.span)  # its oldest expires
+                        moment = max(moment, self._window_free(now))
                         # compared as the same sums that were waited for: no rounding back
                         if now >= moment:
                             self._queue.popleft()
                             served = True
                             self._next = scheduled + self._interval
-                            granted.append(now)
+                            self._mine.entry = [now, 0.0]
+                            self._granted.append(self._mine.entry)
                             self.acquired += 1
                             self._recover()
                             self._cond.notify_all()  # the next head takes the next slot
@@ -193,6 +213,16 @@ class RateLimiter:
                 if not served:  # interrupted while waiting
                     self._queue.remove(ticket)
                     self._cond.notify_all()
+
+    def _window_free(self, now: float) -> float:
+        """When a grant more keeps at most ``window_limit`` counting (the lock held)."""
+        granted = self._granted
+        while granted and sum(granted[0]) + self.span <= now:
+            granted.popleft()  # no longer counting (a round trip seen later cannot revive it)
+        counting = sorted(until for g, late in granted if (until := g + late + self.span) > now)
+        if len(counting) < self.window_limit:
+            return now
+        return counting[len(counting) - self.window_limit]  # the one whose end frees a place
 
     def _pause(self, moment: float | None) -> None:
         """Wait, the lock released: until *moment* (the head), else until the head is served."""

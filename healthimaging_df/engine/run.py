@@ -208,6 +208,7 @@ def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dic
             source="scan",
             non_primary=_non_primary(plan, result, run),
             created_quantiles=quantiles,
+            key_quantiles=statistics.key_quantiles(result) if not plan.predicates else (),
         )
         statistics.remember(run.client, plan.datastore_id, counted)
     return [result], provenance.build(plan, query_json, run.client, started)

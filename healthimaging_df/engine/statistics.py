@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from healthimaging_df import aws, dicomweb
 from healthimaging_df.core import dates
@@ -92,10 +93,15 @@ def _path(client: Any, datastore_id: str) -> Path:
     return cache_dir() / "stats" / f"{_key(endpoint, datastore_id)}.json"
 
 
+# range columns' quantiles, by the stats file they go with: in this process only (PHI)
+_KEY_QUANTILES: dict[Path, tuple[tuple[str, tuple[datetime, ...], int], ...]] = {}
+
+
 def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
     """Statistics a previous run left, if fresh enough."""
     try:
-        data = json.loads(_path(client, datastore_id).read_text())
+        path = _path(client, datastore_id)
+        data = json.loads(path.read_text())
         measured = dates.read_iso(data["measured_at"])
         if datetime.now(timezone.utc) - measured > MAX_AGE:
             return None
@@ -108,14 +114,20 @@ def cached(client: Any, datastore_id: str) -> DatastoreStats | None:
             created_quantiles=tuple(
                 m for m in map(_moment, data.get("created_quantiles") or ()) if m is not None
             ),
+            key_quantiles=_KEY_QUANTILES.get(path, ()),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
-    """Keep *stats* for later plans; a cache that cannot be written is skipped quietly."""
+    """Keep *stats* for later plans; a cache that cannot be written is skipped quietly.
+
+    Range columns' quantiles stay in this process (study date-times are PHI).
+    """
     path = _path(client, datastore_id)
+    if stats.key_quantiles:
+        _KEY_QUANTILES[path] = stats.key_quantiles
     data = {
         "image_sets": stats.image_sets,
         "created_min": stats.created_min.isoformat() if stats.created_min else None,
@@ -126,6 +138,33 @@ def remember(client: Any, datastore_id: str, stats: DatastoreStats) -> None:
         "measured_at": datetime.now(timezone.utc).isoformat(),
     }
     _keep(path, data, "statistics")
+
+
+RANGE_QUANTILES = 64  # quantiles of StudyDateTime and updatedAt a full scan keeps in memory
+QUANTILE_COLUMNS = ("StudyDateTime", "updatedAt")
+
+
+def key_quantiles(
+    table: pa.Table, count: int = RANGE_QUANTILES
+) -> tuple[tuple[str, tuple[datetime, ...], int], ...]:
+    """Each range column's values at *count* + 1 evenly spaced ranks among the rows having one.
+
+    From the whole datastore (a full scan's result): where a later range on that column is cut
+    into sub-ranges of about equal size.
+    """
+    found = []
+    for column in QUANTILE_COLUMNS:
+        if column not in table.column_names:
+            continue
+        values = pc.drop_null(table.column(column))
+        if len(values) < 2 or not pa.types.is_timestamp(values.type):
+            continue
+        ordered = pc.sort_indices(values)
+        last = len(values) - 1
+        ranks = sorted({round(last * k / count) for k in range(count + 1)})
+        picked = pc.take(values, pa.array([ordered[r].as_py() for r in ranks]))
+        found.append((column, tuple(picked.to_pylist()), len(values)))
+    return tuple(found)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from healthimaging_df.plan.limits import (
 from healthimaging_df.plan.model import Candidate, Chain, Plan, any_of
 from healthimaging_df.plan.predicates import Predicate
 from healthimaging_df.plan.qido import QIDO_COLUMNS, QidoStep, Sweep, qido_step
+from healthimaging_df.plan.subranges import SPLIT_RANGES, between_filter, subranged
 
 ID_RANK = schema.ID_RANK  # from each column's push-down role and rank in the schema
 RANGE_RANK = schema.RANGE_RANK
@@ -105,7 +106,7 @@ def compile_spec(spec: Spec, facts: Facts | None = None) -> Plan:
     if spec.union:
         plan = _union(spec, facts)
     else:
-        plan = _single(spec, spec.groups[0], spec.strategies[0], facts)
+        plan = subranged(_single(spec, spec.groups[0], spec.strategies[0], facts), facts)
     plan = presplit_for_run(plan, facts)
     estimate = None if plan.qido is not None else costs.plan_requests(plan, facts)
     needs = _needs(plan, spec, facts)
@@ -312,9 +313,6 @@ def _search_chains(spec: Spec, preds: tuple[Predicate, ...], scan: bool) -> Plan
     return replace(base, chains=chains, pushed=pushed.predicates)
 
 
-SPLIT_RANGES = ("StudyDateTime", "updatedAt")  # ranges a createdAt window can split
-
-
 def _splittable(pushed: _Pushed, created_range: bool) -> bool:
     """Whether the chains can take a createdAt window as their second filter.
 
@@ -367,7 +365,7 @@ def _pushed(
     range_filter: Filter | None = None
     if range_column:
         pushed += [p for p in preds if p.column == range_column and p.op == "between"]
-        range_filter = _between_filter(range_column, *found[range_column])
+        range_filter = between_filter(range_column, *found[range_column])
     return _Pushed(equal_column, equal_values, range_column, range_filter, tuple(pushed))
 
 
@@ -403,17 +401,6 @@ def _chains(
     return tuple(chains)
 
 
-def _between_filter(column: str, low: datetime, high: datetime) -> Filter:
-    key = schema.BY_NAME[column].search_key
-    assert key is not None
-    values: list[dict[str, Any]]
-    if column == "StudyDateTime":
-        values = [{key: dates.study_date_and_time(low)}, {key: dates.study_date_and_time(high)}]
-    else:
-        values = [{key: dates.floor_second(low)}, {key: dates.ceil_second(high)}]
-    return {"operator": "BETWEEN", "values": values}
-
-
 def _tomorrow(now: datetime | None) -> datetime:
     today = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return today.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
@@ -434,7 +421,7 @@ def _union(spec: Spec, facts: Facts) -> Plan:
 
     def plan_all(forced: Sequence[Strategy]) -> list[Plan]:
         return [
-            _search_only(_single(spec, g, s, facts))
+            subranged(_search_only(_single(spec, g, s, facts)), facts)
             for g, s in zip(spec.groups, forced, strict=True)
         ]
 

@@ -76,7 +76,9 @@ def _chains(plan: Plan, show_values: bool) -> list[str]:
     if plan.pushed:
         lines.append("  pushed down to the API:")
         lines += [f"    {p.describe(show_values)}" for p in plan.pushed]
-    if count > 1:
+    if count > 1 and plan.chains[0].long:
+        lines.append(f"    (the range as {count} sub-ranges of its own key: one chain each)")
+    elif count > 1:
         lines.append(f"    (IN list fanned out: one chain per value, {count} chains)")
     if plan.chains and plan.chains[0].sort:
         sort = plan.chains[0].sort
@@ -108,10 +110,16 @@ def _split_line(chain: Chain) -> str:
         else " (a range with createdAt, not documented: verified by the first split; refused, "
         "the range is read from its two ends, which need no second filter)"
     )
+    start = (
+        "starts with two readers, from its oldest and newest end (createdAt ASC and DESC, "
+        "its own filter alone)"
+        if chain.long
+        else "starts with one reader (createdAt ASC); a chain with pages left gains a reader from "
+        "its newest end (createdAt DESC)"
+    )
     return (
-        f"  split while it adds throughput: each chain on {kind} starts with one reader "
-        "(createdAt ASC); a chain with pages left gains a reader from its newest end (createdAt "
-        "DESC) and splits at whole seconds, each new reader adding createdAt BETWEEN as the "
+        f"  split while it adds throughput: each chain on {kind} {start} and splits at whole "
+        "seconds, each new reader adding createdAt BETWEEN as the "
         f"second filter{pair}; readers run concurrently under max_tps"
     )
 

@@ -44,6 +44,17 @@ class DatastoreStats:
     # createdAt at evenly spaced ranks, oldest to newest (a full scan leaves 65, a probe 9):
     # where a scan pre-splits its window so that each piece holds about as many image sets
     created_quantiles: tuple[datetime, ...] = ()
+    # per range column a full scan in this process measured (StudyDateTime, updatedAt): its
+    # values at evenly spaced ranks and how many image sets have one; where a range of that
+    # column is cut into sub-ranges of about equal size. Never written to disk, never shown:
+    # study date-times are PHI (the cache file keeps counts and createdAt only)
+    key_quantiles: tuple[tuple[str, tuple[datetime, ...], int], ...] = field(
+        default=(), repr=False, compare=False
+    )
+
+    def quantiles_of(self, column: str) -> tuple[tuple[datetime, ...], int] | None:
+        """*column*'s quantiles and the image sets they rank (None when not measured)."""
+        return next(((q, n) for c, q, n in self.key_quantiles if c == column and q), None)
 
     def share(self, low: datetime | None, high: datetime | None) -> float:
         """The fraction of image sets created in ``[low, high]``, assuming an even spread."""

@@ -54,10 +54,10 @@ def rows_between(chain: Chain, low: datetime, high: datetime) -> float | None:
     points = chain.profile
     if len(points) < 2 or high < low:
         return None if len(points) < 2 else 0.0
-    return chain.profile_rows * (_rank(points, high) - _rank(points, low))
+    return chain.profile_rows * (rank_share(points, high) - rank_share(points, low))
 
 
-def _rank(points: tuple[datetime, ...], moment: datetime) -> float:
+def rank_share(points: tuple[datetime, ...], moment: datetime) -> float:
     """The share of rows created before *moment* (0..1), interpolated between quantiles."""
     if moment <= points[0]:
         return 0.0
@@ -96,6 +96,9 @@ class Chain:
     profile_rows: int = 0
     lazy: bool = False
     unbounded: bool = False
+    # a lazy chain known to hold many pages (a range's sub-range, by the statistics): its
+    # second end starts at once with its first, both sending the chain's own filter
+    long: bool = False
 
     def __repr__(self) -> str:
         keys = [next(iter(f["values"][0]), "?") for f in self.filters]

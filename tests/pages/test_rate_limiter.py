@@ -111,6 +111,31 @@ def test_no_window_of_a_second_and_the_margin_holds_more_than_the_quota() -> Non
     assert max_in_window(times, 1.0) <= 50
 
 
+def test_a_request_that_arrived_late_counts_that_much_longer_against_the_window() -> None:
+    """Issue 31 (d): under load a request can reach the service tens of ms after its grant.
+
+    Its round trip, slower than the fastest lately, says by how much: past the margin, its
+    grant counts that much longer, so the request a window after it waits for it. A service
+    counting the late one at its arrival then never sees one too many in a second.
+    """
+    clock = FakeClock()
+    bucket = limiter(clock, rate=10.0)
+    arrivals = []
+    for k in range(40):
+        bucket.acquire()
+        late = 0.08 if k == 12 else 0.0  # this one sat 80 ms on a busy machine
+        arrivals.append(clock.now + late)
+        bucket.observe(0.1 + late)  # the same thread: its answer, a latency on
+    assert max_in_window(arrivals, 1.0) <= 10
+    for k in range(10, 40):  # the grant a window after the late one waited for its arrival
+        assert arrivals[k] - arrivals[k - 10] >= 1.0
+    # without the round trips a late arrival would have made eleven in a second
+    plain = limiter(FakeClock(), rate=10.0)
+    times = grants(plain.__dict__["_clock"], plain, 40)  # type: ignore[arg-type]
+    moved = [t + (0.08 if k == 12 else 0.0) for k, t in enumerate(times)]
+    assert max_in_window(moved, 1.0) == 11
+
+
 def test_an_idle_limiter_banks_no_burst() -> None:
     clock = FakeClock()
     bucket = limiter(clock)

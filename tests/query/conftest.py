@@ -130,3 +130,50 @@ def utc(*parts: int) -> datetime:
     from datetime import timezone
 
     return datetime(*parts, tzinfo=timezone.utc)  # type: ignore[misc]
+
+
+def first_requests(client: Any) -> list[dict[str, Any]]:
+    """The first-page requests (no nextToken) *client* sends from now on, as botocore builds them."""
+    sent: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        if "nextToken" not in params:
+            sent.append(params)
+
+    client.meta.events.register("provide-client-params.medical-imaging.SearchImageSets", record)
+    return sent
+
+
+def serve(records: list[dict[str, Any]], name: str) -> LocalService:
+    """A local service holding *records* in a datastore named *name* (its id on the service)."""
+    from healthimaging_df.local.backend import Backend
+
+    backend = Backend()
+    datastore_id = backend.create_datastore(name)
+    backend.add_image_sets(datastore_id, records)
+    service = LocalService(backend)
+    service.datastore_id = datastore_id
+    return service
+
+
+@pytest.fixture
+def fresh_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """No statistics cached, and no endpoint known to refuse the range + createdAt pair."""
+    from healthimaging_df.engine.fetch import windows
+
+    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
+    monkeypatch.setattr(windows, "_REFUSED_PAIRS", set())
+
+
+def read_while_updating(service: LocalService, query: Any, client: Any, seed: int) -> Any:
+    """*query*'s frame, read while the service gives image sets new versions (same tags).
+
+    Checks that something changed meanwhile and that no image set came twice.
+    """
+    service.set_faults(update_rate=0.5, latency_ms=3.0, seed=seed)  # same tags: same match
+    frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
+    updated = service.stats.updated_image_sets
+    service.set_faults(update_rate=0.0, latency_ms=0.0)
+    assert updated, "nothing changed while the query was read"
+    assert frame["imageSetId"].is_unique
+    return frame

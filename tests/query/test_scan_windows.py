@@ -20,6 +20,8 @@ from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.local.backend import Backend
 from healthimaging_df.plan import DatastoreStats, compile_plan, presplit, rows_between
 
+from .conftest import first_requests
+
 UTC = timezone.utc
 START = datetime(2023, 1, 1, tzinfo=UTC)
 
@@ -56,18 +58,6 @@ def _same_second(n: int, rng: random.Random) -> list[datetime]:
         for _ in range(third)
     ]
     return same + [START + timedelta(days=900) * rng.random() for _ in range(n - third)]
-
-
-def _record_requests(client: Any) -> list[dict[str, Any]]:
-    """The first-page requests (no nextToken) the client sends, as botocore builds them."""
-    sent: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        if "nextToken" not in params:
-            sent.append(params)
-
-    client.meta.events.register("provide-client-params.medical-imaging.SearchImageSets", record)
-    return sent
 
 
 def _lows(requests: list[dict[str, Any]]) -> set[datetime]:
@@ -115,7 +105,7 @@ def test_a_full_scan_leaves_quantiles_and_the_next_scan_starts_at_them() -> None
         (chain,) = plan.chains
         assert len(chain.splits) == engine.presplit_pieces(run.fetch, stats) - 1 >= 2
 
-        sent = _record_requests(client)
+        sent = first_requests(client)
         again = Query(ds).to_dataframe(client=client, progress=False, max_concurrency=8)
         assert set(chain.splits) <= _lows(sent)  # one reader started at every cut
         assert sorted(again["imageSetId"]) == sorted(first["imageSetId"])

@@ -19,12 +19,10 @@ import pytest
 
 from healthimaging_df import Query
 from healthimaging_df.engine import fetch
-from healthimaging_df.engine.fetch import windows
 from healthimaging_df.errors import HealthImagingDFWarning
 from healthimaging_df.local import LocalService, generate_image_sets
-from healthimaging_df.local.backend import Backend
 
-from .conftest import brute_force, flat_row
+from .conftest import brute_force, first_requests, flat_row, read_while_updating, serve
 
 UTC = timezone.utc
 DS = "0123456789abcdef0123456789abcdef"
@@ -111,18 +109,11 @@ def _service(n: int, seed: int) -> LocalService:
         shift = moment - record["createdAt"]
         for key in ("createdAt", "updatedAt", "lastAccessedAt"):
             record[key] = record[key] + shift
-    backend = Backend()
-    datastore_id = backend.create_datastore("split")
-    backend.add_image_sets(datastore_id, records)
-    service = LocalService(backend)
-    service.datastore_id = datastore_id
-    return service
+    return serve(records, "split")
 
 
 @pytest.fixture
-def burst_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[LocalService]:
-    monkeypatch.setenv("HEALTHIMAGING_DF_CACHE", str(tmp_path))
-    monkeypatch.setattr(windows, "_REFUSED_PAIRS", set())
+def burst_service(fresh_endpoint: None) -> Iterator[LocalService]:
     with _service(1500, seed=12) as service:
         yield service
 
@@ -139,17 +130,6 @@ def _range(service: LocalService) -> Query:
     return Query(service.datastore_id).between("StudyDateTime", a, b)
 
 
-def _sent(client: Any) -> list[dict[str, Any]]:
-    sent: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        if "nextToken" not in params:
-            sent.append(params)
-
-    client.meta.events.register("provide-client-params.medical-imaging.SearchImageSets", record)
-    return sent
-
-
 def test_a_range_split_inside_a_same_second_burst_loses_nothing_while_image_sets_change(
     burst_service: LocalService,
 ) -> None:
@@ -161,13 +141,8 @@ def test_a_range_split_inside_a_same_second_burst_loses_nothing_while_image_sets
     expected = brute_force(burst_service.backend.image_sets(burst_service.datastore_id), query)
     assert len(expected) > 400
     client = burst_service.client()
-    sent = _sent(client)
-    burst_service.set_faults(update_rate=0.5, latency_ms=3.0, seed=5)  # same tags: same match
-    frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
-    updated = burst_service.stats.updated_image_sets
-    burst_service.set_faults(update_rate=0.0, latency_ms=0.0)
-    assert updated, "nothing changed while the range was read"
-    assert frame["imageSetId"].is_unique
+    sent = first_requests(client)
+    frame = read_while_updating(burst_service, query, client, seed=5)
     assert sorted(frame["imageSetId"]) == sorted(expected)
     for image_set_id, version in zip(frame["imageSetId"], frame["version"], strict=True):
         assert version >= before[image_set_id]
@@ -194,7 +169,7 @@ def test_a_service_refusing_the_range_pair_gets_the_range_from_its_two_ends(
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         frame = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
-        sent = _sent(client)
+        sent = first_requests(client)
         again = query.to_dataframe(client=client, progress=False, max_concurrency=6, max_tps=None)
     assert sorted(frame["imageSetId"]) == sorted(expected)
     assert sorted(again["imageSetId"]) == sorted(expected)

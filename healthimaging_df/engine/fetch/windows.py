@@ -101,7 +101,8 @@ class _Windows(ABC):
             segment = _Segment(chain, low, high)
             self._segments.add(segment)
             self._add_reader(segment, descending=False)
-            if high > low and not chain.lazy:  # a lazy chain's second end comes with pages left
+            # a lazy chain's second end comes with pages left, unless it is known to be long
+            if high > low and (chain.long or not chain.lazy):
                 self._add_reader(segment, descending=True)
             return
         for a, b in itertools.pairwise(edges):
