@@ -3,8 +3,8 @@
 Every way of running a query goes through the same pipeline: checked pages from ``fetch``, exact
 filtering and the latest version of each image set from ``frame``, provenance from ``provenance``.
 ``collect`` returns one frame, ``chunks`` a bounded stream of frames, ``export`` a checkpointed write
-through a caller-given writer, ``changes`` a refresh's delta. A plan whose range was cut into
-sub-ranges ends, in every one of them, with ``catch_up``'s pages. The engine takes a ``Plan`` and the
+through a caller-given writer, ``changes`` a refresh's delta; in each of them a plan whose range
+was cut into sub-ranges ends with ``catch_up``'s pages. The engine takes a ``Plan`` and the
 query's JSON, never a ``Query``: the builder sits above it and calls it.
 """
 
