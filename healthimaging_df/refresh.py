@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from healthimaging_df import engine, schema
 from healthimaging_df.aws.quotas import SEARCH_TPS
-from healthimaging_df.core import checks
+from healthimaging_df.core import checks, dates
 from healthimaging_df.engine import frame, provenance
 from healthimaging_df.engine.provenance import KEY as METADATA_KEY
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from healthimaging_df.core.progress import Progress
 
-DEFAULT_MARGIN = timedelta(minutes=5)
+DEFAULT_MARGIN = dates.CLOCK_MARGIN
 
 
 @dataclass(frozen=True)

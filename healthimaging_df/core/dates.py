@@ -24,6 +24,9 @@ _START = datetime(2000, 1, 1)
 _END = datetime(2000, 12, 31, 23, 59, 59, 999999)
 _OTHER_YEAR = datetime(1999, 1, 1)  # a text whose year follows the default has none
 MAX_YEAR = 9998
+# How far the service's clock may stand from ours: a refresh's updatedAt bound below the last
+# fetch's start, a sub-ranged run's catch-up read (``engine.run.catch_up``) go this far back.
+CLOCK_MARGIN = timedelta(minutes=5)
 
 
 class BoundError(ValueError):

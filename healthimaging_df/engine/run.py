@@ -3,7 +3,8 @@
 Every way of running a query goes through the same pipeline: checked pages from ``fetch``, exact
 filtering and the latest version of each image set from ``frame``, provenance from ``provenance``.
 ``collect`` returns one frame, ``chunks`` a bounded stream of frames, ``export`` a checkpointed write
-through a caller-given writer, ``changes`` a refresh's delta. The engine takes a ``Plan`` and the
+through a caller-given writer, ``changes`` a refresh's delta; in each of them a plan whose range
+was cut into sub-ranges ends with ``catch_up``'s pages. The engine takes a ``Plan`` and the
 query's JSON, never a ``Query``: the builder sits above it and calls it.
 """
 
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 
 from healthimaging_df import aws, schema
 from healthimaging_df.aws.quotas import SEARCH_TPS
-from healthimaging_df.core import checks
+from healthimaging_df.core import checks, dates
 from healthimaging_df.core.progress import Progress
 from healthimaging_df.engine import flatten, provenance, statistics
 from healthimaging_df.engine.checkpoint import Checkpoint
@@ -197,6 +198,8 @@ def _collect(plan: Plan, query_json: str, run: Run) -> tuple[list[pa.Table], dic
         for page in pages:
             if collector.add(page):
                 pages.stop_chain(page.chain)
+    for page in catch_up(plan, run, started):
+        collector.add(page)
     seen = collector.distinct_seen() if plan.full_scan else 0  # before table() empties it
     result = collector.table()
     if plan.full_scan:
@@ -286,11 +289,14 @@ def _streamed(
     chunk_rows: int,
 ) -> Iterator[C]:
     """The plan's pages in chunks as they arrive (a chunker *make* builds); each image set once."""
-    info = provenance.build(plan, query_json, run.client, datetime.now(timezone.utc))
+    started = datetime.now(timezone.utc)
+    info = provenance.build(plan, query_json, run.client, started)
     chunker = make(plan, chunk_rows, run.dtype_backend, info)
     with stream(plan, run.client, run.fetch, run.progress, prefetched=run.prefetched) as pages:
         for page in pages:
             yield from chunker.add(page)
+    for page in catch_up(plan, run, started):
+        yield from chunker.add(page)
     yield from chunker.flush()
     if chunker.late_versions:
         log.info(
@@ -360,12 +366,36 @@ def export(
         if any(t.rows for t in matched.values()) or any(b.rows for b in unmatched.values()):
             raise SnapshotError("the fetch ended with unfinished tasks; rerun to resume")
         del matched, unmatched
+        _export_catch_up(plan, run, checkpoint, coverage, folder, checkpoint_interval)
         checkpoint.flush(coverage)
         result = SortedRows(
             checkpoint.rows_of, checkpoint.seen(), checkpoint.schema(), plan, folder, order
         )
         info = provenance.build(plan, query_json, run.client, checkpoint.started_at)
         return write(result, info)
+
+
+def _export_catch_up(
+    plan: Plan,
+    run: Run,
+    checkpoint: Checkpoint,
+    coverage: Coverage,
+    folder: SpillDir,
+    interval: float,
+) -> None:
+    """An export's :func:`catch_up`, from the first attempt's start, as one more finished task.
+
+    Not in *coverage*: a resumed export reads it again (copies it read twice are kept once).
+    """
+    if not plan.catch_up:
+        return
+    rows = TaskRows(folder)
+    missed = Buffer()
+    for page in catch_up(plan, run, checkpoint.started_at):
+        hit, miss = split_page(page.table, plan.predicates)
+        rows.append(hit)
+        missed.append(miss)
+    checkpoint.add(rows.tables(), _concat(missed.take(), _EMPTY_RANKS), coverage, interval)
 
 
 @contextlib.contextmanager
@@ -418,6 +448,27 @@ def latest_matching(datastore_id: str, predicate: Predicate, run: Run) -> pa.Tab
         for page in pages:
             collector.add(page)
     return collector.table()
+
+
+def catch_up(plan: Plan, run: Run, started: datetime) -> Iterator[Page]:
+    """After a sub-ranged plan's chains: every image set updated since *started*, latest read.
+
+    An edit of a study's date or time during the read can move an image set from a sub-range not
+    yet read past it into one already read past it (``plan.subranges``); it was updated after
+    the run started, so one ``updatedAt`` search from *started* (minus ``dates.CLOCK_MARGIN``,
+    the service's clock against ours) to now (plus it) reads it again. Its pages go through the
+    run's own collector: the latest version kept, every condition applied exactly, each image
+    set once. One request when nothing changed; none for a plan without sub-ranges. Pages come
+    without the ``done`` markers (they belong to no task of the run).
+    """
+    if not plan.catch_up:
+        return
+    now = datetime.now(timezone.utc)
+    since = min(started, now) - dates.CLOCK_MARGIN
+    window = predicates.build("updatedAt", "between", (since, now + dates.CLOCK_MARGIN))
+    again = compile_plan(plan.datastore_id, (window,))
+    with stream(again, run.client, run.fetch, False) as pages:
+        yield from (page for page in pages if not page.done)
 
 
 _EMPTY_RANKS = flatten.EMPTY_TABLE.select(["imageSetId", "version", "updatedAt"])

@@ -458,6 +458,7 @@ def _union(spec: Spec, facts: Facts) -> Plan:
         candidates=tuple(c for p in parts for c in p.candidates),
         wants_statistics=any(p.wants_statistics for p in parts),
         access=access,
+        catch_up=any(p.catch_up for p in parts),
         parts=tuple(numbered),
     )
 

@@ -78,7 +78,7 @@ def plan_requests(plan: Plan, facts: Facts) -> float | None:
         if cost is None:
             return None
         total += cost
-    return total
+    return total + (1.0 if plan.catch_up else 0.0)  # the catch-up's one page when nothing changed
 
 
 def sweep_requests(predicates: Sequence[Predicate], stats: DatastoreStats | None) -> float | None:

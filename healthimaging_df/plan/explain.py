@@ -77,7 +77,11 @@ def _chains(plan: Plan, show_values: bool) -> list[str]:
         lines.append("  pushed down to the API:")
         lines += [f"    {p.describe(show_values)}" for p in plan.pushed]
     if count > 1 and plan.chains[0].long:
-        lines.append(f"    (the range as {count} sub-ranges of its own key: one chain each)")
+        lines.append(
+            f"    (the range as {count} sub-ranges of its own key: one chain each; then one "
+            "updatedAt search from the run's start, a request when nothing changed, reads again "
+            "what an edit may have moved into a sub-range already read)"
+        )
     elif count > 1:
         lines.append(f"    (IN list fanned out: one chain per value, {count} chains)")
     if plan.chains and plan.chains[0].sort:

@@ -164,6 +164,9 @@ class Plan:
     access: Strategy = "auto"  # the access path weighed and chosen ("auto": nothing to weigh)
     parts: tuple[Plan, ...] = ()  # a union's plans, one per query (their chains renumbered here)
     qido: QidoStep | None = None  # QIDO-RS searches to run first (engine.choose runs them)
+    # a range cut into sub-ranges of its own key (``plan.subranges``): after every chain, the
+    # engine reads once more what was updated since the run started (``engine.run.catch_up``)
+    catch_up: bool = False
     # why QIDO-RS was or was not weighed, and what a QIDO-RS step assumed (lines of explain())
     access_notes: tuple[str, ...] = ()
     # requests the run sends by the cost model (None: a size is unknown; QIDO-RS: see its step)

@@ -19,7 +19,10 @@ move from a sub-range not yet read past it into one already read past it (one ch
 its createdAt whatever the value). For updatedAt every update changes it, so only a range that
 ended before the run is cut (an update moves an image set out of it); for StudyDateTime it takes
 an edit of the study's date or time during the read, of an image set that matches before and
-after, landing in another sub-range.
+after, landing in another sub-range. A cut plan therefore says ``catch_up``: after every
+sub-range, the engine reads once more every image set updated since the run started (minus
+``dates.CLOCK_MARGIN``) through the same collector, one request when nothing changed, so such
+an image set is read again at its latest version (``engine.run.catch_up``).
 """
 
 from __future__ import annotations
@@ -102,9 +105,10 @@ def subranged(plan: Plan, facts: Facts) -> Plan:
     )
     said = (
         f"the {column} range starts as {len(chains)} sub-ranges of about equal size (from a scan "
-        "in this process; neighbours share a boundary, read once), each split further as it runs"
+        "in this process; neighbours share a boundary, read once), each split further as it "
+        "runs; then what was updated since the run started is read again"
     )
-    return replace(plan, chains=chains, note=_noted(plan.note, said))
+    return replace(plan, chains=chains, note=_noted(plan.note, said), catch_up=True)
 
 
 def _noted(note: str | None, said: str) -> str:

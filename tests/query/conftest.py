@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from datetime import datetime
@@ -177,3 +178,16 @@ def read_while_updating(service: LocalService, query: Any, client: Any, seed: in
     assert updated, "nothing changed while the query was read"
     assert frame["imageSetId"].is_unique
     return frame
+
+
+def update_metadata(client: Any, datastore_id: str, record: dict[str, Any], **levels: Any) -> None:
+    """UpdateImageSetMetadata through *client*: *levels* (``Study={...}``) on *record* alone."""
+    attributes = {"SchemaVersion": 1.1, **{level: {"DICOM": d} for level, d in levels.items()}}
+    client.update_image_set_metadata(
+        datastoreId=datastore_id,
+        imageSetId=record["imageSetId"],
+        latestVersionId=str(record["version"]),
+        updateImageSetMetadataUpdates={
+            "DICOMUpdates": {"updatableAttributes": json.dumps(attributes)}
+        },
+    )

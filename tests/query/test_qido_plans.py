@@ -28,7 +28,7 @@ from healthimaging_df.local.backend import Backend
 from healthimaging_df.local.generate import generate_image_sets
 from healthimaging_df.plan import DatastoreStats, Plan
 
-from .conftest import brute_force, flat_row
+from .conftest import brute_force, flat_row, update_metadata
 
 DS = "0" * 32
 
@@ -702,8 +702,6 @@ def test_an_unknown_dicomweb_endpoint_leaves_qido_out_silently(
 
 def test_a_study_whose_image_sets_disagree_is_exact_by_default(ahi_service_factory: Any) -> None:
     """Item 2: one UpdateImageSetMetadata, no includeStudyImageSets: rows went missing."""
-    import json
-
     service = ahi_service_factory(image_sets=400, seed=12)
     client = service.client()
     ds = service.datastore_id
@@ -722,17 +720,8 @@ def test_a_study_whose_image_sets_disagree_is_exact_by_default(ahi_service_facto
     assert len(members) >= 3
     old = members[0]["DICOMTags"]["DICOMStudyDescription"]
     changed = members[len(members) // 2]
-    client.update_image_set_metadata(
-        datastoreId=ds,
-        imageSetId=changed["imageSetId"],
-        latestVersionId=str(changed["version"]),
-        updateImageSetMetadataUpdates={
-            "DICOMUpdates": {
-                "updatableAttributes": json.dumps(
-                    {"SchemaVersion": 1.1, "Study": {"DICOM": {"StudyDescription": "REVISED X"}}}
-                )
-            }
-        },
+    update_metadata(
+        client, ds, changed, Study={"StudyDescription": "REVISED X"}
     )  # one image set only: the study's image sets now disagree, as AWS allows
     now = service.backend.image_sets(ds)
     url = dicomweb_url(service)
@@ -786,8 +775,6 @@ CONDITIONS = ("denied", "absent", "disagree", "malformed", "short-pages", "cap-o
 def _disagreeing(service: LocalService, studies: int = 12) -> None:
     """UpdateImageSetMetadata on one image set of each of *studies* studies (no
     includeStudyImageSets): their image sets now disagree on StudyDescription and PatientName."""
-    import json
-
     client = service.client()
     records = service.backend.image_sets(service.datastore_id)
     by_study: dict[str, list[dict[str, Any]]] = {}
@@ -798,21 +785,12 @@ def _disagreeing(service: LocalService, studies: int = 12) -> None:
     chosen = [members for members in by_study.values() if len(members) >= 2][:studies]
     for number, members in enumerate(chosen):
         target = members[-1]
-        client.update_image_set_metadata(
-            datastoreId=service.datastore_id,
-            imageSetId=target["imageSetId"],
-            latestVersionId=str(target["version"]),
-            updateImageSetMetadataUpdates={
-                "DICOMUpdates": {
-                    "updatableAttributes": json.dumps(
-                        {
-                            "SchemaVersion": 1.1,
-                            "Patient": {"DICOM": {"PatientName": f"CHANGED^{number}"}},
-                            "Study": {"DICOM": {"StudyDescription": f"CHANGED {number}"}},
-                        }
-                    )
-                }
-            },
+        update_metadata(
+            client,
+            service.datastore_id,
+            target,
+            Patient={"PatientName": f"CHANGED^{number}"},
+            Study={"StudyDescription": f"CHANGED {number}"},
         )
 
 

@@ -10,6 +10,7 @@ loses none of them: the burst is read by both neighbours and kept once.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,11 +19,19 @@ from typing import Any
 import pytest
 
 from healthimaging_df import Query
+from healthimaging_df.engine import run as run_module
 from healthimaging_df.local import LocalService, generate_image_sets
 from healthimaging_df.plan import DatastoreStats, Facts, compile_spec, subranges
 from healthimaging_df.plan.subranges import SUBRANGE_MIN_PAGES, sub_cuts
 
-from .conftest import brute_force, first_requests, flat_row, read_while_updating, serve
+from .conftest import (
+    brute_force,
+    first_requests,
+    flat_row,
+    read_while_updating,
+    serve,
+    update_metadata,
+)
 from .test_exactness import run_mode
 
 UTC = timezone.utc
@@ -150,7 +159,10 @@ def _read_all_while_updating(service: LocalService, tmp_path: Path) -> list[dict
     sent = first_requests(client)
     frame = read_while_updating(service, query, client, seed=7)
     assert sorted(frame["imageSetId"]) == sorted(expected)
-    return [p for p in sent if len(p["searchCriteria"]["filters"]) == 1]
+    own = [p for p in sent if len(p["searchCriteria"]["filters"]) == 1]
+    return [
+        p for p in own if "DICOMStudyDateAndTime" in p["searchCriteria"]["filters"][0]["values"][0]
+    ]
 
 
 def _bounds(requests: list[dict[str, Any]]) -> set[str]:
@@ -207,3 +219,162 @@ def test_an_updated_range_is_cut_only_when_it_ended_before_the_run() -> None:
     running = Query(DS).between("updatedAt", values[0], now + timedelta(days=1))
     (one,) = compile_spec(running.spec(), facts).chains
     assert one.long  # still read from both ends at once: the same chain, no cut
+
+
+# -- the catch-up read --------------------------------------------------------------------------
+
+LOWER = datetime(2010, 6, 1, 12, 0, 0)  # inside the lower sub-range, clear of its boundary
+CUT = datetime(2015, 1, 1)
+
+
+@pytest.fixture
+def lopsided_service(fresh_endpoint: None) -> Iterator[LocalService]:
+    """1,500 image sets: 20 dated in 2010 (the lower sub-range, one page), the rest 2018-2022."""
+    rng = random.Random(41)
+    records = generate_image_sets(1500, seed=41)
+    for k, record in enumerate(records):
+        day = datetime(2010, 1, 1) if k < 20 else datetime(2018, 1, 1)
+        day += timedelta(days=rng.randrange(300 if k < 20 else 4 * 365))
+        record["DICOMTags"]["DICOMStudyDate"] = f"{day:%Y%m%d}"
+        record["DICOMTags"]["DICOMStudyTime"] = f"{rng.randrange(24):02d}0000"
+    with serve(records, "catchup") as service:
+        yield service
+
+
+def _searches(client: Any) -> list[dict[str, Any]]:
+    """Every SearchImageSets request *client* sends from now on, next pages included."""
+    sent: list[dict[str, Any]] = []
+    client.meta.events.register(
+        "provide-client-params.medical-imaging.SearchImageSets",
+        lambda params, **_: sent.append(params),
+    )
+    return sent
+
+
+def _on_updated_at(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in requests
+        for f in p.get("searchCriteria", {}).get("filters", [])
+        if "updatedAt" in f["values"][0]
+    ]
+
+
+def _move_during_read(service: LocalService, moved: dict[str, Any]) -> threading.Event:
+    """Move *moved* into the lower sub-range while its upper one is read, through boto3.
+
+    The service computes the upper sub-range's later pages only after both of the lower one's
+    pages (one reader from each end, one page each) were computed and *moved*'s StudyDate was
+    edited to 2010: the lower sub-range was read past it, the upper one had read two pages of
+    its ~30 (one from each end; *moved* is in the middle of its createdAt order).
+    """
+    backend, search = service.backend, service.backend.search
+    editor = service.client()
+    seen = {"lower": 0, "upper": 0}
+    lower_read, done = threading.Condition(), threading.Event()
+
+    def sub_range(criteria: dict[str, Any] | None) -> str | None:
+        for f in (criteria or {}).get("filters", []):
+            value = f["values"][0].get("DICOMStudyDateAndTime")
+            if value is not None:
+                return "upper" if value["DICOMStudyDate"] == f"{CUT:%Y%m%d}" else "lower"
+        return None
+
+    def searched(ds: str, criteria: dict[str, Any] | None, *args: Any) -> dict[str, Any]:
+        part = sub_range(criteria)
+        if part == "upper":
+            with lower_read:
+                seen["upper"] += 1
+                number = seen["upper"]
+            if number > 3:  # none of the upper sub-range's later pages before the edit
+                assert done.wait(timeout=30)
+            if number == 3:
+                with lower_read:
+                    assert lower_read.wait_for(lambda: seen["lower"] >= 2, timeout=30)
+                date = {"StudyDate": f"{LOWER:%Y%m%d}", "StudyTime": f"{LOWER:%H%M%S}"}
+                update_metadata(editor, ds, moved, Study=date)
+                done.set()
+        answer = search(ds, criteria, *args)
+        if part == "lower":
+            with lower_read:
+                seen["lower"] += 1
+                lower_read.notify_all()
+        return answer
+
+    backend.search = searched  # type: ignore[method-assign]
+    return done
+
+
+@pytest.mark.parametrize("mode", ["to_dataframe", "iter_dataframes", "to_parquet"])
+@pytest.mark.parametrize("caught_up", [True, False], ids=["catch-up", "without"])
+def test_an_image_set_moved_into_a_sub_range_already_read_is_read_again(
+    lopsided_service: LocalService,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    caught_up: bool,
+) -> None:
+    """Its StudyDate edited from the upper sub-range, not yet read past it, into the lower one,
+    read past it: the catch-up's updatedAt search reads it again, at its latest version, once.
+    Without the catch-up (``without``: the gap the test forces) it is lost."""
+    service = lopsided_service
+    ds = service.datastore_id
+    assert ds is not None
+    Query(ds).to_dataframe(client=service.client(), progress=False, max_tps=None)  # quantiles
+    monkeypatch.setattr(subranges, "sub_cuts", lambda *_: (CUT,))
+    if not caught_up:
+        monkeypatch.setattr(run_module, "catch_up", lambda *_: iter(()))
+    query = Query(ds).between("StudyDateTime", datetime(2009, 1, 1), datetime(2023, 1, 1))
+    assert len(query.plan(client=service.client())) == 2
+    assert "updatedAt search from the run's start" in query.explain(client=service.client())
+    upper = sorted(
+        (r for r in service.backend.image_sets(ds) if r["DICOMTags"]["DICOMStudyDate"] >= "2018"),
+        key=lambda r: r["createdAt"],
+    )
+    moved = upper[len(upper) // 2]
+    edited = _move_during_read(service, moved)
+    versions: dict[str, int] = {}
+    if mode == "to_dataframe":  # run_mode's options, the frame kept for its versions
+        frame = query.to_dataframe(
+            client=service.client(), progress=False, max_concurrency=4, max_tps=None
+        )
+        got = list(frame["imageSetId"])
+        versions = dict(zip(frame["imageSetId"], frame["version"], strict=True))
+    else:
+        got = run_mode(mode, query, service, tmp_path / "out.parquet")
+    assert edited.is_set()
+    now = {r["imageSetId"]: r for r in service.backend.image_sets(ds)}
+    assert now[moved["imageSetId"]]["version"] == moved["version"] + 1
+    assert len(got) == len(set(got))
+    expected = brute_force(list(now.values()), query)
+    assert moved["imageSetId"] in expected
+    if caught_up:
+        assert sorted(got) == sorted(expected)
+        assert versions.get(moved["imageSetId"], moved["version"] + 1) == moved["version"] + 1
+    else:
+        assert sorted(got) == sorted(set(expected) - {moved["imageSetId"]})  # silently lost
+
+
+def test_the_catch_up_costs_one_request_when_nothing_changed_and_none_without_sub_ranges(
+    lopsided_service: LocalService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = lopsided_service
+    ds = service.datastore_id
+    assert ds is not None
+    query = Query(ds).between("StudyDateTime", datetime(2009, 1, 1), datetime(2023, 1, 1))
+    client = service.client()
+    sent = _searches(client)
+    one = query.to_dataframe(client=client, progress=False, max_tps=None)  # no quantiles yet
+    assert len(query.plan(client=client)) == 1  # ...one chain: no catch-up
+    assert "updatedAt search from the run's start" not in query.explain(client=client)
+    assert sent
+    assert not _on_updated_at(sent)
+    Query(ds).to_dataframe(client=client, progress=False, max_tps=None)  # leaves the quantiles
+    monkeypatch.setattr(subranges, "sub_cuts", lambda *_: (CUT,))
+    assert len(query.plan(client=client)) == 2
+    assert "updatedAt search from the run's start" in query.explain(client=client)
+    sent.clear()
+    two = query.to_dataframe(client=client, progress=False, max_tps=None, max_concurrency=4)
+    (catch_up,) = _on_updated_at(sent)  # one request: nothing was updated since the start
+    assert "nextToken" not in catch_up
+    assert sorted(two["imageSetId"]) == sorted(one["imageSetId"])
