@@ -9,7 +9,15 @@ first attempt respected, and a user's own client is paced only inside our calls.
 from __future__ import annotations
 
 from healthimaging_df.aws import session
-from healthimaging_df.aws.clients import SEARCH, SERVICE, hooked, paced, pacing, sent_at
+from healthimaging_df.aws.clients import (
+    SEARCH,
+    SERVICE,
+    clock_skew,
+    hooked,
+    paced,
+    pacing,
+    sent_at,
+)
 from healthimaging_df.aws.errors import (
     FATAL_CODES,
     THROTTLING_CODES,
@@ -78,6 +86,7 @@ __all__ = [
     "RateLimiter",
     "RetryCancelled",
     "aws_errors",
+    "clock_skew",
     "default_tps",
     "describe",
     "error_code",

@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from healthimaging_df.aws.errors import THROTTLING_CODES
@@ -26,6 +28,8 @@ _THROTTLE_HANDLER_ID = "healthimaging_df.aws.throttled"
 
 
 _armed = threading.local()
+# the service's clock minus ours, from the last answer's Date header (see clock_skew)
+_clock: dict[str, timedelta | None] = {"skew": None}
 _hooks_lock = threading.Lock()
 _hook_users: dict[tuple[int, str], int] = {}  # (id(client), handler id) -> blocks inside
 
@@ -81,17 +85,39 @@ def sent_at() -> float | None:
 
 
 def _needs_retry(response: Any = None, **_: Any) -> None:
-    """After each attempt: a throttled one widens the armed limiter's margin (see ``throttled``).
+    """After each attempt: note the service's clock; a throttle widens the limiter's margin.
 
-    Only observes: returns None, so botocore's own retry handler still decides.
+    A throttled attempt tells the armed limiter (see ``throttled``). Only observes: returns None, so botocore's own retry handler still decides.
     """
-    limiter: RateLimiter | None = getattr(_armed, "limiter", None)
-    if limiter is None or not isinstance(response, tuple) or len(response) != 2:
+    if not isinstance(response, tuple) or len(response) != 2:
         return
     http, parsed = response
+    _observe_clock(getattr(http, "headers", None))
+    limiter: RateLimiter | None = getattr(_armed, "limiter", None)
+    if limiter is None:
+        return
     code = parsed.get("Error", {}).get("Code") if isinstance(parsed, dict) else None
     if code in THROTTLING_CODES or getattr(http, "status_code", None) == 429:
         limiter.throttled()
+
+
+def _observe_clock(headers: Any) -> None:
+    try:
+        service = parsedate_to_datetime(headers.get("Date"))
+    except (AttributeError, TypeError, ValueError):
+        return
+    if service.tzinfo is not None:
+        _clock["skew"] = service - datetime.now(timezone.utc)
+
+
+def clock_skew() -> timedelta | None:
+    """How far the service's clock stands from ours (+ ahead), as its last answer's ``Date`` said.
+
+    Whole seconds, and late by the answer's way back; None before a run has had an answer. What
+    compares our clock with the service's timestamps (a sub-ranged run's catch-up) shifts by it
+    instead of assuming the two agree.
+    """
+    return _clock["skew"]
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import signal
 import threading
 import types
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
 
 import pandas as pd
@@ -455,17 +455,21 @@ def catch_up(plan: Plan, run: Run, started: datetime) -> Iterator[Page]:
 
     An edit of a study's date or time during the read can move an image set from a sub-range not
     yet read past it into one already read past it (``plan.subranges``); it was updated after
-    the run started, so one ``updatedAt`` search from *started* (minus ``dates.CLOCK_MARGIN``,
-    the service's clock against ours) to now (plus it) reads it again. Its pages go through the
-    run's own collector: the latest version kept, every condition applied exactly, each image
-    set once. One request when nothing changed; none for a plan without sub-ranges. Pages come
-    without the ``done`` markers (they belong to no task of the run).
+    the run started, so one ``updatedAt`` search from *started* to now reads it again. Both are
+    our clock's; the service stamps updatedAt by its own, so the window is moved by the skew its
+    answers' ``Date`` showed during the run (``aws.clock_skew``: verified, not assumed) and
+    widened by ``dates.CLOCK_MARGIN`` for what that measure cannot see (its whole seconds, the
+    answer's way back). Its pages go through the run's own collector: the latest version kept,
+    every condition applied exactly, each image set once. One request when nothing changed;
+    none for a plan without sub-ranges. Pages come without the ``done`` markers (they belong to
+    no task of the run).
     """
     if not plan.catch_up:
         return
+    skew = aws.clock_skew() or timedelta(0)
     now = datetime.now(timezone.utc)
-    since = min(started, now) - dates.CLOCK_MARGIN
-    window = predicates.build("updatedAt", "between", (since, now + dates.CLOCK_MARGIN))
+    since = min(started, now) + skew - dates.CLOCK_MARGIN
+    window = predicates.build("updatedAt", "between", (since, now + skew + dates.CLOCK_MARGIN))
     again = compile_plan(plan.datastore_id, (window,))
     with stream(again, run.client, run.fetch, False) as pages:
         yield from (page for page in pages if not page.done)

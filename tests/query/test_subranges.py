@@ -378,3 +378,32 @@ def test_the_catch_up_costs_one_request_when_nothing_changed_and_none_without_su
     (catch_up,) = _on_updated_at(sent)  # one request: nothing was updated since the start
     assert "nextToken" not in catch_up
     assert sorted(two["imageSetId"]) == sorted(one["imageSetId"])
+
+
+def test_the_catch_up_window_is_moved_by_the_clock_skew_the_service_answers_show(
+    lopsided_service: LocalService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up compares our clock with the service's updatedAt stamps: it measures the skew
+    from the answers' Date header (the local service shares our clock: about none) and moves its
+    window by it (a service two hours ahead, as its Date headers would say)."""
+    from healthimaging_df.aws import clients
+
+    service = lopsided_service
+    ds = service.datastore_id
+    assert ds is not None
+    query = Query(ds).between("StudyDateTime", datetime(2009, 1, 1), datetime(2023, 1, 1))
+    client = service.client()
+    Query(ds).to_dataframe(client=client, progress=False, max_tps=None)  # leaves the quantiles
+    measured = clients.clock_skew()
+    assert measured is not None
+    assert abs(measured) < timedelta(seconds=5)
+    monkeypatch.setattr(subranges, "sub_cuts", lambda *_: (CUT,))
+    ahead = timedelta(hours=2)
+    monkeypatch.setattr(clients, "_observe_clock", lambda _: clients._clock.update(skew=ahead))
+    sent = _searches(client)
+    started = datetime.now(timezone.utc)
+    query.to_dataframe(client=client, progress=False, max_tps=None, max_concurrency=4)
+    (catch_up,) = _on_updated_at(sent)
+    low, high = (v["updatedAt"] for v in catch_up["searchCriteria"]["filters"][0]["values"])
+    assert started + ahead - timedelta(minutes=6) <= low <= started + ahead
+    assert high >= datetime.now(timezone.utc) + ahead
