@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
