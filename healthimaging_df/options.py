@@ -18,28 +18,23 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 if TYPE_CHECKING:
-    from datetime import datetime, timedelta
+    from datetime import datetime
 
     from healthimaging_df.core.progress import Progress
     from healthimaging_df.engine.document_rows import Level
     from healthimaging_df.engine.enrichment import OnError
-    from healthimaging_df.query import Query
     from healthimaging_df.schema import DtypeBackend
     from healthimaging_df.store.redact import RedactionPolicy
 
 __all__ = [
-    "ChangeOptions",
     "ExportOptions",
     "MetadataOptions",
     "ReadLocation",
-    "RefreshOptions",
-    "RefreshSnapshotOptions",
     "RunOptions",
     "S3Location",
     "ScanOptions",
     "SnapshotReadOptions",
     "StoreOptions",
-    "SyncOptions",
     "WriteLocation",
     "WriteOptions",
     "keywords",
@@ -101,33 +96,6 @@ class SnapshotReadOptions(ReadLocation, total=False):
     filters: Any
     version: int | None
     as_of: datetime | None
-
-
-class ChangeOptions(TypedDict, total=False):
-    """How a refresh or a sync reads changes: client and pace, the query, redaction and margin."""
-
-    client: Any
-    boto3_session: Any
-    query: Query | None
-    redact: RedactionPolicy | None
-    margin: timedelta
-    max_concurrency: int | None
-    max_tps: float | None
-
-
-class RefreshOptions(ChangeOptions, total=False):
-    """``refresh_frame`` (``refresh._refresh_table``): :class:`ChangeOptions`, progress, reconcile."""
-
-    progress: Progress
-    reconcile: bool
-
-
-class RefreshSnapshotOptions(RefreshOptions, WriteLocation, total=False):
-    """``refresh_snapshot``: a refresh's options and where the snapshot is."""
-
-
-class SyncOptions(ChangeOptions, WriteLocation, total=False):
-    """``sync_snapshot``'s keywords shared with ``refresh_snapshot``: changes, and where."""
 
 
 class StoreOptions(TypedDict, total=False):

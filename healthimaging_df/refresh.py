@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pandas as pd
 import pyarrow as pa
@@ -22,13 +22,7 @@ from healthimaging_df.core import checks, dates
 from healthimaging_df.engine import frame, provenance
 from healthimaging_df.engine.provenance import KEY as METADATA_KEY
 from healthimaging_df.errors import HealthImagingDFError, QueryValidationError, SnapshotError
-from healthimaging_df.options import (
-    RefreshOptions,
-    RefreshSnapshotOptions,
-    WriteLocation,
-    keywords,
-    subset,
-)
+from healthimaging_df.options import WriteLocation, keywords, subset
 from healthimaging_df.query import Query
 from healthimaging_df.snapshot import check_redact, commit_rows, locate, read_table
 from healthimaging_df.store.redact import RedactionPolicy, apply_redaction
@@ -48,6 +42,34 @@ if TYPE_CHECKING:
     from healthimaging_df.core.progress import Progress
 
 DEFAULT_MARGIN = dates.CLOCK_MARGIN
+
+
+# keyword groups (see options.keywords); here, not in options.py, since they name Query
+class ChangeOptions(TypedDict, total=False):
+    """How a refresh or a sync reads changes: client and pace, the query, redaction and margin."""
+
+    client: Any
+    boto3_session: Any
+    query: Query | None
+    redact: RedactionPolicy | None
+    margin: timedelta
+    max_concurrency: int | None
+    max_tps: float | None
+
+
+class RefreshOptions(ChangeOptions, total=False):
+    """``refresh_frame`` (``refresh._refresh_table``): :class:`ChangeOptions`, progress, reconcile."""
+
+    progress: Progress
+    reconcile: bool
+
+
+class RefreshSnapshotOptions(RefreshOptions, WriteLocation, total=False):
+    """``refresh_snapshot``: a refresh's options and where the snapshot is."""
+
+
+class SyncOptions(ChangeOptions, WriteLocation, total=False):
+    """``sync_snapshot``'s keywords shared with ``refresh_snapshot``: changes, and where."""
 
 
 @dataclass(frozen=True)

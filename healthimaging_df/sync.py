@@ -33,16 +33,12 @@ from healthimaging_df.aws.errors import aws_errors, failure, service_error
 from healthimaging_df.core import checks, dates
 from healthimaging_df.engine import events, frame
 from healthimaging_df.errors import QueryValidationError
-from healthimaging_df.options import (
-    RefreshSnapshotOptions,
-    SyncOptions,
-    WriteLocation,
-    keywords,
-    subset,
-)
+from healthimaging_df.options import WriteLocation, keywords, subset
 from healthimaging_df.query import Query
 from healthimaging_df.refresh import (
     RefreshReport,
+    RefreshSnapshotOptions,
+    SyncOptions,
     apply_fetched,
     checked_query,
     refresh_snapshot,

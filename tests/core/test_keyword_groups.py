@@ -33,9 +33,9 @@ _TAKEN_BY: dict[type, tuple[Callable[..., Any], ...]] = {
     ),
     options.S3Location: (snapshot.downgrade_snapshot,),
     options.WriteLocation: (snapshot.write_snapshot, snapshot.export_query),
-    options.RefreshOptions: (refresh.refresh_frame,),
-    options.RefreshSnapshotOptions: (refresh.refresh_snapshot,),
-    options.SyncOptions: (sync.sync_snapshot,),
+    refresh.RefreshOptions: (refresh.refresh_frame,),
+    refresh.RefreshSnapshotOptions: (refresh.refresh_snapshot,),
+    refresh.SyncOptions: (sync.sync_snapshot,),
 }
 
 
