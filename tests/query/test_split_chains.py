@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import warnings
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -213,6 +214,31 @@ def test_a_run_leaves_its_round_trip_on_the_endpoint_for_the_next(
     assert limiter.round_trip is not None
     assert limiter.round_trip >= 0.04  # the service's added latency is a floor
     assert fetch.FetchOptions(max_tps=500.0).concurrency(limiter) >= 500 * 0.04 * 0.98
+
+
+def test_a_one_page_range_starts_one_fetch_thread_not_the_bound(
+    service: LocalService, records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetch threads start as readers get tasks: a one-page range started all 64 (the bound),
+    about 30 ms of the interpreter (the local service's too) while its one request was out."""
+    from healthimaging_df.local.backend import study_datetime
+
+    started: list[str] = []
+    original = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("ahi-fetch-"):
+            started.append(thread.name)
+        original(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    dated = sorted(d for d in (study_datetime(r["DICOMTags"]) for r in records) if d)
+    query = Query(service.datastore_id).between("StudyDateTime", dated[-5], dated[-1])
+    service.reset_stats()
+    frame = query.to_dataframe(client=service.client(), progress=False)
+    assert sorted(frame["imageSetId"]) == sorted(brute_force(records, query))
+    assert service.stats.by_operation["SearchImageSets"] == 1
+    assert 1 <= len(started) <= 2  # its reader (and at most the other end's)
 
 
 # -- unions share a scan's or a window's pages ------------------------------------------------

@@ -96,7 +96,8 @@ class PageStream(_Windows):
         self._rows_read = 0
         self._seconds_read = 0.0
         self._task_ids = 0
-        self._workers: list[threading.Thread] = []
+        self._workers: list[threading.Thread] = []  # started as tasks come (_staff)
+        self._idle = 0  # workers done with a task and not yet given another
         self._progress = ProgressReporter(
             progress, "SearchImageSets", " pages", postfix="{} image sets"
         )
@@ -155,9 +156,10 @@ class PageStream(_Windows):
 
     def close(self) -> None:
         """Stop the workers and wait for them (draining so none blocks on a full queue)."""
-        self._cancel.set()
-        for _ in self._workers:
-            self._tasks.put(None)
+        with self._lock:  # no worker starts after this (_staff)
+            self._cancel.set()
+            for _ in self._workers:
+                self._tasks.put(None)
         while any(w.is_alive() for w in self._workers):
             self._drain()
             for w in self._workers:
@@ -192,8 +194,6 @@ class PageStream(_Windows):
                 starts.append((chain, chain.window, chain.splits))  # nothing of it read yet
             else:
                 starts += [(chain, w, ()) for w in self.resume.remaining(chain)]
-        tasks = [s for s in starts if isinstance(s, _Task)]
-        windows = [s for s in starts if not isinstance(s, _Task)]
         if not starts:
             self._results.put(("done", None))
             return
@@ -204,15 +204,6 @@ class PageStream(_Windows):
                 else:
                     chain, (low, high), splits = start
                     self._open_window(chain, low, high, splits)
-        # windows split into more tasks as they run; plain chains never outnumber their tasks.
-        # Threads past rate x round trip only wait for the limiter's slot (no request more);
-        # readers of windows are started only while they add throughput (_feed)
-        limit = self._threads
-        count = limit if windows else min(limit, len(tasks))
-        for n in range(count):
-            worker = threading.Thread(target=self._work, name=f"ahi-fetch-{n}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
 
     # -- worker side --------------------------------------------------------------------------
 
@@ -221,7 +212,26 @@ class PageStream(_Windows):
             self._outstanding += 1
             self._task_ids += 1
             task.id = self._task_ids
-        self._tasks.put(task)
+            self._tasks.put(task)
+            self._staff()
+
+    def _staff(self) -> None:
+        """Give the task just queued a worker: an idle one, else a new thread up to the bound.
+
+        Threads start as tasks come, never more than the tasks so far: a one-page query needs
+        one, and starting all 64 at once took about 30 ms of the interpreter (the local
+        service's too) while its only request was in flight. Windows split into more tasks as
+        they run (``_feed``, only while readers add throughput), each starting its thread then.
+        At the bound a task waits for the next worker to finish (the idle count may then run
+        one over: harmless, no thread can start at the bound). Called with the lock held.
+        """
+        if self._idle:
+            self._idle -= 1
+        elif len(self._workers) < self._threads and not self._cancel.is_set():
+            name = f"ahi-fetch-{len(self._workers)}"
+            worker = threading.Thread(target=self._work, name=name, daemon=True)
+            self._workers.append(worker)
+            worker.start()
 
     def _work(self) -> None:
         while True:
@@ -238,6 +248,7 @@ class PageStream(_Windows):
                 self._outstanding -= 1
                 finished = self._outstanding == 0
                 unread = any(not s.complete for s in self._segments)
+                self._idle += 1  # takes the next task queued without a worker of its own
             if (
                 finished
                 and unread
